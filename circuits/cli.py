@@ -1,0 +1,83 @@
+"""The `circuits` command: a thin layer over the Python API.
+
+Every subcommand is a function `_cmd_NAME(args)` registered in `_build_parser`. Known errors
+(`CircuitsError`) print one line to stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from circuits import __version__
+from circuits.errors import CircuitsError
+
+DEFAULT_PROMPT = "Fact: Dallas is in the state whose capital is"
+
+
+def _cmd_predict(args: argparse.Namespace) -> None:
+    import torch
+
+    from circuits.models import load_model
+
+    model = load_model(args.model, device=args.device)
+    tokens = _tokenize(model, args.prompt)
+    with torch.no_grad():
+        probs = model(tokens)[0, -1].softmax(-1)
+    top = probs.topk(args.top_k)
+    print(f"prompt: {args.prompt!r} -> {model.to_str_tokens(tokens)}")
+    for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+        print(f"  {model.to_single_str_token(i)!r:>24}  {p:.3f}")
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from circuits.demo.lm import evaluate
+    from circuits.models import load_model
+
+    accuracy = evaluate(load_model("demo"))
+    print(json.dumps({"top1_accuracy": accuracy}, indent=2))
+
+
+def _tokenize(model, prompt: str):
+    """Tokens [1, pos] of a prompt, with BOS; rejects empty and over-long prompts."""
+    if not prompt.strip():
+        raise CircuitsError("the prompt is empty: pass some text, e.g. " + repr(DEFAULT_PROMPT))
+    tokens = model.to_tokens(prompt, truncate=False)
+    if tokens.shape[1] > model.cfg.n_ctx:
+        raise CircuitsError(
+            f"the prompt has {tokens.shape[1]} tokens but the model's context is {model.cfg.n_ctx}: shorten it"
+        )
+    return tokens
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="circuits", description="Sparse-feature circuit tracing for transformers.")
+    parser.add_argument("--version", action="version", version=f"circuits {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("predict", help="print the model's top next-token predictions for a prompt")
+    p.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT)
+    p.add_argument("--model", default="demo", help="'demo', a local model directory, or a TransformerLens name")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("demo", help="report the shipped demo model's accuracy on its facts")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        args.func(args)
+    except CircuitsError as e:
+        print(f"circuits: error: {e}", file=sys.stderr)
+        return 2
+    return 0
