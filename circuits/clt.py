@@ -34,9 +34,9 @@ class CLTConfig:
     """jumprelu | relu | topk"""
     topk: int = 16
     """Features kept per layer and token with activation = topk."""
-    bandwidth: float = 2.0
-    """Straight-through estimator bandwidth for the JumpReLU threshold gradient (in units of the
-    normalised input scale)."""
+    bandwidth: float = 0.05
+    """Width of the straight-through window for the JumpReLU threshold gradient, in
+    pre-activation units (inputs normalised to E||x|| = sqrt(d) during training)."""
     input_hook: str = "hook_resid_mid"
     output_hook: str = "hook_mlp_out"
     model_name: str = ""
@@ -72,6 +72,29 @@ class JumpReLU(torch.autograd.Function):
         return grad_pre, grad_threshold, None
 
 
+class SparseDecode(torch.autograd.Function):
+    """out [n, K] = A @ W for a sparse A given by (values, token_idx, feature_idx); the backward
+    touches only the decoder rows of active features."""
+
+    @staticmethod
+    def forward(ctx, values, token_idx, feature_idx, W, n_tokens: int):
+        ctx.save_for_backward(values, token_idx, feature_idx, W)
+        ctx.n_tokens = n_tokens
+        A = torch.sparse_coo_tensor(
+            torch.stack([token_idx, feature_idx]), values, (n_tokens, W.shape[0]), check_invariants=False
+        )
+        return torch.sparse.mm(A, W)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        values, token_idx, feature_idx, W = ctx.saved_tensors
+        grad_values = (grad_out[token_idx] * W[feature_idx]).sum(-1)
+        At = torch.sparse_coo_tensor(
+            torch.stack([feature_idx, token_idx]), values, (W.shape[0], ctx.n_tokens), check_invariants=False
+        )
+        return grad_values, None, None, torch.sparse.mm(At, grad_out), None
+
+
 class CrossLayerTranscoder(nn.Module):
     def __init__(self, cfg: CLTConfig):
         super().__init__()
@@ -98,10 +121,12 @@ class CrossLayerTranscoder(nn.Module):
         """x [..., L, d] (each layer's resid_mid) -> pre-activations [..., L, F]."""
         return torch.einsum("...ld,lfd->...lf", x, self.W_enc) + self.b_enc
 
-    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+    def activation(self, pre: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        """Pre-activations [..., L, F] (or [..., F] of one `layer`) -> activations, same shape."""
         kind = self.cfg.activation
         if kind == "jumprelu":
-            return JumpReLU.apply(pre, self.threshold, self.cfg.bandwidth)
+            threshold = self.threshold if layer is None else self.threshold[layer]
+            return JumpReLU.apply(pre, threshold, self.cfg.bandwidth)
         if kind == "relu":
             return torch.relu(pre)
         if kind == "topk":
@@ -112,6 +137,10 @@ class CrossLayerTranscoder(nn.Module):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., L, d] -> feature activations [..., L, F]."""
         return self.activation(self.pre_activations(x))
+
+    def encode_layer(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        """One layer's resid_mid x [..., d] -> its feature activations [..., F]."""
+        return self.activation(x @ self.W_enc[layer].T + self.b_enc[layer], layer)
 
     # ---- decoder ---------------------------------------------------------------------------
 
@@ -137,16 +166,42 @@ class CrossLayerTranscoder(nn.Module):
             outs.append(out)
         return torch.stack(outs, dim=-2)
 
+    def decode_sparse(self, acts: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+        """Same as `decode` for acts [n, L, F], touching only the features in `support` [n, L, F]
+        (bool: every active feature, plus those whose gradient is needed, see `support`)."""
+        n, L, d = acts.shape[0], self.cfg.n_layers, self.cfg.d_model
+        outs = [self.b_dec[t].expand(n, d) for t in range(L)]
+        for s in range(L):
+            token_idx, feature_idx = support[:, s].nonzero(as_tuple=True)
+            W = self.W_dec[s]  # [F, T, d]
+            out = SparseDecode.apply(acts[token_idx, s, feature_idx], token_idx, feature_idx, W.flatten(1), n)
+            out = out.view(n, W.shape[1], d)
+            for k in range(W.shape[1]):
+                t = s + k if self.cfg.cross_layer else s
+                outs[t] = outs[t] + out[:, k]
+        return torch.stack(outs, dim=-2)
+
     def skip_out(self, x: torch.Tensor) -> torch.Tensor:
         """The skip path's contribution [..., L, d] (zeros without one)."""
         if self.W_skip is None:
             return torch.zeros_like(x)
         return torch.einsum("...ld,lde->...le", x, self.W_skip)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [..., L, d] -> (reconstruction of every layer's mlp_out [..., L, d], acts [..., L, F])."""
-        acts = self.encode(x)
-        return self.decode(acts) + self.skip_out(x), acts
+    def support(self, pre: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
+        """Features whose decoder rows a sparse pass must touch [..., L, F]: the active ones and,
+        for JumpReLU, those inside the threshold's straight-through window (their activation is
+        zero but the threshold gradient reads the gradient at them)."""
+        if self.cfg.activation == "jumprelu":
+            return pre > self.threshold - self.cfg.bandwidth / 2
+        return acts != 0
+
+    def forward(self, x: torch.Tensor, sparse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [..., L, d] -> (reconstruction of every layer's mlp_out [..., L, d], acts [..., L, F]).
+        `sparse` (x of shape [n, L, d]) decodes only the supported features: same values and gradients."""
+        pre = self.pre_activations(x)
+        acts = self.activation(pre)
+        recon = self.decode_sparse(acts, self.support(pre, acts)) if sparse else self.decode(acts)
+        return recon + self.skip_out(x), acts
 
     @torch.no_grad()
     def active_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
