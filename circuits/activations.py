@@ -10,6 +10,7 @@ documents [c * docs_per_chunk, (c + 1) * docs_per_chunk), shuffled by a generato
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 from collections.abc import Iterator
@@ -54,11 +55,22 @@ def _file_documents(path: Path, start: int, count: int) -> list[str]:
     return [lines[i % len(lines)] for i in range(start, start + count)]
 
 
+@functools.cache
+def _hf_stream(dataset: str) -> dict:
+    """A streamed dataset's iterator and how many rows it has yielded."""
+    return {"position": 0, "rows": None}
+
+
 def _hf_documents(dataset: str, start: int, count: int) -> list[str]:
     from datasets import load_dataset
 
-    stream = load_dataset(dataset, split="train", streaming=True)
-    return [row["text"] for row in itertools.islice(stream, start, start + count)]
+    stream = _hf_stream(dataset)
+    if stream["rows"] is None or stream["position"] > start:  # reads go forward; restart otherwise
+        stream["rows"], stream["position"] = iter(load_dataset(dataset, split="train", streaming=True)), 0
+    rows = itertools.islice(stream["rows"], start - stream["position"], start - stream["position"] + count)
+    docs = [row["text"] for row in rows]
+    stream["position"] = start + len(docs)
+    return docs
 
 
 def token_mask(model: HookedTransformer, tokens: torch.Tensor) -> torch.Tensor:

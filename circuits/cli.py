@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from circuits import __version__
 from circuits.errors import CircuitsError
@@ -41,6 +42,22 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     print(json.dumps({"top1_accuracy": accuracy}, indent=2))
 
 
+def _cmd_train(args: argparse.Namespace) -> None:
+    from circuits.train import load_recipe, train
+
+    cfg = load_recipe(args.recipe)
+    out = args.out or Path("runs") / args.recipe.stem
+    metrics = train(cfg, out, resume=args.resume)
+    if not metrics:  # a torchrun rank other than 0
+        return
+    L = len(metrics["nmse"])
+    print(
+        f"nmse {sum(metrics['nmse']) / L:.4f}  l0 {sum(metrics['l0']) / L:.1f}  dead {metrics['dead_fraction']:.3f}  "
+        f"kl {metrics['kl']:.4f}  top1 {metrics['top1_agreement']:.3f}"
+    )
+    print(out)
+
+
 def _tokenize(model, prompt: str):
     """Tokens [1, pos] of a prompt, with BOS; rejects empty and over-long prompts."""
     if not prompt.strip():
@@ -65,6 +82,12 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("train", help="train a cross-layer transcoder from a TOML recipe (see training/)")
+    p.add_argument("recipe", type=Path, help="a TOML file of TrainConfig keys, e.g. training/demo.toml")
+    p.add_argument("--out", type=Path, help="output directory (default runs/<recipe name>)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint exactly")
+    p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("demo", help="report the shipped demo model's accuracy on its facts")
     p.set_defaults(func=_cmd_demo)
