@@ -64,7 +64,7 @@ def make_concept(model: HookedTransformer, spec: str | list[str] | tuple[str, li
             raise CircuitsError(f"unknown concept group {spec!r}: use one of {', '.join('@' + g for g in GROUPS)}")
         name, words = spec[1:], list(GROUPS[spec[1:]])
     elif "=" in spec:
-        name, rest = spec.split("=", 1)
+        name, _, rest = spec.rpartition("=")
         words = rest.split("|")
     else:
         name, words = spec, [spec]
@@ -87,16 +87,19 @@ def logit_lens(model: HookedTransformer, tokens: torch.Tensor) -> tuple[torch.Te
     return model.unembed(model.ln_final(stack)), cache
 
 
-def direct_logits(model: HookedTransformer, cache: ActivationCache, x: torch.Tensor) -> torch.Tensor:
-    """Direct contribution of a component output x [..., pos, d_model] to every logit [..., pos, vocab]:
-    through the final norm frozen at its scale on this prompt, without biases, so contributions add up."""
+def direct_logits(
+    model: HookedTransformer, cache: ActivationCache, x: torch.Tensor, ids: list[int] | None = None
+) -> torch.Tensor:
+    """Direct contribution of a component output x [..., pos, d_model] to the logits of `ids` (default all)
+    [..., pos, len(ids)]: through the final norm frozen at its scale on this prompt, without biases, so the
+    contributions of all components add up to the logits minus biases."""
     if model.cfg.normalization_type in ("LN", "LNPre"):
         x = x - x.mean(-1, keepdim=True)
     if model.cfg.normalization_type is not None:
         x = x / cache["ln_final.hook_scale"][0]  # [pos, 1]
     if hasattr(model.ln_final, "w"):
         x = x * model.ln_final.w
-    return x @ model.W_U
+    return x @ (model.W_U if ids is None else model.W_U[:, ids])
 
 
 @dataclass
@@ -155,8 +158,8 @@ def trace_concept(
         logprob=logprob,
         rank=ranks.min(-1).values,
         logit=member_logits.logsumexp(-1),
-        attn_direct=(direct_logits(model, cache, attn)[..., ids] * weights).sum(-1),
-        mlp_direct=(direct_logits(model, cache, mlp)[..., ids] * weights).sum(-1),
+        attn_direct=(direct_logits(model, cache, attn, ids.tolist()) * weights).sum(-1),
+        mlp_direct=(direct_logits(model, cache, mlp, ids.tolist()) * weights).sum(-1),
         sequence_logprob=sequence_logprob(model, tokens, concept) if full_sequence else None,
         anchor_position=anchor,
     )

@@ -98,14 +98,16 @@ def top_predictions(model: HookedTransformer, prompts: list[str]) -> list[str]:
 
 def funnel(states: torch.Tensor, answers: list[str]) -> dict[str, torch.Tensor]:
     """Per layer [L+1]: `within`, the mean over answers shared by >= 2 prompts of the mean squared
-    distance to their centroid; `total`, the same for all prompts; `ratio` = within / total."""
+    distance to their centroid; `total`, the same for all prompts; `ratio` = within / total, 0 where
+    all prompts coincide (the last token's embedding is often the same word for every prompt)."""
     groups = [[i for i, a in enumerate(answers) if a == answer] for answer in sorted(set(answers))]
     groups = [g for g in groups if len(g) >= 2]
     if not groups:
         raise CircuitsError("the funnel needs at least two prompts with the same answer")
     within = torch.stack([spread(states[g]) for g in groups]).mean(0)
     total = spread(states)
-    return {"within": within, "total": total, "ratio": within / total}
+    ratio = torch.where(total > 0, within / total.clamp_min(torch.finfo(total.dtype).tiny), 0.0)
+    return {"within": within, "total": total, "ratio": ratio}
 
 
 def spread(x: torch.Tensor) -> torch.Tensor:
