@@ -108,26 +108,34 @@ def patching_figure(result: PatchingResult, kind: str, tokens: list[str]) -> go.
 
 
 def trajectories_figure(traj: Trajectories) -> go.Figure:
-    """Each prompt's path through the first two principal components, one marker per layer."""
+    """Each prompt's path through the first two (or three) principal components, one marker per layer."""
     fig = go.Figure()
     palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
     symbols = ["circle", "diamond", "square", "cross"]
     answers = sorted({a for v in traj.answers.values() for a in v})
+    three_d = traj.pca.components.shape[0] >= 3
     for s, (name, coords) in enumerate(traj.coords.items()):
         for i, prompt in enumerate(traj.sets[name]):
             answer = traj.answers[name][i]
-            fig.add_trace(go.Scatter(
-                x=coords[i, :, 0].tolist(), y=coords[i, :, 1].tolist(), mode="lines+markers",
-                marker={"symbol": symbols[s % len(symbols)], "color": palette[answers.index(answer) % len(palette)]},
-                name=html.escape(f"{name}: {answer}"), text=[html.escape(prompt)] * coords.shape[1],
-                hovertemplate="%{text}<br>layer %{pointNumber}<extra></extra>", legendgroup=html.escape(answer),
-            ))  # fmt: skip
-    ev = traj.pca.explained.tolist()
+            style = {
+                "mode": "lines+markers",
+                "marker": {"symbol": symbols[s % len(symbols)], "color": palette[answers.index(answer) % len(palette)]},
+                "name": html.escape(f"{name}: {answer}"),
+                "text": [html.escape(prompt)] * coords.shape[1],
+                "hovertemplate": "%{text}<br>layer %{pointNumber}<extra></extra>",
+                "legendgroup": html.escape(answer),
+            }
+            xyz = {"x": coords[i, :, 0].tolist(), "y": coords[i, :, 1].tolist()}
+            if three_d:
+                fig.add_trace(go.Scatter3d(**xyz, z=coords[i, :, 2].tolist(), **style))
+            else:
+                fig.add_trace(go.Scatter(**xyz, **style))
+    ev = [f"PC{j + 1} ({v:.0%})" for j, v in enumerate(traj.pca.explained.tolist())]
+    axes = {"xaxis_title": ev[0], "yaxis_title": ev[1]}
     fig.update_layout(
         title="residual-stream trajectories (PCA fitted on all prompts and layers)",
-        xaxis_title=f"PC1 ({ev[0]:.0%})",
-        yaxis_title=f"PC2 ({ev[1]:.0%})" if len(ev) > 1 else "PC2",
         height=480,
+        **({"scene": {"xaxis_title": ev[0], "yaxis_title": ev[1], "zaxis_title": ev[2]}} if three_d else axes),
     )
     return fig
 

@@ -13,7 +13,6 @@ from PIL import Image
 from circuits.cli import main
 from circuits.concepts import (
     graph_nodes_by_cell,
-    logit_lens,
     make_concept,
     prompt_tokens,
     propose_intermediates,
@@ -124,7 +123,8 @@ def test_path_scores_rank_the_true_path_first_and_halve_out_of_order_baselines(d
     assert ranked[0].in_order and ranked[0].completeness == 1.0
     backwards = score_path(traces, ["Austin", "Texas", "Dallas"], 4)
     assert not backwards.in_order
-    probs = [traces[n].prob[l, p].item() if n != "Dallas" else 1.0 for n, (l, p) in zip(backwards.path, backwards.peaks)]
+    peaks = zip(backwards.path, backwards.peaks, strict=True)
+    probs = [traces[n].prob[l, p].item() if n != "Dallas" else 1.0 for n, (l, p) in peaks]
     geo_mean = math.exp(sum(math.log(p) for p in probs) / 3)
     assert backwards.baseline == pytest.approx(0.5 * geo_mean * backwards.completeness, rel=1e-5)
     assert backwards.score < ranked[0].score
@@ -168,8 +168,8 @@ def test_patching_endpoints_and_batched_equals_one_at_a_time(demo_model):
     answer, foil = demo_model.to_single_token("Austin"), demo_model.to_single_token("Springfield")
     n_pos = clean.shape[1]
     clean_diff = (demo_model(clean)[0, -1, answer] - demo_model(clean)[0, -1, foil]).item()
-    ends = run_patches(demo_model, cache, corrupt, [Patch("resid_pre", 0, tuple(range(n_pos))), Patch("mlp_out", 0, ())],
-                       answer, foil)  # fmt: skip
+    everything, nothing = Patch("resid_pre", 0, tuple(range(n_pos))), Patch("mlp_out", 0, ())
+    ends = run_patches(demo_model, cache, corrupt, [everything, nothing], answer, foil)
     corrupt_logits = demo_model(corrupt)[0, -1]
     assert ends[0].item() == pytest.approx(clean_diff, abs=1e-4)
     assert ends[1].item() == pytest.approx((corrupt_logits[answer] - corrupt_logits[foil]).item(), abs=1e-4)
@@ -321,3 +321,27 @@ def test_two_hop_prompts_the_true_path_ranks_first_and_the_state_peaks_at_in(dem
     assert all(r.state_peak[1] == 5 and r.state_peak[0] >= 1 for r in results)  # at "in", after >= 1 block
     # At the last token, the true state leads all other states from the third residual row on.
     assert sum(r.state_rank_last_position[3] == 1 for r in results) / len(results) >= 0.9
+
+
+def test_trajectories_overlay_two_models_in_one_space(demo_model):
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from circuits.concepts_figures import trajectories_figure
+    from circuits.models import DEMO_MODEL_DIR, load_model
+
+    other = load_model("demo")
+    with torch.no_grad():
+        other.blocks[1].mlp.W_out.mul_(0.5)  # a different model with the same shapes
+    prompts = [f"Fact: {c} is in the state whose capital is" for c in ("Dallas", "Houston", "Chicago")]
+    traj = trajectories(demo_model, {"demo": prompts, "other": prompts}, k=3, other_model=other)
+    torch.testing.assert_close(traj.states["other"], residual_states(other, prompts))
+    torch.testing.assert_close(traj.states["demo"][:, :2], traj.states["other"][:, :2])  # same until block 1 writes
+    assert not torch.allclose(traj.states["demo"][:, 2:], traj.states["other"][:, 2:])
+    fig = trajectories_figure(traj)
+    assert len(fig.data) == 6 and fig.data[0].type == "scatter3d"
+    cfg = HookedTransformerConfig(
+        n_layers=1, d_model=64, n_ctx=32, d_head=16, n_heads=4, d_vocab=demo_model.cfg.d_vocab, act_fn="gelu",
+        tokenizer_name=str(DEMO_MODEL_DIR / "tokenizer"),
+    )  # fmt: skip
+    with pytest.raises(CircuitsError, match="different d_model"):
+        trajectories(demo_model, {"demo": prompts, "small": prompts}, other_model=HookedTransformer(cfg))
