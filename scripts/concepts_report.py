@@ -11,13 +11,14 @@ from collections import Counter
 
 import torch
 
-from circuits.demo.two_hop import TwoHopResult, study, two_hop_cases
+from circuits.demo.two_hop import TwoHopResult, patching_at_state_peak, study, two_hop_cases
 from circuits.models import load_model
 
 
-def summarise(results: list[TwoHopResult], n_layers: int) -> dict:
-    n = len(results)
+def summarise(model, results: list[TwoHopResult], n_patched: int) -> dict:
+    n, n_layers = len(results), model.cfg.n_layers
     peaks = Counter(r.state_peak for r in results)
+    patched = [patching_at_state_peak(model, r) for r in results[:n_patched]]
     return {
         "prompts": n,
         "state peak cell (layer, position): count": dict(peaks.most_common(4)),
@@ -30,6 +31,9 @@ def summarise(results: list[TwoHopResult], n_layers: int) -> dict:
         "true > wrong path (continuous score)": sum(r.true_score > r.wrong_score for r in results) / n,
         "true > wrong path (x0.5 baseline)": sum(r.true_baseline > r.wrong_baseline for r in results) / n,
         "true path ranks first of 50": sum(r.true_rank_among_paths == 1 for r in results) / n,
+        f"patching, first {len(patched)}: recovered at the state's peak cell": sum(p[0] for p in patched)
+        / len(patched),
+        f"patching, first {len(patched)}: ... at that layer, last token": sum(p[1] for p in patched) / len(patched),
     }
 
 
@@ -37,6 +41,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="demo")
     parser.add_argument("--seed", type=int, default=0, help="draws the wrong state of each prompt")
+    parser.add_argument("--patched", type=int, default=20, help="prompts per kind checked by patching")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model = load_model(args.model)
@@ -46,7 +51,7 @@ def main() -> None:
     print("rows: layer r = residual stream after r blocks (0 = embeddings)")
     for kind in ("two_hop", "two_hop_held_out"):
         print(f"\n## {kind}")
-        for key, value in summarise([r for r in results if r.kind == kind], model.cfg.n_layers).items():
+        for key, value in summarise(model, [r for r in results if r.kind == kind], args.patched).items():
             shown = [f"{v:.2f}" for v in value] if isinstance(value, list) else value
             print(f"{key:>55}: {f'{shown:.3f}' if isinstance(shown, float) else shown}")
 

@@ -345,3 +345,13 @@ def test_trajectories_overlay_two_models_in_one_space(demo_model):
     )  # fmt: skip
     with pytest.raises(CircuitsError, match="different d_model"):
         trajectories(demo_model, {"demo": prompts, "small": prompts}, other_model=HookedTransformer(cfg))
+
+
+def test_the_state_peak_at_in_is_not_causal_but_the_last_token_is(demo_model):
+    from circuits.demo.two_hop import patching_at_state_peak
+
+    # Measured on the demo model (scripts/concepts_report.py): the lens peak of the state at "in" is the one-hop
+    # prediction "Dallas is in [Texas]", unused for the answer; the last token at that layer carries it all.
+    for result in study(demo_model, [("Dallas", "two_hop"), ("Moab", "two_hop_held_out")]):
+        at_peak, at_last = patching_at_state_peak(demo_model, result)
+        assert abs(at_peak) < 0.1 and at_last > 0.9

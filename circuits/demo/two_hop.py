@@ -16,6 +16,7 @@ from transformer_lens import HookedTransformer
 from circuits.concepts import logit_lens, make_concept, prompt_tokens, score_path, trace_concept
 from circuits.demo.corpus import TWO_HOP_PROMPT
 from circuits.demo.facts import STATE_OF_CITY, STATES, held_out_cities, trained_two_hop_cities
+from circuits.patching import patching_grid, propose_counterfactuals
 
 
 @dataclass
@@ -70,6 +71,16 @@ def study_prompt(model: HookedTransformer, city: str, kind: str, rng: random.Ran
         wrong_baseline=scores[wrong].baseline,
         true_rank_among_paths=1 + sum(s.score > true.score for s in scores.values()),
     )
+
+
+def patching_at_state_peak(model: HookedTransformer, result: TwoHopResult) -> tuple[float, float]:
+    """Is the state's peak cell causal for the answer? Recovered logit difference when the clean residual
+    stream (resid_pre, at the peak's layer, capped at the last block) is patched into a run on another
+    state's city, at the peak's position and at the last position."""
+    counterfactual = propose_counterfactuals(model, result.prompt, n=1)[0]
+    grid = patching_grid(model, result.prompt, counterfactual, kinds=("resid_pre",)).grids["resid_pre"]  # [L, pos]
+    layer = min(result.state_peak[0], model.cfg.n_layers - 1)
+    return float(grid[layer, result.state_peak[1]]), float(grid[layer, -1])
 
 
 def study(model: HookedTransformer, cases: list[tuple[str, str]], seed: int = 0) -> list[TwoHopResult]:
