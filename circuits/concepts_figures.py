@@ -114,17 +114,21 @@ def trajectories_figure(traj: Trajectories) -> go.Figure:
     symbols = ["circle", "diamond", "square", "cross"]
     answers = sorted({a for v in traj.answers.values() for a in v})
     three_d = traj.pca.components.shape[0] >= 3
+    in_legend = set()
     for s, (name, coords) in enumerate(traj.coords.items()):
         for i, prompt in enumerate(traj.sets[name]):
             answer = traj.answers[name][i]
             style = {
                 "mode": "lines+markers",
                 "marker": {"symbol": symbols[s % len(symbols)], "color": palette[answers.index(answer) % len(palette)]},
+                "line": {"width": 4 if s == i == 0 else 1.5},  # the first prompt (the page's own) stands out
                 "name": html.escape(f"{name}: {answer}"),
+                "showlegend": (name, answer) not in in_legend,
                 "text": [html.escape(prompt)] * coords.shape[1],
                 "hovertemplate": "%{text}<br>layer %{pointNumber}<extra></extra>",
                 "legendgroup": html.escape(answer),
             }
+            in_legend.add((name, answer))
             xyz = {"x": coords[i, :, 0].tolist(), "y": coords[i, :, 1].tolist()}
             if three_d:
                 fig.add_trace(go.Scatter3d(**xyz, z=coords[i, :, 2].tolist(), **style))

@@ -106,7 +106,9 @@ def funnel(states: torch.Tensor, answers: list[str]) -> dict[str, torch.Tensor]:
         raise CircuitsError("the funnel needs at least two prompts with the same answer")
     within = torch.stack([spread(states[g]) for g in groups]).mean(0)
     total = spread(states)
-    ratio = torch.where(total > 0, within / total.clamp_min(torch.finfo(total.dtype).tiny), 0.0)
+    # Identical states (every prompt ends in the same word) leave only rounding noise in `total`.
+    coincide = total <= 1e-8 * states.pow(2).sum(-1).mean(0)
+    ratio = torch.where(coincide, 0.0, within / total.clamp_min(torch.finfo(total.dtype).tiny))
     return {"within": within, "total": total, "ratio": ratio}
 
 
