@@ -140,7 +140,7 @@ def trace_concept(
     full_sequence: bool = False,
 ) -> ConceptTrace:
     """One concept's trace from the lens logits [L+1, pos, vocab] and cache of `tokens` [1, pos]."""
-    ids = torch.tensor(concept.first_tokens)
+    ids = torch.tensor(sorted(set(concept.first_tokens)))  # words sharing a first token count once
     logprobs = lens.log_softmax(-1)  # [L+1, pos, vocab]
     member_logits = lens[..., ids]  # [L+1, pos, words]
     ranks = (lens.unsqueeze(-1) > member_logits.unsqueeze(-2)).sum(-2) + 1  # [L+1, pos, words]

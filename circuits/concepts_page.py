@@ -20,6 +20,7 @@ from transformer_lens import HookedTransformer
 
 from circuits import concepts_figures as cf
 from circuits.concepts import (
+    Concept,
     ConceptTrace,
     PathScore,
     graph_nodes_by_cell,
@@ -84,10 +85,12 @@ def concept_report(
     auto: bool = False,
     full_sequence: bool = False,
     graph_nodes: list[dict] | None = None,
+    trajectory_sets: dict[str, list[str]] | None = None,
 ) -> ConceptReport:
     """Trace the concepts (specs as in `make_concept`; every word of a path is traced too), score the
     paths, patch against the counterfactual (proposed from the same category when not given) and
-    follow the prompt and its same-category variants through the layers.
+    follow the prompt and its same-category variants (plus any `trajectory_sets`, e.g. one-hop prompts to
+    overlay) through the layers.
 
     With `auto`, or with no concepts and no paths, the best middle-layer proposal and the model's
     prediction are traced and the path proposal -> prediction is scored."""
@@ -99,10 +102,11 @@ def concept_report(
     if (auto or not (specs or paths)) and proposals:
         specs += [proposals[0], prediction]
         paths.append([proposals[0], prediction])
-    made = {}
-    for spec in [*specs, *(w for p in paths for w in p)]:
+    made: dict[str, Concept] = {}
+    for spec in specs:
         concept = make_concept(model, spec)
         made.setdefault(concept.name, concept)
+    paths = [[_path_concept(model, made, spec) for spec in path] for path in paths]
     traces = [trace_concept(model, tokens, lens, cache, c, full_sequence) for c in made.values()]
     by_name = {t.concept.name: t for t in traces}
     report = ConceptReport(
@@ -118,13 +122,23 @@ def concept_report(
     counterfactuals = [counterfactual] if counterfactual else propose_counterfactuals(model, prompt, n=1)
     if counterfactuals:
         report.patching = patching_grid(model, prompt, counterfactuals[0])
-    variants = [prompt, *category_variants(model, prompt)[: MAX_TRAJECTORY_PROMPTS - 1]]
-    if len(variants) > 1:
-        report.trajectories = trajectories(model, {"prompt and variants": variants})
-        answers = report.trajectories.answers["prompt and variants"]
+    sets = {"prompt and variants": [prompt, *category_variants(model, prompt)[: MAX_TRAJECTORY_PROMPTS - 1]]}
+    sets.update(trajectory_sets or {})
+    if sum(len(s) for s in sets.values()) > 1:
+        report.trajectories = trajectories(model, sets)
+        answers = [a for name in sets for a in report.trajectories.answers[name]]
         if len(set(answers)) < len(answers):
-            report.funnel = funnel(report.trajectories.states["prompt and variants"], answers)
+            report.funnel = funnel(torch.cat(list(report.trajectories.states.values())), answers)
     return report
+
+
+def _path_concept(model: HookedTransformer, made: dict[str, Concept], spec: str) -> str:
+    """The name of a path element: a concept already made (by name), or a new one made from the spec."""
+    if spec in made:
+        return spec
+    concept = make_concept(model, spec)
+    made.setdefault(concept.name, concept)
+    return concept.name
 
 
 def figures(report: ConceptReport) -> dict[str, go.Figure]:

@@ -355,3 +355,19 @@ def test_the_state_peak_at_in_is_not_causal_but_the_last_token_is(demo_model):
     for result in study(demo_model, [("Dallas", "two_hop"), ("Moab", "two_hop_held_out")]):
         at_peak, at_last = patching_at_state_peak(demo_model, result)
         assert abs(at_peak) < 0.1 and at_last > 0.9
+
+
+def test_report_paths_through_groups_and_extra_trajectory_sets(demo_model):
+    one_hop = ["The capital of Texas is", "The capital of Ohio is", "The capital of Utah is"]
+    report = concept_report(
+        demo_model,
+        FLAGSHIP,
+        concepts=["@states"],
+        paths=[["Dallas", "states", "Austin"], ["Dallas", "@capitals"]],
+        counterfactual=COUNTERFACTUAL,
+        trajectory_sets={"one-hop": one_hop},
+    )
+    assert {p.path for p in report.paths} == {("Dallas", "states", "Austin"), ("Dallas", "capitals")}
+    assert report.trajectories.answers["one-hop"] == ["Austin", "Columbus", "Salt Lake City"]
+    n = len(report.trajectories.sets["prompt and variants"])
+    assert report.trajectories.coords["one-hop"].shape == (3, 5, 2) and n == 24
