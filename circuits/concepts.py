@@ -143,7 +143,9 @@ def trace_concept(
     ids = torch.tensor(sorted(set(concept.first_tokens)))  # words sharing a first token count once
     logprobs = lens.log_softmax(-1)  # [L+1, pos, vocab]
     member_logits = lens[..., ids]  # [L+1, pos, words]
-    ranks = (lens.unsqueeze(-1) > member_logits.unsqueeze(-2)).sum(-2) + 1  # [L+1, pos, words]
+    # rank = 1 + the number of logits above: from the count of logits at or below, by binary search.
+    at_or_below = torch.searchsorted(lens.sort(-1).values, member_logits.contiguous(), right=True)
+    ranks = lens.shape[-1] - at_or_below + 1  # [L+1, pos, words]
     logprob = logprobs[..., ids].logsumexp(-1)
     # A group's direct contribution: each word's, weighted by the gradient of logsumexp (its final share).
     weights = logprobs[-1][:, ids].softmax(-1)  # [pos, words]
