@@ -172,7 +172,8 @@ def sequence_logprob(model: HookedTransformer, tokens: torch.Tensor, concept: Co
     """Logit-lens log P(the whole word follows the prompt) per layer [L+1]; a group: logsumexp over words."""
     per_word = []
     for ids in concept.token_ids:
-        extended = torch.cat([tokens, torch.tensor([ids[:-1]], dtype=tokens.dtype)], dim=1)  # [1, pos + k - 1]
+        continuation = torch.tensor([ids[:-1]], dtype=tokens.dtype, device=tokens.device)
+        extended = torch.cat([tokens, continuation], dim=1)  # [1, pos + k - 1]
         lens, _ = logit_lens(model, extended)
         steps = lens[:, tokens.shape[1] - 1 :].log_softmax(-1)  # [L+1, k, vocab]
         per_word.append(steps[:, torch.arange(len(ids)), torch.tensor(ids)].sum(-1))
