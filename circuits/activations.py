@@ -14,13 +14,15 @@ import functools
 import itertools
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save
 from transformer_lens import HookedTransformer
 
 from circuits.errors import CircuitsError
+from circuits.formats import atomic_file
 
 
 @dataclass
@@ -97,18 +99,47 @@ def collect(model: HookedTransformer, docs: list[str], max_tokens: int) -> tuple
 
 
 class ActivationStream:
-    """Shuffled batches of (x, y) [batch_tokens, L, d], deterministic by (seed, step)."""
+    """Shuffled batches of (x, y) [batch_tokens, L, d], deterministic by (seed, step).
 
-    def __init__(self, model: HookedTransformer, source: TextSource, batch_tokens: int, docs_per_chunk: int = 512):
+    With `cache_dir`, each chunk's shuffled activations are kept as a safetensors shard
+    (`chunk_{c}.safetensors`) and read back by later runs with the same text settings, so a
+    hyperparameter sweep runs the model once."""
+
+    def __init__(
+        self, model: HookedTransformer, source: TextSource, batch_tokens: int, docs_per_chunk: int = 512,
+        cache_dir: Path | None = None,
+    ):  # fmt: skip
         self.model, self.source = model, source
         self.batch_tokens, self.docs_per_chunk = batch_tokens, docs_per_chunk
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        if self.cache_dir:
+            self._check_cache()
+
+    def _check_cache(self) -> None:
+        key = {"model": self.model.cfg.model_name, **asdict(self.source), "docs_per_chunk": self.docs_per_chunk}
+        meta = self.cache_dir / "cache.json"
+        if meta.exists() and json.loads(meta.read_text()) != key:
+            raise CircuitsError(
+                f"activation cache {self.cache_dir} was made with other settings ({meta.read_text().strip()}): "
+                "use another directory"
+            )
+        with atomic_file(meta) as f:
+            json.dump(key, f)
 
     def _load_chunk(self, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+        shard = self.cache_dir / f"chunk_{c:06d}.safetensors" if self.cache_dir else None
+        if shard and shard.exists():
+            tensors = load_file(str(shard))
+            return tensors["x"], tensors["y"]
         docs = self.source.documents(c * self.docs_per_chunk, self.docs_per_chunk)
         x, y = collect(self.model, docs, self.source.max_tokens_per_doc)
         g = torch.Generator().manual_seed(self.source.seed * 1_000_003 + c)
         perm = torch.randperm(len(x), generator=g)
-        return x[perm], y[perm]
+        x, y = x[perm].contiguous(), y[perm].contiguous()
+        if shard:
+            with atomic_file(shard, "wb") as f:
+                f.write(save({"x": x, "y": y}))
+        return x, y
 
     def _n_batches(self, c: int) -> int:
         """Batches in chunk c, from the tokenizer alone (no forward pass)."""

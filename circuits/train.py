@@ -71,6 +71,9 @@ class TrainConfig:
     eval_every: int = 200
     checkpoint_every: int = 500
     docs_per_chunk: int = 512
+    activation_cache: str = ""
+    """A directory for safetensors shards of the activations (read back by runs with the same text
+    settings, e.g. a sweep); empty: no cache."""
     eval_docs: int = 256
     """Held-out documents for the metrics (reconstruction and replacement model)."""
     max_tokens_per_doc: int = 64
@@ -352,7 +355,7 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, model: HookedTransf
     model = model or load_model(cfg.model, device=cfg.device)
     full = CrossLayerTranscoder(cfg.clt_config(model)).to(cfg.device)  # every rank: the same init
     source = TextSource(cfg.text, seed=cfg.seed, max_tokens_per_doc=cfg.max_tokens_per_doc)
-    stream = ActivationStream(model, source, cfg.batch_tokens, cfg.docs_per_chunk)
+    stream = ActivationStream(model, source, cfg.batch_tokens, cfg.docs_per_chunk, cfg.activation_cache or None)
     x0, y0 = next(stream.batches(0))
     scales = Scales.estimate(x0, y0)
     initialise(full, x0 * scales.inp[:, None], cfg)

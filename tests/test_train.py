@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from circuits.activations import ActivationStream, TextSource, token_mask
 from circuits.clt import CLTConfig, CrossLayerTranscoder
 from circuits.demo.corpus import TWO_HOP_PROMPT
+from circuits.errors import CircuitsError
 from circuits.train import TrainConfig, initialise, replacement_metrics
 
 TINY = """n_features = 64
@@ -193,3 +194,20 @@ def test_shipped_demo_clt_meets_its_targets(demo_model):
     assert sum(rec["nmse"]) / 4 <= 0.15 and sum(rec["l0"]) / 4 <= 50
     tokens, mask = _eval_tokens(demo_model, source, n_docs=64)
     assert replacement_metrics(demo_model, clt, tokens, mask)["top1_agreement"] >= 0.9
+
+
+def test_activation_cache_shards_are_read_back(demo_model, tmp_path):
+    from safetensors.torch import save_file
+
+    source = TextSource("demo", seed=1)
+    plain = [b for _, b in zip(range(5), ActivationStream(demo_model, source, 128, 32).batches(0), strict=False)]
+    cached = ActivationStream(demo_model, source, 128, 32, cache_dir=tmp_path / "cache")
+    first = [b for _, b in zip(range(5), cached.batches(0), strict=False)]
+    assert all(torch.equal(p[0], f[0]) and torch.equal(p[1], f[1]) for p, f in zip(plain, first, strict=True))
+    shard = tmp_path / "cache" / "chunk_000000.safetensors"
+    x, y = first[0]
+    save_file({"x": -x.repeat(40, 1, 1), "y": y.repeat(40, 1, 1)}, str(shard))  # the next run must read this file
+    reread = next(ActivationStream(demo_model, source, 128, 32, cache_dir=tmp_path / "cache").batches(0))
+    assert torch.equal(reread[0], -x)
+    with pytest.raises(CircuitsError, match="other settings"):
+        ActivationStream(demo_model, TextSource("demo", seed=2), 128, 32, cache_dir=tmp_path / "cache")
