@@ -5,7 +5,7 @@ on export):
     MSE summed over target layers
   + lambda_S(t) * sum_f tanh(c * a_f * ||W_dec_f||)   (||.|| over the feature's concatenated decoders,
                                                        lambda_S ramped linearly over the run)
-  + lambda_P * sum_f relu(threshold_f - pre_f)          (pre-activation loss: revives dead features)
+  + lambda_P * sum_{f dead} relu(threshold_f - pre_f)   (pre-activation loss: revives dead features)
 Adam with linear warm-up and a final linear decay, gradient clipping, straight-through gradient
 for the JumpReLU thresholds. Checkpoints (weights, optimiser, RNG, step) are written atomically;
 a resumed run reaches the same weights as an uninterrupted one because the data stream is a pure
@@ -54,7 +54,7 @@ class TrainConfig:
     lr: float = 1e-3
     warmup_fraction: float = 0.05
     decay_fraction: float = 0.2
-    sparsity_coef: float = 1e-3
+    sparsity_coef: float = 0.4
     """lambda_S at the end of the ramp."""
     sparsity_c: float = 4.0
     preact_coef: float = 3e-6
@@ -89,6 +89,11 @@ class TrainConfig:
         unknown = sorted(set(fields) - known)
         if unknown:
             raise CircuitsError(f"unknown recipe keys {unknown}: valid keys are {sorted(known)}")
+        defaults = cls()
+        for key, value in fields.items():
+            expected = type(getattr(defaults, key))
+            if not isinstance(value, expected) and not (expected is float and isinstance(value, int)):
+                raise CircuitsError(f"recipe key {key!r} must be {expected.__name__}, not {value!r}")
         return cls(**fields)
 
     def clt_config(self, model: HookedTransformer) -> CLTConfig:

@@ -157,10 +157,12 @@ def test_torchrun_two_processes_match_one(tmp_path, parallel):
 
 @pytest.mark.slow
 def test_train_cli_errors_are_one_line_exit_2(tmp_path):
-    bad = tmp_path / "bad.toml"
+    bad, typo = tmp_path / "bad.toml", tmp_path / "typo.toml"
     bad.write_text("n_featurez = 3\n")
+    typo.write_text('steps = "many"\n')
     for args, message in [
         (("train", bad), "unknown recipe keys ['n_featurez']"),
+        (("train", typo), "recipe key 'steps' must be int"),
         (("train", tmp_path / "none.toml"), "does not exist"),
         (("train", _recipe(tmp_path), "--out", tmp_path / "fresh", "--resume"), "no checkpoint"),
     ]:
