@@ -58,7 +58,7 @@ class TrainConfig:
     sparsity_coef: float = 0.4
     """lambda_S at the end of the ramp."""
     sparsity_c: float = 4.0
-    preact_coef: float = 3e-6
+    preact_coef: float = 3e-4
     bandwidth: float = 0.05
     initial_threshold: float = 0.1
     target_fire_fraction: float = 0.02
