@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from circuits import __version__
 from circuits.errors import CircuitsError
@@ -41,6 +42,20 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     print(json.dumps({"top1_accuracy": accuracy}, indent=2))
 
 
+def _cmd_features(args: argparse.Namespace) -> None:
+    from circuits.features import FeatureScanConfig, default_features_dir, scan_features
+    from circuits.formats import load_transcoder
+    from circuits.models import load_model
+
+    model = load_model(args.model, device=args.device)
+    clt = load_transcoder(args.clt, model=model, device=args.device)
+    given = {"text": args.text, "n_documents": args.documents, "top_k": args.top_k}
+    cfg = FeatureScanConfig(**{k: v for k, v in given.items() if v is not None})
+    out = Path(args.out) if args.out else default_features_dir(args.clt)
+    scan_features(model, clt, cfg, clt_name=str(args.clt)).save(out)
+    print(out)
+
+
 def _tokenize(model, prompt: str):
     """Tokens [1, pos] of a prompt, with BOS; rejects empty and over-long prompts."""
     if not prompt.strip():
@@ -65,6 +80,16 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("features", help="scan a corpus with a transcoder: top contexts, histograms, logits, labels")
+    p.add_argument("--model", default="demo", help="'demo', a local model directory, or a TransformerLens name")
+    p.add_argument("--clt", default="demo", help="'demo' or a transcoder directory")
+    p.add_argument("--text", help="corpus: 'demo' (default), a .txt/.jsonl file or 'hf:DATASET'")
+    p.add_argument("--documents", type=int, help="documents to scan (default 2048)")
+    p.add_argument("--top-k", type=int, help="top contexts kept per feature (default 8)")
+    p.add_argument("--out", help="output directory (default: circuits/demo/features, or CLT_DIR/features)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_cmd_features)
 
     p = sub.add_parser("demo", help="report the shipped demo model's accuracy on its facts")
     p.set_defaults(func=_cmd_demo)

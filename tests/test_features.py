@@ -1,0 +1,110 @@
+"""Feature cards from a corpus scan, checked against a brute-force pass over each document."""
+
+import pytest
+import torch
+
+from circuits.activations import TextSource
+from circuits.clt import CLTConfig, CrossLayerTranscoder
+from circuits.cli import main
+from circuits.errors import CircuitsError
+from circuits.features import FeatureScanConfig, load_features, scan_features
+from circuits.formats import save_transcoder
+
+CFG = FeatureScanConfig(n_documents=24, batch_size=10, top_k=4, n_bins=8, n_logits=5)
+
+
+@pytest.fixture(scope="module")
+def random_clt(demo_model):
+    """A random CLT whose features fire on about 10% of tokens (b_enc set from a calibration batch)."""
+    torch.manual_seed(1)
+    m = demo_model.cfg
+    clt = CrossLayerTranscoder(CLTConfig(n_layers=m.n_layers, d_model=m.d_model, n_features=12)).eval()
+    docs = TextSource("demo", seed=99).documents(0, 16)
+    _, cache = demo_model.run_with_cache(demo_model.to_tokens(docs, padding_side="right"))
+    with torch.no_grad():
+        for l in range(m.n_layers):
+            pre = cache[f"blocks.{l}.hook_resid_mid"].flatten(0, 1) @ clt.W_enc[l].T
+            clt.b_enc[l] = -torch.quantile(pre, 0.9, dim=0)
+    return clt
+
+
+@pytest.fixture(scope="module")
+def scan(demo_model, random_clt):
+    return scan_features(demo_model, random_clt, CFG, clt_name="random")
+
+
+def _reference_acts(model, clt):
+    """Per document: (tokens [p], acts [L, p, F]) with BOS zeroed, one forward pass per document."""
+    out = []
+    for doc in TextSource(CFG.text, seed=CFG.seed).documents(0, CFG.n_documents):
+        tokens = model.to_tokens(doc)[0, : CFG.max_tokens_per_doc]
+        _, cache = model.run_with_cache(tokens[None])
+        acts = torch.stack([clt.encode_layer(cache[f"blocks.{l}.hook_resid_mid"][0], l) for l in range(4)])
+        acts[:, 0] = 0
+        out.append((tokens, acts.detach()))
+    return out
+
+
+def test_top_contexts_and_histograms_match_brute_force(demo_model, random_clt, scan):
+    ref = _reference_acts(demo_model, random_clt)
+    n_tokens = sum(len(t) - 1 for t, _ in ref)
+    assert scan.n_tokens == n_tokens
+    for l in range(4):
+        for f in range(12):
+            doc_max = torch.tensor([a[l, :, f].max().item() for _, a in ref])
+            expected = doc_max.sort(descending=True).values[: CFG.top_k]
+            torch.testing.assert_close(scan.context_max[l, f], expected)
+            best = int(doc_max.argmax())
+            tokens, acts = ref[best]
+            peak = int(acts[l, :, f].argmax())
+            assert scan.context_tokens[l, f, 0, CFG.before].item() == tokens[peak].item()
+            lo = max(0, peak - CFG.before)
+            window = acts[l, lo : peak + CFG.after + 1, f]
+            shown = scan.context_acts[l, f, 0, CFG.before - (peak - lo) : CFG.before - (peak - lo) + len(window)]
+            torch.testing.assert_close(shown, window)
+            n_active = sum(int((a[l, :, f] > 0).sum()) for _, a in ref)
+            assert scan.histogram[l, f].sum().item() == n_active
+            assert scan.frequency[l, f].item() == pytest.approx(n_active / n_tokens)
+    assert scan.histogram[..., -1].sum() > 0  # the maximum lands in the last bin
+
+
+def test_output_logits_match_the_models_final_norm_and_unembedding(demo_model, random_clt, scan):
+    """The direct effect of a feature's summed decoders, through ln_final with the scale divided
+    out: LN(v) = (v - mean) / std * w + b, so (LN(v) - b) * std is its linear part."""
+    for l in (0, 2):
+        v = random_clt.W_dec[l].sum(1).detach()  # [F, d]
+        centred = v - v.mean(-1, keepdim=True)
+        std = (centred.square().mean(-1, keepdim=True) + demo_model.cfg.eps).sqrt()
+        with torch.no_grad():
+            logits = (demo_model.ln_final(v[:, None])[:, 0] - demo_model.ln_final.b) * std @ demo_model.W_U
+        logits = logits - logits.mean(-1, keepdim=True)
+        top = logits.topk(CFG.n_logits).indices
+        assert torch.equal(scan.logit_ids[l, :, : CFG.n_logits].long(), top)
+        torch.testing.assert_close(
+            scan.logit_values[l, :, : CFG.n_logits], logits.gather(-1, top), rtol=1e-4, atol=1e-5
+        )
+        assert (scan.logit_values[l, :, CFG.n_logits :] < 0).all()
+
+
+def test_cards_labels_and_round_trip(random_clt, scan, tmp_path):
+    scan.save(tmp_path / "features")
+    loaded = load_features(tmp_path / "features", clt=random_clt)
+    card = loaded.card(1, 3)
+    assert card == scan.card(1, 3)
+    assert len(card["contexts"]) == CFG.top_k
+    peak_tokens = {c["tokens"][c["acts"].index(max(c["acts"]))] for c in card["contexts"]}
+    assert any(f'"{t}"' in card["label"] for t in peak_tokens)
+    assert card["label"].endswith(", ".join(t for t, _ in card["top_logits"][:2]))
+    other = CrossLayerTranscoder(random_clt.cfg)
+    with pytest.raises(CircuitsError, match="another transcoder"):
+        load_features(tmp_path / "features", clt=other)
+
+
+def test_cli_writes_a_scan_and_rejects_bad_input(random_clt, tmp_path, capsys):
+    save_transcoder(random_clt, tmp_path / "clt")
+    assert main(["features", "--clt", str(tmp_path / "clt"), "--documents", "8", "--top-k", "2"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()[-1]
+    assert out == str(tmp_path / "clt" / "features")
+    assert load_features(out, clt=random_clt).context_max.shape == (4, 12, 2)
+    assert main(["features", "--clt", str(tmp_path / "nothing")]) == 2
+    assert "holds no transcoder" in capsys.readouterr().err
