@@ -4,28 +4,13 @@ import pytest
 import torch
 
 from circuits.activations import TextSource
-from circuits.clt import CLTConfig, CrossLayerTranscoder
 from circuits.cli import main
+from circuits.clt import CrossLayerTranscoder
 from circuits.errors import CircuitsError
 from circuits.features import FeatureScanConfig, load_features, scan_features
 from circuits.formats import save_transcoder
 
 CFG = FeatureScanConfig(n_documents=24, batch_size=10, top_k=4, n_bins=8, n_logits=5)
-
-
-@pytest.fixture(scope="module")
-def random_clt(demo_model):
-    """A random CLT whose features fire on about 10% of tokens (b_enc set from a calibration batch)."""
-    torch.manual_seed(1)
-    m = demo_model.cfg
-    clt = CrossLayerTranscoder(CLTConfig(n_layers=m.n_layers, d_model=m.d_model, n_features=12)).eval()
-    docs = TextSource("demo", seed=99).documents(0, 16)
-    _, cache = demo_model.run_with_cache(demo_model.to_tokens(docs, padding_side="right"))
-    with torch.no_grad():
-        for l in range(m.n_layers):
-            pre = cache[f"blocks.{l}.hook_resid_mid"].flatten(0, 1) @ clt.W_enc[l].T
-            clt.b_enc[l] = -torch.quantile(pre, 0.9, dim=0)
-    return clt
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import html
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,14 +118,14 @@ def render_page(
     }
     page_js = (ASSETS / "page.js").read_text(encoding="utf-8")
     page_css = (ASSETS / "page.css").read_text(encoding="utf-8")
-    plotly = f"<script>{plotly_js()}</script>" if specs else ""
+    plotly = _script(plotly_js()) if specs else ""
     title = html.escape(graph["metadata"].get("prompt", ""))
     return (
         f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{title}</title>\n'
-        f"<style>{assets['css']}</style>\n<style>{page_css}</style>\n<script>{assets['js']}</script>\n{plotly}\n"
+        f"<style>{assets['css']}</style>\n<style>{page_css}</style>\n{_script(assets['js'])}\n{plotly}\n"
         f"</head>\n<body>\n{_header(graph, view, info)}\n{_main(specs)}\n"
         f'<script type="application/json" id="circuits-data">{script_json(data)}</script>\n'
-        f"<script>{assets['draw']}</script>\n<script>{page_js}</script>\n</body>\n</html>\n"
+        f"{_script(assets['draw'])}\n{_script(page_js)}\n</body>\n</html>\n"
     )
 
 
@@ -143,6 +144,14 @@ def script_json(value) -> str:
     for char in "&<>\u2028\u2029":
         text = text.replace(char, f"\\u{ord(char):04x}")
     return text
+
+
+def _script(js: str) -> str:
+    """Inline code; a `</script` inside would end the element early (data never gets here: it is
+    JSON-escaped)."""
+    if re.search(r"</script", js, flags=re.I):
+        raise RuntimeError("an inlined script contains '</script': it cannot be embedded as is")
+    return f"<script>{js}</script>"
 
 
 # ---- markup ----------------------------------------------------------------------------------
