@@ -171,38 +171,30 @@ def autograd_rows(
     active features, errors [L, P], tokens [P]) by autograd through the spliced model with attention
     patterns and norm scales frozen, one backward pass per target. A target is (layer, pos,
     feature) for a feature's pre-activation, or a vector [d_vocab] of logit weights."""
-    L, P = model.cfg.n_layers, len(tokens)
+    L = model.cfg.n_layers
     state = clean_state(model, clt, tokens)
     with torch.no_grad():
-        _, cache = model.run_with_cache(
-            tokens[None], names_filter=lambda n: n.endswith(("hook_resid_mid", "hook_embed"))
-        )
+        names = ("hook_resid_mid", "hook_embed")
+        _, cache = model.run_with_cache(tokens[None], names_filter=lambda n: n.endswith(names))
         clean = torch.stack([clt.encode_layer(cache[f"blocks.{l}.hook_resid_mid"][0], l) for l in range(L)])
     features = clean.nonzero()  # [n, 3] (layer, pos, feature)
+    leaves = clean.clone().requires_grad_(True)  # [L, P, F]
+    errors = state["errors"].clone().requires_grad_(True)  # [L, P, d]
+    embed = cache["hook_embed"].clone().requires_grad_(True)  # [1, P, d]
+    mids: dict[int, torch.Tensor] = {}
+    hooks = splice_hooks(model, clt, state, lambda l, a: leaves[l][None], True, errors)
+    hooks += [("hook_embed", lambda x, hook: embed)]
+    hooks += [(f"blocks.{l}.hook_resid_mid", lambda x, hook, l=l: mids.update({l: x[0]})) for l in range(L)]
+    logits = model.run_with_hooks(tokens[None], fwd_hooks=hooks)[0, -1]
     rows = []
     for target in targets:
-        leaves = clean.clone().requires_grad_(True)  # [L, P, F]
-        errors = state["errors"].clone().requires_grad_(True)
-        embed = cache["hook_embed"].clone().requires_grad_(True)
-        mids: dict[int, torch.Tensor] = {}
-        hooks = splice_hooks(model, clt, state, lambda l, a: leaves[l][None], True, errors)
-        hooks += [("hook_embed", lambda x, hook: embed)]
-        hooks += [(f"blocks.{l}.hook_resid_mid", lambda x, hook, l=l: mids.update({l: x})) for l in range(L)]
-        logits = model.run_with_hooks(tokens[None], fwd_hooks=hooks)[0, -1]
         if isinstance(target, tuple):
             l, p, f = target
-            value = mids[l][0, p] @ clt.W_enc[l, f] + clt.b_enc[l, f]
+            value = mids[l][p] @ clt.W_enc[l, f] + clt.b_enc[l, f]
         else:
             value = logits @ target
-        g_leaves, g_errors, g_embed = torch.autograd.grad(
-            value, [leaves, errors, embed], allow_unused=True, materialize_grads=True
-        )
+        grads = torch.autograd.grad(value, [leaves, errors, embed], retain_graph=True, materialize_grads=True)
         with torch.no_grad():
-            rows.append(
-                torch.cat([
-                    (g_leaves * clean)[tuple(features.T)],
-                    (g_errors * errors).sum(-1).flatten(),
-                    (g_embed[0] * embed[0]).sum(-1),
-                ])
-            )  # fmt: skip
+            edges = [(grads[0] * clean)[tuple(features.T)], (grads[1] * errors).sum(-1).flatten()]
+            rows.append(torch.cat([*edges, (grads[2][0] * embed[0]).sum(-1)]))
     return torch.stack(rows)
