@@ -208,7 +208,7 @@ def attribute(
     """The unpruned attribution graph of `prompt`'s next-token prediction (see `Graph` for the layout)."""
     cfg = AttributionConfig(batch_size, max_feature_nodes, dtype=dtype, device=device, targets=list(targets or []))
     torch_dtype = getattr(torch, dtype)
-    model = model.to(device)
+    model = model.to(device, print_details=False)
     tokens = tokenize(model, prompt)
     rep = build_replacement(model, transcoder.to(device), tokens, torch_dtype)
     W_U, b_U = model.W_U.detach().to(torch_dtype), model.b_U.detach().to(torch_dtype)
