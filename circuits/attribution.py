@@ -281,34 +281,35 @@ def _feature_influence(rows, done, logit_rows, targets, sources: Sources) -> tor
     return compute_influence(normalize_matrix(A), weights)[:n]
 
 
-def trace_to_files(
-    prompt: str,
-    out: Path,
-    slug: str | None = None,
-    model: str = "demo",
-    transcoder: str = "demo",
-    node_threshold: float = 0.8,
-    edge_threshold: float = 0.98,
-    prune: bool = True,
-    **attribute_kwargs,
-) -> tuple[Graph, dict[str, Path]]:
-    """The pipeline behind `circuits trace`: load, attribute, write `<out>/<slug>.json` (pruned
-    graph in the circuit-tracer schema) and `<out>/<slug>.graph.safetensors` (the full graph).
-    Returns the graph and the written paths."""
+def load_pair(model: str = "demo", transcoder: str = "demo", device: str = "cpu"):
+    """(model, transcoder) by name; refuses a transcoder that does not fit the model."""
     from circuits.formats import load_transcoder
     from circuits.models import load_model
 
-    lm = load_model(model, device=attribute_kwargs.get("device", "cpu"))
-    clt = load_transcoder(transcoder, model=lm, device=attribute_kwargs.get("device", "cpu"))
-    graph = attribute(prompt, lm, clt, **attribute_kwargs)
-    graph.config.update(transcoder=str(transcoder))
+    lm = load_model(model, device=device)
+    return lm, load_transcoder(transcoder, model=lm, device=device)
+
+
+def trace_to_files(
+    prompt: str,
+    model: HookedTransformer,
+    transcoder: CrossLayerTranscoder,
+    out: Path,
+    slug: str | None = None,
+    scan: str = "",
+    node_threshold: float = 0.8,
+    edge_threshold: float = 0.98,
+    **attribute_kwargs,
+) -> tuple[Graph, dict[str, Path]]:
+    """The pipeline behind `circuits trace`: attribute, write `<out>/<slug>.json` (the pruned graph
+    in the circuit-tracer schema) and `<out>/<slug>.graph.safetensors` (the full graph). Returns the
+    graph and the written paths."""
+    graph = attribute(prompt, model, transcoder, **attribute_kwargs)
+    graph.config.update(transcoder=scan)
     slug = slug or slugify(prompt)
     paths = {"json": Path(out) / f"{slug}.json", "graph": Path(out) / f"{slug}.graph.safetensors"}
     graph.save(paths["graph"])
-    thresholds = (node_threshold, edge_threshold) if prune else (1.0, 1.0)
-    graph.to_json(
-        paths["json"], slug=slug, scan=str(transcoder), node_threshold=thresholds[0], edge_threshold=thresholds[1]
-    )
+    graph.to_json(paths["json"], slug=slug, scan=scan, node_threshold=node_threshold, edge_threshold=edge_threshold)
     return graph, paths
 
 

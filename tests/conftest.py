@@ -41,5 +41,5 @@ def demo_clt(demo_model):
             w.copy_(torch.randn(w.shape, generator=gen) * 0.02)
         for l in range(L):
             pre = cache[f"blocks.{l}.hook_resid_mid"].flatten(0, 1) @ clt.W_enc[l].T
-            clt.threshold[l] = pre.quantile(0.97, dim=0)
+            clt.threshold[l] = pre.quantile(0.97, dim=0) + 1e-3  # not exactly at a token's pre-activation
     return clt.eval()

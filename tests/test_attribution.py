@@ -1,14 +1,25 @@
 """Attribution graphs: every edge against autograd through hooks on the real TransformerLens model,
 every node's input against the sum of its edges, targets, the feature cap."""
 
+import json
+
 import pytest
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from circuits.attribution import attribute
+from circuits.cli import main
 from circuits.clt import CLTConfig, CrossLayerTranscoder
 from circuits.errors import CircuitsError
-from circuits.interventions import autograd_rows
+from circuits.formats import save_transcoder
+from circuits.graph import Graph
+from circuits.interventions import (
+    Intervention,
+    autograd_rows,
+    predicted_ablation_effects,
+    run_with_interventions,
+    validate,
+)
 from circuits.models import DEMO_MODEL_DIR
 from circuits.replacement import build_replacement
 
@@ -167,3 +178,84 @@ def test_bad_input(demo_model, demo_clt):
         attribute("  ", demo_model, demo_clt)
     with pytest.raises(CircuitsError, match="context"):
         attribute("Texas " * 200, demo_model, demo_clt)
+
+
+# ---- interventions and the CLI ------------------------------------------------------------------
+
+
+def test_spliced_model_without_interventions_is_the_real_model(demo_model, demo_clt):
+    tokens = demo_model.to_tokens(FLAGSHIP)[0]
+    real = demo_model(tokens[None])[0]
+    for frozen in (True, False):
+        assert torch.allclose(run_with_interventions(demo_model, demo_clt, tokens, [], frozen), real, atol=1e-4)
+
+
+def test_ablations_match_the_graph_where_nothing_downstream_can_switch(demo_model, demo_clt):
+    graph = attribute(FLAGSHIP, demo_model, demo_clt, progress=False)
+    tokens, L, last = graph.tokens, graph.n_layers, graph.n_pos - 1
+    predicted = predicted_ablation_effects(graph)[0]
+    tok = graph.target_tokens[0]
+    base = run_with_interventions(demo_model, demo_clt, tokens, [])[-1]
+    # features of the last layer at the last position write straight into the logits
+    final = [i for i, (l, p, _) in enumerate(graph.features.tolist()) if l == L - 1 and p == last][:3]
+    assert final
+    for i in final:
+        layer, pos, feat = graph.features[i].tolist()
+        logits = run_with_interventions(demo_model, demo_clt, tokens, [Intervention(layer, pos, feat, value=0.0)])[-1]
+        change = (logits[tok] - logits.mean()) - (base[tok] - base.mean())
+        assert change.item() == pytest.approx(predicted[i].item(), abs=1e-4)
+        assert predicted[i].item() == pytest.approx(-graph.adjacency[graph.target_slice.start, i].item(), abs=1e-5)
+    # steering by a scale of 1, or setting the current value, changes nothing
+    layer, pos, feat = graph.features[final[0]].tolist()
+    same = [
+        Intervention(layer, pos, feat, scale=1.0),
+        Intervention(layer, pos, feat, value=graph.activations[final[0]].item()),
+    ]
+    for iv in same:
+        assert torch.allclose(run_with_interventions(demo_model, demo_clt, tokens, [iv])[-1], base, atol=1e-5)
+    report = validate(graph, demo_model, demo_clt, top_k=8)
+    assert len(report.nodes) == 8 and report.corr_frozen > 0.8
+
+
+@pytest.fixture(scope="module")
+def clt_dir(demo_clt, tmp_path_factory):
+    path = tmp_path_factory.mktemp("clt")
+    save_transcoder(demo_clt, path)
+    return path
+
+
+@pytest.mark.slow
+def test_trace_cli_writes_the_graph_files(clt_dir, tmp_path, capsys):
+    out = tmp_path / "graphs"
+    assert main(["trace", FLAGSHIP, "--transcoder", str(clt_dir), "--out", str(out), "--slug", "dallas"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == str(out / "dallas.json")
+    assert "replacement score" in lines[1]
+    data = json.loads((out / "dallas.json").read_text())
+    assert data["metadata"]["slug"] == "dallas" and data["links"]
+    graph = Graph.load(out / "dallas.graph.safetensors")
+    assert graph.prompt == FLAGSHIP and graph.target_names == ["Austin"]
+    assert sorted(p.name for p in out.iterdir()) == ["dallas.graph.safetensors", "dallas.json"]
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["  "], "prompt is empty"),
+        (["Texas " * 200], "context"),
+        ([FLAGSHIP, "--target", "Atlantis"], "not a single token"),
+        ([FLAGSHIP, "--transcoder", "MISFIT"], "does not fit"),
+        ([FLAGSHIP, "--transcoder", "/nonexistent/clt"], "holds no transcoder"),
+    ],
+)
+def test_trace_cli_bad_input(argv, message, clt_dir, tmp_path, capsys):
+    if "MISFIT" in argv:
+        misfit = tmp_path / "misfit"
+        save_transcoder(_random_clt(_random_model()), misfit)
+        argv = [a.replace("MISFIT", str(misfit)) for a in argv]
+    if "--transcoder" not in argv:
+        argv = [*argv, "--transcoder", str(clt_dir)]
+    assert main(["trace", *argv, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
