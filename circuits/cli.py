@@ -56,6 +56,25 @@ def _cmd_features(args: argparse.Namespace) -> None:
     print(out)
 
 
+def _cmd_trace(args: argparse.Namespace) -> None:
+    from circuits.attribution import load_pair, trace_to_files
+
+    model, clt = load_pair(args.model, args.transcoder, args.device)
+    thresholds = (1.0, 1.0) if args.no_prune else (args.node_threshold, args.edge_threshold)
+    graph, paths = trace_to_files(
+        args.prompt, model, clt, args.out, args.slug, args.transcoder, *thresholds, targets=args.target,
+        batch_size=args.batch_size, max_feature_nodes=args.max_feature_nodes, device=args.device,
+    )  # fmt: skip
+    replacement, completeness = graph.scores()
+    print(f"{graph.n_features} feature nodes; targets {graph.target_names}")
+    print(f"replacement score {replacement:.3f}, completeness score {completeness:.3f}")
+    if args.validate:
+        from circuits.interventions import validate
+
+        print("\n".join(validate(graph, model, clt).lines()))
+    print(paths["json"])
+
+
 def _tokenize(model, prompt: str):
     """Tokens [1, pos] of a prompt, with BOS; rejects empty and over-long prompts."""
     if not prompt.strip():
@@ -90,6 +109,24 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default: circuits/demo/features, or CLT_DIR/features)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_features)
+
+    p = sub.add_parser("trace", help="build the attribution graph of a prompt and write it as JSON + safetensors")
+    p.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT)
+    p.add_argument("--model", default="demo", help="'demo', a local model directory, or a TransformerLens name")
+    p.add_argument("--transcoder", default="demo", help="'demo', a CLT directory, or hf:ORG/REPO")
+    p.add_argument("--out", default="graphs", help="output directory")
+    p.add_argument("--slug", default=None, help="file name stem (default: from the prompt)")
+    p.add_argument("--node-threshold", type=float, default=0.8, help="cumulative influence of kept nodes")
+    p.add_argument("--edge-threshold", type=float, default=0.98, help="cumulative influence of kept edges")
+    p.add_argument("--max-feature-nodes", type=int, default=None, help="keep only this many feature nodes")
+    p.add_argument("--batch-size", type=int, default=256, help="targets per backward pass")
+    p.add_argument(
+        "--target", nargs="+", default=None, metavar="TOKEN", help="target tokens, or A-B for a logit difference"
+    )
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-prune", action="store_true", help="write every node and edge with any influence to the JSON")
+    p.add_argument("--validate", action="store_true", help="ablate the top features and compare with the graph")
+    p.set_defaults(func=_cmd_trace)
 
     p = sub.add_parser("demo", help="report the shipped demo model's accuracy on its facts")
     p.set_defaults(func=_cmd_demo)
