@@ -39,6 +39,7 @@ def random_clt(demo_model):
     return clt
 
 
+@pytest.fixture(scope="session")
 def demo_clt(demo_model):
     """The shipped demo CLT; until it exists, a random CLT whose thresholds make each feature fire
     on about 3% of the demo corpus's tokens (real algebra, untrained features)."""
