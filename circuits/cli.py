@@ -68,11 +68,18 @@ def _cmd_trace(args: argparse.Namespace) -> None:
     replacement, completeness = graph.scores()
     print(f"{graph.n_features} feature nodes; targets {graph.target_names}")
     print(f"replacement score {replacement:.3f}, completeness score {completeness:.3f}")
+    validation = None
     if args.validate:
         from circuits.interventions import validate
 
-        print("\n".join(validate(graph, model, clt).lines()))
+        validation = validate(graph, model, clt)
+        print("\n".join(validation.lines()))
     print(paths["json"])
+    from circuits.export.trace import write_trace_page
+    from circuits.features import features_for, load_features
+
+    features = load_features(args.features, clt) if args.features else features_for(args.transcoder, clt)
+    print(write_trace_page(graph, paths["json"], args.model, args.transcoder, features, validation=validation))
 
 
 def _tokenize(model, prompt: str):
@@ -110,7 +117,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_features)
 
-    p = sub.add_parser("trace", help="build the attribution graph of a prompt and write it as JSON + safetensors")
+    p = sub.add_parser("trace", help="attribution graph of a prompt: JSON, safetensors and the HTML page")
     p.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT)
     p.add_argument("--model", default="demo", help="'demo', a local model directory, or a TransformerLens name")
     p.add_argument("--transcoder", default="demo", help="'demo', a CLT directory, or hf:ORG/REPO")
@@ -126,6 +133,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-prune", action="store_true", help="write every node and edge with any influence to the JSON")
     p.add_argument("--validate", action="store_true", help="ablate the top features and compare with the graph")
+    p.add_argument("--features", help="feature scan for the cards (default: the transcoder's, see `circuits features`)")
     p.set_defaults(func=_cmd_trace)
 
     p = sub.add_parser("demo", help="report the shipped demo model's accuracy on its facts")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ from circuits.clt import CrossLayerTranscoder
 from circuits.errors import CircuitsError
 from circuits.formats import atomic_directory
 
+log = logging.getLogger(__name__)
 DEMO_FEATURES_DIR = Path(__file__).parent / "demo" / "features"
 
 
@@ -164,6 +166,16 @@ def load_features(directory: str | Path = "demo", clt: CrossLayerTranscoder | No
         labels=meta["labels"],
         **{name: tensors[name] for name in _TENSORS},
     )
+
+
+def features_for(clt_name: str | Path, clt: CrossLayerTranscoder) -> FeatureScan | None:
+    """The scan in the transcoder's default features folder, or None when there is none (pages
+    then show no feature cards); a scan of another transcoder is refused."""
+    directory = default_features_dir(clt_name)
+    if not (directory / "features.json").exists():
+        log.warning("no feature scan in %s: run `circuits features` for feature cards", directory)
+        return None
+    return load_features(directory, clt)
 
 
 def default_features_dir(clt_name: str | Path) -> Path:
