@@ -82,6 +82,27 @@ def _cmd_trace(args: argparse.Namespace) -> None:
     print(write_trace_page(graph, paths["json"], args.model, args.transcoder, features, validation=validation))
 
 
+def _cmd_concepts(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from circuits.concepts_page import concept_report, write_concepts_page
+    from circuits.models import load_model
+
+    model = load_model(args.model, device=args.device)
+    report = concept_report(
+        model,
+        args.prompt,
+        concepts=args.concept,
+        paths=[p.split(",") for p in args.path],
+        counterfactual=args.counterfactual,
+        auto=args.auto,
+        full_sequence=args.full_sequence,
+    )
+    for p in report.paths:
+        print(f"path {' -> '.join(p.path)}: score {p.score:.3f} (baseline {p.baseline:.3f}), peaks {p.peaks}")
+    print(write_concepts_page(report, Path(args.out)))
+
+
 def _tokenize(model, prompt: str):
     """Tokens [1, pos] of a prompt, with BOS; rejects empty and over-long prompts."""
     if not prompt.strip():
@@ -135,6 +156,19 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--validate", action="store_true", help="ablate the top features and compare with the graph")
     p.add_argument("--features", help="feature scan for the cards (default: the transcoder's, see `circuits features`)")
     p.set_defaults(func=_cmd_trace)
+
+    p = sub.add_parser("concepts", help="trace concepts through layers and positions; write an HTML page + JSON")
+    p.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT)
+    p.add_argument("--concept", action="append", default=[],
+                   help="a word, NAME=w1|w2 (a group), or @states/@capitals/@cities; repeatable")  # fmt: skip
+    p.add_argument("--path", action="append", default=[], help="a comma-separated chain, e.g. Dallas,Texas,Austin")
+    p.add_argument("--auto", action="store_true", help="also trace the proposed intermediate concept")
+    p.add_argument("--counterfactual", help="a prompt of the same token length for patching (default: proposed)")
+    p.add_argument("--full-sequence", action="store_true", help="score multi-token words by their whole sequence")
+    p.add_argument("--out", default="concepts_out", help="output directory")
+    p.add_argument("--model", default="demo", help="'demo', a local model directory, or a TransformerLens name")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_cmd_concepts)
 
     p = sub.add_parser("demo", help="report the shipped demo model's accuracy on its facts")
     p.set_defaults(func=_cmd_demo)
