@@ -75,11 +75,14 @@ def _cmd_trace(args: argparse.Namespace) -> None:
         validation = validate(graph, model, clt)
         print("\n".join(validation.lines()))
     print(paths["json"])
-    from circuits.export.trace import write_trace_page
+    from circuits.export.trace import concept_figures, write_trace_page
     from circuits.features import features_for, load_features
 
     features = load_features(args.features, clt) if args.features else features_for(args.transcoder, clt)
-    print(write_trace_page(graph, paths["json"], args.model, args.transcoder, features, validation=validation))
+    paths_ = [p.split(",") for p in args.path]
+    figures = None if args.no_concepts else concept_figures(model, args.prompt, paths["json"], args.concept, paths_)
+    page = write_trace_page(graph, paths["json"], args.model, args.transcoder, features, figures, validation)
+    print(page)
 
 
 def _cmd_concepts(args: argparse.Namespace) -> None:
@@ -155,6 +158,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-prune", action="store_true", help="write every node and edge with any influence to the JSON")
     p.add_argument("--validate", action="store_true", help="ablate the top features and compare with the graph")
     p.add_argument("--features", help="feature scan for the cards (default: the transcoder's, see `circuits features`)")
+    p.add_argument("--concept", action="append", default=[], help="a concept to trace beside the graph; repeatable")
+    p.add_argument("--path", action="append", default=[], help="a concept chain to score, e.g. Dallas,Texas,Austin")
+    p.add_argument("--no-concepts", action="store_true", help="no concept-trace panels on the page")
     p.set_defaults(func=_cmd_trace)
 
     p = sub.add_parser("concepts", help="trace concepts through layers and positions; write an HTML page + JSON")

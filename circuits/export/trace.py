@@ -11,6 +11,16 @@ from circuits.export.supernodes import suggest_supernodes
 from circuits.formats import atomic_file
 
 
+def concept_figures(model, prompt: str, json_path: Path, concepts=(), paths=()) -> dict:
+    """The concept-trace figures of `prompt` (`circuits.concepts_page`), their cells linked to the
+    graph's nodes; with no concepts and no paths, the proposed intermediate and the prediction."""
+    from circuits.concepts_page import concept_report, figures
+
+    nodes = json.loads(Path(json_path).read_text(encoding="utf-8"))["nodes"]
+    report = concept_report(model, prompt, list(concepts), [list(p) for p in paths], graph_nodes=nodes)
+    return figures(report)
+
+
 def write_trace_page(
     graph,
     json_path: Path,
