@@ -140,7 +140,9 @@ def load_transcoder(name: str | Path = "demo", model=None, device: str = "cpu"):
     expected = {k: tuple(v.shape) for k, v in clt.state_dict().items()}
     for k, v in state.items():
         if tuple(v.shape) != expected[k]:
-            raise CircuitsError(f"{directory}: {k} has shape {tuple(v.shape)}, expected {expected[k]}: the files are inconsistent")
+            raise CircuitsError(
+                f"{directory}: {k} has shape {tuple(v.shape)}, expected {expected[k]}: the files are inconsistent"
+            )
     clt.load_state_dict(state)
     clt.threshold.data = clt.threshold.data.float()
     return clt.eval()
@@ -192,6 +194,8 @@ def check_fits(cfg: dict, model) -> None:
         "hook_resid_mid",
         "hook_mlp_out",
     ):
-        problems.append(f"hooks {cfg.get('input_hook')} -> {cfg.get('output_hook')} (need hook_resid_mid -> hook_mlp_out)")
+        problems.append(
+            f"hooks {cfg.get('input_hook')} -> {cfg.get('output_hook')} (need hook_resid_mid -> hook_mlp_out)"
+        )
     if problems:
         raise CircuitsError("the transcoder does not fit the model: " + "; ".join(problems))

@@ -78,7 +78,7 @@ def test_top_k_edges_are_the_union_of_each_nodes_strongest():
             expected |= {(link["source"], link["target"]) for link in mine[:3]}
     assert {(e["from"], e["to"]) for e in view.edges} == expected
     assert view.n_links == 400 > len(view.edges)
-    assert all(e["color"]["color"] == ("#2b6cb0" if e["weight"] >= 0 else "#c53030") for e in view.edges)
+    assert all(e["color"].startswith("rgba(43,108,176," if e["weight"] >= 0 else "rgba(197,48,48,") for e in view.edges)
 
 
 def test_layout_puts_tokens_at_the_bottom_logits_on_top_and_each_node_in_its_cell():

@@ -31,7 +31,7 @@ KINDS = {
 }
 COLORS = {"feature": "#4c78a8", "error": "#a0a0a0", "embedding": "#54a24b", "logit": "#f58518"}
 SHAPES = {"feature": "dot", "error": "square", "embedding": "box", "logit": "box"}
-EDGE_COLORS = {True: "#2b6cb0", False: "#c53030"}  # positive, negative
+EDGE_RGB = {True: "43,108,176", False: "197,48,48"}  # positive (blue), negative (red)
 
 
 @dataclass
@@ -196,7 +196,8 @@ def _vis_edge(i: int, link: dict, scale: float) -> dict:
         "to": link["target"],
         "weight": w,
         "width": round(0.4 + 3.6 * rel, 2),
-        "color": {"color": EDGE_COLORS[w >= 0], "opacity": round(0.25 + 0.65 * rel, 2)},
+        # one rgba string: vis-network converts {color, opacity} on every frame, which doubles drawing time
+        "color": f"rgba({EDGE_RGB[w >= 0]},{0.25 + 0.65 * rel:.2f})",
     }
 
 
@@ -238,6 +239,15 @@ def network_assets(view: GraphView) -> dict[str, str]:
     scripts = re.findall(r"<script[^>]*>(.*?)</script>", head, flags=re.S)
     vis_js = [s for s in scripts if "vis-network" in s[:2000] or "vis.Network" in s]
     draw = [s for s in re.findall(r"<script[^>]*>(.*?)</script>", body, flags=re.S) if "drawGraph" in s]
-    if len(vis_js) != 1 or len(draw) != 1 or not styles:
+    if len(vis_js) != 1 or len(draw) != 1 or not styles or draw[0].count(_PYVIS_DATA) != 1:
         raise RuntimeError("pyvis's template changed: vis-network or the drawing script was not found")
-    return {"css": styles[0], "js": vis_js[0], "draw": draw[0]}
+    return {"css": styles[0], "js": vis_js[0], "draw": draw[0].replace(_PYVIS_DATA, _FILTERED_DATA)}
+
+
+# The network shows a filtered view of the edges: hiding thousands of edges through a DataView removes
+# them from the network, which is far cheaper than updating each edge's `hidden` option.
+_PYVIS_DATA = "data = {nodes: nodes, edges: edges};"
+_FILTERED_DATA = (
+    "window.edgesView = new vis.DataView(edges, {filter: (e) => !window.edgeFilter || window.edgeFilter(e)});"
+    " data = {nodes: nodes, edges: window.edgesView};"
+)

@@ -21,8 +21,8 @@
   }
   const magnitudes = baseEdges.map((e) => Math.abs(e.weight)).sort((a, b) => a - b);
   const fullWidthWeight = magnitudes.length ? magnitudes[Math.floor(0.95 * (magnitudes.length - 1))] || 1e-12 : 1;
-  window.circuitsPage = { ready: false, firstDrawn: null };
-  const state = { threshold: 0, hidden: new Set(), groups: new Map(), rep: new Map(), nextGroup: 1, hovered: [] };
+  window.circuitsPage = { ready: false, firstDrawn: null, started: performance.now() };
+  const state = { threshold: 0, groups: new Map(), rep: new Map(), nextGroup: 1, hovered: [], hoverTimer: null };
 
   function push(map, key, value) {
     if (!map.has(key)) map.set(key, []);
@@ -61,9 +61,13 @@
 
   // ---- edges: threshold, supernodes, visibility -------------------------------------------
 
+  function rgb(weight) {
+    return weight >= 0 ? "43,108,176" : "197,48,48";
+  }
+
   function edgeStyle(weight) {
     const rel = Math.min(Math.abs(weight) / fullWidthWeight, 1);
-    return { width: 0.4 + 3.6 * rel, color: { color: weight >= 0 ? "#2b6cb0" : "#c53030", opacity: 0.25 + 0.65 * rel } };
+    return { width: 0.4 + 3.6 * rel, color: `rgba(${rgb(weight)},${(0.25 + 0.65 * rel).toFixed(2)})` };
   }
 
   function edgeVisible(e) {
@@ -72,20 +76,9 @@
   }
 
   function refreshEdges() {
-    const changes = [];
-    let visible = 0;
-    edges.forEach((e) => {
-      const show = edgeVisible(e);
-      if (show) visible += 1;
-      if (show === state.hidden.has(e.id)) {
-        changes.push({ id: e.id, hidden: !show });
-        if (show) state.hidden.delete(e.id);
-        else state.hidden.add(e.id);
-      }
-    });
-    if (changes.length) edges.update(changes);
-    document.getElementById("edge-count").textContent = `${visible} of ${edges.length} edges`;
-    return visible;
+    edgesView.refresh();
+    document.getElementById("edge-count").textContent = `${edgesView.length} of ${edges.length} edges`;
+    return edgesView.length;
   }
 
   function setThreshold(fraction) {
@@ -273,6 +266,7 @@
     }
     box.append(el("h3", { text: "top incoming edges" }), edgeList(incoming.get(id) || [], "source"),
       el("h3", { text: "top outgoing edges" }), edgeList(outgoing.get(id) || [], "target"));
+    window.circuitsPage.detailsAt = performance.now();
   }
 
   function select(id) {
@@ -293,7 +287,7 @@
 
   function highlight(id) {
     unhighlight();
-    const connected = network.getConnectedEdges(id).map((e) => edges.get(e)).filter((e) => e && !e.hidden);
+    const connected = network.getConnectedEdges(id).map((e) => edges.get(e)).filter((e) => e);
     const neighbours = new Set(connected.map((e) => (e.from === id ? e.to : e.from)));
     neighbours.add(id);
     state.hovered = connected.map((e) => ({ edge: true, id: e.id, saved: { id: e.id, width: e.width, color: e.color } }))
@@ -301,7 +295,7 @@
         const node = nodes.get(n);
         return { edge: false, id: n, saved: { id: n, borderWidth: node.borderWidth || 1, color: node.color } };
       }));
-    edges.update(connected.map((e) => ({ id: e.id, width: e.width + 1.5, color: { color: e.color.color, opacity: 1 } })));
+    edges.update(connected.map((e) => ({ id: e.id, width: e.width + 1.5, color: `rgba(${rgb(e.weight)},1)` })));
     nodes.update([...neighbours].map((n) => {
       const base = nodes.get(n).color;
       return { id: n, borderWidth: 3, color: { background: typeof base === "string" ? base : base.background, border: "#111" } };
@@ -415,12 +409,27 @@
 
   // ---- wiring -------------------------------------------------------------------------------
 
-  network.on("click", (params) => {
-    const id = network.getNodeAt(params.pointer.DOM);
+  // Clicks are read from pointer events, not vis-network's tap gesture: on a large graph a redraw can
+  // hold the main thread past the gesture's time limit and the tap would be lost.
+  const canvasBox = document.getElementById("mynetwork");
+  let down = null;
+  canvasBox.addEventListener("pointerdown", (e) => {
+    clearTimeout(state.hoverTimer);
+    down = { x: e.clientX, y: e.clientY };
+  }, { capture: true });
+  canvasBox.addEventListener("pointerup", (e) => {
+    if (!down || Math.hypot(e.clientX - down.x, e.clientY - down.y) > 5) return;
+    const r = canvasBox.getBoundingClientRect();
+    const id = network.getNodeAt({ x: e.clientX - r.left, y: e.clientY - r.top });
     if (id !== undefined) showDetails(id);
+  }, { capture: true });
+  // Hover highlights wait a moment, so moving across a large graph does not redraw it at every node.
+  network.on("hoverNode", (params) => {
+    clearTimeout(state.hoverTimer);
+    state.hoverTimer = setTimeout(() => highlight(params.node), 120);
   });
-  network.on("hoverNode", (params) => highlight(params.node));
   network.on("blurNode", () => {
+    clearTimeout(state.hoverTimer);
     unhighlight();
     document.getElementById("hover-info").textContent = "";
   });
@@ -439,13 +448,15 @@
   document.getElementById("group-selected").addEventListener("click", () =>
     group(document.getElementById("supernode-label").value.trim(), network.getSelectedNodes()));
   document.getElementById("export-json").addEventListener("click", download);
+  window.edgeFilter = edgeVisible;
   renderSuggestions();
   refreshEdges();
   if (data.figures.length) drawFigures();
   Object.assign(window.circuitsPage, { network, nodes, edges, showDetails, select, setThreshold, group, ungroup,
-    visibleEdgeCount: () => edges.get().filter((e) => !e.hidden).length, exportGraph, highlightCell, search });
+    visibleEdgeCount: () => edgesView.length, exportGraph, highlightCell, search });
   network.once("afterDrawing", () => { window.circuitsPage.firstDrawn = performance.now(); });
   fitAll();
   network.redraw();
+  window.circuitsPage.readyAt = performance.now();
   window.circuitsPage.ready = true;
 })();
