@@ -333,3 +333,29 @@ def test_clicking_a_trace_heatmap_cell_selects_the_graph_nodes_there(open_page, 
     expected = {n["node_id"] for n in graph["nodes"] if n["layer"] == "2" and n["ctx_idx"] == pos}
     assert set(page.evaluate("network.getSelectedNodes()")) == expected
     assert page.inner_text("#cell-info-0").startswith(f"{len(expected)} graph node(s) at after layer 2, position 9")
+
+
+# ---- `circuits trace` end to end --------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_trace_command_writes_the_page_next_to_the_json_and_prints_its_path_last(demo_clt, tmp_path, capsys):
+    from circuits.cli import main
+    from circuits.formats import save_transcoder
+
+    save_transcoder(demo_clt, tmp_path / "clt")
+    clt, out = str(tmp_path / "clt"), tmp_path / "out"
+    assert main(["features", "--clt", clt, "--documents", "24", "--top-k", "3"]) == 0
+    assert main(["trace", "--transcoder", clt, "--out", str(out), "--validate", "--path", "Dallas,Texas,Austin"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    page = out / "fact-dallas-is-in-the-state-whose-capital-is.html"
+    assert lines[-1] == str(page) and lines[-2] == str(page.with_suffix(".json"))
+    graph = json.loads(page.with_suffix(".json").read_text())
+    features = [n for n in graph["nodes"] if n["feature_type"] == "cross layer transcoder"]
+    assert features and all(n["clerp"] for n in features)  # labels from the feature scan
+    ids = {n["node_id"] for n in graph["nodes"]}
+    assert all(isinstance(label, str) and set(members) <= ids for label, *members in graph["qParams"]["supernodes"])
+    text = page.read_text(encoding="utf-8")
+    assert "validation r (attention frozen)" in text and "trace:Texas" in text
+    assert main(["trace", "--transcoder", clt, "--out", str(out), "--features", str(tmp_path / "none")]) == 2
+    assert "no feature scan" in capsys.readouterr().err

@@ -11,13 +11,16 @@ from circuits.export.supernodes import suggest_supernodes
 from circuits.formats import atomic_file
 
 
-def concept_figures(model, prompt: str, json_path: Path, concepts=(), paths=()) -> dict:
+def concept_figures(model, prompt: str, json_path: Path, concepts=(), paths=(), counterfactual=None) -> dict:
     """The concept-trace figures of `prompt` (`circuits.concepts_page`), their cells linked to the
-    graph's nodes; with no concepts and no paths, the proposed intermediate and the prediction."""
+    graph's nodes; with no concepts and no paths, the proposed intermediate and the prediction;
+    patching against `counterfactual` (default: one proposed by the concepts module)."""
     from circuits.concepts_page import concept_report, figures
 
     nodes = json.loads(Path(json_path).read_text(encoding="utf-8"))["nodes"]
-    report = concept_report(model, prompt, list(concepts), [list(p) for p in paths], graph_nodes=nodes)
+    report = concept_report(
+        model, prompt, list(concepts), [list(p) for p in paths], counterfactual=counterfactual, graph_nodes=nodes
+    )
     return figures(report)
 
 
