@@ -83,7 +83,7 @@ def test_top_k_edges_are_the_union_of_each_nodes_strongest():
 
 def test_layout_puts_tokens_at_the_bottom_logits_on_top_and_each_node_in_its_cell():
     graph = make_graph(TOKENS, per_cell=5)
-    opts = ViewOptions()
+    opts = ViewOptions(row_height=150.0)
     view = build_view(graph, {}, opts)
     rows = {"embedding": lambda n: 0, "logit": lambda n: N_LAYERS + 1, "feature": lambda n: n["layer"] + 1}
     rows["error"] = rows["feature"]

@@ -13,6 +13,7 @@ the inlined vis-network CSS/JS and the script that draws the network (globals `n
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -39,7 +40,8 @@ class ViewOptions:
     top_k_edges: int | None = 10
     """Edges kept per node, by |weight| (None: every edge of the graph)."""
     column_width: float = 170.0
-    row_height: float = 150.0
+    row_height: float | None = None
+    """None: from the prompt's length, so that the grid is roughly as tall as it is wide (150 to 400)."""
     node_pitch: float = 26.0
     """Distance between nodes packed in one (layer, position) cell."""
 
@@ -87,6 +89,10 @@ def build_view(graph: dict, labels: dict[str, str], options: ViewOptions) -> Gra
     n_layers = count_layers(graph)
     tokens = [str(t) for t in graph["metadata"].get("prompt_tokens", [])]
     parsed = {n["node_id"]: {**parse_node(n, n_layers), "node": n} for n in graph["nodes"]}
+    n_pos = max([len(tokens)] + [p["pos"] + 1 for p in parsed.values()])
+    if options.row_height is None:
+        auto = options.column_width * (n_pos + 1) / (n_layers + 2) * 0.8
+        options = dataclasses.replace(options, row_height=min(max(auto, 150.0), 400.0))
     positions = _layout(parsed, options)
     nodes = [_vis_node(nid, p, positions[nid], tokens, labels.get(nid, "")) for nid, p in parsed.items()]
     links = [link for link in graph["links"] if link["source"] in parsed and link["target"] in parsed]
@@ -210,7 +216,7 @@ def vis_options(n_edges: int) -> dict:
         "physics": {"enabled": False},
         "layout": {"improvedLayout": False},
         "edges": {"smooth": False, "arrows": {"to": {"enabled": n_edges <= 20_000, "scaleFactor": 0.35}}},
-        "nodes": {"font": {"size": 18, "face": "sans-serif"}, "borderWidth": 1},
+        "nodes": {"font": {"size": 22, "face": "sans-serif"}, "borderWidth": 1},
         "interaction": {
             "hover": True,
             "multiselect": True,

@@ -331,7 +331,7 @@
     const h = geometry.row_height;
     const right = (Math.max(tokens.length, 1) - 0.5) * w;
     ctx.save();
-    ctx.font = "16px sans-serif";
+    ctx.font = "22px sans-serif";
     ctx.textBaseline = "middle";
     for (let row = 0; row <= nLayers + 1; row++) {
       const y = -row * h;
