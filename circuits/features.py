@@ -75,7 +75,7 @@ class FeatureScan:
     model_name: str
     n_tokens: int
     context_tokens: torch.Tensor  # [L, F, k, window] int32 token ids, -1 outside the document
-    context_acts: torch.Tensor  # [L, F, k, window] float32, the feature's activation on each token
+    context_acts: torch.Tensor  # [L, F, k, window] float16 (display only), the feature's activation on each token
     context_max: torch.Tensor  # [L, F, k] float32, 0 where fewer than k documents activate it
     histogram: torch.Tensor  # [L, F, n_bins] int32 counts of nonzero activations
     max_activation: torch.Tensor  # [L, F] float32
@@ -224,7 +224,7 @@ def scan_features(
         model_name=model.cfg.model_name,
         n_tokens=n_tokens,
         context_tokens=top.tokens,
-        context_acts=top.acts,
+        context_acts=top.acts.half(),
         context_max=top.values,
         histogram=histogram,
         max_activation=max_activation,

@@ -46,7 +46,7 @@ def test_top_contexts_and_histograms_match_brute_force(demo_model, random_clt, s
             lo = max(0, peak - CFG.before)
             window = acts[l, lo : peak + CFG.after + 1, f]
             shown = scan.context_acts[l, f, 0, CFG.before - (peak - lo) : CFG.before - (peak - lo) + len(window)]
-            torch.testing.assert_close(shown, window)
+            torch.testing.assert_close(shown.float(), window, rtol=1e-3, atol=1e-3)  # stored at fp16
             n_active = sum(int((a[l, :, f] > 0).sum()) for _, a in ref)
             assert scan.histogram[l, f].sum().item() == n_active
             assert scan.frequency[l, f].item() == pytest.approx(n_active / n_tokens)
