@@ -85,9 +85,23 @@ def _cmd_trace(args: argparse.Namespace) -> None:
     print(page)
 
 
-def _cmd_concepts(args: argparse.Namespace) -> None:
-    from pathlib import Path
+def _cmd_train(args: argparse.Namespace) -> None:
+    from circuits.train import load_recipe, train
 
+    cfg = load_recipe(args.recipe)
+    out = args.out or Path("runs") / args.recipe.stem
+    metrics = train(cfg, out, resume=args.resume)
+    if not metrics:  # a torchrun rank other than 0
+        return
+    L = len(metrics["nmse"])
+    print(
+        f"nmse {sum(metrics['nmse']) / L:.4f}  l0 {sum(metrics['l0']) / L:.1f}  dead {metrics['dead_fraction']:.3f}  "
+        f"kl {metrics['kl']:.4f}  top1 {metrics['top1_agreement']:.3f}"
+    )
+    print(out)
+
+
+def _cmd_concepts(args: argparse.Namespace) -> None:
     from circuits.concepts_page import concept_report, write_concepts_page
     from circuits.models import load_model
 
@@ -162,6 +176,12 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--path", action="append", default=[], help="a concept chain to score, e.g. Dallas,Texas,Austin")
     p.add_argument("--no-concepts", action="store_true", help="no concept-trace panels on the page")
     p.set_defaults(func=_cmd_trace)
+
+    p = sub.add_parser("train", help="train a cross-layer transcoder from a TOML recipe (see training/)")
+    p.add_argument("recipe", type=Path, help="a TOML file of TrainConfig keys, e.g. training/demo.toml")
+    p.add_argument("--out", type=Path, help="output directory (default runs/<recipe name>)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint exactly")
+    p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("concepts", help="trace concepts through layers and positions; write an HTML page + JSON")
     p.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT)

@@ -143,7 +143,9 @@ def trace_concept(
     ids = torch.tensor(sorted(set(concept.first_tokens)))  # words sharing a first token count once
     logprobs = lens.log_softmax(-1)  # [L+1, pos, vocab]
     member_logits = lens[..., ids]  # [L+1, pos, words]
-    ranks = (lens.unsqueeze(-1) > member_logits.unsqueeze(-2)).sum(-2) + 1  # [L+1, pos, words]
+    # rank = 1 + the number of logits above: from the count of logits at or below, by binary search.
+    at_or_below = torch.searchsorted(lens.sort(-1).values, member_logits.contiguous(), right=True)
+    ranks = lens.shape[-1] - at_or_below + 1  # [L+1, pos, words]
     logprob = logprobs[..., ids].logsumexp(-1)
     # A group's direct contribution: each word's, weighted by the gradient of logsumexp (its final share).
     weights = logprobs[-1][:, ids].softmax(-1)  # [pos, words]
@@ -170,7 +172,8 @@ def sequence_logprob(model: HookedTransformer, tokens: torch.Tensor, concept: Co
     """Logit-lens log P(the whole word follows the prompt) per layer [L+1]; a group: logsumexp over words."""
     per_word = []
     for ids in concept.token_ids:
-        extended = torch.cat([tokens, torch.tensor([ids[:-1]], dtype=tokens.dtype)], dim=1)  # [1, pos + k - 1]
+        continuation = torch.tensor([ids[:-1]], dtype=tokens.dtype, device=tokens.device)
+        extended = torch.cat([tokens, continuation], dim=1)  # [1, pos + k - 1]
         lens, _ = logit_lens(model, extended)
         steps = lens[:, tokens.shape[1] - 1 :].log_softmax(-1)  # [L+1, k, vocab]
         per_word.append(steps[:, torch.arange(len(ids)), torch.tensor(ids)].sum(-1))
