@@ -288,7 +288,7 @@ def _histogram(acts: torch.Tensor, max_activation: torch.Tensor, n_bins: int) ->
 @torch.no_grad()
 def output_logits(model: HookedTransformer, clt: CrossLayerTranscoder, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each feature's direct effect on the logits (see the module docstring): token ids and values
-    [L, F, 2n], the n most promoted tokens then the n most suppressed."""
+    [L, F, 2n], the n most promoted tokens then the n most suppressed (special tokens left out)."""
     ln = getattr(model, "ln_final", None)
     ids, values = [], []
     for l in range(clt.cfg.n_layers):
@@ -299,7 +299,11 @@ def output_logits(model: HookedTransformer, clt: CrossLayerTranscoder, n: int) -
             direction = direction * ln.w
         logits = direction @ model.W_U  # [F, vocab]
         logits = logits - logits.mean(-1, keepdim=True)
-        order = torch.cat([logits.topk(n, dim=-1).indices, (-logits).topk(n, dim=-1).indices], -1)
+        special = torch.zeros(logits.shape[-1], dtype=torch.bool)
+        special[model.tokenizer.all_special_ids] = True  # <pad>, <bos>, ... are no readable output
+        top = logits.masked_fill(special, -torch.inf).topk(n, dim=-1).indices
+        bottom = (-logits).masked_fill(special, -torch.inf).topk(n, dim=-1).indices
+        order = torch.cat([top, bottom], -1)
         ids.append(order.int())
         values.append(logits.gather(-1, order))
     return torch.stack(ids), torch.stack(values)

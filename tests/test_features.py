@@ -63,7 +63,8 @@ def test_output_logits_match_the_models_final_norm_and_unembedding(demo_model, r
         with torch.no_grad():
             logits = (demo_model.ln_final(v[:, None])[:, 0] - demo_model.ln_final.b) * std @ demo_model.W_U
         logits = logits - logits.mean(-1, keepdim=True)
-        top = logits.topk(CFG.n_logits).indices
+        readable = [i for i in range(logits.shape[-1]) if i not in demo_model.tokenizer.all_special_ids]
+        top = torch.tensor(readable)[logits[:, readable].topk(CFG.n_logits).indices]
         assert torch.equal(scan.logit_ids[l, :, : CFG.n_logits].long(), top)
         torch.testing.assert_close(
             scan.logit_values[l, :, : CFG.n_logits], logits.gather(-1, top), rtol=1e-4, atol=1e-5
