@@ -50,7 +50,7 @@ class FeatureScanConfig:
     max_tokens_per_doc: int = 64
     batch_size: int = 64
     top_k: int = 8
-    """Top activating contexts kept per feature (at most one per document)."""
+    """Top activating contexts kept per feature (at most one per document, no repeated window)."""
     before: int = 12
     """Tokens of context kept before the maximum."""
     after: int = 3
@@ -251,29 +251,40 @@ def _batch_acts(model, clt, source: TextSource, start: int, count: int, cfg: Fea
 
 class _TopContexts:
     """Running top-k documents per feature by their maximum activation, with a token window
-    around that maximum."""
+    around that maximum. Windows that repeat a stronger one token for token are dropped (the demo
+    corpus repeats its sentences; k copies of one context would say nothing more)."""
 
     def __init__(self, L: int, F: int, k: int, W: int):
         self.values = torch.zeros(L, F, k)
         self.tokens = torch.full((L, F, k, W), -1, dtype=torch.int32)
         self.acts = torch.zeros(L, F, k, W)
+        self.mix = torch.randint(1, 2**62, (W,), generator=torch.Generator().manual_seed(0))  # window hash
 
     def add(self, layer: int, tokens: torch.Tensor, acts: torch.Tensor, before: int) -> None:
         """tokens [b, p] (-1 at padding), acts [b, p, F] of one layer."""
         b, p, F = acts.shape
-        W = self.tokens.shape[-1]
+        k, W = self.tokens.shape[-2:]
         peak, arg = acts.max(1)  # [b, F]
         pos = arg[..., None] - before + torch.arange(W)  # [b, F, W] window positions
         inside = (pos >= 0) & (pos < p)
         pos = pos.clamp(0, p - 1)
         win_tokens = torch.where(inside, tokens[:, None, :].expand(b, F, p).gather(2, pos), -1)
         win_acts = acts.transpose(1, 2).gather(2, pos) * inside  # [b, F, W]
-        values = torch.cat([self.values[layer], peak.T], 1)  # [F, k + b]
-        best = values.topk(self.values.shape[-1], dim=1).indices  # [F, k]
-        self.values[layer] = values.gather(1, best)
+        values = torch.cat([self.values[layer], peak.T], 1)  # [F, M = k + b]
+        all_tokens = torch.cat([self.tokens[layer], win_tokens.transpose(0, 1).int()], 1)  # [F, M, W]
+        all_acts = torch.cat([self.acts[layer], win_acts.transpose(0, 1)], 1)
+        order = values.argsort(dim=1, descending=True)  # strongest first
+        hashes = ((all_tokens.long() + 2) * self.mix).sum(-1).gather(1, order)  # [F, M], wraps around in int64
+        M = hashes.shape[1]
+        earlier = torch.ones(M, M, dtype=torch.bool).tril(-1)  # [i, j]: j comes before i
+        repeat = ((hashes[:, :, None] == hashes[:, None, :]) & earlier).any(-1)  # [F, M]
+        ranked = values.gather(1, order).masked_fill(repeat, 0.0)
+        top = ranked.topk(k, dim=1)
+        best = order.gather(1, top.indices)  # [F, k]
+        self.values[layer] = top.values
         index = best[..., None].expand(-1, -1, W)
-        self.tokens[layer] = torch.cat([self.tokens[layer], win_tokens.transpose(0, 1).int()], 1).gather(1, index)
-        self.acts[layer] = torch.cat([self.acts[layer], win_acts.transpose(0, 1)], 1).gather(1, index)
+        self.tokens[layer] = all_tokens.gather(1, index)
+        self.acts[layer] = all_acts.gather(1, index)
 
 
 def _histogram(acts: torch.Tensor, max_activation: torch.Tensor, n_bins: int) -> torch.Tensor:

@@ -30,23 +30,45 @@ def _reference_acts(model, clt):
     return out
 
 
+def _window(tokens, acts, peak):
+    """Token ids and activations of the window around `peak`, -1 / 0 outside the document."""
+    ids, values = [], []
+    for i in range(peak - CFG.before, peak + CFG.after + 1):
+        inside = 0 <= i < len(tokens)
+        ids.append(int(tokens[i]) if inside else -1)
+        values.append(float(acts[i]) if inside else 0.0)
+    return tuple(ids), values
+
+
 def test_top_contexts_and_histograms_match_brute_force(demo_model, random_clt, scan):
     ref = _reference_acts(demo_model, random_clt)
     n_tokens = sum(len(t) - 1 for t, _ in ref)
     assert scan.n_tokens == n_tokens
     for l in range(4):
         for f in range(12):
-            doc_max = torch.tensor([a[l, :, f].max().item() for _, a in ref])
-            expected = doc_max.sort(descending=True).values[: CFG.top_k]
-            torch.testing.assert_close(scan.context_max[l, f], expected)
-            best = int(doc_max.argmax())
-            tokens, acts = ref[best]
-            peak = int(acts[l, :, f].argmax())
-            assert scan.context_tokens[l, f, 0, CFG.before].item() == tokens[peak].item()
-            lo = max(0, peak - CFG.before)
-            window = acts[l, lo : peak + CFG.after + 1, f]
-            shown = scan.context_acts[l, f, 0, CFG.before - (peak - lo) : CFG.before - (peak - lo) + len(window)]
-            torch.testing.assert_close(shown.float(), window, rtol=1e-3, atol=1e-3)  # stored at fp16
+            # per document: its maximum and the window around it; strongest first, repeated windows dropped
+            docs = []
+            for tokens, acts in ref:
+                peak = int(acts[l, :, f].argmax())
+                docs.append((acts[l, peak, f].item(), *_window(tokens, acts[l, :, f], peak)))
+            docs.sort(key=lambda d: -d[0])
+            kept, seen = [], set()
+            for value, ids, values in docs:
+                if value > 0 and ids not in seen:
+                    seen.add(ids)
+                    kept.append((value, ids, values))
+            kept = kept[: CFG.top_k]
+            n = len(kept)
+            torch.testing.assert_close(scan.context_max[l, f, :n], torch.tensor([v for v, _, _ in kept]))
+            assert (scan.context_max[l, f, n:] == 0).all()
+            # each shown context is a distinct real window with that peak (ties may pick either document)
+            windows = [tuple(t) for t in scan.context_tokens[l, f, :n].tolist()]
+            assert len(set(windows)) == n
+            for i, ids in enumerate(windows):
+                match = [v for value, w, v in docs if w == ids and abs(value - scan.context_max[l, f, i].item()) < 1e-5]
+                assert match, f"layer {l} feature {f}: context {i} is no document's window"
+                shown = scan.context_acts[l, f, i].float()
+                torch.testing.assert_close(shown, torch.tensor(match[0]), rtol=1e-3, atol=1e-3)  # kept at fp16
             n_active = sum(int((a[l, :, f] > 0).sum()) for _, a in ref)
             assert scan.histogram[l, f].sum().item() == n_active
             assert scan.frequency[l, f].item() == pytest.approx(n_active / n_tokens)
