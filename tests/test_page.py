@@ -90,10 +90,14 @@ def test_layout_puts_tokens_at_the_bottom_logits_on_top_and_each_node_in_its_cel
     seen = set()
     for n in view.nodes:
         row = rows[n["kind"]](n)
-        assert abs(n["x"] - n["pos"] * opts.column_width) < opts.column_width / 2
+        if n["kind"] != "logit":  # logits: one line of labelled boxes, checked below
+            assert abs(n["x"] - n["pos"] * opts.column_width) < opts.column_width / 2
         assert abs(n["y"] + row * opts.row_height) < opts.row_height / 2
         seen.add((n["x"], n["y"]))
     assert len(seen) == len(view.nodes)  # no two nodes on top of each other
+    logits = sorted((n["x"], n["token"]) for n in view.nodes if n["kind"] == "logit")
+    assert [t for _, t in logits] == ["Austin", "Dallas"]  # most probable first
+    assert logits[1][0] - logits[0][0] >= 12 * len("Austin")  # boxes side by side, not overlapping
     ys = {n["kind"]: n["y"] for n in view.nodes}
     assert ys["embedding"] > ys["feature"] > ys["logit"]
 

@@ -117,6 +117,10 @@ def _layout(parsed: dict[str, dict], options: ViewOptions) -> dict[str, tuple[fl
         lines = math.ceil(len(ids) / per_line)
         dy = min(pitch, height / max(lines - 1, 1))
         dx = min(pitch, width / max(per_line - 1, 1))
+        if parsed[ids[0]]["kind"] == "logit":  # labelled boxes in one line, as wide as their labels
+            ids.sort(key=lambda i: -float(parsed[i]["node"].get("token_prob") or 0.0))
+            per_line, lines, dy = len(ids), 1, 0.0
+            dx = max(_label_width(_logit_token(parsed[i]["node"])) for i in ids) + 16
         for k, nid in enumerate(ids):
             line, col = divmod(k, per_line)
             in_line = min(per_line, len(ids) - line * per_line)
@@ -124,6 +128,11 @@ def _layout(parsed: dict[str, dict], options: ViewOptions) -> dict[str, tuple[fl
             y = -row * options.row_height + (line - (lines - 1) / 2) * dy
             out[nid] = (round(x, 1), round(y, 1))
     return out
+
+
+def _label_width(text: str) -> float:
+    """Rough width of a label in canvas units (22 px font)."""
+    return 12.0 * max(len(line) for line in text.split("\n"))
 
 
 def _influence(node: dict) -> float:
