@@ -354,8 +354,9 @@
     // the whole grid, axis labels included (network.fit() would frame the nodes only)
     const w = geometry.column_width;
     const h = geometry.row_height;
-    const left = -1.3 * w;
-    const right = (Math.max(tokens.length, 1) - 0.4) * w;
+    const xs = [...original.values()].map((n) => n.x);
+    const left = Math.min(-1.6 * w, Math.min(...xs) - 60);
+    const right = Math.max((Math.max(tokens.length, 1) - 0.4) * w, Math.max(...xs) + 80);
     const top = -(nLayers + 1.4) * h;
     const bottom = 0.75 * h;
     const frame = network.canvas.frame;
