@@ -6,6 +6,7 @@ import math
 import os
 import random
 import re
+from pathlib import Path
 
 import numpy as np
 import plotly.graph_objects as go
@@ -363,3 +364,20 @@ def test_trace_command_writes_the_page_next_to_the_json_and_prints_its_path_last
     assert "validation r (attention frozen)" in text and "trace:Texas" in text
     assert main(["trace", "--transcoder", clt, "--out", str(out), "--features", str(tmp_path / "none")]) == 2
     assert "no feature scan" in capsys.readouterr().err
+
+
+@pytest.mark.browser
+def test_committed_gallery_pages_load_offline_without_errors(open_page):
+    gallery = Path(__file__).parent.parent / "graphs"
+    index = (gallery / "index.html").read_text(encoding="utf-8")
+    pages = sorted(gallery.glob("*.html"))
+    assert len(pages) >= 7  # six pages and the index
+    for page in pages:
+        if page.name == "index.html":
+            continue
+        assert f'href="{page.name}"' in index
+        opened = _load(open_page, page)
+        graph = json.loads(page.with_suffix(".json").read_text())
+        assert opened.errors == [] and opened.blocked == [] and opened.dialogs == []
+        assert opened.page.evaluate("nodes.length") == len(graph["nodes"])
+        opened.page.context.close()
