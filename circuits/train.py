@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
@@ -57,7 +58,7 @@ class TrainConfig:
     sparsity_coef: float = 0.4
     """lambda_S at the end of the ramp."""
     sparsity_c: float = 4.0
-    preact_coef: float = 3e-6
+    preact_coef: float = 3e-4
     bandwidth: float = 0.05
     initial_threshold: float = 0.1
     target_fire_fraction: float = 0.02
@@ -307,7 +308,7 @@ def load_checkpoint(path: Path, clt, opt, comm: Comm) -> tuple[int, Scales, torc
     try:
         tensors = load_file(str(path / "state.safetensors"))
         meta = json.loads((path / "state.json").read_text())
-    except (OSError, ValueError) as e:  # safetensors raises SafetensorError (a ValueError subclass) on truncation
+    except (OSError, ValueError, SafetensorError) as e:
         raise CircuitsError(f"checkpoint {path} is corrupt or truncated ({e}): delete it and retrain") from None
     names = [k for k, _ in clt.named_parameters()]
     full = {k: tensors[f"clt.{k}"] for k in names}
