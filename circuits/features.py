@@ -77,9 +77,9 @@ class FeatureScan:
     context_tokens: torch.Tensor  # [L, F, k, window] int32 token ids, -1 outside the document
     context_acts: torch.Tensor  # [L, F, k, window] float16 (display only), the feature's activation on each token
     context_max: torch.Tensor  # [L, F, k] float32, 0 where fewer than k documents activate it
-    histogram: torch.Tensor  # [L, F, n_bins] int32 counts of nonzero activations
+    histogram: torch.Tensor  # [L, F, n_bins] int32 counts of positive activations
     max_activation: torch.Tensor  # [L, F] float32
-    frequency: torch.Tensor  # [L, F] fraction of scanned tokens where it fires
+    frequency: torch.Tensor  # [L, F] fraction of scanned tokens where it fires (activation > 0)
     logit_ids: torch.Tensor  # [L, F, 2 * n_logits] int32: top n_logits, then bottom n_logits
     logit_values: torch.Tensor  # [L, F, 2 * n_logits] float32
     vocab: dict[int, str]
@@ -288,10 +288,13 @@ class _TopContexts:
 
 
 def _histogram(acts: torch.Tensor, max_activation: torch.Tensor, n_bins: int) -> torch.Tensor:
-    """Counts [F, n_bins] of the nonzero activations in acts [b, p, F], bins of width max / n_bins."""
+    """Counts [F, n_bins] of the positive activations in acts [b, p, F], bins of width max / n_bins
+    (a JumpReLU feature with a negative threshold can also output small negative values: not counted,
+    as in `frequency`)."""
     F = acts.shape[-1]
-    _, _, f = acts.nonzero(as_tuple=True)
-    values = acts[acts > 0]
+    positive = acts > 0
+    _, _, f = positive.nonzero(as_tuple=True)
+    values = acts[positive]
     bins = (values / max_activation[f] * n_bins).ceil().long().clamp(1, n_bins) - 1
     return torch.bincount(f * n_bins + bins, minlength=F * n_bins).view(F, n_bins).int()
 

@@ -116,3 +116,12 @@ def test_cli_writes_a_scan_and_rejects_bad_input(random_clt, tmp_path, capsys):
     assert load_features(out, clt=random_clt).context_max.shape == (4, 12, 2)
     assert main(["features", "--clt", str(tmp_path / "nothing")]) == 2
     assert "holds no transcoder" in capsys.readouterr().err
+
+
+def test_histogram_counts_positive_activations_only():
+    """A JumpReLU feature with a negative threshold can output negative values: they are not counted."""
+    from circuits.features import _histogram
+
+    acts = torch.tensor([[[0.5, -0.2], [2.0, 0.0], [-0.1, 1.0], [1.2, 3.0]]])  # [b=1, p=4, F=2]
+    counts = _histogram(acts, torch.tensor([2.0, 3.0]), n_bins=4)
+    assert counts.tolist() == [[1, 0, 1, 1], [0, 1, 0, 1]]  # bins (0, max/4], (max/4, max/2], ...
