@@ -42,6 +42,49 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     print(json.dumps({"top1_accuracy": accuracy}, indent=2))
 
 
+def _cmd_features(args: argparse.Namespace) -> None:
+    from circuits.features import FeatureScanConfig, default_features_dir, scan_features
+    from circuits.formats import load_transcoder
+    from circuits.models import load_model
+
+    model = load_model(args.model, device=args.device)
+    clt = load_transcoder(args.clt, model=model, device=args.device)
+    given = {"text": args.text, "n_documents": args.documents, "top_k": args.top_k}
+    cfg = FeatureScanConfig(**{k: v for k, v in given.items() if v is not None})
+    out = Path(args.out) if args.out else default_features_dir(args.clt)
+    scan_features(model, clt, cfg, clt_name=str(args.clt)).save(out)
+    print(out)
+
+
+def _cmd_trace(args: argparse.Namespace) -> None:
+    from circuits.attribution import load_pair, trace_to_files
+
+    model, clt = load_pair(args.model, args.transcoder, args.device)
+    thresholds = (1.0, 1.0) if args.no_prune else (args.node_threshold, args.edge_threshold)
+    graph, paths = trace_to_files(
+        args.prompt, model, clt, args.out, args.slug, args.transcoder, *thresholds, targets=args.target,
+        batch_size=args.batch_size, max_feature_nodes=args.max_feature_nodes, device=args.device,
+    )  # fmt: skip
+    replacement, completeness = graph.scores()
+    print(f"{graph.n_features} feature nodes; targets {graph.target_names}")
+    print(f"replacement score {replacement:.3f}, completeness score {completeness:.3f}")
+    validation = None
+    if args.validate:
+        from circuits.interventions import validate
+
+        validation = validate(graph, model, clt)
+        print("\n".join(validation.lines()))
+    print(paths["json"])
+    from circuits.export.trace import concept_figures, write_trace_page
+    from circuits.features import features_for, load_features
+
+    features = load_features(args.features, clt) if args.features else features_for(args.transcoder, clt)
+    paths_ = [p.split(",") for p in args.path]
+    figures = None if args.no_concepts else concept_figures(model, args.prompt, paths["json"], args.concept, paths_)
+    page = write_trace_page(graph, paths["json"], args.model, args.transcoder, features, figures, validation)
+    print(page)
+
+
 def _cmd_train(args: argparse.Namespace) -> None:
     from circuits.train import load_recipe, train
 
@@ -101,6 +144,38 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("features", help="scan a corpus with a transcoder: top contexts, histograms, logits, labels")
+    p.add_argument("--model", default="demo", help="'demo', a local model directory, or a TransformerLens name")
+    p.add_argument("--clt", default="demo", help="'demo' or a transcoder directory")
+    p.add_argument("--text", help="corpus: 'demo' (default), a .txt/.jsonl file or 'hf:DATASET'")
+    p.add_argument("--documents", type=int, help="documents to scan (default 2048)")
+    p.add_argument("--top-k", type=int, help="top contexts kept per feature (default 8)")
+    p.add_argument("--out", help="output directory (default: circuits/demo/features, or CLT_DIR/features)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_cmd_features)
+
+    p = sub.add_parser("trace", help="attribution graph of a prompt: JSON, safetensors and the HTML page")
+    p.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT)
+    p.add_argument("--model", default="demo", help="'demo', a local model directory, or a TransformerLens name")
+    p.add_argument("--transcoder", default="demo", help="'demo', a CLT directory, or hf:ORG/REPO")
+    p.add_argument("--out", default="graphs", help="output directory")
+    p.add_argument("--slug", default=None, help="file name stem (default: from the prompt)")
+    p.add_argument("--node-threshold", type=float, default=0.8, help="cumulative influence of kept nodes")
+    p.add_argument("--edge-threshold", type=float, default=0.98, help="cumulative influence of kept edges")
+    p.add_argument("--max-feature-nodes", type=int, default=None, help="keep only this many feature nodes")
+    p.add_argument("--batch-size", type=int, default=256, help="targets per backward pass")
+    p.add_argument(
+        "--target", nargs="+", default=None, metavar="TOKEN", help="target tokens, or A-B for a logit difference"
+    )
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-prune", action="store_true", help="write every node and edge with any influence to the JSON")
+    p.add_argument("--validate", action="store_true", help="ablate the top features and compare with the graph")
+    p.add_argument("--features", help="feature scan for the cards (default: the transcoder's, see `circuits features`)")
+    p.add_argument("--concept", action="append", default=[], help="a concept to trace beside the graph; repeatable")
+    p.add_argument("--path", action="append", default=[], help="a concept chain to score, e.g. Dallas,Texas,Austin")
+    p.add_argument("--no-concepts", action="store_true", help="no concept-trace panels on the page")
+    p.set_defaults(func=_cmd_trace)
 
     p = sub.add_parser("train", help="train a cross-layer transcoder from a TOML recipe (see training/)")
     p.add_argument("recipe", type=Path, help="a TOML file of TrainConfig keys, e.g. training/demo.toml")

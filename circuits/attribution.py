@@ -1,0 +1,318 @@
+"""Attribution graphs: the direct effect of every source node on every target node of the frozen
+replacement model (see `replacement.py`), by batched backward passes written out by hand.
+
+Phases:
+1. Freeze the prompt (`build_replacement`) and choose the logit targets.
+2. Lay out the sources: active features (decoder rows times activation, one block per source layer
+   and position), error nodes, token embeddings.
+3. For a batch of targets (logit directions at the final residual stream, or encoder rows at
+   `resid_mid` of their layer), walk down the layers carrying the gradient [batch, pos, d_model]:
+   inject each target at its layer, pass back through the frozen attention and norm, and record the
+   gradient at every layer's MLP output. Positions after a batch's last target are never touched.
+4. Contract the recorded gradients with the sources: one matrix product per (source layer, position).
+The edge s -> t is a_s * d(input_t)/d(a_s): its value's share of the target's input, so every node's
+input is exactly the sum of its incoming edges plus its bias (the constant terms).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from circuits.clt import CrossLayerTranscoder
+from circuits.errors import CircuitsError
+from circuits.graph import Graph, compute_influence, normalize_matrix
+from circuits.replacement import Replacement, build_replacement
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AttributionConfig:
+    batch_size: int = 256
+    """Targets per backward pass."""
+    max_feature_nodes: int | None = None
+    """Keep at most this many feature nodes, the most influential ones (None: all active features)."""
+    target_probability: float = 0.95
+    """Default targets: the top logits covering this much probability..."""
+    max_targets: int = 10
+    """...but at most this many."""
+    dtype: str = "float32"
+    device: str = "cpu"
+    targets: list[str] = field(default_factory=list)
+    """Named targets: tokens, or 'A-B' for the logit difference of tokens A and B (empty: default)."""
+
+
+@dataclass
+class LogitTarget:
+    name: str
+    token: int  # vocabulary id; d_vocab + k for the k-th virtual target (a logit difference)
+    weights: torch.Tensor  # [d_vocab]: the target's input is logits @ weights (demeaned one-hot, or e_a - e_b)
+    prob: float
+
+
+def tokenize(model: HookedTransformer, prompt: str) -> torch.Tensor:
+    """Tokens [pos] of a prompt, with BOS; rejects empty and over-long prompts."""
+    if not prompt.strip():
+        raise CircuitsError("the prompt is empty: pass some text to trace")
+    tokens = model.to_tokens(prompt, truncate=False)[0]
+    if len(tokens) > model.cfg.n_ctx:
+        raise CircuitsError(
+            f"the prompt has {len(tokens)} tokens but the model's context is {model.cfg.n_ctx}: shorten it"
+        )
+    return tokens
+
+
+def token_id(model: HookedTransformer, text: str) -> int:
+    """The id of a single vocabulary token, tried as given and with a leading space."""
+    tok = model.tokenizer
+    for candidate in (text, " " + text.lstrip()):
+        ids = tok.encode(candidate, add_special_tokens=False)
+        if len(ids) == 1 and ids[0] != tok.unk_token_id:
+            return ids[0]
+    raise CircuitsError(f"target {text!r} is not a single token of the vocabulary: pass a token the model knows")
+
+
+def resolve_targets(
+    model: HookedTransformer, logits: torch.Tensor, names: list[str], cfg: AttributionConfig
+) -> list[LogitTarget]:
+    """The logit targets for logits [d_vocab] of the last position: named ones, or by default the
+    most likely tokens covering `target_probability` (at most `max_targets`)."""
+    V = logits.shape[-1]
+    probs = logits.softmax(-1)
+    eye = torch.eye(V, dtype=logits.dtype)
+    demeaned = eye - 1.0 / V
+
+    def single(t: int) -> LogitTarget:
+        return LogitTarget(model.tokenizer.decode([t]), t, demeaned[t], probs[t].item())
+
+    if not names:
+        top = probs.topk(min(cfg.max_targets, V))
+        n = int((top.values.cumsum(0) < cfg.target_probability).sum()) + 1
+        return [single(t) for t in top.indices[: min(n, cfg.max_targets)].tolist()]
+    targets = []
+    for name in names:
+        if "-" in name.strip("-") and not _is_token(model, name):
+            a, b = (token_id(model, part.strip()) for part in name.split("-", 1))
+            label = f"{model.tokenizer.decode([a])} - {model.tokenizer.decode([b])}"
+            targets.append(LogitTarget(label, V + len(targets), eye[a] - eye[b], 1.0))
+        else:
+            targets.append(single(token_id(model, name)))
+    return targets
+
+
+def _is_token(model: HookedTransformer, text: str) -> bool:
+    try:
+        token_id(model, text)
+    except CircuitsError:
+        return False
+    return True
+
+
+class Sources:
+    """The source nodes of a replacement, laid out for the contraction: features in their sorted
+    order (one block per source layer and position), then errors [L, P], then tokens [P]."""
+
+    def __init__(self, rep: Replacement):
+        clt, L, P = rep.clt, rep.n_layers, rep.n_pos
+        self.rep, self.L, self.P = rep, L, P
+        self.n_features = len(rep.features)
+        self.n = self.n_features + L * P + P
+        layer, pos, feature = rep.features.T
+        self.blocks: list[list[tuple[int, int, torch.Tensor]]] = []  # [s][p] -> (start, stop, D [n_sp, T*d])
+        for s in range(L):
+            idx = (layer == s).nonzero()[:, 0]
+            D = clt.W_dec[s].detach()[feature[idx]].flatten(1) * rep.activations[idx, None]  # [n_s, T*d]
+            bounds = torch.searchsorted(pos[idx], torch.arange(P + 1))
+            start = int(idx[0]) if len(idx) else 0
+            self.blocks.append(
+                [(start + int(a), start + int(b), D[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+            )
+
+    def rows(self, layer: torch.Tensor, pos: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
+        """Edges from every source into a batch of targets: `vec` [B, d] injected at resid_mid of
+        `layer` [B] (layer L: the final residual stream) and position `pos` [B] -> [B, n_sources]."""
+        rep, L, P = self.rep, self.L, self.P
+        B, Pp, top = len(layer), int(pos.max()) + 1, min(int(layer.max()), L)
+        d = vec.shape[-1]
+        skip = rep.clt.W_skip
+        g = vec.new_zeros(B, Pp, d)
+        g_post = vec.new_zeros(B, Pp, L, d)  # gradient at each layer's MLP output (zero from `top` up)
+        batch = torch.arange(B)
+        for l in range(min(top, L - 1), -1, -1):
+            if l == L - 1:
+                at = layer == L
+                g[batch[at], pos[at]] += vec[at]
+                g_post[:, :, l] = g
+            if skip is not None and l < top:
+                g = g + g @ skip[l].detach().T
+            at = layer == l
+            g[batch[at], pos[at]] += vec[at]
+            g = g + rep.attention_backward(l, g)
+            if l > 0:
+                g_post[:, :, l - 1] = g
+        out = vec.new_zeros(B, self.n)
+        cross = rep.clt.cfg.cross_layer
+        for s in range(top):
+            width = (top - s) * d if cross else d
+            for p, (a, b, D) in enumerate(self.blocks[s][:Pp]):
+                if b > a:
+                    out[:, a:b] = g_post[:, p, s:].flatten(1)[:, :width] @ D[:, :width].T
+        errors = vec.new_zeros(B, L, P)
+        errors[:, :top, :Pp] = torch.einsum("bpld,lpd->blp", g_post[:, :, :top], rep.errors[:top, :Pp])
+        e0 = self.n_features
+        out[:, e0 : e0 + L * P] = errors.flatten(1)
+        out[:, e0 + L * P : e0 + L * P + Pp] = (g * rep.embed[:Pp]).sum(-1)
+        return out
+
+
+def logit_vectors(rep: Replacement, W_U: torch.Tensor, targets: list[LogitTarget]) -> torch.Tensor:
+    """Each target's gradient at the final residual stream of the last position: [n_targets, d]."""
+    P = rep.n_pos
+    directions = torch.stack([t.weights for t in targets]) @ W_U.T  # [T, d]
+    g = directions.new_zeros(len(targets), P, directions.shape[-1])
+    g[:, P - 1] = directions
+    return rep.ln_final.backward(g)[:, P - 1]
+
+
+def node_inputs_and_bias(rep: Replacement, W_U: torch.Tensor, b_U: torch.Tensor, targets: list[LogitTarget]):
+    """Inputs of the target nodes (feature pre-activations, then target logits) and their constant
+    terms (from the linear model with every source zeroed): ([n + T], [n + T])."""
+    layer, pos, feature = rep.features.T
+    W_enc, b_enc = rep.clt.W_enc.detach(), rep.clt.b_enc.detach()
+    weights = torch.stack([t.weights for t in targets])  # [T, V]
+    mid0, final0 = rep.linear_forward(with_sources=False)
+    feat_bias = (W_enc[layer, feature] * mid0[layer, pos]).sum(-1) + b_enc[layer, feature]
+    logit_bias = weights @ (rep.ln_final.forward(final0)[-1] @ W_U + b_U)
+    return torch.cat([rep.pre_activations, weights @ rep.logits]), torch.cat([feat_bias, logit_bias])
+
+
+@torch.no_grad()
+def attribute(
+    prompt: str,
+    model: HookedTransformer,
+    transcoder: CrossLayerTranscoder,
+    *,
+    targets: list[str] | None = None,
+    batch_size: int = 256,
+    max_feature_nodes: int | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    progress: bool = True,
+) -> Graph:
+    """The unpruned attribution graph of `prompt`'s next-token prediction (see `Graph` for the layout)."""
+    cfg = AttributionConfig(batch_size, max_feature_nodes, dtype=dtype, device=device, targets=list(targets or []))
+    torch_dtype = getattr(torch, dtype)
+    model = model.to(device, print_details=False)
+    tokens = tokenize(model, prompt)
+    rep = build_replacement(model, transcoder.to(device), tokens, torch_dtype)
+    W_U, b_U = model.W_U.detach().to(torch_dtype), model.b_U.detach().to(torch_dtype)
+    logit_targets = resolve_targets(model, rep.logits, cfg.targets, cfg)
+    sources = Sources(rep)
+    n, L, P = sources.n_features, rep.n_layers, rep.n_pos
+    log.info("%d tokens, %d active features, %d targets", P, n, len(logit_targets))
+
+    T = len(logit_targets)
+    logit_rows = sources.rows(torch.full((T,), L), torch.full((T,), P - 1), logit_vectors(rep, W_U, logit_targets))
+    selected, feature_rows = _feature_rows(sources, logit_rows, logit_targets, cfg, progress)
+    inputs, bias = node_inputs_and_bias(rep, W_U, b_U, logit_targets)
+    keep = torch.cat([selected, torch.arange(n, sources.n)])  # source columns kept
+    n_sel, N = len(selected), len(selected) + L * P + P + T
+    adjacency = torch.zeros(N, N, dtype=torch_dtype)
+    adjacency[:n_sel, : N - T] = feature_rows[:, keep]
+    adjacency[N - T :, : N - T] = logit_rows[:, keep]
+    return Graph(
+        prompt=prompt,
+        tokens=tokens.cpu(),
+        token_strs=[model.tokenizer.decode([t]) for t in tokens.tolist()],
+        features=rep.features[selected].cpu(),
+        activations=rep.activations[selected].cpu(),
+        adjacency=adjacency.cpu(),
+        target_tokens=torch.tensor([t.token for t in logit_targets]),
+        target_names=[t.name for t in logit_targets],
+        target_probs=torch.tensor([t.prob for t in logit_targets]),
+        inputs=torch.cat([inputs[selected], inputs[n:]]).cpu(),
+        bias=torch.cat([bias[selected], bias[n:]]).cpu(),
+        n_layers=L,
+        config={"attribution": asdict(cfg), "model": model.cfg.model_name, "n_active_features": n},
+    )
+
+
+def _feature_rows(sources: Sources, logit_rows, targets, cfg: AttributionConfig, progress: bool):
+    """Rows of the feature nodes: all of them, or with `max_feature_nodes` the most influential
+    ones, chosen batch by batch from the influence estimated on the rows computed so far.
+    Returns (selected feature indices [k] in sorted order, rows [k, n_sources])."""
+    rep, n = sources.rep, sources.n_features
+    cap = n if cfg.max_feature_nodes is None else min(cfg.max_feature_nodes, n)
+    rows = logit_rows.new_zeros(n, sources.n)
+    done = torch.zeros(n, dtype=torch.bool)
+    layer, pos, feature = rep.features.T
+    W_enc = rep.clt.W_enc.detach()
+    bar = tqdm(total=cap, desc="attribution", unit="feature", disable=not progress)
+    while int(done.sum()) < cap:
+        if cap == n:
+            batch = (~done).nonzero()[: cfg.batch_size, 0]  # sorted by (layer, pos): short batches
+        else:
+            influence = _feature_influence(rows, done, logit_rows, targets, sources)
+            influence[done] = -1
+            batch = influence.topk(min(cfg.batch_size, cap - int(done.sum()))).indices.sort().values
+        rows[batch] = sources.rows(layer[batch], pos[batch], W_enc[layer[batch], feature[batch]])
+        done[batch] = True
+        bar.update(len(batch))
+    bar.close()
+    selected = done.nonzero()[:, 0]
+    return selected, rows[selected]
+
+
+def _feature_influence(rows, done, logit_rows, targets, sources: Sources) -> torch.Tensor:
+    """Influence of every feature on the targets through the rows computed so far: [n_features]."""
+    n, T = sources.n_features, len(targets)
+    N = sources.n + T
+    A = logit_rows.new_zeros(N, N)
+    A[:n, : sources.n] = rows * done[:, None]
+    A[sources.n :, : sources.n] = logit_rows
+    weights = A.new_zeros(N)
+    weights[sources.n :] = torch.tensor([t.prob for t in targets], dtype=A.dtype)
+    return compute_influence(normalize_matrix(A), weights)[:n]
+
+
+def load_pair(model: str = "demo", transcoder: str = "demo", device: str = "cpu"):
+    """(model, transcoder) by name; refuses a transcoder that does not fit the model."""
+    from circuits.formats import load_transcoder
+    from circuits.models import load_model
+
+    lm = load_model(model, device=device)
+    return lm, load_transcoder(transcoder, model=lm, device=device)
+
+
+def trace_to_files(
+    prompt: str,
+    model: HookedTransformer,
+    transcoder: CrossLayerTranscoder,
+    out: Path,
+    slug: str | None = None,
+    scan: str = "",
+    node_threshold: float = 0.8,
+    edge_threshold: float = 0.98,
+    **attribute_kwargs,
+) -> tuple[Graph, dict[str, Path]]:
+    """The pipeline behind `circuits trace`: attribute, write `<out>/<slug>.json` (the pruned graph
+    in the circuit-tracer schema) and `<out>/<slug>.graph.safetensors` (the full graph). Returns the
+    graph and the written paths."""
+    graph = attribute(prompt, model, transcoder, **attribute_kwargs)
+    graph.config.update(transcoder=scan)
+    slug = slug or slugify(prompt)
+    paths = {"json": Path(out) / f"{slug}.json", "graph": Path(out) / f"{slug}.graph.safetensors"}
+    graph.save(paths["graph"])
+    graph.to_json(paths["json"], slug=slug, scan=scan, node_threshold=node_threshold, edge_threshold=edge_threshold)
+    return graph, paths
+
+
+def slugify(text: str) -> str:
+    words = "".join(c if c.isalnum() else " " for c in text.lower()).split()
+    return "-".join(words)[:60] or "graph"

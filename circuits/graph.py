@@ -1,0 +1,320 @@
+"""`Graph`: an attribution graph, its pruning by influence, its scores, and its files.
+
+Node order (as circuit-tracer): features [n] (sorted by layer, position, feature), error nodes
+[L * P] (layer-major), token embeddings [P], logit targets [T]. `adjacency[target, source]` holds
+the direct effect of source on target; rows of errors and tokens, and columns of logits, are zero.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from circuits.errors import CircuitsError
+from circuits.formats import atomic_file
+
+SCHEMA_VERSION = 1
+
+
+def normalize_matrix(A: torch.Tensor) -> torch.Tensor:
+    """Row-normalised |A|: each node's incoming edges as fractions of its total absolute input."""
+    A = A.abs()
+    return A / A.sum(1, keepdim=True).clamp(min=1e-10)
+
+
+def compute_influence(A: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """weights @ (A + A^2 + ...) for a normalised adjacency A [N, N] of a DAG (nilpotent, so the
+    series ends after at most N terms): each node's total influence on the weighted targets [N]."""
+    term = weights @ A
+    influence = term.clone()
+    for _ in range(len(A)):
+        if not term.any():
+            return influence
+        term = term @ A
+        influence += term
+    raise CircuitsError("the adjacency matrix has a cycle: influence does not converge")
+
+
+def _cutoff(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The score that keeps the highest scores up to `threshold` of their cumulative sum."""
+    ordered = scores.flatten().sort(descending=True).values
+    cumulative = ordered.cumsum(0) / ordered.sum().clamp(min=1e-30)
+    index = int(torch.searchsorted(cumulative, torch.tensor(threshold, dtype=cumulative.dtype)))
+    n_nonzero = int((ordered > 0).sum())
+    return ordered[min(index, max(n_nonzero - 1, 0))]
+
+
+class PruneResult(NamedTuple):
+    node_mask: torch.Tensor  # [N] bool
+    edge_mask: torch.Tensor  # [N, N] bool, [target, source]
+    cumulative_scores: torch.Tensor  # [N] each node's cumulative influence rank in (0, 1]
+
+
+@dataclass
+class Graph:
+    prompt: str
+    tokens: torch.Tensor  # [P] long
+    token_strs: list[str]
+    features: torch.Tensor  # [n, 3] long: (layer, position, feature index)
+    activations: torch.Tensor  # [n]
+    adjacency: torch.Tensor  # [N, N]: [target, source]
+    target_tokens: torch.Tensor  # [T] vocabulary id (d_vocab + k for a virtual target such as a logit difference)
+    target_names: list[str]
+    target_probs: torch.Tensor  # [T]
+    inputs: torch.Tensor  # [n + T]: feature pre-activations, then target logits (demeaned)
+    bias: torch.Tensor  # [n + T]: the constant part of each input (inputs = incoming edges + bias)
+    n_layers: int
+    config: dict = field(default_factory=dict)
+
+    @property
+    def n_pos(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def n_features(self) -> int:
+        return len(self.features)
+
+    @property
+    def n_targets(self) -> int:
+        return len(self.target_tokens)
+
+    @property
+    def error_slice(self) -> slice:
+        return slice(self.n_features, self.n_features + self.n_layers * self.n_pos)
+
+    @property
+    def token_slice(self) -> slice:
+        start = self.error_slice.stop
+        return slice(start, start + self.n_pos)
+
+    @property
+    def target_slice(self) -> slice:
+        start = self.token_slice.stop
+        return slice(start, start + self.n_targets)
+
+    def target_weights(self) -> torch.Tensor:
+        """[N]: each target's probability, zero elsewhere (the weights of influence)."""
+        w = torch.zeros(len(self.adjacency), dtype=self.adjacency.dtype)
+        w[self.target_slice] = self.target_probs.to(w.dtype)
+        return w
+
+    def influence(self) -> torch.Tensor:
+        """Each node's influence on the targets through the row-normalised |adjacency|: [N]."""
+        return compute_influence(normalize_matrix(self.adjacency), self.target_weights())
+
+    # ---- pruning and scores ------------------------------------------------------------------
+
+    def prune(self, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> PruneResult:
+        """Keep the nodes carrying `node_threshold` of the influence on the targets (tokens and
+        targets always), then the edges carrying `edge_threshold` of the influence among them;
+        then drop, until nothing changes, features and errors without kept outgoing edges and
+        features without kept incoming edges."""
+        for name, value in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
+            if not 0.0 <= value <= 1.0:
+                raise CircuitsError(f"{name} is {value}: pass a fraction between 0 and 1")
+        weights = self.target_weights()
+        influence = compute_influence(normalize_matrix(self.adjacency), weights)
+        node_mask = influence >= _cutoff(influence, node_threshold)
+        node_mask[self.token_slice.start :] = True
+        pruned = self.adjacency.clone()
+        pruned[~node_mask] = 0
+        pruned[:, ~node_mask] = 0
+        normalized = normalize_matrix(pruned)
+        edge_scores = normalized * (compute_influence(normalized, weights) + weights)[:, None]
+        edge_mask = edge_scores >= _cutoff(edge_scores, edge_threshold)
+        inner, n = self.token_slice.start, self.n_features
+        while True:
+            edge_mask &= node_mask[:, None] & node_mask[None, :]
+            new_mask = node_mask.clone()
+            new_mask[:inner] &= edge_mask[:, :inner].any(0)
+            new_mask[:n] &= edge_mask[:n].any(1)
+            if torch.equal(new_mask, node_mask):
+                break
+            node_mask = new_mask
+        order = influence.sort(descending=True)
+        cumulative = torch.zeros_like(influence)
+        cumulative[order.indices] = order.values.cumsum(0) / order.values.sum().clamp(min=1e-30)
+        return PruneResult(node_mask, edge_mask, cumulative)
+
+    def scores(self) -> tuple[float, float]:
+        """(replacement score, completeness score), as circuit-tracer computes them: the share of
+        the tokens' and errors' influence on the targets that comes from tokens, and the
+        influence-weighted share of every node's normalised input that does not come from errors."""
+        A = normalize_matrix(self.adjacency)
+        weights = self.target_weights()
+        influence = compute_influence(A, weights)
+        token, error = influence[self.token_slice].sum(), influence[self.error_slice].sum()
+        replacement = token / (token + error)
+        non_error = 1 - A[:, self.error_slice].sum(1)
+        output = influence + weights
+        completeness = (non_error * output).sum() / output.sum()
+        return replacement.item(), completeness.item()
+
+    # ---- node table ----------------------------------------------------------------------------
+
+    def nodes(self) -> list[dict]:
+        """One record per node, in adjacency order: kind, layer, pos, feature, activation, token, id."""
+        records = []
+        for (layer, pos, feat), act in zip(self.features.tolist(), self.activations.tolist(), strict=True):
+            records.append(
+                dict(kind="feature", layer=layer, pos=pos, feature=feat, activation=act, id=f"{layer}_{feat}_{pos}")
+            )
+        for layer in range(self.n_layers):
+            for pos in range(self.n_pos):
+                records.append(dict(kind="error", layer=layer, pos=pos, feature=-1, id=f"{layer}_-1_{pos}"))
+        for pos, tok in enumerate(self.tokens.tolist()):
+            records.append(
+                dict(kind="embedding", layer=-1, pos=pos, feature=tok, token=self.token_strs[pos], id=f"E_{tok}_{pos}")
+            )
+        last = self.n_pos - 1
+        for k, tok in enumerate(self.target_tokens.tolist()):
+            records.append(
+                dict(
+                    kind="logit", layer=self.n_layers, pos=last, feature=tok, token=self.target_names[k],
+                    prob=self.target_probs[k].item(), id=f"{self.n_layers + 1}_{tok}_{last}",
+                )
+            )  # fmt: skip
+        return records
+
+    def to_networkx(self, result: PruneResult | None = None):
+        """A networkx DiGraph (source -> target, attribute `weight`), all nodes or those kept by `result`."""
+        import networkx as nx
+
+        nodes = self.nodes()
+        node_mask = torch.ones(len(nodes), dtype=torch.bool) if result is None else result.node_mask
+        edge_mask = self.adjacency != 0 if result is None else result.edge_mask & (self.adjacency != 0)
+        g = nx.DiGraph(prompt=self.prompt)
+        for i in node_mask.nonzero()[:, 0].tolist():
+            g.add_node(nodes[i]["id"], **nodes[i])
+        targets, sources = (edge_mask & node_mask[:, None] & node_mask[None, :]).nonzero(as_tuple=True)
+        weights = self.adjacency[targets, sources].tolist()
+        for t, s, w in zip(targets.tolist(), sources.tolist(), weights, strict=True):
+            g.add_edge(nodes[s]["id"], nodes[t]["id"], weight=w)
+        return g
+
+    # ---- files ---------------------------------------------------------------------------------
+
+    def save(self, path: Path) -> None:
+        """One safetensors file: the tensors, and everything else as JSON in its metadata."""
+        from safetensors.torch import save
+
+        tensors = {
+            k: getattr(self, k).contiguous()
+            for k in (
+                "tokens",
+                "features",
+                "activations",
+                "adjacency",
+                "target_tokens",
+                "target_probs",
+                "inputs",
+                "bias",
+            )
+        }
+        meta = {k: getattr(self, k) for k in ("prompt", "token_strs", "target_names", "n_layers", "config")}
+        with atomic_file(Path(path), "wb") as f:
+            f.write(save(tensors, metadata={"graph": json.dumps(meta), "schema_version": str(SCHEMA_VERSION)}))
+
+    @classmethod
+    def load(cls, path: Path) -> Graph:
+        from safetensors import SafetensorError, safe_open
+
+        path = Path(path)
+        if not path.exists():
+            raise CircuitsError(f"{path} does not exist: pass a .graph.safetensors file written by `circuits trace`")
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except SafetensorError as e:
+            raise CircuitsError(f"{path} is not a readable graph file ({e}): re-run `circuits trace`") from None
+        if "graph" not in meta:
+            raise CircuitsError(f"{path} is a safetensors file but not a graph: re-run `circuits trace`")
+        return cls(**tensors, **json.loads(meta["graph"]))
+
+    def to_dict(self, slug: str, scan: str = "", node_threshold: float = 0.8, edge_threshold: float = 0.98) -> dict:
+        """The pruned graph in the circuit-tracer / Neuronpedia graph schema."""
+        result = self.prune(node_threshold, edge_threshold)
+        records, last = self.nodes(), self.n_pos - 1
+        kinds = {
+            "feature": "cross layer transcoder",
+            "error": "mlp reconstruction error",
+            "embedding": "embedding",
+            "logit": "logit",
+        }
+        nodes, ids = [], {}
+        for i in result.node_mask.nonzero()[:, 0].tolist():
+            r = records[i]
+            node = {
+                "node_id": r["id"],
+                "feature": _cantor(r["layer"], r["feature"]) if r["kind"] == "feature" else r["feature"],
+                "layer": "E" if r["kind"] == "embedding" else str(r["layer"] + (r["kind"] == "logit")),
+                "ctx_idx": r["pos"],
+                "feature_type": kinds[r["kind"]],
+                "jsNodeId": _js_node_id(r),
+                "clerp": f'Output "{r["token"]}" (p={r["prob"]:.3f})' if r["kind"] == "logit" else "",
+                "influence": result.cumulative_scores[i].item(),
+                "activation": r.get("activation"),
+                "token_prob": r.get("prob", 0.0),
+                "is_target_logit": r["kind"] == "logit" and i == self.target_slice.start,
+                "reverse_ctx_idx": last - r["pos"],
+                "run_idx": 0,
+            }
+            ids[i] = node["node_id"]
+            nodes.append(node)
+        targets, sources = result.edge_mask.nonzero(as_tuple=True)
+        links = [
+            {"source": ids[s], "target": ids[t], "weight": w}
+            for t, s, w in zip(
+                targets.tolist(), sources.tolist(), self.adjacency[targets, sources].tolist(), strict=True
+            )
+            if s in ids and t in ids
+        ]
+        connected = {link["source"] for link in links} | {link["target"] for link in links}
+        nodes = [n for n in nodes if n["node_id"] in connected or n["feature_type"] in ("embedding", "logit")]
+        replacement, completeness = self.scores()
+        metadata = {
+            "slug": slug,
+            "scan": scan,
+            "transcoder_list": [],
+            "prompt_tokens": self.token_strs,
+            "prompt": self.prompt,
+            "node_threshold": node_threshold,
+            "edge_threshold": edge_threshold,
+            "schema_version": SCHEMA_VERSION,
+            "replacement_score": replacement,
+            "completeness_score": completeness,
+        }
+        qparams = {
+            "pinnedIds": [],
+            "supernodes": [],
+            "linkType": "both",
+            "clickedId": "",
+            "sg_pos": "",
+            "sparsityThreshold": 0,
+        }
+        return {"metadata": metadata, "qParams": qparams, "nodes": nodes, "links": links}
+
+    def to_json(self, path: Path, slug: str | None = None, **kwargs) -> None:
+        data = self.to_dict(slug or Path(path).name.removesuffix(".json"), **kwargs)
+        with atomic_file(Path(path)) as f:
+            json.dump(data, f)
+
+
+def _cantor(x: int, y: int) -> int:
+    """circuit-tracer's feature number: a unique integer for (layer, feature index)."""
+    return (x + y) * (x + y + 1) // 2 + y
+
+
+def _js_node_id(r: dict) -> str:
+    if r["kind"] == "feature":
+        return f"{r['layer']}_{r['feature']}-0"
+    if r["kind"] == "error":
+        return f"{r['layer']}_-1-{r['pos']}"
+    if r["kind"] == "embedding":
+        return f"E_{r['feature']}-{r['pos']}"
+    return f"L_{r['feature']}-{r['pos']}"

@@ -1,0 +1,200 @@
+"""Interventions on the real model with the CLT spliced in place of its MLPs: ablate or steer
+features and read the logits; check a graph's predictions against them; and the autograd
+reference for edges (TransformerLens hooks, one backward pass per target).
+
+The spliced model adds each (layer, position)'s error term (real MLP output - CLT reconstruction
+on the clean prompt) as a constant, so without interventions it reproduces the real model exactly.
+Downstream features are recomputed by the CLT encoder, so an ablation's effect propagates through
+their nonlinearity; with `freeze_attention` the attention patterns and norm scales keep their clean
+values (the regime the graph linearises), without it they are recomputed too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformer_lens import HookedTransformer
+
+from circuits.clt import CrossLayerTranscoder
+
+
+@dataclass
+class Intervention:
+    layer: int
+    pos: int
+    feature: int
+    value: float | None = None
+    """Set the activation to this value (0: ablate)."""
+    scale: float | None = None
+    """Or multiply the activation by this factor."""
+
+
+def _frozen_names(name: str) -> bool:
+    return name.endswith(("hook_pattern", "hook_scale"))
+
+
+@torch.no_grad()
+def clean_state(model: HookedTransformer, clt: CrossLayerTranscoder, tokens: torch.Tensor) -> dict:
+    """What splicing needs from the clean run on tokens [P]: the frozen patterns and scales, and
+    the error terms [L, P, d]."""
+    L = model.cfg.n_layers
+    _, cache = model.run_with_cache(
+        tokens[None], names_filter=lambda n: _frozen_names(n) or n.endswith(("hook_resid_mid", "hook_mlp_out"))
+    )
+    x = torch.stack([cache[f"blocks.{l}.hook_resid_mid"][0] for l in range(L)], 1)  # [P, L, d]
+    recon, _ = clt(x)
+    errors = torch.stack([cache[f"blocks.{l}.hook_mlp_out"][0] for l in range(L)], 1) - recon
+    frozen = {k: v for k, v in cache.items() if _frozen_names(k)}
+    return {"frozen": frozen, "errors": errors.transpose(0, 1)}
+
+
+def splice_hooks(model, clt, state: dict, edit=None, freeze_attention: bool = True, error_leaves=None) -> list:
+    """Hooks for the spliced model: features read from resid_mid, `edit(layer, acts [1, P, F])`
+    may change them, the MLP output is their decoding + skip + the clean error term."""
+    acts: dict[int, torch.Tensor] = {}
+    mids: dict[int, torch.Tensor] = {}
+    errors = state["errors"] if error_leaves is None else error_leaves
+
+    def read(x, hook, l):
+        mids[l] = x
+        a = clt.encode_layer(x, l)
+        acts[l] = a if edit is None else edit(l, a)
+
+    def write(out, hook, l):
+        recon = clt.b_dec[l] + sum(acts[s] @ clt.decoder(s, l) for s in clt.sources(l))
+        if clt.W_skip is not None:
+            recon = recon + mids[l] @ clt.W_skip[l]
+        return recon + errors[l]
+
+    hooks = []
+    for l in range(model.cfg.n_layers):
+        hooks.append((f"blocks.{l}.hook_resid_mid", lambda x, hook, l=l: read(x, hook, l)))
+        hooks.append((f"blocks.{l}.hook_mlp_out", lambda o, hook, l=l: write(o, hook, l)))
+    if freeze_attention:
+        for name, value in state["frozen"].items():
+            hooks.append((name, lambda x, hook, v=value: v))
+    return hooks
+
+
+@torch.no_grad()
+def run_with_interventions(
+    model: HookedTransformer,
+    clt: CrossLayerTranscoder,
+    tokens: torch.Tensor,
+    interventions: list[Intervention],
+    freeze_attention: bool = True,
+    state: dict | None = None,
+) -> torch.Tensor:
+    """Logits [P, d_vocab] of the spliced model on tokens [P] with the features set or scaled."""
+    state = state or clean_state(model, clt, tokens)
+    by_layer: dict[int, list[Intervention]] = {}
+    for iv in interventions:
+        by_layer.setdefault(iv.layer, []).append(iv)
+
+    def edit(l, a):
+        for iv in by_layer.get(l, []):
+            a = a.clone()
+            a[0, iv.pos, iv.feature] = iv.value if iv.value is not None else a[0, iv.pos, iv.feature] * iv.scale
+        return a
+
+    hooks = splice_hooks(model, clt, state, edit, freeze_attention)
+    return model.run_with_hooks(tokens[None], fwd_hooks=hooks)[0]
+
+
+@dataclass
+class ValidationReport:
+    nodes: list[str]
+    predicted: list[float]  # graph's predicted change of the first target's (demeaned) logit
+    actual_frozen: list[float]  # ablation in the spliced model, attention frozen
+    actual_free: list[float]  # ablation with attention recomputed
+    corr_frozen: float
+    corr_free: float
+
+    def lines(self) -> list[str]:
+        out = [f"{'node':>16} {'predicted':>10} {'frozen':>10} {'free':>10}"]
+        for row in zip(self.nodes, self.predicted, self.actual_frozen, self.actual_free, strict=True):
+            out.append(f"{row[0]:>16} {row[1]:>10.4f} {row[2]:>10.4f} {row[3]:>10.4f}")
+        out.append(
+            f"correlation (attention frozen): {self.corr_frozen:.3f}; (attention recomputed): {self.corr_free:.3f}"
+        )
+        return out
+
+
+def predicted_ablation_effects(graph) -> torch.Tensor:
+    """The graph's prediction of how ablating each feature changes each target's input: [T, n].
+    Active JumpReLU features pass changes of their input through unchanged, so ablating s moves
+    node inputs by -(I - A')^-1 A[:, s] with A' the adjacency whose source columns are divided by
+    the source's activation (edges are a_s times a derivative)."""
+    n, T = graph.n_features, graph.n_targets
+    A = graph.adjacency.double()
+    per_unit = A[:, :n] / graph.activations.double()
+    M = torch.zeros_like(A)
+    M[:, :n] = per_unit
+    total = torch.linalg.solve(torch.eye(len(A), dtype=A.dtype) - M, A[:, :n])  # [N, n]: direct + indirect
+    return -total[-T:].float()
+
+
+def validate(graph, model: HookedTransformer, clt: CrossLayerTranscoder, top_k: int = 10) -> ValidationReport:
+    """Ablate the graph's top-k features (by influence) one at a time; compare the change of the
+    first target's logit (demeaned) with the graph's prediction."""
+    tokens = graph.tokens
+    state = clean_state(model, clt, tokens)
+    influence = graph.influence()[: graph.n_features]
+    top = influence.topk(min(top_k, graph.n_features)).indices.tolist()
+    predicted = predicted_ablation_effects(graph)[0]
+    target = int(graph.target_tokens[0])
+
+    def target_logit(logits: torch.Tensor) -> float:
+        return (logits[-1, target] - logits[-1].mean()).item()
+
+    base = target_logit(run_with_interventions(model, clt, tokens, [], state=state))
+    rows = []
+    for i in top:
+        layer, pos, feat = graph.features[i].tolist()
+        ablate = [Intervention(layer, pos, feat, value=0.0)]
+        frozen = target_logit(run_with_interventions(model, clt, tokens, ablate, True, state)) - base
+        free = target_logit(run_with_interventions(model, clt, tokens, ablate, False, state)) - base
+        rows.append((f"{layer}_{feat}_{pos}", predicted[i].item(), frozen, free))
+    names, pred, fro, fre = (list(c) for c in zip(*rows, strict=True))
+    return ValidationReport(names, pred, fro, fre, _corr(pred, fro), _corr(pred, fre))
+
+
+def _corr(a: list[float], b: list[float]) -> float:
+    return torch.corrcoef(torch.tensor([a, b], dtype=torch.float64))[0, 1].item()
+
+
+def autograd_rows(
+    model: HookedTransformer, clt: CrossLayerTranscoder, tokens: torch.Tensor, targets: list
+) -> torch.Tensor:
+    """The reference for edges: rows [n_targets, n_sources] (sources laid out as in attribution:
+    active features, errors [L, P], tokens [P]) by autograd through the spliced model with attention
+    patterns and norm scales frozen, one backward pass per target. A target is (layer, pos,
+    feature) for a feature's pre-activation, or a vector [d_vocab] of logit weights."""
+    L = model.cfg.n_layers
+    state = clean_state(model, clt, tokens)
+    with torch.no_grad():
+        names = ("hook_resid_mid", "hook_embed")
+        _, cache = model.run_with_cache(tokens[None], names_filter=lambda n: n.endswith(names))
+        clean = torch.stack([clt.encode_layer(cache[f"blocks.{l}.hook_resid_mid"][0], l) for l in range(L)])
+    features = clean.nonzero()  # [n, 3] (layer, pos, feature)
+    leaves = clean.clone().requires_grad_(True)  # [L, P, F]
+    errors = state["errors"].clone().requires_grad_(True)  # [L, P, d]
+    embed = cache["hook_embed"].clone().requires_grad_(True)  # [1, P, d]
+    mids: dict[int, torch.Tensor] = {}
+    hooks = splice_hooks(model, clt, state, lambda l, a: leaves[l][None], True, errors)
+    hooks += [("hook_embed", lambda x, hook: embed)]
+    hooks += [(f"blocks.{l}.hook_resid_mid", lambda x, hook, l=l: mids.update({l: x[0]})) for l in range(L)]
+    logits = model.run_with_hooks(tokens[None], fwd_hooks=hooks)[0, -1]
+    rows = []
+    for target in targets:
+        if isinstance(target, tuple):
+            l, p, f = target
+            value = mids[l][p] @ clt.W_enc[l, f] + clt.b_enc[l, f]
+        else:
+            value = logits @ target
+        grads = torch.autograd.grad(value, [leaves, errors, embed], retain_graph=True, materialize_grads=True)
+        with torch.no_grad():
+            edges = [(grads[0] * clean)[tuple(features.T)], (grads[1] * errors).sum(-1).flatten()]
+            rows.append(torch.cat([*edges, (grads[2][0] * embed[0]).sum(-1)]))
+    return torch.stack(rows)

@@ -1,0 +1,195 @@
+"""The local replacement model of one prompt: the real model's forward pass with attention
+patterns and normalisation scales frozen at their values on the prompt, the CLT in place of every
+MLP, and an error term per (layer, position) that makes it reproduce the real model exactly.
+
+Frozen this way the model is linear in its sources (token embeddings, feature activations, error
+vectors) plus constant terms. The constant terms are every bias (b_V, b_O, LayerNorm offsets,
+b_dec, b_enc, b_U) and the learned positional embeddings: like circuit-tracer, an embedding node
+is the token embedding W_E[token] only, and `hook_pos_embed` is a per-position constant counted in
+each node's bias. LayerNorm's centring is linear and stays part of the map; only its scale is frozen.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from transformer_lens import HookedTransformer
+
+from circuits.clt import CrossLayerTranscoder
+from circuits.errors import CircuitsError
+
+_NORMS = ("LN", "LNPre", "RMS", "RMSPre")
+
+
+@dataclass
+class FrozenNorm:
+    """A normalisation with its scale frozen: y = centre(x) / scale * w + b (centre only for LN)."""
+
+    scale: torch.Tensor  # [pos, 1]
+    w: torch.Tensor  # [d] (ones without weights)
+    b: torch.Tensor  # [d] (zeros without bias)
+    centre: bool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., pos, d] -> normalised [..., pos, d] (the bias included)."""
+        if self.centre:
+            x = x - x.mean(-1, keepdim=True)
+        return x / self.scale[: x.shape[-2]] * self.w + self.b
+
+    def backward(self, g: torch.Tensor) -> torch.Tensor:
+        """Gradient [..., pos, d] at the output -> gradient at the input (transpose of the linear part)."""
+        g = g * self.w / self.scale[: g.shape[-2]]
+        return g - g.mean(-1, keepdim=True) if self.centre else g
+
+
+@dataclass
+class Replacement:
+    """Everything the attribution needs about one prompt, frozen. L layers, P positions, d = d_model."""
+
+    tokens: torch.Tensor  # [P]
+    embed: torch.Tensor  # [P, d] token embeddings W_E[tokens] (the embedding nodes' values)
+    pos_embed: torch.Tensor  # [P, d] (zeros for models without learned positions)
+    patterns: torch.Tensor  # [L, H, P, P] attention patterns [query, key]
+    ln1: list[FrozenNorm]
+    ln_final: FrozenNorm
+    W_V: torch.Tensor  # [L, H, d, d_head]
+    b_V: torch.Tensor  # [L, H, d_head]
+    W_O: torch.Tensor  # [L, H, d_head, d]
+    b_O: torch.Tensor  # [L, d]
+    resid_mid: torch.Tensor  # [L, P, d] real model
+    resid_final: torch.Tensor  # [P, d] real model, before ln_final
+    logits: torch.Tensor  # [d_vocab] real model, last position
+    features: torch.Tensor  # [n, 3] active features (layer, pos, feature), sorted
+    activations: torch.Tensor  # [n]
+    pre_activations: torch.Tensor  # [n]
+    errors: torch.Tensor  # [L, P, d] real mlp_out - CLT reconstruction
+    clt: CrossLayerTranscoder
+
+    @property
+    def n_layers(self) -> int:
+        return self.patterns.shape[0]
+
+    @property
+    def n_pos(self) -> int:
+        return self.patterns.shape[-1]
+
+    def attention_forward(self, layer: int, resid: torch.Tensor) -> torch.Tensor:
+        """The frozen attention of `layer`: resid_pre [P, d] -> attention output [P, d] (biases included)."""
+        x = self.ln1[layer].forward(resid)
+        v = torch.einsum("pd,hde->hpe", x, self.W_V[layer]) + self.b_V[layer][:, None]
+        z = self.patterns[layer] @ v  # [H, P, d_head]
+        return torch.einsum("hpe,hed->pd", z, self.W_O[layer]) + self.b_O[layer]
+
+    def attention_backward(self, layer: int, g: torch.Tensor) -> torch.Tensor:
+        """Gradient at the attention output [B, P', d] -> its contribution to the gradient at
+        resid_pre [B, P', d]. Causal patterns let P' < P positions stand alone."""
+        Pp = g.shape[1]
+        u = torch.einsum("bqd,hed->hbqe", g, self.W_O[layer])  # [H, B, P', d_head]
+        v = self.patterns[layer, :, None, :Pp, :Pp].transpose(-1, -2) @ u  # keys gather from queries
+        w = torch.einsum("hbke,hde->bkd", v, self.W_V[layer])
+        return self.ln1[layer].backward(w)
+
+    def linear_forward(self, with_sources: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the frozen linear model: (resid_mid [L, P, d], resid_final [P, d]). With all sources it
+        reproduces the real model; without (embeddings, features and errors zeroed) it gives the
+        constant terms of every node's input."""
+        clt, L = self.clt, self.n_layers
+        on = 1.0 if with_sources else 0.0
+        resid = on * self.embed + self.pos_embed
+        decoded = self.decoded_features()  # [L, P, d]
+        mids = []
+        for l in range(L):
+            mid = resid + self.attention_forward(l, resid)
+            mlp = clt.b_dec[l] + on * (decoded[l] + self.errors[l])
+            if clt.W_skip is not None:
+                mlp = mlp + mid @ clt.W_skip[l]
+            mids.append(mid)
+            resid = mid + mlp
+        return torch.stack(mids), resid
+
+    def decoded_features(self) -> torch.Tensor:
+        """Sum of the active features' decoder vectors (times activation) written to each layer: [L, P, d]."""
+        clt, L, P = self.clt, self.n_layers, self.n_pos
+        out = torch.zeros(L, P, self.embed.shape[-1], dtype=self.embed.dtype)
+        layer, pos, feature = self.features.T
+        for s in range(L):
+            mask = layer == s
+            for t in range(s, L) if clt.cfg.cross_layer else (s,):
+                out[t].index_add_(0, pos[mask], self.activations[mask, None] * clt.decoder(s, t)[feature[mask]])
+        return out
+
+
+def check_supported(model: HookedTransformer) -> None:
+    cfg = model.cfg
+    if cfg.normalization_type not in _NORMS:
+        raise CircuitsError(f"normalization {cfg.normalization_type!r} is not supported: use one of {_NORMS}")
+    if cfg.parallel_attn_mlp or cfg.attn_only or cfg.use_split_qkv_input:
+        raise CircuitsError("only sequential attention+MLP blocks are supported (no parallel/attn-only/split-qkv)")
+    if cfg.positional_embedding_type not in ("standard", "rotary"):
+        raise CircuitsError(f"positional embedding {cfg.positional_embedding_type!r} is not supported")
+
+
+def _frozen_norm(module, scale: torch.Tensor, d: int, dtype) -> FrozenNorm:
+    w = getattr(module, "w", None)
+    b = getattr(module, "b", None)
+    return FrozenNorm(
+        scale=scale.to(dtype),
+        w=torch.ones(d, dtype=dtype) if w is None else w.detach().to(dtype),
+        b=torch.zeros(d, dtype=dtype) if b is None else b.detach().to(dtype),
+        centre=module.__class__.__name__.startswith("LayerNorm"),
+    )
+
+
+@torch.no_grad()
+def build_replacement(
+    model: HookedTransformer, clt: CrossLayerTranscoder, tokens: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> Replacement:
+    """Run the real model on tokens [P] once and freeze what the attribution needs."""
+    check_supported(model)
+    L, d = model.cfg.n_layers, model.cfg.d_model
+    names = ("hook_embed", "hook_pos_embed", "hook_pattern", "hook_scale", "hook_resid_mid", "hook_mlp_out")
+    logits, cache = model.run_with_cache(
+        tokens[None], names_filter=lambda n: n.endswith(names) or n == "ln_final.hook_scale"
+    )
+    final_cache: dict = {}
+    model.run_with_hooks(
+        tokens[None], fwd_hooks=[(f"blocks.{L - 1}.hook_resid_post", lambda x, hook: final_cache.update(x=x))]
+    )
+
+    def get(name: str) -> torch.Tensor:
+        return cache[name][0].to(dtype)
+
+    if clt.W_enc.dtype != dtype:
+        clt = copy.deepcopy(clt).to(dtype)
+    resid_mid = torch.stack([get(f"blocks.{l}.hook_resid_mid") for l in range(L)])
+    mlp_out = torch.stack([get(f"blocks.{l}.hook_mlp_out") for l in range(L)])
+    x = resid_mid.transpose(0, 1)  # [P, L, d]
+    pre = clt.pre_activations(x)  # [P, L, F]
+    acts = clt.activation(pre)
+    recon = (clt.decode(acts) + clt.skip_out(x)).transpose(0, 1)  # [L, P, d]
+    pre, acts = pre.transpose(0, 1), acts.transpose(0, 1)  # [L, P, F]
+    features = acts.nonzero()  # [n, 3] (layer, pos, feature), row-major order
+    blocks = model.blocks
+    pos_embed = get("hook_pos_embed") if "hook_pos_embed" in cache else torch.zeros(len(tokens), d, dtype=dtype)
+    return Replacement(
+        tokens=tokens,
+        embed=get("hook_embed"),
+        pos_embed=pos_embed,
+        patterns=torch.stack([get(f"blocks.{l}.attn.hook_pattern") for l in range(L)]),
+        ln1=[_frozen_norm(blocks[l].ln1, get(f"blocks.{l}.ln1.hook_scale"), d, dtype) for l in range(L)],
+        ln_final=_frozen_norm(model.ln_final, get("ln_final.hook_scale"), d, dtype),
+        W_V=torch.stack([b.attn.W_V for b in blocks]).detach().to(dtype),
+        b_V=torch.stack([b.attn.b_V for b in blocks]).detach().to(dtype),
+        W_O=torch.stack([b.attn.W_O for b in blocks]).detach().to(dtype),
+        b_O=torch.stack([b.attn.b_O for b in blocks]).detach().to(dtype),
+        resid_mid=resid_mid,
+        resid_final=final_cache["x"][0].to(dtype),
+        logits=logits[0, -1].to(dtype),
+        features=features,
+        activations=acts[tuple(features.T)],
+        pre_activations=pre[tuple(features.T)],
+        errors=mlp_out - recon,
+        clt=clt,
+    )

@@ -1,0 +1,261 @@
+"""Attribution graphs: every edge against autograd through hooks on the real TransformerLens model,
+every node's input against the sum of its edges, targets, the feature cap."""
+
+import json
+
+import pytest
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from circuits.attribution import attribute
+from circuits.cli import main
+from circuits.clt import CLTConfig, CrossLayerTranscoder
+from circuits.errors import CircuitsError
+from circuits.formats import save_transcoder
+from circuits.graph import Graph
+from circuits.interventions import (
+    Intervention,
+    autograd_rows,
+    predicted_ablation_effects,
+    run_with_interventions,
+    validate,
+)
+from circuits.models import DEMO_MODEL_DIR
+from circuits.replacement import build_replacement
+
+FLAGSHIP = "Fact: Dallas is in the state whose capital is"
+PROMPTS = [FLAGSHIP, "The capital of Texas is", "Fact : Boston is a city in"]
+
+
+def _identity_error(graph) -> torch.Tensor:
+    """|input - (sum of incoming edges + bias)| / (sum of |edges| + |bias|) for every target node."""
+    rows = torch.cat([graph.adjacency[: graph.n_features], graph.adjacency[graph.target_slice]]).double()
+    scale = rows.abs().sum(1) + graph.bias.abs().double()
+    return (graph.inputs.double() - rows.sum(1) - graph.bias.double()).abs() / scale
+
+
+def _random_model(n_layers: int = 3, seed: int = 0) -> HookedTransformer:
+    """A small random model (d_vocab 269 != d_model 32) with every bias and norm weight random."""
+    cfg = HookedTransformerConfig(
+        n_layers=n_layers, d_model=32, n_heads=4, d_head=8, d_mlp=64, d_vocab=269, n_ctx=32, act_fn="gelu",
+        normalization_type="LN", positional_embedding_type="standard", seed=seed,
+        tokenizer_name=str((DEMO_MODEL_DIR / "tokenizer").resolve()),
+    )  # fmt: skip
+    model = HookedTransformer(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith((".b", "b_O", "b_V", "b_Q", "b_K", "b_in", "b_out", "b_U")):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+            elif name.endswith(".w"):
+                p.copy_(1 + torch.randn(p.shape, generator=gen) * 0.2)
+    return model.eval()
+
+
+def _random_clt(model, cross_layer=True, skip=False, n_features=64, seed=0) -> CrossLayerTranscoder:
+    L, d = model.cfg.n_layers, model.cfg.d_model
+    cfg = CLTConfig(n_layers=L, d_model=d, n_features=n_features, cross_layer=cross_layer, skip=skip)
+    clt = CrossLayerTranscoder(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        clt.W_enc.copy_(torch.randn(clt.W_enc.shape, generator=gen) / d**0.5)
+        clt.b_enc.copy_(torch.randn(clt.b_enc.shape, generator=gen) * 0.1)
+        clt.threshold.fill_(0.5)
+        for w in clt.W_dec:
+            w.copy_(torch.randn(w.shape, generator=gen) * 0.1)
+        clt.b_dec.copy_(torch.randn(clt.b_dec.shape, generator=gen) * 0.1)
+        if skip:
+            clt.W_skip.copy_(torch.randn(clt.W_skip.shape, generator=gen) * 0.05)
+    return clt.eval()
+
+
+def _check_against_autograd(model, clt, prompt, n_features=6):
+    graph = attribute(prompt, model, clt, batch_size=32, progress=False)
+    assert graph.n_features > n_features
+    gen = torch.Generator().manual_seed(1)
+    rows = torch.randperm(graph.n_features, generator=gen)[:n_features].tolist()
+    V = model.cfg.d_vocab
+    targets = [tuple(graph.features[i].tolist()) for i in rows] + [torch.eye(V)[graph.target_tokens[0]] - 1 / V]
+    reference = autograd_rows(model, clt, graph.tokens, targets)
+    ours = graph.adjacency[rows + [graph.target_slice.start], : reference.shape[1]]
+    largest = reference.abs().amax(1, keepdim=True)
+    assert (largest > 0).all()
+    assert ((ours - reference).abs() / largest).max() <= 1e-4
+    sample = torch.randperm(reference.numel(), generator=gen)[:200]
+    big = reference.flatten()[sample].abs() > 1e-3 * largest.expand_as(reference).flatten()[sample]
+    relative = (ours.flatten()[sample] - reference.flatten()[sample]).abs() / reference.flatten()[sample].abs()
+    assert big.sum() > 10 and relative[big].max() <= 1e-3  # float32; see the float64 test for 1e-4
+    return graph
+
+
+def test_edges_match_autograd_on_the_demo_pair(demo_model, demo_clt):
+    _check_against_autograd(demo_model, demo_clt, FLAGSHIP)
+
+
+@pytest.mark.parametrize("cross_layer,skip", [(True, False), (False, False), (True, True), (False, True)])
+def test_edges_match_autograd_on_random_models(cross_layer, skip):
+    model = _random_model()
+    clt = _random_clt(model, cross_layer, skip)
+    _check_against_autograd(model, clt, "The capital of Texas is Austin and")
+
+
+def test_edges_match_autograd_in_float64_per_edge():
+    model = _random_model(seed=2).double()
+    clt = _random_clt(model, seed=2).double()
+    graph = attribute("Fact : Dallas is in", model, clt, dtype="float64", progress=False)
+    rows = list(range(0, graph.n_features, max(1, graph.n_features // 5)))
+    reference = autograd_rows(model, clt, graph.tokens, [tuple(graph.features[i].tolist()) for i in rows])
+    ours = graph.adjacency[rows, : reference.shape[1]]
+    nonzero = reference.abs() > 1e-12
+    assert nonzero.sum() > 50
+    assert ((ours - reference).abs()[nonzero] / reference.abs()[nonzero]).max() <= 1e-4
+    assert (ours[~nonzero].abs() <= 1e-12).all()
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_every_node_input_is_its_edges_plus_bias(demo_model, demo_clt, prompt):
+    graph = attribute(prompt, demo_model, demo_clt, progress=False)
+    assert _identity_error(graph).max() <= 1e-5
+    # the inputs are the real model's own numbers, not the linear model's
+    logits = demo_model(graph.tokens[None])[0, -1]
+    tok = graph.target_tokens[0]
+    assert graph.inputs[-graph.n_targets].item() == pytest.approx((logits[tok] - logits.mean()).item(), abs=1e-4)
+
+
+def test_replacement_reproduces_the_real_model(demo_model, demo_clt):
+    tokens = demo_model.to_tokens(FLAGSHIP)[0]
+    rep = build_replacement(demo_model, demo_clt, tokens)
+    mid, final = rep.linear_forward()
+    assert torch.allclose(mid, rep.resid_mid, atol=1e-4)
+    assert torch.allclose(final, rep.resid_final, atol=1e-4)
+
+
+def test_identity_holds_for_per_layer_and_skip_transcoders():
+    model = _random_model()
+    for cross_layer, skip in [(False, False), (True, True), (False, True)]:
+        graph = attribute("Fact : Dallas is in the", model, _random_clt(model, cross_layer, skip), progress=False)
+        assert _identity_error(graph).max() <= 1e-5
+
+
+def test_named_and_difference_targets(demo_model, demo_clt):
+    graph = attribute(
+        FLAGSHIP, demo_model, demo_clt, targets=["Austin", "Springfield", "Austin-Springfield"], progress=False
+    )
+    a, b, diff = graph.adjacency[graph.target_slice]
+    assert graph.target_names == ["Austin", "Springfield", "Austin - Springfield"]
+    assert graph.target_tokens[2] == demo_model.cfg.d_vocab + 2  # virtual: d_vocab + its place, as circuit-tracer
+    assert torch.allclose(a - b, diff, atol=1e-5)
+    assert _identity_error(graph).max() <= 1e-5
+    with pytest.raises(CircuitsError, match="not a single token"):
+        attribute(FLAGSHIP, demo_model, demo_clt, targets=["Atlantis"], progress=False)
+
+
+def test_default_targets_cover_the_probability(demo_model, demo_clt):
+    graph = attribute("The capital of", demo_model, demo_clt, progress=False)
+    probs = demo_model(graph.tokens[None])[0, -1].softmax(-1)
+    top = probs.sort(descending=True)
+    k = graph.n_targets
+    assert graph.target_tokens.tolist() == top.indices[:k].tolist()
+    assert k == 10 or (top.values[:k].sum() >= 0.95 and top.values[: k - 1].sum() < 0.95)
+
+
+def test_feature_cap_keeps_exact_rows_of_the_most_influential(demo_model, demo_clt):
+    full = attribute(FLAGSHIP, demo_model, demo_clt, progress=False)
+    capped = attribute(FLAGSHIP, demo_model, demo_clt, max_feature_nodes=40, batch_size=16, progress=False)
+    assert capped.n_features == 40
+    index = {tuple(f): i for i, f in enumerate(full.features.tolist())}
+    picked = torch.tensor([index[tuple(f)] for f in capped.features.tolist()])
+    columns = torch.cat([picked, torch.arange(full.n_features, len(full.adjacency))])
+    assert torch.allclose(capped.adjacency[:40], full.adjacency[picked][:, columns], atol=1e-6)
+    assert torch.allclose(capped.adjacency[-capped.n_targets :], full.adjacency[-full.n_targets :][:, columns])
+    # the kept features carry most of the influence of the full graph
+    influence = full.influence()[: full.n_features]
+    assert influence[picked].sum() >= 0.5 * influence.topk(40).values.sum()
+
+
+def test_bad_input(demo_model, demo_clt):
+    with pytest.raises(CircuitsError, match="empty"):
+        attribute("  ", demo_model, demo_clt)
+    with pytest.raises(CircuitsError, match="context"):
+        attribute("Texas " * 200, demo_model, demo_clt)
+
+
+# ---- interventions and the CLI ------------------------------------------------------------------
+
+
+def test_spliced_model_without_interventions_is_the_real_model(demo_model, demo_clt):
+    tokens = demo_model.to_tokens(FLAGSHIP)[0]
+    real = demo_model(tokens[None])[0]
+    for frozen in (True, False):
+        assert torch.allclose(run_with_interventions(demo_model, demo_clt, tokens, [], frozen), real, atol=1e-4)
+
+
+def test_ablations_match_the_graph_where_nothing_downstream_can_switch(demo_model, demo_clt):
+    graph = attribute(FLAGSHIP, demo_model, demo_clt, progress=False)
+    tokens, L, last = graph.tokens, graph.n_layers, graph.n_pos - 1
+    predicted = predicted_ablation_effects(graph)[0]
+    tok = graph.target_tokens[0]
+    base = run_with_interventions(demo_model, demo_clt, tokens, [])[-1]
+    # features of the last layer at the last position write straight into the logits
+    final = [i for i, (l, p, _) in enumerate(graph.features.tolist()) if l == L - 1 and p == last][:3]
+    assert final
+    for i in final:
+        layer, pos, feat = graph.features[i].tolist()
+        logits = run_with_interventions(demo_model, demo_clt, tokens, [Intervention(layer, pos, feat, value=0.0)])[-1]
+        change = (logits[tok] - logits.mean()) - (base[tok] - base.mean())
+        assert change.item() == pytest.approx(predicted[i].item(), abs=1e-4)
+        assert predicted[i].item() == pytest.approx(-graph.adjacency[graph.target_slice.start, i].item(), abs=1e-5)
+    # steering by a scale of 1, or setting the current value, changes nothing
+    layer, pos, feat = graph.features[final[0]].tolist()
+    same = [
+        Intervention(layer, pos, feat, scale=1.0),
+        Intervention(layer, pos, feat, value=graph.activations[final[0]].item()),
+    ]
+    for iv in same:
+        assert torch.allclose(run_with_interventions(demo_model, demo_clt, tokens, [iv])[-1], base, atol=1e-5)
+    report = validate(graph, demo_model, demo_clt, top_k=8)
+    assert len(report.nodes) == 8 and report.corr_frozen > 0.8
+
+
+@pytest.fixture(scope="module")
+def clt_dir(demo_clt, tmp_path_factory):
+    path = tmp_path_factory.mktemp("clt")
+    save_transcoder(demo_clt, path)
+    return path
+
+
+@pytest.mark.slow
+def test_trace_cli_writes_the_graph_files(clt_dir, tmp_path, capsys):
+    out = tmp_path / "graphs"
+    assert main(["trace", FLAGSHIP, "--transcoder", str(clt_dir), "--out", str(out), "--slug", "dallas"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-2:] == [str(out / "dallas.json"), str(out / "dallas.html")]  # the page's path last
+    assert "replacement score" in lines[1]
+    data = json.loads((out / "dallas.json").read_text())
+    assert data["metadata"]["slug"] == "dallas" and data["links"]
+    graph = Graph.load(out / "dallas.graph.safetensors")
+    assert graph.prompt == FLAGSHIP and graph.target_names == ["Austin"]
+    assert sorted(p.name for p in out.iterdir()) == ["dallas.graph.safetensors", "dallas.html", "dallas.json"]
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["  "], "prompt is empty"),
+        (["Texas " * 200], "context"),
+        ([FLAGSHIP, "--target", "Atlantis"], "not a single token"),
+        ([FLAGSHIP, "--transcoder", "MISFIT"], "does not fit"),
+        ([FLAGSHIP, "--transcoder", "/nonexistent/clt"], "holds no transcoder"),
+    ],
+)
+def test_trace_cli_bad_input(argv, message, clt_dir, tmp_path, capsys):
+    if "MISFIT" in argv:
+        misfit = tmp_path / "misfit"
+        save_transcoder(_random_clt(_random_model()), misfit)
+        argv = [a.replace("MISFIT", str(misfit)) for a in argv]
+    if "--transcoder" not in argv:
+        argv = [*argv, "--transcoder", str(clt_dir)]
+    assert main(["trace", *argv, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()

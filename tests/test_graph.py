@@ -1,0 +1,127 @@
+"""Graph: influence, pruning invariants, scores, the JSON schema, the safetensors round trip."""
+
+import json
+import re
+
+import pytest
+import torch
+
+from circuits.attribution import attribute
+from circuits.errors import CircuitsError
+from circuits.graph import Graph, compute_influence, normalize_matrix
+
+FLAGSHIP = "Fact: Dallas is in the state whose capital is"
+
+
+@pytest.fixture(scope="module")
+def graph(demo_model, demo_clt):
+    return attribute(FLAGSHIP, demo_model, demo_clt, targets=["Austin", "Springfield"], progress=False)
+
+
+def test_influence_is_the_neumann_series(graph):
+    A = normalize_matrix(graph.adjacency.double())
+    w = graph.target_weights().double()
+    N = len(A)
+    expected = w @ (torch.linalg.inv(torch.eye(N, dtype=A.dtype) - A) - torch.eye(N, dtype=A.dtype))
+    assert torch.allclose(compute_influence(A, w), expected, atol=1e-9)
+    assert torch.allclose(normalize_matrix(graph.adjacency)[: graph.n_features].sum(1), torch.ones(graph.n_features))
+
+
+def test_pruning_invariants(graph):
+    node_mask, edge_mask, cumulative = graph.prune(0.8, 0.98)
+    inner = graph.token_slice.start
+    assert node_mask[inner:].all()  # tokens and targets stay
+    assert 0 < node_mask[: graph.n_features].sum() < graph.n_features
+    assert not (edge_mask & ~(node_mask[:, None] & node_mask[None, :])).any()  # edges join kept nodes
+    kept = node_mask.nonzero()[:, 0]
+    kept_inner = kept[kept < inner]
+    assert edge_mask[:, kept_inner].any(0).all()  # features and errors send a kept edge
+    kept_features = kept[kept < graph.n_features]
+    assert edge_mask[kept_features].any(1).all()  # features receive one
+    # kept nodes are the most influential ones, up to 80% of the influence
+    influence = graph.influence()
+    dropped = (~node_mask[: graph.n_features]).nonzero()[:, 0]
+    assert cumulative[kept_features].max() <= cumulative.max()
+    assert influence[kept_features].max() >= influence[dropped].max()
+    # a looser threshold keeps a superset of the nodes
+    loose = graph.prune(0.95, 0.99).node_mask
+    assert loose.sum() >= node_mask.sum()
+    with pytest.raises(CircuitsError, match="node_threshold"):
+        graph.prune(1.5)
+
+
+def test_scores(graph):
+    replacement, completeness = graph.scores()
+    assert 0 <= replacement <= 1 and 0 <= completeness <= 1
+    perfect = Graph(**{**graph.__dict__, "adjacency": graph.adjacency.clone()})
+    perfect.adjacency[:, graph.error_slice] = 0
+    assert perfect.scores() == pytest.approx((1.0, 1.0))
+    errors_only = Graph(**{**graph.__dict__, "adjacency": graph.adjacency.clone()})
+    errors_only.adjacency[:, : graph.n_features] = 0
+    errors_only.adjacency[:, graph.token_slice] = 0
+    assert errors_only.scores()[0] == pytest.approx(0.0)
+
+
+def test_json_follows_the_circuit_tracer_schema(graph, tmp_path):
+    path = tmp_path / "g.json"
+    graph.to_json(path, slug="dallas", scan="demo")
+    data = json.loads(path.read_text())
+    assert set(data) == {"metadata", "qParams", "nodes", "links"}
+    meta = data["metadata"]
+    assert meta["slug"] == "dallas" and meta["scan"] == "demo" and meta["prompt"] == FLAGSHIP
+    assert meta["prompt_tokens"] == graph.token_strs and meta["node_threshold"] == 0.8
+    assert set(data["qParams"]) >= {"pinnedIds", "supernodes", "linkType", "clickedId", "sparsityThreshold"}
+    types = {
+        "node_id": str, "feature": int, "layer": str, "ctx_idx": int, "feature_type": str, "jsNodeId": str,
+        "clerp": str, "influence": float, "token_prob": float, "is_target_logit": bool, "reverse_ctx_idx": int,
+        "run_idx": int,
+    }  # fmt: skip
+    patterns = {
+        "cross layer transcoder": r"\d+_\d+_\d+",
+        "mlp reconstruction error": r"\d+_-1_\d+",
+        "embedding": r"E_\d+_\d+",
+        "logit": rf"{graph.n_layers + 1}_\d+_{graph.n_pos - 1}",
+    }
+    ids = [n["node_id"] for n in data["nodes"]]
+    assert len(ids) == len(set(ids)) and len({n["jsNodeId"] for n in data["nodes"]}) == len(ids)
+    for node in data["nodes"]:
+        for key, kind in types.items():
+            assert isinstance(node[key], kind), (key, node)
+        assert re.fullmatch(patterns[node["feature_type"]], node["node_id"]), node
+        assert node["reverse_ctx_idx"] == graph.n_pos - 1 - node["ctx_idx"]
+        if node["feature_type"] == "cross layer transcoder":
+            assert node["activation"] > 0
+    kinds = [n["feature_type"] for n in data["nodes"]]
+    assert kinds.count("embedding") == graph.n_pos and kinds.count("logit") == 2
+    assert sum(n["is_target_logit"] for n in data["nodes"]) == 1
+    assert {link["source"] for link in data["links"]} | {link["target"] for link in data["links"]} <= set(ids)
+    assert all(isinstance(link["weight"], float) for link in data["links"])
+    # every link is a real edge of the graph
+    index = {r["id"]: i for i, r in enumerate(graph.nodes())}
+    for link in data["links"][:50]:
+        assert graph.adjacency[index[link["target"]], index[link["source"]]].item() == pytest.approx(link["weight"])
+
+
+def test_safetensors_round_trip(graph, tmp_path):
+    path = tmp_path / "g.graph.safetensors"
+    graph.save(path)
+    loaded = Graph.load(path)
+    for key, value in graph.__dict__.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, getattr(loaded, key)), key
+        else:
+            assert value == getattr(loaded, key), key
+    assert not any(tmp_path.glob(".*"))  # nothing half-written left behind
+    bad = tmp_path / "bad.graph.safetensors"
+    bad.write_bytes(b"not a graph")
+    with pytest.raises(CircuitsError, match="not a readable graph"):
+        Graph.load(bad)
+
+
+def test_to_networkx(graph):
+    result = graph.prune()
+    g = graph.to_networkx(result)
+    assert g.number_of_nodes() == int(result.node_mask.sum())
+    assert g.number_of_edges() == int((result.edge_mask & (graph.adjacency != 0)).sum())
+    full = graph.to_networkx()
+    assert full.number_of_edges() == int((graph.adjacency != 0).sum())
