@@ -190,6 +190,7 @@ def test_shipped_demo_clt_meets_its_targets(demo_model):
     from circuits.train import _eval_tokens, reconstruction_metrics
 
     clt = load_transcoder("demo", model=demo_model)
+    assert (clt.threshold >= 0).all(), "a negative JumpReLU threshold makes an always-on feature"
     source = TextSource("demo")
     x, y = held_out(demo_model, source, n_docs=64)
     rec = reconstruction_metrics(clt, x, y)
