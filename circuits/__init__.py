@@ -14,6 +14,9 @@ _EXPORTS = {
     "CircuitsError": "circuits.errors",
     "CLTConfig": "circuits.clt",
     "CrossLayerTranscoder": "circuits.clt",
+    "load_transcoder": "circuits.formats",
+    "attribute": "circuits.attribution",
+    "Graph": "circuits.graph",
 }
 
 __all__ = ["__version__", *_EXPORTS]

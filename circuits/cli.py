@@ -60,6 +60,17 @@ def _cmd_trace(args: argparse.Namespace) -> None:
     print(paths["json"])
 
 
+def _cmd_aggregate(args: argparse.Namespace) -> None:
+    from circuits.formats import atomic_file
+    from circuits.graph import Graph, aggregate
+
+    merged = aggregate([Graph.load(path) for path in args.graphs], args.min_prompts)
+    with atomic_file(args.out) as f:
+        json.dump(merged, f)
+    print(f"{len(merged['nodes'])} feature nodes, {len(merged['links'])} links from {len(args.graphs)} graphs")
+    print(args.out)
+
+
 def _tokenize(model, prompt: str):
     """Tokens [1, pos] of a prompt, with BOS; rejects empty and over-long prompts."""
     if not prompt.strip():
@@ -102,6 +113,12 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-prune", action="store_true", help="write every node and edge with any influence to the JSON")
     p.add_argument("--validate", action="store_true", help="ablate the top features and compare with the graph")
     p.set_defaults(func=_cmd_trace)
+
+    p = sub.add_parser("aggregate", help="merge the graphs of many prompts into one graph of features")
+    p.add_argument("graphs", nargs="+", help=".graph.safetensors files written by `circuits trace`")
+    p.add_argument("--out", default="graphs/aggregate.json")
+    p.add_argument("--min-prompts", type=int, default=1, help="keep nodes and links seen in at least this many")
+    p.set_defaults(func=_cmd_aggregate)
 
     p = sub.add_parser("demo", help="report the shipped demo model's accuracy on its facts")
     p.set_defaults(func=_cmd_demo)

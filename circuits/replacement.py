@@ -67,6 +67,9 @@ class Replacement:
     errors: torch.Tensor  # [L, P, d] real mlp_out - CLT reconstruction
     clt: CrossLayerTranscoder
 
+    def __post_init__(self) -> None:
+        self._backward_operators()
+
     @property
     def n_layers(self) -> int:
         return self.patterns.shape[0]
@@ -84,12 +87,29 @@ class Replacement:
 
     def attention_backward(self, layer: int, g: torch.Tensor) -> torch.Tensor:
         """Gradient at the attention output [B, P', d] -> its contribution to the gradient at
-        resid_pre [B, P', d]. Causal patterns let P' < P positions stand alone."""
-        Pp = g.shape[1]
-        u = torch.einsum("bqd,hed->hbqe", g, self.W_O[layer])  # [H, B, P', d_head]
-        v = self.patterns[layer, :, None, :Pp, :Pp].transpose(-1, -2) @ u  # keys gather from queries
-        w = torch.einsum("hbke,hde->bkd", v, self.W_V[layer])
-        return self.ln1[layer].backward(w)
+        resid_pre [B, P', d]: two matrix products and one mixing over positions per head, with the
+        norm folded in (see `_backward_operators`). Causal patterns let P' < P positions stand alone."""
+        B, Pp, d = g.shape
+        H = self.W_O.shape[1]
+        u = (g.reshape(B * Pp, d) @ self.back_O[layer]).view(B, Pp, H, -1)  # [B, P', H, d_head]
+        u = u.permute(2, 1, 0, 3).reshape(H, Pp, -1)  # [H, P'(query), B * d_head]
+        v = (self.back_mix[layer, :, :Pp, :Pp] @ u).view(H, Pp, B, -1)  # [H, P'(key), B, d_head]
+        return (v.permute(2, 1, 0, 3).reshape(B * Pp, -1) @ self.back_V[layer]).view(B, Pp, d)
+
+    def _backward_operators(self) -> None:
+        """Precompute the transposed attention maps. For the gradient y at resid_mid, the gradient
+        at resid_pre gains C (w * sum_h A_h^T y W_O_h^T W_V_h^T) / scale, where C centres (LayerNorm)
+        and scale is the frozen norm scale at the key position: fold w and C into back_V, 1/scale
+        into back_mix."""
+        H, dh = self.W_O.shape[1], self.W_O.shape[2]
+        L, d = self.n_layers, self.embed.shape[-1]
+        self.back_O = self.W_O.permute(0, 3, 1, 2).reshape(L, d, H * dh)  # [L, d, H * d_head]
+        back_V = self.W_V.permute(0, 1, 3, 2).reshape(L, H * dh, d) * torch.stack([n.w for n in self.ln1])[:, None]
+        if self.ln1[0].centre:
+            back_V = back_V - back_V.mean(-1, keepdim=True)
+        self.back_V = back_V  # [L, H * d_head, d]
+        scales = torch.stack([n.scale[:, 0] for n in self.ln1])  # [L, P]
+        self.back_mix = self.patterns.transpose(-1, -2) / scales[:, None, :, None]  # [L, H, P(key), P(query)]
 
     def linear_forward(self, with_sources: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the frozen linear model: (resid_mid [L, P, d], resid_final [P, d]). With all sources it
