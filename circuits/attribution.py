@@ -203,9 +203,12 @@ def attribute(
     max_feature_nodes: int | None = None,
     device: str = "cpu",
     dtype: str = "float32",
+    inhibited: int = 0,
     progress: bool = True,
 ) -> Graph:
-    """The unpruned attribution graph of `prompt`'s next-token prediction (see `Graph` for the layout)."""
+    """The unpruned attribution graph of `prompt`'s next-token prediction (see `Graph` for the layout).
+    With `inhibited` > 0, also that many inactive features at the last position that the graph's
+    feature nodes push down hardest (`Graph.inhibited`)."""
     cfg = AttributionConfig(batch_size, max_feature_nodes, dtype=dtype, device=device, targets=list(targets or []))
     torch_dtype = getattr(torch, dtype)
     model = model.to(device, print_details=False)
@@ -240,7 +243,40 @@ def attribute(
         bias=torch.cat([bias[selected], bias[n:]]).cpu(),
         n_layers=L,
         config={"attribution": asdict(cfg), "model": model.cfg.model_name, "n_active_features": n},
+        inhibited=inhibited_features(sources, selected, inhibited) if inhibited else [],
     )
+
+
+def inhibited_features(sources: Sources, selected: torch.Tensor, k: int) -> list[dict]:
+    """The k inactive features at the last position with the most negative pre-activation
+    contribution from the selected feature nodes (inhibition the graph's edges cannot show, since
+    an inactive feature is no node). Each record: layer, pos, feature, pre_activation, bias,
+    inhibition (the selected features' summed contribution), contributions (from every source
+    node, in the graph's column order, summing with bias to pre_activation) and the top inhibitors."""
+    rep, L, P = sources.rep, sources.L, sources.P
+    d = rep.embed.shape[-1]
+    mid0, _ = rep.linear_forward(with_sources=False)
+    keep = torch.cat([selected, torch.arange(sources.n_features, sources.n)])
+    candidates = []
+    for l in range(L):
+        eye = torch.eye(d, dtype=rep.embed.dtype)
+        J = sources.rows(torch.full((d,), l), torch.full((d,), P - 1), eye)[:, keep]  # [d, sources]: resid_mid[l, P-1]
+        W_enc, b_enc = rep.clt.W_enc[l].detach(), rep.clt.b_enc[l].detach()
+        pre = rep.resid_mid[l, P - 1] @ W_enc.T + b_enc  # [F]
+        from_features = W_enc @ J[:, : len(selected)].sum(1)  # [F]
+        active = (rep.features[:, 0] == l) & (rep.features[:, 1] == P - 1)
+        inactive = torch.ones_like(pre, dtype=torch.bool)
+        inactive[rep.features[active, 2]] = False
+        for f in torch.where(inactive, from_features, torch.inf).topk(k, largest=False).indices.tolist():
+            contributions = W_enc[f] @ J  # [sources]
+            top = contributions[: len(selected)].topk(min(5, len(selected)), largest=False)
+            candidates.append({
+                "layer": l, "pos": P - 1, "feature": f, "pre_activation": pre[f].item(),
+                "bias": (W_enc[f] @ mid0[l, P - 1] + b_enc[f]).item(), "inhibition": from_features[f].item(),
+                "contributions": contributions.tolist(),
+                "inhibitors": [[i, w] for i, w in zip(top.indices.tolist(), top.values.tolist(), strict=True)],
+            })  # fmt: skip
+    return sorted(candidates, key=lambda c: c["inhibition"])[:k]
 
 
 def _feature_rows(sources: Sources, logit_rows, targets, cfg: AttributionConfig, progress: bool):

@@ -69,6 +69,8 @@ class Graph:
     bias: torch.Tensor  # [n + T]: the constant part of each input (inputs = incoming edges + bias)
     n_layers: int
     config: dict = field(default_factory=dict)
+    inhibited: list[dict] = field(default_factory=list)
+    """Optional: inactive features the graph's feature nodes suppress (see `attribution.inhibited_features`)."""
 
     @property
     def n_pos(self) -> int:
@@ -215,7 +217,9 @@ class Graph:
                 "bias",
             )
         }
-        meta = {k: getattr(self, k) for k in ("prompt", "token_strs", "target_names", "n_layers", "config")}
+        meta = {
+            k: getattr(self, k) for k in ("prompt", "token_strs", "target_names", "n_layers", "config", "inhibited")
+        }
         with atomic_file(Path(path), "wb") as f:
             f.write(save(tensors, metadata={"graph": json.dumps(meta), "schema_version": str(SCHEMA_VERSION)}))
 
@@ -288,7 +292,15 @@ class Graph:
             "schema_version": SCHEMA_VERSION,
             "replacement_score": replacement,
             "completeness_score": completeness,
-        }
+            "inhibited_features": [
+                {
+                    "node_id": f"{r['layer']}_{r['feature']}_{r['pos']}", "pre_activation": r["pre_activation"],
+                    "inhibition": r["inhibition"],
+                    "inhibitors": [{"source": records[i]["id"], "weight": w} for i, w in r["inhibitors"]],
+                }
+                for r in self.inhibited
+            ],
+        }  # fmt: skip
         qparams = {
             "pinnedIds": [],
             "supernodes": [],

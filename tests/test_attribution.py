@@ -259,3 +259,20 @@ def test_trace_cli_bad_input(argv, message, clt_dir, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_inhibited_features_are_inactive_and_their_inputs_add_up(demo_model, demo_clt):
+    graph = attribute(FLAGSHIP, demo_model, demo_clt, inhibited=5, progress=False)
+    assert len(graph.inhibited) == 5
+    active = {tuple(f) for f in graph.features.tolist()}
+    for r in graph.inhibited:
+        assert (r["layer"], r["pos"], r["feature"]) not in active
+        assert r["inhibition"] < 0 and r["pre_activation"] <= demo_clt.threshold[r["layer"], r["feature"]]
+        total = sum(r["contributions"]) + r["bias"]
+        assert total == pytest.approx(r["pre_activation"], abs=1e-4 * (1 + sum(map(abs, r["contributions"]))))
+        assert sum(r["contributions"][: graph.n_features]) == pytest.approx(r["inhibition"], rel=1e-4, abs=1e-5)
+    # the contributions are edges like any other: check one against autograd
+    r = graph.inhibited[0]
+    reference = autograd_rows(demo_model, demo_clt, graph.tokens, [(r["layer"], r["pos"], r["feature"])])[0]
+    ours = torch.tensor(r["contributions"])
+    assert ((ours - reference).abs().max() / reference.abs().max()) <= 1e-4
