@@ -105,7 +105,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node-threshold", type=float, default=0.8, help="cumulative influence of kept nodes")
     p.add_argument("--edge-threshold", type=float, default=0.98, help="cumulative influence of kept edges")
     p.add_argument("--max-feature-nodes", type=int, default=None, help="keep only this many feature nodes")
-    p.add_argument("--batch-size", type=int, default=256, help="targets per backward pass")
+    p.add_argument("--batch-size", type=int, default=128, help="targets per backward pass")
     p.add_argument(
         "--target", nargs="+", default=None, metavar="TOKEN", help="target tokens, or A-B for a logit difference"
     )

@@ -96,6 +96,15 @@ class Replacement:
         v = (self.back_mix[layer, :, :Pp, :Pp] @ u).view(H, Pp, B, -1)  # [H, P'(key), B, d_head]
         return (v.permute(2, 1, 0, 3).reshape(B * Pp, -1) @ self.back_V[layer]).view(B, Pp, d)
 
+    def attention_backward_sparse(self, layer: int, vec: torch.Tensor, pos: torch.Tensor, Pp: int) -> torch.Tensor:
+        """`attention_backward` for gradients that are `vec` [n, d] at one position `pos` [n] each and
+        zero elsewhere: [n, P', d], without the dense products."""
+        H, dh, d = self.W_O.shape[1], self.W_O.shape[2], vec.shape[-1]
+        u = (vec @ self.back_O[layer]).view(-1, H, dh)  # [n, H, d_head]
+        z = torch.einsum("nhe,hed->nhd", u, self.back_V[layer].view(H, dh, d))  # [n, H, d]
+        coef = self.back_mix[layer, :, :Pp][:, :, pos].permute(2, 1, 0)  # [n, P'(key), H]
+        return coef @ z
+
     def _backward_operators(self) -> None:
         """Precompute the transposed attention maps. For the gradient y at resid_mid, the gradient
         at resid_pre gains C (w * sum_h A_h^T y W_O_h^T W_V_h^T) / scale, where C centres (LayerNorm)
@@ -170,13 +179,8 @@ def build_replacement(
     check_supported(model)
     L, d = model.cfg.n_layers, model.cfg.d_model
     names = ("hook_embed", "hook_pos_embed", "hook_pattern", "hook_scale", "hook_resid_mid", "hook_mlp_out")
-    logits, cache = model.run_with_cache(
-        tokens[None], names_filter=lambda n: n.endswith(names) or n == "ln_final.hook_scale"
-    )
-    final_cache: dict = {}
-    model.run_with_hooks(
-        tokens[None], fwd_hooks=[(f"blocks.{L - 1}.hook_resid_post", lambda x, hook: final_cache.update(x=x))]
-    )
+    final = f"blocks.{L - 1}.hook_resid_post"
+    logits, cache = model.run_with_cache(tokens[None], names_filter=lambda n: n.endswith(names) or n == final)
 
     def get(name: str) -> torch.Tensor:
         return cache[name][0].to(dtype)
@@ -205,7 +209,7 @@ def build_replacement(
         W_O=torch.stack([b.attn.W_O for b in blocks]).detach().to(dtype),
         b_O=torch.stack([b.attn.b_O for b in blocks]).detach().to(dtype),
         resid_mid=resid_mid,
-        resid_final=final_cache["x"][0].to(dtype),
+        resid_final=get(final),
         logits=logits[0, -1].to(dtype),
         features=features,
         activations=acts[tuple(features.T)],

@@ -170,7 +170,7 @@ def main() -> None:
     parser.add_argument("--transcoder", default="demo")
     parser.add_argument("--lengths", type=int, nargs="+", default=[8, 16, 32, 64])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument(
         "--ct-python", default="/work/ct-venv/bin/python", help="a Python with circuit-tracer ('' to skip)"
     )
