@@ -65,6 +65,7 @@ class Replacement:
     activations: torch.Tensor  # [n]
     pre_activations: torch.Tensor  # [n]
     errors: torch.Tensor  # [L, P, d] real mlp_out - CLT reconstruction
+    decoded: torch.Tensor  # [L, P, d] the active features' decoder vectors (times activation) summed per layer
     clt: CrossLayerTranscoder
 
     def __post_init__(self) -> None:
@@ -127,27 +128,28 @@ class Replacement:
         clt, L = self.clt, self.n_layers
         on = 1.0 if with_sources else 0.0
         resid = on * self.embed + self.pos_embed
-        decoded = self.decoded_features()  # [L, P, d]
         mids = []
         for l in range(L):
             mid = resid + self.attention_forward(l, resid)
-            mlp = clt.b_dec[l] + on * (decoded[l] + self.errors[l])
+            mlp = clt.b_dec[l] + on * (self.decoded[l] + self.errors[l])
             if clt.W_skip is not None:
                 mlp = mlp + mid @ clt.W_skip[l]
             mids.append(mid)
             resid = mid + mlp
         return torch.stack(mids), resid
 
-    def decoded_features(self) -> torch.Tensor:
-        """Sum of the active features' decoder vectors (times activation) written to each layer: [L, P, d]."""
-        clt, L, P = self.clt, self.n_layers, self.n_pos
-        out = torch.zeros(L, P, self.embed.shape[-1], dtype=self.embed.dtype)
-        layer, pos, feature = self.features.T
-        for s in range(L):
-            mask = layer == s
-            for t in range(s, L) if clt.cfg.cross_layer else (s,):
-                out[t].index_add_(0, pos[mask], self.activations[mask, None] * clt.decoder(s, t)[feature[mask]])
-        return out
+
+def decode_active(clt: CrossLayerTranscoder, features: torch.Tensor, acts: torch.Tensor, P: int) -> torch.Tensor:
+    """Sum of the active features' (features [n, 3], acts [n]) decoder vectors written to each
+    layer: [L, P, d], touching only their decoder rows."""
+    L = clt.cfg.n_layers
+    out = acts.new_zeros(L, P, clt.cfg.d_model)
+    layer, pos, feature = features.T
+    for s in range(L):
+        mask = layer == s
+        for t in range(s, L) if clt.cfg.cross_layer else (s,):
+            out[t].index_add_(0, pos[mask], acts[mask, None] * clt.decoder(s, t)[feature[mask]])
+    return out
 
 
 def check_supported(model: HookedTransformer) -> None:
@@ -192,9 +194,10 @@ def build_replacement(
     x = resid_mid.transpose(0, 1)  # [P, L, d]
     pre = clt.pre_activations(x)  # [P, L, F]
     acts = clt.activation(pre)
-    recon = (clt.decode(acts) + clt.skip_out(x)).transpose(0, 1)  # [L, P, d]
     pre, acts = pre.transpose(0, 1), acts.transpose(0, 1)  # [L, P, F]
     features = acts.nonzero()  # [n, 3] (layer, pos, feature), row-major order
+    decoded = decode_active(clt, features, acts[tuple(features.T)], len(tokens))
+    recon = decoded + clt.b_dec[:, None] + clt.skip_out(x).transpose(0, 1)  # [L, P, d]
     blocks = model.blocks
     pos_embed = get("hook_pos_embed") if "hook_pos_embed" in cache else torch.zeros(len(tokens), d, dtype=dtype)
     return Replacement(
@@ -215,5 +218,6 @@ def build_replacement(
         activations=acts[tuple(features.T)],
         pre_activations=pre[tuple(features.T)],
         errors=mlp_out - recon,
+        decoded=decoded,
         clt=clt,
     )
