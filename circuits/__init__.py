@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "load_model": "circuits.models",
+    "load_transcoder": "circuits.formats",
     "CircuitsError": "circuits.errors",
     "CLTConfig": "circuits.clt",
     "CrossLayerTranscoder": "circuits.clt",

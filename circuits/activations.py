@@ -10,16 +10,19 @@ documents [c * docs_per_chunk, (c + 1) * docs_per_chunk), shuffled by a generato
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save
 from transformer_lens import HookedTransformer
 
 from circuits.errors import CircuitsError
+from circuits.formats import atomic_file
 
 
 @dataclass
@@ -54,11 +57,22 @@ def _file_documents(path: Path, start: int, count: int) -> list[str]:
     return [lines[i % len(lines)] for i in range(start, start + count)]
 
 
+@functools.cache
+def _hf_stream(dataset: str) -> dict:
+    """A streamed dataset's iterator and how many rows it has yielded."""
+    return {"position": 0, "rows": None}
+
+
 def _hf_documents(dataset: str, start: int, count: int) -> list[str]:
     from datasets import load_dataset
 
-    stream = load_dataset(dataset, split="train", streaming=True)
-    return [row["text"] for row in itertools.islice(stream, start, start + count)]
+    stream = _hf_stream(dataset)
+    if stream["rows"] is None or stream["position"] > start:  # reads go forward; restart otherwise
+        stream["rows"], stream["position"] = iter(load_dataset(dataset, split="train", streaming=True)), 0
+    rows = itertools.islice(stream["rows"], start - stream["position"], start - stream["position"] + count)
+    docs = [row["text"] for row in rows]
+    stream["position"] = start + len(docs)
+    return docs
 
 
 def token_mask(model: HookedTransformer, tokens: torch.Tensor) -> torch.Tensor:
@@ -85,18 +99,47 @@ def collect(model: HookedTransformer, docs: list[str], max_tokens: int) -> tuple
 
 
 class ActivationStream:
-    """Shuffled batches of (x, y) [batch_tokens, L, d], deterministic by (seed, step)."""
+    """Shuffled batches of (x, y) [batch_tokens, L, d], deterministic by (seed, step).
 
-    def __init__(self, model: HookedTransformer, source: TextSource, batch_tokens: int, docs_per_chunk: int = 512):
+    With `cache_dir`, each chunk's shuffled activations are kept as a safetensors shard
+    (`chunk_{c}.safetensors`) and read back by later runs with the same text settings, so a
+    hyperparameter sweep runs the model once."""
+
+    def __init__(
+        self, model: HookedTransformer, source: TextSource, batch_tokens: int, docs_per_chunk: int = 512,
+        cache_dir: Path | None = None,
+    ):  # fmt: skip
         self.model, self.source = model, source
         self.batch_tokens, self.docs_per_chunk = batch_tokens, docs_per_chunk
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        if self.cache_dir:
+            self._check_cache()
+
+    def _check_cache(self) -> None:
+        key = {"model": self.model.cfg.model_name, **asdict(self.source), "docs_per_chunk": self.docs_per_chunk}
+        meta = self.cache_dir / "cache.json"
+        if meta.exists() and json.loads(meta.read_text()) != key:
+            raise CircuitsError(
+                f"activation cache {self.cache_dir} was made with other settings ({meta.read_text().strip()}): "
+                "use another directory"
+            )
+        with atomic_file(meta) as f:
+            json.dump(key, f)
 
     def _load_chunk(self, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+        shard = self.cache_dir / f"chunk_{c:06d}.safetensors" if self.cache_dir else None
+        if shard and shard.exists():
+            tensors = load_file(str(shard))
+            return tensors["x"], tensors["y"]
         docs = self.source.documents(c * self.docs_per_chunk, self.docs_per_chunk)
         x, y = collect(self.model, docs, self.source.max_tokens_per_doc)
         g = torch.Generator().manual_seed(self.source.seed * 1_000_003 + c)
         perm = torch.randperm(len(x), generator=g)
-        return x[perm], y[perm]
+        x, y = x[perm].contiguous(), y[perm].contiguous()
+        if shard:
+            with atomic_file(shard, "wb") as f:
+                f.write(save({"x": x, "y": y}))
+        return x, y
 
     def _n_batches(self, c: int) -> int:
         """Batches in chunk c, from the tokenizer alone (no forward pass)."""

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from circuits import __version__
 from circuits.errors import CircuitsError
@@ -71,6 +72,41 @@ def _cmd_aggregate(args: argparse.Namespace) -> None:
     print(args.out)
 
 
+def _cmd_train(args: argparse.Namespace) -> None:
+    from circuits.train import load_recipe, train
+
+    cfg = load_recipe(args.recipe)
+    out = args.out or Path("runs") / args.recipe.stem
+    metrics = train(cfg, out, resume=args.resume)
+    if not metrics:  # a torchrun rank other than 0
+        return
+    L = len(metrics["nmse"])
+    print(
+        f"nmse {sum(metrics['nmse']) / L:.4f}  l0 {sum(metrics['l0']) / L:.1f}  dead {metrics['dead_fraction']:.3f}  "
+        f"kl {metrics['kl']:.4f}  top1 {metrics['top1_agreement']:.3f}"
+    )
+    print(out)
+
+
+def _cmd_concepts(args: argparse.Namespace) -> None:
+    from circuits.concepts_page import concept_report, write_concepts_page
+    from circuits.models import load_model
+
+    model = load_model(args.model, device=args.device)
+    report = concept_report(
+        model,
+        args.prompt,
+        concepts=args.concept,
+        paths=[p.split(",") for p in args.path],
+        counterfactual=args.counterfactual,
+        auto=args.auto,
+        full_sequence=args.full_sequence,
+    )
+    for p in report.paths:
+        print(f"path {' -> '.join(p.path)}: score {p.score:.3f} (baseline {p.baseline:.3f}), peaks {p.peaks}")
+    print(write_concepts_page(report, Path(args.out)))
+
+
 def _tokenize(model, prompt: str):
     """Tokens [1, pos] of a prompt, with BOS; rejects empty and over-long prompts."""
     if not prompt.strip():
@@ -119,6 +155,25 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="graphs/aggregate.json")
     p.add_argument("--min-prompts", type=int, default=1, help="keep nodes and links seen in at least this many")
     p.set_defaults(func=_cmd_aggregate)
+
+    p = sub.add_parser("train", help="train a cross-layer transcoder from a TOML recipe (see training/)")
+    p.add_argument("recipe", type=Path, help="a TOML file of TrainConfig keys, e.g. training/demo.toml")
+    p.add_argument("--out", type=Path, help="output directory (default runs/<recipe name>)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint exactly")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("concepts", help="trace concepts through layers and positions; write an HTML page + JSON")
+    p.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT)
+    p.add_argument("--concept", action="append", default=[],
+                   help="a word, NAME=w1|w2 (a group), or @states/@capitals/@cities; repeatable")  # fmt: skip
+    p.add_argument("--path", action="append", default=[], help="a comma-separated chain, e.g. Dallas,Texas,Austin")
+    p.add_argument("--auto", action="store_true", help="also trace the proposed intermediate concept")
+    p.add_argument("--counterfactual", help="a prompt of the same token length for patching (default: proposed)")
+    p.add_argument("--full-sequence", action="store_true", help="score multi-token words by their whole sequence")
+    p.add_argument("--out", default="concepts_out", help="output directory")
+    p.add_argument("--model", default="demo", help="'demo', a local model directory, or a TransformerLens name")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_cmd_concepts)
 
     p = sub.add_parser("demo", help="report the shipped demo model's accuracy on its facts")
     p.set_defaults(func=_cmd_demo)

@@ -72,27 +72,59 @@ class JumpReLU(torch.autograd.Function):
         return grad_pre, grad_threshold, None
 
 
-class SparseDecode(torch.autograd.Function):
-    """out [n, K] = A @ W for a sparse A given by (values, token_idx, feature_idx); the backward
-    touches only the decoder rows of active features."""
+class SparseEncode(torch.autograd.Function):
+    """The pre-activations of one layer's supported features, token-major: (values [nnz],
+    token [nnz], feature [nnz]). The forward is one dense matmul; the backward touches only the
+    encoder rows of supported features (an index_add over nnz rows, not a dense [n, F] product).
+
+    Support: the top `k` features of each token (k > 0), else every feature whose pre-activation
+    exceeds `cutoff` [F]."""
 
     @staticmethod
-    def forward(ctx, values, token_idx, feature_idx, W, n_tokens: int):
-        ctx.save_for_backward(values, token_idx, feature_idx, W)
-        ctx.n_tokens = n_tokens
-        A = torch.sparse_coo_tensor(
-            torch.stack([token_idx, feature_idx]), values, (n_tokens, W.shape[0]), check_invariants=False
-        )
-        return torch.sparse.mm(A, W)
+    def forward(ctx, x, W, b, cutoff, k: int):
+        with torch.no_grad():
+            pre = torch.addmm(b, x, W.T)  # [n, F]
+            if k:
+                pre_s, feature = pre.topk(k, dim=-1)  # [n, k]
+                token = torch.arange(len(x), device=x.device).repeat_interleave(k)
+                pre_s, feature = pre_s.flatten(), feature.flatten()
+            else:
+                mask = pre > cutoff
+                pre_s = pre.masked_select(mask)  # row-major, the order of nonzero()
+                token, feature = mask.nonzero(as_tuple=True)
+        ctx.save_for_backward(x, token, feature)
+        ctx.n_features = W.shape[0]
+        ctx.mark_non_differentiable(token, feature)
+        return pre_s, token, feature
 
     @staticmethod
-    def backward(ctx, grad_out):
-        values, token_idx, feature_idx, W = ctx.saved_tensors
-        grad_values = (grad_out[token_idx] * W[feature_idx]).sum(-1)
-        At = torch.sparse_coo_tensor(
-            torch.stack([feature_idx, token_idx]), values, (W.shape[0], ctx.n_tokens), check_invariants=False
+    def backward(ctx, grad_pre, _grad_token, _grad_feature):
+        x, token, feature = ctx.saved_tensors
+        # grad_W[f] = sum over the tokens t where f is supported of grad_pre * x[t]: one bag per feature.
+        feature_sorted, order = feature.sort(stable=True)
+        counts = torch.bincount(feature_sorted, minlength=ctx.n_features)
+        grad_W = nn.functional.embedding_bag(
+            token[order], x, counts.cumsum(0) - counts, mode="sum", per_sample_weights=grad_pre[order]
         )
-        return grad_values, None, None, torch.sparse.mm(At, grad_out), None
+        grad_b = grad_pre.new_zeros(ctx.n_features).index_add_(0, feature, grad_pre)
+        return None, grad_W, grad_b, None, None
+
+
+@dataclass
+class SparseActs:
+    """One source layer's supported features in a batch of n tokens, token-major: every active
+    feature plus, for JumpReLU, the inactive ones inside the threshold's straight-through window
+    (activation 0, but the threshold's gradient is read there)."""
+
+    token: torch.Tensor  # [nnz] long, sorted
+    feature: torch.Tensor  # [nnz] long
+    values: torch.Tensor  # [nnz] activations
+    n_tokens: int
+
+    def offsets(self) -> torch.Tensor:
+        """Start of each token's run in `feature` [n] (the embedding_bag layout)."""
+        counts = torch.bincount(self.token, minlength=self.n_tokens)
+        return counts.cumsum(0) - counts
 
 
 class CrossLayerTranscoder(nn.Module):
@@ -166,42 +198,51 @@ class CrossLayerTranscoder(nn.Module):
             outs.append(out)
         return torch.stack(outs, dim=-2)
 
-    def decode_sparse(self, acts: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
-        """Same as `decode` for acts [n, L, F], touching only the features in `support` [n, L, F]
-        (bool: every active feature, plus those whose gradient is needed, see `support`)."""
-        n, L, d = acts.shape[0], self.cfg.n_layers, self.cfg.d_model
-        outs = [self.b_dec[t].expand(n, d) for t in range(L)]
-        for s in range(L):
-            token_idx, feature_idx = support[:, s].nonzero(as_tuple=True)
-            W = self.W_dec[s]  # [F, T, d]
-            out = SparseDecode.apply(acts[token_idx, s, feature_idx], token_idx, feature_idx, W.flatten(1), n)
-            out = out.view(n, W.shape[1], d)
-            for k in range(W.shape[1]):
-                t = s + k if self.cfg.cross_layer else s
-                outs[t] = outs[t] + out[:, k]
-        return torch.stack(outs, dim=-2)
-
     def skip_out(self, x: torch.Tensor) -> torch.Tensor:
         """The skip path's contribution [..., L, d] (zeros without one)."""
         if self.W_skip is None:
             return torch.zeros_like(x)
         return torch.einsum("...ld,lde->...le", x, self.W_skip)
 
-    def support(self, pre: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
-        """Features whose decoder rows a sparse pass must touch [..., L, F]: the active ones and,
-        for JumpReLU, those inside the threshold's straight-through window (their activation is
-        zero but the threshold gradient reads the gradient at them)."""
-        if self.cfg.activation == "jumprelu":
-            return pre > self.threshold - self.cfg.bandwidth / 2
-        return acts != 0
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense reference: x [..., L, d] -> (reconstruction of every layer's mlp_out [..., L, d],
+        acts [..., L, F])."""
+        acts = self.encode(x)
+        return self.decode(acts) + self.skip_out(x), acts
 
-    def forward(self, x: torch.Tensor, sparse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [..., L, d] -> (reconstruction of every layer's mlp_out [..., L, d], acts [..., L, F]).
-        `sparse` (x of shape [n, L, d]) decodes only the supported features: same values and gradients."""
-        pre = self.pre_activations(x)
-        acts = self.activation(pre)
-        recon = self.decode_sparse(acts, self.support(pre, acts)) if sparse else self.decode(acts)
-        return recon + self.skip_out(x), acts
+    # ---- sparse training path ------------------------------------------------------------------
+
+    def encode_sparse(self, x: torch.Tensor, layer: int) -> SparseActs:
+        """One layer's inputs x [n, d] -> its supported features (see `SparseActs`); the same
+        activations and gradients as `encode_layer`, without dense [n, F] work in the backward."""
+        cfg = self.cfg
+        if cfg.activation == "topk":
+            pre, token, feature = SparseEncode.apply(x, self.W_enc[layer], self.b_enc[layer], None, cfg.topk)
+            return SparseActs(token, feature, torch.relu(pre), len(x))
+        if cfg.activation == "relu":
+            cutoff = torch.zeros_like(self.threshold[layer])
+            pre, token, feature = SparseEncode.apply(x, self.W_enc[layer], self.b_enc[layer], cutoff, 0)
+            return SparseActs(token, feature, pre, len(x))
+        cutoff = self.threshold[layer].detach() - cfg.bandwidth / 2
+        pre, token, feature = SparseEncode.apply(x, self.W_enc[layer], self.b_enc[layer], cutoff, 0)
+        values = JumpReLU.apply(pre, self.threshold[layer][feature], cfg.bandwidth)
+        return SparseActs(token, feature, values, len(x))
+
+    def decode_sparse(self, acts: list[SparseActs], bias: bool = True) -> torch.Tensor:
+        """Same as `decode` from each source layer's sparse activations: reconstruction [n, L, d]
+        (b_dec included unless `bias` is False, skip path excluded). Gathers decoder rows of
+        supported features only."""
+        n, L, d = acts[0].n_tokens, self.cfg.n_layers, self.cfg.d_model
+        outs = [self.b_dec[t].expand(n, d) if bias else self.b_dec.new_zeros(n, d) for t in range(L)]
+        for s, a in enumerate(acts):
+            W = self.W_dec[s]  # [F, T, d]
+            out = nn.functional.embedding_bag(
+                a.feature, W.flatten(1), a.offsets(), mode="sum", per_sample_weights=a.values
+            ).view(n, W.shape[1], d)
+            for k in range(W.shape[1]):
+                t = s + k if self.cfg.cross_layer else s
+                outs[t] = outs[t] + out[:, k]
+        return torch.stack(outs, dim=-2)
 
     @torch.no_grad()
     def active_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

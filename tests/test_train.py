@@ -1,0 +1,215 @@
+"""The CLT trainer: activation stream, replacement-model metrics, resume after a kill, torchrun,
+and the `circuits train` command's errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from circuits.activations import ActivationStream, TextSource, token_mask
+from circuits.clt import CLTConfig, CrossLayerTranscoder
+from circuits.demo.corpus import TWO_HOP_PROMPT
+from circuits.errors import CircuitsError
+from circuits.train import TrainConfig, initialise, replacement_metrics
+
+TINY = """n_features = 64
+steps = {steps}
+batch_tokens = 256
+docs_per_chunk = 64
+eval_every = 10
+checkpoint_every = {every}
+sparsity_coef = 0.05
+eval_docs = 32
+threads = 1
+"""
+
+
+def _recipe(tmp_path: Path, name="tiny.toml", steps=20, every=10, extra="") -> Path:
+    path = tmp_path / name
+    path.write_text(TINY.format(steps=steps, every=every) + extra)
+    return path
+
+
+def _circuits(*args, **kw):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "circuits", *map(str, args)], capture_output=True, text=True, env=env, **kw
+    )
+
+
+def _weights(directory: Path) -> dict:
+    return {k: v for f in sorted(directory.glob("W_*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
+def test_activation_stream_is_deterministic_and_skips_bos(demo_model, tmp_path):
+    source = TextSource("demo", seed=3)
+    stream = ActivationStream(demo_model, source, batch_tokens=128, docs_per_chunk=32)
+    first = list(zip(range(6), stream.batches(0), strict=False))
+    resumed = next(ActivationStream(demo_model, source, batch_tokens=128, docs_per_chunk=32).batches(4))
+    assert torch.equal(first[4][1][0], resumed[0]) and torch.equal(first[4][1][1], resumed[1])
+    x, y = first[0][1]
+    assert x.shape == y.shape == (128, 4, 128)
+    tokens = demo_model.to_tokens(["Dallas is a city in Texas ."], padding_side="right")
+    assert token_mask(demo_model, tokens).tolist() == [[False] + [True] * 7]
+    # BOS's residual stream is huge and constant: no BOS row may be in the stream
+    _, cache = demo_model.run_with_cache(tokens, names_filter="blocks.0.hook_resid_mid")
+    bos = cache["blocks.0.hook_resid_mid"][0, 0]
+    assert (x[:, 0] - bos).norm(dim=-1).min() > 1e-3
+    # local text files: .txt (a document a line) and .jsonl ("text" field)
+    (tmp_path / "a.txt").write_text("Dallas is a city in Texas .\n\nThe capital of Texas is Austin .\n")
+    (tmp_path / "a.jsonl").write_text(
+        '{"text": "Dallas is a city in Texas ."}\n{"text": "The capital of Texas is Austin ."}\n'
+    )
+    for name in ("a.txt", "a.jsonl"):
+        assert TextSource(str(tmp_path / name)).documents(0, 3) == [
+            "Dallas is a city in Texas .", "The capital of Texas is Austin .", "Dallas is a city in Texas .",
+        ]  # fmt: skip
+
+
+def _manual_replacement_logits(model, clt, tokens):
+    """The replacement model computed layer by layer from TransformerLens's components and the
+    CLT's dense forward: layer l's MLP output is the CLT's reconstruction from the resid_mid of
+    layers 0..l of this same computation."""
+    resid = model.embed(tokens) + model.pos_embed(tokens)
+    mids = torch.zeros(*tokens.shape, model.cfg.n_layers, model.cfg.d_model)
+    for l, block in enumerate(model.blocks):
+        h = block.ln1(resid)
+        mids[:, :, l] = resid + block.attn(h, h, h)
+        resid = mids[:, :, l] + clt(mids)[0][:, :, l]  # later layers' inputs are zero: unused by layer l
+    return model.unembed(model.ln_final(resid))
+
+
+@torch.no_grad()
+def test_replacement_metrics_match_a_direct_computation(demo_model):
+    torch.manual_seed(0)
+    clt = CrossLayerTranscoder(CLTConfig(n_layers=4, d_model=128, n_features=256, skip=True))
+    tokens = demo_model.to_tokens([TWO_HOP_PROMPT.format(city=c) for c in ("Dallas", "Tampa", "Boulder")])
+    x = torch.stack(
+        [demo_model.run_with_cache(tokens)[1][f"blocks.{l}.hook_resid_mid"].flatten(0, 1) for l in range(4)], 1
+    )
+    initialise(clt, x, TrainConfig(target_fire_fraction=0.05))
+    with torch.no_grad():
+        clt.W_skip.normal_(std=0.02)
+    mask = token_mask(demo_model, tokens)
+    got = replacement_metrics(demo_model, clt, tokens, mask)
+    real = demo_model(tokens).log_softmax(-1)
+    repl = _manual_replacement_logits(demo_model, clt, tokens).log_softmax(-1)
+    kl = (real.exp() * (real - repl)).sum(-1)[mask].mean()
+    nxt = tokens[:, 1:]
+    ce_repl = -repl[:, :-1].gather(-1, nxt[..., None])[..., 0][mask[:, :-1]].mean()
+    assert got["kl"] == pytest.approx(kl.item(), rel=1e-4) and got["kl"] > 0.01
+    assert got["ce_replacement"] == pytest.approx(ce_repl.item(), rel=1e-5)
+    assert got["top1_agreement"] == pytest.approx((real.argmax(-1) == repl.argmax(-1))[mask].float().mean().item())
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_reaches_the_same_weights(tmp_path):
+    recipe = _recipe(tmp_path, steps=40, every=5)
+    assert _circuits("train", recipe, "--out", tmp_path / "full", timeout=600).returncode == 0
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "circuits", "train", str(recipe), "--out", str(tmp_path / "killed")],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    state = tmp_path / "killed" / "checkpoint" / "state.json"
+    deadline = time.time() + 300
+    while not (state.exists() and json.loads(state.read_text())["step"] >= 10) and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = json.loads(state.read_text())["step"]
+    assert killed_at < 40 and not (tmp_path / "killed" / "training.json").exists(), "it finished before the kill"
+    out = _circuits("train", recipe, "--out", tmp_path / "killed", "--resume", timeout=600)
+    assert out.returncode == 0, out.stderr
+    full, resumed = _weights(tmp_path / "full"), _weights(tmp_path / "killed")
+    assert full.keys() == resumed.keys() and len(full) == 20
+    for k in full:
+        assert torch.equal(full[k], resumed[k]), k
+    steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [10, 20, 30, 40]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["data", "feature"])
+def test_torchrun_two_processes_match_one(tmp_path, parallel):
+    recipe = _recipe(tmp_path, steps=10, every=10, extra=f'parallel = "{parallel}"\n')
+    assert _circuits("train", recipe, "--out", tmp_path / "one", timeout=600).returncode == 0
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517"]
+    out = subprocess.run(
+        [*cmd, "-m", "circuits", "train", str(recipe), "--out", str(tmp_path / "two")],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    one, two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    assert one.keys() == two.keys()
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5 * one[k].abs().max().item(), msg=k)
+    assert not torch.equal(one["W_enc_0"], _weights(tmp_path / "one")["W_dec_0"][:, 0, :].T[:1])  # trained, non-trivial
+
+
+@pytest.mark.slow
+def test_train_cli_errors_are_one_line_exit_2(tmp_path):
+    bad, typo = tmp_path / "bad.toml", tmp_path / "typo.toml"
+    bad.write_text("n_featurez = 3\n")
+    typo.write_text('steps = "many"\n')
+    for args, message in [
+        (("train", bad), "unknown recipe keys ['n_featurez']"),
+        (("train", typo), "recipe key 'steps' must be int"),
+        (("train", tmp_path / "none.toml"), "does not exist"),
+        (("train", _recipe(tmp_path), "--out", tmp_path / "fresh", "--resume"), "no checkpoint"),
+    ]:
+        out = _circuits(*args, timeout=300)
+        assert out.returncode == 2 and message in out.stderr, out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+    # a NaN loss stops training and keeps the last good checkpoint
+    nan = _recipe(tmp_path, "nan.toml", steps=20, every=1, extra="lr = 1e30\n")
+    out = _circuits("train", nan, "--out", tmp_path / "nan", timeout=300)
+    assert out.returncode == 2 and "the loss became" in out.stderr, out.stderr
+    state = load_file(str(tmp_path / "nan" / "checkpoint" / "state.safetensors"))
+    assert all(torch.isfinite(v).all() for k, v in state.items() if k.startswith("clt."))
+    # a truncated checkpoint is refused on resume
+    path = tmp_path / "nan" / "checkpoint" / "state.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+    out = _circuits("train", nan, "--out", tmp_path / "nan", "--resume", timeout=300)
+    assert out.returncode == 2 and "corrupt or truncated" in out.stderr, out.stderr
+
+
+def test_shipped_demo_clt_meets_its_targets(demo_model):
+    """Recomputed here on held-out demo text (not read from training.json): mean normalised MSE
+    <= 0.15 and replacement-model top-1 agreement >= 90%, at a low L0."""
+    from circuits.activations import held_out
+    from circuits.formats import load_transcoder
+    from circuits.train import _eval_tokens, reconstruction_metrics
+
+    clt = load_transcoder("demo", model=demo_model)
+    source = TextSource("demo")
+    x, y = held_out(demo_model, source, n_docs=64)
+    rec = reconstruction_metrics(clt, x, y)
+    assert sum(rec["nmse"]) / 4 <= 0.15 and sum(rec["l0"]) / 4 <= 50
+    tokens, mask = _eval_tokens(demo_model, source, n_docs=64)
+    assert replacement_metrics(demo_model, clt, tokens, mask)["top1_agreement"] >= 0.9
+
+
+def test_activation_cache_shards_are_read_back(demo_model, tmp_path):
+    from safetensors.torch import save_file
+
+    source = TextSource("demo", seed=1)
+    plain = [b for _, b in zip(range(5), ActivationStream(demo_model, source, 128, 32).batches(0), strict=False)]
+    cached = ActivationStream(demo_model, source, 128, 32, cache_dir=tmp_path / "cache")
+    first = [b for _, b in zip(range(5), cached.batches(0), strict=False)]
+    assert all(torch.equal(p[0], f[0]) and torch.equal(p[1], f[1]) for p, f in zip(plain, first, strict=True))
+    shard = tmp_path / "cache" / "chunk_000000.safetensors"
+    x, y = first[0]
+    save_file({"x": -x.repeat(40, 1, 1), "y": y.repeat(40, 1, 1)}, str(shard))  # the next run must read this file
+    reread = next(ActivationStream(demo_model, source, 128, 32, cache_dir=tmp_path / "cache").batches(0))
+    assert torch.equal(reread[0], -x)
+    with pytest.raises(CircuitsError, match="other settings"):
+        ActivationStream(demo_model, TextSource("demo", seed=2), 128, 32, cache_dir=tmp_path / "cache")
