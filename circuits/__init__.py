@@ -15,7 +15,6 @@ _EXPORTS = {
     "CircuitsError": "circuits.errors",
     "CLTConfig": "circuits.clt",
     "CrossLayerTranscoder": "circuits.clt",
-    "load_transcoder": "circuits.formats",
     "attribute": "circuits.attribution",
     "Graph": "circuits.graph",
 }
