@@ -7,10 +7,11 @@ CLT and prompts, on CPU with a fixed thread count.
 Each measurement runs in its own subprocess (so peak memory is that run's own): ours with this
 Python, circuit-tracer with `--ct-python` (a virtualenv with `circuit-tracer` installed; it reads
 our model directory and our CLT directory, which is circuit-tracer's CLT layout). Prints per prompt
-length: active features, times, peak RSS (and its growth over the loaded model), our GFLOP/s
-(counted by torch's FlopCounterMode), the largest edge difference relative to the largest edge,
-and the speed ratio. circuit-tracer never attributes from position 0 (BOS): edges are compared on
-the nodes both graphs have.
+length: active features, times (best of --repeat warm runs; and the first, cold run), peak RSS (and
+its growth over the loaded model), our GFLOP/s (counted by torch's FlopCounterMode), the largest
+edge difference relative to the largest edge (against circuit-tracer, and against the autograd
+reference on --sample rows), and the speed ratio. circuit-tracer never attributes from position 0
+(BOS): edges are compared on the nodes both graphs have.
 """
 
 from __future__ import annotations
@@ -60,12 +61,13 @@ def worker_ours(args) -> dict:
         t0 = time.perf_counter()
         graph = attribute(prompt, model, clt, batch_size=args.batch_size, progress=False)
         seconds.append(time.perf_counter() - t0)
-    seconds, peak = min(seconds), _rss_mb()
+    first, seconds, peak = seconds[0], min(seconds), _rss_mb()
     with FlopCounterMode(display=False) as counter:
         attribute(prompt, model, clt, batch_size=args.batch_size, progress=False)
     save_file({"adjacency": graph.adjacency, "features": graph.features}, args.out)
     return {
-        "seconds": seconds, "peak_mb": peak, "growth_mb": peak - base, "flops": counter.get_total_flops(),
+        "seconds": seconds, "first": first, "peak_mb": peak, "growth_mb": peak - base,
+        "flops": counter.get_total_flops(),
         "n_features": graph.n_features, "n_layers": graph.n_layers, "targets": graph.target_tokens.tolist(),
         "tokens": tokens.tolist(),
     }  # fmt: skip
@@ -124,12 +126,13 @@ def worker_ct(args) -> dict:
         t0 = time.perf_counter()
         graph = attribute(tokens, model, batch_size=args.batch_size, max_feature_nodes=None)
         seconds.append(time.perf_counter() - t0)
-    seconds, peak = min(seconds), _rss_mb()
+    first, seconds, peak = seconds[0], min(seconds), _rss_mb()
     features = graph.active_features[graph.selected_features]
     save_file({"adjacency": graph.adjacency_matrix.float().contiguous(), "features": features.contiguous()}, args.out)
     targets = [t.vocab_idx for t in graph.logit_targets]
     return {
         "seconds": seconds,
+        "first": first,
         "peak_mb": peak,
         "growth_mb": peak - base,
         "n_features": len(features),
@@ -204,7 +207,8 @@ def main() -> None:
     print(f"threads={args.threads} transcoder={transcoder_dir} batch_size={args.batch_size}")
     header = (
         f"{'tokens':>6} {'features':>8} {'ours s':>8} {'GFLOP/s':>8} {'ours MB':>13} {'ct s':>8} {'ct MB':>13} "
-        f"{'ratio':>7} {'mem':>5} {'diff/ct':>9} {'diff/ag':>9} {'ag s/row':>8}"
+        f"{'ratio':>7} {'mem':>5} {'diff/ct':>9} {'diff/ag':>9} {'ag s/row':>8} "
+        f"{'cold: ours s':>12} {'ct s':>7} {'ratio':>6}"
     )
     print(header)
     for n in args.lengths:
@@ -228,7 +232,10 @@ def main() -> None:
             )
         else:
             row += f" {'-':>8} {'-':>13} {'-':>7} {'-':>5} {'-':>9}"
-        print(row + f" {ag['max_rel_diff']:>9.2e} {ag['seconds_per_row']:>8.3f}", flush=True)
+        row += f" {ag['max_rel_diff']:>9.2e} {ag['seconds_per_row']:>8.3f} {ours['first']:>12.3f}"
+        if args.ct_python:
+            row += f" {ct['first']:>7.3f} {ct['first'] / ours['first']:>5.1f}x"
+        print(row, flush=True)
 
 
 if __name__ == "__main__":
