@@ -124,14 +124,14 @@ class Sources:
         self.n_features = len(rep.features)
         self.n = self.n_features + L * P + P
         layer, pos, feature = rep.features.T
-        self.blocks: list[list[tuple[int, int, torch.Tensor]]] = []  # [s][p] -> (start, stop, D [n_sp, T*d])
+        self.blocks: list[list[tuple[int, int, torch.Tensor]]] = []  # [s][p] -> (start, stop, D [T*d, n_sp])
         for s in range(L):
             idx = (layer == s).nonzero()[:, 0]
-            D = clt.W_dec[s].detach()[feature[idx]].flatten(1) * rep.activations[idx, None]  # [n_s, T*d]
+            D = (clt.W_dec[s].detach()[feature[idx]].flatten(1) * rep.activations[idx, None]).T  # [T*d, n_s]
             bounds = torch.searchsorted(pos[idx], torch.arange(P + 1))
             start = int(idx[0]) if len(idx) else 0
             self.blocks.append(
-                [(start + int(a), start + int(b), D[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+                [(start + int(a), start + int(b), D[:, a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
             )
 
     def rows(self, layer: torch.Tensor, pos: torch.Tensor, vec: torch.Tensor, out: torch.Tensor | None = None):
@@ -156,7 +156,11 @@ class Sources:
                 g = g + g @ skip[l].detach().T
             through_attention = rep.attention_backward(l, g) if dense else None
             at = (layer == l).nonzero()[:, 0]
-            if len(at):  # injected at one position each: their attention backward is cheap
+            if len(at) == B:  # injected at one position each: their attention backward is cheap
+                g[batch, pos] += vec
+                g += rep.attention_backward_sparse(l, vec, pos, Pp)
+                dense = True
+            elif len(at):
                 g[at, pos[at]] += vec[at]
                 g[at] += rep.attention_backward_sparse(l, vec[at], pos[at], Pp)
                 dense = True
@@ -167,10 +171,10 @@ class Sources:
         out = vec.new_zeros(B, self.n) if out is None else out
         cross = rep.clt.cfg.cross_layer
         for s in range(top):
-            width = (top - s) * d if cross else d
+            stop = top if cross else s + 1
             for p, (a, b, D) in enumerate(self.blocks[s][:Pp]):
                 if b > a:
-                    torch.matmul(g_post[:, p, s:].flatten(1)[:, :width], D[:, :width].T, out=out[:, a:b])
+                    torch.matmul(g_post[:, p, s:stop].flatten(1), D[: (stop - s) * d], out=out[:, a:b])
         e0 = self.n_features
         errors = out[:, e0 : e0 + L * P].view(B, L, P)  # `out` starts zeroed
         errors[:, :top, :Pp] = torch.einsum("bpld,lpd->blp", g_post[:, :, :top], rep.errors[:top, :Pp])
