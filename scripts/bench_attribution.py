@@ -2,7 +2,7 @@
 CLT and prompts, on CPU with a fixed thread count.
 
     python scripts/bench_attribution.py --transcoder demo --lengths 8 16 32 64 --threads 1 \
-        --ct-python /work/ct-venv/bin/python
+        --ct-python /work/ct-venv/bin/python [--fire-fraction 0.016]
 
 Each measurement runs in its own subprocess (so peak memory is that run's own): ours with this
 Python, circuit-tracer with `--ct-python` (a virtualenv with `circuit-tracer` installed; it reads
@@ -168,6 +168,28 @@ def compare(ours_path: Path, ct_path: Path, n_layers: int, n_pos: int) -> float:
     return ((A - B).abs().max() / B.abs().max()).item()
 
 
+def with_fire_fraction(transcoder: str, fraction: float) -> Path:
+    """A copy of the transcoder whose JumpReLU thresholds make each feature fire on about `fraction`
+    of demo-corpus tokens (fraction * n_features active features per layer and token), in a
+    temporary directory: a denser or sparser variant for timing at a given graph size."""
+    import torch
+
+    from circuits.attribution import load_pair
+    from circuits.demo.corpus import generate_documents
+    from circuits.formats import save_transcoder
+
+    model, clt = load_pair("demo", transcoder)
+    tokens = model.to_tokens(generate_documents(256, seed=5), padding_side="right")[:, :48]
+    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_resid_mid"))
+    with torch.no_grad():
+        for l in range(clt.cfg.n_layers):
+            pre = cache[f"blocks.{l}.hook_resid_mid"].flatten(0, 1) @ clt.W_enc[l].T + clt.b_enc[l]
+            clt.threshold[l] = pre.quantile(1 - fraction, dim=0) + 1e-3  # off any token's exact value
+    out = Path(tempfile.mkdtemp(prefix="bench_clt_"))
+    save_transcoder(clt, out)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--transcoder", default="demo")
@@ -176,6 +198,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument(
         "--ct-python", default="/work/ct-venv/bin/python", help="a Python with circuit-tracer ('' to skip)"
+    )
+    parser.add_argument(
+        "--fire-fraction",
+        type=float,
+        default=None,
+        help="reset thresholds: each feature fires on this fraction of tokens",
     )
     parser.add_argument("--repeat", type=int, default=2, help="best of this many runs (both implementations)")
     parser.add_argument("--sample", type=int, default=8, help="rows checked against autograd per length")
@@ -194,6 +222,8 @@ def main() -> None:
     from circuits.formats import DEMO_CLT_DIR
     from circuits.models import DEMO_MODEL_DIR
 
+    if args.fire_fraction:
+        args.transcoder = str(with_fire_fraction(args.transcoder, args.fire_fraction))
     transcoder_dir = DEMO_CLT_DIR if args.transcoder == "demo" else Path(args.transcoder).resolve()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "HF_HUB_OFFLINE": "1"}
     common = [
