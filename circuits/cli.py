@@ -42,6 +42,20 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     print(json.dumps({"top1_accuracy": accuracy}, indent=2))
 
 
+def _cmd_features(args: argparse.Namespace) -> None:
+    from circuits.features import FeatureScanConfig, default_features_dir, scan_features
+    from circuits.formats import load_transcoder
+    from circuits.models import load_model
+
+    model = load_model(args.model, device=args.device)
+    clt = load_transcoder(args.clt, model=model, device=args.device)
+    given = {"text": args.text, "n_documents": args.documents, "top_k": args.top_k}
+    cfg = FeatureScanConfig(**{k: v for k, v in given.items() if v is not None})
+    out = Path(args.out) if args.out else default_features_dir(args.clt)
+    scan_features(model, clt, cfg, clt_name=str(args.clt)).save(out)
+    print(out)
+
+
 def _cmd_trace(args: argparse.Namespace) -> None:
     from circuits.attribution import load_pair, trace_to_files
 
@@ -54,11 +68,21 @@ def _cmd_trace(args: argparse.Namespace) -> None:
     replacement, completeness = graph.scores()
     print(f"{graph.n_features} feature nodes; targets {graph.target_names}")
     print(f"replacement score {replacement:.3f}, completeness score {completeness:.3f}")
+    validation = None
     if args.validate:
         from circuits.interventions import validate
 
-        print("\n".join(validate(graph, model, clt).lines()))
+        validation = validate(graph, model, clt)
+        print("\n".join(validation.lines()))
     print(paths["json"])
+    from circuits.export.trace import concept_figures, write_trace_page
+    from circuits.features import features_for, load_features
+
+    features = load_features(args.features, clt) if args.features else features_for(args.transcoder, clt)
+    paths_ = [p.split(",") for p in args.path]
+    figures = None if args.no_concepts else concept_figures(model, args.prompt, paths["json"], args.concept, paths_)
+    page = write_trace_page(graph, paths["json"], args.model, args.transcoder, features, figures, validation)
+    print(page)
 
 
 def _cmd_aggregate(args: argparse.Namespace) -> None:
@@ -132,7 +156,17 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_predict)
 
-    p = sub.add_parser("trace", help="build the attribution graph of a prompt and write it as JSON + safetensors")
+    p = sub.add_parser("features", help="scan a corpus with a transcoder: top contexts, histograms, logits, labels")
+    p.add_argument("--model", default="demo", help="'demo', a local model directory, or a TransformerLens name")
+    p.add_argument("--clt", default="demo", help="'demo' or a transcoder directory")
+    p.add_argument("--text", help="corpus: 'demo' (default), a .txt/.jsonl file or 'hf:DATASET'")
+    p.add_argument("--documents", type=int, help="documents to scan (default 2048)")
+    p.add_argument("--top-k", type=int, help="top contexts kept per feature (default 8)")
+    p.add_argument("--out", help="output directory (default: circuits/demo/features, or CLT_DIR/features)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_cmd_features)
+
+    p = sub.add_parser("trace", help="attribution graph of a prompt: JSON, safetensors and the HTML page")
     p.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT)
     p.add_argument("--model", default="demo", help="'demo', a local model directory, or a TransformerLens name")
     p.add_argument("--transcoder", default="demo", help="'demo', a CLT directory, or hf:ORG/REPO")
@@ -148,6 +182,10 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-prune", action="store_true", help="write every node and edge with any influence to the JSON")
     p.add_argument("--validate", action="store_true", help="ablate the top features and compare with the graph")
+    p.add_argument("--features", help="feature scan for the cards (default: the transcoder's, see `circuits features`)")
+    p.add_argument("--concept", action="append", default=[], help="a concept to trace beside the graph; repeatable")
+    p.add_argument("--path", action="append", default=[], help="a concept chain to score, e.g. Dallas,Texas,Austin")
+    p.add_argument("--no-concepts", action="store_true", help="no concept-trace panels on the page")
     p.set_defaults(func=_cmd_trace)
 
     p = sub.add_parser("aggregate", help="merge the graphs of many prompts into one graph of features")

@@ -58,7 +58,7 @@ class TrainConfig:
     sparsity_coef: float = 0.4
     """lambda_S at the end of the ramp."""
     sparsity_c: float = 4.0
-    preact_coef: float = 3e-6
+    preact_coef: float = 3e-4
     bandwidth: float = 0.05
     initial_threshold: float = 0.1
     target_fire_fraction: float = 0.02
@@ -209,7 +209,7 @@ def losses(
         for l in range(L):
             idx = dead[l].nonzero()[:, 0]
             pre = x_enc[:, l] @ clt.W_enc[l, idx].T + clt.b_enc[l, idx]  # [n, n_dead]
-            preact = preact + torch.relu(clt.threshold[l, idx] - pre).sum()
+            preact = preact + torch.relu(clt.threshold[l, idx].detach() - pre).sum()  # raise pre, not lower θ
     total = (mse + cfg.sparsity_coef * sparsity_factor(step, cfg) * sparsity + cfg.preact_coef * preact) / n_global
     parts = {"mse": mse.item() / len(x), "sparsity": sparsity.item() / len(x_enc), "preact": preact.item() / len(x_enc)}
     return StepLoss(total, parts, fired, l0)
@@ -405,6 +405,8 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, model: HookedTransf
             if p.grad is not None:
                 p.grad.mul_(torch.clamp(cfg.grad_clip / (norm + 1e-6), max=1.0))
         opt.step()
+        with torch.no_grad():
+            clt.threshold.clamp_(min=0.0)  # JumpReLU: a feature is off below a non-negative threshold
         last_fired = torch.where(comm.any_rank(result.fired), step + 1, last_fired)
         tokens_seen += cfg.batch_tokens
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:

@@ -237,13 +237,13 @@ def test_trace_cli_writes_the_graph_files(clt_dir, tmp_path, capsys):
     out = tmp_path / "graphs"
     assert main(["trace", FLAGSHIP, "--transcoder", str(clt_dir), "--out", str(out), "--slug", "dallas"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[-1] == str(out / "dallas.json")
+    assert lines[-2:] == [str(out / "dallas.json"), str(out / "dallas.html")]  # the page's path last
     assert "replacement score" in lines[1]
     data = json.loads((out / "dallas.json").read_text())
     assert data["metadata"]["slug"] == "dallas" and data["links"]
     graph = Graph.load(out / "dallas.graph.safetensors")
     assert graph.prompt == FLAGSHIP and graph.target_names == ["Austin"]
-    assert sorted(p.name for p in out.iterdir()) == ["dallas.graph.safetensors", "dallas.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["dallas.graph.safetensors", "dallas.html", "dallas.json"]
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,225 @@
+"""Assemble one self-contained, offline HTML page per prompt: header, graph view, side panel
+(node details, feature cards, supernodes) and concept-trace panels.
+
+Input is a graph in the circuit-tracer / Neuronpedia JSON schema (what `Graph.to_dict` returns),
+optionally with the feature scan of its transcoder (`circuits.features`) and plotly figures of the
+concept traces. Every script and style is inlined; no tag loads anything. Strings from the model or
+the user reach the page in two ways only: through `html.escape` into markup, or as JSON inside
+`<script type="application/json">` with `<`, `>` and `&` written as \\u escapes (and, in pyvis's
+drawing script, through Jinja's `tojson`, which does the same); the page's own JS writes them with
+`textContent` and draws them on the canvas, never as HTML.
+"""
+
+from __future__ import annotations
+
+import copy
+import html
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from circuits.errors import CircuitsError
+from circuits.export.graph_view import ViewOptions, build_view, network_assets, parse_node
+from circuits.export.panels import figure_specs, plotly_js
+from circuits.export.supernodes import suggest_supernodes
+from circuits.formats import atomic_file
+
+ASSETS = Path(__file__).parent
+
+
+@dataclass
+class PageInfo:
+    """Header facts the graph JSON does not carry."""
+
+    model: str = ""
+    transcoder: str = ""
+    top_predictions: list[tuple[str, float]] = field(default_factory=list)
+    """(token, probability), best first; default: the graph's logit nodes."""
+    validation: dict[str, float] = field(default_factory=dict)
+    """e.g. {"attention frozen": 0.99, "attention recomputed": 0.95}: correlation of predicted and
+    measured ablation effects."""
+
+
+@dataclass
+class PageOptions:
+    view: ViewOptions = field(default_factory=ViewOptions)
+    supernode_threshold: float = 0.8
+    """Cosine of link profiles above which features at one position are suggested as a group."""
+
+
+def feature_cards(graph: dict, features) -> dict[str, dict]:
+    """The feature card of every feature node, keyed by node id (empty without a scan)."""
+    if features is None:
+        return {}
+    L, F = features.max_activation.shape
+    cards = {}
+    for node in graph["nodes"]:
+        if node.get("feature_type") != "cross layer transcoder":
+            continue
+        p = parse_node(node, L)
+        if not (0 <= p["layer"] < L and 0 <= p["feature"] < F):
+            raise CircuitsError(
+                f"node {node['node_id']} is outside the feature scan ({L} layers x {F} features): "
+                "pass the scan of the graph's transcoder"
+            )
+        cards[node["node_id"]] = features.card(p["layer"], p["feature"])
+    return cards
+
+
+def annotate(graph: dict, cards: dict[str, dict], supernodes: list[list[str]] | None = None) -> dict:
+    """A copy of `graph` whose feature nodes without a clerp get their card's label, and whose
+    qParams.supernodes are `supernodes` (when given): the JSON written next to the page."""
+    out = copy.deepcopy(graph)
+    for node in out["nodes"]:
+        if not node.get("clerp") and node["node_id"] in cards:
+            node["clerp"] = cards[node["node_id"]]["label"]
+    if supernodes is not None:
+        out.setdefault("qParams", {})["supernodes"] = supernodes
+    return out
+
+
+def render_page(
+    graph: dict,
+    features=None,
+    figures: dict | None = None,
+    info: PageInfo | None = None,
+    options: PageOptions | None = None,
+) -> str:
+    """The page as one HTML string. `features`: a `FeatureScan` of the graph's transcoder;
+    `figures`: {name: plotly Figure} of the concept traces (see `circuits.export.panels`)."""
+    info, options = info or PageInfo(), options or PageOptions()
+    cards = feature_cards(graph, features)
+    labels = {nid: card["label"] for nid, card in cards.items()}
+    view = build_view(graph, labels, options.view)
+    assets = network_assets(view)
+    shown = {(e["from"], e["to"]) for e in view.edges}
+    specs = figure_specs(figures or {})
+    suggestions = (graph.get("qParams") or {}).get("supernodes") or suggest_supernodes(
+        graph, options.supernode_threshold, labels
+    )
+    data = {
+        "graph": {
+            "metadata": graph["metadata"],
+            "qParams": graph.get("qParams", {}),
+            "nodes": graph["nodes"],
+            "links_not_shown": [
+                [link["source"], link["target"], link["weight"]]
+                for link in graph["links"]
+                if (link["source"], link["target"]) not in shown
+            ],
+        },
+        "cards": cards,
+        "suggestions": suggestions,
+        "figures": specs,
+        "n_layers": view.n_layers,
+        "tokens": view.tokens,
+        "geometry": view.geometry,
+    }
+    page_js = (ASSETS / "page.js").read_text(encoding="utf-8")
+    page_css = (ASSETS / "page.css").read_text(encoding="utf-8")
+    plotly = _script(plotly_js()) if specs else ""
+    title = html.escape(graph["metadata"].get("prompt", ""))
+    return (
+        f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{title}</title>\n'
+        f"<style>{assets['css']}</style>\n<style>{page_css}</style>\n{_script(assets['js'])}\n{plotly}\n"
+        f"</head>\n<body>\n{_header(graph, view, info)}\n{_main(specs)}\n"
+        f'<script type="application/json" id="circuits-data">{script_json(data)}</script>\n'
+        f"{_script(assets['draw'])}\n{_script(page_js)}\n</body>\n</html>\n"
+    )
+
+
+def write_page(path: str | Path, graph: dict, **kwargs) -> Path:
+    """Render (see `render_page`) and write the page atomically; returns its path."""
+    path = Path(path)
+    text = render_page(graph, **kwargs)
+    with atomic_file(path) as f:
+        f.write(text)
+    return path
+
+
+def script_json(value) -> str:
+    """JSON that is safe inside a <script> element: no `<`, `>` or `&` survives literally."""
+    text = json.dumps(value, ensure_ascii=False, allow_nan=False)
+    for char in "&<>\u2028\u2029":
+        text = text.replace(char, f"\\u{ord(char):04x}")
+    return text
+
+
+def _script(js: str) -> str:
+    """Inline code; a `</script` inside would end the element early (data never gets here: it is
+    JSON-escaped)."""
+    if re.search(r"</script", js, flags=re.I):
+        raise RuntimeError("an inlined script contains '</script': it cannot be embedded as is")
+    return f"<script>{js}</script>"
+
+
+# ---- markup ----------------------------------------------------------------------------------
+
+
+def _header(graph: dict, view, info: PageInfo) -> str:
+    meta = graph["metadata"]
+    predictions = info.top_predictions or [(n["token"], n["prob"]) for n in view.nodes if n["kind"] == "logit"]
+    preds = "".join(
+        f'<li><span class="tok">{html.escape(str(t))}</span> <span class="num">{p:.3f}</span></li>'
+        for t, p in sorted(predictions, key=lambda tp: -tp[1])
+    )
+    facts = {
+        "model": info.model or "",
+        "transcoder": info.transcoder or meta.get("scan", ""),
+        "replacement score": _number(meta.get("replacement_score")),
+        "completeness score": _number(meta.get("completeness_score")),
+        **{f"validation r ({k})": _number(v) for k, v in info.validation.items()},
+        "node threshold": _number(meta.get("node_threshold")),
+        "edge threshold": _number(meta.get("edge_threshold")),
+        "nodes": str(len(view.nodes)),
+        "edges shown": f"{len(view.edges)} of {view.n_links}",
+    }
+    rows = "".join(f"<div><dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd></div>" for k, v in facts.items() if v)
+    return (
+        f'<header id="header"><h1 id="prompt">{html.escape(meta.get("prompt", ""))}</h1>'
+        f'<div class="predictions"><span class="caption">top predictions</span><ol id="predictions">{preds}</ol></div>'
+        f'<dl id="facts">{rows}</dl></header>'
+    )
+
+
+def _number(value) -> str:
+    return "" if value is None else f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def _main(specs: list[dict]) -> str:
+    figures = "".join(
+        f'<div class="figure-box"><h3>{html.escape(s["name"])}</h3>'
+        f'<div class="figure" id="figure-{i}"></div><p class="cell-info" id="cell-info-{i}"></p></div>'
+        for i, s in enumerate(specs)
+    )
+    concepts = f'<section id="concepts"><h2>Concept traces</h2>{figures}</section>' if specs else ""
+    return f"""<main id="layout" class="{"with-concepts" if specs else ""}">
+<section id="graph-col">
+  <div id="toolbar">
+    <label>edge |w| ≥ <input type="range" id="edge-threshold" min="0" max="100" step="1" value="0"></label>
+    <span id="edge-threshold-value">0</span> <span id="edge-count"></span>
+    <input type="search" id="search" placeholder="search token, feature, label">
+    <span id="search-count"></span>
+    <label><input type="checkbox" id="show-labels"> labels</label>
+    <button type="button" id="fit">fit</button>
+    <span id="legend"><i class="lg feature"></i>feature <i class="lg error"></i>error <i class="lg embedding"></i>token
+      <i class="lg logit"></i>logit <i class="lg supernode"></i>supernode <i class="lg pos"></i>+ edge
+      <i class="lg neg"></i>− edge</span>
+  </div>
+  <div id="mynetwork"></div>
+  <div id="hover-info"></div>
+</section>
+<aside id="panel">
+  <section id="details"><p class="hint">Click a node for its details; ctrl-click to select several.</p></section>
+  <section id="supernodes"><h2>Supernodes</h2>
+    <div class="row"><input type="text" id="supernode-label" placeholder="label"
+      ><button type="button" id="group-selected">group selected</button></div>
+    <p id="supernode-message"></p>
+    <ul id="supernode-list"></ul>
+    <h3>Suggested</h3><ul id="suggestions"></ul>
+    <button type="button" id="export-json">download graph JSON (with supernodes)</button>
+  </section>
+</aside>
+{concepts}
+</main>"""
