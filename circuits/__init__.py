@@ -15,6 +15,8 @@ _EXPORTS = {
     "CircuitsError": "circuits.errors",
     "CLTConfig": "circuits.clt",
     "CrossLayerTranscoder": "circuits.clt",
+    "attribute": "circuits.attribution",
+    "Graph": "circuits.graph",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class AttributionConfig:
-    batch_size: int = 256
+    batch_size: int = 128
     """Targets per backward pass."""
     max_feature_nodes: int | None = None
     """Keep at most this many feature nodes, the most influential ones (None: all active features)."""
@@ -124,49 +124,60 @@ class Sources:
         self.n_features = len(rep.features)
         self.n = self.n_features + L * P + P
         layer, pos, feature = rep.features.T
-        self.blocks: list[list[tuple[int, int, torch.Tensor]]] = []  # [s][p] -> (start, stop, D [n_sp, T*d])
+        self.blocks: list[list[tuple[int, int, torch.Tensor]]] = []  # [s][p] -> (start, stop, D [T*d, n_sp])
         for s in range(L):
             idx = (layer == s).nonzero()[:, 0]
-            D = clt.W_dec[s].detach()[feature[idx]].flatten(1) * rep.activations[idx, None]  # [n_s, T*d]
+            D = (clt.W_dec[s].detach()[feature[idx]].flatten(1) * rep.activations[idx, None]).T  # [T*d, n_s]
             bounds = torch.searchsorted(pos[idx], torch.arange(P + 1))
             start = int(idx[0]) if len(idx) else 0
             self.blocks.append(
-                [(start + int(a), start + int(b), D[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+                [(start + int(a), start + int(b), D[:, a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
             )
 
-    def rows(self, layer: torch.Tensor, pos: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
+    def rows(self, layer: torch.Tensor, pos: torch.Tensor, vec: torch.Tensor, out: torch.Tensor | None = None):
         """Edges from every source into a batch of targets: `vec` [B, d] injected at resid_mid of
-        `layer` [B] (layer L: the final residual stream) and position `pos` [B] -> [B, n_sources]."""
+        `layer` [B] (layer L: the final residual stream) and position `pos` [B] -> [B, n_sources]
+        (written into `out` when given)."""
         rep, L, P = self.rep, self.L, self.P
         B, Pp, top = len(layer), int(pos.max()) + 1, min(int(layer.max()), L)
         d = vec.shape[-1]
         skip = rep.clt.W_skip
-        g = vec.new_zeros(B, Pp, d)
-        g_post = vec.new_zeros(B, Pp, L, d)  # gradient at each layer's MLP output (zero from `top` up)
+        g = vec.new_zeros(B, Pp, d)  # gradient at the residual stream, walking down
+        g_post = vec.new_empty(B, Pp, L, d)  # gradient at each layer's MLP output; slots below `top` get written
         batch = torch.arange(B)
+        dense = False  # whether g is nonzero yet
         for l in range(min(top, L - 1), -1, -1):
             if l == L - 1:
                 at = layer == L
                 g[batch[at], pos[at]] += vec[at]
                 g_post[:, :, l] = g
-            if skip is not None and l < top:
+                dense = bool(at.any())
+            if skip is not None and dense:
                 g = g + g @ skip[l].detach().T
-            at = layer == l
-            g[batch[at], pos[at]] += vec[at]
-            g = g + rep.attention_backward(l, g)
+            through_attention = rep.attention_backward(l, g) if dense else None
+            at = (layer == l).nonzero()[:, 0]
+            if len(at) == B:  # injected at one position each: their attention backward is cheap
+                g[batch, pos] += vec
+                g += rep.attention_backward_sparse(l, vec, pos, Pp)
+                dense = True
+            elif len(at):
+                g[at, pos[at]] += vec[at]
+                g[at] += rep.attention_backward_sparse(l, vec[at], pos[at], Pp)
+                dense = True
+            if through_attention is not None:
+                g += through_attention
             if l > 0:
                 g_post[:, :, l - 1] = g
-        out = vec.new_zeros(B, self.n)
+        out = vec.new_zeros(B, self.n) if out is None else out
         cross = rep.clt.cfg.cross_layer
         for s in range(top):
-            width = (top - s) * d if cross else d
+            stop = top if cross else s + 1
             for p, (a, b, D) in enumerate(self.blocks[s][:Pp]):
                 if b > a:
-                    out[:, a:b] = g_post[:, p, s:].flatten(1)[:, :width] @ D[:, :width].T
-        errors = vec.new_zeros(B, L, P)
-        errors[:, :top, :Pp] = torch.einsum("bpld,lpd->blp", g_post[:, :, :top], rep.errors[:top, :Pp])
+                    torch.matmul(g_post[:, p, s:stop].flatten(1), D[: (stop - s) * d], out=out[:, a:b])
         e0 = self.n_features
-        out[:, e0 : e0 + L * P] = errors.flatten(1)
+        errors = out[:, e0 : e0 + L * P].view(B, L, P)  # `out` starts zeroed
+        errors[:, :top, :Pp] = torch.einsum("bpld,lpd->blp", g_post[:, :, :top], rep.errors[:top, :Pp])
         out[:, e0 + L * P : e0 + L * P + Pp] = (g * rep.embed[:Pp]).sum(-1)
         return out
 
@@ -199,33 +210,37 @@ def attribute(
     transcoder: CrossLayerTranscoder,
     *,
     targets: list[str] | None = None,
-    batch_size: int = 256,
+    batch_size: int = 128,
     max_feature_nodes: int | None = None,
     device: str = "cpu",
     dtype: str = "float32",
+    inhibited: int = 0,
     progress: bool = True,
 ) -> Graph:
-    """The unpruned attribution graph of `prompt`'s next-token prediction (see `Graph` for the layout)."""
+    """The unpruned attribution graph of `prompt`'s next-token prediction (see `Graph` for the layout).
+    With `inhibited` > 0, also that many inactive features at the last position that the graph's
+    feature nodes push down hardest (`Graph.inhibited`)."""
     cfg = AttributionConfig(batch_size, max_feature_nodes, dtype=dtype, device=device, targets=list(targets or []))
     torch_dtype = getattr(torch, dtype)
-    model = model.to(device, print_details=False)
+    if model.W_U.device != torch.device(device):
+        model, transcoder = model.to(device, print_details=False), transcoder.to(device)
     tokens = tokenize(model, prompt)
-    rep = build_replacement(model, transcoder.to(device), tokens, torch_dtype)
+    rep = build_replacement(model, transcoder, tokens, torch_dtype)
     W_U, b_U = model.W_U.detach().to(torch_dtype), model.b_U.detach().to(torch_dtype)
     logit_targets = resolve_targets(model, rep.logits, cfg.targets, cfg)
     sources = Sources(rep)
     n, L, P = sources.n_features, rep.n_layers, rep.n_pos
     log.info("%d tokens, %d active features, %d targets", P, n, len(logit_targets))
 
-    T = len(logit_targets)
-    logit_rows = sources.rows(torch.full((T,), L), torch.full((T,), P - 1), logit_vectors(rep, W_U, logit_targets))
-    selected, feature_rows = _feature_rows(sources, logit_rows, logit_targets, cfg, progress)
+    T, N = len(logit_targets), sources.n + len(logit_targets)
+    adjacency = torch.zeros(N, N, dtype=torch_dtype)  # rows are written in place
+    vectors = logit_vectors(rep, W_U, logit_targets)
+    sources.rows(torch.full((T,), L), torch.full((T,), P - 1), vectors, out=adjacency[sources.n :, : sources.n])
+    selected = _feature_rows(sources, adjacency, logit_targets, cfg, progress)
     inputs, bias = node_inputs_and_bias(rep, W_U, b_U, logit_targets)
-    keep = torch.cat([selected, torch.arange(n, sources.n)])  # source columns kept
-    n_sel, N = len(selected), len(selected) + L * P + P + T
-    adjacency = torch.zeros(N, N, dtype=torch_dtype)
-    adjacency[:n_sel, : N - T] = feature_rows[:, keep]
-    adjacency[N - T :, : N - T] = logit_rows[:, keep]
+    if len(selected) < n:
+        keep = torch.cat([selected, torch.arange(n, N)])
+        adjacency = adjacency[keep][:, keep]
     return Graph(
         prompt=prompt,
         tokens=tokens.cpu(),
@@ -240,43 +255,80 @@ def attribute(
         bias=torch.cat([bias[selected], bias[n:]]).cpu(),
         n_layers=L,
         config={"attribution": asdict(cfg), "model": model.cfg.model_name, "n_active_features": n},
+        inhibited=inhibited_features(sources, selected, inhibited) if inhibited else [],
     )
 
 
-def _feature_rows(sources: Sources, logit_rows, targets, cfg: AttributionConfig, progress: bool):
-    """Rows of the feature nodes: all of them, or with `max_feature_nodes` the most influential
-    ones, chosen batch by batch from the influence estimated on the rows computed so far.
-    Returns (selected feature indices [k] in sorted order, rows [k, n_sources])."""
+def inhibited_features(sources: Sources, selected: torch.Tensor, k: int) -> list[dict]:
+    """The k inactive features at the last position with the most negative pre-activation
+    contribution from the selected feature nodes (inhibition the graph's edges cannot show, since
+    an inactive feature is no node). Each record: layer, pos, feature, pre_activation, bias,
+    inhibition (the selected features' summed contribution), contributions (from every source
+    node, in the graph's column order, summing with bias to pre_activation) and the top inhibitors."""
+    rep, L, P = sources.rep, sources.L, sources.P
+    d = rep.embed.shape[-1]
+    mid0, _ = rep.linear_forward(with_sources=False)
+    keep = torch.cat([selected, torch.arange(sources.n_features, sources.n)])
+    candidates = []
+    for l in range(L):
+        eye = torch.eye(d, dtype=rep.embed.dtype)
+        J = sources.rows(torch.full((d,), l), torch.full((d,), P - 1), eye)[:, keep]  # [d, sources]: resid_mid[l, P-1]
+        W_enc, b_enc = rep.clt.W_enc[l].detach(), rep.clt.b_enc[l].detach()
+        pre = rep.resid_mid[l, P - 1] @ W_enc.T + b_enc  # [F]
+        from_features = W_enc @ J[:, : len(selected)].sum(1)  # [F]
+        active = (rep.features[:, 0] == l) & (rep.features[:, 1] == P - 1)
+        inactive = torch.ones_like(pre, dtype=torch.bool)
+        inactive[rep.features[active, 2]] = False
+        for f in torch.where(inactive, from_features, torch.inf).topk(k, largest=False).indices.tolist():
+            contributions = W_enc[f] @ J  # [sources]
+            top = contributions[: len(selected)].topk(min(5, len(selected)), largest=False)
+            candidates.append({
+                "layer": l, "pos": P - 1, "feature": f, "pre_activation": pre[f].item(),
+                "bias": (W_enc[f] @ mid0[l, P - 1] + b_enc[f]).item(), "inhibition": from_features[f].item(),
+                "contributions": contributions.tolist(),
+                "inhibitors": [[i, w] for i, w in zip(top.indices.tolist(), top.values.tolist(), strict=True)],
+            })  # fmt: skip
+    return sorted(candidates, key=lambda c: c["inhibition"])[:k]
+
+
+def _feature_rows(sources: Sources, adjacency: torch.Tensor, targets, cfg: AttributionConfig, progress: bool):
+    """Write the rows of the feature nodes into adjacency [N, N] (its logit rows already written):
+    all of them, or with `max_feature_nodes` the most influential ones, chosen batch by batch from
+    the influence estimated on the rows computed so far. Returns the computed features [k], sorted."""
     rep, n = sources.rep, sources.n_features
     cap = n if cfg.max_feature_nodes is None else min(cfg.max_feature_nodes, n)
-    rows = logit_rows.new_zeros(n, sources.n)
-    done = torch.zeros(n, dtype=torch.bool)
+    rows = adjacency[:n, : sources.n]
     layer, pos, feature = rep.features.T
     W_enc = rep.clt.W_enc.detach()
     bar = tqdm(total=cap, desc="attribution", unit="feature", disable=not progress)
+    if cap == n:  # one layer per batch, in (layer, position) order: the batch sees few positions
+        for l in range(sources.L):
+            idx = (layer == l).nonzero()[:, 0]
+            for a in range(0, len(idx), cfg.batch_size):
+                start, stop = int(idx[a]), int(idx[min(a + cfg.batch_size, len(idx)) - 1]) + 1
+                b = slice(start, stop)
+                sources.rows(layer[b], pos[b], W_enc[layer[b], feature[b]], out=rows[b])
+                bar.update(stop - start)
+        bar.close()
+        return torch.arange(n)
+    done = torch.zeros(n, dtype=torch.bool)
     while int(done.sum()) < cap:
-        if cap == n:
-            batch = (~done).nonzero()[: cfg.batch_size, 0]  # sorted by (layer, pos): short batches
-        else:
-            influence = _feature_influence(rows, done, logit_rows, targets, sources)
-            influence[done] = -1
-            batch = influence.topk(min(cfg.batch_size, cap - int(done.sum()))).indices.sort().values
+        influence = _feature_influence(adjacency, done, targets, sources)
+        influence[done] = -1
+        batch = influence.topk(min(cfg.batch_size, cap - int(done.sum()))).indices.sort().values
         rows[batch] = sources.rows(layer[batch], pos[batch], W_enc[layer[batch], feature[batch]])
         done[batch] = True
         bar.update(len(batch))
     bar.close()
-    selected = done.nonzero()[:, 0]
-    return selected, rows[selected]
+    return done.nonzero()[:, 0]
 
 
-def _feature_influence(rows, done, logit_rows, targets, sources: Sources) -> torch.Tensor:
+def _feature_influence(adjacency, done, targets, sources: Sources) -> torch.Tensor:
     """Influence of every feature on the targets through the rows computed so far: [n_features]."""
-    n, T = sources.n_features, len(targets)
-    N = sources.n + T
-    A = logit_rows.new_zeros(N, N)
-    A[:n, : sources.n] = rows * done[:, None]
-    A[sources.n :, : sources.n] = logit_rows
-    weights = A.new_zeros(N)
+    n = sources.n_features
+    A = adjacency.clone()
+    A[:n] *= done[:, None]
+    weights = A.new_zeros(len(A))
     weights[sources.n :] = torch.tensor([t.prob for t in targets], dtype=A.dtype)
     return compute_influence(normalize_matrix(A), weights)[:n]
 

@@ -85,6 +85,17 @@ def _cmd_trace(args: argparse.Namespace) -> None:
     print(page)
 
 
+def _cmd_aggregate(args: argparse.Namespace) -> None:
+    from circuits.formats import atomic_file
+    from circuits.graph import Graph, aggregate
+
+    merged = aggregate([Graph.load(path) for path in args.graphs], args.min_prompts)
+    with atomic_file(args.out) as f:
+        json.dump(merged, f)
+    print(f"{len(merged['nodes'])} feature nodes, {len(merged['links'])} links from {len(args.graphs)} graphs")
+    print(args.out)
+
+
 def _cmd_train(args: argparse.Namespace) -> None:
     from circuits.train import load_recipe, train
 
@@ -164,7 +175,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node-threshold", type=float, default=0.8, help="cumulative influence of kept nodes")
     p.add_argument("--edge-threshold", type=float, default=0.98, help="cumulative influence of kept edges")
     p.add_argument("--max-feature-nodes", type=int, default=None, help="keep only this many feature nodes")
-    p.add_argument("--batch-size", type=int, default=256, help="targets per backward pass")
+    p.add_argument("--batch-size", type=int, default=128, help="targets per backward pass")
     p.add_argument(
         "--target", nargs="+", default=None, metavar="TOKEN", help="target tokens, or A-B for a logit difference"
     )
@@ -176,6 +187,12 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--path", action="append", default=[], help="a concept chain to score, e.g. Dallas,Texas,Austin")
     p.add_argument("--no-concepts", action="store_true", help="no concept-trace panels on the page")
     p.set_defaults(func=_cmd_trace)
+
+    p = sub.add_parser("aggregate", help="merge the graphs of many prompts into one graph of features")
+    p.add_argument("graphs", nargs="+", help=".graph.safetensors files written by `circuits trace`")
+    p.add_argument("--out", default="graphs/aggregate.json")
+    p.add_argument("--min-prompts", type=int, default=1, help="keep nodes and links seen in at least this many")
+    p.set_defaults(func=_cmd_aggregate)
 
     p = sub.add_parser("train", help="train a cross-layer transcoder from a TOML recipe (see training/)")
     p.add_argument("recipe", type=Path, help="a TOML file of TrainConfig keys, e.g. training/demo.toml")

@@ -69,6 +69,8 @@ class Graph:
     bias: torch.Tensor  # [n + T]: the constant part of each input (inputs = incoming edges + bias)
     n_layers: int
     config: dict = field(default_factory=dict)
+    inhibited: list[dict] = field(default_factory=list)
+    """Optional: inactive features the graph's feature nodes suppress (see `attribution.inhibited_features`)."""
 
     @property
     def n_pos(self) -> int:
@@ -215,7 +217,9 @@ class Graph:
                 "bias",
             )
         }
-        meta = {k: getattr(self, k) for k in ("prompt", "token_strs", "target_names", "n_layers", "config")}
+        meta = {
+            k: getattr(self, k) for k in ("prompt", "token_strs", "target_names", "n_layers", "config", "inhibited")
+        }
         with atomic_file(Path(path), "wb") as f:
             f.write(save(tensors, metadata={"graph": json.dumps(meta), "schema_version": str(SCHEMA_VERSION)}))
 
@@ -288,7 +292,15 @@ class Graph:
             "schema_version": SCHEMA_VERSION,
             "replacement_score": replacement,
             "completeness_score": completeness,
-        }
+            "inhibited_features": [
+                {
+                    "node_id": f"{r['layer']}_{r['feature']}_{r['pos']}", "pre_activation": r["pre_activation"],
+                    "inhibition": r["inhibition"],
+                    "inhibitors": [{"source": records[i]["id"], "weight": w} for i, w in r["inhibitors"]],
+                }
+                for r in self.inhibited
+            ],
+        }  # fmt: skip
         qparams = {
             "pinnedIds": [],
             "supernodes": [],
@@ -318,3 +330,44 @@ def _js_node_id(r: dict) -> str:
     if r["kind"] == "embedding":
         return f"E_{r['feature']}-{r['pos']}"
     return f"L_{r['feature']}-{r['pos']}"
+
+
+def aggregate(graphs: list[Graph], min_prompts: int = 1) -> dict:
+    """Merge graphs of many prompts into one graph of features (position-free: a node is
+    (layer, feature), or a target token). Within a prompt, a pair's edges over all positions are
+    summed; across prompts, edges are averaged over the prompts where the pair has an edge (both
+    ends active, the source at or before the target).
+    Returns JSON-ready {"prompts", "nodes", "links"}; nodes and links seen in fewer than
+    `min_prompts` prompts are left out."""
+    nodes: dict[str, dict] = {}
+    links: dict[tuple[str, str], list[float]] = {}
+    for graph in graphs:
+        keys = [f"{l}_{f}" for l, _, f in graph.features.tolist()] + [f"L_{name}" for name in graph.target_names]
+        rows = list(range(graph.n_features)) + list(range(graph.target_slice.start, graph.target_slice.stop))
+        present: dict[str, float] = {}
+        for key, act in zip(keys, graph.activations.tolist() + [0.0] * graph.n_targets, strict=True):
+            present[key] = present.get(key, 0.0) + act
+        for key, act in present.items():
+            node = nodes.setdefault(key, {"id": key, "prompts": 0, "activation_sum": 0.0})
+            node["prompts"] += 1
+            node["activation_sum"] += act
+        sub = graph.adjacency[rows][:, : graph.n_features]  # [features + targets, features]
+        summed: dict[tuple[str, str], float] = {}
+        targets, sources = sub.nonzero(as_tuple=True)
+        for t, s, w in zip(targets.tolist(), sources.tolist(), sub[targets, sources].tolist(), strict=True):
+            pair = (keys[s], keys[t])
+            summed[pair] = summed.get(pair, 0.0) + w
+        for pair, w in summed.items():
+            links.setdefault(pair, []).append(w)
+    kept = {k: n for k, n in nodes.items() if n["prompts"] >= min_prompts}
+    node_list = [
+        {"id": k, "prompts": n["prompts"], "mean_activation": n["activation_sum"] / n["prompts"]}
+        for k, n in kept.items()
+    ]
+    link_list = [
+        {"source": s, "target": t, "weight": sum(ws) / len(ws), "prompts": len(ws)}
+        for (s, t), ws in links.items()
+        if len(ws) >= min_prompts and s in kept and t in kept
+    ]
+    link_list.sort(key=lambda link: -abs(link["weight"]))
+    return {"prompts": [g.prompt for g in graphs], "nodes": node_list, "links": link_list}

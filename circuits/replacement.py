@@ -65,7 +65,11 @@ class Replacement:
     activations: torch.Tensor  # [n]
     pre_activations: torch.Tensor  # [n]
     errors: torch.Tensor  # [L, P, d] real mlp_out - CLT reconstruction
+    decoded: torch.Tensor  # [L, P, d] the active features' decoder vectors (times activation) summed per layer
     clt: CrossLayerTranscoder
+
+    def __post_init__(self) -> None:
+        self._backward_operators()
 
     @property
     def n_layers(self) -> int:
@@ -84,12 +88,38 @@ class Replacement:
 
     def attention_backward(self, layer: int, g: torch.Tensor) -> torch.Tensor:
         """Gradient at the attention output [B, P', d] -> its contribution to the gradient at
-        resid_pre [B, P', d]. Causal patterns let P' < P positions stand alone."""
-        Pp = g.shape[1]
-        u = torch.einsum("bqd,hed->hbqe", g, self.W_O[layer])  # [H, B, P', d_head]
-        v = self.patterns[layer, :, None, :Pp, :Pp].transpose(-1, -2) @ u  # keys gather from queries
-        w = torch.einsum("hbke,hde->bkd", v, self.W_V[layer])
-        return self.ln1[layer].backward(w)
+        resid_pre [B, P', d]: two matrix products and one mixing over positions per head, with the
+        norm folded in (see `_backward_operators`). Causal patterns let P' < P positions stand alone."""
+        B, Pp, d = g.shape
+        H = self.W_O.shape[1]
+        u = (g.reshape(B * Pp, d) @ self.back_O[layer]).view(B, Pp, H, -1)  # [B, P', H, d_head]
+        u = u.permute(2, 1, 0, 3).reshape(H, Pp, -1)  # [H, P'(query), B * d_head]
+        v = (self.back_mix[layer, :, :Pp, :Pp] @ u).view(H, Pp, B, -1)  # [H, P'(key), B, d_head]
+        return (v.permute(2, 1, 0, 3).reshape(B * Pp, -1) @ self.back_V[layer]).view(B, Pp, d)
+
+    def attention_backward_sparse(self, layer: int, vec: torch.Tensor, pos: torch.Tensor, Pp: int) -> torch.Tensor:
+        """`attention_backward` for gradients that are `vec` [n, d] at one position `pos` [n] each and
+        zero elsewhere: [n, P', d], without the dense products."""
+        H, dh, d = self.W_O.shape[1], self.W_O.shape[2], vec.shape[-1]
+        u = (vec @ self.back_O[layer]).view(-1, H, dh)  # [n, H, d_head]
+        z = torch.einsum("nhe,hed->nhd", u, self.back_V[layer].view(H, dh, d))  # [n, H, d]
+        coef = self.back_mix[layer, :, :Pp][:, :, pos].permute(2, 1, 0)  # [n, P'(key), H]
+        return coef @ z
+
+    def _backward_operators(self) -> None:
+        """Precompute the transposed attention maps. For the gradient y at resid_mid, the gradient
+        at resid_pre gains C (w * sum_h A_h^T y W_O_h^T W_V_h^T) / scale, where C centres (LayerNorm)
+        and scale is the frozen norm scale at the key position: fold w and C into back_V, 1/scale
+        into back_mix."""
+        H, dh = self.W_O.shape[1], self.W_O.shape[2]
+        L, d = self.n_layers, self.embed.shape[-1]
+        self.back_O = self.W_O.permute(0, 3, 1, 2).reshape(L, d, H * dh)  # [L, d, H * d_head]
+        back_V = self.W_V.permute(0, 1, 3, 2).reshape(L, H * dh, d) * torch.stack([n.w for n in self.ln1])[:, None]
+        if self.ln1[0].centre:
+            back_V = back_V - back_V.mean(-1, keepdim=True)
+        self.back_V = back_V  # [L, H * d_head, d]
+        scales = torch.stack([n.scale[:, 0] for n in self.ln1])  # [L, P]
+        self.back_mix = self.patterns.transpose(-1, -2) / scales[:, None, :, None]  # [L, H, P(key), P(query)]
 
     def linear_forward(self, with_sources: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the frozen linear model: (resid_mid [L, P, d], resid_final [P, d]). With all sources it
@@ -98,27 +128,28 @@ class Replacement:
         clt, L = self.clt, self.n_layers
         on = 1.0 if with_sources else 0.0
         resid = on * self.embed + self.pos_embed
-        decoded = self.decoded_features()  # [L, P, d]
         mids = []
         for l in range(L):
             mid = resid + self.attention_forward(l, resid)
-            mlp = clt.b_dec[l] + on * (decoded[l] + self.errors[l])
+            mlp = clt.b_dec[l] + on * (self.decoded[l] + self.errors[l])
             if clt.W_skip is not None:
                 mlp = mlp + mid @ clt.W_skip[l]
             mids.append(mid)
             resid = mid + mlp
         return torch.stack(mids), resid
 
-    def decoded_features(self) -> torch.Tensor:
-        """Sum of the active features' decoder vectors (times activation) written to each layer: [L, P, d]."""
-        clt, L, P = self.clt, self.n_layers, self.n_pos
-        out = torch.zeros(L, P, self.embed.shape[-1], dtype=self.embed.dtype)
-        layer, pos, feature = self.features.T
-        for s in range(L):
-            mask = layer == s
-            for t in range(s, L) if clt.cfg.cross_layer else (s,):
-                out[t].index_add_(0, pos[mask], self.activations[mask, None] * clt.decoder(s, t)[feature[mask]])
-        return out
+
+def decode_active(clt: CrossLayerTranscoder, features: torch.Tensor, acts: torch.Tensor, P: int) -> torch.Tensor:
+    """Sum of the active features' (features [n, 3], acts [n]) decoder vectors written to each
+    layer: [L, P, d], touching only their decoder rows."""
+    L = clt.cfg.n_layers
+    out = acts.new_zeros(L, P, clt.cfg.d_model)
+    layer, pos, feature = features.T
+    for s in range(L):
+        mask = layer == s
+        for t in range(s, L) if clt.cfg.cross_layer else (s,):
+            out[t].index_add_(0, pos[mask], acts[mask, None] * clt.decoder(s, t)[feature[mask]])
+    return out
 
 
 def check_supported(model: HookedTransformer) -> None:
@@ -150,13 +181,8 @@ def build_replacement(
     check_supported(model)
     L, d = model.cfg.n_layers, model.cfg.d_model
     names = ("hook_embed", "hook_pos_embed", "hook_pattern", "hook_scale", "hook_resid_mid", "hook_mlp_out")
-    logits, cache = model.run_with_cache(
-        tokens[None], names_filter=lambda n: n.endswith(names) or n == "ln_final.hook_scale"
-    )
-    final_cache: dict = {}
-    model.run_with_hooks(
-        tokens[None], fwd_hooks=[(f"blocks.{L - 1}.hook_resid_post", lambda x, hook: final_cache.update(x=x))]
-    )
+    final = f"blocks.{L - 1}.hook_resid_post"
+    logits, cache = model.run_with_cache(tokens[None], names_filter=lambda n: n.endswith(names) or n == final)
 
     def get(name: str) -> torch.Tensor:
         return cache[name][0].to(dtype)
@@ -168,9 +194,10 @@ def build_replacement(
     x = resid_mid.transpose(0, 1)  # [P, L, d]
     pre = clt.pre_activations(x)  # [P, L, F]
     acts = clt.activation(pre)
-    recon = (clt.decode(acts) + clt.skip_out(x)).transpose(0, 1)  # [L, P, d]
     pre, acts = pre.transpose(0, 1), acts.transpose(0, 1)  # [L, P, F]
     features = acts.nonzero()  # [n, 3] (layer, pos, feature), row-major order
+    decoded = decode_active(clt, features, acts[tuple(features.T)], len(tokens))
+    recon = decoded + clt.b_dec[:, None] + clt.skip_out(x).transpose(0, 1)  # [L, P, d]
     blocks = model.blocks
     pos_embed = get("hook_pos_embed") if "hook_pos_embed" in cache else torch.zeros(len(tokens), d, dtype=dtype)
     return Replacement(
@@ -185,11 +212,12 @@ def build_replacement(
         W_O=torch.stack([b.attn.W_O for b in blocks]).detach().to(dtype),
         b_O=torch.stack([b.attn.b_O for b in blocks]).detach().to(dtype),
         resid_mid=resid_mid,
-        resid_final=final_cache["x"][0].to(dtype),
+        resid_final=get(final),
         logits=logits[0, -1].to(dtype),
         features=features,
         activations=acts[tuple(features.T)],
         pre_activations=pre[tuple(features.T)],
         errors=mlp_out - recon,
+        decoded=decoded,
         clt=clt,
     )

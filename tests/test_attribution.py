@@ -190,31 +190,39 @@ def test_spliced_model_without_interventions_is_the_real_model(demo_model, demo_
         assert torch.allclose(run_with_interventions(demo_model, demo_clt, tokens, [], frozen), real, atol=1e-4)
 
 
-def test_ablations_match_the_graph_where_nothing_downstream_can_switch(demo_model, demo_clt):
-    graph = attribute(FLAGSHIP, demo_model, demo_clt, progress=False)
+def test_ablations_match_the_graph_where_nothing_downstream_can_switch():
+    model = _random_model()
+    clt = _random_clt(model)
+    graph = attribute("Fact : Dallas is in the state", model, clt, progress=False)
     tokens, L, last = graph.tokens, graph.n_layers, graph.n_pos - 1
     predicted = predicted_ablation_effects(graph)[0]
     tok = graph.target_tokens[0]
-    base = run_with_interventions(demo_model, demo_clt, tokens, [])[-1]
+    base = run_with_interventions(model, clt, tokens, [])[-1]
     # features of the last layer at the last position write straight into the logits
     final = [i for i, (l, p, _) in enumerate(graph.features.tolist()) if l == L - 1 and p == last][:3]
     assert final
     for i in final:
         layer, pos, feat = graph.features[i].tolist()
-        logits = run_with_interventions(demo_model, demo_clt, tokens, [Intervention(layer, pos, feat, value=0.0)])[-1]
+        logits = run_with_interventions(model, clt, tokens, [Intervention(layer, pos, feat, value=0.0)])[-1]
         change = (logits[tok] - logits.mean()) - (base[tok] - base.mean())
         assert change.item() == pytest.approx(predicted[i].item(), abs=1e-4)
         assert predicted[i].item() == pytest.approx(-graph.adjacency[graph.target_slice.start, i].item(), abs=1e-5)
     # steering by a scale of 1, or setting the current value, changes nothing
     layer, pos, feat = graph.features[final[0]].tolist()
-    same = [
-        Intervention(layer, pos, feat, scale=1.0),
-        Intervention(layer, pos, feat, value=graph.activations[final[0]].item()),
-    ]
-    for iv in same:
-        assert torch.allclose(run_with_interventions(demo_model, demo_clt, tokens, [iv])[-1], base, atol=1e-5)
+    value = graph.activations[final[0]].item()
+    for iv in [Intervention(layer, pos, feat, scale=1.0), Intervention(layer, pos, feat, value=value)]:
+        assert torch.allclose(run_with_interventions(model, clt, tokens, [iv])[-1], base, atol=1e-5)
+    # scaling by 2 moves the logit by the edge once more
+    logits = run_with_interventions(model, clt, tokens, [Intervention(layer, pos, feat, scale=2.0)])[-1]
+    change = (logits[tok] - logits.mean()) - (base[tok] - base.mean())
+    assert change.item() == pytest.approx(graph.adjacency[graph.target_slice.start, final[0]].item(), abs=1e-4)
+
+
+def test_validation_report_on_the_demo_pair(demo_model, demo_clt):
+    graph = attribute(FLAGSHIP, demo_model, demo_clt, progress=False)
     report = validate(graph, demo_model, demo_clt, top_k=8)
     assert len(report.nodes) == 8 and report.corr_frozen > 0.8
+    assert "correlation" in report.lines()[-1]
 
 
 @pytest.fixture(scope="module")
@@ -259,3 +267,20 @@ def test_trace_cli_bad_input(argv, message, clt_dir, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_inhibited_features_are_inactive_and_their_inputs_add_up(demo_model, demo_clt):
+    graph = attribute(FLAGSHIP, demo_model, demo_clt, inhibited=5, progress=False)
+    assert len(graph.inhibited) == 5
+    active = {tuple(f) for f in graph.features.tolist()}
+    for r in graph.inhibited:
+        assert (r["layer"], r["pos"], r["feature"]) not in active
+        assert r["inhibition"] < 0 and r["pre_activation"] <= demo_clt.threshold[r["layer"], r["feature"]]
+        total = sum(r["contributions"]) + r["bias"]
+        assert total == pytest.approx(r["pre_activation"], abs=1e-4 * (1 + sum(map(abs, r["contributions"]))))
+        assert sum(r["contributions"][: graph.n_features]) == pytest.approx(r["inhibition"], rel=1e-4, abs=1e-5)
+    # the contributions are edges like any other: check one against autograd
+    r = graph.inhibited[0]
+    reference = autograd_rows(demo_model, demo_clt, graph.tokens, [(r["layer"], r["pos"], r["feature"])])[0]
+    ours = torch.tensor(r["contributions"])
+    assert ((ours - reference).abs().max() / reference.abs().max()) <= 1e-4

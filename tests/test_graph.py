@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from circuits.attribution import attribute
+from circuits.cli import main
 from circuits.errors import CircuitsError
-from circuits.graph import Graph, compute_influence, normalize_matrix
+from circuits.graph import Graph, aggregate, compute_influence, normalize_matrix
 
 FLAGSHIP = "Fact: Dallas is in the state whose capital is"
 
@@ -125,3 +126,37 @@ def test_to_networkx(graph):
     assert g.number_of_edges() == int((result.edge_mask & (graph.adjacency != 0)).sum())
     full = graph.to_networkx()
     assert full.number_of_edges() == int((graph.adjacency != 0).sum())
+
+
+def test_aggregate_merges_prompts(graph, demo_model, demo_clt, tmp_path):
+    other = attribute("The capital of Texas is", demo_model, demo_clt, progress=False)
+    merged = aggregate([graph, graph, other])
+    nodes = {n["id"]: n for n in merged["nodes"]}
+    links = {(link["source"], link["target"]): link for link in merged["links"]}
+    # an edge between two features, recomputed by hand: summed over positions, averaged over prompts
+    layer, pos, feat = graph.features[-1].tolist()
+    row = graph.adjacency[graph.n_features - 1, : graph.n_features]
+    s = int(row.abs().argmax())
+    src = graph.features[s].tolist()
+    pair = (f"{src[0]}_{src[2]}", f"{layer}_{feat}")
+    same = [i for i, f in enumerate(graph.features.tolist()) if (f[0], f[2]) == (src[0], src[2])]
+    dst = [i for i, f in enumerate(graph.features.tolist()) if (f[0], f[2]) == (layer, feat)]
+    expected = [graph.adjacency[dst][:, same].sum().item()] * 2
+    key_o = {(l, f): i for i, (l, _, f) in enumerate(other.features.tolist())}
+    if (src[0], src[2]) in key_o and (layer, feat) in key_o:
+        so = [i for i, f in enumerate(other.features.tolist()) if (f[0], f[2]) == (src[0], src[2])]
+        do = [i for i, f in enumerate(other.features.tolist()) if (f[0], f[2]) == (layer, feat)]
+        if other.adjacency[do][:, so].abs().sum() > 0:
+            expected.append(other.adjacency[do][:, so].sum().item())
+    assert links[pair]["prompts"] == len(expected)
+    assert links[pair]["weight"] == pytest.approx(sum(expected) / len(expected), rel=1e-4, abs=1e-6)
+    assert nodes[pair[1]]["prompts"] >= 2 and nodes["L_Austin"]["prompts"] == 3
+    assert aggregate([graph, other], min_prompts=2)["nodes"] == [
+        n for n in aggregate([graph, other])["nodes"] if n["prompts"] >= 2
+    ]
+    paths = []
+    for i, g in enumerate((graph, other)):
+        paths.append(tmp_path / f"g{i}.graph.safetensors")
+        g.save(paths[-1])
+    assert main(["aggregate", *map(str, paths), "--out", str(tmp_path / "agg.json")]) == 0
+    assert json.loads((tmp_path / "agg.json").read_text())["prompts"] == [FLAGSHIP, "The capital of Texas is"]

@@ -1,0 +1,276 @@
+"""Benchmark: our attribution against circuit-tracer (and an autograd reference) on the same model,
+CLT and prompts, on CPU with a fixed thread count.
+
+    python scripts/bench_attribution.py --transcoder demo --lengths 8 16 32 64 --threads 1 \
+        --ct-python /work/ct-venv/bin/python [--fire-fraction 0.016]
+
+Each measurement runs in its own subprocess (so peak memory is that run's own): ours with this
+Python, circuit-tracer with `--ct-python` (a virtualenv with `circuit-tracer` installed; it reads
+our model directory and our CLT directory, which is circuit-tracer's CLT layout). Prints per prompt
+length: active features, times (best of --repeat warm runs; and the first, cold run), peak RSS (and
+its growth over the loaded model), our GFLOP/s (counted by torch's FlopCounterMode), the largest
+edge difference relative to the largest edge (against circuit-tracer, and against the autograd
+reference on --sample rows), and the speed ratio. circuit-tracer never attributes from position 0
+(BOS): edges are compared on the nodes both graphs have.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SENTENCES = (
+    "Fact : Dallas is in the state whose capital is Austin . The capital of Texas is Austin . "
+    "Houston is a city in Texas . Fact : Boston is in the state whose capital is Boston . "
+)
+
+
+def prompt_tokens(model, n: int):
+    """Exactly n tokens (BOS included) of repeated demo sentences."""
+    words = (SENTENCES * 8).split()
+    tokens = model.to_tokens(" ".join(words[: n - 1]))[0]
+    assert len(tokens) == n, (len(tokens), n)
+    return tokens
+
+
+def _rss_mb() -> float:
+    """Peak resident memory of this process (VmHWM: unlike ru_maxrss, not inherited from a parent)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker_ours(args) -> dict:
+    import torch
+    from safetensors.torch import save_file
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from circuits.attribution import attribute, load_pair
+
+    torch.set_num_threads(args.threads)
+    model, clt = load_pair("demo", args.transcoder)
+    tokens = prompt_tokens(model, args.length)
+    prompt = model.tokenizer.decode(tokens[1:].tolist())
+    base = _rss_mb()
+    seconds = []
+    for _ in range(args.repeat):  # best of: the machine is shared
+        t0 = time.perf_counter()
+        graph = attribute(prompt, model, clt, batch_size=args.batch_size, progress=False)
+        seconds.append(time.perf_counter() - t0)
+    first, seconds, peak = seconds[0], min(seconds), _rss_mb()
+    with FlopCounterMode(display=False) as counter:
+        attribute(prompt, model, clt, batch_size=args.batch_size, progress=False)
+    save_file({"adjacency": graph.adjacency, "features": graph.features}, args.out)
+    return {
+        "seconds": seconds, "first": first, "peak_mb": peak, "growth_mb": peak - base,
+        "flops": counter.get_total_flops(),
+        "n_features": graph.n_features, "n_layers": graph.n_layers, "targets": graph.target_tokens.tolist(),
+        "tokens": tokens.tolist(),
+    }  # fmt: skip
+
+
+def worker_autograd(args) -> dict:
+    """The autograd reference on a random sample of rows: their edges and the time per row."""
+    import torch
+    from safetensors.torch import save_file
+
+    from circuits.attribution import attribute, load_pair
+    from circuits.interventions import autograd_rows
+
+    torch.set_num_threads(args.threads)
+    model, clt = load_pair("demo", args.transcoder)
+    tokens = prompt_tokens(model, args.length)
+    graph = attribute(model.tokenizer.decode(tokens[1:].tolist()), model, clt, progress=False)
+    rows = torch.randperm(graph.n_features, generator=torch.Generator().manual_seed(0))[: args.sample].tolist()
+    V = model.cfg.d_vocab
+    targets = [tuple(graph.features[i].tolist()) for i in rows]
+    targets.append(torch.eye(V)[graph.target_tokens[0]] - 1 / V)
+    t0 = time.perf_counter()
+    reference = autograd_rows(model, clt, graph.tokens, targets)
+    seconds = time.perf_counter() - t0
+    ours = graph.adjacency[rows + [graph.target_slice.start], : reference.shape[1]]
+    save_file({"reference": reference, "ours": ours}, args.out)
+    diff = ((ours - reference).abs().max() / reference.abs().max()).item()
+    return {"seconds_per_row": seconds / len(targets), "rows": len(targets), "max_rel_diff": diff}
+
+
+def worker_ct(args) -> dict:
+    import torch
+    from circuit_tracer import attribute
+    from circuit_tracer.replacement_model.replacement_model_transformerlens import TransformerLensReplacementModel
+    from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
+    from safetensors.torch import load_file, save_file
+    from transformer_lens import HookedTransformerConfig
+
+    torch.set_num_threads(args.threads)
+    model_dir = Path(args.model_dir)
+    fields = json.loads((model_dir / "config.json").read_text())
+    cfg = HookedTransformerConfig(**fields, tokenizer_name=str(model_dir / "tokenizer"), device="cpu")
+    clt = load_clt(str(args.transcoder_dir), device=torch.device("cpu"), dtype=torch.float32, lazy_decoder=False)
+    model = TransformerLensReplacementModel.from_config(cfg, clt)
+    # circuit-tracer wraps the MLPs and the unembedding: map our state dict onto its names
+    state = load_file(str(model_dir / "model.safetensors"))
+    names = {k: k.replace(".old_mlp", "").replace("old_unembed.", "") for k in model.state_dict()}
+    model.load_state_dict({k: state[v] for k, v in names.items() if v in state}, strict=False)
+    unused = set(state) - set(names.values())
+    assert not unused, f"weights not loaded into circuit-tracer's model: {sorted(unused)[:5]}"
+    model.eval()
+    tokens = torch.tensor(json.loads(args.tokens))
+    base = _rss_mb()
+    seconds = []
+    for _ in range(args.repeat):
+        t0 = time.perf_counter()
+        graph = attribute(tokens, model, batch_size=args.batch_size, max_feature_nodes=None)
+        seconds.append(time.perf_counter() - t0)
+    first, seconds, peak = seconds[0], min(seconds), _rss_mb()
+    features = graph.active_features[graph.selected_features]
+    save_file({"adjacency": graph.adjacency_matrix.float().contiguous(), "features": features.contiguous()}, args.out)
+    targets = [t.vocab_idx for t in graph.logit_targets]
+    return {
+        "seconds": seconds,
+        "first": first,
+        "peak_mb": peak,
+        "growth_mb": peak - base,
+        "n_features": len(features),
+        "targets": targets,
+    }
+
+
+def _run(python: str, worker: str, extra: list[str], env: dict | None = None) -> tuple[dict, Path]:
+    out = Path(tempfile.mkdtemp(prefix="bench_attr_")) / f"{worker}.safetensors"
+    cmd = [python, __file__, "--worker", worker, "--out", str(out), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{worker} worker failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1]), out
+
+
+def compare(ours_path: Path, ct_path: Path, n_layers: int, n_pos: int) -> float:
+    """Largest |edge difference| / largest |edge| over the nodes both graphs have."""
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(ours_path)), load_file(str(ct_path))
+    key_a = {tuple(f): i for i, f in enumerate(a["features"].tolist())}
+    common = [(key_a[tuple(f)], j) for j, f in enumerate(b["features"].tolist()) if tuple(f) in key_a]
+    na, nb = len(a["features"]), len(b["features"])
+    # errors at positions > 0, all tokens, all logits (same order in both layouts)
+    for layer in range(n_layers):
+        for pos in range(1, n_pos):
+            common.append((na + layer * n_pos + pos, nb + layer * n_pos + pos))
+    n_tail = len(a["adjacency"]) - na - n_layers * n_pos
+    common += [(na + n_layers * n_pos + k, nb + n_layers * n_pos + k) for k in range(n_tail)]
+    ia, ib = (list(x) for x in zip(*common, strict=True))
+    A, B = a["adjacency"][ia][:, ia], b["adjacency"][ib][:, ib]
+    return ((A - B).abs().max() / B.abs().max()).item()
+
+
+def with_fire_fraction(transcoder: str, fraction: float) -> Path:
+    """A copy of the transcoder whose JumpReLU thresholds make each feature fire on about `fraction`
+    of demo-corpus tokens (fraction * n_features active features per layer and token), in a
+    temporary directory: a denser or sparser variant for timing at a given graph size."""
+    import torch
+
+    from circuits.attribution import load_pair
+    from circuits.demo.corpus import generate_documents
+    from circuits.formats import save_transcoder
+
+    model, clt = load_pair("demo", transcoder)
+    tokens = model.to_tokens(generate_documents(256, seed=5), padding_side="right")[:, :48]
+    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_resid_mid"))
+    with torch.no_grad():
+        for l in range(clt.cfg.n_layers):
+            pre = cache[f"blocks.{l}.hook_resid_mid"].flatten(0, 1) @ clt.W_enc[l].T + clt.b_enc[l]
+            clt.threshold[l] = pre.quantile(1 - fraction, dim=0) + 1e-3  # off any token's exact value
+    out = Path(tempfile.mkdtemp(prefix="bench_clt_"))
+    save_transcoder(clt, out)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--transcoder", default="demo")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[8, 16, 32, 64])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument(
+        "--ct-python", default="/work/ct-venv/bin/python", help="a Python with circuit-tracer ('' to skip)"
+    )
+    parser.add_argument(
+        "--fire-fraction",
+        type=float,
+        default=None,
+        help="reset thresholds: each feature fires on this fraction of tokens",
+    )
+    parser.add_argument("--repeat", type=int, default=2, help="best of this many runs (both implementations)")
+    parser.add_argument("--sample", type=int, default=8, help="rows checked against autograd per length")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--length", type=int, default=8, help=argparse.SUPPRESS)
+    parser.add_argument("--tokens", default="[]", help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--transcoder-dir", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        workers = {"ours": worker_ours, "autograd": worker_autograd, "ct": worker_ct}
+        print(json.dumps(workers[args.worker](args)))
+        return
+
+    from circuits.formats import DEMO_CLT_DIR
+    from circuits.models import DEMO_MODEL_DIR
+
+    if args.fire_fraction:
+        args.transcoder = str(with_fire_fraction(args.transcoder, args.fire_fraction))
+    transcoder_dir = DEMO_CLT_DIR if args.transcoder == "demo" else Path(args.transcoder).resolve()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "HF_HUB_OFFLINE": "1"}
+    common = [
+        "--transcoder",
+        str(args.transcoder),
+        "--threads",
+        str(args.threads),
+        "--batch-size",
+        str(args.batch_size),
+    ]
+    print(f"threads={args.threads} transcoder={transcoder_dir} batch_size={args.batch_size}")
+    header = (
+        f"{'tokens':>6} {'features':>8} {'ours s':>8} {'GFLOP/s':>8} {'ours MB':>13} {'ct s':>8} {'ct MB':>13} "
+        f"{'ratio':>7} {'mem':>5} {'diff/ct':>9} {'diff/ag':>9} {'ag s/row':>8} "
+        f"{'cold: ours s':>12} {'ct s':>7} {'ratio':>6}"
+    )
+    print(header)
+    for n in args.lengths:
+        length = ["--length", str(n)]
+        ours_args = common + length + ["--transcoder", str(args.transcoder)]
+        ours, ours_path = _run(sys.executable, "ours", ours_args, env)
+        ag, _ = _run(sys.executable, "autograd", ours_args + ["--sample", str(args.sample)], env)
+        row = (
+            f"{n:>6} {ours['n_features']:>8} {ours['seconds']:>8.3f} {ours['flops'] / ours['seconds'] / 1e9:>8.1f} "
+            f"{ours['peak_mb']:>6.0f} (+{ours['growth_mb']:>4.0f})"
+        )
+        if args.ct_python:
+            ct_args = common + ["--tokens", json.dumps(ours["tokens"]), "--model-dir", str(DEMO_MODEL_DIR)]
+            ct_args += ["--transcoder-dir", str(transcoder_dir)]
+            ct_env = {k: v for k, v in env.items() if k != "PYTHONPATH"}
+            ct, ct_path = _run(args.ct_python, "ct", ct_args, ct_env)
+            diff = compare(ours_path, ct_path, ours["n_layers"], n)
+            row += (
+                f" {ct['seconds']:>8.3f} {ct['peak_mb']:>6.0f} (+{ct['growth_mb']:>4.0f}) "
+                f"{ct['seconds'] / ours['seconds']:>6.1f}x {ours['peak_mb'] / ct['peak_mb']:>5.2f} {diff:>9.2e}"
+            )
+        else:
+            row += f" {'-':>8} {'-':>13} {'-':>7} {'-':>5} {'-':>9}"
+        row += f" {ag['max_rel_diff']:>9.2e} {ag['seconds_per_row']:>8.3f} {ours['first']:>12.3f}"
+        if args.ct_python:
+            row += f" {ct['first']:>7.3f} {ct['first'] / ours['first']:>5.1f}x"
+        print(row, flush=True)
+
+
+if __name__ == "__main__":
+    main()
