@@ -154,7 +154,9 @@ class Sources:
                 dense = bool(at.any())
             if skip is not None and dense:
                 g = g + g @ skip[l].detach().T
-            through_attention = rep.attention_backward(l, g) if dense else None
+            # below layer 0 only the embeddings' dot products are needed
+            through_attention = rep.attention_backward(l, g) if dense and l > 0 else None
+            embed_dot = rep.attention_backward_dot(0, g, rep.embed[:Pp]) if dense and l == 0 else 0.0
             at = (layer == l).nonzero()[:, 0]
             if len(at) == B:  # injected at one position each: their attention backward is cheap
                 g[batch, pos] += vec
@@ -178,7 +180,7 @@ class Sources:
         e0 = self.n_features
         errors = out[:, e0 : e0 + L * P].view(B, L, P)  # `out` starts zeroed
         errors[:, :top, :Pp] = torch.einsum("bpld,lpd->blp", g_post[:, :, :top], rep.errors[:top, :Pp])
-        out[:, e0 + L * P : e0 + L * P + Pp] = (g * rep.embed[:Pp]).sum(-1)
+        out[:, e0 + L * P : e0 + L * P + Pp] = (g * rep.embed[:Pp]).sum(-1) + embed_dot
         return out
 
 

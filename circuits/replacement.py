@@ -91,11 +91,24 @@ class Replacement:
         resid_pre [B, P', d]: two matrix products and one mixing over positions per head, with the
         norm folded in (see `_backward_operators`). Causal patterns let P' < P positions stand alone."""
         B, Pp, d = g.shape
+        v = self._attention_mix(layer, g)  # [H, P'(key), B, d_head]
+        return (v.permute(2, 1, 0, 3).reshape(B * Pp, -1) @ self.back_V[layer]).view(B, Pp, d)
+
+    def attention_backward_dot(self, layer: int, g: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """`attention_backward(layer, g)` dotted with e [P', d] at each position: [B, P']. Cheaper than
+        the full gradient: e goes through the value map once instead of every gradient."""
+        H, Pp = self.W_O.shape[1], g.shape[1]
+        ev = (e @ self.back_V[layer].T).view(Pp, H, -1)  # [P'(key), H, d_head]
+        return torch.einsum("hkbe,khe->bk", self._attention_mix(layer, g), ev)
+
+    def _attention_mix(self, layer: int, g: torch.Tensor) -> torch.Tensor:
+        """The output projection and the mixing over positions of the attention backward: g [B, P', d]
+        -> [H, P'(key), B, d_head]."""
+        B, Pp, d = g.shape
         H = self.W_O.shape[1]
         u = (g.reshape(B * Pp, d) @ self.back_O[layer]).view(B, Pp, H, -1)  # [B, P', H, d_head]
         u = u.permute(2, 1, 0, 3).reshape(H, Pp, -1)  # [H, P'(query), B * d_head]
-        v = (self.back_mix[layer, :, :Pp, :Pp] @ u).view(H, Pp, B, -1)  # [H, P'(key), B, d_head]
-        return (v.permute(2, 1, 0, 3).reshape(B * Pp, -1) @ self.back_V[layer]).view(B, Pp, d)
+        return (self.back_mix[layer, :, :Pp, :Pp] @ u).view(H, Pp, B, -1)
 
     def attention_backward_sparse(self, layer: int, vec: torch.Tensor, pos: torch.Tensor, Pp: int) -> torch.Tensor:
         """`attention_backward` for gradients that are `vec` [n, d] at one position `pos` [n] each and
