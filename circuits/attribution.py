@@ -146,6 +146,7 @@ class Sources:
         g_post = vec.new_empty(B, Pp, L, d)  # gradient at each layer's MLP output; slots below `top` get written
         batch = torch.arange(B)
         dense = False  # whether g is nonzero yet
+        injected = False  # whether g is only the whole batch's injection one layer up (and its attention)
         for l in range(min(top, L - 1), -1, -1):
             if l == L - 1:
                 at = layer == L
@@ -154,10 +155,15 @@ class Sources:
                 dense = bool(at.any())
             if skip is not None and dense:
                 g = g + g @ skip[l].detach().T
-            # below layer 0 only the embeddings' dot products are needed
-            through_attention = rep.attention_backward(l, g) if dense and l > 0 else None
-            embed_dot = rep.attention_backward_dot(0, g, rep.embed[:Pp]) if dense and l == 0 else 0.0
+            through_attention, embed_dot = None, 0.0
+            if injected and skip is None:
+                through_attention = rep.attention_backward_injected(l, vec, pos, Pp)
+            elif dense and l > 0:
+                through_attention = rep.attention_backward(l, g)
+            elif dense:  # below layer 0 only the embeddings' dot products are needed
+                embed_dot = rep.attention_backward_dot(0, g, rep.embed[:Pp])
             at = (layer == l).nonzero()[:, 0]
+            injected = len(at) == B and not dense
             if len(at) == B:  # injected at one position each: their attention backward is cheap
                 g[batch, pos] += vec
                 g += rep.attention_backward_sparse(l, vec, pos, Pp)

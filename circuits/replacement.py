@@ -113,11 +113,31 @@ class Replacement:
     def attention_backward_sparse(self, layer: int, vec: torch.Tensor, pos: torch.Tensor, Pp: int) -> torch.Tensor:
         """`attention_backward` for gradients that are `vec` [n, d] at one position `pos` [n] each and
         zero elsewhere: [n, P', d], without the dense products."""
+        z, coef = self._sparse_terms(layer, vec, pos, Pp)
+        return coef @ z
+
+    def _sparse_terms(self, layer: int, vec: torch.Tensor, pos: torch.Tensor, Pp: int):
+        """`attention_backward_sparse` as per-head vectors z [n, H, d] and their weights at each key
+        position coef [n, P'(key), H]."""
         H, dh, d = self.W_O.shape[1], self.W_O.shape[2], vec.shape[-1]
         u = (vec @ self.back_O[layer]).view(-1, H, dh)  # [n, H, d_head]
         z = torch.einsum("nhe,hed->nhd", u, self.back_V[layer].view(H, dh, d))  # [n, H, d]
-        coef = self.back_mix[layer, :, :Pp][:, :, pos].permute(2, 1, 0)  # [n, P'(key), H]
-        return coef @ z
+        return z, self.back_mix[layer, :, :Pp][:, :, pos].permute(2, 1, 0)
+
+    def attention_backward_injected(self, layer: int, vec: torch.Tensor, pos: torch.Tensor, Pp: int) -> torch.Tensor:
+        """`attention_backward(layer, g)` for the gradient g that `vec` [n, d] injected at resid_mid of
+        layer + 1 and position `pos` [n] has at resid_mid of `layer` (no skip connection): [n, P', d].
+        g is a combination of H + 1 vectors per target (vec and the per-head terms of
+        `_sparse_terms`), so the projections act on those vectors instead of on every position, and
+        the two mixings over positions are one precomputed product (`mix_chain`)."""
+        H, dh, d = self.W_O.shape[1], self.W_O.shape[2], vec.shape[-1]
+        z, _ = self._sparse_terms(layer + 1, vec, pos, Pp)
+        terms = torch.cat([vec[:, None], z], 1)  # [n, H + 1, d]
+        y = (terms @ self.back_O[layer]).view(len(vec), H + 1, H, dh)  # [n, H + 1, H', d_head]
+        w = torch.einsum("njge,ged->njgd", y, self.back_V[layer].view(H, dh, d))  # [n, H + 1, H', d]
+        direct = self.back_mix[layer, :, :Pp][:, :, pos].permute(2, 1, 0)[..., None]  # [n, P'(key), H', 1]
+        chained = self.mix_chain[layer, :Pp][:, pos].transpose(0, 1)  # [n, P'(key), H', H]
+        return torch.einsum("nkgj,njgd->nkd", torch.cat([direct, chained], -1), w)
 
     def _backward_operators(self) -> None:
         """Precompute the transposed attention maps. For the gradient y at resid_mid, the gradient
@@ -133,6 +153,9 @@ class Replacement:
         self.back_V = back_V  # [L, H * d_head, d]
         scales = torch.stack([n.scale[:, 0] for n in self.ln1])  # [L, P]
         self.back_mix = self.patterns.transpose(-1, -2) / scales[:, None, :, None]  # [L, H, P(key), P(query)]
+        # mix_chain[l, k, p, g, h] = (back_mix[l, g] @ back_mix[l + 1, h])[k, p]: the mixing over
+        # positions of head h of layer l + 1 followed by head g of layer l
+        self.mix_chain = torch.einsum("lgkq,lhqp->lkpgh", self.back_mix[:-1], self.back_mix[1:])
 
     def linear_forward(self, with_sources: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the frozen linear model: (resid_mid [L, P, d], resid_final [P, d]). With all sources it
