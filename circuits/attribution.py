@@ -123,6 +123,7 @@ class Sources:
         self.rep, self.L, self.P = rep, L, P
         self.n_features = len(rep.features)
         self.n = self.n_features + L * P + P
+        self.errors = rep.errors.transpose(0, 1).contiguous()  # [P, L, d]: laid out like the gradients
         layer, pos, feature = rep.features.T
         self.blocks: list[list[tuple[int, int, torch.Tensor]]] = []  # [s][p] -> (start, stop, D [T*d, n_sp])
         for s in range(L):
@@ -185,7 +186,7 @@ class Sources:
                     torch.matmul(g_post[:, p, s:stop].flatten(1), D[: (stop - s) * d], out=out[:, a:b])
         e0 = self.n_features
         errors = out[:, e0 : e0 + L * P].view(B, L, P)  # `out` starts zeroed
-        errors[:, :top, :Pp] = torch.einsum("bpld,lpd->blp", g_post[:, :, :top], rep.errors[:top, :Pp])
+        errors[:, :top, :Pp] = (g_post[:, :, :top] * self.errors[:Pp, :top]).sum(-1).transpose(1, 2)
         out[:, e0 + L * P : e0 + L * P + Pp] = (g * rep.embed[:Pp]).sum(-1) + embed_dot
         return out
 
