@@ -122,7 +122,7 @@ class Replacement:
         H, dh, d = self.W_O.shape[1], self.W_O.shape[2], vec.shape[-1]
         u = (vec @ self.back_O[layer]).view(-1, H, dh)  # [n, H, d_head]
         z = torch.einsum("nhe,hed->nhd", u, self.back_V[layer].view(H, dh, d))  # [n, H, d]
-        return z, self.back_mix[layer, :, :Pp][:, :, pos].permute(2, 1, 0)
+        return z, self.back_mix[layer, :, :Pp][:, :, pos].permute(2, 1, 0).contiguous()  # (bmm is slow on views)
 
     def attention_backward_injected(self, layer: int, vec: torch.Tensor, pos: torch.Tensor, Pp: int) -> torch.Tensor:
         """`attention_backward(layer, g)` for the gradient g that `vec` [n, d] injected at resid_mid of
@@ -137,7 +137,8 @@ class Replacement:
         w = torch.einsum("njge,ged->njgd", y, self.back_V[layer].view(H, dh, d))  # [n, H + 1, H', d]
         direct = self.back_mix[layer, :, :Pp][:, :, pos].permute(2, 1, 0)[..., None]  # [n, P'(key), H', 1]
         chained = self.mix_chain[layer, :Pp][:, pos].transpose(0, 1)  # [n, P'(key), H', H]
-        return torch.einsum("nkgj,njgd->nkd", torch.cat([direct, chained], -1), w)
+        coef = torch.cat([direct, chained], -1).view(len(vec), Pp, -1)  # [n, P'(key), H' * (H + 1)]
+        return coef @ w.transpose(1, 2).reshape(len(vec), -1, d)
 
     def _backward_operators(self) -> None:
         """Precompute the transposed attention maps. For the gradient y at resid_mid, the gradient
