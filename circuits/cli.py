@@ -58,6 +58,9 @@ def _cmd_features(args: argparse.Namespace) -> None:
 
 def _cmd_trace(args: argparse.Namespace) -> None:
     from circuits.attribution import load_pair, trace_to_files
+    from circuits.export.trace import concept_figures, write_trace_page
+    from circuits.features import features_for, load_features
+    from circuits.interventions import validate
 
     model, clt = load_pair(args.model, args.transcoder, args.device)
     thresholds = (1.0, 1.0) if args.no_prune else (args.node_threshold, args.edge_threshold)
@@ -70,14 +73,9 @@ def _cmd_trace(args: argparse.Namespace) -> None:
     print(f"replacement score {replacement:.3f}, completeness score {completeness:.3f}")
     validation = None
     if args.validate:
-        from circuits.interventions import validate
-
         validation = validate(graph, model, clt)
         print("\n".join(validation.lines()))
     print(paths["json"])
-    from circuits.export.trace import concept_figures, write_trace_page
-    from circuits.features import features_for, load_features
-
     features = load_features(args.features, clt) if args.features else features_for(args.transcoder, clt)
     paths_ = [p.split(",") for p in args.path]
     figures = None if args.no_concepts else concept_figures(model, args.prompt, paths["json"], args.concept, paths_)
