@@ -67,6 +67,7 @@ def _cmd_trace(args: argparse.Namespace) -> None:
     graph, paths = trace_to_files(
         args.prompt, model, clt, args.out, args.slug, args.transcoder, *thresholds, targets=args.target,
         batch_size=args.batch_size, max_feature_nodes=args.max_feature_nodes, device=args.device,
+        inhibited=args.inhibited,
     )  # fmt: skip
     replacement, completeness = graph.scores()
     print(f"{graph.n_features} feature nodes; targets {graph.target_names}")
@@ -173,6 +174,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node-threshold", type=float, default=0.8, help="cumulative influence of kept nodes")
     p.add_argument("--edge-threshold", type=float, default=0.98, help="cumulative influence of kept edges")
     p.add_argument("--max-feature-nodes", type=int, default=None, help="keep only this many feature nodes")
+    p.add_argument(
+        "--inhibited", type=int, default=5, help="list this many inactive features the graph suppresses most"
+    )
     p.add_argument("--batch-size", type=int, default=128, help="targets per backward pass")
     p.add_argument(
         "--target", nargs="+", default=None, metavar="TOKEN", help="target tokens, or A-B for a logit difference"

@@ -56,7 +56,9 @@ EXAMPLES = [
 
 
 def build(example: Example, model, clt, transcoder: str, features, out: Path, work: Path) -> dict:
-    graph, paths = trace_to_files(example.prompt, model, clt, work, example.slug, transcoder, targets=example.targets)
+    graph, paths = trace_to_files(
+        example.prompt, model, clt, work, example.slug, transcoder, targets=example.targets, inhibited=5
+    )
     validation = validate(graph, model, clt)
     figures = concept_figures(model, example.prompt, paths["json"], paths=[example.path],
                               counterfactual=example.counterfactual)  # fmt: skip
