@@ -22,10 +22,10 @@ DEFAULT_PROMPT = "Fact: Dallas is in the state whose capital is"
 def _cmd_predict(args: argparse.Namespace) -> None:
     import torch
 
-    from circuits.models import load_model
+    from circuits.models import load_model, prompt_tokens
 
     model = load_model(args.model, device=args.device)
-    tokens = _tokenize(model, args.prompt)
+    tokens = prompt_tokens(model, args.prompt)
     with torch.no_grad():
         probs = model(tokens)[0, -1].softmax(-1)
     top = probs.topk(args.top_k)
@@ -128,18 +128,6 @@ def _cmd_concepts(args: argparse.Namespace) -> None:
     for p in report.paths:
         print(f"path {' -> '.join(p.path)}: score {p.score:.3f} (baseline {p.baseline:.3f}), peaks {p.peaks}")
     print(write_concepts_page(report, Path(args.out)))
-
-
-def _tokenize(model, prompt: str):
-    """Tokens [1, pos] of a prompt, with BOS; rejects empty and over-long prompts."""
-    if not prompt.strip():
-        raise CircuitsError("the prompt is empty: pass some text, e.g. " + repr(DEFAULT_PROMPT))
-    tokens = model.to_tokens(prompt, truncate=False)
-    if tokens.shape[1] > model.cfg.n_ctx:
-        raise CircuitsError(
-            f"the prompt has {tokens.shape[1]} tokens but the model's context is {model.cfg.n_ctx}: shorten it"
-        )
-    return tokens
 
 
 def _build_parser() -> argparse.ArgumentParser:
