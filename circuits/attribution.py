@@ -27,6 +27,7 @@ from transformer_lens import HookedTransformer
 from circuits.clt import CrossLayerTranscoder
 from circuits.errors import CircuitsError
 from circuits.graph import Graph, compute_influence, normalize_matrix
+from circuits.models import prompt_tokens
 from circuits.replacement import Replacement, build_replacement
 
 log = logging.getLogger(__name__)
@@ -54,18 +55,6 @@ class LogitTarget:
     token: int  # vocabulary id; d_vocab + k for the k-th virtual target (a logit difference)
     weights: torch.Tensor  # [d_vocab]: the target's input is logits @ weights (demeaned one-hot, or e_a - e_b)
     prob: float
-
-
-def tokenize(model: HookedTransformer, prompt: str) -> torch.Tensor:
-    """Tokens [pos] of a prompt, with BOS; rejects empty and over-long prompts."""
-    if not prompt.strip():
-        raise CircuitsError("the prompt is empty: pass some text to trace")
-    tokens = model.to_tokens(prompt, truncate=False)[0]
-    if len(tokens) > model.cfg.n_ctx:
-        raise CircuitsError(
-            f"the prompt has {len(tokens)} tokens but the model's context is {model.cfg.n_ctx}: shorten it"
-        )
-    return tokens
 
 
 def token_id(model: HookedTransformer, text: str) -> int:
@@ -233,7 +222,7 @@ def attribute(
     torch_dtype = getattr(torch, dtype)
     if model.W_U.device != torch.device(device):
         model, transcoder = model.to(device, print_details=False), transcoder.to(device)
-    tokens = tokenize(model, prompt)
+    tokens = prompt_tokens(model, prompt)[0]  # [pos]
     rep = build_replacement(model, transcoder, tokens, torch_dtype)
     W_U, b_U = model.W_U.detach().to(torch_dtype), model.b_U.detach().to(torch_dtype)
     logit_targets = resolve_targets(model, rep.logits, cfg.targets, cfg)

@@ -22,10 +22,10 @@ DEFAULT_PROMPT = "Fact: Dallas is in the state whose capital is"
 def _cmd_predict(args: argparse.Namespace) -> None:
     import torch
 
-    from circuits.models import load_model
+    from circuits.models import load_model, prompt_tokens
 
     model = load_model(args.model, device=args.device)
-    tokens = _tokenize(model, args.prompt)
+    tokens = prompt_tokens(model, args.prompt)
     with torch.no_grad():
         probs = model(tokens)[0, -1].softmax(-1)
     top = probs.topk(args.top_k)
@@ -58,26 +58,25 @@ def _cmd_features(args: argparse.Namespace) -> None:
 
 def _cmd_trace(args: argparse.Namespace) -> None:
     from circuits.attribution import load_pair, trace_to_files
+    from circuits.export.trace import concept_figures, write_trace_page
+    from circuits.features import features_for, load_features
+    from circuits.interventions import validate
 
     model, clt = load_pair(args.model, args.transcoder, args.device)
     thresholds = (1.0, 1.0) if args.no_prune else (args.node_threshold, args.edge_threshold)
     graph, paths = trace_to_files(
         args.prompt, model, clt, args.out, args.slug, args.transcoder, *thresholds, targets=args.target,
         batch_size=args.batch_size, max_feature_nodes=args.max_feature_nodes, device=args.device,
+        inhibited=args.inhibited,
     )  # fmt: skip
     replacement, completeness = graph.scores()
     print(f"{graph.n_features} feature nodes; targets {graph.target_names}")
     print(f"replacement score {replacement:.3f}, completeness score {completeness:.3f}")
     validation = None
     if args.validate:
-        from circuits.interventions import validate
-
         validation = validate(graph, model, clt)
         print("\n".join(validation.lines()))
     print(paths["json"])
-    from circuits.export.trace import concept_figures, write_trace_page
-    from circuits.features import features_for, load_features
-
     features = load_features(args.features, clt) if args.features else features_for(args.transcoder, clt)
     paths_ = [p.split(",") for p in args.path]
     figures = None if args.no_concepts else concept_figures(model, args.prompt, paths["json"], args.concept, paths_)
@@ -131,18 +130,6 @@ def _cmd_concepts(args: argparse.Namespace) -> None:
     print(write_concepts_page(report, Path(args.out)))
 
 
-def _tokenize(model, prompt: str):
-    """Tokens [1, pos] of a prompt, with BOS; rejects empty and over-long prompts."""
-    if not prompt.strip():
-        raise CircuitsError("the prompt is empty: pass some text, e.g. " + repr(DEFAULT_PROMPT))
-    tokens = model.to_tokens(prompt, truncate=False)
-    if tokens.shape[1] > model.cfg.n_ctx:
-        raise CircuitsError(
-            f"the prompt has {tokens.shape[1]} tokens but the model's context is {model.cfg.n_ctx}: shorten it"
-        )
-    return tokens
-
-
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="circuits", description="Sparse-feature circuit tracing for transformers.")
     parser.add_argument("--version", action="version", version=f"circuits {__version__}")
@@ -175,6 +162,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node-threshold", type=float, default=0.8, help="cumulative influence of kept nodes")
     p.add_argument("--edge-threshold", type=float, default=0.98, help="cumulative influence of kept edges")
     p.add_argument("--max-feature-nodes", type=int, default=None, help="keep only this many feature nodes")
+    p.add_argument(
+        "--inhibited", type=int, default=5, help="list this many inactive features the graph suppresses most"
+    )
     p.add_argument("--batch-size", type=int, default=128, help="targets per backward pass")
     p.add_argument(
         "--target", nargs="+", default=None, metavar="TOKEN", help="target tokens, or A-B for a logit difference"

@@ -16,6 +16,7 @@ from transformer_lens import ActivationCache, HookedTransformer
 
 from circuits.demo.facts import CAPITALS, CITIES, STATE_NAMES
 from circuits.errors import CircuitsError
+from circuits.models import prompt_tokens
 
 # Named groups usable as a concept (`@states`): the demo world's categories.
 GROUPS: dict[str, tuple[str, ...]] = {"states": STATE_NAMES, "capitals": CAPITALS, "cities": CITIES}
@@ -32,16 +33,6 @@ class Concept:
     @property
     def first_tokens(self) -> list[int]:
         return [ids[0] for ids in self.token_ids]
-
-
-def prompt_tokens(model: HookedTransformer, prompt: str) -> torch.Tensor:
-    """Tokens [1, pos] of a prompt, with BOS; rejects empty and over-long prompts."""
-    if not prompt.strip():
-        raise CircuitsError("the prompt is empty: pass some text, e.g. 'Fact: Dallas is in the state whose capital is'")
-    tokens = model.to_tokens(prompt, truncate=False)
-    if tokens.shape[1] > model.cfg.n_ctx:
-        raise CircuitsError(f"the prompt has {tokens.shape[1]} tokens but the model's context is {model.cfg.n_ctx}")
-    return tokens
 
 
 def word_tokens(model: HookedTransformer, word: str) -> tuple[int, ...]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from transformer_lens import HookedTransformer
 
+from circuits.attribution import AttributionConfig, resolve_targets
 from circuits.clt import CrossLayerTranscoder
 
 
@@ -143,12 +144,15 @@ def validate(graph, model: HookedTransformer, clt: CrossLayerTranscoder, top_k: 
     influence = graph.influence()[: graph.n_features]
     top = influence.topk(min(top_k, graph.n_features)).indices.tolist()
     predicted = predicted_ablation_effects(graph)[0]
-    target = int(graph.target_tokens[0])
+    clean_logits = run_with_interventions(model, clt, tokens, [], state=state)
+    # the first target's logit weights (demeaned one-hot, or e_a - e_b for a logit difference)
+    names = graph.config["attribution"]["targets"]
+    weights = resolve_targets(model, clean_logits[-1], names, AttributionConfig())[0].weights
 
     def target_logit(logits: torch.Tensor) -> float:
-        return (logits[-1, target] - logits[-1].mean()).item()
+        return (logits[-1] @ weights).item()
 
-    base = target_logit(run_with_interventions(model, clt, tokens, [], state=state))
+    base = target_logit(clean_logits)
     rows = []
     for i in top:
         layer, pos, feat = graph.features[i].tolist()

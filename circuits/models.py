@@ -82,6 +82,18 @@ def load_model_dir(directory: Path, device: str | torch.device = "cpu") -> Hooke
     return model
 
 
+def prompt_tokens(model: HookedTransformer, prompt: str) -> torch.Tensor:
+    """Tokens [1, pos] of a prompt, with BOS; rejects empty and over-long prompts."""
+    if not prompt.strip():
+        raise CircuitsError("the prompt is empty: pass some text, e.g. 'Fact: Dallas is in the state whose capital is'")
+    tokens = model.to_tokens(prompt, truncate=False)
+    if tokens.shape[1] > model.cfg.n_ctx:
+        raise CircuitsError(
+            f"the prompt has {tokens.shape[1]} tokens but the model's context is {model.cfg.n_ctx}: shorten it"
+        )
+    return tokens
+
+
 def save_model_dir(model: HookedTransformer, directory: Path) -> None:
     """Write `model` in the local-directory format, atomically (the directory appears whole)."""
     fields = {k: getattr(model.cfg, k) for k in _SAVED_FIELDS}

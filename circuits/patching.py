@@ -15,9 +15,9 @@ import torch
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from circuits.concepts import prompt_tokens
 from circuits.demo.facts import CAPITALS, CITIES, STATE_NAMES
 from circuits.errors import CircuitsError
+from circuits.models import prompt_tokens
 
 # Where each kind of patch reads and writes; "head" patches one head's output (hook_z) at a time.
 HOOKS = {

@@ -56,9 +56,10 @@ EXAMPLES = [
 
 
 def build(example: Example, model, clt, transcoder: str, features, out: Path, work: Path) -> dict:
-    graph, paths = trace_to_files(example.prompt, model, clt, work, example.slug, transcoder, targets=example.targets)
-    # validate() reads the first target's logit: a logit-difference target has no vocabulary id
-    validation = validate(graph, model, clt) if graph.target_tokens[0] < model.cfg.d_vocab else None
+    graph, paths = trace_to_files(
+        example.prompt, model, clt, work, example.slug, transcoder, targets=example.targets, inhibited=5
+    )
+    validation = validate(graph, model, clt)
     figures = concept_figures(model, example.prompt, paths["json"], paths=[example.path],
                               counterfactual=example.counterfactual)  # fmt: skip
     page = write_trace_page(graph, paths["json"], "demo", transcoder, features, figures, validation)
@@ -70,7 +71,7 @@ def build(example: Example, model, clt, transcoder: str, features, out: Path, wo
         "targets": list(zip(graph.target_names, graph.target_probs.tolist(), strict=True)),
         "replacement": replacement,
         "completeness": completeness,
-        "validation": None if validation is None else validation.corr_frozen,
+        "validation": validation.corr_frozen,
         "size_mb": page.stat().st_size / 2**20,
     }
 
@@ -84,7 +85,7 @@ def index_html(rows: list[dict], transcoder: str) -> str:
         body.append(
             f'<tr><td><a href="{e.slug}.html">{html.escape(e.prompt)}</a><div class=note>{html.escape(e.note)}</div>'
             f"</td><td>{html.escape(e.kind)}</td><td>{html.escape(' → '.join(e.path))}</td><td>{html.escape(targets)}"
-            f"</td><td>{r['replacement']:.3f} / {r['completeness']:.3f}</td><td>{_number(r['validation'])}</td>"
+            f"</td><td>{r['replacement']:.3f} / {r['completeness']:.3f}</td><td>{r['validation']:.3f}</td>"
             f'<td>{r["size_mb"]:.1f} MB</td><td><a href="{e.slug}.html">{shot or "open"}</a></td></tr>'
         )
     style = (
@@ -101,10 +102,6 @@ def index_html(rows: list[dict], transcoder: str) -> str:
         f"supernodes, concept traces); rebuild with <code>python scripts/build_gallery.py</code>.</p>"
         f"<table>{head}{''.join(body)}</table></body></html>\n"
     )
-
-
-def _number(value: float | None) -> str:
-    return "–" if value is None else f"{value:.3f}"
 
 
 def screenshot(open_page, page: Path, target: Path) -> None:

@@ -218,8 +218,10 @@ def test_ablations_match_the_graph_where_nothing_downstream_can_switch():
     assert change.item() == pytest.approx(graph.adjacency[graph.target_slice.start, final[0]].item(), abs=1e-4)
 
 
-def test_validation_report_on_the_demo_pair(demo_model, demo_clt):
-    graph = attribute(FLAGSHIP, demo_model, demo_clt, progress=False)
+@pytest.mark.parametrize("targets", [None, ["Austin-Sacramento"]])
+def test_validation_report_on_the_demo_pair(demo_model, demo_clt, targets):
+    """For a token target and for a logit difference (a virtual target with no vocabulary id)."""
+    graph = attribute(FLAGSHIP, demo_model, demo_clt, targets=targets, progress=False)
     report = validate(graph, demo_model, demo_clt, top_k=8)
     assert len(report.nodes) == 8 and report.corr_frozen > 0.8
     assert "correlation" in report.lines()[-1]

@@ -362,6 +362,8 @@ def test_trace_command_writes_the_page_next_to_the_json_and_prints_its_path_last
     assert all(isinstance(label, str) and set(members) <= ids for label, *members in graph["qParams"]["supernodes"])
     text = page.read_text(encoding="utf-8")
     assert "validation r (attention frozen)" in text and "trace:Texas" in text
+    suppressed = graph["metadata"]["inhibited_features"]  # 5 by default, listed in the header
+    assert len(suppressed) == 5 and all(r["inhibition"] < 0 and r["node_id"] in text for r in suppressed)
     assert main(["trace", "--transcoder", clt, "--out", str(out), "--features", str(tmp_path / "none")]) == 2
     assert "no feature scan" in capsys.readouterr().err
 

@@ -174,6 +174,10 @@ def _header(graph: dict, view, info: PageInfo) -> str:
         "edge threshold": _number(meta.get("edge_threshold")),
         "nodes": str(len(view.nodes)),
         "edges shown": f"{len(view.edges)} of {view.n_links}",
+        # inactive features the graph's features push down hardest (edges cannot show inhibition)
+        "most suppressed": ", ".join(
+            f"{r['node_id']} ({r['inhibition']:+.2f})" for r in meta.get("inhibited_features", [])
+        ),
     }
     rows = "".join(f"<div><dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd></div>" for k, v in facts.items() if v)
     return (
