@@ -129,14 +129,15 @@ class Replacement:
         layer + 1 and position `pos` [n] has at resid_mid of `layer` (no skip connection): [n, P', d].
         g is a combination of H + 1 vectors per target (vec and the per-head terms of
         `_sparse_terms`), so the projections act on those vectors instead of on every position, and
-        the two mixings over positions are one precomputed product (`mix_chain`)."""
+        the two mixings over positions are chained for the injected positions only."""
         H, dh, d = self.W_O.shape[1], self.W_O.shape[2], vec.shape[-1]
         z, _ = self._sparse_terms(layer + 1, vec, pos, Pp)
         terms = torch.cat([vec[:, None], z], 1)  # [n, H + 1, d]
         y = (terms @ self.back_O[layer]).view(len(vec), H + 1, H, dh)  # [n, H + 1, H', d_head]
         w = torch.einsum("njge,ged->njgd", y, self.back_V[layer].view(H, dh, d))  # [n, H + 1, H', d]
         direct = self.back_mix[layer, :, :Pp][:, :, pos].permute(2, 1, 0)[..., None]  # [n, P'(key), H', 1]
-        chained = self.mix_chain[layer, :Pp][:, pos].transpose(0, 1)  # [n, P'(key), H', H]
+        above = self.back_mix[layer + 1, :, :Pp][:, :, pos]  # [H, P'(query), n]
+        chained = torch.einsum("gkq,hqn->nkgh", self.back_mix[layer, :, :Pp, :Pp], above)  # [n, P'(key), H', H]
         coef = torch.cat([direct, chained], -1).view(len(vec), Pp, -1)  # [n, P'(key), H' * (H + 1)]
         return coef @ w.transpose(1, 2).reshape(len(vec), -1, d)
 
@@ -154,9 +155,6 @@ class Replacement:
         self.back_V = back_V  # [L, H * d_head, d]
         scales = torch.stack([n.scale[:, 0] for n in self.ln1])  # [L, P]
         self.back_mix = self.patterns.transpose(-1, -2) / scales[:, None, :, None]  # [L, H, P(key), P(query)]
-        # mix_chain[l, k, p, g, h] = (back_mix[l, g] @ back_mix[l + 1, h])[k, p]: the mixing over
-        # positions of head h of layer l + 1 followed by head g of layer l
-        self.mix_chain = torch.einsum("lgkq,lhqp->lkpgh", self.back_mix[:-1], self.back_mix[1:])
 
     def linear_forward(self, with_sources: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the frozen linear model: (resid_mid [L, P, d], resid_final [P, d]). With all sources it
