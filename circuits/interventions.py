@@ -50,12 +50,15 @@ def clean_state(model: HookedTransformer, clt: CrossLayerTranscoder, tokens: tor
     return {"frozen": frozen, "errors": errors.transpose(0, 1)}
 
 
-def splice_hooks(model, clt, state: dict, edit=None, freeze_attention: bool = True, error_leaves=None) -> list:
-    """Hooks for the spliced model: features read from resid_mid, `edit(layer, acts [1, P, F])`
-    may change them, the MLP output is their decoding + skip + the clean error term."""
+def splice_hooks(
+    model, clt, state: dict | None = None, edit=None, freeze_attention: bool = True, error_leaves=None
+) -> list:
+    """Hooks for the spliced model: features read from resid_mid, `edit(layer, acts [.., P, F])`
+    may change them, the MLP output is their decoding + skip + the clean error term. Without
+    `state` (a `clean_state`): no error term and nothing frozen, i.e. the replacement model."""
     acts: dict[int, torch.Tensor] = {}
     mids: dict[int, torch.Tensor] = {}
-    errors = state["errors"] if error_leaves is None else error_leaves
+    errors = error_leaves if error_leaves is not None else state["errors"] if state else [0.0] * model.cfg.n_layers
 
     def read(x, hook, l):
         mids[l] = x
@@ -72,7 +75,7 @@ def splice_hooks(model, clt, state: dict, edit=None, freeze_attention: bool = Tr
     for l in range(model.cfg.n_layers):
         hooks.append((f"blocks.{l}.hook_resid_mid", lambda x, hook, l=l: read(x, hook, l)))
         hooks.append((f"blocks.{l}.hook_mlp_out", lambda o, hook, l=l: write(o, hook, l)))
-    if freeze_attention:
+    if freeze_attention and state:
         for name, value in state["frozen"].items():
             hooks.append((name, lambda x, hook, v=value: v))
     return hooks

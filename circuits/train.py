@@ -33,6 +33,7 @@ from circuits.activations import ActivationStream, TextSource, held_out
 from circuits.clt import CLTConfig, CrossLayerTranscoder
 from circuits.errors import CircuitsError
 from circuits.formats import atomic_directory, atomic_file, save_transcoder
+from circuits.interventions import splice_hooks
 from circuits.parallel import Comm
 
 log = logging.getLogger(__name__)
@@ -227,30 +228,6 @@ def reconstruction_metrics(clt: CrossLayerTranscoder, x: torch.Tensor, y: torch.
         "l0": fire_rate.sum(-1).tolist(),
         "dense_fraction": (fire_rate > 0.1).float().mean().item(),
     }
-
-
-def splice_hooks(model: HookedTransformer, clt: CrossLayerTranscoder) -> list:
-    """Forward hooks that replace every MLP output by the CLT's reconstruction, each layer's
-    features read from the spliced model's own resid_mid (the replacement model)."""
-    L = model.cfg.n_layers
-    acts: dict[int, torch.Tensor] = {}
-
-    def read(x, hook, l):
-        acts[l] = clt.encode_layer(x, l)
-        if clt.W_skip is not None:
-            acts[("x", l)] = x
-
-    def write(out, hook, l):
-        recon = clt.b_dec[l] + sum(acts[s] @ clt.decoder(s, l) for s in clt.sources(l))
-        if clt.W_skip is not None:
-            recon = recon + acts[("x", l)] @ clt.W_skip[l]
-        return recon
-
-    hooks = []
-    for l in range(L):
-        hooks.append((f"blocks.{l}.hook_resid_mid", lambda x, hook, l=l: read(x, hook, l)))
-        hooks.append((f"blocks.{l}.hook_mlp_out", lambda o, hook, l=l: write(o, hook, l)))
-    return hooks
 
 
 @torch.no_grad()
