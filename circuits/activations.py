@@ -84,12 +84,17 @@ def token_mask(model: HookedTransformer, tokens: torch.Tensor) -> torch.Tensor:
     return keep
 
 
+def document_tokens(model: HookedTransformer, docs: list[str], max_tokens: int) -> torch.Tensor:
+    """Tokens [batch, pos] of documents, BOS first, right-padded, cut to `max_tokens`."""
+    return model.to_tokens(docs, padding_side="right")[:, :max_tokens]
+
+
 @torch.no_grad()
 def collect(model: HookedTransformer, docs: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Run `docs` through the model; return (x, y), each [n_tokens, L, d]: every layer's
     resid_mid and mlp_out at every real token (BOS and padding excluded)."""
     L = model.cfg.n_layers
-    tokens = model.to_tokens(docs, padding_side="right")[:, :max_tokens]  # [batch, pos]
+    tokens = document_tokens(model, docs, max_tokens)  # [batch, pos]
     names = [f"blocks.{l}.hook_resid_mid" for l in range(L)] + [f"blocks.{l}.hook_mlp_out" for l in range(L)]
     _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
     keep = token_mask(model, tokens)
@@ -144,7 +149,7 @@ class ActivationStream:
     def _n_batches(self, c: int) -> int:
         """Batches in chunk c, from the tokenizer alone (no forward pass)."""
         docs = self.source.documents(c * self.docs_per_chunk, self.docs_per_chunk)
-        tokens = self.model.to_tokens(docs, padding_side="right")[:, : self.source.max_tokens_per_doc]
+        tokens = document_tokens(self.model, docs, self.source.max_tokens_per_doc)
         n_tokens = int(token_mask(self.model, tokens).sum())
         if n_tokens < self.batch_tokens:
             raise CircuitsError("a chunk of documents holds fewer tokens than one batch: lower batch_tokens")
@@ -166,8 +171,21 @@ class ActivationStream:
             c += 1
 
 
-def held_out(model: HookedTransformer, source: TextSource, n_docs: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """Activations of documents never used for training (drawn with another seed)."""
+def held_out_documents(source: TextSource, n_docs: int) -> list[str]:
+    """Documents never used for training: the demo corpus drawn with another seed; file and
+    dataset sources read far from the training start."""
     other = TextSource(source.name, seed=source.seed + 7919, max_tokens_per_doc=source.max_tokens_per_doc)
-    start = 0 if source.name == "demo" else 10**6  # file sources: lines far from the training start
-    return collect(model, other.documents(start, n_docs), source.max_tokens_per_doc)
+    return other.documents(0 if source.name == "demo" else 10**6, n_docs)
+
+
+def held_out(model: HookedTransformer, source: TextSource, n_docs: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations (x, y) [n_tokens, L, d] of held-out documents."""
+    return collect(model, held_out_documents(source, n_docs), source.max_tokens_per_doc)
+
+
+def held_out_tokens(
+    model: HookedTransformer, source: TextSource, n_docs: int = 128
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens [batch, pos] of held-out documents and the mask [batch, pos] of those that count."""
+    tokens = document_tokens(model, held_out_documents(source, n_docs), source.max_tokens_per_doc)
+    return tokens, token_mask(model, tokens)

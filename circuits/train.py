@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from circuits.activations import ActivationStream, TextSource, held_out
+from circuits.activations import ActivationStream, TextSource, held_out, held_out_tokens
 from circuits.clt import CLTConfig, CrossLayerTranscoder
 from circuits.errors import CircuitsError
 from circuits.formats import atomic_directory, atomic_file, save_transcoder
@@ -358,7 +358,7 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, model: HookedTransf
             json.dump(dataclasses.asdict(cfg), f, indent=2)
     x_eval, y_eval = held_out(model, source, cfg.eval_docs)
     x_eval, y_eval = x_eval * scales.inp[:, None], y_eval * scales.out[:, None]
-    eval_tokens, eval_mask = _eval_tokens(model, source, cfg.eval_docs // 2)
+    eval_tokens, eval_mask = held_out_tokens(model, source, cfg.eval_docs // 2)
     metrics: dict = {}
     t0, tokens_seen = time.time(), 0
     bar = tqdm(stream.batches(start), total=cfg.steps - start, desc="CLT", unit="step", disable=not comm.is_main)
@@ -431,11 +431,3 @@ def _log_metrics(bar, out: Path, metrics: dict) -> None:
     bar.set_postfix(nmse=f"{nmse:.3f}", l0=f"{l0:.1f}", top1=f"{top1:.3f}")
     with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps(metrics) + "\n")
-
-
-def _eval_tokens(model: HookedTransformer, source: TextSource, n_docs: int = 128):
-    from circuits.activations import token_mask
-
-    other = TextSource(source.name, seed=source.seed + 7919, max_tokens_per_doc=source.max_tokens_per_doc)
-    tokens = model.to_tokens(other.documents(0, n_docs), padding_side="right")[:, : source.max_tokens_per_doc]
-    return tokens, token_mask(model, tokens)

@@ -4,6 +4,7 @@ and the `circuits train` command's errors."""
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -142,7 +143,10 @@ def test_torchrun_two_processes_match_one(tmp_path, parallel):
     recipe = _recipe(tmp_path, steps=10, every=10, extra=f'parallel = "{parallel}"\n')
     assert _circuits("train", recipe, "--out", tmp_path / "one", timeout=600).returncode == 0
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517"]
+    with socket.socket() as s:  # a free port: a fixed one can still be held by an earlier run
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
     out = subprocess.run(
         [*cmd, "-m", "circuits", "train", str(recipe), "--out", str(tmp_path / "two")],
         env=env, capture_output=True, text=True, timeout=600,
@@ -185,9 +189,9 @@ def test_train_cli_errors_are_one_line_exit_2(tmp_path):
 def test_shipped_demo_clt_meets_its_targets(demo_model):
     """Recomputed here on held-out demo text (not read from training.json): mean normalised MSE
     <= 0.15 and replacement-model top-1 agreement >= 90%, at a low L0."""
-    from circuits.activations import held_out
+    from circuits.activations import held_out, held_out_tokens
     from circuits.formats import load_transcoder
-    from circuits.train import _eval_tokens, reconstruction_metrics
+    from circuits.train import reconstruction_metrics
 
     clt = load_transcoder("demo", model=demo_model)
     assert (clt.threshold >= 0).all(), "a negative JumpReLU threshold makes an always-on feature"
@@ -195,7 +199,7 @@ def test_shipped_demo_clt_meets_its_targets(demo_model):
     x, y = held_out(demo_model, source, n_docs=64)
     rec = reconstruction_metrics(clt, x, y)
     assert sum(rec["nmse"]) / 4 <= 0.15 and sum(rec["l0"]) / 4 <= 50
-    tokens, mask = _eval_tokens(demo_model, source, n_docs=64)
+    tokens, mask = held_out_tokens(demo_model, source, n_docs=64)
     assert replacement_metrics(demo_model, clt, tokens, mask)["top1_agreement"] >= 0.9
 
 
