@@ -35,8 +35,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class AttributionConfig:
-    batch_size: int = 128
-    """Targets per backward pass."""
+    batch_size: int | None = None
+    """Targets per backward pass (None: as many as fit in `WORK_FLOATS` of gradients)."""
     max_feature_nodes: int | None = None
     """Keep at most this many feature nodes, the most influential ones (None: all active features)."""
     target_probability: float = 0.95
@@ -109,10 +109,13 @@ class Sources:
 
     def __init__(self, rep: Replacement):
         clt, L, P = rep.clt, rep.n_layers, rep.n_pos
+        d = rep.embed.shape[-1]
         self.rep, self.L, self.P = rep, L, P
         self.n_features = len(rep.features)
         self.n = self.n_features + L * P + P
         self.errors = rep.errors.transpose(0, 1).contiguous()  # [P, L, d]: laid out like the gradients
+        # the embedding edges from the gradient at resid_mid[0], when the images fit (P^2 d floats)
+        self.embed_images = rep.embedding_images() if P * P * d <= EMBEDDING_IMAGE_FLOATS else None
         layer, pos, feature = rep.features.T
         self.blocks: list[list[tuple[int, int, torch.Tensor]]] = []  # [s][p] -> (start, stop, D [T*d, n_sp])
         for s in range(L):
@@ -124,60 +127,64 @@ class Sources:
                 [(start + int(a), start + int(b), D[:, a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
             )
 
-    def rows(self, layer: torch.Tensor, pos: torch.Tensor, vec: torch.Tensor, out: torch.Tensor | None = None):
-        """Edges from every source into a batch of targets: `vec` [B, d] injected at resid_mid of
-        `layer` [B] (layer L: the final residual stream) and position `pos` [B] -> [B, n_sources]
-        (written into `out` when given)."""
-        rep, L, P = self.rep, self.L, self.P
-        B, Pp, top = len(layer), int(pos.max()) + 1, min(int(layer.max()), L)
-        d = vec.shape[-1]
+    def rows(self, layer: int, pos: torch.Tensor, vec: torch.Tensor, out: torch.Tensor | None = None):
+        """Edges from every source into a batch of targets of one layer: `vec` [B, d] injected at
+        resid_mid of `layer` (layer L: the final residual stream) at positions `pos` [B], ascending
+        -> [B, n_sources] (written into `out` when given, which must start zeroed)."""
+        rep, L, t = self.rep, self.L, layer
+        B, Pp, d = len(pos), int(pos[-1]) + 1, vec.shape[-1]
         skip = rep.clt.W_skip
         g = vec.new_zeros(B, Pp, d)  # gradient at the residual stream, walking down
-        g_post = vec.new_empty(B, Pp, L, d)  # gradient at each layer's MLP output; slots below `top` get written
-        batch = torch.arange(B)
-        dense = False  # whether g is nonzero yet
-        injected = False  # whether g is only the whole batch's injection one layer up (and its attention)
-        for l in range(min(top, L - 1), -1, -1):
-            if l == L - 1:
-                at = layer == L
-                g[batch[at], pos[at]] += vec[at]
+        g[torch.arange(B), pos] = vec
+        g_post = vec.new_empty(B, Pp, t, d)  # gradient at each MLP output below the targets
+        # g as a structured sum while it stays one: vec at pos ("one"), or terms [B, H + 1, d] with
+        # weights [B, P', H] after one attention layer ("terms"); None once dense
+        form: tuple = ("one", vec)
+        seen = torch.arange(Pp) <= pos[:, None]  # [B, P']: the positions each target sees
+        rows = seen.flatten().nonzero()[:, 0] if seen.float().mean() < 0.8 else None
+        for l in range(min(t, L - 1), -1, -1):
+            if l < t:  # g is the gradient at mlp_out[l] = resid_pre[l + 1]
                 g_post[:, :, l] = g
-                dense = bool(at.any())
-            if skip is not None and dense:
-                g = g + g @ skip[l].detach().T
-            through_attention, embed_dot = None, 0.0
-            if injected and skip is None:
-                through_attention = rep.attention_backward_injected(l, vec, pos, Pp)
-            elif dense and l > 0:
-                through_attention = rep.attention_backward(l, g)
-            elif dense:  # below layer 0 only the embeddings' dot products are needed
-                embed_dot = rep.attention_backward_dot(0, g, rep.embed[:Pp])
-            at = (layer == l).nonzero()[:, 0]
-            injected = len(at) == B and not dense
-            if len(at) == B:  # injected at one position each: their attention backward is cheap
-                g[batch, pos] += vec
-                g += rep.attention_backward_sparse(l, vec, pos, Pp)
-                dense = True
-            elif len(at):
-                g[at, pos[at]] += vec[at]
-                g[at] += rep.attention_backward_sparse(l, vec[at], pos[at], Pp)
-                dense = True
-            if through_attention is not None:
-                g += through_attention
-            if l > 0:
-                g_post[:, :, l - 1] = g
+                if skip is not None:  # and at resid_mid[l]
+                    W = skip[l].detach().T
+                    g = g + g @ W
+                    form = form if form[0] is None else (form[0], form[1] + form[1] @ W, *form[2:])
+            if l == 0 and self.embed_images is not None:
+                break
+            if form[0] == "one":
+                weights = rep.key_weights(l, pos, Pp)
+                images = rep.head_images(l, form[1])  # [B, H, d]
+                g = g + weights @ images
+                form = ("terms", torch.cat([form[1][:, None], images], 1), weights)
+            elif form[0] == "terms" and rep.terms_are_cheaper(Pp):
+                g = g + rep.attention_backward_terms(l, form[1], form[2], pos)
+                form = (None,)
+            else:
+                g = g + rep.attention_backward(l, g, rows)
+                form = (None,)
         out = vec.new_zeros(B, self.n) if out is None else out
+        first = torch.searchsorted(pos, torch.arange(Pp)).tolist()  # targets from first[p] on see position p
         cross = rep.clt.cfg.cross_layer
-        for s in range(top):
-            stop = top if cross else s + 1
+        for s in range(t):
+            stop = t if cross else s + 1
             for p, (a, b, D) in enumerate(self.blocks[s][:Pp]):
+                f = first[p]
                 if b > a:
-                    torch.matmul(g_post[:, p, s:stop].flatten(1), D[: (stop - s) * d], out=out[:, a:b])
-        e0 = self.n_features
-        errors = out[:, e0 : e0 + L * P].view(B, L, P)  # `out` starts zeroed
-        errors[:, :top, :Pp] = (g_post[:, :, :top] * self.errors[:Pp, :top]).sum(-1).transpose(1, 2)
-        out[:, e0 + L * P : e0 + L * P + Pp] = (g * rep.embed[:Pp]).sum(-1) + embed_dot
+                    torch.matmul(g_post[f:, p, s:stop].flatten(1), D[: (stop - s) * d], out=out[f:, a:b])
+        e0, e1 = self.n_features, self.n_features + L * self.P
+        errors = out[:, e0:e1].view(B, L, self.P)
+        errors[:, :t, :Pp] = (g_post * self.errors[:Pp, :t]).sum(-1).transpose(1, 2)
+        tokens = out[:, e1 : e1 + Pp]
+        if self.embed_images is None:  # g is the gradient at resid_pre[0]
+            tokens.copy_((g * rep.embed[:Pp]).sum(-1))
+        else:  # g is the gradient at resid_mid[0]
+            torch.matmul(g.view(B, Pp * d), self.embed_images[:Pp, : Pp * d].T, out=tokens)
         return out
+
+
+EMBEDDING_IMAGE_FLOATS = 2**24
+"""Largest P * P * d_model for which `Replacement.embedding_images` is built (64 MB in float32);
+longer prompts pass every gradient through layer 0 instead."""
 
 
 def logit_vectors(rep: Replacement, W_U: torch.Tensor, targets: list[LogitTarget]) -> torch.Tensor:
@@ -208,7 +215,7 @@ def attribute(
     transcoder: CrossLayerTranscoder,
     *,
     targets: list[str] | None = None,
-    batch_size: int = 128,
+    batch_size: int | None = None,
     max_feature_nodes: int | None = None,
     device: str = "cpu",
     dtype: str = "float32",
@@ -233,7 +240,7 @@ def attribute(
     T, N = len(logit_targets), sources.n + len(logit_targets)
     adjacency = torch.zeros(N, N, dtype=torch_dtype)  # rows are written in place
     vectors = logit_vectors(rep, W_U, logit_targets)
-    sources.rows(torch.full((T,), L), torch.full((T,), P - 1), vectors, out=adjacency[sources.n :, : sources.n])
+    sources.rows(L, torch.full((T,), P - 1), vectors, out=adjacency[sources.n :, : sources.n])
     selected = _feature_rows(sources, adjacency, logit_targets, cfg, progress)
     inputs, bias = node_inputs_and_bias(rep, W_U, b_U, logit_targets)
     if len(selected) < n:
@@ -270,7 +277,7 @@ def inhibited_features(sources: Sources, selected: torch.Tensor, k: int) -> list
     candidates = []
     for l in range(L):
         eye = torch.eye(d, dtype=rep.embed.dtype)
-        J = sources.rows(torch.full((d,), l), torch.full((d,), P - 1), eye)[:, keep]  # [d, sources]: resid_mid[l, P-1]
+        J = sources.rows(l, torch.full((d,), P - 1), eye)[:, keep]  # [d, sources]: resid_mid[l, P-1]
         W_enc, b_enc = rep.clt.W_enc[l].detach(), rep.clt.b_enc[l].detach()
         pre = rep.resid_mid[l, P - 1] @ W_enc.T + b_enc  # [F]
         from_features = W_enc @ J[:, : len(selected)].sum(1)  # [F]
@@ -298,27 +305,44 @@ def _feature_rows(sources: Sources, adjacency: torch.Tensor, targets, cfg: Attri
     rows = adjacency[:n, : sources.n]
     layer, pos, feature = rep.features.T
     W_enc = rep.clt.W_enc.detach()
+    d = W_enc.shape[-1]
+
+    def batch_size(l: int) -> int:
+        return cfg.batch_size or max(1, WORK_FLOATS // (sources.P * (l + 2) * d))
+
+    def compute(batch: torch.Tensor) -> None:
+        """The rows of the features `batch` [k] (ascending), one backward pass per layer among them."""
+        for l in layer[batch].unique().tolist():
+            at = batch[layer[batch] == l]
+            start, stop = int(at[0]), int(at[-1]) + 1
+            if stop - start == len(at):  # a contiguous run: written in place
+                sources.rows(l, pos[start:stop], W_enc[l, feature[start:stop]], out=rows[start:stop])
+            else:
+                rows[at] = sources.rows(l, pos[at], W_enc[l, feature[at]])
+            bar.update(len(at))
+
     bar = tqdm(total=cap, desc="attribution", unit="feature", disable=not progress)
     if cap == n:  # one layer per batch, in (layer, position) order: the batch sees few positions
         for l in range(sources.L):
             idx = (layer == l).nonzero()[:, 0]
-            for a in range(0, len(idx), cfg.batch_size):
-                start, stop = int(idx[a]), int(idx[min(a + cfg.batch_size, len(idx)) - 1]) + 1
-                b = slice(start, stop)
-                sources.rows(layer[b], pos[b], W_enc[layer[b], feature[b]], out=rows[b])
-                bar.update(stop - start)
+            for a in range(0, len(idx), batch_size(l)):
+                compute(idx[a : a + batch_size(l)])
         bar.close()
         return torch.arange(n)
     done = torch.zeros(n, dtype=torch.bool)
     while int(done.sum()) < cap:
         influence = _feature_influence(adjacency, done, targets, sources)
         influence[done] = -1
-        batch = influence.topk(min(cfg.batch_size, cap - int(done.sum()))).indices.sort().values
-        rows[batch] = sources.rows(layer[batch], pos[batch], W_enc[layer[batch], feature[batch]])
+        batch = influence.topk(min(batch_size(sources.L - 1), cap - int(done.sum()))).indices.sort().values
+        compute(batch)
         done[batch] = True
-        bar.update(len(batch))
     bar.close()
     return done.nonzero()[:, 0]
+
+
+WORK_FLOATS = 2**22
+"""The gradients of one backward pass hold about this many numbers (16 MB in float32): the batch
+size when `batch_size` is None."""
 
 
 def _feature_influence(adjacency, done, targets, sources: Sources) -> torch.Tensor:

@@ -86,60 +86,71 @@ class Replacement:
         z = self.patterns[layer] @ v  # [H, P, d_head]
         return torch.einsum("hpe,hed->pd", z, self.W_O[layer]) + self.b_O[layer]
 
-    def attention_backward(self, layer: int, g: torch.Tensor) -> torch.Tensor:
+    def attention_backward(self, layer: int, g: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Gradient at the attention output [B, P', d] -> its contribution to the gradient at
         resid_pre [B, P', d]: two matrix products and one mixing over positions per head, with the
-        norm folded in (see `_backward_operators`). Causal patterns let P' < P positions stand alone."""
-        B, Pp, d = g.shape
-        v = self._attention_mix(layer, g)  # [H, P'(key), B, d_head]
-        return (v.permute(2, 1, 0, 3).reshape(B * Pp, -1) @ self.back_V[layer]).view(B, Pp, d)
-
-    def attention_backward_dot(self, layer: int, g: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        """`attention_backward(layer, g)` dotted with e [P', d] at each position: [B, P']. Cheaper than
-        the full gradient: e goes through the value map once instead of every gradient."""
-        H, Pp = self.W_O.shape[1], g.shape[1]
-        ev = (e @ self.back_V[layer].T).view(Pp, H, -1)  # [P'(key), H, d_head]
-        return torch.einsum("hkbe,khe->bk", self._attention_mix(layer, g), ev)
-
-    def _attention_mix(self, layer: int, g: torch.Tensor) -> torch.Tensor:
-        """The output projection and the mixing over positions of the attention backward: g [B, P', d]
-        -> [H, P'(key), B, d_head]."""
+        norm folded in (see `_backward_operators`). Causal patterns let P' < P positions stand alone.
+        `rows`: the only rows of g.view(B * P', d) that can be nonzero (targets see no position after
+        their own), so that the products skip the others; None: all rows."""
         B, Pp, d = g.shape
         H = self.W_O.shape[1]
-        u = (g.reshape(B * Pp, d) @ self.back_O[layer]).view(B, Pp, H, -1)  # [B, P', H, d_head]
+        u = _rows_matmul(g.view(B * Pp, d), self.back_O[layer], rows).view(B, Pp, H, -1)  # [B, P', H, d_head]
         u = u.permute(2, 1, 0, 3).reshape(H, Pp, -1)  # [H, P'(query), B * d_head]
-        return (self.back_mix[layer, :, :Pp, :Pp] @ u).view(H, Pp, B, -1)
+        v = (self.back_mix[layer, :, :Pp, :Pp] @ u).view(H, Pp, B, -1)  # [H, P'(key), B, d_head]
+        return _rows_matmul(v.permute(2, 1, 0, 3).reshape(B * Pp, -1), self.back_V[layer], rows).view(B, Pp, d)
 
-    def attention_backward_sparse(self, layer: int, vec: torch.Tensor, pos: torch.Tensor, Pp: int) -> torch.Tensor:
-        """`attention_backward` for gradients that are `vec` [n, d] at one position `pos` [n] each and
-        zero elsewhere: [n, P', d], without the dense products."""
-        z, coef = self._sparse_terms(layer, vec, pos, Pp)
-        return coef @ z
+    def head_images(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """What each head of `layer` carries back from a gradient x [..., d] at one query position to
+        every key position, before the weights of `key_weights`: [..., H, d]."""
+        H, dh, d = self.W_O.shape[1], self.W_O.shape[2], x.shape[-1]
+        u = (x @ self.back_O[layer]).view(*x.shape[:-1], H, dh)
+        return torch.einsum("...he,hed->...hd", u, self.back_V[layer].view(H, dh, d))
 
-    def _sparse_terms(self, layer: int, vec: torch.Tensor, pos: torch.Tensor, Pp: int):
-        """`attention_backward_sparse` as per-head vectors z [n, H, d] and their weights at each key
-        position coef [n, P'(key), H]."""
-        H, dh, d = self.W_O.shape[1], self.W_O.shape[2], vec.shape[-1]
-        u = (vec @ self.back_O[layer]).view(-1, H, dh)  # [n, H, d_head]
-        z = torch.einsum("nhe,hed->nhd", u, self.back_V[layer].view(H, dh, d))  # [n, H, d]
-        return z, self.back_mix[layer, :, :Pp][:, :, pos].permute(2, 1, 0).contiguous()  # (bmm is slow on views)
+    def key_weights(self, layer: int, pos: torch.Tensor, Pp: int) -> torch.Tensor:
+        """The weights [n, P'(key), H] of `head_images` for gradients at query positions `pos` [n]
+        (attention over the norm scale of the key; contiguous: bmm is slow on views)."""
+        return self.back_mix[layer, :, :Pp][:, :, pos].permute(2, 1, 0).contiguous()
 
-    def attention_backward_injected(self, layer: int, vec: torch.Tensor, pos: torch.Tensor, Pp: int) -> torch.Tensor:
-        """`attention_backward(layer, g)` for the gradient g that `vec` [n, d] injected at resid_mid of
-        layer + 1 and position `pos` [n] has at resid_mid of `layer` (no skip connection): [n, P', d].
-        g is a combination of H + 1 vectors per target (vec and the per-head terms of
-        `_sparse_terms`), so the projections act on those vectors instead of on every position, and
-        the two mixings over positions are chained for the injected positions only."""
-        H, dh, d = self.W_O.shape[1], self.W_O.shape[2], vec.shape[-1]
-        z, _ = self._sparse_terms(layer + 1, vec, pos, Pp)
-        terms = torch.cat([vec[:, None], z], 1)  # [n, H + 1, d]
-        y = (terms @ self.back_O[layer]).view(len(vec), H + 1, H, dh)  # [n, H + 1, H', d_head]
-        w = torch.einsum("njge,ged->njgd", y, self.back_V[layer].view(H, dh, d))  # [n, H + 1, H', d]
-        direct = self.back_mix[layer, :, :Pp][:, :, pos].permute(2, 1, 0)[..., None]  # [n, P'(key), H', 1]
-        above = self.back_mix[layer + 1, :, :Pp][:, :, pos]  # [H, P'(query), n]
-        chained = torch.einsum("gkq,hqn->nkgh", self.back_mix[layer, :, :Pp, :Pp], above)  # [n, P'(key), H', H]
-        coef = torch.cat([direct, chained], -1).view(len(vec), Pp, -1)  # [n, P'(key), H' * (H + 1)]
-        return coef @ w.transpose(1, 2).reshape(len(vec), -1, d)
+    def attention_backward_terms(
+        self, layer: int, terms: torch.Tensor, weights: torch.Tensor, pos: torch.Tensor
+    ) -> torch.Tensor:
+        """`attention_backward(layer, g)` for g = terms[:, 0] at `pos` [n] + sum_h weights[:, :, h]
+        * terms[:, 1 + h] (terms [n, H + 1, d], weights [n, P', H]): the gradient one attention layer
+        below a one-position injection. The projections act on the H + 1 vectors instead of every
+        position, and the two mixings over positions are chained: [n, P', d]."""
+        n, Pp, H = weights.shape
+        J, dh, d = H + 1, self.W_O.shape[2], terms.shape[-1]
+        u = (terms @ self.back_O[layer]).view(n * J, H, dh).transpose(0, 1)  # [H', n * J, d_head]
+        images = torch.bmm(u, self.back_V[layer].view(H, dh, d)).view(H, n, J, d)  # each term through each head
+        direct = self.key_weights(layer, pos, Pp).permute(2, 0, 1)[..., None]  # [H', n, P'(key), 1]
+        chained = torch.einsum("gkq,nqh->gnkh", self.back_mix[layer, :, :Pp, :Pp], weights)  # [H', n, P'(key), H]
+        coef = torch.cat([direct, chained], -1)  # [H', n, P'(key), J]
+        out = torch.bmm(coef[0], images[0])
+        for h in range(1, H):
+            out.baddbmm_(coef[h], images[h])
+        return out
+
+    def terms_are_cheaper(self, Pp: int) -> bool:
+        """Whether `attention_backward_terms` takes fewer multiply-adds than `attention_backward`
+        at P' positions (per target)."""
+        H, dh = self.W_O.shape[1], self.W_O.shape[2]
+        d = self.embed.shape[-1]
+        terms = 2 * (H + 1) * d * H * dh + Pp * Pp * H * H + Pp * H * (H + 1) * d
+        return terms < 2 * Pp * d * H * dh + Pp * Pp * H * dh
+
+    def embedding_images(self) -> torch.Tensor:
+        """What each embedding node adds to resid_mid of layer 0, where every target's gradient
+        meets it: [P(key), P(query) * d], row k block q the d-vector that W_E[token k] adds at
+        position q (itself at q = k, plus what the frozen attention of layer 0 carries; zero for
+        q < k). With it the embedding edges of a gradient g [B, P', d] at resid_mid[0] are one
+        product, g.view(B, -1) @ images[:P', :P' * d].T, and no gradient passes layer 0."""
+        P, d = self.n_pos, self.embed.shape[-1]
+        H, dh = self.W_O.shape[1], self.W_O.shape[2]
+        values = (self.embed @ self.back_V[0].T).view(P, H, dh)  # [P(key), H, d_head]
+        written = torch.einsum("khe,hed->khd", values, self.W_O[0])  # [P(key), H, d]
+        images = torch.einsum("hkq,khd->kqd", self.back_mix[0], written)  # [P(key), P(query), d]
+        images[torch.arange(P), torch.arange(P)] += self.embed
+        return images.reshape(P, P * d)
 
     def _backward_operators(self) -> None:
         """Precompute the transposed attention maps. For the gradient y at resid_mid, the gradient
@@ -172,6 +183,13 @@ class Replacement:
             mids.append(mid)
             resid = mid + mlp
         return torch.stack(mids), resid
+
+
+def _rows_matmul(x: torch.Tensor, W: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """x [n, a] @ W [a, b], computed for `rows` of x only (the others are zero in x and in the result)."""
+    if rows is None:
+        return x @ W
+    return x.new_zeros(len(x), W.shape[1]).index_copy_(0, rows, x[rows] @ W)
 
 
 def decode_active(clt: CrossLayerTranscoder, features: torch.Tensor, acts: torch.Tensor, P: int) -> torch.Tensor:

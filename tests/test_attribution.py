@@ -130,11 +130,28 @@ def test_replacement_reproduces_the_real_model(demo_model, demo_clt):
     assert torch.allclose(final, rep.resid_final, atol=1e-4)
 
 
-def test_identity_holds_for_per_layer_and_skip_transcoders():
+@pytest.mark.parametrize("embedding_images", [True, False])
+def test_identity_holds_for_per_layer_and_skip_transcoders(embedding_images, monkeypatch):
+    if not embedding_images:
+        monkeypatch.setattr("circuits.attribution.EMBEDDING_IMAGE_FLOATS", 0)
     model = _random_model()
     for cross_layer, skip in [(False, False), (True, True), (False, True)]:
         graph = attribute("Fact : Dallas is in the", model, _random_clt(model, cross_layer, skip), progress=False)
         assert _identity_error(graph).max() <= 1e-5
+
+
+@pytest.mark.parametrize("batch_size", [1, 7])
+def test_every_way_through_the_backward_pass_gives_the_same_graph(demo_model, demo_clt, batch_size, monkeypatch):
+    """Small batches see few positions (the dense attention backward on every row); whole-layer
+    batches skip the rows a target cannot see; without the embedding images every gradient passes
+    layer 0. Same edges either way."""
+    reference = attribute(FLAGSHIP, demo_model, demo_clt, progress=False)
+    assert torch.allclose(attribute(FLAGSHIP, demo_model, demo_clt, batch_size=batch_size, progress=False).adjacency,
+                          reference.adjacency, atol=1e-5)  # fmt: skip
+    monkeypatch.setattr("circuits.attribution.EMBEDDING_IMAGE_FLOATS", 0)
+    through_layer_0 = attribute(FLAGSHIP, demo_model, demo_clt, progress=False)
+    assert torch.allclose(through_layer_0.adjacency, reference.adjacency, atol=1e-5)
+    assert _identity_error(through_layer_0).max() <= 1e-5
 
 
 def test_named_and_difference_targets(demo_model, demo_clt):
