@@ -108,24 +108,23 @@ class Sources:
     order (one block per source layer and position), then errors [L, P], then tokens [P]."""
 
     def __init__(self, rep: Replacement):
-        clt, L, P = rep.clt, rep.n_layers, rep.n_pos
-        d = rep.embed.shape[-1]
+        L, P, d = rep.n_layers, rep.n_pos, rep.embed.shape[-1]
         self.rep, self.L, self.P = rep, L, P
         self.n_features = len(rep.features)
         self.n = self.n_features + L * P + P
         self.errors = rep.errors.transpose(0, 1).contiguous()  # [P, L, d]: laid out like the gradients
         # the embedding edges from the gradient at resid_mid[0], when the images fit (P^2 d floats)
         self.embed_images = rep.embedding_images() if P * P * d <= EMBEDDING_IMAGE_FLOATS else None
-        layer, pos, feature = rep.features.T
+        pos = rep.features[:, 1]
         self.blocks: list[list[tuple[int, int, torch.Tensor]]] = []  # [s][p] -> (start, stop, D [T*d, n_sp])
-        for s in range(L):
-            idx = (layer == s).nonzero()[:, 0]
-            D = (clt.W_dec[s].detach()[feature[idx]].flatten(1) * rep.activations[idx, None]).T  # [T*d, n_s]
-            bounds = torch.searchsorted(pos[idx], torch.arange(P + 1))
-            start = int(idx[0]) if len(idx) else 0
+        start = 0
+        for writes in rep.writes:
+            D = writes.flatten(1).T  # [T*d, n_s]
+            bounds = torch.searchsorted(pos[start : start + len(writes)], torch.arange(P + 1)).tolist()
             self.blocks.append(
-                [(start + int(a), start + int(b), D[:, a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+                [(start + a, start + b, D[:, a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
             )
+            start += len(writes)
 
     def rows(self, layer: int, pos: torch.Tensor, vec: torch.Tensor, out: torch.Tensor | None = None):
         """Edges from every source into a batch of targets of one layer: `vec` [B, d] injected at

@@ -165,7 +165,12 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--inhibited", type=int, default=5, help="list this many inactive features the graph suppresses most"
     )
-    p.add_argument("--batch-size", type=int, default=128, help="targets per backward pass")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="targets per backward pass (default: as many as 16 MB of gradients hold)",
+    )
     p.add_argument(
         "--target", nargs="+", default=None, metavar="TOKEN", help="target tokens, or A-B for a logit difference"
     )

@@ -21,6 +21,7 @@ from circuits.clt import CrossLayerTranscoder
 from circuits.errors import CircuitsError
 
 _NORMS = ("LN", "LNPre", "RMS", "RMSPre")
+_POST_NORM = ("Olmo2ForCausalLM", "Olmo3ForCausalLM")
 
 
 @dataclass
@@ -65,7 +66,8 @@ class Replacement:
     activations: torch.Tensor  # [n]
     pre_activations: torch.Tensor  # [n]
     errors: torch.Tensor  # [L, P, d] real mlp_out - CLT reconstruction
-    decoded: torch.Tensor  # [L, P, d] the active features' decoder vectors (times activation) summed per layer
+    writes: list[torch.Tensor]  # [s] -> [n_s, T_s, d] active features' decoder rows times activation (`feature_writes`)
+    decoded: torch.Tensor  # [L, P, d] the writes summed per target layer and position
     clt: CrossLayerTranscoder
 
     def __post_init__(self) -> None:
@@ -192,17 +194,25 @@ def _rows_matmul(x: torch.Tensor, W: torch.Tensor, rows: torch.Tensor | None) ->
     return x.new_zeros(len(x), W.shape[1]).index_copy_(0, rows, x[rows] @ W)
 
 
-def decode_active(clt: CrossLayerTranscoder, features: torch.Tensor, acts: torch.Tensor, P: int) -> torch.Tensor:
-    """Sum of the active features' (features [n, 3], acts [n]) decoder vectors written to each
-    layer: [L, P, d], touching only their decoder rows."""
-    L = clt.cfg.n_layers
-    out = acts.new_zeros(L, P, clt.cfg.d_model)
-    layer, pos, feature = features.T
-    for s in range(L):
-        mask = layer == s
-        for t in range(s, L) if clt.cfg.cross_layer else (s,):
-            out[t].index_add_(0, pos[mask], acts[mask, None] * clt.decoder(s, t)[feature[mask]])
-    return out
+def feature_writes(clt: CrossLayerTranscoder, features: torch.Tensor, acts: torch.Tensor) -> list[torch.Tensor]:
+    """What the active features (features [n, 3] sorted, acts [n]) write: per source layer s, their
+    decoder rows times activation [n_s, T_s, d] (T_s: the layers s writes to), touching only their rows."""
+    layer, feature = features[:, 0], features[:, 2]
+    return [
+        clt.W_dec[s][feature[layer == s]] * acts[layer == s, None, None] for s in range(clt.cfg.n_layers)
+    ]  # fmt: skip
+
+
+def sum_writes(writes: list[torch.Tensor], pos: torch.Tensor, P: int) -> torch.Tensor:
+    """The features' writes summed per target layer and position (pos [n]: the features'
+    positions, in the same order): [L, P, d]."""
+    L, d = len(writes), writes[0].shape[-1]
+    out = writes[0].new_zeros(P, L, d)
+    start = 0
+    for s, w in enumerate(writes):
+        out[:, s : s + w.shape[1]].index_add_(0, pos[start : start + len(w)], w)
+        start += len(w)
+    return out.transpose(0, 1)
 
 
 def check_supported(model: HookedTransformer) -> None:
@@ -213,6 +223,11 @@ def check_supported(model: HookedTransformer) -> None:
         raise CircuitsError("only sequential attention+MLP blocks are supported (no parallel/attn-only/split-qkv)")
     if cfg.positional_embedding_type not in ("standard", "rotary"):
         raise CircuitsError(f"positional embedding {cfg.positional_embedding_type!r} is not supported")
+    if cfg.use_normalization_before_and_after or cfg.use_attn_in or cfg.original_architecture in _POST_NORM:
+        raise CircuitsError(
+            "norms after the attention or MLP output (Gemma 2/3, OLMo 2/3) are not supported yet: "
+            "the replacement freezes the norms before them only"
+        )
 
 
 def _frozen_norm(module, scale: torch.Tensor, d: int, dtype) -> FrozenNorm:
@@ -226,51 +241,114 @@ def _frozen_norm(module, scale: torch.Tensor, d: int, dtype) -> FrozenNorm:
     )
 
 
+@dataclass
+class ForwardRecord:
+    """What the replacement freezes from the real model's forward pass on one prompt (P tokens)."""
+
+    embed: torch.Tensor  # [P, d] hook_embed
+    pos_embed: torch.Tensor  # [P, d] hook_pos_embed (zeros without learned positions)
+    patterns: torch.Tensor  # [L, H, P, P] hook_pattern
+    ln1_scales: torch.Tensor  # [L, P, 1] ln1.hook_scale
+    resid_mid: torch.Tensor  # [L, P, d]
+    mlp_out: torch.Tensor  # [L, P, d]
+    resid_final: torch.Tensor  # [P, d] hook_resid_post of the last block
+    final_scale: torch.Tensor  # [P, 1] ln_final.hook_scale
+    logits: torch.Tensor  # [d_vocab], last position
+
+
+@torch.no_grad()
+def record_forward(model: HookedTransformer, tokens: torch.Tensor) -> ForwardRecord:
+    """The real model's forward pass on tokens [P], block by block with TransformerLens's own
+    components (embeddings, QKV, rotary, scores and mask, MLPs, unembedding), keeping what the
+    replacement freezes. The loop is written out because on a short prompt `run_with_cache` costs
+    several times the arithmetic; `tests/test_attribution.py` checks every record against it."""
+    cfg, x = model.cfg, tokens[None]
+    embed = model.embed(x)  # [1, P, d]
+    pos_embed = model.pos_embed(x) if cfg.positional_embedding_type == "standard" else torch.zeros_like(embed)
+    resid = embed + pos_embed
+    patterns, scales, mids, outs = [], [], [], []
+    for block in model.blocks:
+        attn = block.attn
+        normed, scale = _normalise(block.ln1, resid)
+        q, k, v = attn.calculate_qkv_matrices(normed, normed, normed)
+        if cfg.positional_embedding_type == "rotary":
+            q, k = attn.apply_rotary(q, 0, None), attn.apply_rotary(k, 0, None)
+        pattern = attn.apply_causal_mask(attn.calculate_attention_scores(q, k), 0, None).softmax(-1)
+        z = attn.calculate_z_scores(v, pattern)  # [1, P, H, d_head]
+        mid = resid + torch.einsum("bphe,hed->bpd", z, attn.W_O) + attn.b_O
+        out = block.mlp(block.ln2(mid))
+        resid = mid + out
+        patterns.append(pattern[0])
+        scales.append(scale[0])
+        mids.append(mid[0])
+        outs.append(out[0])
+    normed, final_scale = _normalise(model.ln_final, resid)
+    return ForwardRecord(
+        embed=embed[0],
+        pos_embed=pos_embed[0],
+        patterns=torch.stack(patterns),
+        ln1_scales=torch.stack(scales),
+        resid_mid=torch.stack(mids),
+        mlp_out=torch.stack(outs),
+        resid_final=resid[0],
+        final_scale=final_scale[0],
+        logits=model.unembed(normed[:, -1:])[0, -1],
+    )
+
+
+def _normalise(module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A TransformerLens LayerNorm/RMSNorm (with or without weights) applied to x [..., d], and its
+    scale [..., 1] (what its hook_scale sees)."""
+    if module.__class__.__name__.startswith("LayerNorm"):
+        x = x - x.mean(-1, keepdim=True)
+    scale = (x.pow(2).mean(-1, keepdim=True) + module.eps).sqrt()
+    x = x / scale
+    if hasattr(module, "w"):
+        x = x * module.w
+    if hasattr(module, "b"):
+        x = x + module.b
+    return x, scale
+
+
 @torch.no_grad()
 def build_replacement(
     model: HookedTransformer, clt: CrossLayerTranscoder, tokens: torch.Tensor, dtype: torch.dtype = torch.float32
 ) -> Replacement:
     """Run the real model on tokens [P] once and freeze what the attribution needs."""
     check_supported(model)
-    L, d = model.cfg.n_layers, model.cfg.d_model
-    names = ("hook_embed", "hook_pos_embed", "hook_pattern", "hook_scale", "hook_resid_mid", "hook_mlp_out")
-    final = f"blocks.{L - 1}.hook_resid_post"
-    logits, cache = model.run_with_cache(tokens[None], names_filter=lambda n: n.endswith(names) or n == final)
-
-    def get(name: str) -> torch.Tensor:
-        return cache[name][0].to(dtype)
-
+    d = model.cfg.d_model
+    run = record_forward(model, tokens)
     if clt.W_enc.dtype != dtype:
         clt = copy.deepcopy(clt).to(dtype)
-    resid_mid = torch.stack([get(f"blocks.{l}.hook_resid_mid") for l in range(L)])
-    mlp_out = torch.stack([get(f"blocks.{l}.hook_mlp_out") for l in range(L)])
+    resid_mid = run.resid_mid.to(dtype)
     x = resid_mid.transpose(0, 1)  # [P, L, d]
     pre = clt.pre_activations(x)  # [P, L, F]
     acts = clt.activation(pre)
     pre, acts = pre.transpose(0, 1), acts.transpose(0, 1)  # [L, P, F]
     features = acts.nonzero()  # [n, 3] (layer, pos, feature), row-major order
-    decoded = decode_active(clt, features, acts[tuple(features.T)], len(tokens))
+    writes = feature_writes(clt, features, acts[tuple(features.T)])
+    decoded = sum_writes(writes, features[:, 1], len(tokens))
     recon = decoded + clt.b_dec[:, None] + clt.skip_out(x).transpose(0, 1)  # [L, P, d]
     blocks = model.blocks
-    pos_embed = get("hook_pos_embed") if "hook_pos_embed" in cache else torch.zeros(len(tokens), d, dtype=dtype)
     return Replacement(
         tokens=tokens,
-        embed=get("hook_embed"),
-        pos_embed=pos_embed,
-        patterns=torch.stack([get(f"blocks.{l}.attn.hook_pattern") for l in range(L)]),
-        ln1=[_frozen_norm(blocks[l].ln1, get(f"blocks.{l}.ln1.hook_scale"), d, dtype) for l in range(L)],
-        ln_final=_frozen_norm(model.ln_final, get("ln_final.hook_scale"), d, dtype),
+        embed=run.embed.to(dtype),
+        pos_embed=run.pos_embed.to(dtype),
+        patterns=run.patterns.to(dtype),
+        ln1=[_frozen_norm(b.ln1, scale, d, dtype) for b, scale in zip(blocks, run.ln1_scales, strict=True)],
+        ln_final=_frozen_norm(model.ln_final, run.final_scale, d, dtype),
         W_V=torch.stack([b.attn.W_V for b in blocks]).detach().to(dtype),
         b_V=torch.stack([b.attn.b_V for b in blocks]).detach().to(dtype),
         W_O=torch.stack([b.attn.W_O for b in blocks]).detach().to(dtype),
         b_O=torch.stack([b.attn.b_O for b in blocks]).detach().to(dtype),
         resid_mid=resid_mid,
-        resid_final=get(final),
-        logits=logits[0, -1].to(dtype),
+        resid_final=run.resid_final.to(dtype),
+        logits=run.logits.to(dtype),
         features=features,
         activations=acts[tuple(features.T)],
         pre_activations=pre[tuple(features.T)],
-        errors=mlp_out - recon,
+        errors=run.mlp_out.to(dtype) - recon,
+        writes=writes,
         decoded=decoded,
         clt=clt,
     )

@@ -21,7 +21,7 @@ from circuits.interventions import (
     validate,
 )
 from circuits.models import DEMO_MODEL_DIR
-from circuits.replacement import build_replacement
+from circuits.replacement import build_replacement, record_forward
 
 FLAGSHIP = "Fact: Dallas is in the state whose capital is"
 PROMPTS = [FLAGSHIP, "The capital of Texas is", "Fact : Boston is a city in"]
@@ -34,13 +34,14 @@ def _identity_error(graph) -> torch.Tensor:
     return (graph.inputs.double() - rows.sum(1) - graph.bias.double()).abs() / scale
 
 
-def _random_model(n_layers: int = 3, seed: int = 0) -> HookedTransformer:
+def _random_model(n_layers: int = 3, seed: int = 0, **config) -> HookedTransformer:
     """A small random model (d_vocab 269 != d_model 32) with every bias and norm weight random."""
-    cfg = HookedTransformerConfig(
-        n_layers=n_layers, d_model=32, n_heads=4, d_head=8, d_mlp=64, d_vocab=269, n_ctx=32, act_fn="gelu",
-        normalization_type="LN", positional_embedding_type="standard", seed=seed,
-        tokenizer_name=str((DEMO_MODEL_DIR / "tokenizer").resolve()),
-    )  # fmt: skip
+    cfg = HookedTransformerConfig(**{
+        **dict(n_layers=n_layers, d_model=32, n_heads=4, d_head=8, d_mlp=64, d_vocab=269, n_ctx=32, act_fn="gelu",
+               normalization_type="LN", positional_embedding_type="standard", seed=seed,
+               tokenizer_name=str((DEMO_MODEL_DIR / "tokenizer").resolve())),
+        **config,
+    })  # fmt: skip
     model = HookedTransformer(cfg)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -99,6 +100,12 @@ def test_edges_match_autograd_on_random_models(cross_layer, skip):
     _check_against_autograd(model, clt, "The capital of Texas is Austin and")
 
 
+def test_edges_match_autograd_on_a_rotary_rms_grouped_query_model():
+    model = _random_model(normalization_type="RMS", positional_embedding_type="rotary", rotary_dim=8,
+                          n_key_value_heads=2, gated_mlp=True, act_fn="silu")  # fmt: skip
+    _check_against_autograd(model, _random_clt(model), "The capital of Texas is Austin and")
+
+
 def test_edges_match_autograd_in_float64_per_edge():
     model = _random_model(seed=2).double()
     clt = _random_clt(model, seed=2).double()
@@ -128,6 +135,37 @@ def test_replacement_reproduces_the_real_model(demo_model, demo_clt):
     mid, final = rep.linear_forward()
     assert torch.allclose(mid, rep.resid_mid, atol=1e-4)
     assert torch.allclose(final, rep.resid_final, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {},  # the random model: LayerNorm, learned positions, every bias random
+        dict(normalization_type="RMS", positional_embedding_type="rotary", rotary_dim=8, n_key_value_heads=2,
+             gated_mlp=True, act_fn="silu"),
+        dict(normalization_type="LNPre", attn_scores_soft_cap=5.0, final_rms=False),
+    ],
+)  # fmt: skip
+def test_the_recorded_forward_pass_is_transformer_lens_own(config):
+    model = _random_model(**config)
+    tokens = model.to_tokens("Fact : Dallas is in the state whose capital is")[0]
+    run = record_forward(model, tokens)
+    L = model.cfg.n_layers
+    logits, cache = model.run_with_cache(tokens[None])
+    expected = {
+        "embed": cache["hook_embed"][0],
+        "patterns": torch.stack([cache[f"blocks.{l}.attn.hook_pattern"][0] for l in range(L)]),
+        "ln1_scales": torch.stack([cache[f"blocks.{l}.ln1.hook_scale"][0] for l in range(L)]),
+        "resid_mid": torch.stack([cache[f"blocks.{l}.hook_resid_mid"][0] for l in range(L)]),
+        "mlp_out": torch.stack([cache[f"blocks.{l}.hook_mlp_out"][0] for l in range(L)]),
+        "resid_final": cache[f"blocks.{L - 1}.hook_resid_post"][0],
+        "final_scale": cache["ln_final.hook_scale"][0],
+        "logits": logits[0, -1],
+    }
+    if "hook_pos_embed" in cache:
+        expected["pos_embed"] = cache["hook_pos_embed"][0]
+    for name, value in expected.items():
+        assert torch.allclose(getattr(run, name), value, atol=1e-5), name
 
 
 @pytest.mark.parametrize("embedding_images", [True, False])
