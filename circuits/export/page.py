@@ -174,6 +174,7 @@ def _header(graph: dict, view, info: PageInfo) -> str:
         **{f"validation r ({k})": _number(v) for k, v in info.validation.items()},
         "node threshold": _number(meta.get("node_threshold")),
         "edge threshold": _number(meta.get("edge_threshold")),
+        "pruned": "no (every node and nonzero edge)" if meta.get("pruned") is False else "",
         "nodes": str(len(view.nodes) - _count(view.nodes, "inhibited")),
         "edges shown": f"{sum(not e.get('inhibited') for e in view.edges)} of {view.n_links}",
         # inactive features the graph's features push down hardest (edges cannot show inhibition)
