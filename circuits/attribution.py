@@ -372,17 +372,20 @@ def trace_to_files(
     scan: str = "",
     node_threshold: float = 0.8,
     edge_threshold: float = 0.98,
+    prune: bool = True,
     **attribute_kwargs,
 ) -> tuple[Graph, dict[str, Path]]:
-    """The pipeline behind `circuits trace`: attribute, write `<out>/<slug>.json` (the pruned graph
-    in the circuit-tracer schema) and `<out>/<slug>.graph.safetensors` (the full graph). Returns the
-    graph and the written paths."""
+    """The pipeline behind `circuits trace`: attribute, write `<out>/<slug>.json` (the graph in the
+    circuit-tracer schema, pruned unless `prune` is False) and `<out>/<slug>.graph.safetensors` (the
+    full graph). Returns the graph and the written paths."""
     graph = attribute(prompt, model, transcoder, **attribute_kwargs)
     graph.config.update(transcoder=scan)
     slug = slug or slugify(prompt)
     paths = {"json": Path(out) / f"{slug}.json", "graph": Path(out) / f"{slug}.graph.safetensors"}
     graph.save(paths["graph"])
-    graph.to_json(paths["json"], slug=slug, scan=scan, node_threshold=node_threshold, edge_threshold=edge_threshold)
+    graph.to_json(
+        paths["json"], slug=slug, scan=scan, node_threshold=node_threshold, edge_threshold=edge_threshold, prune=prune
+    )
     return graph, paths
 
 

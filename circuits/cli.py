@@ -63,11 +63,10 @@ def _cmd_trace(args: argparse.Namespace) -> None:
     from circuits.interventions import validate
 
     model, clt = load_pair(args.model, args.transcoder, args.device)
-    thresholds = (1.0, 1.0) if args.no_prune else (args.node_threshold, args.edge_threshold)
     graph, paths = trace_to_files(
-        args.prompt, model, clt, args.out, args.slug, args.transcoder, *thresholds, targets=args.target,
-        batch_size=args.batch_size, max_feature_nodes=args.max_feature_nodes, device=args.device,
-        inhibited=args.inhibited,
+        args.prompt, model, clt, args.out, args.slug, args.transcoder, args.node_threshold, args.edge_threshold,
+        prune=not args.no_prune, targets=args.target, batch_size=args.batch_size,
+        max_feature_nodes=args.max_feature_nodes, device=args.device, inhibited=args.inhibited,
     )  # fmt: skip
     replacement, completeness = graph.scores()
     print(f"{graph.n_features} feature nodes; targets {graph.target_names}")
@@ -175,7 +174,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "--target", nargs="+", default=None, metavar="TOKEN", help="target tokens, or A-B for a logit difference"
     )
     p.add_argument("--device", default="cpu")
-    p.add_argument("--no-prune", action="store_true", help="write every node and edge with any influence to the JSON")
+    p.add_argument("--no-prune", action="store_true", help="JSON of the full graph: every node and nonzero edge")
     p.add_argument("--validate", action="store_true", help="ablate the top features and compare with the graph")
     p.add_argument("--features", help="feature scan for the cards (default: the transcoder's, see `circuits features`)")
     p.add_argument("--concept", action="append", default=[], help="a concept to trace beside the graph; repeatable")

@@ -39,6 +39,15 @@ def compute_influence(A: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     raise CircuitsError("the adjacency matrix has a cycle: influence does not converge")
 
 
+def _cumulative(influence: torch.Tensor) -> torch.Tensor:
+    """[N]: each node's share of the total influence summed over it and every node more
+    influential (circuit-tracer's `influence` of a node in the graph JSON)."""
+    order = influence.sort(descending=True)
+    cumulative = torch.zeros_like(influence)
+    cumulative[order.indices] = order.values.cumsum(0) / order.values.sum().clamp(min=1e-30)
+    return cumulative
+
+
 def _cutoff(scores: torch.Tensor, threshold: float) -> torch.Tensor:
     """The score that keeps the highest scores up to `threshold` of their cumulative sum."""
     ordered = scores.flatten().sort(descending=True).values
@@ -137,10 +146,7 @@ class Graph:
             if torch.equal(new_mask, node_mask):
                 break
             node_mask = new_mask
-        order = influence.sort(descending=True)
-        cumulative = torch.zeros_like(influence)
-        cumulative[order.indices] = order.values.cumsum(0) / order.values.sum().clamp(min=1e-30)
-        return PruneResult(node_mask, edge_mask, cumulative)
+        return PruneResult(node_mask, edge_mask, _cumulative(influence))
 
     def scores(self) -> tuple[float, float]:
         """(replacement score, completeness score), as circuit-tracer computes them: the share of
@@ -240,9 +246,17 @@ class Graph:
             raise CircuitsError(f"{path} is a safetensors file but not a graph: re-run `circuits trace`")
         return cls(**tensors, **json.loads(meta["graph"]))
 
-    def to_dict(self, slug: str, scan: str = "", node_threshold: float = 0.8, edge_threshold: float = 0.98) -> dict:
-        """The pruned graph in the circuit-tracer / Neuronpedia graph schema."""
-        result = self.prune(node_threshold, edge_threshold)
+    def to_dict(
+        self, slug: str, scan: str = "", node_threshold: float = 0.8, edge_threshold: float = 0.98, prune: bool = True
+    ) -> dict:
+        """The graph in the circuit-tracer / Neuronpedia graph schema: pruned by `prune(node_threshold,
+        edge_threshold)`, or with `prune=False` the full graph (every node, every nonzero edge; the
+        thresholds are ignored and written as null)."""
+        if prune:
+            result = self.prune(node_threshold, edge_threshold)
+        else:
+            everything = torch.ones(len(self.adjacency), dtype=torch.bool)
+            result = PruneResult(everything, self.adjacency != 0, _cumulative(self.influence()))
         records, last = self.nodes(), self.n_pos - 1
         kinds = {
             "feature": "cross layer transcoder",
@@ -278,8 +292,9 @@ class Graph:
             )
             if s in ids and t in ids
         ]
-        connected = {link["source"] for link in links} | {link["target"] for link in links}
-        nodes = [n for n in nodes if n["node_id"] in connected or n["feature_type"] in ("embedding", "logit")]
+        if prune:
+            connected = {link["source"] for link in links} | {link["target"] for link in links}
+            nodes = [n for n in nodes if n["node_id"] in connected or n["feature_type"] in ("embedding", "logit")]
         replacement, completeness = self.scores()
         metadata = {
             "slug": slug,
@@ -287,8 +302,9 @@ class Graph:
             "transcoder_list": [],
             "prompt_tokens": self.token_strs,
             "prompt": self.prompt,
-            "node_threshold": node_threshold,
-            "edge_threshold": edge_threshold,
+            "node_threshold": node_threshold if prune else None,
+            "edge_threshold": edge_threshold if prune else None,
+            "pruned": prune,
             "schema_version": SCHEMA_VERSION,
             "replacement_score": replacement,
             "completeness_score": completeness,

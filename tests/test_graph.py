@@ -103,6 +103,46 @@ def test_json_follows_the_circuit_tracer_schema(graph, tmp_path):
         assert graph.adjacency[index[link["target"]], index[link["source"]]].item() == pytest.approx(link["weight"])
 
 
+def _links_of(records: list[dict], adjacency: torch.Tensor) -> dict[tuple[str, str], float]:
+    """{(source id, target id): weight} of every nonzero edge."""
+    targets, sources = (adjacency != 0).nonzero(as_tuple=True)
+    weights = adjacency[targets, sources].tolist()
+    pairs = zip(targets.tolist(), sources.tolist(), weights, strict=True)
+    return {(records[s]["id"], records[t]["id"]): w for t, s, w in pairs}
+
+
+def test_unpruned_json_has_every_node_and_exactly_the_nonzero_edges(graph):
+    data = graph.to_dict("full", prune=False)
+    records = graph.nodes()
+    assert [n["node_id"] for n in data["nodes"]] == [r["id"] for r in records]
+    kinds = [n["feature_type"] for n in data["nodes"]]
+    assert kinds.count("cross layer transcoder") == graph.n_features
+    assert kinds.count("mlp reconstruction error") == graph.n_layers * graph.n_pos
+    links = {(link["source"], link["target"]): link["weight"] for link in data["links"]}
+    assert len(links) == len(data["links"]) == int((graph.adjacency != 0).sum())
+    assert links == _links_of(records, graph.adjacency)
+    assert [n["influence"] for n in data["nodes"]] == pytest.approx(graph.prune().cumulative_scores.tolist())
+    meta = data["metadata"]
+    assert meta["pruned"] is False and meta["node_threshold"] is None and meta["edge_threshold"] is None
+    pruned = graph.to_dict("pruned")
+    assert pruned["metadata"]["pruned"] is True and len(pruned["nodes"]) < len(data["nodes"])
+    assert len(pruned["links"]) < len(data["links"])
+
+
+def test_trace_no_prune_writes_the_full_graph(tmp_path, capsys):
+    assert main(["trace", "--out", str(tmp_path), "--slug", "full", "--no-prune", "--no-concepts"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(tmp_path / "full.html")
+    full = Graph.load(tmp_path / "full.graph.safetensors")
+    data = json.loads((tmp_path / "full.json").read_text())
+    records = full.nodes()
+    assert [n["node_id"] for n in data["nodes"]] == [r["id"] for r in records]
+    assert {(link["source"], link["target"]): link["weight"] for link in data["links"]} == _links_of(
+        records, full.adjacency
+    )
+    assert len(data["links"]) == int((full.adjacency != 0).sum()) and data["metadata"]["pruned"] is False
+    assert "<dt>pruned</dt><dd>no (every node and nonzero edge)</dd>" in (tmp_path / "full.html").read_text()
+
+
 def test_safetensors_round_trip(graph, tmp_path):
     path = tmp_path / "g.graph.safetensors"
     graph.save(path)

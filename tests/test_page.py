@@ -60,6 +60,28 @@ def make_graph(tokens: list[str], seed: int = 0, per_cell: int = 2, n_features: 
 TOKENS = ["<bos>", "Fact", ":", "Dallas", "is", "in", "the", "state", "whose", "capital", "is"]
 
 
+def with_inhibited(graph: dict, seed: int = 0) -> dict:
+    """`graph` with three suppressed features at the last position (layers 1, 1, 2) in
+    `metadata.inhibited_features`, as `Graph.to_dict` writes them: feature indices no node of that
+    cell has, inhibitors from the graph's features of lower layers plus one feature that is not in
+    the graph (no edge for it)."""
+    rng = random.Random(seed)
+    last = len(graph["metadata"]["prompt_tokens"]) - 1
+    ids = {n["node_id"] for n in graph["nodes"]}
+    records = []
+    for layer in (1, 1, 2):
+        free = [f for f in range(12) if f"{layer}_{f}_{last}" not in ids | {r["node_id"] for r in records}]
+        below = [n["node_id"] for n in graph["nodes"] if n["feature_type"] == "cross layer transcoder"
+                 and int(n["layer"]) < layer and n["ctx_idx"] <= last]  # fmt: skip
+        inhibitors = [{"source": s, "weight": -rng.uniform(0.1, 2)} for s in rng.sample(below, 3)]
+        inhibitors.append({"source": f"0_99_{last}", "weight": -0.05})  # pruned from the graph
+        inhibitors.sort(key=lambda i: i["weight"])
+        records.append({"node_id": f"{layer}_{free[0]}_{last}", "pre_activation": -rng.uniform(0.5, 3),
+                        "inhibition": sum(i["weight"] for i in inhibitors) - 1, "inhibitors": inhibitors})  # fmt: skip
+    graph["metadata"]["inhibited_features"] = records
+    return graph
+
+
 @pytest.fixture(scope="module")
 def scan(demo_model, random_clt):
     return scan_features(demo_model, random_clt, FeatureScanConfig(n_documents=16, top_k=3), clt_name="random")
@@ -101,6 +123,48 @@ def test_layout_puts_tokens_at_the_bottom_logits_on_top_and_each_node_in_its_cel
     assert logits[1][0] - logits[0][0] >= 12 * len("Austin")  # boxes side by side, not overlapping
     ys = {n["kind"]: n["y"] for n in view.nodes}
     assert ys["embedding"] > ys["feature"] > ys["logit"]
+
+
+def test_suppressed_features_are_hidden_nodes_in_their_cells_with_edges_from_their_inhibitors(scan):
+    graph = with_inhibited(make_graph(TOKENS, per_cell=3))
+    records = {r["node_id"]: r for r in graph["metadata"]["inhibited_features"]}
+    opts = ViewOptions(row_height=150.0)
+    view = build_view(graph, {}, opts)
+    suppressed = {n["id"]: n for n in view.nodes if n["kind"] == "inhibited"}
+    assert set(suppressed) == set(records)
+    feature_ys = {n["layer"]: n["y"] for n in view.nodes if n["kind"] == "feature"}
+    for nid, n in suppressed.items():
+        layer, feature, pos = (int(x) for x in nid.split("_"))
+        assert n["hidden"] is True and (n["layer"], n["feature"], n["pos"]) == (layer, feature, pos)
+        assert n["pre_activation"] == records[nid]["pre_activation"] and n["inhibition"] == records[nid]["inhibition"]
+        assert abs(n["x"] - pos * opts.column_width) < opts.column_width / 2  # its cell
+        assert abs(n["y"] + (layer + 1) * opts.row_height) < opts.row_height / 2  # the row of its layer's features
+        assert abs(n["y"] - feature_ys[layer]) < opts.row_height / 2
+        assert n["shapeProperties"]["borderDashes"]  # drawn apart from the active features
+    assert len({(n["x"], n["y"]) for n in view.nodes}) == len(view.nodes)  # on top of nothing
+    graph_ids = {n["node_id"] for n in graph["nodes"]}
+    drawn = {(e["from"], e["to"]): e for e in view.edges if e.get("inhibited")}
+    expected = {(i["source"], nid): i["weight"] for nid, r in records.items() for i in r["inhibitors"]}
+    assert {k: e["weight"] for k, e in drawn.items()} == {k: w for k, w in expected.items() if k[0] in graph_ids}
+    assert len(drawn) == 9 and all(e["weight"] < 0 and e["color"].startswith("rgba(197,48,48,") for e in drawn.values())
+    assert len({e["id"] for e in view.edges}) == len(view.edges)
+    # the JSON's nodes and the header's counts stay the graph's; cards cover the suppressed features
+    assert view.n_links == len(graph["links"]) and len(view.nodes) == len(graph["nodes"]) + 3
+    text = render_page(graph, features=scan)
+    data = json.loads(re.search(r'id="circuits-data">(.*?)</script>', text, flags=re.S)[1])
+    assert data["graph"]["nodes"] == graph["nodes"]
+    assert f"<dt>nodes</dt><dd>{len(graph['nodes'])}</dd>" in text and 'id="show-inhibited"' in text
+    for nid in records:
+        layer, feature, _ = (int(x) for x in nid.split("_"))
+        assert data["cards"][nid] == scan.card(layer, feature)
+    assert 'id="show-inhibited"' not in render_page(make_graph(TOKENS))  # no switch without suppressed features
+    bad = with_inhibited(make_graph(TOKENS))
+    bad["metadata"]["inhibited_features"][0]["node_id"] = next(n["node_id"] for n in bad["nodes"] if n["layer"] == "1")
+    with pytest.raises(CircuitsError, match="also a node of the graph"):
+        build_view(bad, {}, opts)
+    bad["metadata"]["inhibited_features"][0]["node_id"] = "L1#3"
+    with pytest.raises(CircuitsError, match="is not '{layer}_{feature}_{pos}'"):
+        build_view(bad, {}, opts)
 
 
 def test_supernode_suggestions_group_features_with_parallel_link_profiles():
@@ -274,6 +338,57 @@ def test_threshold_slider_hides_weak_edges(open_page, tmp_path):
 
 
 @pytest.mark.browser
+def test_suppressed_features_toggle_with_their_edges_and_open_their_details(open_page, scan, tmp_path):
+    graph = with_inhibited(make_graph(TOKENS))
+    records = {r["node_id"]: r for r in graph["metadata"]["inhibited_features"]}
+    path = write_page(tmp_path / "page.html", graph, features=scan)
+    opened = _load(open_page, path)
+    page = opened.page
+    view = build_view(graph, {}, ViewOptions())
+    n_shown = sum(not e.get("inhibited") for e in view.edges)
+    n_inhibitor_edges = len(view.edges) - n_shown
+    hidden = "(ids) => ids.map((i) => nodes.get(i).hidden)"
+    assert all(page.evaluate(hidden, list(records)))
+    assert page.evaluate("circuitsPage.visibleEdgeCount()") == n_shown
+    assert page.inner_text("#edge-count") == f"{n_shown} of {n_shown} edges"
+    target = next(iter(records))
+    assert page.evaluate("(q) => circuitsPage.search(q)", target) == []  # hidden: not found
+    page.locator("#show-inhibited").check()
+    assert not any(page.evaluate(hidden, list(records)))
+    assert page.evaluate("circuitsPage.visibleEdgeCount()") == n_shown + n_inhibitor_edges
+    shown = page.evaluate("edgesView.get({filter: (e) => e.inhibited}).map((e) => [e.from, e.to, e.weight])")
+    assert sorted(map(tuple, shown)) == sorted(
+        (e["from"], e["to"], e["weight"]) for e in view.edges if e.get("inhibited")
+    )
+    assert page.evaluate("(q) => circuitsPage.search(q)", target) == [target]
+    page.evaluate("circuitsPage.search('')")
+    _click_node(page, target)
+    details = page.locator("#details")
+    assert details.get_attribute("data-node") == target
+    layer, feature, pos = (int(x) for x in target.split("_"))
+    card = scan.card(layer, feature)
+    assert page.inner_text("#details h2") == f"suppressed L{layer} #{feature} {card['label']}"
+    rows = dict(r.split("\t", 1) for r in page.inner_text("#details table.kv").splitlines())
+    assert rows["pre-activation"] == f"{records[target]['pre_activation']:.3g}"
+    assert rows["inhibition (from the graph's features)"] == f"{records[target]['inhibition']:.3g}"
+    assert rows["position"] == f'{pos} "{TOKENS[pos]}"' and rows["feature"] == str(feature)
+    assert page.locator("#details svg.histogram rect").count() == len(card["histogram"])
+    links = page.locator("#details ul.edges a")
+    assert links.count() == len(records[target]["inhibitors"])  # the one outside the graph listed by its id
+    strongest = records[target]["inhibitors"][0]["source"]
+    assert links.first.get_attribute("title") == strongest
+    links.first.click()
+    assert details.get_attribute("data-node") == strongest
+    assert page.locator(f'#details ul.edges a[title="{target}"]').count() == 1  # what the inhibitor suppresses
+    page.locator("#show-inhibited").uncheck()
+    assert all(page.evaluate(hidden, list(records)))
+    assert page.evaluate("circuitsPage.visibleEdgeCount()") == n_shown
+    exported = page.evaluate("circuitsPage.exportGraph()")
+    assert len(exported["links"]) == len(graph["links"]) and exported["nodes"] == graph["nodes"]
+    assert opened.errors == [] and opened.blocked == [] and opened.dialogs == []
+
+
+@pytest.mark.browser
 def test_hostile_strings_show_as_text_and_run_nothing(open_page, scan, tmp_path):
     graph = _hostile_graph()
     path = write_page(tmp_path / "hostile.html", graph, features=scan, figures=_figures(), info=PageInfo(model=HOSTILE))
@@ -381,5 +496,6 @@ def test_committed_gallery_pages_load_offline_without_errors(open_page):
         opened = _load(open_page, page)
         graph = json.loads(page.with_suffix(".json").read_text())
         assert opened.errors == [] and opened.blocked == [] and opened.dialogs == []
-        assert opened.page.evaluate("nodes.length") == len(graph["nodes"])
+        graph_nodes = "nodes.get({filter: (n) => n.kind !== 'inhibited'}).length"  # suppressed: no graph nodes
+        assert opened.page.evaluate(graph_nodes) == len(graph["nodes"])
         opened.page.context.close()

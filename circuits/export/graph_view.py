@@ -6,6 +6,11 @@ on row l + 1, logits on top. Nodes sharing a (layer, position) cell are packed i
 inside it. Each node keeps its top-k edges by |weight| (an edge stays when it is among the top k
 of its source's outgoing or its target's incoming edges).
 
+The suppressed features of `metadata.inhibited_features` (inactive, so no node of the graph JSON)
+become hidden nodes of kind `inhibited` in their cells, after the cell's graph nodes, with an edge
+`inhibited: true` from each of their inhibitors that is a node of the view; the page shows them on
+request.
+
 pyvis renders the vis-network data and options into its template; `network_assets` keeps only
 the inlined vis-network CSS/JS and the script that draws the network (globals `nodes`, `edges`,
 `network`) and drops every tag that would load something from the network.
@@ -30,8 +35,14 @@ KINDS = {
     "embedding": "embedding",
     "logit": "logit",
 }
-COLORS = {"feature": "#4c78a8", "error": "#a0a0a0", "embedding": "#54a24b", "logit": "#f58518"}
-SHAPES = {"feature": "dot", "error": "square", "embedding": "box", "logit": "box"}
+COLORS = {
+    "feature": "#4c78a8",
+    "error": "#a0a0a0",
+    "embedding": "#54a24b",
+    "logit": "#f58518",
+    "inhibited": {"background": "#fff5f5", "border": "#c53030"},  # hollow, red dashed border
+}
+SHAPES = {"feature": "dot", "error": "square", "embedding": "box", "logit": "box", "inhibited": "dot"}
 EDGE_RGB = {True: "43,108,176", False: "197,48,48"}  # positive (blue), negative (red)
 
 
@@ -72,6 +83,19 @@ def parse_node(node: dict, n_layers: int) -> dict:
     return {"kind": kind, "row": layer + 1, "layer": layer, "pos": pos, "feature": feature}
 
 
+def parse_inhibited(record: dict) -> dict:
+    """The row, layer, position and feature index of a suppressed feature of
+    `metadata.inhibited_features` (node id `{layer}_{feature}_{pos}`)."""
+    match = re.fullmatch(r"(\d+)_(\d+)_(\d+)", str(record.get("node_id")))
+    if match is None:
+        raise CircuitsError(
+            f"suppressed feature {record.get('node_id')!r} in metadata.inhibited_features is not "
+            "'{layer}_{feature}_{pos}': re-run `circuits trace`"
+        )
+    layer, feature, pos = (int(x) for x in match.groups())
+    return {"kind": "inhibited", "row": layer + 1, "layer": layer, "pos": pos, "feature": feature}
+
+
 def count_layers(graph: dict) -> int:
     """Transcoder layers of a graph: logit nodes sit on layer L + 1 in the schema."""
     logits = [int(n["layer"]) for n in graph["nodes"] if n.get("feature_type") == "logit"]
@@ -89,18 +113,41 @@ def build_view(graph: dict, labels: dict[str, str], options: ViewOptions) -> Gra
     n_layers = count_layers(graph)
     tokens = [str(t) for t in graph["metadata"].get("prompt_tokens", [])]
     parsed = {n["node_id"]: {**parse_node(n, n_layers), "node": n} for n in graph["nodes"]}
+    inhibited = _parse_inhibited_features(graph["metadata"], parsed)
     n_pos = max([len(tokens)] + [p["pos"] + 1 for p in parsed.values()])
     if options.row_height is None:
         auto = options.column_width * (n_pos + 1) / (n_layers + 2) * 0.8
         options = dataclasses.replace(options, row_height=min(max(auto, 150.0), 400.0))
-    positions = _layout(parsed, options)
+    positions = _layout({**parsed, **inhibited}, options)
     nodes = [_vis_node(nid, p, positions[nid], tokens, labels.get(nid, "")) for nid, p in parsed.items()]
     links = [link for link in graph["links"] if link["source"] in parsed and link["target"] in parsed]
     kept = _top_k(links, options.top_k_edges)
     scale = _weight_scale([abs(link["weight"]) for link in kept])
     edges = [_vis_edge(i, link, scale) for i, link in enumerate(kept)]
+    strongest = max([abs(float(p["node"]["inhibition"])) for p in inhibited.values()], default=1.0) or 1.0
+    for nid, p in inhibited.items():
+        nodes.append(_inhibited_node(nid, p, positions[nid], labels.get(nid, ""), strongest))
+        for source in p["node"].get("inhibitors", []):
+            if source["source"] in parsed:
+                link = {"source": source["source"], "target": nid, "weight": source["weight"]}
+                edges.append({**_vis_edge(len(edges), link, scale), "inhibited": True})
     geometry = {"column_width": options.column_width, "row_height": options.row_height}
     return GraphView(nodes, edges, n_layers, len(links), tokens, geometry)
+
+
+def _parse_inhibited_features(metadata: dict, parsed: dict[str, dict]) -> dict[str, dict]:
+    """The suppressed features of the graph by node id, parsed like graph nodes (`node` holds the
+    metadata record)."""
+    out = {}
+    for record in metadata.get("inhibited_features") or []:
+        p = parse_inhibited(record)
+        if record["node_id"] in parsed or record["node_id"] in out:
+            raise CircuitsError(
+                f"suppressed feature {record['node_id']} is also a node of the graph, or listed twice: "
+                "an inhibited feature is inactive; re-run `circuits trace`"
+            )
+        out[record["node_id"]] = {**p, "node": record}
+    return out
 
 
 def _layout(parsed: dict[str, dict], options: ViewOptions) -> dict[str, tuple[float, float]]:
@@ -112,7 +159,8 @@ def _layout(parsed: dict[str, dict], options: ViewOptions) -> dict[str, tuple[fl
     width, height, pitch = options.column_width * 0.85, options.row_height * 0.7, options.node_pitch
     out = {}
     for (row, pos), ids in cells.items():
-        ids.sort(key=lambda i: (parsed[i]["kind"] == "error", _influence(parsed[i]["node"]), i))
+        # graph nodes first (errors last among them), then the hidden suppressed features
+        ids.sort(key=lambda i: (_SLOT[parsed[i]["kind"]], _influence(parsed[i]["node"]), i))
         per_line = max(1, min(len(ids), int(width // pitch)))
         lines = math.ceil(len(ids) / per_line)
         dy = min(pitch, height / max(lines - 1, 1))
@@ -128,6 +176,9 @@ def _layout(parsed: dict[str, dict], options: ViewOptions) -> dict[str, tuple[fl
             y = -row * options.row_height + (line - (lines - 1) / 2) * dy
             out[nid] = (round(x, 1), round(y, 1))
     return out
+
+
+_SLOT = {"feature": 0, "embedding": 0, "logit": 0, "error": 1, "inhibited": 2}
 
 
 def _label_width(text: str) -> float:
@@ -172,6 +223,32 @@ def _vis_node(nid: str, p: dict, xy: tuple[float, float], tokens: list[str], lab
         if node.get("is_target_logit"):
             out["borderWidth"] = 3
     return out
+
+
+def _inhibited_node(nid: str, p: dict, xy: tuple[float, float], label: str, strongest: float) -> dict:
+    """A suppressed feature: hollow with a red dashed border, radius 6 to 12 by |inhibition| relative
+    to the strongest; hidden until the page shows suppressed features."""
+    record = p["node"]
+    return {
+        "id": nid,
+        "x": xy[0],
+        "y": xy[1],
+        "fixed": True,
+        "physics": False,
+        "hidden": True,
+        "shape": SHAPES["inhibited"],
+        "color": dict(COLORS["inhibited"]),
+        "borderWidth": 2,
+        "shapeProperties": {"borderDashes": [4, 3]},
+        "size": round(6 + 6 * min(abs(float(record["inhibition"])) / strongest, 1.0), 2),
+        "kind": "inhibited",
+        "layer": p["layer"],
+        "pos": p["pos"],
+        "feature": p["feature"],
+        "pre_activation": record.get("pre_activation"),
+        "inhibition": record.get("inhibition"),
+        "clerp": label,
+    }
 
 
 def _logit_token(node: dict) -> str:

@@ -9,7 +9,10 @@
   const tokens = data.tokens;
   const geometry = data.geometry;
   const original = new Map(nodes.get().map((n) => [n.id, n]));
-  const baseEdges = edges.get();
+  // edges of the graph; the edges into suppressed features (kind "inhibited", hidden until asked for)
+  // are drawn only: they are no links of the graph JSON
+  const baseEdges = edges.get({ filter: (e) => !e.inhibited });
+  const nInhibitedEdges = edges.length - baseEdges.length;
   const allLinks = baseEdges
     .map((e) => ({ source: e.from, target: e.to, weight: e.weight }))
     .concat(graph.links_not_shown.map(([source, target, weight]) => ({ source, target, weight })));
@@ -19,10 +22,19 @@
     push(incoming, link.target, link);
     push(outgoing, link.source, link);
   }
+  const suppressed = new Map((graph.metadata.inhibited_features || []).map((r) => [r.node_id, r]));
+  const suppressedIds = [...original.values()].filter((n) => n.kind === "inhibited").map((n) => n.id);
+  const inhibits = new Map();  // source -> [{source, target: suppressed feature, weight}]
+  for (const r of suppressed.values()) {
+    for (const i of r.inhibitors || []) {
+      push(inhibits, i.source, { source: i.source, target: r.node_id, weight: i.weight });
+    }
+  }
   const magnitudes = baseEdges.map((e) => Math.abs(e.weight)).sort((a, b) => a - b);
   const fullWidthWeight = magnitudes.length ? magnitudes[Math.floor(0.95 * (magnitudes.length - 1))] || 1e-12 : 1;
   window.circuitsPage = { ready: false, firstDrawn: null, started: performance.now() };
-  const state = { threshold: 0, groups: new Map(), rep: new Map(), nextGroup: 1, hovered: [], hoverTimer: null };
+  const state = { threshold: 0, groups: new Map(), rep: new Map(), nextGroup: 1, hovered: [], hoverTimer: null,
+    showInhibited: false };
 
   function push(map, key, value) {
     if (!map.has(key)) map.set(key, []);
@@ -56,6 +68,7 @@
     if (n.kind === "error") return `error L${n.layer} @${n.pos} "${tokenAt(n.pos)}"`;
     if (n.kind === "embedding") return `token "${tokenAt(n.pos)}" @${n.pos}`;
     if (n.kind === "logit") return `logit "${n.token}" p=${fmt(n.prob)}`;
+    if (n.kind === "inhibited") return `suppressed L${n.layer} #${n.feature} ${n.clerp || ""}`.trim();
     return `supernode "${n.label}"`;
   }
 
@@ -71,13 +84,15 @@
   }
 
   function edgeVisible(e) {
+    if (e.inhibited && !state.showInhibited) return false;
     if (Math.abs(e.weight) < state.threshold) return false;
     return e.supernode || (!state.rep.has(e.from) && !state.rep.has(e.to));
   }
 
   function refreshEdges() {
     edgesView.refresh();
-    document.getElementById("edge-count").textContent = `${edgesView.length} of ${edges.length} edges`;
+    const total = edges.length - (state.showInhibited ? 0 : nInhibitedEdges);
+    document.getElementById("edge-count").textContent = `${edgesView.length} of ${total} edges`;
     return edgesView.length;
   }
 
@@ -85,6 +100,15 @@
     const i = Math.min(magnitudes.length - 1, Math.floor(fraction * magnitudes.length));
     state.threshold = fraction <= 0 || !magnitudes.length ? 0 : magnitudes[i];
     document.getElementById("edge-threshold-value").textContent = fmt(state.threshold, 2);
+    return refreshEdges();
+  }
+
+  function showSuppressed(on) {
+    state.showInhibited = on;
+    nodes.update(suppressedIds.map((id) => ({ id, hidden: !on })));
+    if (!on) network.selectNodes(network.getSelectedNodes().filter((id) => !suppressedIds.includes(id)));
+    const shown = document.getElementById("details").dataset.node;
+    if (shown && nodes.get(shown)) showDetails(shown);  // a feature's panel lists what it suppresses when shown
     return refreshEdges();
   }
 
@@ -109,7 +133,8 @@
   }
 
   function group(label, ids) {
-    const members = ids.filter((id) => original.has(id) && !state.rep.has(id));
+    const members = ids.filter((id) => original.has(id) && original.get(id).kind !== "inhibited" &&
+      !state.rep.has(id));
     if (members.length < 2) {
       message("select at least two nodes that are not grouped yet");
       return null;
@@ -167,7 +192,9 @@
 
   function exportGraph() {
     const links = [];
-    edges.forEach((e) => { if (!e.supernode) links.push({ source: e.from, target: e.to, weight: e.weight }); });
+    edges.forEach((e) => {
+      if (!e.supernode && !e.inhibited) links.push({ source: e.from, target: e.to, weight: e.weight });
+    });
     for (const [source, target, weight] of graph.links_not_shown) links.push({ source, target, weight });
     const supernodes = [...state.groups.values()].map((g) => [g.label, ...g.members]);
     return { metadata: graph.metadata, qParams: { ...graph.qParams, supernodes }, nodes: graph.nodes, links };
@@ -248,11 +275,15 @@
         el("button", { type: "button", text: "ungroup", onclick: () => ungroup(id) }));
       return;
     }
-    const rows = [["id", n.id], ["kind", n.kind], ["layer", n.layer === null ? "embedding" : n.layer],
-      ["position", `${n.pos} "${tokenAt(n.pos)}"`]];
+    const rows = [["id", n.id], ["kind", n.kind === "inhibited" ? "suppressed (inactive) feature" : n.kind],
+      ["layer", n.layer === null ? "embedding" : n.layer], ["position", `${n.pos} "${tokenAt(n.pos)}"`]];
     if (n.kind === "feature") rows.push(["feature", n.feature], ["activation", fmt(n.activation)]);
+    if (n.kind === "inhibited") {
+      rows.push(["feature", n.feature], ["pre-activation", fmt(n.pre_activation)],
+        ["inhibition (from the graph's features)", fmt(n.inhibition)]);
+    }
     if (n.kind === "logit") rows.push(["token", n.token], ["probability", fmt(n.prob)]);
-    rows.push(["influence (cumulative)", fmt(n.influence)]);
+    if (n.kind !== "inhibited") rows.push(["influence (cumulative)", fmt(n.influence)]);
     const table = el("table", { class: "kv" });
     for (const [k, v] of rows) table.appendChild(el("tr", {}, el("td", { text: k }), el("td", { text: String(v) })));
     box.append(el("h2", { text: nodeName(id) }), table);
@@ -264,8 +295,18 @@
         logitList(card.top_logits, false), logitList(card.bottom_logits, true),
         el("h3", { text: "top activating contexts" }), contexts(card));
     }
-    box.append(el("h3", { text: "top incoming edges" }), edgeList(incoming.get(id) || [], "source"),
-      el("h3", { text: "top outgoing edges" }), edgeList(outgoing.get(id) || [], "target"));
+    if (n.kind === "inhibited") {
+      const record = suppressed.get(id);
+      const links = (record ? record.inhibitors || [] : [])
+        .map((i) => ({ source: i.source, target: id, weight: i.weight }));
+      box.append(el("h3", { text: "top inhibitors (graph features pushing it down)" }), edgeList(links, "source"));
+    } else {
+      box.append(el("h3", { text: "top incoming edges" }), edgeList(incoming.get(id) || [], "source"),
+        el("h3", { text: "top outgoing edges" }), edgeList(outgoing.get(id) || [], "target"));
+      if (state.showInhibited && inhibits.has(id)) {
+        box.append(el("h3", { text: "suppressed features it pushes down" }), edgeList(inhibits.get(id), "target"));
+      }
+    }
     window.circuitsPage.detailsAt = performance.now();
   }
 
@@ -312,7 +353,7 @@
       return [];
     }
     const hits = nodes.getIds({ filter: (n) => !n.hidden &&
-      [n.id, n.label, n.clerp, n.token, n.kind === "feature" ? `L${n.layer}#${n.feature}` : "",
+      [n.id, n.label, n.clerp, n.token, ["feature", "inhibited"].includes(n.kind) ? `L${n.layer}#${n.feature}` : "",
         n.pos !== undefined ? tokenAt(n.pos) : ""].some((s) => s && String(s).toLowerCase().includes(q)) });
     network.selectNodes(hits);
     out.textContent = `${hits.length} found`;
@@ -320,7 +361,7 @@
   }
 
   function showLabels(on) {
-    nodes.update(nodes.get({ filter: (n) => n.kind === "feature" }).map((n) => ({
+    nodes.update(nodes.get({ filter: (n) => n.kind === "feature" || n.kind === "inhibited" }).map((n) => ({
       id: n.id, label: on ? (n.clerp || `L${n.layer}#${n.feature}`).slice(0, 28) : "" })));
   }
 
@@ -374,7 +415,7 @@
 
   function nodesAtCell(link, row, nRows, pos) {
     const layer = link === "layer" ? Math.floor((row * nLayers) / Math.max(nRows, nLayers)) : null;
-    return nodes.getIds({ filter: (n) => n.pos === pos && !n.hidden && n.kind !== "supernode" &&
+    return nodes.getIds({ filter: (n) => n.pos === pos && !n.hidden && !["supernode", "inhibited"].includes(n.kind) &&
       (link === "residual" ? residualRow(n) === row : n.layer === layer && (n.kind === "feature" || n.kind === "error")) });
   }
 
@@ -446,15 +487,18 @@
   });
   document.getElementById("show-labels").addEventListener("change", (e) => showLabels(e.target.checked));
   document.getElementById("fit").addEventListener("click", fitAll);
+  const suppressedBox = document.getElementById("show-inhibited");
+  if (suppressedBox) suppressedBox.addEventListener("change", (e) => showSuppressed(e.target.checked));
   document.getElementById("group-selected").addEventListener("click", () =>
     group(document.getElementById("supernode-label").value.trim(), network.getSelectedNodes()));
   document.getElementById("export-json").addEventListener("click", download);
   window.edgeFilter = edgeVisible;
   renderSuggestions();
-  refreshEdges();
+  if (suppressedBox && suppressedBox.checked) showSuppressed(true);  // a checkbox the browser restored
+  else refreshEdges();
   if (data.figures.length) drawFigures();
   Object.assign(window.circuitsPage, { network, nodes, edges, showDetails, select, setThreshold, group, ungroup,
-    visibleEdgeCount: () => edgesView.length, exportGraph, highlightCell, search });
+    visibleEdgeCount: () => edgesView.length, exportGraph, highlightCell, search, showSuppressed });
   network.once("afterDrawing", () => { window.circuitsPage.firstDrawn = performance.now(); });
   fitAll();
   network.redraw();

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from circuits.errors import CircuitsError
-from circuits.export.graph_view import ViewOptions, build_view, network_assets, parse_node
+from circuits.export.graph_view import ViewOptions, build_view, network_assets, parse_inhibited, parse_node
 from circuits.export.panels import figure_specs, plotly_js
 from circuits.export.supernodes import suggest_supernodes
 from circuits.formats import atomic_file
@@ -49,21 +49,23 @@ class PageOptions:
 
 
 def feature_cards(graph: dict, features) -> dict[str, dict]:
-    """The feature card of every feature node, keyed by node id (empty without a scan)."""
+    """The feature card of every feature node and every suppressed feature
+    (`metadata.inhibited_features`), keyed by node id (empty without a scan)."""
     if features is None:
         return {}
     L, F = features.max_activation.shape
+    parsed = [
+        (n["node_id"], parse_node(n, L)) for n in graph["nodes"] if n.get("feature_type") == "cross layer transcoder"
+    ]
+    parsed += [(r["node_id"], parse_inhibited(r)) for r in graph["metadata"].get("inhibited_features") or []]
     cards = {}
-    for node in graph["nodes"]:
-        if node.get("feature_type") != "cross layer transcoder":
-            continue
-        p = parse_node(node, L)
+    for node_id, p in parsed:
         if not (0 <= p["layer"] < L and 0 <= p["feature"] < F):
             raise CircuitsError(
-                f"node {node['node_id']} is outside the feature scan ({L} layers x {F} features): "
+                f"node {node_id} is outside the feature scan ({L} layers x {F} features): "
                 "pass the scan of the graph's transcoder"
             )
-        cards[node["node_id"]] = features.card(p["layer"], p["feature"])
+        cards[node_id] = features.card(p["layer"], p["feature"])
     return cards
 
 
@@ -123,7 +125,7 @@ def render_page(
     return (
         f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{title}</title>\n'
         f"<style>{assets['css']}</style>\n<style>{page_css}</style>\n{_script(assets['js'])}\n{plotly}\n"
-        f"</head>\n<body>\n{_header(graph, view, info)}\n{_main(specs)}\n"
+        f"</head>\n<body>\n{_header(graph, view, info)}\n{_main(specs, _count(view.nodes, 'inhibited'))}\n"
         f'<script type="application/json" id="circuits-data">{script_json(data)}</script>\n'
         f"{_script(assets['draw'])}\n{_script(page_js)}\n</body>\n</html>\n"
     )
@@ -172,8 +174,9 @@ def _header(graph: dict, view, info: PageInfo) -> str:
         **{f"validation r ({k})": _number(v) for k, v in info.validation.items()},
         "node threshold": _number(meta.get("node_threshold")),
         "edge threshold": _number(meta.get("edge_threshold")),
-        "nodes": str(len(view.nodes)),
-        "edges shown": f"{len(view.edges)} of {view.n_links}",
+        "pruned": "no (every node and nonzero edge)" if meta.get("pruned") is False else "",
+        "nodes": str(len(view.nodes) - _count(view.nodes, "inhibited")),
+        "edges shown": f"{sum(not e.get('inhibited') for e in view.edges)} of {view.n_links}",
         # inactive features the graph's features push down hardest (edges cannot show inhibition)
         "most suppressed": ", ".join(
             f"{r['node_id']} ({r['inhibition']:+.2f})" for r in meta.get("inhibited_features", [])
@@ -187,11 +190,24 @@ def _header(graph: dict, view, info: PageInfo) -> str:
     )
 
 
+def _count(vis_nodes: list[dict], kind: str) -> int:
+    return sum(n["kind"] == kind for n in vis_nodes)
+
+
 def _number(value) -> str:
     return "" if value is None else f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
-def _main(specs: list[dict]) -> str:
+def _main(specs: list[dict], n_inhibited: int = 0) -> str:
+    """The graph column, side panel and concept traces; the "suppressed features" switch only when
+    the graph lists some."""
+    suppressed = (
+        f'<label title="{n_inhibited} inactive features the graph pushes down hardest, with their inhibitors">'
+        '<input type="checkbox" id="show-inhibited"> suppressed features</label>'
+        if n_inhibited
+        else ""
+    )
+    legend = '<i class="lg inhibited"></i>suppressed ' if n_inhibited else ""
     figures = "".join(
         f'<div class="figure-box"><h3>{html.escape(s["name"])}</h3>'
         f'<div class="figure" id="figure-{i}"></div><p class="cell-info" id="cell-info-{i}"></p></div>'
@@ -206,9 +222,10 @@ def _main(specs: list[dict]) -> str:
     <input type="search" id="search" placeholder="search token, feature, label">
     <span id="search-count"></span>
     <label><input type="checkbox" id="show-labels"> labels</label>
+    {suppressed}
     <button type="button" id="fit">fit</button>
     <span id="legend"><i class="lg feature"></i>feature <i class="lg error"></i>error <i class="lg embedding"></i>token
-      <i class="lg logit"></i>logit <i class="lg supernode"></i>supernode <i class="lg pos"></i>+ edge
+      <i class="lg logit"></i>logit <i class="lg supernode"></i>supernode {legend}<i class="lg pos"></i>+ edge
       <i class="lg neg"></i>− edge</span>
   </div>
   <div id="mynetwork"></div>
