@@ -110,8 +110,8 @@ class Replacement:
 
     def key_weights(self, layer: int, pos: torch.Tensor, Pp: int) -> torch.Tensor:
         """The weights [n, P'(key), H] of `head_images` for gradients at query positions `pos` [n]
-        (attention over the norm scale of the key; contiguous: bmm is slow on views)."""
-        return self.back_mix[layer, :, :Pp][:, :, pos].permute(2, 1, 0).contiguous()
+        (attention over the norm scale of the key)."""
+        return self.mix_by_query[layer, :, :Pp].index_select(0, pos)
 
     def attention_backward_terms(
         self, layer: int, terms: torch.Tensor, weights: torch.Tensor, pos: torch.Tensor
@@ -168,6 +168,7 @@ class Replacement:
         self.back_V = back_V  # [L, H * d_head, d]
         scales = torch.stack([n.scale[:, 0] for n in self.ln1])  # [L, P]
         self.back_mix = self.patterns.transpose(-1, -2) / scales[:, None, :, None]  # [L, H, P(key), P(query)]
+        self.mix_by_query = self.back_mix.permute(0, 3, 2, 1).contiguous()  # [L, P(query), P(key), H]
 
     def linear_forward(self, with_sources: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the frozen linear model: (resid_mid [L, P, d], resid_final [P, d]). With all sources it
@@ -191,7 +192,7 @@ def _rows_matmul(x: torch.Tensor, W: torch.Tensor, rows: torch.Tensor | None) ->
     """x [n, a] @ W [a, b], computed for `rows` of x only (the others are zero in x and in the result)."""
     if rows is None:
         return x @ W
-    return x.new_zeros(len(x), W.shape[1]).index_copy_(0, rows, x[rows] @ W)
+    return x.new_zeros(len(x), W.shape[1]).index_copy_(0, rows, x.index_select(0, rows) @ W)
 
 
 def feature_writes(clt: CrossLayerTranscoder, features: torch.Tensor, acts: torch.Tensor) -> list[torch.Tensor]:

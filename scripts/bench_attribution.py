@@ -1,17 +1,19 @@
 """Benchmark: our attribution against circuit-tracer (and an autograd reference) on the same model,
 CLT and prompts, on CPU with a fixed thread count.
 
-    python scripts/bench_attribution.py --transcoder demo --lengths 8 16 32 64 --threads 1 \
-        --ct-python /work/ct-venv/bin/python [--fire-fraction 0.016]
+    python scripts/bench_attribution.py --transcoder demo --fire-fraction 0.02 --lengths 8 16 32 57 64 \
+        --threads 1 --repeat 3 --ct-python /work/ct-venv/bin/python
 
 Each measurement runs in its own subprocess (so peak memory is that run's own): ours with this
 Python, circuit-tracer with `--ct-python` (a virtualenv with `circuit-tracer` installed; it reads
-our model directory and our CLT directory, which is circuit-tracer's CLT layout). Prints per prompt
-length: active features, times (best of --repeat warm runs; and the first, cold run), peak RSS (and
-its growth over the loaded model), our GFLOP/s (counted by torch's FlopCounterMode), the largest
-edge difference relative to the largest edge (against circuit-tracer, and against the autograd
-reference on --sample rows), and the speed ratio. circuit-tracer never attributes from position 0
-(BOS): edges are compared on the nodes both graphs have.
+our model directory and our CLT directory, which is circuit-tracer's CLT layout) once per batch size
+of `--ct-batch-sizes` (on a CPU its default of 512 is far from its best on short prompts). Prints a
+markdown table, a row per prompt length: active features, our time (best of --repeat warm runs),
+our GFLOP/s (counted by torch's FlopCounterMode), circuit-tracer's time at its default batch size
+and at its best one with the ratios, peak RSS (and its growth over the loaded model; circuit-tracer's
+smallest over its batch sizes), and the largest edge difference relative to the largest edge
+against circuit-tracer and against the autograd reference on --sample rows. circuit-tracer never
+attributes from position 0 (BOS): edges are compared on the nodes both graphs have.
 """
 
 from __future__ import annotations
@@ -128,7 +130,7 @@ def worker_ct(args) -> dict:
     seconds = []
     for _ in range(args.repeat):
         t0 = time.perf_counter()
-        graph = attribute(tokens, model, batch_size=args.batch_size, max_feature_nodes=None)
+        graph = attribute(tokens, model, batch_size=args.ct_batch_size, max_feature_nodes=None)
         seconds.append(time.perf_counter() - t0)
     first, seconds, peak = seconds[0], min(seconds), _rss_mb()
     features = graph.active_features[graph.selected_features]
@@ -199,7 +201,14 @@ def main() -> None:
     parser.add_argument("--transcoder", default="demo")
     parser.add_argument("--lengths", type=int, nargs="+", default=[8, 16, 32, 64])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=None, help="ours (default: automatic)")
+    parser.add_argument(
+        "--ct-batch-sizes",
+        type=int,
+        nargs="+",
+        default=[32, 128, 512],
+        help="circuit-tracer runs at each (512 is its default); its best time is the reference",
+    )
     parser.add_argument(
         "--ct-python", default="/work/ct-venv/bin/python", help="a Python with circuit-tracer ('' to skip)"
     )
@@ -212,6 +221,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2, help="best of this many runs (both implementations)")
     parser.add_argument("--sample", type=int, default=8, help="rows checked against autograd per length")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--ct-batch-size", type=int, default=512, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--length", type=int, default=8, help=argparse.SUPPRESS)
     parser.add_argument("--tokens", default="[]", help=argparse.SUPPRESS)
@@ -230,45 +240,45 @@ def main() -> None:
         args.transcoder = str(with_fire_fraction(args.transcoder, args.fire_fraction))
     transcoder_dir = DEMO_CLT_DIR if args.transcoder == "demo" else Path(args.transcoder).resolve()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "HF_HUB_OFFLINE": "1"}
-    common = [
-        "--transcoder",
-        str(args.transcoder),
-        "--threads",
-        str(args.threads),
-        "--batch-size",
-        str(args.batch_size),
-    ]
-    print(f"threads={args.threads} transcoder={transcoder_dir} batch_size={args.batch_size}")
-    header = (
-        f"{'tokens':>6} {'features':>8} {'ours s':>8} {'GFLOP/s':>8} {'ours MB':>13} {'ct s':>8} {'ct MB':>13} "
-        f"{'ratio':>7} {'mem':>5} {'diff/ct':>9} {'diff/ag':>9} {'ag s/row':>8} "
-        f"{'cold: ours s':>12} {'ct s':>7} {'ratio':>6}"
+    common = ["--transcoder", str(args.transcoder), "--threads", str(args.threads)]
+    ours_args = common + (["--batch-size", str(args.batch_size)] if args.batch_size else [])
+    print(f"threads={args.threads} transcoder={transcoder_dir} batch size: ours {args.batch_size or 'automatic'}, "
+          f"circuit-tracer {args.ct_batch_sizes}")  # fmt: skip
+    print(
+        "| tokens | features | ours | GFLOP/s | circuit-tracer default (512) | ratio | circuit-tracer best (batch) "
+        "| ratio | peak RSS ours / circuit-tracer (growth) | edge diff vs circuit-tracer / autograd |"
     )
-    print(header)
+    print("|---:" * 10 + "|")
     for n in args.lengths:
         length = ["--length", str(n)]
-        ours_args = common + length + ["--transcoder", str(args.transcoder)]
-        ours, ours_path = _run(sys.executable, "ours", ours_args, env)
-        ag, _ = _run(sys.executable, "autograd", ours_args + ["--sample", str(args.sample)], env)
-        row = (
-            f"{n:>6} {ours['n_features']:>8} {ours['seconds']:>8.3f} {ours['flops'] / ours['seconds'] / 1e9:>8.1f} "
-            f"{ours['peak_mb']:>6.0f} (+{ours['growth_mb']:>4.0f})"
-        )
+        ours, ours_path = _run(sys.executable, "ours", ours_args + length, env)
+        ag, _ = _run(sys.executable, "autograd", ours_args + length + ["--sample", str(args.sample)], env)
+        row = f"| {n} | {ours['n_features']:,} | {ours['seconds']:.3f} s | {ours['flops'] / ours['seconds'] / 1e9:.1f} "
         if args.ct_python:
-            ct_args = common + ["--tokens", json.dumps(ours["tokens"]), "--model-dir", str(DEMO_MODEL_DIR)]
-            ct_args += ["--transcoder-dir", str(transcoder_dir)]
             ct_env = {k: v for k, v in env.items() if k != "PYTHONPATH"}
-            ct, ct_path = _run(args.ct_python, "ct", ct_args, ct_env)
-            diff = compare(ours_path, ct_path, ours["n_layers"], n)
+            runs = {}
+            for batch in args.ct_batch_sizes:
+                ct_args = common + length + ["--tokens", json.dumps(ours["tokens"]), "--model-dir", str(DEMO_MODEL_DIR)]
+                ct_args += ["--transcoder-dir", str(transcoder_dir), "--ct-batch-size", str(batch)]
+                runs[batch] = _run(args.ct_python, "ct", ct_args, ct_env)
+            best = min(runs, key=lambda b: runs[b][0]["seconds"])
+            diff = compare(ours_path, runs[best][1], ours["n_layers"], n)
+            default = (
+                f"{runs[512][0]['seconds']:.3f} s | {runs[512][0]['seconds'] / ours['seconds']:.1f}x"
+                if 512 in runs
+                else "- | -"
+            )
+            ct = runs[best][0]
+            peak = min(r[0]["peak_mb"] for r in runs.values())
+            growth = min(r[0]["growth_mb"] for r in runs.values())
             row += (
-                f" {ct['seconds']:>8.3f} {ct['peak_mb']:>6.0f} (+{ct['growth_mb']:>4.0f}) "
-                f"{ct['seconds'] / ours['seconds']:>6.1f}x {ours['peak_mb'] / ct['peak_mb']:>5.2f} {diff:>9.2e}"
+                f"| {default} | {ct['seconds']:.3f} s ({best}) | {ct['seconds'] / ours['seconds']:.1f}x "
+                f"| {ours['peak_mb']:,.0f} / {peak:,.0f} MB (+{ours['growth_mb']:,.0f} / +{growth:,.0f}) "
+                f"| {diff:.1e} / {ag['max_rel_diff']:.1e} |"
             )
         else:
-            row += f" {'-':>8} {'-':>13} {'-':>7} {'-':>5} {'-':>9}"
-        row += f" {ag['max_rel_diff']:>9.2e} {ag['seconds_per_row']:>8.3f} {ours['first']:>12.3f}"
-        if args.ct_python:
-            row += f" {ct['first']:>7.3f} {ct['first'] / ours['first']:>5.1f}x"
+            memory = f"{ours['peak_mb']:,.0f} MB (+{ours['growth_mb']:,.0f})"
+            row += f"| - | - | - | - | {memory} | - / {ag['max_rel_diff']:.1e} |"
         print(row, flush=True)
 
 
