@@ -20,6 +20,7 @@ import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
@@ -130,12 +131,20 @@ class Sources:
         """Edges from every source into a batch of targets of one layer: `vec` [B, d] injected at
         resid_mid of `layer` (layer L: the final residual stream) at positions `pos` [B], ascending
         -> [B, n_sources] (written into `out` when given, which must start zeroed)."""
-        rep, L, t = self.rep, self.L, layer
+        g_post, g = self._walk_down(layer, pos, vec)
+        out = vec.new_zeros(len(pos), self.n) if out is None else out
+        self._contract(layer, pos, g_post, g, out)
+        return out
+
+    def _walk_down(self, t: int, pos: torch.Tensor, vec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The targets' gradients at each MLP output below them, g_post [B, P', t, d], and at
+        resid_mid[0] (at resid_pre[0] without embedding images), [B, P', d]; P' = pos[-1] + 1."""
+        rep, L = self.rep, self.L
         B, Pp, d = len(pos), int(pos[-1]) + 1, vec.shape[-1]
         skip = rep.clt.W_skip
         g = vec.new_zeros(B, Pp, d)  # gradient at the residual stream, walking down
         g[torch.arange(B), pos] = vec
-        g_post = vec.new_empty(B, Pp, t, d)  # gradient at each MLP output below the targets
+        g_post = vec.new_empty(B, Pp, t, d)
         # g as a structured sum while it stays one: vec at pos ("one"), or terms [B, H + 1, d] with
         # weights [B, P', H] after one attention layer ("terms"); None once dense
         form: tuple = ("one", vec)
@@ -161,29 +170,42 @@ class Sources:
             else:
                 g = g + rep.attention_backward(l, g, rows)
                 form = (None,)
-        out = vec.new_zeros(B, self.n) if out is None else out
+        return g_post, g
+
+    def _contract(self, t: int, pos: torch.Tensor, g_post: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> None:
+        """Write the edges from the gradients of `_walk_down` into out [B, n_sources]: one product per
+        (source layer, position) block over the targets that see the position, the errors, and the
+        embeddings (through their images at resid_mid[0], or directly at resid_pre[0])."""
+        B, Pp, d = g.shape
+        L, P = self.L, self.P
         first = torch.searchsorted(pos, torch.arange(Pp)).tolist()  # targets from first[p] on see position p
-        cross = rep.clt.cfg.cross_layer
+        cross = self.rep.clt.cfg.cross_layer
         for s in range(t):
             stop = t if cross else s + 1
             for p, (a, b, D) in enumerate(self.blocks[s][:Pp]):
                 f = first[p]
                 if b > a:
                     torch.matmul(g_post[f:, p, s:stop].flatten(1), D[: (stop - s) * d], out=out[f:, a:b])
-        e0, e1 = self.n_features, self.n_features + L * self.P
-        errors = out[:, e0:e1].view(B, L, self.P)
-        errors[:, :t, :Pp] = (g_post * self.errors[:Pp, :t]).sum(-1).transpose(1, 2)
+        e0, e1 = self.n_features, self.n_features + L * P
+        errors = out[:, e0:e1].view(B, L, P)
+        errors[:, :t, :Pp] = torch.linalg.vecdot(g_post, self.errors[:Pp, :t]).transpose(1, 2)
         tokens = out[:, e1 : e1 + Pp]
-        if self.embed_images is None:  # g is the gradient at resid_pre[0]
-            tokens.copy_((g * rep.embed[:Pp]).sum(-1))
-        else:  # g is the gradient at resid_mid[0]
+        if self.embed_images is None:
+            tokens.copy_((g * self.rep.embed[:Pp]).sum(-1))
+        else:
             torch.matmul(g.view(B, Pp * d), self.embed_images[:Pp, : Pp * d].T, out=tokens)
-        return out
 
 
 EMBEDDING_IMAGE_FLOATS = 2**24
 """Largest P * P * d_model for which `Replacement.embedding_images` is built (64 MB in float32);
 longer prompts pass every gradient through layer 0 instead."""
+
+
+def untouched_zeros(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+    """A zero CPU tensor whose memory the OS maps on first write (calloc, through numpy): no time
+    is spent filling it, and entries never written (sources after a target's position) take no
+    memory. torch.zeros would write every page: 0.1 s and all of N^2 floats for a 5,600-node graph."""
+    return torch.from_numpy(np.zeros(shape, dtype=torch.empty(0, dtype=dtype).numpy().dtype))
 
 
 def logit_vectors(rep: Replacement, W_U: torch.Tensor, targets: list[LogitTarget]) -> torch.Tensor:
@@ -237,7 +259,7 @@ def attribute(
     log.info("%d tokens, %d active features, %d targets", P, n, len(logit_targets))
 
     T, N = len(logit_targets), sources.n + len(logit_targets)
-    adjacency = torch.zeros(N, N, dtype=torch_dtype)  # rows are written in place
+    adjacency = untouched_zeros(N, N, dtype=torch_dtype)  # rows are written in place
     vectors = logit_vectors(rep, W_U, logit_targets)
     sources.rows(L, torch.full((T,), P - 1), vectors, out=adjacency[sources.n :, : sources.n])
     selected = _feature_rows(sources, adjacency, logit_targets, cfg, progress)

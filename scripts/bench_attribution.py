@@ -8,11 +8,12 @@ Each measurement runs in its own subprocess (so peak memory is that run's own): 
 Python, circuit-tracer with `--ct-python` (a virtualenv with `circuit-tracer` installed; it reads
 our model directory and our CLT directory, which is circuit-tracer's CLT layout) once per batch size
 of `--ct-batch-sizes` (on a CPU its default of 512 is far from its best on short prompts). Prints a
-markdown table, a row per prompt length: active features, our time (best of --repeat warm runs),
-our GFLOP/s (counted by torch's FlopCounterMode), circuit-tracer's time at its default batch size
-and at its best one with the ratios, peak RSS (and its growth over the loaded model; circuit-tracer's
-smallest over its batch sizes), and the largest edge difference relative to the largest edge
-against circuit-tracer and against the autograd reference on --sample rows. circuit-tracer never
+markdown table, a row per prompt length: active features, our time (best of --repeat warm runs
+after a cold one), our GFLOP/s (counted by torch's FlopCounterMode), circuit-tracer's time at its
+default batch size and at its best one with the ratios, peak RSS after the cold run (and its growth
+over the loaded model; circuit-tracer's smallest over its batch sizes), and the largest edge
+difference relative to the largest edge against circuit-tracer and against the autograd reference
+on --sample rows. circuit-tracer never
 attributes from position 0 (BOS): edges are compared on the nodes both graphs have.
 """
 
@@ -61,13 +62,14 @@ def worker_ours(args) -> dict:
     model, clt = load_pair("demo", args.transcoder)
     tokens = prompt_tokens(model, args.length)
     prompt = model.tokenizer.decode(tokens[1:].tolist())
-    base = _rss_mb()
-    seconds = []
-    for _ in range(args.repeat):  # best of: the machine is shared
+    base, seconds, peak, graph = _rss_mb(), [], 0.0, None
+    for _ in range(args.repeat + 1):  # a cold run (its peak: one attribution's memory), then the best warm one
+        graph = None  # one graph alive at a time
         t0 = time.perf_counter()
         graph = attribute(prompt, model, clt, batch_size=args.batch_size, progress=False)
         seconds.append(time.perf_counter() - t0)
-    first, seconds, peak = seconds[0], min(seconds), _rss_mb()
+        peak = peak or _rss_mb()
+    first, seconds = seconds[0], min(seconds[1:])
     with FlopCounterMode(display=False) as counter:
         attribute(prompt, model, clt, batch_size=args.batch_size, progress=False)
     save_file({"adjacency": graph.adjacency, "features": graph.features}, args.out)
@@ -126,13 +128,14 @@ def worker_ct(args) -> dict:
     assert not unused, f"weights not loaded into circuit-tracer's model: {sorted(unused)[:5]}"
     model.eval()
     tokens = torch.tensor(json.loads(args.tokens))
-    base = _rss_mb()
-    seconds = []
-    for _ in range(args.repeat):
+    base, seconds, peak, graph = _rss_mb(), [], 0.0, None
+    for _ in range(args.repeat + 1):  # as worker_ours
+        graph = None
         t0 = time.perf_counter()
         graph = attribute(tokens, model, batch_size=args.ct_batch_size, max_feature_nodes=None)
         seconds.append(time.perf_counter() - t0)
-    first, seconds, peak = seconds[0], min(seconds), _rss_mb()
+        peak = peak or _rss_mb()
+    first, seconds = seconds[0], min(seconds[1:])
     features = graph.active_features[graph.selected_features]
     save_file({"adjacency": graph.adjacency_matrix.float().contiguous(), "features": features.contiguous()}, args.out)
     targets = [t.vocab_idx for t in graph.logit_targets]
