@@ -188,7 +188,8 @@ class Sources:
                     torch.matmul(g_post[f:, p, s:stop].flatten(1), D[: (stop - s) * d], out=out[f:, a:b])
         e0, e1 = self.n_features, self.n_features + L * P
         errors = out[:, e0:e1].view(B, L, P)
-        errors[:, :t, :Pp] = torch.linalg.vecdot(g_post, self.errors[:Pp, :t]).transpose(1, 2)
+        for l in range(t):  # one layer at a time: a temporary of g's size, not g_post's
+            errors[:, l, :Pp] = torch.linalg.vecdot(g_post[:, :, l], self.errors[:Pp, l])
         tokens = out[:, e1 : e1 + Pp]
         if self.embed_images is None:
             tokens.copy_((g * self.rep.embed[:Pp]).sum(-1))
