@@ -150,9 +150,10 @@ class Sources:
         g = vec.new_zeros(B, Pp, d)  # gradient at the residual stream, walking down
         g[torch.arange(B), pos] = vec
         g_post = vec.new_empty(B, Pp, t, d)
-        # g as a structured sum while it stays one: vec at pos ("one"), or terms [B, H + 1, d] with
-        # weights [B, P', H] after one attention layer ("terms"); None once dense
-        form: tuple = ("one", vec)
+        # g as a short sum of terms [B, J, d] with weights over positions [B, P', J] while that is
+        # cheaper than dense: vec at pos, then J grows (H + 1)-fold per attention layer; None once dense
+        terms, weights = vec[:, None], torch.zeros(B, Pp, 1, dtype=vec.dtype)
+        weights[torch.arange(B), pos] = 1.0
         seen = torch.arange(Pp) <= pos[:, None]  # [B, P']: the positions each target sees
         rows = seen.flatten().nonzero()[:, 0] if seen.float().mean() < 0.8 else None
         for l in range(min(t, L - 1), -1, -1):
@@ -161,20 +162,21 @@ class Sources:
                 if skip is not None:  # and at resid_mid[l]
                     W = skip[l].detach().T
                     g = g + g @ W
-                    form = form if form[0] is None else (form[0], form[1] + form[1] @ W, *form[2:])
+                    terms = None if terms is None else terms + terms @ W
             if l == 0 and self.embed_images is not None:
                 break
-            if form[0] == "one":
-                weights = rep.key_weights(l, pos, Pp)
-                images = rep.head_images(l, form[1])  # [B, H, d]
-                g = g + weights @ images
-                form = ("terms", torch.cat([form[1][:, None], images], 1), weights)
-            elif form[0] == "terms" and rep.terms_are_cheaper(Pp):
-                g = g + rep.attention_backward_terms(l, form[1], form[2], pos)
-                form = (None,)
+            if terms is not None and rep.terms_are_cheaper(terms.shape[1], Pp):
+                through, images, mixed = rep.attention_backward_terms(l, terms, weights)
+                g = g + through
+                J = terms.shape[1] + images.shape[1]
+                terms, weights = (
+                    (torch.cat([terms, images], 1), torch.cat([weights, mixed], 2))
+                    if rep.terms_are_cheaper(J, Pp)
+                    else (None, None)
+                )
             else:
                 g = g + rep.attention_backward(l, g, rows)
-                form = (None,)
+                terms = None
         return g_post, g
 
     def _contract(self, t: int, pos: torch.Tensor, g_post: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> None:

@@ -101,43 +101,28 @@ class Replacement:
         v = (self.back_mix[layer, :, :Pp, :Pp] @ u).view(H, Pp, B, -1)  # [H, P'(key), B, d_head]
         return _rows_matmul(v.permute(2, 1, 0, 3).reshape(B * Pp, -1), self.back_V[layer], rows).view(B, Pp, d)
 
-    def head_images(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """What each head of `layer` carries back from a gradient x [..., d] at one query position to
-        every key position, before the weights of `key_weights`: [..., H, d]."""
-        H, dh, d = self.W_O.shape[1], self.W_O.shape[2], x.shape[-1]
-        u = (x @ self.back_O[layer]).view(*x.shape[:-1], H, dh)
-        return torch.einsum("...he,hed->...hd", u, self.back_V[layer].view(H, dh, d))
-
-    def key_weights(self, layer: int, pos: torch.Tensor, Pp: int) -> torch.Tensor:
-        """The weights [n, P'(key), H] of `head_images` for gradients at query positions `pos` [n]
-        (attention over the norm scale of the key)."""
-        return self.mix_by_query[layer, :, :Pp].index_select(0, pos)
-
     def attention_backward_terms(
-        self, layer: int, terms: torch.Tensor, weights: torch.Tensor, pos: torch.Tensor
-    ) -> torch.Tensor:
-        """`attention_backward(layer, g)` for g = terms[:, 0] at `pos` [n] + sum_h weights[:, :, h]
-        * terms[:, 1 + h] (terms [n, H + 1, d], weights [n, P', H]): the gradient one attention layer
-        below a one-position injection. The projections act on the H + 1 vectors instead of every
-        position, and the two mixings over positions are chained: [n, P', d]."""
-        n, Pp, H = weights.shape
-        J, dh, d = H + 1, self.W_O.shape[2], terms.shape[-1]
-        u = (terms @ self.back_O[layer]).view(n * J, H, dh).transpose(0, 1)  # [H', n * J, d_head]
-        images = torch.bmm(u, self.back_V[layer].view(H, dh, d)).view(H, n, J, d)  # each term through each head
-        direct = self.key_weights(layer, pos, Pp).permute(2, 0, 1)[..., None]  # [H', n, P'(key), 1]
-        chained = torch.einsum("gkq,nqh->gnkh", self.back_mix[layer, :, :Pp, :Pp], weights)  # [H', n, P'(key), H]
-        coef = torch.cat([direct, chained], -1)  # [H', n, P'(key), J]
-        out = torch.bmm(coef[0], images[0])
-        for h in range(1, H):
-            out.baddbmm_(coef[h], images[h])
-        return out
+        self, layer: int, terms: torch.Tensor, weights: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`attention_backward(layer, g)` for a gradient that is a short sum g = sum_j weights[:, :, j]
+        * terms[:, j] (terms [n, J, d], weights [n, P', J]; a one-position injection is J = 1 with
+        one-hot weights): the projections act on the J terms instead of on every position, and the
+        mixing over positions on the weights. Returns the contribution [n, P', d] and the same as a
+        short sum, each term through each head: terms [n, H * J, d] with weights [n, P', H * J]."""
+        n, Pp, J = weights.shape
+        H, dh, d = self.W_O.shape[1], self.W_O.shape[2], terms.shape[-1]
+        u = (terms @ self.back_O[layer]).view(n * J, H, dh).transpose(0, 1)  # [H, n * J, d_head]
+        images = torch.bmm(u, self.back_V[layer].view(H, dh, d))  # [H, n * J, d]
+        images = images.view(H, n, J, d).transpose(0, 1).reshape(n, H * J, d)
+        mixed = torch.einsum("hkq,nqj->nkhj", self.back_mix[layer, :, :Pp, :Pp], weights).reshape(n, Pp, H * J)
+        return torch.bmm(mixed, images), images, mixed
 
-    def terms_are_cheaper(self, Pp: int) -> bool:
-        """Whether `attention_backward_terms` takes fewer multiply-adds than `attention_backward`
-        at P' positions (per target)."""
+    def terms_are_cheaper(self, J: int, Pp: int) -> bool:
+        """Whether `attention_backward_terms` on J terms takes fewer multiply-adds than
+        `attention_backward` at P' positions (per target)."""
         H, dh = self.W_O.shape[1], self.W_O.shape[2]
         d = self.embed.shape[-1]
-        terms = 2 * (H + 1) * d * H * dh + Pp * Pp * H * H + Pp * H * (H + 1) * d
+        terms = 2 * J * d * H * dh + Pp * Pp * H * J + Pp * H * J * d
         return terms < 2 * Pp * d * H * dh + Pp * Pp * H * dh
 
     def embedding_images(self) -> torch.Tensor:
@@ -168,7 +153,6 @@ class Replacement:
         self.back_V = back_V  # [L, H * d_head, d]
         scales = torch.stack([n.scale[:, 0] for n in self.ln1])  # [L, P]
         self.back_mix = self.patterns.transpose(-1, -2) / scales[:, None, :, None]  # [L, H, P(key), P(query)]
-        self.mix_by_query = self.back_mix.permute(0, 3, 2, 1).contiguous()  # [L, P(query), P(key), H]
 
     def linear_forward(self, with_sources: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the frozen linear model: (resid_mid [L, P, d], resid_final [P, d]). With all sources it
