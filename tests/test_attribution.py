@@ -106,6 +106,28 @@ def test_edges_match_autograd_on_a_rotary_rms_grouped_query_model():
     _check_against_autograd(model, _random_clt(model), "The capital of Texas is Austin and")
 
 
+def test_edges_match_autograd_on_a_long_prompt(demo_model, demo_clt, monkeypatch):
+    """40 tokens: late targets' gradients stay sums of terms through three attention layers (25
+    terms); their rows against autograd, and the whole graph against the dense backward."""
+    prompt = " ".join(["Fact : Dallas is in the state whose capital is Austin ."] * 4)
+    graph = attribute(prompt, demo_model, demo_clt, progress=False)
+    H = demo_model.cfg.n_heads
+    assert graph.n_pos > 40 and build_replacement(demo_model, demo_clt, graph.tokens).terms_are_cheaper(
+        (H + 1) ** 2, 40
+    )
+    layer, pos = graph.features[:, 0], graph.features[:, 1]
+    rows = torch.cat([((layer == l) & (pos > 36)).nonzero()[:3, 0] for l in (3, 2)]).tolist()
+    V = demo_model.cfg.d_vocab
+    targets = [tuple(graph.features[i].tolist()) for i in rows] + [torch.eye(V)[graph.target_tokens[0]] - 1 / V]
+    reference = autograd_rows(demo_model, demo_clt, graph.tokens, targets)
+    ours = graph.adjacency[rows + [graph.target_slice.start], : reference.shape[1]]
+    assert ((ours - reference).abs() / reference.abs().amax(1, keepdim=True)).max() <= 1e-4
+    monkeypatch.setattr("circuits.replacement.Replacement.terms_are_cheaper", lambda self, J, Pp: False)
+    dense = attribute(prompt, demo_model, demo_clt, progress=False)
+    assert torch.allclose(dense.adjacency, graph.adjacency, atol=1e-5)
+    assert _identity_error(graph).max() <= 1e-5
+
+
 def test_edges_match_autograd_in_float64_per_edge():
     model = _random_model(seed=2).double()
     clt = _random_clt(model, seed=2).double()
