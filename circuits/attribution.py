@@ -105,8 +105,8 @@ def _is_token(model: HookedTransformer, text: str) -> bool:
 
 
 class Sources:
-    """The source nodes of a replacement (features in their sorted order, then errors [L, P], then
-    tokens [P]) laid out for the contraction with the targets' gradients."""
+    """The source nodes of a replacement, laid out for the contraction: features in their sorted
+    order (one block per source layer and position), then errors [L, P], then tokens [P]."""
 
     def __init__(self, rep: Replacement):
         L, P, d = rep.n_layers, rep.n_pos, rep.embed.shape[-1]
@@ -116,21 +116,16 @@ class Sources:
         self.errors = rep.errors.transpose(0, 1).contiguous()  # [P, L, d]: laid out like the gradients
         # the embedding edges from the gradient at resid_mid[0], when the images fit (P^2 d floats)
         self.embed_images = rep.embedding_images() if P * P * d <= EMBEDDING_IMAGE_FLOATS else None
-        layer, pos = rep.features[:, 0], rep.features[:, 1]
-        slots = rep.embed.new_zeros(self.n_features, L, d)  # each feature's writes by target layer
+        pos = rep.features[:, 1]
+        self.blocks: list[list[tuple[int, int, torch.Tensor]]] = []  # [s][p] -> (start, stop, D [T*d, n_sp])
         start = 0
-        for s, writes in enumerate(rep.writes):
-            slots[start : start + len(writes), s : s + writes.shape[1]] = writes
+        for writes in rep.writes:
+            D = writes.flatten(1).T  # [T*d, n_s]
+            bounds = torch.searchsorted(pos[start : start + len(writes)], torch.arange(P + 1)).tolist()
+            self.blocks.append(
+                [(start + a, start + b, D[:, a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+            )
             start += len(writes)
-        # position by position, the features there in node order: their writes [n_p, L * d] (zero
-        # below a feature's own layer), their node indices [n_p], and how many sit below each layer
-        order = torch.argsort(pos * L + layer, stable=True)
-        slots = slots[order].flatten(1)
-        bounds = torch.searchsorted(pos[order], torch.arange(P + 1)).tolist()
-        self.by_position: list[tuple[torch.Tensor, torch.Tensor, list[int]]] = []
-        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-            below = torch.searchsorted(layer[order[a:b]], torch.arange(L + 1)).tolist()
-            self.by_position.append((slots[a:b], order[a:b], below))
 
     def rows(self, layer: int, pos: torch.Tensor, vec: torch.Tensor, out: torch.Tensor | None = None):
         """Edges from every source into a batch of targets of one layer: `vec` [B, d] injected at
@@ -181,17 +176,18 @@ class Sources:
 
     def _contract(self, t: int, pos: torch.Tensor, g_post: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> None:
         """Write the edges from the gradients of `_walk_down` into out [B, n_sources]: one product per
-        position, over the targets that see it and the features there of every layer below theirs
-        (their writes to layers they do not reach are zeros), the errors, and the embeddings (through
-        their images at resid_mid[0], or directly at resid_pre[0])."""
+        (source layer, position) block over the targets that see the position, the errors, and the
+        embeddings (through their images at resid_mid[0], or directly at resid_pre[0])."""
         B, Pp, d = g.shape
         L, P = self.L, self.P
         first = torch.searchsorted(pos, torch.arange(Pp)).tolist()  # targets from first[p] on see position p
-        for p, (writes, columns, below) in enumerate(self.by_position[:Pp]):
-            f, n = first[p], below[t]  # the features at p below layer t: the first n
-            if n and f < B:
-                edges = g_post[f:, p].flatten(1) @ writes[:n, : t * d].T  # [B - f, n]
-                out[f:].index_copy_(1, columns[:n], edges)
+        cross = self.rep.clt.cfg.cross_layer
+        for s in range(t):
+            stop = t if cross else s + 1
+            for p, (a, b, D) in enumerate(self.blocks[s][:Pp]):
+                f = first[p]
+                if b > a:
+                    torch.matmul(g_post[f:, p, s:stop].flatten(1), D[: (stop - s) * d], out=out[f:, a:b])
         e0, e1 = self.n_features, self.n_features + L * P
         errors = out[:, e0:e1].view(B, L, P)
         for l in range(t):  # one layer at a time: a temporary of g's size, not g_post's
