@@ -249,6 +249,9 @@ def attribute(
     """The unpruned attribution graph of `prompt`'s next-token prediction (see `Graph` for the layout).
     With `inhibited` > 0, also that many inactive features at the last position that the graph's
     feature nodes push down hardest (`Graph.inhibited`)."""
+    for name, value in (("batch_size", batch_size), ("max_feature_nodes", max_feature_nodes)):
+        if value is not None and value < 1:
+            raise CircuitsError(f"{name} is {value}: pass a positive number, or none for the default")
     cfg = AttributionConfig(batch_size, max_feature_nodes, dtype=dtype, device=device, targets=list(targets or []))
     torch_dtype = getattr(torch, dtype)
     if model.W_U.device != torch.device(device):

@@ -333,6 +333,8 @@ def test_trace_cli_writes_the_graph_files(clt_dir, tmp_path, capsys):
         ([FLAGSHIP, "--target", "Atlantis"], "not a single token"),
         ([FLAGSHIP, "--transcoder", "MISFIT"], "does not fit"),
         ([FLAGSHIP, "--transcoder", "/nonexistent/clt"], "holds no transcoder"),
+        ([FLAGSHIP, "--batch-size", "0"], "batch_size is 0"),
+        ([FLAGSHIP, "--max-feature-nodes", "-3"], "max_feature_nodes is -3"),
     ],
 )
 def test_trace_cli_bad_input(argv, message, clt_dir, tmp_path, capsys):
