@@ -4,12 +4,14 @@ replacement model (see `replacement.py`), by batched backward passes written out
 Phases:
 1. Freeze the prompt (`build_replacement`) and choose the logit targets.
 2. Lay out the sources: active features (decoder rows times activation, one block per source layer
-   and position), error nodes, token embeddings.
-3. For a batch of targets (logit directions at the final residual stream, or encoder rows at
-   `resid_mid` of their layer), walk down the layers carrying the gradient [batch, pos, d_model]:
-   inject each target at its layer, pass back through the frozen attention and norm, and record the
-   gradient at every layer's MLP output. Positions after a batch's last target are never touched.
-4. Contract the recorded gradients with the sources: one matrix product per (source layer, position).
+   and position), error nodes, token embeddings (with their images at resid_mid of layer 0).
+3. For a batch of targets of one layer (logit directions at the final residual stream, or encoder
+   rows at `resid_mid` of their layer), walk down the layers carrying the gradient [batch, pos,
+   d_model]: pass back through the frozen attention and norms, as a short sum of terms while that is
+   cheaper, and record the gradient at every MLP output below. Positions after a batch's last target
+   are never touched.
+4. Contract the recorded gradients with the sources: one matrix product per (source layer, position)
+   over the targets that see the position; the embeddings through their images at resid_mid[0].
 The edge s -> t is a_s * d(input_t)/d(a_s): its value's share of the target's input, so every node's
 input is exactly the sum of its incoming edges plus its bias (the constant terms).
 """
