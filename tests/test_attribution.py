@@ -190,10 +190,11 @@ def test_the_recorded_forward_pass_is_transformer_lens_own(config):
         assert torch.allclose(getattr(run, name), value, atol=1e-5), name
 
 
-@pytest.mark.parametrize("embedding_images", [True, False])
-def test_identity_holds_for_per_layer_and_skip_transcoders(embedding_images, monkeypatch):
-    if not embedding_images:
+@pytest.mark.parametrize("default_paths", [True, False])
+def test_identity_holds_for_per_layer_and_skip_transcoders(default_paths, monkeypatch):
+    if not default_paths:  # no embedding images, one contraction product per (layer, position)
         monkeypatch.setattr("circuits.attribution.EMBEDDING_IMAGE_FLOATS", 0)
+        monkeypatch.setattr("circuits.attribution.MERGE_BELOW", 0)
     model = _random_model()
     for cross_layer, skip in [(False, False), (True, True), (False, True)]:
         graph = attribute("Fact : Dallas is in the", model, _random_clt(model, cross_layer, skip), progress=False)
@@ -203,11 +204,14 @@ def test_identity_holds_for_per_layer_and_skip_transcoders(embedding_images, mon
 @pytest.mark.parametrize("batch_size", [1, 7])
 def test_every_way_through_the_backward_pass_gives_the_same_graph(demo_model, demo_clt, batch_size, monkeypatch):
     """Small batches see few positions (the dense attention backward on every row); whole-layer
-    batches skip the rows a target cannot see; without the embedding images every gradient passes
-    layer 0. Same edges either way."""
+    batches skip the rows a target cannot see; the contraction by position or by (layer, position);
+    without the embedding images every gradient passes layer 0. Same edges every way."""
     reference = attribute(FLAGSHIP, demo_model, demo_clt, progress=False)
     assert torch.allclose(attribute(FLAGSHIP, demo_model, demo_clt, batch_size=batch_size, progress=False).adjacency,
                           reference.adjacency, atol=1e-5)  # fmt: skip
+    monkeypatch.setattr("circuits.attribution.MERGE_BELOW", 0)  # one contraction product per (layer, position)
+    by_layer = attribute(FLAGSHIP, demo_model, demo_clt, progress=False)
+    assert torch.allclose(by_layer.adjacency, reference.adjacency, atol=1e-5)
     monkeypatch.setattr("circuits.attribution.EMBEDDING_IMAGE_FLOATS", 0)
     through_layer_0 = attribute(FLAGSHIP, demo_model, demo_clt, progress=False)
     assert torch.allclose(through_layer_0.adjacency, reference.adjacency, atol=1e-5)
