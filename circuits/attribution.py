@@ -77,11 +77,14 @@ def resolve_targets(
     most likely tokens covering `target_probability` (at most `max_targets`)."""
     V = logits.shape[-1]
     probs = logits.softmax(-1)
-    eye = torch.eye(V, dtype=logits.dtype)
-    demeaned = eye - 1.0 / V
+
+    def one_hot(t: int, offset: float = 0.0) -> torch.Tensor:  # [d_vocab]: no V x V identity
+        w = torch.full_like(logits, offset)
+        w[t] += 1.0
+        return w
 
     def single(t: int) -> LogitTarget:
-        return LogitTarget(model.tokenizer.decode([t]), t, demeaned[t], probs[t].item())
+        return LogitTarget(model.tokenizer.decode([t]), t, one_hot(t, -1.0 / V), probs[t].item())
 
     if not names:
         top = probs.topk(min(cfg.max_targets, V))
@@ -92,7 +95,7 @@ def resolve_targets(
         if "-" in name.strip("-") and not _is_token(model, name):
             a, b = (token_id(model, part.strip()) for part in name.split("-", 1))
             label = f"{model.tokenizer.decode([a])} - {model.tokenizer.decode([b])}"
-            targets.append(LogitTarget(label, V + len(targets), eye[a] - eye[b], 1.0))
+            targets.append(LogitTarget(label, V + len(targets), one_hot(a) - one_hot(b), 1.0))
         else:
             targets.append(single(token_id(model, name)))
     return targets
@@ -128,7 +131,8 @@ class Sources:
         pos, out, start = rep.features[:, 1], [], 0
         for writes in rep.writes:
             D = writes.flatten(1).T  # [T*d, n_s]
-            bounds = torch.searchsorted(pos[start : start + len(writes)], torch.arange(self.P + 1)).tolist()
+            bounds = torch.searchsorted(pos[start : start + len(writes)], torch.arange(self.P + 1, device=pos.device))
+            bounds = bounds.tolist()
             out.append([(start + a, start + b, D[:, a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
             start += len(writes)
         return out
@@ -146,10 +150,10 @@ class Sources:
             start += len(writes)
         order = torch.argsort(pos * L + layer, stable=True)
         slots = slots[order].flatten(1)
-        bounds = torch.searchsorted(pos[order], torch.arange(self.P + 1)).tolist()
+        bounds = torch.searchsorted(pos[order], torch.arange(self.P + 1, device=pos.device)).tolist()
         out = []
         for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-            below = torch.searchsorted(layer[order[a:b]], torch.arange(L + 1)).tolist()
+            below = torch.searchsorted(layer[order[a:b]], torch.arange(L + 1, device=pos.device)).tolist()
             out.append((slots[a:b], order[a:b], below))
         return out
 
@@ -168,14 +172,15 @@ class Sources:
         rep, L = self.rep, self.L
         B, Pp, d = len(pos), int(pos[-1]) + 1, vec.shape[-1]
         skip = rep.clt.W_skip
+        batch = torch.arange(B, device=vec.device)
         g = vec.new_zeros(B, Pp, d)  # gradient at the residual stream, walking down
-        g[torch.arange(B), pos] = vec
+        g[batch, pos] = vec
         g_post = vec.new_empty(B, Pp, t, d)
         # g as a short sum of terms [B, J, d] with weights over positions [B, P', J] while that is
         # cheaper than dense: vec at pos, then J grows (H + 1)-fold per attention layer; None once dense
-        terms, weights = vec[:, None], torch.zeros(B, Pp, 1, dtype=vec.dtype)
-        weights[torch.arange(B), pos] = 1.0
-        seen = torch.arange(Pp) <= pos[:, None]  # [B, P']: the positions each target sees
+        terms, weights = vec[:, None], vec.new_zeros(B, Pp, 1)
+        weights[batch, pos] = 1.0
+        seen = torch.arange(Pp, device=vec.device) <= pos[:, None]  # [B, P']: the positions each target sees
         rows = seen.flatten().nonzero()[:, 0] if seen.float().mean() < 0.8 else None
         for l in range(min(t, L - 1), -1, -1):
             if l < t:  # g is the gradient at mlp_out[l] = resid_pre[l + 1]
@@ -207,7 +212,7 @@ class Sources:
         directly at resid_pre[0])."""
         B, Pp, d = g.shape
         L, P = self.L, self.P
-        first = torch.searchsorted(pos, torch.arange(Pp)).tolist()  # targets from first[p] on see position p
+        first = torch.searchsorted(pos, torch.arange(Pp, device=pos.device)).tolist()  # targets from first[p] on see p
         cross = self.rep.clt.cfg.cross_layer
         for s, blocks in enumerate(self.by_layer[:t]):
             stop = t if cross else s + 1
@@ -243,10 +248,12 @@ EMBEDDING_IMAGE_FLOATS = 2**24
 longer prompts pass every gradient through layer 0 instead."""
 
 
-def untouched_zeros(*shape: int, dtype: torch.dtype) -> torch.Tensor:
-    """A zero CPU tensor whose memory the OS maps on first write (calloc, through numpy): no time
-    is spent filling it, and entries never written (sources after a target's position) take no
-    memory. torch.zeros would write every page: 0.1 s and all of N^2 floats for a 5,600-node graph."""
+def untouched_zeros(*shape: int, dtype: torch.dtype, device: str | torch.device = "cpu") -> torch.Tensor:
+    """A zero tensor; on the CPU one whose memory the OS maps on first write (calloc, through numpy):
+    no time is spent filling it, and entries never written (sources after a target's position) take
+    no memory. torch.zeros would write every page: 0.1 s and all of N^2 floats for a 5,600-node graph."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
     return torch.from_numpy(np.zeros(shape, dtype=torch.empty(0, dtype=dtype).numpy().dtype))
 
 
@@ -304,13 +311,13 @@ def attribute(
     log.info("%d tokens, %d active features, %d targets", P, n, len(logit_targets))
 
     T, N = len(logit_targets), sources.n + len(logit_targets)
-    adjacency = untouched_zeros(N, N, dtype=torch_dtype)  # rows are written in place
+    adjacency = untouched_zeros(N, N, dtype=torch_dtype, device=device)  # rows are written in place
     vectors = logit_vectors(rep, W_U, logit_targets)
-    sources.rows(L, torch.full((T,), P - 1), vectors, out=adjacency[sources.n :, : sources.n])
+    sources.rows(L, torch.full((T,), P - 1, device=device), vectors, out=adjacency[sources.n :, : sources.n])
     selected = _feature_rows(sources, adjacency, logit_targets, cfg, progress)
     inputs, bias = node_inputs_and_bias(rep, W_U, b_U, logit_targets)
     if len(selected) < n:
-        keep = torch.cat([selected, torch.arange(n, N)])
+        keep = torch.cat([selected, torch.arange(n, N, device=device)])
         adjacency = adjacency[keep][:, keep]
     return Graph(
         prompt=prompt,
@@ -339,11 +346,12 @@ def inhibited_features(sources: Sources, selected: torch.Tensor, k: int) -> list
     rep, L, P = sources.rep, sources.L, sources.P
     d = rep.embed.shape[-1]
     mid0, _ = rep.linear_forward(with_sources=False)
-    keep = torch.cat([selected, torch.arange(sources.n_features, sources.n)])
+    dev = rep.embed.device
+    keep = torch.cat([selected, torch.arange(sources.n_features, sources.n, device=dev)])
     candidates = []
     for l in range(L):
-        eye = torch.eye(d, dtype=rep.embed.dtype)
-        J = sources.rows(l, torch.full((d,), P - 1), eye)[:, keep]  # [d, sources]: resid_mid[l, P-1]
+        eye = torch.eye(d, dtype=rep.embed.dtype, device=dev)
+        J = sources.rows(l, torch.full((d,), P - 1, device=dev), eye)[:, keep]  # [d, sources]: resid_mid[l, P-1]
         W_enc, b_enc = rep.clt.W_enc[l].detach(), rep.clt.b_enc[l].detach()
         pre = rep.resid_mid[l, P - 1] @ W_enc.T + b_enc  # [F]
         from_features = W_enc @ J[:, : len(selected)].sum(1)  # [F]
@@ -394,8 +402,8 @@ def _feature_rows(sources: Sources, adjacency: torch.Tensor, targets, cfg: Attri
             for a in range(0, len(idx), batch_size(l)):
                 compute(idx[a : a + batch_size(l)])
         bar.close()
-        return torch.arange(n)
-    done = torch.zeros(n, dtype=torch.bool)
+        return torch.arange(n, device=layer.device)
+    done = torch.zeros(n, dtype=torch.bool, device=layer.device)
     while int(done.sum()) < cap:
         influence = _feature_influence(adjacency, done, targets, sources)
         influence[done] = -1
@@ -417,7 +425,7 @@ def _feature_influence(adjacency, done, targets, sources: Sources) -> torch.Tens
     A = adjacency.clone()
     A[:n] *= done[:, None]
     weights = A.new_zeros(len(A))
-    weights[sources.n :] = torch.tensor([t.prob for t in targets], dtype=A.dtype)
+    weights[sources.n :] = torch.tensor([t.prob for t in targets], dtype=A.dtype, device=A.device)
     return compute_influence(normalize_matrix(A), weights)[:n]
 
 

@@ -142,7 +142,7 @@ def predicted_ablation_effects(graph) -> torch.Tensor:
 def validate(graph, model: HookedTransformer, clt: CrossLayerTranscoder, top_k: int = 10) -> ValidationReport:
     """Ablate the graph's top-k features (by influence) one at a time; compare the change of the
     first target's logit (demeaned) with the graph's prediction."""
-    tokens = graph.tokens
+    tokens = graph.tokens.to(model.cfg.device)
     state = clean_state(model, clt, tokens)
     influence = graph.influence()[: graph.n_features]
     top = influence.topk(min(top_k, graph.n_features)).indices.tolist()

@@ -136,7 +136,8 @@ class Replacement:
         values = (self.embed @ self.back_V[0].T).view(P, H, dh)  # [P(key), H, d_head]
         written = torch.einsum("khe,hed->khd", values, self.W_O[0])  # [P(key), H, d]
         images = torch.einsum("hkq,khd->kqd", self.back_mix[0], written)  # [P(key), P(query), d]
-        images[torch.arange(P), torch.arange(P)] += self.embed
+        diagonal = torch.arange(P, device=images.device)
+        images[diagonal, diagonal] += self.embed
         return images.reshape(P, P * d)
 
     def _backward_operators(self) -> None:
@@ -220,8 +221,8 @@ def _frozen_norm(module, scale: torch.Tensor, d: int, dtype) -> FrozenNorm:
     b = getattr(module, "b", None)
     return FrozenNorm(
         scale=scale.to(dtype),
-        w=torch.ones(d, dtype=dtype) if w is None else w.detach().to(dtype),
-        b=torch.zeros(d, dtype=dtype) if b is None else b.detach().to(dtype),
+        w=torch.ones(d, dtype=dtype, device=scale.device) if w is None else w.detach().to(dtype),
+        b=torch.zeros(d, dtype=dtype, device=scale.device) if b is None else b.detach().to(dtype),
         centre=module.__class__.__name__.startswith("LayerNorm"),
     )
 

@@ -1,13 +1,14 @@
 """Attribution graphs: every edge against autograd through hooks on the real TransformerLens model,
 every node's input against the sum of its edges, targets, the feature cap."""
 
+import copy
 import json
 
 import pytest
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from circuits.attribution import attribute
+from circuits.attribution import AttributionConfig, attribute, resolve_targets
 from circuits.cli import main
 from circuits.clt import CLTConfig, CrossLayerTranscoder
 from circuits.errors import CircuitsError
@@ -238,6 +239,31 @@ def test_default_targets_cover_the_probability(demo_model, demo_clt):
     k = graph.n_targets
     assert graph.target_tokens.tolist() == top.indices[:k].tolist()
     assert k == 10 or (top.values[:k].sum() >= 0.95 and top.values[: k - 1].sum() < 0.95)
+
+
+def test_targets_of_a_large_vocabulary_are_vectors_not_an_identity(demo_model):
+    """A target's logit weights are one [d_vocab] vector: a d_vocab x d_vocab identity (4 TB here)
+    must never be built."""
+    V = 1_000_000
+    logits = torch.full((V,), -20.0)
+    logits[[11, 7]] = torch.tensor([5.0, 4.0])
+    first, second = resolve_targets(demo_model, logits, [], AttributionConfig())
+    assert (first.token, second.token) == (11, 7)
+    assert first.weights[11] == pytest.approx(1 - 1 / V) and first.weights[7] == pytest.approx(-1 / V)
+    assert first.weights.sum().abs() < 1e-3  # demeaned
+    (diff,) = resolve_targets(demo_model, logits, ["Austin-Springfield"], AttributionConfig())
+    assert diff.weights.abs().sum() == 2 and diff.weights.sum() == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_graph_on_the_gpu_is_the_graph_on_the_cpu(demo_model, demo_clt):
+    model, clt = copy.deepcopy(demo_model).to("cuda"), copy.deepcopy(demo_clt).to("cuda")
+    for kwargs in ({"inhibited": 3}, {"max_feature_nodes": 40, "batch_size": 16}):
+        cpu = attribute(FLAGSHIP, demo_model, demo_clt, progress=False, **kwargs)
+        gpu = attribute(FLAGSHIP, model, clt, device="cuda", progress=False, **kwargs)
+        assert torch.equal(gpu.features, cpu.features)
+        assert torch.allclose(gpu.adjacency, cpu.adjacency, atol=1e-4)
+    assert validate(gpu, model, clt).corr_frozen > 0.9
 
 
 def test_feature_cap_keeps_exact_rows_of_the_most_influential(demo_model, demo_clt):
