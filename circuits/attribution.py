@@ -137,10 +137,11 @@ class Sources:
             start += len(writes)
         return out
 
-    def _by_position(self, rep: Replacement) -> list[tuple[torch.Tensor, torch.Tensor, list[int]]]:
-        """[p] -> (writes [n_p, L * d], nodes [n_p], below [L + 1]): the features at position p of
-        every layer, in node order, their writes (zero below a feature's own layer), their node
-        indices, and how many sit below each layer; one contraction product per position."""
+    def _by_position(self, rep: Replacement) -> list[tuple[torch.Tensor, list[int], list[tuple[int, int, int]]]]:
+        """[p] -> (writes [n_p, L * d], below [L + 1], runs): the features at position p of every
+        layer in node order, their writes (zero below a feature's own layer), how many sit below each
+        layer, and per layer with features there (first node, first row, row stop): each layer's
+        features at p are one run of nodes. One contraction product per position."""
         L, d = self.L, rep.embed.shape[-1]
         layer, pos = rep.features[:, 0], rep.features[:, 1]
         slots = rep.embed.new_zeros(self.n_features, L, d)
@@ -154,7 +155,9 @@ class Sources:
         out = []
         for a, b in zip(bounds[:-1], bounds[1:], strict=True):
             below = torch.searchsorted(layer[order[a:b]], torch.arange(L + 1, device=pos.device)).tolist()
-            out.append((slots[a:b], order[a:b], below))
+            nodes = order[a:b].tolist()
+            runs = [(nodes[below[s]], below[s], below[s + 1]) for s in range(L) if below[s + 1] > below[s]]
+            out.append((slots[a:b], below, runs))
         return out
 
     def rows(self, layer: int, pos: torch.Tensor, vec: torch.Tensor, out: torch.Tensor | None = None):
@@ -220,11 +223,13 @@ class Sources:
                 f = first[p]
                 if b > a:
                     torch.matmul(g_post[f:, p, s:stop].flatten(1), D[: (stop - s) * d], out=out[f:, a:b])
-        for p, (writes, columns, below) in enumerate(self.by_position[:Pp]):
+        for p, (writes, below, runs) in enumerate(self.by_position[:Pp]):
             f, n = first[p], below[t]  # the features at p below layer t: the first n
             if n and f < B:
                 edges = g_post[f:, p].flatten(1) @ writes[:n, : t * d].T  # [B - f, n]
-                out[f:].index_copy_(1, columns[:n], edges)
+                for node, i, j in runs:  # copies of contiguous columns (index_copy_ is 3x slower)
+                    if j <= n:
+                        out[f:, node : node + j - i] = edges[:, i:j]
         e0, e1 = self.n_features, self.n_features + L * P
         errors = out[:, e0:e1].view(B, L, P)
         for l in range(t):  # one layer at a time: a temporary of g's size, not g_post's
