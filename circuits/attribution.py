@@ -11,7 +11,8 @@ Phases:
    cheaper, and record the gradient at every MLP output below. Positions after a batch's last target
    are never touched.
 4. Contract the recorded gradients with the sources: one matrix product per (source layer, position)
-   over the targets that see the position; the embeddings through their images at resid_mid[0].
+   over the targets that see the position (per position over every layer's features when they are
+   few, see `MERGE_BELOW`); the embeddings through their images at resid_mid[0].
 The edge s -> t is a_s * d(input_t)/d(a_s): its value's share of the target's input, so every node's
 input is exactly the sum of its incoming edges plus its bias (the constant terms).
 """
