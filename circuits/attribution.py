@@ -311,7 +311,9 @@ def attribute(
     tokens = prompt_tokens(model, prompt)[0]  # [pos]
     rep = build_replacement(model, transcoder, tokens, torch_dtype)
     W_U, b_U = model.W_U.detach().to(torch_dtype), model.b_U.detach().to(torch_dtype)
-    logit_targets = resolve_targets(model, rep.logits, cfg.targets, cfg)
+    cap = model.cfg.output_logits_soft_cap  # the targets are the logits before it, their probabilities after
+    logits = rep.logits if cap <= 0 else cap * torch.tanh(rep.logits / cap)
+    logit_targets = resolve_targets(model, logits, cfg.targets, cfg)
     sources = Sources(rep)
     n, L, P = sources.n_features, rep.n_layers, rep.n_pos
     log.info("%d tokens, %d active features, %d targets", P, n, len(logit_targets))

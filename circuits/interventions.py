@@ -188,11 +188,18 @@ def autograd_rows(
     leaves = clean.clone().requires_grad_(True)  # [L, P, F]
     errors = state["errors"].clone().requires_grad_(True)  # [L, P, d]
     embed = cache["hook_embed"].clone().requires_grad_(True)  # [1, P, d]
-    mids: dict[int, torch.Tensor] = {}
+    mids: dict[int | str, torch.Tensor] = {}
     hooks = splice_hooks(model, clt, state, lambda l, a: leaves[l][None], True, errors)
     hooks += [("hook_embed", lambda x, hook: embed)]
     hooks += [(f"blocks.{l}.hook_resid_mid", lambda x, hook, l=l: mids.update({l: x[0]})) for l in range(L)]
-    logits = model.run_with_hooks(tokens[None], fwd_hooks=hooks)[0, -1]
+    hooks += [("ln_final.hook_normalized", lambda x, hook: mids.update({"final": x[0, -1]}))]
+    model.run_with_hooks(tokens[None], fwd_hooks=hooks)
+    final = mids["final"]  # the logits before any output soft cap: the graph's logit targets
+    if hasattr(model.ln_final, "w"):
+        final = final * model.ln_final.w
+    if hasattr(model.ln_final, "b"):
+        final = final + model.ln_final.b
+    logits = final @ model.W_U + model.b_U
     rows = []
     for target in targets:
         if isinstance(target, tuple):

@@ -21,7 +21,7 @@ from circuits.clt import CrossLayerTranscoder
 from circuits.errors import CircuitsError
 
 _NORMS = ("LN", "LNPre", "RMS", "RMSPre")
-_POST_NORM = ("Olmo2ForCausalLM", "Olmo3ForCausalLM")
+_POST_NORM_ONLY = ("Olmo2ForCausalLM", "Olmo3ForCausalLM")
 
 
 @dataclass
@@ -61,7 +61,7 @@ class Replacement:
     b_O: torch.Tensor  # [L, d]
     resid_mid: torch.Tensor  # [L, P, d] real model
     resid_final: torch.Tensor  # [P, d] real model, before ln_final
-    logits: torch.Tensor  # [d_vocab] real model, last position
+    logits: torch.Tensor  # [d_vocab] real model, last position, before any output soft cap
     features: torch.Tensor  # [n, 3] active features (layer, pos, feature), sorted
     activations: torch.Tensor  # [n]
     pre_activations: torch.Tensor  # [n]
@@ -69,6 +69,7 @@ class Replacement:
     writes: list[torch.Tensor]  # [s] -> [n_s, T_s, d] active features' decoder rows times activation (`feature_writes`)
     decoded: torch.Tensor  # [L, P, d] the writes summed per target layer and position
     clt: CrossLayerTranscoder
+    ln1_post: list[FrozenNorm] | None = None  # the norm after attention (Gemma 2/3), None without one
 
     def __post_init__(self) -> None:
         self._backward_operators()
@@ -86,7 +87,8 @@ class Replacement:
         x = self.ln1[layer].forward(resid)
         v = torch.einsum("pd,hde->hpe", x, self.W_V[layer]) + self.b_V[layer][:, None]
         z = self.patterns[layer] @ v  # [H, P, d_head]
-        return torch.einsum("hpe,hed->pd", z, self.W_O[layer]) + self.b_O[layer]
+        out = torch.einsum("hpe,hed->pd", z, self.W_O[layer]) + self.b_O[layer]
+        return out if self.ln1_post is None else self.ln1_post[layer].forward(out)
 
     def attention_backward(self, layer: int, g: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Gradient at the attention output [B, P', d] -> its contribution to the gradient at
@@ -135,6 +137,9 @@ class Replacement:
         H, dh = self.W_O.shape[1], self.W_O.shape[2]
         values = (self.embed @ self.back_V[0].T).view(P, H, dh)  # [P(key), H, d_head]
         written = torch.einsum("khe,hed->khd", values, self.W_O[0])  # [P(key), H, d]
+        if self.ln1_post is not None:  # the norm after attention, but its scale (in back_mix)
+            post = self.ln1_post[0]
+            written = (written - written.mean(-1, keepdim=True) if post.centre else written) * post.w
         images = torch.einsum("hkq,khd->kqd", self.back_mix[0], written)  # [P(key), P(query), d]
         diagonal = torch.arange(P, device=images.device)
         images[diagonal, diagonal] += self.embed
@@ -144,7 +149,8 @@ class Replacement:
         """Precompute the transposed attention maps. For the gradient y at resid_mid, the gradient
         at resid_pre gains C (w * sum_h A_h^T y W_O_h^T W_V_h^T) / scale, where C centres (LayerNorm)
         and scale is the frozen norm scale at the key position: fold w and C into back_V, 1/scale
-        into back_mix."""
+        into back_mix. A norm after attention (w', C', scale' at the query position) turns y into
+        C' (w' * y) / scale': w' and C' fold into back_O, 1/scale' into back_mix."""
         H, dh = self.W_O.shape[1], self.W_O.shape[2]
         L, d = self.n_layers, self.embed.shape[-1]
         self.back_O = self.W_O.permute(0, 3, 1, 2).reshape(L, d, H * dh)  # [L, d, H * d_head]
@@ -154,6 +160,12 @@ class Replacement:
         self.back_V = back_V  # [L, H * d_head, d]
         scales = torch.stack([n.scale[:, 0] for n in self.ln1])  # [L, P]
         self.back_mix = self.patterns.transpose(-1, -2) / scales[:, None, :, None]  # [L, H, P(key), P(query)]
+        if self.ln1_post is not None:
+            if self.ln1_post[0].centre:
+                self.back_O = self.back_O - self.back_O.mean(1, keepdim=True)
+            self.back_O = self.back_O * torch.stack([n.w for n in self.ln1_post])[:, :, None]
+            post_scales = torch.stack([n.scale[:, 0] for n in self.ln1_post])  # [L, P]
+            self.back_mix = self.back_mix / post_scales[:, None, None, :]
 
     def linear_forward(self, with_sources: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the frozen linear model: (resid_mid [L, P, d], resid_final [P, d]). With all sources it
@@ -209,10 +221,10 @@ def check_supported(model: HookedTransformer) -> None:
         raise CircuitsError("only sequential attention+MLP blocks are supported (no parallel/attn-only/split-qkv)")
     if cfg.positional_embedding_type not in ("standard", "rotary"):
         raise CircuitsError(f"positional embedding {cfg.positional_embedding_type!r} is not supported")
-    if cfg.use_normalization_before_and_after or cfg.use_attn_in or cfg.original_architecture in _POST_NORM:
+    if cfg.use_attn_in or cfg.original_architecture in _POST_NORM_ONLY:
         raise CircuitsError(
-            "norms after the attention or MLP output (Gemma 2/3, OLMo 2/3) are not supported yet: "
-            "the replacement freezes the norms before them only"
+            "norms after the attention or MLP output without one before (OLMo 2/3) are not supported: "
+            "use a model with pre-norms (with or without post-norms, as Gemma 2/3)"
         )
 
 
@@ -235,11 +247,12 @@ class ForwardRecord:
     pos_embed: torch.Tensor  # [P, d] hook_pos_embed (zeros without learned positions)
     patterns: torch.Tensor  # [L, H, P, P] hook_pattern
     ln1_scales: torch.Tensor  # [L, P, 1] ln1.hook_scale
+    attn_post_scales: torch.Tensor | None  # [L, P, 1] ln1_post.hook_scale (a norm after attention), or None
     resid_mid: torch.Tensor  # [L, P, d]
     mlp_out: torch.Tensor  # [L, P, d]
     resid_final: torch.Tensor  # [P, d] hook_resid_post of the last block
     final_scale: torch.Tensor  # [P, 1] ln_final.hook_scale
-    logits: torch.Tensor  # [d_vocab], last position
+    logits: torch.Tensor  # [d_vocab], last position, before any output soft cap
 
 
 @torch.no_grad()
@@ -249,10 +262,11 @@ def record_forward(model: HookedTransformer, tokens: torch.Tensor) -> ForwardRec
     replacement freezes. The loop is written out because on a short prompt `run_with_cache` costs
     several times the arithmetic; `tests/test_attribution.py` checks every record against it."""
     cfg, x = model.cfg, tokens[None]
+    post_norms = cfg.use_normalization_before_and_after
     embed = model.embed(x)  # [1, P, d]
     pos_embed = model.pos_embed(x) if cfg.positional_embedding_type == "standard" else torch.zeros_like(embed)
     resid = embed + pos_embed
-    patterns, scales, mids, outs = [], [], [], []
+    patterns, scales, post_scales, mids, outs = [], [], [], [], []
     for block in model.blocks:
         attn = block.attn
         normed, scale = _normalise(block.ln1, resid)
@@ -261,8 +275,14 @@ def record_forward(model: HookedTransformer, tokens: torch.Tensor) -> ForwardRec
             q, k = attn.apply_rotary(q, 0, None), attn.apply_rotary(k, 0, None)
         pattern = attn.apply_causal_mask(attn.calculate_attention_scores(q, k), 0, None).softmax(-1)
         z = attn.calculate_z_scores(v, pattern)  # [1, P, H, d_head]
-        mid = resid + torch.einsum("bphe,hed->bpd", z, attn.W_O) + attn.b_O
+        attn_out = torch.einsum("bphe,hed->bpd", z, attn.W_O) + attn.b_O
+        if post_norms:
+            attn_out, post_scale = _normalise(block.ln1_post, attn_out)
+            post_scales.append(post_scale[0])
+        mid = resid + attn_out
         out = block.mlp(block.ln2(mid))
+        if post_norms:
+            out = block.ln2_post(out)
         resid = mid + out
         patterns.append(pattern[0])
         scales.append(scale[0])
@@ -274,6 +294,7 @@ def record_forward(model: HookedTransformer, tokens: torch.Tensor) -> ForwardRec
         pos_embed=pos_embed[0],
         patterns=torch.stack(patterns),
         ln1_scales=torch.stack(scales),
+        attn_post_scales=torch.stack(post_scales) if post_norms else None,
         resid_mid=torch.stack(mids),
         mlp_out=torch.stack(outs),
         resid_final=resid[0],
@@ -337,4 +358,7 @@ def build_replacement(
         writes=writes,
         decoded=decoded,
         clt=clt,
+        ln1_post=None
+        if run.attn_post_scales is None
+        else [_frozen_norm(b.ln1_post, scale, d, dtype) for b, scale in zip(blocks, run.attn_post_scales, strict=True)],
     )

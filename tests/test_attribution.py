@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens.components import LayerNorm
 
 from circuits.attribution import AttributionConfig, attribute, resolve_targets
 from circuits.cli import main
@@ -107,6 +108,38 @@ def test_edges_match_autograd_on_a_rotary_rms_grouped_query_model():
     _check_against_autograd(model, _random_clt(model), "The capital of Texas is Austin and")
 
 
+GEMMA_LIKE = dict(normalization_type="RMS", positional_embedding_type="rotary", rotary_dim=8, n_key_value_heads=2,
+                  gated_mlp=True, act_fn="gelu", use_normalization_before_and_after=True, attn_scores_soft_cap=5.0,
+                  output_logits_soft_cap=2.0)  # fmt: skip
+"""Gemma 2's layout: RMSNorm before and after attention and the MLP, soft-capped scores and logits."""
+
+
+@pytest.mark.parametrize("post_norm", ["RMS", "LN"])
+def test_edges_match_autograd_with_norms_after_attention_and_mlp(post_norm, monkeypatch):
+    """The norm after attention is frozen like the one before it; the one after the MLP is part of
+    what the CLT replaces. Logit targets are the logits before the soft cap, chosen by the
+    probabilities after it. TransformerLens builds RMSNorms after; LayerNorms (centring) are
+    swapped in by hand."""
+    model = _random_model(**GEMMA_LIKE)
+    if post_norm == "LN":
+        gen = torch.Generator().manual_seed(3)
+        for block in model.blocks:
+            block.ln1_post, block.ln2_post = LayerNorm(model.cfg), LayerNorm(model.cfg)
+            for ln in (block.ln1_post, block.ln2_post):
+                ln.w.data = 1 + torch.randn(ln.w.shape, generator=gen) * 0.2
+                ln.b.data = torch.randn(ln.b.shape, generator=gen) * 0.1
+        model.setup()
+    clt, prompt = _random_clt(model), "The capital of Texas is Austin and"
+    graph = _check_against_autograd(model, clt, prompt)
+    assert _identity_error(graph).max() <= 1e-5
+    probs = model(graph.tokens[None])[0, -1].softmax(-1)
+    assert torch.allclose(graph.target_probs, probs[graph.target_tokens], atol=1e-6)
+    monkeypatch.setattr("circuits.replacement.Replacement.terms_are_cheaper", lambda self, J, Pp: False)
+    monkeypatch.setattr("circuits.attribution.EMBEDDING_IMAGE_FLOATS", 0)
+    dense = attribute(prompt, model, clt, batch_size=32, progress=False)  # every gradient through layer 0
+    assert torch.allclose(dense.adjacency, graph.adjacency, atol=1e-5)
+
+
 def test_edges_match_autograd_on_a_long_prompt(demo_model, demo_clt, monkeypatch):
     """40 tokens: late targets' gradients stay sums of terms through three attention layers (25
     terms); their rows against autograd, and the whole graph against the dense backward."""
@@ -167,6 +200,7 @@ def test_replacement_reproduces_the_real_model(demo_model, demo_clt):
         dict(normalization_type="RMS", positional_embedding_type="rotary", rotary_dim=8, n_key_value_heads=2,
              gated_mlp=True, act_fn="silu"),
         dict(normalization_type="LNPre", attn_scores_soft_cap=5.0, final_rms=False),
+        GEMMA_LIKE,
     ],
 )  # fmt: skip
 def test_the_recorded_forward_pass_is_transformer_lens_own(config):
@@ -187,6 +221,11 @@ def test_the_recorded_forward_pass_is_transformer_lens_own(config):
     }
     if "hook_pos_embed" in cache:
         expected["pos_embed"] = cache["hook_pos_embed"][0]
+    if model.cfg.use_normalization_before_and_after:
+        expected["attn_post_scales"] = torch.stack([cache[f"blocks.{l}.ln1_post.hook_scale"][0] for l in range(L)])
+    cap = model.cfg.output_logits_soft_cap
+    if cap > 0:  # the record keeps the logits before the soft cap
+        run.logits = cap * torch.tanh(run.logits / cap)
     for name, value in expected.items():
         assert torch.allclose(getattr(run, name), value, atol=1e-5), name
 
