@@ -128,15 +128,16 @@ class ValidationReport:
 def predicted_ablation_effects(graph) -> torch.Tensor:
     """The graph's prediction of how ablating each feature changes each target's input: [T, n].
     Active JumpReLU features pass changes of their input through unchanged, so ablating s moves
-    node inputs by -(I - A')^-1 A[:, s] with A' the adjacency whose source columns are divided by
-    the source's activation (edges are a_s times a derivative)."""
+    node inputs by -(I - M)^-1 A[:, s], with M the adjacency whose feature columns are divided by
+    the feature's activation (edges are a_s times a derivative). Features read only from lower
+    layers, so M's feature block M_ff is strictly lower triangular in node order, and the targets'
+    rows are A_T + y A_f with y (I - M_ff) = M_Tf: one triangular solve with T right-hand sides."""
     n, T = graph.n_features, graph.n_targets
     A = graph.adjacency.double()
-    per_unit = A[:, :n] / graph.activations.double()
-    M = torch.zeros_like(A)
-    M[:, :n] = per_unit
-    total = torch.linalg.solve(torch.eye(len(A), dtype=A.dtype) - M, A[:, :n])  # [N, n]: direct + indirect
-    return -total[-T:].float()
+    per_unit = A[:, :n] / graph.activations.double()  # [N, n]: M's feature columns
+    # (I - M_ff)^T y^T = M_Tf^T; unitriangular: the solve takes the diagonal as 1 and reads -M_ff above it
+    y = torch.linalg.solve_triangular(-per_unit[:n].T, per_unit[-T:].T, upper=True, unitriangular=True).T
+    return -(A[-T:, :n] + y @ A[:n, :n]).float()
 
 
 def validate(graph, model: HookedTransformer, clt: CrossLayerTranscoder, top_k: int = 10) -> ValidationReport:

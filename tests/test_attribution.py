@@ -336,6 +336,17 @@ def test_spliced_model_without_interventions_is_the_real_model(demo_model, demo_
         assert torch.allclose(run_with_interventions(demo_model, demo_clt, tokens, [], frozen), real, atol=1e-4)
 
 
+def test_predicted_ablation_effects_are_the_dense_solve(demo_model, demo_clt):
+    """The triangular solve for the targets' rows against (I - M)^-1 A over every node."""
+    graph = attribute(FLAGSHIP, demo_model, demo_clt, progress=False)
+    A, n = graph.adjacency.double(), graph.n_features
+    M = torch.zeros_like(A)
+    M[:, :n] = A[:, :n] / graph.activations.double()
+    dense = -torch.linalg.solve(torch.eye(len(A), dtype=A.dtype) - M, A[:, :n])[-graph.n_targets :]
+    assert (dense + A[-graph.n_targets :, :n]).abs().max() > 1e-3  # some effects run through other features
+    assert torch.allclose(predicted_ablation_effects(graph).double(), dense, atol=1e-6)
+
+
 def test_ablations_match_the_graph_where_nothing_downstream_can_switch():
     model = _random_model()
     clt = _random_clt(model)
