@@ -50,8 +50,21 @@ def _looks_like_hub_id(name: str) -> bool:
     return name.count("/") == 1 and not Path(name.split("/")[0]).exists()
 
 
+def check_device(device: str | torch.device) -> None:
+    """Refuse a device name torch does not know, or a GPU this machine does not have."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise CircuitsError(f"{str(device)!r} is not a device: use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and (dev.index or 0) >= (torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        raise CircuitsError(f"device {str(device)!r} is not available here (no such CUDA GPU): use cpu")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise CircuitsError(f"device {str(device)!r} is not available here: use cpu")
+
+
 def load_model(name: str = "demo", device: str | torch.device = "cpu") -> HookedTransformer:
     """Load a model by name (see `resolve_model_source`); the demo model is the default."""
+    check_device(device)
     kind, source = resolve_model_source(name)
     if kind == "pretrained":
         log.info("loading pretrained model %s", source)

@@ -329,10 +329,11 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, model: HookedTransf
     """Train a CLT per `cfg`, writing checkpoints, metrics.jsonl and the final transcoder to `out`
     (rank 0 writes). Under `torchrun`, trains across processes per `cfg.parallel`. Returns the
     last metrics."""
-    from circuits.models import load_model
+    from circuits.models import check_device, load_model
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    check_device(cfg.device)
     comm = Comm.from_env(cfg.parallel, cfg.device)
     torch.manual_seed(cfg.seed)
     model = model or load_model(cfg.model, device=cfg.device)

@@ -415,6 +415,8 @@ def test_trace_cli_writes_the_graph_files(clt_dir, tmp_path, capsys):
         ([FLAGSHIP, "--transcoder", "/nonexistent/clt"], "holds no transcoder"),
         ([FLAGSHIP, "--batch-size", "0"], "batch_size is 0"),
         ([FLAGSHIP, "--max-feature-nodes", "-3"], "max_feature_nodes is -3"),
+        ([FLAGSHIP, "--device", "banana"], "'banana' is not a device"),
+        ([FLAGSHIP, "--device", f"cuda:{torch.cuda.device_count()}"], "is not available here"),
     ],
 )
 def test_trace_cli_bad_input(argv, message, clt_dir, tmp_path, capsys):

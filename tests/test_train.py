@@ -169,6 +169,7 @@ def test_train_cli_errors_are_one_line_exit_2(tmp_path):
         (("train", typo), "recipe key 'steps' must be int"),
         (("train", tmp_path / "none.toml"), "does not exist"),
         (("train", _recipe(tmp_path), "--out", tmp_path / "fresh", "--resume"), "no checkpoint"),
+        (("train", _recipe(tmp_path, "banana.toml", extra='device = "banana"\n')), "'banana' is not a device"),
     ]:
         out = _circuits(*args, timeout=300)
         assert out.returncode == 2 and message in out.stderr, out.stderr
