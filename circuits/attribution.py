@@ -411,15 +411,20 @@ def _feature_rows(sources: Sources, adjacency: torch.Tensor, targets, cfg: Attri
                 compute(idx[a : a + batch_size(l)])
         bar.close()
         return torch.arange(n, device=layer.device)
-    done = torch.zeros(n, dtype=torch.bool, device=layer.device)
-    while int(done.sum()) < cap:
-        influence = _feature_influence(adjacency, done, targets, sources)
+    # the influence estimate: the targets' direct shares, then through the computed rows, kept
+    # normalised (feature columns only) in the order computed, each normalised once
+    probs = torch.tensor([t.prob for t in targets], dtype=adjacency.dtype, device=adjacency.device)
+    direct = probs @ normalize_matrix(adjacency[sources.n :, : sources.n])[:, :n]  # [n]
+    normalized, done = adjacency.new_empty(cap, n), torch.empty(0, dtype=torch.long, device=layer.device)
+    while len(done) < cap:
+        influence = _feature_influence(direct, normalized[: len(done)], done)
         influence[done] = -1
-        batch = influence.topk(min(batch_size(sources.L - 1), cap - int(done.sum()))).indices.sort().values
+        batch = influence.topk(min(batch_size(sources.L - 1), cap - len(done))).indices.sort().values
         compute(batch)
-        done[batch] = True
+        normalized[len(done) : len(done) + len(batch)] = normalize_matrix(adjacency[batch, : sources.n])[:, :n]
+        done = torch.cat([done, batch])
     bar.close()
-    return done.nonzero()[:, 0]
+    return done.sort().values
 
 
 WORK_FLOATS = 2**22
@@ -427,14 +432,14 @@ WORK_FLOATS = 2**22
 size when `batch_size` is None."""
 
 
-def _feature_influence(adjacency, done, targets, sources: Sources) -> torch.Tensor:
-    """Influence of every feature on the targets through the rows computed so far: [n_features]."""
-    n = sources.n_features
-    A = adjacency.clone()
-    A[:n] *= done[:, None]
-    weights = A.new_zeros(len(A))
-    weights[sources.n :] = torch.tensor([t.prob for t in targets], dtype=A.dtype, device=A.device)
-    return compute_influence(normalize_matrix(A), weights)[:n]
+def _feature_influence(direct: torch.Tensor, normalized: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
+    """Influence of every feature on the targets through the rows computed so far: [n_features],
+    from the targets' direct shares [n] and the computed features `done` [k] with their normalised
+    rows [k, n]. Only those rows pass influence on, so the series runs on them alone, never on the
+    N x N matrix."""
+    if not len(done):
+        return direct.clone()
+    return direct + compute_influence(normalized, direct[done], done)
 
 
 def load_pair(model: str = "demo", transcoder: str = "demo", device: str = "cpu"):

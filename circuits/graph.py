@@ -26,15 +26,16 @@ def normalize_matrix(A: torch.Tensor) -> torch.Tensor:
     return A / A.sum(1, keepdim=True).clamp(min=1e-10)
 
 
-def compute_influence(A: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def compute_influence(A: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
     """weights @ (A + A^2 + ...) for a normalised adjacency A [N, N] of a DAG (nilpotent, so the
-    series ends after at most N terms): each node's total influence on the weighted targets [N]."""
+    series ends after at most N terms): each node's total influence on the weighted targets [N].
+    With `rows` [R], A [R, N] holds only those rows (the others are zero) and weights [R] theirs."""
     term = weights @ A
     influence = term.clone()
-    for _ in range(len(A)):
+    for _ in range(A.shape[1]):
         if not term.any():
             return influence
-        term = term @ A
+        term = (term if rows is None else term[rows]) @ A
         influence += term
     raise CircuitsError("the adjacency matrix has a cycle: influence does not converge")
 

@@ -9,12 +9,12 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens.components import LayerNorm
 
-from circuits.attribution import AttributionConfig, attribute, resolve_targets
+from circuits.attribution import AttributionConfig, _feature_influence, attribute, resolve_targets
 from circuits.cli import main
 from circuits.clt import CLTConfig, CrossLayerTranscoder
 from circuits.errors import CircuitsError
 from circuits.formats import save_transcoder
-from circuits.graph import Graph
+from circuits.graph import Graph, compute_influence, normalize_matrix
 from circuits.interventions import (
     Intervention,
     autograd_rows,
@@ -317,6 +317,25 @@ def test_feature_cap_keeps_exact_rows_of_the_most_influential(demo_model, demo_c
     # the kept features carry most of the influence of the full graph
     influence = full.influence()[: full.n_features]
     assert influence[picked].sum() >= 0.5 * influence.topk(40).values.sum()
+
+
+def test_feature_cap_estimates_influence_from_the_computed_rows_alone(demo_model, demo_clt):
+    """The capped attribution's estimate, from the done features' and the targets' rows only,
+    against the series over the whole adjacency with every other feature row zeroed."""
+    graph = attribute(FLAGSHIP, demo_model, demo_clt, progress=False)
+    n, T = graph.n_features, graph.n_targets
+    done = torch.rand(n, generator=torch.Generator().manual_seed(0)) < 0.3
+    A = graph.adjacency.clone()
+    A[:n] *= done[:, None]
+    weights = torch.zeros(len(A))
+    weights[-T:] = graph.target_probs
+    expected = compute_influence(normalize_matrix(A), weights)[:n]
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(1))
+    ids = order[done[order]]  # the computed features, in some order of computation
+    direct = graph.target_probs @ normalize_matrix(graph.adjacency[-T:])[:, :n]
+    estimate = _feature_influence(direct, normalize_matrix(graph.adjacency[ids])[:, :n], ids)
+    assert expected[done].abs().max() > 0 and expected[~done].abs().max() > 0
+    assert torch.allclose(estimate, expected, atol=1e-6)
 
 
 def test_bad_input(demo_model, demo_clt):
