@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -23,7 +24,9 @@ def _umask() -> int:
 
 @contextlib.contextmanager
 def atomic_directory(directory: Path) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces `directory` whole."""
+    """Yield a temporary sibling directory; on success it replaces `directory` whole. Replacing
+    takes two renames: a process killed between them leaves no `directory`, and its previous
+    version in `.{name}.old.{pid}` (`surviving_directory` finds it; the next success removes it)."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
@@ -38,8 +41,18 @@ def atomic_directory(directory: Path) -> Iterator[Path]:
         old = directory.with_name(f".{directory.name}.old.{os.getpid()}")
         directory.rename(old)
     tmp.rename(directory)
-    if old is not None:
-        shutil.rmtree(old)
+    for stale in directory.parent.glob(f".{glob.escape(directory.name)}.old.*"):  # ours, and any a killed swap left
+        shutil.rmtree(stale)
+
+
+def surviving_directory(directory: Path) -> Path:
+    """`directory`, or when a swap of `atomic_directory` was killed between its renames, the
+    previous version it left (the newest)."""
+    directory = Path(directory)
+    if directory.exists():
+        return directory
+    old = sorted(directory.parent.glob(f".{glob.escape(directory.name)}.old.*"), key=lambda p: p.stat().st_mtime)
+    return old[-1] if old else directory
 
 
 @contextlib.contextmanager

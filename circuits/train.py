@@ -32,7 +32,7 @@ from transformer_lens import HookedTransformer
 from circuits.activations import ActivationStream, TextSource, held_out, held_out_tokens
 from circuits.clt import CLTConfig, CrossLayerTranscoder
 from circuits.errors import CircuitsError
-from circuits.formats import atomic_directory, atomic_file, save_transcoder
+from circuits.formats import atomic_directory, atomic_file, save_transcoder, surviving_directory
 from circuits.interventions import splice_hooks
 from circuits.parallel import Comm
 
@@ -280,6 +280,7 @@ def save_checkpoint(path: Path, clt, opt, scales: Scales, step: int, cfg: TrainC
 
 def load_checkpoint(path: Path, clt, opt, comm: Comm) -> tuple[int, Scales, torch.Tensor]:
     """Restore this rank's part of a checkpoint; returns (step, scales, last_fired [L, F_rank])."""
+    path = surviving_directory(path)  # a kill during the last save's swap leaves the previous one
     if not (path / "state.json").exists() or not (path / "state.safetensors").exists():
         raise CircuitsError(f"no checkpoint in {path}: train without --resume first")
     try:

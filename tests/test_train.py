@@ -18,6 +18,7 @@ from circuits.activations import ActivationStream, TextSource, token_mask
 from circuits.clt import CLTConfig, CrossLayerTranscoder
 from circuits.demo.corpus import TWO_HOP_PROMPT
 from circuits.errors import CircuitsError
+from circuits.formats import surviving_directory
 from circuits.train import TrainConfig, initialise, replacement_metrics
 
 TINY = """n_features = 64
@@ -110,6 +111,14 @@ def test_replacement_metrics_match_a_direct_computation(demo_model):
     assert got["top1_agreement"] == pytest.approx((real.argmax(-1) == repl.argmax(-1))[mask].float().mean().item())
 
 
+def _step(state: Path) -> int:
+    """The step of a checkpoint's state.json, -1 while there is none (or mid-swap)."""
+    try:
+        return json.loads(state.read_text())["step"]
+    except FileNotFoundError:
+        return -1
+
+
 @pytest.mark.slow
 def test_resume_after_sigkill_reaches_the_same_weights(tmp_path):
     recipe = _recipe(tmp_path, steps=40, every=5)
@@ -121,12 +130,15 @@ def test_resume_after_sigkill_reaches_the_same_weights(tmp_path):
     )  # fmt: skip
     state = tmp_path / "killed" / "checkpoint" / "state.json"
     deadline = time.time() + 300
-    while not (state.exists() and json.loads(state.read_text())["step"] >= 10) and time.time() < deadline:
+    while _step(state) < 10 and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    killed_at = json.loads(state.read_text())["step"]
+    checkpoint = surviving_directory(state.parent)  # the kill may land between the two renames of a save
+    killed_at = json.loads((checkpoint / "state.json").read_text())["step"]
     assert killed_at < 40 and not (tmp_path / "killed" / "training.json").exists(), "it finished before the kill"
+    if checkpoint == state.parent:  # and make sure resuming recovers from exactly that moment
+        checkpoint.rename(checkpoint.with_name(".checkpoint.old.1"))
     out = _circuits("train", recipe, "--out", tmp_path / "killed", "--resume", timeout=600)
     assert out.returncode == 0, out.stderr
     full, resumed = _weights(tmp_path / "full"), _weights(tmp_path / "killed")
@@ -135,6 +147,7 @@ def test_resume_after_sigkill_reaches_the_same_weights(tmp_path):
         assert torch.equal(full[k], resumed[k]), k
     steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [10, 20, 30, 40]
+    assert not list((tmp_path / "killed").glob(".checkpoint.old.*"))  # the next save removed it
 
 
 @pytest.mark.slow
