@@ -437,8 +437,6 @@ def _feature_influence(direct: torch.Tensor, normalized: torch.Tensor, done: tor
     from the targets' direct shares [n] and the computed features `done` [k] with their normalised
     rows [k, n]. Only those rows pass influence on, so the series runs on them alone, never on the
     N x N matrix."""
-    if not len(done):
-        return direct.clone()
     return direct + compute_influence(normalized, direct[done], done)
 
 

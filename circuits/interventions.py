@@ -18,6 +18,7 @@ from transformer_lens import HookedTransformer
 
 from circuits.attribution import AttributionConfig, resolve_targets
 from circuits.clt import CrossLayerTranscoder
+from circuits.replacement import norm_weights
 
 
 @dataclass
@@ -195,12 +196,8 @@ def autograd_rows(
     hooks += [(f"blocks.{l}.hook_resid_mid", lambda x, hook, l=l: mids.update({l: x[0]})) for l in range(L)]
     hooks += [("ln_final.hook_normalized", lambda x, hook: mids.update({"final": x[0, -1]}))]
     model.run_with_hooks(tokens[None], fwd_hooks=hooks)
-    final = mids["final"]  # the logits before any output soft cap: the graph's logit targets
-    if hasattr(model.ln_final, "w"):
-        final = final * model.ln_final.w
-    if hasattr(model.ln_final, "b"):
-        final = final + model.ln_final.b
-    logits = final @ model.W_U + model.b_U
+    # the logits before any output soft cap: the graph's logit targets
+    logits = norm_weights(model.ln_final, mids["final"]) @ model.W_U + model.b_U
     rows = []
     for target in targets:
         if isinstance(target, tuple):

@@ -56,7 +56,7 @@ def check_device(device: str | torch.device) -> None:
         dev = torch.device(device)
     except RuntimeError:
         raise CircuitsError(f"{str(device)!r} is not a device: use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and (dev.index or 0) >= (torch.cuda.device_count() if torch.cuda.is_available() else 0):
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():  # 0 without CUDA
         raise CircuitsError(f"device {str(device)!r} is not available here (no such CUDA GPU): use cpu")
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise CircuitsError(f"device {str(device)!r} is not available here: use cpu")

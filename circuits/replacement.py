@@ -35,9 +35,11 @@ class FrozenNorm:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., pos, d] -> normalised [..., pos, d] (the bias included)."""
-        if self.centre:
-            x = x - x.mean(-1, keepdim=True)
-        return x / self.scale[: x.shape[-2]] * self.w + self.b
+        return self.linear(x) / self.scale[: x.shape[-2]] + self.b
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """The part that acts on each vector x [..., d] alike, the scale aside: centre(x) * w."""
+        return (x - x.mean(-1, keepdim=True) if self.centre else x) * self.w
 
     def backward(self, g: torch.Tensor) -> torch.Tensor:
         """Gradient [..., pos, d] at the output -> gradient at the input (transpose of the linear part)."""
@@ -138,8 +140,7 @@ class Replacement:
         values = (self.embed @ self.back_V[0].T).view(P, H, dh)  # [P(key), H, d_head]
         written = torch.einsum("khe,hed->khd", values, self.W_O[0])  # [P(key), H, d]
         if self.ln1_post is not None:  # the norm after attention, but its scale (in back_mix)
-            post = self.ln1_post[0]
-            written = (written - written.mean(-1, keepdim=True) if post.centre else written) * post.w
+            written = self.ln1_post[0].linear(written)
         images = torch.einsum("hkq,khd->kqd", self.back_mix[0], written)  # [P(key), P(query), d]
         diagonal = torch.arange(P, device=images.device)
         images[diagonal, diagonal] += self.embed
@@ -309,12 +310,16 @@ def _normalise(module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if module.__class__.__name__.startswith("LayerNorm"):
         x = x - x.mean(-1, keepdim=True)
     scale = (x.pow(2).mean(-1, keepdim=True) + module.eps).sqrt()
-    x = x / scale
+    return norm_weights(module, x / scale), scale
+
+
+def norm_weights(module, x: torch.Tensor) -> torch.Tensor:
+    """What a TransformerLens norm applies after its hook_normalized: x * w + b (each if it has it)."""
     if hasattr(module, "w"):
         x = x * module.w
     if hasattr(module, "b"):
         x = x + module.b
-    return x, scale
+    return x
 
 
 @torch.no_grad()

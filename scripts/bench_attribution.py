@@ -52,6 +52,19 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _timed(run, args) -> tuple:
+    """(the graph, timing): `run()` once cold (its peak RSS: one attribution's memory) and
+    --repeat times warm (the best time), one graph alive at a time."""
+    base, seconds, peak, graph = _rss_mb(), [], 0.0, None
+    for _ in range(args.repeat + 1):
+        graph = None
+        t0 = time.perf_counter()
+        graph = run()
+        seconds.append(time.perf_counter() - t0)
+        peak = peak or _rss_mb()
+    return graph, {"seconds": min(seconds[1:]), "first": seconds[0], "peak_mb": peak, "growth_mb": peak - base}
+
+
 def worker_ours(args) -> dict:
     import torch
     from safetensors.torch import save_file
@@ -63,20 +76,12 @@ def worker_ours(args) -> dict:
     model, clt = load_pair("demo", args.transcoder)
     tokens = prompt_tokens(model, args.length)
     prompt = model.tokenizer.decode(tokens[1:].tolist())
-    base, seconds, peak, graph = _rss_mb(), [], 0.0, None
-    for _ in range(args.repeat + 1):  # a cold run (its peak: one attribution's memory), then the best warm one
-        graph = None  # one graph alive at a time
-        t0 = time.perf_counter()
-        graph = attribute(prompt, model, clt, batch_size=args.batch_size, progress=False)
-        seconds.append(time.perf_counter() - t0)
-        peak = peak or _rss_mb()
-    first, seconds = seconds[0], min(seconds[1:])
+    graph, timing = _timed(lambda: attribute(prompt, model, clt, batch_size=args.batch_size, progress=False), args)
     with FlopCounterMode(display=False) as counter:
         attribute(prompt, model, clt, batch_size=args.batch_size, progress=False)
     save_file({"adjacency": graph.adjacency, "features": graph.features}, args.out)
     return {
-        "seconds": seconds, "first": first, "peak_mb": peak, "growth_mb": peak - base,
-        "flops": counter.get_total_flops(),
+        **timing, "flops": counter.get_total_flops(),
         "n_features": graph.n_features, "n_layers": graph.n_layers, "targets": graph.target_tokens.tolist(),
         "tokens": tokens.tolist(),
     }  # fmt: skip
@@ -129,22 +134,13 @@ def worker_ct(args) -> dict:
     assert not unused, f"weights not loaded into circuit-tracer's model: {sorted(unused)[:5]}"
     model.eval()
     tokens = torch.tensor(json.loads(args.tokens))
-    base, seconds, peak, graph = _rss_mb(), [], 0.0, None
-    for _ in range(args.repeat + 1):  # as worker_ours
-        graph = None
-        t0 = time.perf_counter()
-        graph = attribute(tokens, model, batch_size=args.ct_batch_size, max_feature_nodes=None)
-        seconds.append(time.perf_counter() - t0)
-        peak = peak or _rss_mb()
-    first, seconds = seconds[0], min(seconds[1:])
+    graph, timing = _timed(lambda: attribute(tokens, model, batch_size=args.ct_batch_size, max_feature_nodes=None),
+                           args)  # fmt: skip
     features = graph.active_features[graph.selected_features]
     save_file({"adjacency": graph.adjacency_matrix.float().contiguous(), "features": features.contiguous()}, args.out)
     targets = [t.vocab_idx for t in graph.logit_targets]
     return {
-        "seconds": seconds,
-        "first": first,
-        "peak_mb": peak,
-        "growth_mb": peak - base,
+        **timing,
         "n_features": len(features),
         "targets": targets,
     }
