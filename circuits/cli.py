@@ -44,8 +44,8 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
 def _cmd_features(args: argparse.Namespace) -> None:
     from circuits.features import FeatureScanConfig, default_features_dir, scan_features
-    from circuits.formats import load_transcoder
     from circuits.models import load_model
+    from circuits.transcoders.load import load_transcoder
 
     model = load_model(args.model, device=args.device)
     clt = load_transcoder(args.clt, model=model, device=args.device)
@@ -57,10 +57,9 @@ def _cmd_features(args: argparse.Namespace) -> None:
 
 
 def _cmd_trace(args: argparse.Namespace) -> None:
-    from circuits.attribution import load_pair, trace_to_files
-    from circuits.export.trace import concept_figures, write_trace_page
+    from circuits.attribution.interventions import validate
     from circuits.features import features_for, load_features
-    from circuits.interventions import validate
+    from circuits.pipeline import concept_figures, load_pair, trace_to_files, write_trace_page
 
     model, clt = load_pair(args.model, args.transcoder, args.device)
     graph, paths = trace_to_files(
@@ -84,8 +83,8 @@ def _cmd_trace(args: argparse.Namespace) -> None:
 
 
 def _cmd_aggregate(args: argparse.Namespace) -> None:
-    from circuits.formats import atomic_file
-    from circuits.graph import Graph, aggregate
+    from circuits.attribution.graph import Graph, aggregate
+    from circuits.fileio import atomic_file
 
     merged = aggregate([Graph.load(path) for path in args.graphs], args.min_prompts)
     with atomic_file(args.out) as f:
@@ -95,7 +94,7 @@ def _cmd_aggregate(args: argparse.Namespace) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    from circuits.train import load_recipe, train
+    from circuits.train.loop import load_recipe, train
 
     cfg = load_recipe(args.recipe)
     out = args.out or Path("runs") / args.recipe.stem
@@ -111,7 +110,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_concepts(args: argparse.Namespace) -> None:
-    from circuits.concepts_page import concept_report, write_concepts_page
+    from circuits.concepts.report import concept_report, write_concepts_page
     from circuits.models import load_model
 
     model = load_model(args.model, device=args.device)

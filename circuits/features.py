@@ -31,10 +31,10 @@ from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from circuits.activations import TextSource, token_mask
-from circuits.clt import CrossLayerTranscoder
 from circuits.errors import CircuitsError
-from circuits.formats import atomic_directory
+from circuits.fileio import atomic_directory
+from circuits.text import TextSource, token_mask
+from circuits.transcoders.clt import CrossLayerTranscoder
 
 log = logging.getLogger(__name__)
 DEMO_FEATURES_DIR = Path(__file__).parent / "demo" / "features"

@@ -17,7 +17,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens.loading_from_pretrained import get_official_model_name
 
 from circuits.errors import CircuitsError
-from circuits.formats import atomic_directory
+from circuits.fileio import atomic_directory
 
 log = logging.getLogger(__name__)
 

@@ -70,7 +70,8 @@ def worker_ours(args) -> dict:
     from safetensors.torch import save_file
     from torch.utils.flop_counter import FlopCounterMode
 
-    from circuits.attribution import attribute, load_pair
+    from circuits.attribution.attribute import attribute
+    from circuits.pipeline import load_pair
 
     torch.set_num_threads(args.threads)
     model, clt = load_pair("demo", args.transcoder)
@@ -92,8 +93,9 @@ def worker_autograd(args) -> dict:
     import torch
     from safetensors.torch import save_file
 
-    from circuits.attribution import attribute, load_pair
-    from circuits.interventions import autograd_rows
+    from circuits.attribution.attribute import attribute
+    from circuits.pipeline import load_pair
+    from tests.reference import autograd_rows
 
     torch.set_num_threads(args.threads)
     model, clt = load_pair("demo", args.transcoder)
@@ -180,9 +182,9 @@ def with_fire_fraction(transcoder: str, fraction: float) -> Path:
     temporary directory: a denser or sparser variant for timing at a given graph size."""
     import torch
 
-    from circuits.attribution import load_pair
     from circuits.demo.corpus import generate_documents
-    from circuits.formats import save_transcoder
+    from circuits.pipeline import load_pair
+    from circuits.transcoders.circuit_tracer import save_transcoder
 
     model, clt = load_pair("demo", transcoder)
     tokens = model.to_tokens(generate_documents(256, seed=5), padding_side="right")[:, :48]
@@ -233,8 +235,8 @@ def main() -> None:
         print(json.dumps(workers[args.worker](args)))
         return
 
-    from circuits.formats import DEMO_CLT_DIR
     from circuits.models import DEMO_MODEL_DIR
+    from circuits.transcoders.load import DEMO_CLT_DIR
 
     if args.fire_fraction:
         args.transcoder = str(with_fire_fraction(args.transcoder, args.fire_fraction))

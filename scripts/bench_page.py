@@ -24,9 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from circuits.export.browser import offline_browser
-from circuits.export.graph_view import ViewOptions
-from circuits.export.page import PageOptions, write_page
+from circuits.page.assemble import PageOptions, write_page
+from circuits.page.browser import offline_browser
+from circuits.page.graph_view import ViewOptions
 
 
 def random_graph(n_nodes: int, n_edges: int, n_pos: int = 40, n_layers: int = 4, seed: int = 0) -> dict:

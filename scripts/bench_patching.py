@@ -10,8 +10,8 @@ import time
 
 import torch
 
+from circuits.concepts.patching import patching_grid
 from circuits.models import load_model
-from circuits.patching import patching_grid
 
 CLEAN = "Fact: Dallas is in the state whose capital is"
 CORRUPT = "Fact: Chicago is in the state whose capital is"

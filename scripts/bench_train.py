@@ -20,10 +20,11 @@ import torch
 
 
 def run_one(n_features: int, sparse: bool, steps: int, l0: float) -> dict:
-    from circuits.activations import ActivationStream, TextSource
-    from circuits.clt import CrossLayerTranscoder
     from circuits.models import load_model
-    from circuits.train import Scales, TrainConfig, initialise, losses
+    from circuits.text import TextSource
+    from circuits.train.activations import ActivationStream
+    from circuits.train.loop import Scales, TrainConfig, initialise, losses
+    from circuits.transcoders.clt import CrossLayerTranscoder
 
     torch.set_num_threads(1)
     torch.manual_seed(0)

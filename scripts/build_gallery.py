@@ -18,12 +18,11 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from circuits.attribution import load_pair, trace_to_files
-from circuits.export.browser import find_chromium, offline_browser
-from circuits.export.trace import concept_figures, write_trace_page
+from circuits.attribution.interventions import validate
 from circuits.features import features_for
-from circuits.formats import atomic_file
-from circuits.interventions import validate
+from circuits.fileio import atomic_file
+from circuits.page.browser import find_chromium, offline_browser
+from circuits.pipeline import concept_figures, load_pair, trace_to_files, write_trace_page
 
 
 @dataclass

@@ -24,8 +24,8 @@ def _seed():
 def random_clt(demo_model):
     """A random 12-feature CLT for the demo model whose features fire on about 10% of tokens
     (b_enc set from a calibration batch): real encoder algebra, no training."""
-    from circuits.activations import TextSource
-    from circuits.clt import CLTConfig, CrossLayerTranscoder
+    from circuits.text import TextSource
+    from circuits.transcoders.clt import CLTConfig, CrossLayerTranscoder
 
     torch.manual_seed(1)
     m = demo_model.cfg
@@ -43,9 +43,9 @@ def random_clt(demo_model):
 def demo_clt(demo_model):
     """The shipped demo CLT; until it exists, a random CLT whose thresholds make each feature fire
     on about 3% of the demo corpus's tokens (real algebra, untrained features)."""
-    from circuits.clt import CLTConfig, CrossLayerTranscoder
     from circuits.demo.corpus import generate_documents
-    from circuits.formats import DEMO_CLT_DIR, load_transcoder
+    from circuits.transcoders.clt import CLTConfig, CrossLayerTranscoder
+    from circuits.transcoders.load import DEMO_CLT_DIR, load_transcoder
 
     if (DEMO_CLT_DIR / "W_enc_0.safetensors").exists():
         return load_transcoder("demo", model=demo_model)

@@ -9,21 +9,22 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens.components import LayerNorm
 
-from circuits.attribution import AttributionConfig, _feature_influence, attribute, resolve_targets
-from circuits.cli import main
-from circuits.clt import CLTConfig, CrossLayerTranscoder
-from circuits.errors import CircuitsError
-from circuits.formats import save_transcoder
-from circuits.graph import Graph, compute_influence, normalize_matrix
-from circuits.interventions import (
+from circuits.attribution.attribute import _feature_influence, attribute
+from circuits.attribution.graph import Graph, compute_influence, normalize_matrix
+from circuits.attribution.interventions import (
     Intervention,
-    autograd_rows,
     predicted_ablation_effects,
     run_with_interventions,
     validate,
 )
+from circuits.attribution.replacement import build_replacement, record_forward
+from circuits.attribution.targets import resolve_targets
+from circuits.cli import main
+from circuits.errors import CircuitsError
 from circuits.models import DEMO_MODEL_DIR
-from circuits.replacement import build_replacement, record_forward
+from circuits.transcoders.circuit_tracer import save_transcoder
+from circuits.transcoders.clt import CLTConfig, CrossLayerTranscoder
+from tests.reference import autograd_rows
 
 FLAGSHIP = "Fact: Dallas is in the state whose capital is"
 PROMPTS = [FLAGSHIP, "The capital of Texas is", "Fact : Boston is a city in"]
@@ -134,8 +135,8 @@ def test_edges_match_autograd_with_norms_after_attention_and_mlp(post_norm, monk
     assert _identity_error(graph).max() <= 1e-5
     probs = model(graph.tokens[None])[0, -1].softmax(-1)
     assert torch.allclose(graph.target_probs, probs[graph.target_tokens], atol=1e-6)
-    monkeypatch.setattr("circuits.replacement.Replacement.terms_are_cheaper", lambda self, J, Pp: False)
-    monkeypatch.setattr("circuits.attribution.EMBEDDING_IMAGE_FLOATS", 0)
+    monkeypatch.setattr("circuits.attribution.replacement.Replacement.terms_are_cheaper", lambda self, J, Pp: False)
+    monkeypatch.setattr("circuits.attribution.attribute.EMBEDDING_IMAGE_FLOATS", 0)
     dense = attribute(prompt, model, clt, batch_size=32, progress=False)  # every gradient through layer 0
     assert torch.allclose(dense.adjacency, graph.adjacency, atol=1e-5)
 
@@ -156,7 +157,7 @@ def test_edges_match_autograd_on_a_long_prompt(demo_model, demo_clt, monkeypatch
     reference = autograd_rows(demo_model, demo_clt, graph.tokens, targets)
     ours = graph.adjacency[rows + [graph.target_slice.start], : reference.shape[1]]
     assert ((ours - reference).abs() / reference.abs().amax(1, keepdim=True)).max() <= 1e-4
-    monkeypatch.setattr("circuits.replacement.Replacement.terms_are_cheaper", lambda self, J, Pp: False)
+    monkeypatch.setattr("circuits.attribution.replacement.Replacement.terms_are_cheaper", lambda self, J, Pp: False)
     dense = attribute(prompt, demo_model, demo_clt, progress=False)
     assert torch.allclose(dense.adjacency, graph.adjacency, atol=1e-5)
     assert _identity_error(graph).max() <= 1e-5
@@ -233,8 +234,8 @@ def test_the_recorded_forward_pass_is_transformer_lens_own(config):
 @pytest.mark.parametrize("default_paths", [True, False])
 def test_identity_holds_for_per_layer_and_skip_transcoders(default_paths, monkeypatch):
     if not default_paths:  # no embedding images, one contraction product per (layer, position)
-        monkeypatch.setattr("circuits.attribution.EMBEDDING_IMAGE_FLOATS", 0)
-        monkeypatch.setattr("circuits.attribution.MERGE_BELOW", 0)
+        monkeypatch.setattr("circuits.attribution.attribute.EMBEDDING_IMAGE_FLOATS", 0)
+        monkeypatch.setattr("circuits.attribution.attribute.MERGE_BELOW", 0)
     model = _random_model()
     for cross_layer, skip in [(False, False), (True, True), (False, True)]:
         graph = attribute("Fact : Dallas is in the", model, _random_clt(model, cross_layer, skip), progress=False)
@@ -249,10 +250,12 @@ def test_every_way_through_the_backward_pass_gives_the_same_graph(demo_model, de
     reference = attribute(FLAGSHIP, demo_model, demo_clt, progress=False)
     assert torch.allclose(attribute(FLAGSHIP, demo_model, demo_clt, batch_size=batch_size, progress=False).adjacency,
                           reference.adjacency, atol=1e-5)  # fmt: skip
-    monkeypatch.setattr("circuits.attribution.MERGE_BELOW", 0)  # one contraction product per (layer, position)
+    monkeypatch.setattr(
+        "circuits.attribution.attribute.MERGE_BELOW", 0
+    )  # one contraction product per (layer, position)
     by_layer = attribute(FLAGSHIP, demo_model, demo_clt, progress=False)
     assert torch.allclose(by_layer.adjacency, reference.adjacency, atol=1e-5)
-    monkeypatch.setattr("circuits.attribution.EMBEDDING_IMAGE_FLOATS", 0)
+    monkeypatch.setattr("circuits.attribution.attribute.EMBEDDING_IMAGE_FLOATS", 0)
     through_layer_0 = attribute(FLAGSHIP, demo_model, demo_clt, progress=False)
     assert torch.allclose(through_layer_0.adjacency, reference.adjacency, atol=1e-5)
     assert _identity_error(through_layer_0).max() <= 1e-5
@@ -286,11 +289,11 @@ def test_targets_of_a_large_vocabulary_are_vectors_not_an_identity(demo_model):
     V = 1_000_000
     logits = torch.full((V,), -20.0)
     logits[[11, 7]] = torch.tensor([5.0, 4.0])
-    first, second = resolve_targets(demo_model, logits, [], AttributionConfig())
+    first, second = resolve_targets(demo_model, logits, [])
     assert (first.token, second.token) == (11, 7)
     assert first.weights[11] == pytest.approx(1 - 1 / V) and first.weights[7] == pytest.approx(-1 / V)
     assert first.weights.sum().abs() < 1e-3  # demeaned
-    (diff,) = resolve_targets(demo_model, logits, ["Austin-Springfield"], AttributionConfig())
+    (diff,) = resolve_targets(demo_model, logits, ["Austin-Springfield"])
     assert diff.weights.abs().sum() == 2 and diff.weights.sum() == 0
 
 

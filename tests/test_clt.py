@@ -5,10 +5,12 @@ import json
 import pytest
 import torch
 
-from circuits.clt import CLTConfig, CrossLayerTranscoder
 from circuits.errors import CircuitsError
-from circuits.formats import load_transcoder, save_saelens, save_transcoder
-from circuits.train import Scales, TrainConfig, fold_scales, initialise, losses
+from circuits.train.loop import Scales, TrainConfig, fold_scales, initialise, losses
+from circuits.transcoders.circuit_tracer import save_transcoder
+from circuits.transcoders.clt import CLTConfig, CrossLayerTranscoder
+from circuits.transcoders.load import load_transcoder
+from circuits.transcoders.saelens import save_saelens
 
 VARIANTS = [
     {},

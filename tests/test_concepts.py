@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from circuits.cli import main
-from circuits.concepts import (
+from circuits.concepts.figures import flow_gif
+from circuits.concepts.lens import (
     graph_nodes_by_cell,
     make_concept,
     prompt_tokens,
@@ -20,19 +21,11 @@ from circuits.concepts import (
     score_path,
     trace_concepts,
 )
-from circuits.concepts_figures import flow_gif
-from circuits.concepts_page import concept_report, figures, flow_steps, render_concepts_html, write_concepts_page
+from circuits.concepts.patching import HOOKS, Patch, grid_patches, patching_grid, propose_counterfactuals, run_patches
+from circuits.concepts.report import concept_report, figures, flow_steps, render_concepts_html, write_concepts_page
+from circuits.concepts.trajectories import fit_pca, funnel, residual_states, spread, trajectories
 from circuits.demo.two_hop import study, two_hop_cases
 from circuits.errors import CircuitsError
-from circuits.patching import (
-    HOOKS,
-    Patch,
-    grid_patches,
-    patching_grid,
-    propose_counterfactuals,
-    run_patches,
-)
-from circuits.trajectories import fit_pca, funnel, residual_states, spread, trajectories
 
 FLAGSHIP = "Fact: Dallas is in the state whose capital is"
 COUNTERFACTUAL = "Fact: Chicago is in the state whose capital is"
@@ -95,7 +88,7 @@ def test_direct_contributions_add_up_to_the_final_logits(demo_model, flagship_tr
     tokens = prompt_tokens(demo_model, FLAGSHIP)
     logits, cache = demo_model.run_with_cache(tokens)
     austin = demo_model.to_single_token("Austin")
-    from circuits.concepts import direct_logits
+    from circuits.concepts.lens import direct_logits
 
     embed = direct_logits(demo_model, cache, cache["hook_embed"][0] + cache["hook_pos_embed"][0])[:, austin]
     components = traces["Austin"].attn_direct.sum(0) + traces["Austin"].mlp_direct.sum(0) + embed
@@ -326,7 +319,7 @@ def test_two_hop_prompts_the_true_path_ranks_first_and_the_state_peaks_at_in(dem
 def test_trajectories_overlay_two_models_in_one_space(demo_model):
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    from circuits.concepts_figures import trajectories_figure
+    from circuits.concepts.figures import trajectories_figure
     from circuits.models import DEMO_MODEL_DIR, load_model
 
     other = load_model("demo")

@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from circuits.activations import TextSource
 from circuits.cli import main
-from circuits.clt import CrossLayerTranscoder
 from circuits.errors import CircuitsError
 from circuits.features import FeatureScanConfig, load_features, scan_features
-from circuits.formats import save_transcoder
+from circuits.text import TextSource
+from circuits.transcoders.circuit_tracer import save_transcoder
+from circuits.transcoders.clt import CrossLayerTranscoder
 
 CFG = FeatureScanConfig(n_documents=24, batch_size=10, top_k=4, n_bins=8, n_logits=5)
 

@@ -6,10 +6,10 @@ import re
 import pytest
 import torch
 
-from circuits.attribution import attribute
+from circuits.attribution.attribute import attribute
+from circuits.attribution.graph import Graph, aggregate, compute_influence, normalize_matrix
 from circuits.cli import main
 from circuits.errors import CircuitsError
-from circuits.graph import Graph, aggregate, compute_influence, normalize_matrix
 
 FLAGSHIP = "Fact: Dallas is in the state whose capital is"
 

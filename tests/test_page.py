@@ -13,11 +13,11 @@ import plotly.graph_objects as go
 import pytest
 
 from circuits.errors import CircuitsError
-from circuits.export.browser import find_chromium, offline_browser
-from circuits.export.graph_view import ViewOptions, build_view
-from circuits.export.page import PageInfo, annotate, feature_cards, render_page, write_page
-from circuits.export.supernodes import suggest_supernodes
 from circuits.features import FeatureScanConfig, scan_features
+from circuits.page.assemble import PageInfo, annotate, feature_cards, render_page, write_page
+from circuits.page.browser import find_chromium, offline_browser
+from circuits.page.graph_view import ViewOptions, build_view
+from circuits.page.supernodes import suggest_supernodes
 
 HOSTILE = "<script>alert(1)</script>"
 HOSTILE_IMG = "<img src=x onerror=alert(1)>"
@@ -461,7 +461,7 @@ def test_clicking_a_trace_heatmap_cell_selects_the_graph_nodes_there(open_page, 
 @pytest.mark.slow
 def test_trace_command_writes_the_page_next_to_the_json_and_prints_its_path_last(demo_clt, tmp_path, capsys):
     from circuits.cli import main
-    from circuits.formats import save_transcoder
+    from circuits.transcoders.circuit_tracer import save_transcoder
 
     save_transcoder(demo_clt, tmp_path / "clt")
     clt, out = str(tmp_path / "clt"), tmp_path / "out"

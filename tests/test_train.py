@@ -14,12 +14,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from circuits.activations import ActivationStream, TextSource, token_mask
-from circuits.clt import CLTConfig, CrossLayerTranscoder
 from circuits.demo.corpus import TWO_HOP_PROMPT
 from circuits.errors import CircuitsError
-from circuits.formats import surviving_directory
-from circuits.train import TrainConfig, initialise, replacement_metrics
+from circuits.fileio import surviving_directory
+from circuits.text import TextSource, token_mask
+from circuits.train.activations import ActivationStream
+from circuits.train.loop import TrainConfig, initialise, replacement_metrics
+from circuits.transcoders.clt import CLTConfig, CrossLayerTranscoder
 
 TINY = """n_features = 64
 steps = {steps}
@@ -203,9 +204,9 @@ def test_train_cli_errors_are_one_line_exit_2(tmp_path):
 def test_shipped_demo_clt_meets_its_targets(demo_model):
     """Recomputed here on held-out demo text (not read from training.json): mean normalised MSE
     <= 0.15 and replacement-model top-1 agreement >= 90%, at a low L0."""
-    from circuits.activations import held_out, held_out_tokens
-    from circuits.formats import load_transcoder
-    from circuits.train import reconstruction_metrics
+    from circuits.train.activations import held_out, held_out_tokens
+    from circuits.train.loop import reconstruction_metrics
+    from circuits.transcoders.load import load_transcoder
 
     clt = load_transcoder("demo", model=demo_model)
     assert (clt.threshold >= 0).all(), "a negative JumpReLU threshold makes an always-on feature"

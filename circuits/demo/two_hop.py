@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from circuits.concepts import logit_lens, make_concept, prompt_tokens, score_path, trace_concept
+from circuits.concepts.lens import logit_lens, make_concept, prompt_tokens, score_path, trace_concept
+from circuits.concepts.patching import patching_grid, propose_counterfactuals
 from circuits.demo.corpus import TWO_HOP_PROMPT
 from circuits.demo.facts import STATE_OF_CITY, STATES, held_out_cities, trained_two_hop_cities
-from circuits.patching import patching_grid, propose_counterfactuals
 
 
 @dataclass

@@ -21,18 +21,18 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from circuits.clt import CrossLayerTranscoder
+from circuits.attribution.graph import Graph, compute_influence, normalize_matrix
+from circuits.attribution.replacement import Replacement, build_replacement
+from circuits.attribution.targets import LogitTarget, resolve_targets
 from circuits.errors import CircuitsError
-from circuits.graph import Graph, compute_influence, normalize_matrix
 from circuits.models import prompt_tokens
-from circuits.replacement import Replacement, build_replacement
+from circuits.transcoders.clt import CrossLayerTranscoder
 
 log = logging.getLogger(__name__)
 
@@ -51,63 +51,6 @@ class AttributionConfig:
     device: str = "cpu"
     targets: list[str] = field(default_factory=list)
     """Named targets: tokens, or 'A-B' for the logit difference of tokens A and B (empty: default)."""
-
-
-@dataclass
-class LogitTarget:
-    name: str
-    token: int  # vocabulary id; d_vocab + k for the k-th virtual target (a logit difference)
-    weights: torch.Tensor  # [d_vocab]: the target's input is logits @ weights (demeaned one-hot, or e_a - e_b)
-    prob: float
-
-
-def token_id(model: HookedTransformer, text: str) -> int:
-    """The id of a single vocabulary token, tried as given and with a leading space."""
-    tok = model.tokenizer
-    for candidate in (text, " " + text.lstrip()):
-        ids = tok.encode(candidate, add_special_tokens=False)
-        if len(ids) == 1 and ids[0] != tok.unk_token_id:
-            return ids[0]
-    raise CircuitsError(f"target {text!r} is not a single token of the vocabulary: pass a token the model knows")
-
-
-def resolve_targets(
-    model: HookedTransformer, logits: torch.Tensor, names: list[str], cfg: AttributionConfig
-) -> list[LogitTarget]:
-    """The logit targets for logits [d_vocab] of the last position: named ones, or by default the
-    most likely tokens covering `target_probability` (at most `max_targets`)."""
-    V = logits.shape[-1]
-    probs = logits.softmax(-1)
-
-    def one_hot(t: int, offset: float = 0.0) -> torch.Tensor:  # [d_vocab]: no V x V identity
-        w = torch.full_like(logits, offset)
-        w[t] += 1.0
-        return w
-
-    def single(t: int) -> LogitTarget:
-        return LogitTarget(model.tokenizer.decode([t]), t, one_hot(t, -1.0 / V), probs[t].item())
-
-    if not names:
-        top = probs.topk(min(cfg.max_targets, V))
-        n = int((top.values.cumsum(0) < cfg.target_probability).sum()) + 1
-        return [single(t) for t in top.indices[: min(n, cfg.max_targets)].tolist()]
-    targets = []
-    for name in names:
-        if "-" in name.strip("-") and not _is_token(model, name):
-            a, b = (token_id(model, part.strip()) for part in name.split("-", 1))
-            label = f"{model.tokenizer.decode([a])} - {model.tokenizer.decode([b])}"
-            targets.append(LogitTarget(label, V + len(targets), one_hot(a) - one_hot(b), 1.0))
-        else:
-            targets.append(single(token_id(model, name)))
-    return targets
-
-
-def _is_token(model: HookedTransformer, text: str) -> bool:
-    try:
-        token_id(model, text)
-    except CircuitsError:
-        return False
-    return True
 
 
 class Sources:
@@ -313,7 +256,7 @@ def attribute(
     W_U, b_U = model.W_U.detach().to(torch_dtype), model.b_U.detach().to(torch_dtype)
     cap = model.cfg.output_logits_soft_cap  # the targets are the logits before it, their probabilities after
     logits = rep.logits if cap <= 0 else cap * torch.tanh(rep.logits / cap)
-    logit_targets = resolve_targets(model, logits, cfg.targets, cfg)
+    logit_targets = resolve_targets(model, logits, cfg.targets, cfg.target_probability, cfg.max_targets)
     sources = Sources(rep)
     n, L, P = sources.n_features, rep.n_layers, rep.n_pos
     log.info("%d tokens, %d active features, %d targets", P, n, len(logit_targets))
@@ -438,43 +381,3 @@ def _feature_influence(direct: torch.Tensor, normalized: torch.Tensor, done: tor
     rows [k, n]. Only those rows pass influence on, so the series runs on them alone, never on the
     N x N matrix."""
     return direct + compute_influence(normalized, direct[done], done)
-
-
-def load_pair(model: str = "demo", transcoder: str = "demo", device: str = "cpu"):
-    """(model, transcoder) by name; refuses a transcoder that does not fit the model."""
-    from circuits.formats import load_transcoder
-    from circuits.models import load_model
-
-    lm = load_model(model, device=device)
-    return lm, load_transcoder(transcoder, model=lm, device=device)
-
-
-def trace_to_files(
-    prompt: str,
-    model: HookedTransformer,
-    transcoder: CrossLayerTranscoder,
-    out: Path,
-    slug: str | None = None,
-    scan: str = "",
-    node_threshold: float = 0.8,
-    edge_threshold: float = 0.98,
-    prune: bool = True,
-    **attribute_kwargs,
-) -> tuple[Graph, dict[str, Path]]:
-    """The pipeline behind `circuits trace`: attribute, write `<out>/<slug>.json` (the graph in the
-    circuit-tracer schema, pruned unless `prune` is False) and `<out>/<slug>.graph.safetensors` (the
-    full graph). Returns the graph and the written paths."""
-    graph = attribute(prompt, model, transcoder, **attribute_kwargs)
-    graph.config.update(transcoder=scan)
-    slug = slug or slugify(prompt)
-    paths = {"json": Path(out) / f"{slug}.json", "graph": Path(out) / f"{slug}.graph.safetensors"}
-    graph.save(paths["graph"])
-    graph.to_json(
-        paths["json"], slug=slug, scan=scan, node_threshold=node_threshold, edge_threshold=edge_threshold, prune=prune
-    )
-    return graph, paths
-
-
-def slugify(text: str) -> str:
-    words = "".join(c if c.isalnum() else " " for c in text.lower()).split()
-    return "-".join(words)[:60] or "graph"

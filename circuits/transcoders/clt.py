@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from circuits.errors import CircuitsError
+
 
 @dataclass
 class CLTConfig:
@@ -47,6 +49,29 @@ class CLTConfig:
 
     def n_targets(self, source_layer: int) -> int:
         return self.n_layers - source_layer if self.cross_layer else 1
+
+
+def check_fits(cfg: CLTConfig, model) -> None:
+    """Raise CircuitsError unless a transcoder config fits the model's layers, width and hooks."""
+    problems = []
+    if cfg.n_layers != model.cfg.n_layers:
+        problems.append(f"{cfg.n_layers} layers vs the model's {model.cfg.n_layers}")
+    if cfg.d_model != model.cfg.d_model:
+        problems.append(f"d_model {cfg.d_model} vs the model's {model.cfg.d_model}")
+    if (cfg.input_hook, cfg.output_hook) != (
+        "hook_resid_mid",
+        "hook_mlp_out",
+    ):
+        hooks = f"{cfg.input_hook} -> {cfg.output_hook}"
+        problems.append(f"hooks {hooks} (need hook_resid_mid -> hook_mlp_out)")
+    if problems:
+        raise CircuitsError("the transcoder does not fit the model: " + "; ".join(problems))
+
+
+# ---- SAELens per-layer transcoders -------------------------------------------------------------
+# One SAELens directory per layer: layer_{l}/cfg.json + layer_{l}/sae_weights.safetensors, written
+# and read by SAELens's own classes (architecture jumprelu_transcoder, transcoder, or their skip
+# variants), W_enc [d, F], W_dec [F, d], W_skip [d_out, d_in].
 
 
 def _rectangle(x: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from transformer_lens import HookedTransformer
 
-from circuits.concepts import prompt_tokens, residual_stack
+from circuits.concepts.lens import prompt_tokens, residual_stack
 from circuits.errors import CircuitsError
 
 

@@ -14,9 +14,9 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
-from circuits.concepts import ConceptTrace, PathScore
-from circuits.patching import PatchingResult
-from circuits.trajectories import Trajectories
+from circuits.concepts.lens import ConceptTrace, PathScore
+from circuits.concepts.patching import PatchingResult
+from circuits.concepts.trajectories import Trajectories
 
 
 def token_labels(tokens: list[str]) -> list[str]:

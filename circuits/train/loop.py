@@ -29,12 +29,14 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from circuits.activations import ActivationStream, TextSource, held_out, held_out_tokens
-from circuits.clt import CLTConfig, CrossLayerTranscoder
+from circuits.attribution.splice import splice_hooks
 from circuits.errors import CircuitsError
-from circuits.formats import atomic_directory, atomic_file, save_transcoder, surviving_directory
-from circuits.interventions import splice_hooks
-from circuits.parallel import Comm
+from circuits.fileio import atomic_directory, atomic_file, surviving_directory
+from circuits.text import TextSource
+from circuits.train.activations import ActivationStream, held_out, held_out_tokens
+from circuits.train.parallel import Comm
+from circuits.transcoders.circuit_tracer import save_transcoder
+from circuits.transcoders.clt import CLTConfig, CrossLayerTranscoder
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 from transformer_lens import HookedTransformer
 
-from circuits.clt import CrossLayerTranscoder
 from circuits.errors import CircuitsError
+from circuits.transcoders.clt import CrossLayerTranscoder
 
 _NORMS = ("LN", "LNPre", "RMS", "RMSPre")
 _POST_NORM_ONLY = ("Olmo2ForCausalLM", "Olmo3ForCausalLM")

@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from circuits.errors import CircuitsError
-from circuits.export.graph_view import ViewOptions, build_view, network_assets, parse_inhibited, parse_node
-from circuits.export.panels import figure_specs, plotly_js
-from circuits.export.supernodes import suggest_supernodes
-from circuits.formats import atomic_file
+from circuits.fileio import atomic_file
+from circuits.page.graph_view import ViewOptions, build_view, network_assets, parse_inhibited, parse_node
+from circuits.page.panels import figure_specs, plotly_js
+from circuits.page.supernodes import suggest_supernodes
 
 ASSETS = Path(__file__).parent
 

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 from transformer_lens import HookedTransformer
 
-from circuits.attribution import AttributionConfig, resolve_targets
-from circuits.clt import CrossLayerTranscoder
-from circuits.replacement import norm_weights
+from circuits.attribution.splice import clean_state, splice_hooks
+from circuits.attribution.targets import resolve_targets
+from circuits.transcoders.clt import CrossLayerTranscoder
 
 
 @dataclass
@@ -30,56 +30,6 @@ class Intervention:
     """Set the activation to this value (0: ablate)."""
     scale: float | None = None
     """Or multiply the activation by this factor."""
-
-
-def _frozen_names(name: str) -> bool:
-    return name.endswith(("hook_pattern", "hook_scale"))
-
-
-@torch.no_grad()
-def clean_state(model: HookedTransformer, clt: CrossLayerTranscoder, tokens: torch.Tensor) -> dict:
-    """What splicing needs from the clean run on tokens [P]: the frozen patterns and scales, and
-    the error terms [L, P, d]."""
-    L = model.cfg.n_layers
-    _, cache = model.run_with_cache(
-        tokens[None], names_filter=lambda n: _frozen_names(n) or n.endswith(("hook_resid_mid", "hook_mlp_out"))
-    )
-    x = torch.stack([cache[f"blocks.{l}.hook_resid_mid"][0] for l in range(L)], 1)  # [P, L, d]
-    recon, _ = clt(x)
-    errors = torch.stack([cache[f"blocks.{l}.hook_mlp_out"][0] for l in range(L)], 1) - recon
-    frozen = {k: v for k, v in cache.items() if _frozen_names(k)}
-    return {"frozen": frozen, "errors": errors.transpose(0, 1)}
-
-
-def splice_hooks(
-    model, clt, state: dict | None = None, edit=None, freeze_attention: bool = True, error_leaves=None
-) -> list:
-    """Hooks for the spliced model: features read from resid_mid, `edit(layer, acts [.., P, F])`
-    may change them, the MLP output is their decoding + skip + the clean error term. Without
-    `state` (a `clean_state`): no error term and nothing frozen, i.e. the replacement model."""
-    acts: dict[int, torch.Tensor] = {}
-    mids: dict[int, torch.Tensor] = {}
-    errors = error_leaves if error_leaves is not None else state["errors"] if state else [0.0] * model.cfg.n_layers
-
-    def read(x, hook, l):
-        mids[l] = x
-        a = clt.encode_layer(x, l)
-        acts[l] = a if edit is None else edit(l, a)
-
-    def write(out, hook, l):
-        recon = clt.b_dec[l] + sum(acts[s] @ clt.decoder(s, l) for s in clt.sources(l))
-        if clt.W_skip is not None:
-            recon = recon + mids[l] @ clt.W_skip[l]
-        return recon + errors[l]
-
-    hooks = []
-    for l in range(model.cfg.n_layers):
-        hooks.append((f"blocks.{l}.hook_resid_mid", lambda x, hook, l=l: read(x, hook, l)))
-        hooks.append((f"blocks.{l}.hook_mlp_out", lambda o, hook, l=l: write(o, hook, l)))
-    if freeze_attention and state:
-        for name, value in state["frozen"].items():
-            hooks.append((name, lambda x, hook, v=value: v))
-    return hooks
 
 
 @torch.no_grad()
@@ -152,7 +102,7 @@ def validate(graph, model: HookedTransformer, clt: CrossLayerTranscoder, top_k: 
     clean_logits = run_with_interventions(model, clt, tokens, [], state=state)
     # the first target's logit weights (demeaned one-hot, or e_a - e_b for a logit difference)
     names = graph.config["attribution"]["targets"]
-    weights = resolve_targets(model, clean_logits[-1], names, AttributionConfig())[0].weights
+    weights = resolve_targets(model, clean_logits[-1], names)[0].weights
 
     def target_logit(logits: torch.Tensor) -> float:
         return (logits[-1] @ weights).item()
@@ -171,42 +121,3 @@ def validate(graph, model: HookedTransformer, clt: CrossLayerTranscoder, top_k: 
 
 def _corr(a: list[float], b: list[float]) -> float:
     return torch.corrcoef(torch.tensor([a, b], dtype=torch.float64))[0, 1].item()
-
-
-def autograd_rows(
-    model: HookedTransformer, clt: CrossLayerTranscoder, tokens: torch.Tensor, targets: list
-) -> torch.Tensor:
-    """The reference for edges: rows [n_targets, n_sources] (sources laid out as in attribution:
-    active features, errors [L, P], tokens [P]) by autograd through the spliced model with attention
-    patterns and norm scales frozen, one backward pass per target. A target is (layer, pos,
-    feature) for a feature's pre-activation, or a vector [d_vocab] of logit weights."""
-    L = model.cfg.n_layers
-    state = clean_state(model, clt, tokens)
-    with torch.no_grad():
-        names = ("hook_resid_mid", "hook_embed")
-        _, cache = model.run_with_cache(tokens[None], names_filter=lambda n: n.endswith(names))
-        clean = torch.stack([clt.encode_layer(cache[f"blocks.{l}.hook_resid_mid"][0], l) for l in range(L)])
-    features = clean.nonzero()  # [n, 3] (layer, pos, feature)
-    leaves = clean.clone().requires_grad_(True)  # [L, P, F]
-    errors = state["errors"].clone().requires_grad_(True)  # [L, P, d]
-    embed = cache["hook_embed"].clone().requires_grad_(True)  # [1, P, d]
-    mids: dict[int | str, torch.Tensor] = {}
-    hooks = splice_hooks(model, clt, state, lambda l, a: leaves[l][None], True, errors)
-    hooks += [("hook_embed", lambda x, hook: embed)]
-    hooks += [(f"blocks.{l}.hook_resid_mid", lambda x, hook, l=l: mids.update({l: x[0]})) for l in range(L)]
-    hooks += [("ln_final.hook_normalized", lambda x, hook: mids.update({"final": x[0, -1]}))]
-    model.run_with_hooks(tokens[None], fwd_hooks=hooks)
-    # the logits before any output soft cap: the graph's logit targets
-    logits = norm_weights(model.ln_final, mids["final"]) @ model.W_U + model.b_U
-    rows = []
-    for target in targets:
-        if isinstance(target, tuple):
-            l, p, f = target
-            value = mids[l][p] @ clt.W_enc[l, f] + clt.b_enc[l, f]
-        else:
-            value = logits @ target
-        grads = torch.autograd.grad(value, [leaves, errors, embed], retain_graph=True, materialize_grads=True)
-        with torch.no_grad():
-            edges = [(grads[0] * clean)[tuple(features.T)], (grads[1] * errors).sum(-1).flatten()]
-            rows.append(torch.cat([*edges, (grads[2][0] * embed[0]).sum(-1)]))
-    return torch.stack(rows)

@@ -18,8 +18,8 @@ import plotly.offline
 import torch
 from transformer_lens import HookedTransformer
 
-from circuits import concepts_figures as cf
-from circuits.concepts import (
+from circuits.concepts import figures as cf
+from circuits.concepts.lens import (
     Concept,
     ConceptTrace,
     PathScore,
@@ -31,9 +31,9 @@ from circuits.concepts import (
     rank_paths,
     trace_concept,
 )
-from circuits.formats import atomic_file
-from circuits.patching import PatchingResult, category_variants, patching_grid, propose_counterfactuals
-from circuits.trajectories import Trajectories, funnel, trajectories
+from circuits.concepts.patching import PatchingResult, category_variants, patching_grid, propose_counterfactuals
+from circuits.concepts.trajectories import Trajectories, funnel, trajectories
+from circuits.fileio import atomic_file
 
 log = logging.getLogger(__name__)
 MAX_TRAJECTORY_PROMPTS = 24

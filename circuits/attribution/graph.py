@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 
 from circuits.errors import CircuitsError
-from circuits.formats import atomic_file
+from circuits.fileio import atomic_file
 
 SCHEMA_VERSION = 1
 

@@ -1,0 +1,1 @@
+"""Attribution graphs: the replacement model, targets, the backward pass, the Graph and its JSON, interventions."""

@@ -1,0 +1,1 @@
+"""Concept traces: logit lens, paths, patching, trajectories, figures, the report."""

@@ -1,0 +1,78 @@
+"""Document sources (the demo corpus, local .txt/.jsonl files, Hugging Face datasets) and their tokens."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformer_lens import HookedTransformer
+
+from circuits.errors import CircuitsError
+
+
+@dataclass
+class TextSource:
+    name: str = "demo"
+    """'demo', a path to a .txt/.jsonl file, or a Hugging Face dataset name ('hf:NAME')."""
+    seed: int = 0
+    max_tokens_per_doc: int = 64
+
+    def documents(self, start: int, count: int) -> list[str]:
+        """Documents [start, start + count) of this source, cycling over finite sources."""
+        if self.name == "demo":
+            from circuits.demo.corpus import generate_documents
+
+            # Documents are generated in blocks of 1,000 so that any range is cheap and fixed.
+            first, last = start // 1000, (start + count - 1) // 1000
+            docs = [d for b in range(first, last + 1) for d in generate_documents(1000, seed=self.seed * 100_003 + b)]
+            return docs[start - first * 1000 : start - first * 1000 + count]
+        if self.name.startswith("hf:"):
+            return _hf_documents(self.name[3:], start, count)
+        return _file_documents(Path(self.name), start, count)
+
+
+def _file_documents(path: Path, start: int, count: int) -> list[str]:
+    if not path.is_file():
+        raise CircuitsError(f"text source {str(path)!r} is not a file: pass 'demo', a .txt/.jsonl file or 'hf:NAME'")
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if path.suffix == ".jsonl":
+        lines = [json.loads(line)["text"] for line in lines]
+    if not lines:
+        raise CircuitsError(f"text source {str(path)!r} holds no documents")
+    return [lines[i % len(lines)] for i in range(start, start + count)]
+
+
+@functools.cache
+def _hf_stream(dataset: str) -> dict:
+    """A streamed dataset's iterator and how many rows it has yielded."""
+    return {"position": 0, "rows": None}
+
+
+def _hf_documents(dataset: str, start: int, count: int) -> list[str]:
+    from datasets import load_dataset
+
+    stream = _hf_stream(dataset)
+    if stream["rows"] is None or stream["position"] > start:  # reads go forward; restart otherwise
+        stream["rows"], stream["position"] = iter(load_dataset(dataset, split="train", streaming=True)), 0
+    rows = itertools.islice(stream["rows"], start - stream["position"], start - stream["position"] + count)
+    docs = [row["text"] for row in rows]
+    stream["position"] = start + len(docs)
+    return docs
+
+
+def token_mask(model: HookedTransformer, tokens: torch.Tensor) -> torch.Tensor:
+    """[batch, pos] bool: the tokens that train a transcoder (not BOS, not padding)."""
+    keep = tokens != model.tokenizer.pad_token_id
+    keep[:, 0] = False
+    if model.tokenizer.bos_token_id is not None:
+        keep &= tokens != model.tokenizer.bos_token_id
+    return keep
+
+
+def document_tokens(model: HookedTransformer, docs: list[str], max_tokens: int) -> torch.Tensor:
+    """Tokens [batch, pos] of documents, BOS first, right-padded, cut to `max_tokens`."""
+    return model.to_tokens(docs, padding_side="right")[:, :max_tokens]

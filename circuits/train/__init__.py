@@ -1,0 +1,1 @@
+"""Training transcoders: the loop, the objective, the activation stream, parallelism."""

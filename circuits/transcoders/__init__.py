@@ -1,0 +1,1 @@
+"""Transcoders: the CrossLayerTranscoder module and its config, and every file format we read and write."""
