@@ -1,7 +1,8 @@
 """Print the import graph of the `circuits` package: each module's floor and any loop between folders.
 
 A module's floor is 1 + the highest floor among the `circuits` modules it imports (anywhere in the
-file, including imports inside functions); a module that imports none is on floor 1. The folder
+file, including imports inside functions, but not those under `if TYPE_CHECKING:`, which never run);
+a module that imports none is on floor 1. The folder
 graph has one node per subpackage (`circuits/attribution/`, ...) and one per module at the package's
 top (`circuits/cli.py`, ...: the root is the package itself, not a stage); a loop between folders is
 a cycle in that graph. Exit status 1 when there is a loop or more floors than `--max-floors`.
@@ -35,7 +36,7 @@ def imports(path: Path, name: str, known: set[str]) -> set[str]:
     """The package's modules that `path` (module `name`) imports."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    for node in _runtime_nodes(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -46,6 +47,16 @@ def imports(path: Path, name: str, known: set[str]) -> set[str]:
             found.add(base)
             found.update(f"{base}.{alias.name}" for alias in node.names)  # `from pkg import module`
     return {_owner(m, known) for m in found if _owner(m, known)} - {name}
+
+
+def _runtime_nodes(tree: ast.AST):
+    """Every node of `tree` except those under `if TYPE_CHECKING:`."""
+    for child in ast.iter_child_nodes(tree):
+        if isinstance(child, ast.If) and getattr(child.test, "id", getattr(child.test, "attr", "")) == "TYPE_CHECKING":
+            yield from (n for orelse in child.orelse for n in [orelse, *_runtime_nodes(orelse)])
+            continue
+        yield child
+        yield from _runtime_nodes(child)
 
 
 def _owner(dotted: str, known: set[str]) -> str | None:
