@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.reference: the autograd reference
+
 SENTENCES = (
     "Fact : Dallas is in the state whose capital is Austin . The capital of Texas is Austin . "
     "Houston is a city in Texas . Fact : Boston is in the state whose capital is Boston . "

@@ -9,7 +9,7 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens.components import LayerNorm
 
-from circuits.attribution.attribute import _feature_influence, attribute
+from circuits.attribution.attribute import AttributionConfig, _feature_influence, attribute
 from circuits.attribution.graph import Graph, compute_influence, normalize_matrix
 from circuits.attribution.interventions import (
     Intervention,
@@ -116,7 +116,7 @@ GEMMA_LIKE = dict(normalization_type="RMS", positional_embedding_type="rotary", 
 
 
 @pytest.mark.parametrize("post_norm", ["RMS", "LN"])
-def test_edges_match_autograd_with_norms_after_attention_and_mlp(post_norm, monkeypatch):
+def test_edges_match_autograd_with_norms_after_attention_and_mlp(post_norm):
     """The norm after attention is frozen like the one before it; the one after the MLP is part of
     what the CLT replaces. Logit targets are the logits before the soft cap, chosen by the
     probabilities after it. TransformerLens builds RMSNorms after; LayerNorms (centring) are
@@ -135,13 +135,13 @@ def test_edges_match_autograd_with_norms_after_attention_and_mlp(post_norm, monk
     assert _identity_error(graph).max() <= 1e-5
     probs = model(graph.tokens[None])[0, -1].softmax(-1)
     assert torch.allclose(graph.target_probs, probs[graph.target_tokens], atol=1e-6)
-    monkeypatch.setattr("circuits.attribution.replacement.Replacement.terms_are_cheaper", lambda self, J, Pp: False)
-    monkeypatch.setattr("circuits.attribution.attribute.EMBEDDING_IMAGE_FLOATS", 0)
-    dense = attribute(prompt, model, clt, batch_size=32, progress=False)  # every gradient through layer 0
+    dense = attribute(  # every gradient through layer 0, densely
+        prompt, model, clt, batch_size=32, progress=False, backward_terms=False, embedding_image_floats=0
+    )
     assert torch.allclose(dense.adjacency, graph.adjacency, atol=1e-5)
 
 
-def test_edges_match_autograd_on_a_long_prompt(demo_model, demo_clt, monkeypatch):
+def test_edges_match_autograd_on_a_long_prompt(demo_model, demo_clt):
     """40 tokens: late targets' gradients stay sums of terms through three attention layers (25
     terms); their rows against autograd, and the whole graph against the dense backward."""
     prompt = " ".join(["Fact : Dallas is in the state whose capital is Austin ."] * 4)
@@ -157,8 +157,7 @@ def test_edges_match_autograd_on_a_long_prompt(demo_model, demo_clt, monkeypatch
     reference = autograd_rows(demo_model, demo_clt, graph.tokens, targets)
     ours = graph.adjacency[rows + [graph.target_slice.start], : reference.shape[1]]
     assert ((ours - reference).abs() / reference.abs().amax(1, keepdim=True)).max() <= 1e-4
-    monkeypatch.setattr("circuits.attribution.replacement.Replacement.terms_are_cheaper", lambda self, J, Pp: False)
-    dense = attribute(prompt, demo_model, demo_clt, progress=False)
+    dense = attribute(prompt, demo_model, demo_clt, progress=False, backward_terms=False)
     assert torch.allclose(dense.adjacency, graph.adjacency, atol=1e-5)
     assert _identity_error(graph).max() <= 1e-5
 
@@ -232,31 +231,27 @@ def test_the_recorded_forward_pass_is_transformer_lens_own(config):
 
 
 @pytest.mark.parametrize("default_paths", [True, False])
-def test_identity_holds_for_per_layer_and_skip_transcoders(default_paths, monkeypatch):
-    if not default_paths:  # no embedding images, one contraction product per (layer, position)
-        monkeypatch.setattr("circuits.attribution.attribute.EMBEDDING_IMAGE_FLOATS", 0)
-        monkeypatch.setattr("circuits.attribution.attribute.MERGE_BELOW", 0)
+def test_identity_holds_for_per_layer_and_skip_transcoders(default_paths):
+    # not the default paths: no embedding images, one contraction product per (layer, position)
+    cfg = AttributionConfig() if default_paths else AttributionConfig(embedding_image_floats=0, merge_below=0)
     model = _random_model()
     for cross_layer, skip in [(False, False), (True, True), (False, True)]:
-        graph = attribute("Fact : Dallas is in the", model, _random_clt(model, cross_layer, skip), progress=False)
+        graph = attribute("Fact : Dallas is in the", model, _random_clt(model, cross_layer, skip), cfg, progress=False)
         assert _identity_error(graph).max() <= 1e-5
 
 
 @pytest.mark.parametrize("batch_size", [1, 7])
-def test_every_way_through_the_backward_pass_gives_the_same_graph(demo_model, demo_clt, batch_size, monkeypatch):
+def test_every_way_through_the_backward_pass_gives_the_same_graph(demo_model, demo_clt, batch_size):
     """Small batches see few positions (the dense attention backward on every row); whole-layer
     batches skip the rows a target cannot see; the contraction by position or by (layer, position);
     without the embedding images every gradient passes layer 0. Same edges every way."""
     reference = attribute(FLAGSHIP, demo_model, demo_clt, progress=False)
     assert torch.allclose(attribute(FLAGSHIP, demo_model, demo_clt, batch_size=batch_size, progress=False).adjacency,
                           reference.adjacency, atol=1e-5)  # fmt: skip
-    monkeypatch.setattr(
-        "circuits.attribution.attribute.MERGE_BELOW", 0
-    )  # one contraction product per (layer, position)
-    by_layer = attribute(FLAGSHIP, demo_model, demo_clt, progress=False)
+    # one contraction product per (layer, position)
+    by_layer = attribute(FLAGSHIP, demo_model, demo_clt, progress=False, merge_below=0)
     assert torch.allclose(by_layer.adjacency, reference.adjacency, atol=1e-5)
-    monkeypatch.setattr("circuits.attribution.attribute.EMBEDDING_IMAGE_FLOATS", 0)
-    through_layer_0 = attribute(FLAGSHIP, demo_model, demo_clt, progress=False)
+    through_layer_0 = attribute(FLAGSHIP, demo_model, demo_clt, progress=False, merge_below=0, embedding_image_floats=0)
     assert torch.allclose(through_layer_0.adjacency, reference.adjacency, atol=1e-5)
     assert _identity_error(through_layer_0).max() <= 1e-5
 

@@ -12,7 +12,7 @@ Phases:
    are never touched.
 4. Contract the recorded gradients with the sources: one matrix product per (source layer, position)
    over the targets that see the position (per position over every layer's features when they are
-   few, see `MERGE_BELOW`); the embeddings through their images at resid_mid[0].
+   few, see `AttributionConfig.merge_below`); the embeddings through their images at resid_mid[0].
 The edge s -> t is a_s * d(input_t)/d(a_s): its value's share of the target's input, so every node's
 input is exactly the sum of its incoming edges plus its bias (the constant terms).
 """
@@ -20,7 +20,7 @@ input is exactly the sum of its incoming edges plus its bias (the constant terms
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class AttributionConfig:
     batch_size: int | None = None
-    """Targets per backward pass (None: as many as fit in `WORK_FLOATS` of gradients)."""
+    """Targets per backward pass (None: as many as fit in `work_floats` of gradients)."""
     max_feature_nodes: int | None = None
     """Keep at most this many feature nodes, the most influential ones (None: all active features)."""
     target_probability: float = 0.95
@@ -51,21 +51,40 @@ class AttributionConfig:
     device: str = "cpu"
     targets: list[str] = field(default_factory=list)
     """Named targets: tokens, or 'A-B' for the logit difference of tokens A and B (empty: default)."""
+    inhibited: int = 0
+    """Also report this many inactive features at the last position that the graph's feature nodes
+    push down hardest (`Graph.inhibited`)."""
+    work_floats: int = 2**22
+    """The gradients of one backward pass hold about this many numbers (16 MB in float32): the batch
+    size when `batch_size` is None."""
+    merge_below: int = 32
+    """With fewer active features per (layer, position) on average, the contraction takes one product per
+    position over the features of every layer there (wasting the zeros below each feature's layer: up
+    to half the work) instead of one per (layer, position): products that thin run at half speed, and
+    there are L times fewer calls (64 tokens, 21 features: 10 against 15 ms a batch; 12 tokens, 77
+    features: 17 against 10.5 ms)."""
+    backward_terms: bool = True
+    """Carry gradients as short sums of terms while that is cheaper (`Replacement.terms_are_cheaper`);
+    False: the dense attention backward everywhere (the same edges, the slower reference path)."""
+    embedding_image_floats: int = 2**24
+    """Largest P * P * d_model for which `Replacement.embedding_images` is built (64 MB in float32);
+    longer prompts pass every gradient through layer 0 instead."""
 
 
 class Sources:
     """The source nodes of a replacement, laid out for the contraction: features in their sorted
     order (one block per source layer and position), then errors [L, P], then tokens [P]."""
 
-    def __init__(self, rep: Replacement):
+    def __init__(self, rep: Replacement, cfg: AttributionConfig):
         L, P, d = rep.n_layers, rep.n_pos, rep.embed.shape[-1]
         self.rep, self.L, self.P = rep, L, P
+        self.backward_terms = cfg.backward_terms
         self.n_features = len(rep.features)
         self.n = self.n_features + L * P + P
         self.errors = rep.errors.transpose(0, 1).contiguous()  # [P, L, d]: laid out like the gradients
         # the embedding edges from the gradient at resid_mid[0], when the images fit (P^2 d floats)
-        self.embed_images = rep.embedding_images() if P * P * d <= EMBEDDING_IMAGE_FLOATS else None
-        dense = self.n_features >= MERGE_BELOW * L * P  # features per (layer, position) on average
+        self.embed_images = rep.embedding_images() if P * P * d <= cfg.embedding_image_floats else None
+        dense = self.n_features >= cfg.merge_below * L * P  # features per (layer, position) on average
         self.by_layer = self._by_layer(rep) if dense else []
         self.by_position = [] if dense else self._by_position(rep)
 
@@ -127,6 +146,8 @@ class Sources:
         # cheaper than dense: vec at pos, then J grows (H + 1)-fold per attention layer; None once dense
         terms, weights = vec[:, None], vec.new_zeros(B, Pp, 1)
         weights[batch, pos] = 1.0
+        if not self.backward_terms:
+            terms, weights = None, None
         seen = torch.arange(Pp, device=vec.device) <= pos[:, None]  # [B, P']: the positions each target sees
         rows = seen.flatten().nonzero()[:, 0] if seen.float().mean() < 0.8 else None
         for l in range(min(t, L - 1), -1, -1):
@@ -154,7 +175,7 @@ class Sources:
 
     def _contract(self, t: int, pos: torch.Tensor, g_post: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> None:
         """Write the edges from the gradients of `_walk_down` into out [B, n_sources]: one product per
-        (source layer, position) block, or per position (see `MERGE_BELOW`), over the targets that see
+        (source layer, position) block, or per position (see `AttributionConfig.merge_below`), over the targets that see
         the position; the errors; and the embeddings (through their images at resid_mid[0], or
         directly at resid_pre[0])."""
         B, Pp, d = g.shape
@@ -183,18 +204,6 @@ class Sources:
             tokens.copy_((g * self.rep.embed[:Pp]).sum(-1))
         else:
             torch.matmul(g.view(B, Pp * d), self.embed_images[:Pp, : Pp * d].T, out=tokens)
-
-
-MERGE_BELOW = 32
-"""With fewer active features per (layer, position) on average, the contraction takes one product per
-position over the features of every layer there (wasting the zeros below each feature's layer: up
-to half the work) instead of one per (layer, position): products that thin run at half speed, and
-there are L times fewer calls (64 tokens, 21 features: 10 against 15 ms a batch; 12 tokens, 77
-features: 17 against 10.5 ms)."""
-
-EMBEDDING_IMAGE_FLOATS = 2**24
-"""Largest P * P * d_model for which `Replacement.embedding_images` is built (64 MB in float32);
-longer prompts pass every gradient through layer 0 instead."""
 
 
 def untouched_zeros(*shape: int, dtype: torch.dtype, device: str | torch.device = "cpu") -> torch.Tensor:
@@ -232,22 +241,21 @@ def attribute(
     prompt: str,
     model: HookedTransformer,
     transcoder: CrossLayerTranscoder,
+    config: AttributionConfig | None = None,
     *,
-    targets: list[str] | None = None,
-    batch_size: int | None = None,
-    max_feature_nodes: int | None = None,
-    device: str = "cpu",
-    dtype: str = "float32",
-    inhibited: int = 0,
     progress: bool = True,
+    **overrides,
 ) -> Graph:
     """The unpruned attribution graph of `prompt`'s next-token prediction (see `Graph` for the layout).
-    With `inhibited` > 0, also that many inactive features at the last position that the graph's
-    feature nodes push down hardest (`Graph.inhibited`)."""
-    for name, value in (("batch_size", batch_size), ("max_feature_nodes", max_feature_nodes)):
+    `config` (default `AttributionConfig()`) with any of its fields replaced by `overrides`, e.g.
+    `attribute(prompt, model, clt, batch_size=64, targets=["Austin"])`."""
+    cfg = replace(config or AttributionConfig(), **overrides)
+    cfg.targets = list(cfg.targets or [])
+    for name in ("batch_size", "max_feature_nodes"):
+        value = getattr(cfg, name)
         if value is not None and value < 1:
             raise CircuitsError(f"{name} is {value}: pass a positive number, or none for the default")
-    cfg = AttributionConfig(batch_size, max_feature_nodes, dtype=dtype, device=device, targets=list(targets or []))
+    device, dtype = cfg.device, cfg.dtype
     torch_dtype = getattr(torch, dtype)
     if model.W_U.device != torch.device(device):
         model, transcoder = model.to(device, print_details=False), transcoder.to(device)
@@ -257,7 +265,7 @@ def attribute(
     cap = model.cfg.output_logits_soft_cap  # the targets are the logits before it, their probabilities after
     logits = rep.logits if cap <= 0 else cap * torch.tanh(rep.logits / cap)
     logit_targets = resolve_targets(model, logits, cfg.targets, cfg.target_probability, cfg.max_targets)
-    sources = Sources(rep)
+    sources = Sources(rep, cfg)
     n, L, P = sources.n_features, rep.n_layers, rep.n_pos
     log.info("%d tokens, %d active features, %d targets", P, n, len(logit_targets))
 
@@ -284,7 +292,7 @@ def attribute(
         bias=torch.cat([bias[selected], bias[n:]]).cpu(),
         n_layers=L,
         config={"attribution": asdict(cfg), "model": model.cfg.model_name, "n_active_features": n},
-        inhibited=inhibited_features(sources, selected, inhibited) if inhibited else [],
+        inhibited=inhibited_features(sources, selected, cfg.inhibited) if cfg.inhibited else [],
     )
 
 
@@ -333,7 +341,7 @@ def _feature_rows(sources: Sources, adjacency: torch.Tensor, targets, cfg: Attri
     d = W_enc.shape[-1]
 
     def batch_size(l: int) -> int:
-        return cfg.batch_size or max(1, WORK_FLOATS // (sources.P * (l + 2) * d))
+        return cfg.batch_size or max(1, cfg.work_floats // (sources.P * (l + 2) * d))
 
     def compute(batch: torch.Tensor) -> None:
         """The rows of the features `batch` [k] (ascending), one backward pass per layer among them."""
@@ -368,11 +376,6 @@ def _feature_rows(sources: Sources, adjacency: torch.Tensor, targets, cfg: Attri
         done = torch.cat([done, batch])
     bar.close()
     return done.sort().values
-
-
-WORK_FLOATS = 2**22
-"""The gradients of one backward pass hold about this many numbers (16 MB in float32): the batch
-size when `batch_size` is None."""
 
 
 def _feature_influence(direct: torch.Tensor, normalized: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
