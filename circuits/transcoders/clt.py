@@ -58,20 +58,10 @@ def check_fits(cfg: CLTConfig, model) -> None:
         problems.append(f"{cfg.n_layers} layers vs the model's {model.cfg.n_layers}")
     if cfg.d_model != model.cfg.d_model:
         problems.append(f"d_model {cfg.d_model} vs the model's {model.cfg.d_model}")
-    if (cfg.input_hook, cfg.output_hook) != (
-        "hook_resid_mid",
-        "hook_mlp_out",
-    ):
-        hooks = f"{cfg.input_hook} -> {cfg.output_hook}"
-        problems.append(f"hooks {hooks} (need hook_resid_mid -> hook_mlp_out)")
+    if (cfg.input_hook, cfg.output_hook) != ("hook_resid_mid", "hook_mlp_out"):
+        problems.append(f"hooks {cfg.input_hook} -> {cfg.output_hook} (need hook_resid_mid -> hook_mlp_out)")
     if problems:
         raise CircuitsError("the transcoder does not fit the model: " + "; ".join(problems))
-
-
-# ---- SAELens per-layer transcoders -------------------------------------------------------------
-# One SAELens directory per layer: layer_{l}/cfg.json + layer_{l}/sae_weights.safetensors, written
-# and read by SAELens's own classes (architecture jumprelu_transcoder, transcoder, or their skip
-# variants), W_enc [d, F], W_dec [F, d], W_skip [d_out, d_in].
 
 
 def _rectangle(x: torch.Tensor) -> torch.Tensor:
