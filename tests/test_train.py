@@ -76,6 +76,12 @@ def test_activation_stream_is_deterministic_and_skips_bos(demo_model, tmp_path):
         ]  # fmt: skip
 
 
+def test_hf_text_without_datasets_says_which_extra_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # what an environment without the package shows
+    with pytest.raises(CircuitsError, match=r'pip install "circuits-tracer\[hf\]"'):
+        TextSource("hf:monology/pile-uncopyrighted").documents(0, 4)
+
+
 def _manual_replacement_logits(model, clt, tokens):
     """The replacement model computed layer by layer from TransformerLens's components and the
     CLT's dense forward: layer l's MLP output is the CLT's reconstruction from the resid_mid of
