@@ -54,10 +54,13 @@ def _weights(directory: Path) -> dict:
 def test_activation_stream_is_deterministic_and_skips_bos(demo_model, tmp_path):
     source = TextSource("demo", seed=3)
     stream = ActivationStream(demo_model, source, batch_tokens=128, docs_per_chunk=32)
-    first = list(zip(range(6), stream.batches(0), strict=False))
-    resumed = next(ActivationStream(demo_model, source, batch_tokens=128, docs_per_chunk=32).batches(4))
-    assert torch.equal(first[4][1][0], resumed[0]) and torch.equal(first[4][1][1], resumed[1])
-    x, y = first[0][1]
+    first = [batch for _, batch in zip(range(12), stream.batches(0), strict=False)]
+    assert stream._n_batches(0) < 10  # so that step 10 lies past the first chunk
+    for start in (4, 10):  # inside the first chunk; past it (reached by skipping chunk 0 unread)
+        resumed = ActivationStream(demo_model, source, batch_tokens=128, docs_per_chunk=32).batches(start)
+        for step, (x, y) in zip(range(start, start + 2), resumed, strict=False):
+            assert torch.equal(x, first[step][0]) and torch.equal(y, first[step][1]), f"resumed at {start}: {step}"
+    x, y = first[0]
     assert x.shape == y.shape == (128, 4, 128)
     tokens = demo_model.to_tokens(["Dallas is a city in Texas ."], padding_side="right")
     assert token_mask(demo_model, tokens).tolist() == [[False] + [True] * 7]
