@@ -94,7 +94,8 @@ def _cmd_aggregate(args: argparse.Namespace) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    from circuits.train.loop import load_recipe, train
+    from circuits.train.config import load_recipe
+    from circuits.train.loop import train
 
     cfg = load_recipe(args.recipe)
     out = args.out or Path("runs") / args.recipe.stem

@@ -1,8 +1,10 @@
-"""Document sources (the demo corpus, local .txt/.jsonl files, Hugging Face datasets) and their tokens."""
+"""Document sources (the demo corpus, local .txt/.jsonl files, Hugging Face datasets with the `hf`
+extra) and their tokens."""
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import itertools
 import json
 from dataclasses import dataclass
@@ -53,6 +55,8 @@ def _hf_stream(dataset: str) -> dict:
 
 
 def _hf_documents(dataset: str, start: int, count: int) -> list[str]:
+    if importlib.util.find_spec("datasets") is None:
+        raise CircuitsError(f'text source hf:{dataset} needs the datasets package: pip install "circuits-tracer[hf]"')
     from datasets import load_dataset
 
     stream = _hf_stream(dataset)

@@ -23,7 +23,8 @@ def run_one(n_features: int, sparse: bool, steps: int, l0: float) -> dict:
     from circuits.models import load_model
     from circuits.text import TextSource
     from circuits.train.activations import ActivationStream
-    from circuits.train.loop import Scales, TrainConfig, initialise, losses
+    from circuits.train.config import TrainConfig, TranscoderConfig
+    from circuits.train.objective import Scales, initialise, losses
     from circuits.transcoders.clt import CrossLayerTranscoder
 
     torch.set_num_threads(1)
@@ -34,7 +35,7 @@ def run_one(n_features: int, sparse: bool, steps: int, l0: float) -> dict:
     scales = Scales.estimate(*batches[0])
     batches = [(x * scales.inp[:, None], y * scales.out[:, None]) for x, y in batches]
     # lr ~ 0 keeps L0 where it was initialised: the cost of a step does not depend on lr
-    cfg = TrainConfig(n_features=n_features, target_fire_fraction=l0 / n_features, lr=1e-7)
+    cfg = TrainConfig(transcoder=TranscoderConfig(n_features=n_features), target_fire_fraction=l0 / n_features, lr=1e-7)
     clt = CrossLayerTranscoder(cfg.clt_config(model))
     initialise(clt, batches[0][0], cfg)
     opt = torch.optim.Adam(clt.parameters(), lr=cfg.lr)

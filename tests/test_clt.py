@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from circuits.errors import CircuitsError
-from circuits.train.loop import Scales, TrainConfig, fold_scales, initialise, losses
+from circuits.train.config import TrainConfig
+from circuits.train.objective import Scales, fold_scales, initialise, losses
 from circuits.transcoders.circuit_tracer import save_transcoder
 from circuits.transcoders.clt import CLTConfig, CrossLayerTranscoder
 from circuits.transcoders.load import load_transcoder
@@ -37,9 +38,7 @@ def test_sparse_path_equals_dense_reference(kw):
     """The training objective through the sparse encoder/decoder (custom autograd functions that
     touch only supported features) equals the dense reference: loss, every gradient, L0, fired."""
     clt = _random_clt(**kw)
-    cfg = TrainConfig(
-        n_features=64, sparsity_coef=0.1, preact_coef=0.01, **{k: v for k, v in kw.items() if k != "skip"}
-    )
+    cfg = TrainConfig(sparsity_coef=0.1, preact_coef=0.01)
     x, y = torch.randn(50, 3, 16, dtype=torch.float64), torch.randn(50, 3, 16, dtype=torch.float64)
     initialise(clt, x, TrainConfig(target_fire_fraction=0.2))
     dead = torch.rand(3, 64) < 0.3

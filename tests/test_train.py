@@ -1,8 +1,11 @@
-"""The CLT trainer: activation stream, replacement-model metrics, resume after a kill, torchrun,
-and the `circuits train` command's errors."""
+"""The CLT trainer: recipes, activation stream, replacement-model metrics, resume after a kill,
+torchrun, and the `circuits train` command's errors."""
 
+import dataclasses
 import json
+import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -19,11 +22,12 @@ from circuits.errors import CircuitsError
 from circuits.fileio import surviving_directory
 from circuits.text import TextSource, token_mask
 from circuits.train.activations import ActivationStream
-from circuits.train.loop import TrainConfig, initialise, replacement_metrics
+from circuits.train.config import TrainConfig, TranscoderConfig, load_recipe
+from circuits.train.metrics import replacement_metrics
+from circuits.train.objective import initialise
 from circuits.transcoders.clt import CLTConfig, CrossLayerTranscoder
 
-TINY = """n_features = 64
-steps = {steps}
+TINY = """steps = {steps}
 batch_tokens = 256
 docs_per_chunk = 64
 eval_every = 10
@@ -31,12 +35,16 @@ checkpoint_every = {every}
 sparsity_coef = 0.05
 eval_docs = 32
 threads = 1
+{extra}
+[transcoder]
+n_features = 64
 """
 
 
 def _recipe(tmp_path: Path, name="tiny.toml", steps=20, every=10, extra="") -> Path:
+    """A tiny recipe; `extra` lines are top-level keys."""
     path = tmp_path / name
-    path.write_text(TINY.format(steps=steps, every=every) + extra)
+    path.write_text(TINY.format(steps=steps, every=every, extra=extra))
     return path
 
 
@@ -54,10 +62,13 @@ def _weights(directory: Path) -> dict:
 def test_activation_stream_is_deterministic_and_skips_bos(demo_model, tmp_path):
     source = TextSource("demo", seed=3)
     stream = ActivationStream(demo_model, source, batch_tokens=128, docs_per_chunk=32)
-    first = list(zip(range(6), stream.batches(0), strict=False))
-    resumed = next(ActivationStream(demo_model, source, batch_tokens=128, docs_per_chunk=32).batches(4))
-    assert torch.equal(first[4][1][0], resumed[0]) and torch.equal(first[4][1][1], resumed[1])
-    x, y = first[0][1]
+    first = [batch for _, batch in zip(range(12), stream.batches(0), strict=False)]
+    assert stream._n_batches(0) < 10  # so that step 10 lies past the first chunk
+    for start in (4, 10):  # inside the first chunk; past it (reached by skipping chunk 0 unread)
+        resumed = ActivationStream(demo_model, source, batch_tokens=128, docs_per_chunk=32).batches(start)
+        for step, (x, y) in zip(range(start, start + 2), resumed, strict=False):
+            assert torch.equal(x, first[step][0]) and torch.equal(y, first[step][1]), f"resumed at {start}: {step}"
+    x, y = first[0]
     assert x.shape == y.shape == (128, 4, 128)
     tokens = demo_model.to_tokens(["Dallas is a city in Texas ."], padding_side="right")
     assert token_mask(demo_model, tokens).tolist() == [[False] + [True] * 7]
@@ -74,6 +85,50 @@ def test_activation_stream_is_deterministic_and_skips_bos(demo_model, tmp_path):
         assert TextSource(str(tmp_path / name)).documents(0, 3) == [
             "Dallas is a city in Texas .", "The capital of Texas is Austin .", "Dallas is a city in Texas .",
         ]  # fmt: skip
+
+
+def test_hf_text_without_datasets_says_which_extra_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # what an environment without the package shows
+    with pytest.raises(CircuitsError, match=r'pip install "circuits-tracer\[hf\]"'):
+        TextSource("hf:monology/pile-uncopyrighted").documents(0, 4)
+
+
+def test_recipes_nest_the_transcoder_and_still_read_flat_keys(tmp_path, caplog, demo_model):
+    nested = _recipe(tmp_path, "nested.toml", extra='model = "demo"\n')
+    flat = tmp_path / "flat.toml"
+    flat.write_text('model = "demo"\nn_features = 64\nsteps = 20\n')
+    cfg = load_recipe(nested)
+    assert cfg.transcoder == TranscoderConfig(n_features=64) and cfg.steps == 20 and not caplog.records
+    with caplog.at_level(logging.WARNING):
+        old = load_recipe(flat)
+    assert old.transcoder == cfg.transcoder and old.steps == 20
+    assert [r.getMessage() for r in caplog.records] == [
+        "recipe keys ['n_features'] are deprecated at the top level: move them under [transcoder]"
+    ]
+    # train_config.json / training.json hold the nested config, and read back as the same config
+    assert json.loads(json.dumps(dataclasses.asdict(cfg)))["transcoder"]["n_features"] == 64
+    assert TrainConfig.from_dict(json.loads(json.dumps(dataclasses.asdict(cfg)))) == cfg
+    clt_cfg = cfg.clt_config(demo_model)
+    assert (clt_cfg.n_layers, clt_cfg.d_model, clt_cfg.n_features, clt_cfg.model_name) == (4, 128, 64, "demo")
+    # a recipe can set every transcoder option, except what the model decides
+    options = {f.name for f in dataclasses.fields(TranscoderConfig)}
+    assert options == {f.name for f in dataclasses.fields(CLTConfig)} - {"n_layers", "d_model", "model_name", "extra"}
+    for fields, message in [
+        ({"transcoder": {"n_featurez": 3}}, "unknown recipe keys ['transcoder.n_featurez']"),
+        ({"transcoder": {"n_features": "many"}}, "recipe key 'transcoder.n_features' must be int, not 'many'"),
+        ({"transcoder": 3}, "recipe key 'transcoder' must be a table"),
+        ({"n_features": 3, "transcoder": {"n_features": 4}}, "recipe keys ['n_features'] are set both at the top"),
+    ]:
+        with pytest.raises(CircuitsError, match=re.escape(message)):
+            TrainConfig.from_dict(fields)
+
+
+def test_shipped_recipes_load_without_warnings(caplog):
+    recipes = sorted((Path(__file__).parent.parent / "training").glob("*.toml"))
+    with caplog.at_level(logging.WARNING):
+        configs = [load_recipe(path) for path in recipes]
+    assert len(configs) == 4 and not caplog.records
+    assert [c.transcoder.n_features for c in configs] == [1024, 16384, 8192, 8192]
 
 
 def _manual_replacement_logits(model, clt, tokens):
@@ -175,12 +230,14 @@ def test_torchrun_two_processes_match_one(tmp_path, parallel):
 
 @pytest.mark.slow
 def test_train_cli_errors_are_one_line_exit_2(tmp_path):
-    bad, typo = tmp_path / "bad.toml", tmp_path / "typo.toml"
+    bad, typo, nested = tmp_path / "bad.toml", tmp_path / "typo.toml", tmp_path / "nested.toml"
     bad.write_text("n_featurez = 3\n")
     typo.write_text('steps = "many"\n')
+    nested.write_text('[transcoder]\nn_features = "many"\n')
     for args, message in [
         (("train", bad), "unknown recipe keys ['n_featurez']"),
         (("train", typo), "recipe key 'steps' must be int"),
+        (("train", nested), "recipe key 'transcoder.n_features' must be int"),
         (("train", tmp_path / "none.toml"), "does not exist"),
         (("train", _recipe(tmp_path), "--out", tmp_path / "fresh", "--resume"), "no checkpoint"),
         (("train", _recipe(tmp_path, "banana.toml", extra='device = "banana"\n')), "'banana' is not a device"),
@@ -205,7 +262,7 @@ def test_shipped_demo_clt_meets_its_targets(demo_model):
     """Recomputed here on held-out demo text (not read from training.json): mean normalised MSE
     <= 0.15 and replacement-model top-1 agreement >= 90%, at a low L0."""
     from circuits.train.activations import held_out, held_out_tokens
-    from circuits.train.loop import reconstruction_metrics
+    from circuits.train.metrics import reconstruction_metrics
     from circuits.transcoders.load import load_transcoder
 
     clt = load_transcoder("demo", model=demo_model)

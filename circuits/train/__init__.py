@@ -1,1 +1,3 @@
-"""Training transcoders: the loop, the objective, the activation stream, parallelism."""
+"""Training transcoders: `config` (TrainConfig, recipes), `objective` (the loss, its schedules,
+initialisation and scales), `activations` (the activation stream), `metrics` (reconstruction and
+replacement model), `checkpoint` (save and resume), `parallel` (torchrun), and `loop` (train)."""

@@ -2,7 +2,8 @@
 read from model hooks on the fly and served in shuffled batches.
 
 Text comes from the demo corpus (default), a local .txt (one document per line) or .jsonl
-(a "text" field per line) file, or a Hugging Face dataset name (streamed; needs a hub).
+(a "text" field per line) file, or a Hugging Face dataset name (streamed; needs a hub and the
+`datasets` package: pip install "circuits-tracer[hf]").
 The stream is a pure function of (seed, chunk index): chunk c holds the activations of
 documents [c * docs_per_chunk, (c + 1) * docs_per_chunk), shuffled by a generator seeded with
 (seed, c). A run resumed at any step therefore sees exactly the batches it would have seen.

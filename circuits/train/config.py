@@ -1,0 +1,173 @@
+"""What a training run is asked to do: `TrainConfig`, with the transcoder's own options nested in
+`TranscoderConfig`, and `load_recipe`, which reads one from a TOML recipe.
+
+A recipe sets TrainConfig fields at its top and TranscoderConfig fields in a `[transcoder]` table:
+
+    model = "demo"
+    steps = 1500
+    [transcoder]
+    n_features = 1024
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformer_lens import HookedTransformer
+
+from circuits.errors import CircuitsError
+from circuits.transcoders.clt import CLTConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TranscoderConfig:
+    """The transcoder a recipe asks for: every `CLTConfig` field except those read from the model
+    (n_layers, d_model, model_name) and `extra`."""
+
+    n_features: int = 1024
+    """Features per layer."""
+    cross_layer: bool = True
+    """False: a per-layer transcoder, each source writes only its own layer."""
+    skip: bool = False
+    """Add a learned linear skip path from each layer's input to its output."""
+    activation: str = "jumprelu"
+    """jumprelu | relu | topk"""
+    topk: int = 16
+    """Features kept per layer and token with activation = topk."""
+    bandwidth: float = 0.05
+    """Width of the straight-through window for the JumpReLU threshold gradient, in pre-activation
+    units (inputs normalised to E||x|| = sqrt(d))."""
+    input_hook: str = "hook_resid_mid"
+    """The hook each layer's features read (`blocks.{l}.<input_hook>`)."""
+    output_hook: str = "hook_mlp_out"
+    """The hook each layer's reconstruction replaces (`blocks.{l}.<output_hook>`)."""
+
+
+@dataclass
+class TrainConfig:
+    """One training run: the model, its text, the transcoder, the optimisation and where it runs."""
+
+    model: str = "demo"
+    """'demo', a local model directory or a TransformerLens model name."""
+    text: str = "demo"
+    """Training text: 'demo', a .txt/.jsonl file, or 'hf:DATASET' (needs circuits-tracer[hf])."""
+    transcoder: TranscoderConfig = field(default_factory=TranscoderConfig)
+    """The transcoder to train (the recipe's [transcoder] table)."""
+    steps: int = 2000
+    batch_tokens: int = 1024
+    """Tokens per optimiser step (the global batch, split across torchrun ranks)."""
+    lr: float = 1e-3
+    warmup_fraction: float = 0.05
+    """Fraction of the steps over which lr rises linearly from 0."""
+    decay_fraction: float = 0.2
+    """Fraction of the steps, at the end, over which lr falls linearly to 0."""
+    sparsity_coef: float = 0.4
+    """lambda_S at the end of the ramp."""
+    sparsity_c: float = 4.0
+    """c in the sparsity penalty tanh(c * a * ||W_dec||)."""
+    preact_coef: float = 3e-4
+    """lambda_P of the pre-activation loss on dead features."""
+    initial_threshold: float = 0.1
+    target_fire_fraction: float = 0.02
+    """Initial b_enc makes each feature fire on about this fraction of tokens."""
+    grad_clip: float = 1.0
+    parallel: str = "data"
+    """Under torchrun: 'data' (each rank holds the whole CLT) or 'feature' (each rank owns F/N
+    features of every layer)."""
+    dead_after_tokens: int = 200_000
+    """A feature that has not fired for this many tokens is dead and gets the pre-activation loss."""
+    eval_every: int = 200
+    checkpoint_every: int = 500
+    docs_per_chunk: int = 512
+    """Documents run through the model at a time; their tokens are shuffled together."""
+    activation_cache: str = ""
+    """A directory for safetensors shards of the activations (read back by runs with the same text
+    settings, e.g. a sweep); empty: no cache."""
+    eval_docs: int = 256
+    """Held-out documents for the metrics (reconstruction and replacement model)."""
+    max_tokens_per_doc: int = 64
+    seed: int = 0
+    threads: int = 0
+    """torch threads (0: leave torch's default)."""
+    device: str = "cpu"
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, fields: dict) -> TrainConfig:
+        """A TrainConfig from a recipe's keys (tables for the nested configs). Raises CircuitsError
+        on unknown keys and wrong types; moves old top-level transcoder keys under `transcoder`."""
+        return cls(**_checked(cls, _move_flat_transcoder_keys(fields)))
+
+    def clt_config(self, model: HookedTransformer) -> CLTConfig:
+        """The transcoder's full config for `model` (layers and width read from it)."""
+        return CLTConfig(
+            n_layers=model.cfg.n_layers,
+            d_model=model.cfg.d_model,
+            model_name=self.model,
+            **dataclasses.asdict(self.transcoder),
+        )
+
+
+def load_recipe(path: Path) -> TrainConfig:
+    """A TrainConfig from a TOML recipe of its fields."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:
+        import tomli as tomllib
+
+    path = Path(path)
+    if not path.is_file():
+        raise CircuitsError(f"recipe {str(path)!r} does not exist: pass a TOML file such as training/demo.toml")
+    try:
+        fields = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise CircuitsError(f"recipe {str(path)!r} is not valid TOML ({e})") from None
+    return TrainConfig.from_dict(fields)
+
+
+def _checked(cls: type, fields: dict, prefix: str = "") -> dict:
+    """`fields` as keyword arguments of dataclass `cls`, each nested table built into its own
+    dataclass; keys are named in errors by their dotted path (`transcoder.n_features`)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(prefix + key for key in set(fields) - known)
+    if unknown:
+        raise CircuitsError(f"unknown recipe keys {unknown}: valid keys are {sorted(prefix + k for k in known)}")
+    defaults, checked = cls(), {}
+    for key, value in fields.items():
+        default = getattr(defaults, key)
+        if dataclasses.is_dataclass(default):
+            table = _table(value, prefix + key)
+            checked[key] = type(default)(**_checked(type(default), table, f"{prefix}{key}."))
+            continue
+        expected = type(default)
+        if not isinstance(value, expected) and not (expected is float and isinstance(value, int)):
+            raise CircuitsError(f"recipe key {prefix + key!r} must be {expected.__name__}, not {value!r}")
+        checked[key] = value
+    return checked
+
+
+def _table(value, key: str) -> dict:
+    if not isinstance(value, dict):
+        raise CircuitsError(f"recipe key {key!r} must be a table ([{key}]), not {value!r}")
+    return value
+
+
+def _move_flat_transcoder_keys(fields: dict) -> dict:
+    """Recipes written before the [transcoder] table set its keys at the top: move them under it,
+    with one warning."""
+    flat = sorted(set(fields) & {f.name for f in dataclasses.fields(TranscoderConfig)})
+    if not flat:
+        return fields
+    log.warning("recipe keys %s are deprecated at the top level: move them under [transcoder]", flat)
+    nested = _table(fields.get("transcoder", {}), "transcoder")
+    both = sorted(set(flat) & set(nested))
+    if both:
+        raise CircuitsError(f"recipe keys {both} are set both at the top and under [transcoder]: keep one")
+    moved = {key: value for key, value in fields.items() if key not in flat}
+    return {**moved, "transcoder": {**{key: fields[key] for key in flat}, **nested}}

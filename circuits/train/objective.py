@@ -1,0 +1,129 @@
+"""The training objective of a cross-layer transcoder, its schedules, initialisation and scales.
+
+Inputs and outputs are normalised so E||x|| = sqrt(d) per layer (`Scales`; folded into the
+weights on export by `fold_scales`). The loss:
+    MSE summed over target layers
+  + lambda_S(t) * sum_f tanh(c * a_f * ||W_dec_f||)   (||.|| over the feature's concatenated decoders,
+                                                       lambda_S ramped linearly over the run)
+  + lambda_P * sum_{f dead} relu(threshold_f - pre_f)   (pre-activation loss: revives dead features)
+The learning rate has a linear warm-up and a final linear decay (`lr_factor`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from circuits.train.parallel import Comm
+from circuits.transcoders.clt import CrossLayerTranscoder
+
+if TYPE_CHECKING:  # in annotations only
+    from circuits.train.config import TrainConfig
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """The learning rate at `step` as a fraction of cfg.lr."""
+    warmup, decay_start = cfg.warmup_fraction * cfg.steps, (1 - cfg.decay_fraction) * cfg.steps
+    if step < warmup:
+        return (step + 1) / warmup
+    if step >= decay_start:
+        return max(0.0, (cfg.steps - step) / max(1.0, cfg.steps - decay_start))
+    return 1.0
+
+
+def sparsity_factor(step: int, cfg: TrainConfig) -> float:
+    """lambda_S at `step` as a fraction of cfg.sparsity_coef."""
+    return min(1.0, (step + 1) / cfg.steps)
+
+
+@dataclass
+class Scales:
+    """Per-layer factors [L] with x_norm = x * inp, y_norm = y * out."""
+
+    inp: torch.Tensor
+    out: torch.Tensor
+
+    @classmethod
+    def estimate(cls, x: torch.Tensor, y: torch.Tensor) -> Scales:
+        """The factors that give a batch x, y [n, L, d] a mean norm of sqrt(d) per layer."""
+        d = x.shape[-1]
+        return cls(d**0.5 / x.norm(dim=-1).mean(0), d**0.5 / y.norm(dim=-1).mean(0))
+
+
+@torch.no_grad()
+def initialise(clt: CrossLayerTranscoder, x: torch.Tensor, cfg: TrainConfig) -> None:
+    """Set thresholds and b_enc so each feature fires on about `target_fire_fraction` of x [n, L, d]."""
+    clt.threshold.fill_(cfg.initial_threshold)
+    pre = torch.einsum("nld,lfd->nlf", x, clt.W_enc)
+    quantile = torch.quantile(pre, 1 - cfg.target_fire_fraction, dim=0)  # [L, F]
+    clt.b_enc.copy_(cfg.initial_threshold - quantile)
+    clt.b_dec.zero_()
+
+
+def decoder_norms(clt: CrossLayerTranscoder) -> torch.Tensor:
+    """||W_dec_f|| over each feature's concatenated decoders: [L, F]."""
+    return torch.stack([w.square().sum(dim=(1, 2)).sqrt() for w in clt.W_dec])
+
+
+@dataclass
+class StepLoss:
+    total: torch.Tensor
+    parts: dict[str, float]  # mse, sparsity, preact: per token, before their coefficients
+    fired: torch.Tensor  # [L, F] bool: features active on some token of the batch
+    l0: torch.Tensor  # [L] mean active features per token
+    dead: torch.Tensor  # [L, F] bool: the features that got the pre-activation loss
+
+
+def losses(
+    clt: CrossLayerTranscoder, x: torch.Tensor, y: torch.Tensor, step: int, cfg: TrainConfig, dead: torch.Tensor,
+    sparse: bool = True, comm: Comm | None = None,
+) -> StepLoss:  # fmt: skip
+    """The training objective on this rank's normalised x, y [n, L, d]; `dead` [L, F] marks the
+    features that get the pre-activation loss. `sparse` touches only supported features (same
+    values and gradients as the dense reference, which runs in a single process only). Every term
+    is normalised by the global batch size, so the ranks' losses sum to the single-process loss."""
+    comm = comm or Comm()
+    n_global, L = len(x) * comm.world, clt.cfg.n_layers
+    norms = decoder_norms(clt)  # [L, F]
+    if sparse:
+        x_enc = comm.gather_rows(x)  # the tokens this rank's features encode
+        acts = [clt.encode_sparse(x_enc[:, l], l) for l in range(L)]
+        recon = comm.reduce_rows(clt.decode_sparse(acts, bias=False)) + clt.b_dec + clt.skip_out(x)
+        sparsity = sum(torch.tanh(cfg.sparsity_c * a.values * norms[l, a.feature]).sum() for l, a in enumerate(acts))
+        fired = torch.zeros_like(dead)
+        for l, a in enumerate(acts):
+            fired[l, a.feature[a.values > 0]] = True
+        l0 = torch.stack([(a.values > 0).sum() for a in acts]) / len(x_enc)
+    else:
+        x_enc = x
+        dense = clt.encode(x)  # [n, L, F]
+        recon = clt.decode(dense) + clt.skip_out(x)
+        sparsity = torch.tanh(cfg.sparsity_c * dense * norms).sum()
+        fired, l0 = (dense > 0).any(0), (dense > 0).sum((0, 2)) / len(x)
+    mse = (recon - y).square().sum()
+    preact = x.new_zeros(())
+    if clt.cfg.activation == "jumprelu":
+        for l in range(L):
+            idx = dead[l].nonzero()[:, 0]
+            pre = x_enc[:, l] @ clt.W_enc[l, idx].T + clt.b_enc[l, idx]  # [n, n_dead]
+            preact = preact + torch.relu(clt.threshold[l, idx].detach() - pre).sum()  # raise pre, not lower θ
+    total = (mse + cfg.sparsity_coef * sparsity_factor(step, cfg) * sparsity + cfg.preact_coef * preact) / n_global
+    parts = {"mse": mse.item() / len(x), "sparsity": sparsity.item() / len(x_enc), "preact": preact.item() / len(x_enc)}
+    return StepLoss(total, parts, fired, l0, dead)
+
+
+@torch.no_grad()
+def fold_scales(clt: CrossLayerTranscoder, scales: Scales) -> CrossLayerTranscoder:
+    """A copy of `clt` that takes raw activations and writes raw MLP outputs."""
+    folded = CrossLayerTranscoder(clt.cfg)
+    folded.load_state_dict(clt.state_dict())
+    folded.W_enc.mul_(scales.inp[:, None, None])
+    for s, w in enumerate(folded.W_dec):
+        targets = [t for t in range(clt.cfg.n_layers) if s in clt.sources(t)]
+        w.div_(scales.out[targets][None, :, None])
+    folded.b_dec.div_(scales.out[:, None])
+    if folded.W_skip is not None:
+        folded.W_skip.mul_((scales.inp / scales.out)[:, None, None])
+    return folded
