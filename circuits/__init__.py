@@ -1,25 +1,74 @@
 """circuits: a sparse-feature circuit tracer for transformer language models.
 
-Heavy modules import on first use, so `circuits --help` stays fast.
+The public API of every stage, in data-flow order (see the README's layout section). Each name is
+imported on first use, so `circuits --help` stays fast; editors see them through the
+`TYPE_CHECKING` imports below.
 """
 
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "load_model": "circuits.models",
-    "load_transcoder": "circuits.formats",
+    # models and errors
     "CircuitsError": "circuits.errors",
-    "CLTConfig": "circuits.clt",
-    "CrossLayerTranscoder": "circuits.clt",
-    "attribute": "circuits.attribution",
-    "Graph": "circuits.graph",
+    "load_model": "circuits.models",
+    # transcoders
+    "CLTConfig": "circuits.transcoders.clt",
+    "CrossLayerTranscoder": "circuits.transcoders.clt",
+    "load_transcoder": "circuits.transcoders.load",
+    "save_transcoder": "circuits.transcoders.circuit_tracer",
+    # training (the loop: circuits.train.loop.train; `circuits.train` is the subpackage)
+    "TrainConfig": "circuits.train.config",
+    "load_recipe": "circuits.train.config",
+    # attribution
+    "AttributionConfig": "circuits.attribution.attribute",
+    "attribute": "circuits.attribution.attribute",
+    "Graph": "circuits.attribution.graph",
+    "validate": "circuits.attribution.interventions",
+    "run_with_interventions": "circuits.attribution.interventions",
+    # concepts
+    "concept_report": "circuits.concepts.report",
+    # feature cards
+    "scan_features": "circuits.features",
+    "load_features": "circuits.features",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+if TYPE_CHECKING:
+    from circuits.attribution.attribute import AttributionConfig, attribute
+    from circuits.attribution.graph import Graph
+    from circuits.attribution.interventions import run_with_interventions, validate
+    from circuits.concepts.report import concept_report
+    from circuits.errors import CircuitsError
+    from circuits.features import load_features, scan_features
+    from circuits.models import load_model
+    from circuits.train.config import TrainConfig, load_recipe
+    from circuits.transcoders.circuit_tracer import save_transcoder
+    from circuits.transcoders.clt import CLTConfig, CrossLayerTranscoder
+    from circuits.transcoders.load import load_transcoder
+
+__all__ = [
+    "__version__",
+    "CircuitsError",
+    "load_model",
+    "CLTConfig",
+    "CrossLayerTranscoder",
+    "load_transcoder",
+    "save_transcoder",
+    "TrainConfig",
+    "load_recipe",
+    "AttributionConfig",
+    "attribute",
+    "Graph",
+    "validate",
+    "run_with_interventions",
+    "concept_report",
+    "scan_features",
+    "load_features",
+]
 
 
 def __getattr__(name: str):
