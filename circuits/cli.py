@@ -111,7 +111,9 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_concepts(args: argparse.Namespace) -> None:
-    from circuits.concepts.report import concept_report, write_concepts_page
+    from circuits.concepts.page import write_concepts_page
+    from circuits.concepts.report import concept_report
+    from circuits.demo.facts import CATEGORIES
     from circuits.models import load_model
 
     model = load_model(args.model, device=args.device)
@@ -123,6 +125,7 @@ def _cmd_concepts(args: argparse.Namespace) -> None:
         counterfactual=args.counterfactual,
         auto=args.auto,
         full_sequence=args.full_sequence,
+        categories=CATEGORIES if args.model == "demo" else None,  # only the demo world's are known
     )
     for p in report.paths:
         print(f"path {' -> '.join(p.path)}: score {p.score:.3f} (baseline {p.baseline:.3f}), peaks {p.peaks}")
@@ -196,11 +199,16 @@ def _build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("concepts", help="trace concepts through layers and positions; write an HTML page + JSON")
     p.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT)
-    p.add_argument("--concept", action="append", default=[],
-                   help="a word, NAME=w1|w2 (a group), or @states/@capitals/@cities; repeatable")  # fmt: skip
+    p.add_argument(
+        "--concept", action="append", default=[],
+        help="a word, NAME=w1|w2 (a group), or a category (--model demo: @cities, @states, @capitals); repeatable",
+    )  # fmt: skip
     p.add_argument("--path", action="append", default=[], help="a comma-separated chain, e.g. Dallas,Texas,Austin")
     p.add_argument("--auto", action="store_true", help="also trace the proposed intermediate concept")
-    p.add_argument("--counterfactual", help="a prompt of the same token length for patching (default: proposed)")
+    p.add_argument(
+        "--counterfactual",
+        help="a prompt of the same token length for patching (default, --model demo: a same-category swap)",
+    )
     p.add_argument("--full-sequence", action="store_true", help="score multi-token words by their whole sequence")
     p.add_argument("--out", default="concepts_out", help="output directory")
     p.add_argument("--model", default="demo", help="'demo', a local model directory, or a TransformerLens name")

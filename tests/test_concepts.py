@@ -1,31 +1,39 @@
 """Concept traces, path scores, patching, trajectories, the concept page and its CLI, on the demo model."""
 
+import importlib.util
 import io
 import json
 import math
 import random
 import re
+from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
 from circuits.cli import main
+from circuits.concepts.categories import member_swaps
+from circuits.concepts.cells import graph_nodes_by_cell
 from circuits.concepts.figures import flow_gif
-from circuits.concepts.lens import (
-    graph_nodes_by_cell,
-    make_concept,
-    prompt_tokens,
-    propose_intermediates,
-    rank_paths,
-    score_path,
-    trace_concepts,
+from circuits.concepts.lens import make_concept, propose_intermediates, trace_concepts
+from circuits.concepts.page import render_concepts_html, report_json, write_concepts_page
+from circuits.concepts.patching import (
+    HOOKS,
+    Patch,
+    category_variants,
+    grid_patches,
+    patching_grid,
+    propose_counterfactuals,
+    run_patches,
 )
-from circuits.concepts.patching import HOOKS, Patch, grid_patches, patching_grid, propose_counterfactuals, run_patches
-from circuits.concepts.report import concept_report, figures, flow_steps, render_concepts_html, write_concepts_page
+from circuits.concepts.paths import rank_paths, score_path
+from circuits.concepts.report import concept_report, figures, flow_steps
 from circuits.concepts.trajectories import fit_pca, funnel, residual_states, spread, trajectories
+from circuits.demo.facts import CATEGORIES
 from circuits.demo.two_hop import study, two_hop_cases
 from circuits.errors import CircuitsError
+from circuits.models import DEMO_MODEL_DIR, prompt_tokens
 
 FLAGSHIP = "Fact: Dallas is in the state whose capital is"
 COUNTERFACTUAL = "Fact: Chicago is in the state whose capital is"
@@ -43,7 +51,8 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def flagship_traces(demo_model):
     names = ["Dallas", "Texas", "Austin", "California", "Sacramento"]
-    traces, lens = trace_concepts(demo_model, FLAGSHIP, [*names, "@states", "Austin ."], full_sequence=True)
+    specs = [*names, "@states", "Austin ."]
+    traces, lens = trace_concepts(demo_model, FLAGSHIP, specs, full_sequence=True, categories=CATEGORIES)
     return {t.concept.name: t for t in traces}, lens
 
 
@@ -56,6 +65,7 @@ def flagship_report(demo_model):
         paths=[["Dallas", "Texas", "Austin"], ["Dallas", "California", "Sacramento"]],
         counterfactual=COUNTERFACTUAL,
         graph_nodes=[{"node_id": "1_7_5", "layer": "1", "ctx_idx": 5}, {"layer": "E", "feature": 9, "ctx_idx": 3}],
+        categories=CATEGORIES,
     )
 
 
@@ -75,7 +85,7 @@ def test_rank_and_group_scores_match_direct_computation(demo_model, flagship_tra
     order = lens.argsort(-1, descending=True)  # [L+1, pos, vocab]
     expected_rank = (order == texas).int().argmax(-1) + 1
     assert torch.equal(traces["Texas"].rank, expected_rank)
-    states = make_concept(demo_model, "@states")
+    states = make_concept(demo_model, "@states", CATEGORIES)
     probs = lens.softmax(-1)[..., states.first_tokens]  # [L+1, pos, 50]
     torch.testing.assert_close(traces["states"].prob, probs.sum(-1), atol=1e-6, rtol=1e-5)
     member_ranks = (lens.unsqueeze(-1) > lens[..., states.first_tokens].unsqueeze(-2)).sum(-2) + 1
@@ -133,8 +143,10 @@ def test_auto_proposal_finds_the_intermediate_state(demo_model, flagship_traces)
 def test_bad_concepts_are_rejected(demo_model):
     with pytest.raises(CircuitsError, match="not in the model's vocabulary"):
         make_concept(demo_model, "Zanzibar")
-    with pytest.raises(CircuitsError, match="unknown concept group"):
-        make_concept(demo_model, "@planets")
+    with pytest.raises(
+        CircuitsError, match=r"unknown concept category @planets \(known: @cities, @states, @capitals\)"
+    ):
+        make_concept(demo_model, "@planets", CATEGORIES)
     with pytest.raises(CircuitsError, match="empty"):
         prompt_tokens(demo_model, "   ")
 
@@ -191,7 +203,7 @@ def test_patching_grid_is_normalised_and_checks_its_input(demo_model, flagship_r
 
 
 def test_proposed_counterfactuals_have_equal_length_and_change_the_answer(demo_model):
-    proposals = propose_counterfactuals(demo_model, FLAGSHIP, n=3)
+    proposals = propose_counterfactuals(demo_model, FLAGSHIP, CATEGORIES, n=3)
     assert len(proposals) == 3
     clean = demo_model.to_tokens(FLAGSHIP)
     for p in proposals:
@@ -252,7 +264,7 @@ def test_graph_nodes_map_to_trace_cells():
 
 
 def test_report_json_and_figures(flagship_report):
-    data = json.loads(json.dumps(flagship_report.to_json_dict()))
+    data = json.loads(json.dumps(report_json(flagship_report)))
     assert [p["path"] for p in data["paths"]][0] == ["Dallas", "Texas", "Austin"]
     assert data["graph_cells"] == {"0,3": ["E_9_3"], "2,5": ["1_7_5"]}
     texas = next(c for c in data["concepts"] if c["name"] == "Texas")
@@ -270,7 +282,8 @@ def test_flow_gif_has_one_frame_per_hop(flagship_report):
 
 def test_html_is_offline_and_escapes_hostile_strings(demo_model, tmp_path):
     hostile = 'Fact: <script>alert("x")</script> Dallas is in the state whose capital is'
-    report = concept_report(demo_model, hostile, concepts=['<img src=x onerror="alert(1)">=Texas|Ohio'])
+    spec = '<img src=x onerror="alert(1)">=Texas|Ohio'
+    report = concept_report(demo_model, hostile, concepts=[spec], categories=CATEGORIES)
     page = render_concepts_html(report)
     assert not re.search(r"<(script|link|img|iframe)[^>]*(src|href)\s*=\s*[\"']?(https?:)?//", page, re.I)
     assert "<img src=x" not in page and '<script>alert("x")' not in page
@@ -283,11 +296,15 @@ def test_html_is_offline_and_escapes_hostile_strings(demo_model, tmp_path):
 
 def test_cli_writes_the_page_and_prints_its_path_last(tmp_path, capsys):
     out = tmp_path / "page"
-    argv = ["concepts", FLAGSHIP, "--concept", "Texas", "--path", "Dallas,Texas,Austin", "--auto", "--out", str(out)]
+    argv = ["concepts", FLAGSHIP, "--concept", "Texas", "--concept", "@states", "--path", "Dallas,Texas,Austin"]
+    argv += ["--auto", "--out", str(out)]
     assert main(argv) == 0
     printed = capsys.readouterr().out.strip().splitlines()
     assert printed[-1] == str(out / "concepts.html")
     assert {p.name for p in out.iterdir()} == {"concepts.html", "concepts.json", "flow.gif"}
+    data = json.loads((out / "concepts.json").read_text())
+    assert "states" in [c["name"] for c in data["concepts"]]  # --model demo: the demo's categories
+    assert data["patching"]["corrupt_prompt"] == "Fact: Birmingham is in the state whose capital is"  # @cities
 
 
 @pytest.mark.parametrize(
@@ -320,7 +337,7 @@ def test_trajectories_overlay_two_models_in_one_space(demo_model):
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     from circuits.concepts.figures import trajectories_figure
-    from circuits.models import DEMO_MODEL_DIR, load_model
+    from circuits.models import load_model
 
     other = load_model("demo")
     with torch.no_grad():
@@ -359,8 +376,62 @@ def test_report_paths_through_groups_and_extra_trajectory_sets(demo_model):
         paths=[["Dallas", "states", "Austin"], ["Dallas", "@capitals"]],
         counterfactual=COUNTERFACTUAL,
         trajectory_sets={"one-hop": one_hop},
+        categories=CATEGORIES,
     )
     assert {p.path for p in report.paths} == {("Dallas", "states", "Austin"), ("Dallas", "capitals")}
     assert report.trajectories.answers["one-hop"] == ["Austin", "Columbus", "Salt Lake City"]
     n = len(report.trajectories.sets["prompt and variants"])
     assert report.trajectories.coords["one-hop"].shape == (3, 5, 2) and n == 24
+
+
+TOWNS = {"towns": ["Dallas", "Chicago", "Moab"]}  # a category of the caller's own, across three states
+
+
+def test_categories_are_inputs_to_concepts_and_counterfactuals(demo_model):
+    traces, lens = trace_concepts(demo_model, FLAGSHIP, ["@towns"], categories=TOWNS)
+    ids = [demo_model.to_single_token(w) for w in TOWNS["towns"]]
+    assert traces[0].concept.name == "towns" and traces[0].concept.first_tokens == ids
+    torch.testing.assert_close(traces[0].prob, lens.softmax(-1)[..., ids].sum(-1), atol=1e-6, rtol=1e-5)
+    swapped = [FLAGSHIP.replace("Dallas", town) for town in ("Chicago", "Moab")]
+    assert category_variants(demo_model, FLAGSHIP, TOWNS) == swapped
+    assert propose_counterfactuals(demo_model, FLAGSHIP, TOWNS) == swapped  # Springfield and Salt Lake City
+    assert category_variants(demo_model, FLAGSHIP, {}) == [] and propose_counterfactuals(demo_model, FLAGSHIP, {}) == []
+    assert member_swaps("in Dallas now", {"odd": ["Dallas", r"\1 & \g<0>"]}) == [r"in \1 & \g<0> now"]  # literal
+
+
+def test_without_categories_a_category_is_a_one_line_error_and_nothing_is_proposed(demo_model, tmp_path, capsys):
+    with pytest.raises(CircuitsError, match=r"unknown concept category @states \(known: none\): pass categories=") as e:
+        make_concept(demo_model, "@states")
+    assert len(str(e.value).splitlines()) == 1
+    report = concept_report(demo_model, FLAGSHIP, concepts=["Texas"])
+    assert report.patching is None and report.trajectories is None and report.funnel is None
+    # The CLI passes the demo's categories for `--model demo` only: the same model from its directory has none.
+    argv = ["concepts", FLAGSHIP, "--concept", "@states", "--model", str(DEMO_MODEL_DIR), "--out", str(tmp_path)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "known: none" in err
+
+
+def _import_graph():
+    """scripts/import_graph.py as a module."""
+    spec = importlib.util.spec_from_file_location("import_graph", Path(__file__).parents[1] / "scripts/import_graph.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_concepts_never_import_the_demo_and_sit_on_their_floors():
+    graph = _import_graph()
+    modules = graph.module_names()
+    edges = {name: graph.imports(path, name, set(modules)) for name, path in modules.items()}
+    edges["circuits"] = set()  # as in the script: the lazy root re-exports every stage, it is no floor
+
+    def floor(name: str, seen: tuple[str, ...] = ()) -> int:
+        return 0 if name in seen else 1 + max((floor(d, (*seen, name)) for d in edges[name]), default=0)
+
+    concepts = [name for name in modules if name.startswith("circuits.concepts.")]
+    assert [(n, d) for n in concepts for d in edges[n] if d.startswith("circuits.demo")] == []
+    assert [loop for loop in graph.folder_loops(edges, modules) if "circuits.concepts" in loop] == []
+    floors = {name.rpartition(".")[2]: floor(name) for name in concepts}
+    assert max(floors[m] for m in ("lens", "paths", "patching", "trajectories", "figures")) <= 3
+    assert floors["report"] <= 4 and floors["page"] <= 5

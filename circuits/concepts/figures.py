@@ -9,14 +9,17 @@ from __future__ import annotations
 import html
 import io
 import math
+from typing import TYPE_CHECKING
 
 import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
-from circuits.concepts.lens import ConceptTrace, PathScore
-from circuits.concepts.patching import PatchingResult
-from circuits.concepts.trajectories import Trajectories
+if TYPE_CHECKING:
+    from circuits.concepts.lens import ConceptTrace
+    from circuits.concepts.patching import PatchingResult
+    from circuits.concepts.paths import PathScore
+    from circuits.concepts.trajectories import Trajectories
 
 
 def token_labels(tokens: list[str]) -> list[str]:

@@ -3,23 +3,19 @@
 The logit lens reads the residual stream after `layer` blocks (row 0 = embeddings, row L = the
 final residual) through the final norm and the unembedding. A concept is a word or a group of
 words ("some state"); a group scores the probability that the next token is any of its words.
-Multi-hop paths (Dallas -> Texas -> Austin) are scored from each concept's peak cell.
+Named groups (`@states`) come from the caller's categories (`circuits.concepts.categories`).
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformer_lens import ActivationCache, HookedTransformer
 
-from circuits.demo.facts import CAPITALS, CITIES, STATE_NAMES
+from circuits.concepts.categories import Categories, category_words
 from circuits.errors import CircuitsError
 from circuits.models import prompt_tokens
-
-# Named groups usable as a concept (`@states`): the demo world's categories.
-GROUPS: dict[str, tuple[str, ...]] = {"states": STATE_NAMES, "capitals": CAPITALS, "cities": CITIES}
 
 
 @dataclass(frozen=True)
@@ -44,16 +40,17 @@ def word_tokens(model: HookedTransformer, word: str) -> tuple[int, ...]:
     return tuple(ids)
 
 
-def make_concept(model: HookedTransformer, spec: str | list[str] | tuple[str, list[str]]) -> Concept:
-    """A concept from `"Texas"`, `"@states"` (a named group), `"name=w1|w2"`, a list of words or (name, words)."""
+def make_concept(
+    model: HookedTransformer, spec: str | list[str] | tuple[str, list[str]], categories: Categories | None = None
+) -> Concept:
+    """A concept from `"Texas"`, `"@states"` (a category of `categories`), `"name=w1|w2"`, a list of words
+    or (name, words)."""
     if isinstance(spec, tuple):
         name, words = spec
     elif isinstance(spec, list):
         name, words = "|".join(spec), spec
     elif spec.startswith("@"):
-        if spec[1:] not in GROUPS:
-            raise CircuitsError(f"unknown concept group {spec!r}: use one of {', '.join('@' + g for g in GROUPS)}")
-        name, words = spec[1:], list(GROUPS[spec[1:]])
+        name, words = spec[1:], category_words(categories, spec[1:])
     elif "=" in spec:
         name, _, rest = spec.rpartition("=")
         words = rest.split("|")
@@ -64,17 +61,11 @@ def make_concept(model: HookedTransformer, spec: str | list[str] | tuple[str, li
     return Concept(name.strip(), tuple(w.strip() for w in words), tuple(word_tokens(model, w) for w in words))
 
 
-def residual_stack(cache: ActivationCache, n_layers: int) -> torch.Tensor:
-    """The residual stream after 0..L blocks: [L+1, batch, pos, d_model]."""
-    rows = [cache[f"blocks.{l}.hook_resid_pre"] for l in range(n_layers)]
-    return torch.stack([*rows, cache[f"blocks.{n_layers - 1}.hook_resid_post"]])
-
-
 @torch.no_grad()
 def logit_lens(model: HookedTransformer, tokens: torch.Tensor) -> tuple[torch.Tensor, ActivationCache]:
     """Lens logits [L+1, pos, vocab] of one prompt (row L equals the model's own logits) and the cache."""
     _, cache = model.run_with_cache(tokens)
-    stack = residual_stack(cache, model.cfg.n_layers)[:, 0]  # [L+1, pos, d_model]
+    stack = cache.accumulated_resid()[:, 0]  # [L+1, pos, d_model]: resid_pre of each block, the last resid_post
     return model.unembed(model.ln_final(stack)), cache
 
 
@@ -172,74 +163,17 @@ def sequence_logprob(model: HookedTransformer, tokens: torch.Tensor, concept: Co
 
 
 def trace_concepts(
-    model: HookedTransformer, prompt: str, concepts: list, full_sequence: bool = False
+    model: HookedTransformer,
+    prompt: str,
+    concepts: list,
+    full_sequence: bool = False,
+    categories: Categories | None = None,
 ) -> tuple[list[ConceptTrace], torch.Tensor]:
     """Traces of every concept spec (see `make_concept`) on a prompt, and the lens logits [L+1, pos, vocab]."""
     tokens = prompt_tokens(model, prompt)
     lens, cache = logit_lens(model, tokens)
-    made = [c if isinstance(c, Concept) else make_concept(model, c) for c in concepts]
+    made = [c if isinstance(c, Concept) else make_concept(model, c, categories) for c in concepts]
     return [trace_concept(model, tokens, lens, cache, c, full_sequence) for c in made], lens
-
-
-@dataclass
-class PathScore:
-    """How well a chain of concepts (a -> b -> c) shows up in the traces, peak by peak."""
-
-    path: tuple[str, ...]
-    peaks: list[tuple[int, int]]  # (layer, position) per hop
-    peak_probs: list[float]
-    peak_ranks: list[int]
-    ordered_by_position: bool
-    ordered_by_layer: bool
-    completeness: float  # fraction of hops whose peak ranks within `top_k`
-    strength: float  # geometric mean of the peak probabilities
-    baseline: float  # strength * completeness, halved when out of order
-    score: float  # continuous: rank-and-probability strength times a soft order factor
-    order_factor: float = field(default=1.0)
-
-    @property
-    def in_order(self) -> bool:
-        return self.ordered_by_position and self.ordered_by_layer
-
-
-def score_path(
-    traces: dict[str, ConceptTrace], path: list[str], n_layers: int, top_k: int = 5, temperature: float = 0.1
-) -> PathScore:
-    """Score one path of concept names (each must have a trace)."""
-    missing = [name for name in path if name not in traces]
-    if missing or len(path) < 2:
-        raise CircuitsError(f"path {path} needs at least two concepts, each traced (missing {missing})")
-    hops = [traces[name] for name in path]
-    peaks = [t.peak() for t in hops]
-    probs, ranks = zip(*(t.peak_prob_rank() for t in hops), strict=True)
-    n_pos = hops[0].prob.shape[1]
-    pairs = list(zip(peaks, peaks[1:], strict=False))
-    by_position = all(b[1] >= a[1] for a, b in pairs)
-    by_layer = all(b[0] >= a[0] for a, b in pairs)
-    # The soft order: how much later (in position and in layer, each scaled to [-1, 1]) each hop peaks.
-    margins = [(b[1] - a[1]) / max(1, n_pos - 1) + (b[0] - a[0]) / n_layers for a, b in pairs]
-    order_factor = sum(torch.sigmoid(torch.tensor(m / temperature)).item() for m in margins) / len(margins)
-    strength = math.exp(sum(math.log(max(p, 1e-30)) for p in probs) / len(probs))
-    hop_strength = [0.5 * p + 0.5 / r for p, r in zip(probs, ranks, strict=True)]
-    completeness = sum(r <= top_k for r in ranks) / len(ranks)
-    return PathScore(
-        path=tuple(path),
-        peaks=peaks,
-        peak_probs=list(probs),
-        peak_ranks=list(ranks),
-        ordered_by_position=by_position,
-        ordered_by_layer=by_layer,
-        completeness=completeness,
-        strength=strength,
-        baseline=strength * completeness * (1.0 if by_position and by_layer else 0.5),
-        score=math.exp(sum(math.log(h) for h in hop_strength) / len(hop_strength)) * order_factor,
-        order_factor=order_factor,
-    )
-
-
-def rank_paths(traces: dict[str, ConceptTrace], paths: list[list[str]], n_layers: int) -> list[PathScore]:
-    """Every path scored, best (highest continuous score) first."""
-    return sorted((score_path(traces, p, n_layers) for p in paths), key=lambda s: -s.score)
 
 
 def propose_intermediates(model: HookedTransformer, tokens: torch.Tensor, lens: torch.Tensor, k: int = 3) -> list[str]:
@@ -255,22 +189,3 @@ def propose_intermediates(model: HookedTransformer, tokens: torch.Tensor, lens: 
     score[list(excluded)] = 0
     top = score.topk(k)
     return [model.to_single_str_token(int(i)).strip() for v, i in zip(top.values, top.indices, strict=True) if v > 0]
-
-
-def graph_node_row(layer: str | int, n_layers: int) -> int:
-    """The trace row where a graph node's output lands: embeddings ("E") row 0; a feature or error
-    node of layer l writes the MLP output of block l, so row l+1; logit nodes the last row."""
-    if str(layer) == "E":
-        return 0
-    return min(int(layer) + 1, n_layers)
-
-
-def graph_nodes_by_cell(nodes: list[dict], n_layers: int) -> dict[tuple[int, int], list[str]]:
-    """Map each trace cell (row, position) to the ids of graph nodes there. Nodes are dicts with `layer`
-    ("E" or a layer number) and `ctx_idx` (circuit-tracer/Neuronpedia graph JSON), and `node_id`
-    (default `{layer}_{feature}_{ctx_idx}`)."""
-    cells: dict[tuple[int, int], list[str]] = {}
-    for node in nodes:
-        node_id = node.get("node_id", f"{node['layer']}_{node.get('feature', 0)}_{node['ctx_idx']}")
-        cells.setdefault((graph_node_row(node["layer"], n_layers), int(node["ctx_idx"])), []).append(node_id)
-    return cells

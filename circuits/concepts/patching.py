@@ -8,14 +8,13 @@ Many patches share one forward pass: the batch dimension holds different patches
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from circuits.demo.facts import CAPITALS, CITIES, STATE_NAMES
+from circuits.concepts.categories import Categories, member_swaps
 from circuits.errors import CircuitsError
 from circuits.models import prompt_tokens
 
@@ -152,27 +151,17 @@ def patching_grid(
     )
 
 
-def category_variants(model: HookedTransformer, prompt: str) -> list[str]:
-    """Prompts with one city, state or capital of the prompt swapped for another of the same category and
-    the same token length (Dallas -> Chicago), in the facts table's order."""
+def category_variants(model: HookedTransformer, prompt: str, categories: Categories) -> list[str]:
+    """Prompts with one member of a category swapped for another member of the same token length
+    (Dallas -> Chicago), in the categories' order; none without categories."""
     n_tokens = prompt_tokens(model, prompt).shape[1]
-    variants = []
-    for category in (CITIES, STATE_NAMES, CAPITALS):
-        for word in category:
-            pattern = re.compile(rf"(?<!\w){re.escape(word)}(?!\w)")
-            if not pattern.search(prompt):
-                continue
-            for other in category:
-                variant = pattern.sub(other, prompt)
-                if other != word and prompt_tokens(model, variant).shape[1] == n_tokens:
-                    variants.append(variant)
-    return variants
+    return [v for v in member_swaps(prompt, categories) if prompt_tokens(model, v).shape[1] == n_tokens]
 
 
 @torch.no_grad()
-def propose_counterfactuals(model: HookedTransformer, prompt: str, n: int = 3) -> list[str]:
+def propose_counterfactuals(model: HookedTransformer, prompt: str, categories: Categories, n: int = 3) -> list[str]:
     """Up to n same-length same-category variants of the prompt whose top prediction differs from the prompt's."""
-    variants = category_variants(model, prompt)
+    variants = category_variants(model, prompt, categories)
     if not variants:
         return []
     predicted = model(prompt_tokens(model, prompt))[0, -1].argmax()

@@ -1,41 +1,28 @@
-"""The concept report of one prompt: every analysis, its figures, and a self-contained offline HTML page.
+"""The concept report of one prompt: every concept-trace analysis, and its figures.
 
-`concept_report` runs the analyses; `figures` turns a report into plotly figures (the main page
-embeds these); `write_concepts_page` writes concepts.html (plotly.js inlined, no network request),
-concepts.json (the numbers) and flow.gif.
+`concept_report` resolves the concept specs, traces them, scores the paths, patches against a
+counterfactual and follows the prompt's same-category variants through the layers; `figures` turns
+a report into plotly figures (the trace page embeds these; `circuits.concepts.page` writes a page of
+its own). Categories and counterfactuals are inputs: with no categories, none are proposed.
 """
 
 from __future__ import annotations
 
-import html
-import json
-import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import plotly.graph_objects as go
-import plotly.offline
 import torch
 from transformer_lens import HookedTransformer
 
 from circuits.concepts import figures as cf
-from circuits.concepts.lens import (
-    Concept,
-    ConceptTrace,
-    PathScore,
-    graph_nodes_by_cell,
-    logit_lens,
-    make_concept,
-    prompt_tokens,
-    propose_intermediates,
-    rank_paths,
-    trace_concept,
-)
+from circuits.concepts.categories import Categories
+from circuits.concepts.cells import graph_nodes_by_cell
+from circuits.concepts.lens import Concept, ConceptTrace, logit_lens, make_concept, propose_intermediates, trace_concept
 from circuits.concepts.patching import PatchingResult, category_variants, patching_grid, propose_counterfactuals
+from circuits.concepts.paths import PathScore, rank_paths
 from circuits.concepts.trajectories import Trajectories, funnel, trajectories
-from circuits.fileio import atomic_file
+from circuits.models import prompt_tokens
 
-log = logging.getLogger(__name__)
 MAX_TRAJECTORY_PROMPTS = 24
 
 
@@ -58,23 +45,6 @@ class ConceptReport:
     def trace(self, name: str) -> ConceptTrace:
         return next(t for t in self.traces if t.concept.name == name)
 
-    def to_json_dict(self) -> dict:
-        """Plain JSON types only: lists of floats, ints and strings."""
-        return {
-            "prompt": self.prompt,
-            "tokens": self.tokens,
-            "n_layers": self.n_layers,
-            "rows": "row r = residual stream after r blocks (0 = embeddings)",
-            "prediction": self.prediction,
-            "proposals": self.proposals,
-            "concepts": [_trace_json(t) for t in self.traces],
-            "paths": [_path_json(p) for p in self.paths],
-            "patching": _patching_json(self.patching) if self.patching else None,
-            "trajectories": _trajectories_json(self.trajectories) if self.trajectories else None,
-            "funnel": {k: _floats(v) for k, v in self.funnel.items()} if self.funnel else None,
-            "graph_cells": {f"{r},{p}": ids for (r, p), ids in sorted(self.graph_cells.items())},
-        }
-
 
 def concept_report(
     model: HookedTransformer,
@@ -86,14 +56,16 @@ def concept_report(
     full_sequence: bool = False,
     graph_nodes: list[dict] | None = None,
     trajectory_sets: dict[str, list[str]] | None = None,
+    categories: Categories | None = None,
 ) -> ConceptReport:
-    """Trace the concepts (specs as in `make_concept`; every word of a path is traced too), score the
-    paths, patch against the counterfactual (proposed from the same category when not given) and
-    follow the prompt and its same-category variants (plus any `trajectory_sets`, e.g. one-hop prompts to
-    overlay) through the layers.
+    """Trace the concepts (specs as in `make_concept`, `@name` from `categories`; every element of a path
+    is traced too), score the paths, patch against the counterfactual (default: a same-category variant
+    that changes the answer) and follow the prompt and its same-category variants (plus any
+    `trajectory_sets`, e.g. one-hop prompts to overlay) through the layers.
 
     With `auto`, or with no concepts and no paths, the best middle-layer proposal and the model's
     prediction are traced and the path proposal -> prediction is scored."""
+    categories = categories or {}
     tokens = prompt_tokens(model, prompt)
     lens, cache = logit_lens(model, tokens)
     prediction = model.to_single_str_token(int(lens[-1, -1].argmax())).strip()
@@ -102,43 +74,69 @@ def concept_report(
     if (auto or not (specs or paths)) and proposals:
         specs += [proposals[0], prediction]
         paths.append([proposals[0], prediction])
-    made: dict[str, Concept] = {}
-    for spec in specs:
-        concept = make_concept(model, spec)
-        made.setdefault(concept.name, concept)
-    paths = [[_path_concept(model, made, spec) for spec in path] for path in paths]
+    made, paths = resolve_concepts(model, specs, paths, categories)
     traces = [trace_concept(model, tokens, lens, cache, c, full_sequence) for c in made.values()]
-    by_name = {t.concept.name: t for t in traces}
-    report = ConceptReport(
+    patching = patch_against(model, prompt, counterfactual, categories)
+    followed, same_answer = follow_variants(model, prompt, trajectory_sets or {}, categories)
+    return ConceptReport(
         prompt=prompt,
         tokens=model.to_str_tokens(tokens),
         n_layers=model.cfg.n_layers,
         prediction=prediction,
         traces=traces,
-        paths=rank_paths(by_name, paths, model.cfg.n_layers),
+        paths=rank_paths({t.concept.name: t for t in traces}, paths, model.cfg.n_layers),
         proposals=proposals,
+        patching=patching,
+        trajectories=followed,
+        funnel=same_answer,
         graph_cells=graph_nodes_by_cell(graph_nodes or [], model.cfg.n_layers),
     )
-    counterfactuals = [counterfactual] if counterfactual else propose_counterfactuals(model, prompt, n=1)
-    if counterfactuals:
-        report.patching = patching_grid(model, prompt, counterfactuals[0])
-    sets = {"prompt and variants": [prompt, *category_variants(model, prompt)[: MAX_TRAJECTORY_PROMPTS - 1]]}
-    sets.update(trajectory_sets or {})
-    if sum(len(s) for s in sets.values()) > 1:
-        report.trajectories = trajectories(model, sets)
-        answers = [a for name in sets for a in report.trajectories.answers[name]]
-        if len(set(answers)) < len(answers):
-            report.funnel = funnel(torch.cat(list(report.trajectories.states.values())), answers)
-    return report
 
 
-def _path_concept(model: HookedTransformer, made: dict[str, Concept], spec: str) -> str:
+def resolve_concepts(
+    model: HookedTransformer, specs: list, paths: list[list[str]], categories: Categories
+) -> tuple[dict[str, Concept], list[list[str]]]:
+    """The concepts to trace by name (the first spec of each name wins; path elements not yet made are
+    added) and each path as concept names. A path element is a made concept's name or a spec."""
+    made: dict[str, Concept] = {}
+    for spec in specs:
+        concept = make_concept(model, spec, categories)
+        made.setdefault(concept.name, concept)
+    return made, [[_path_concept(model, made, spec, categories) for spec in path] for path in paths]
+
+
+def _path_concept(model: HookedTransformer, made: dict[str, Concept], spec: str, categories: Categories) -> str:
     """The name of a path element: a concept already made (by name), or a new one made from the spec."""
     if spec in made:
         return spec
-    concept = make_concept(model, spec)
+    concept = make_concept(model, spec, categories)
     made.setdefault(concept.name, concept)
     return concept.name
+
+
+def patch_against(
+    model: HookedTransformer, prompt: str, counterfactual: str | None, categories: Categories
+) -> PatchingResult | None:
+    """The patching grid of the prompt against `counterfactual`, or else against the first same-category
+    variant whose answer differs; None when there is neither."""
+    counterfactuals = [counterfactual] if counterfactual else propose_counterfactuals(model, prompt, categories, n=1)
+    return patching_grid(model, prompt, counterfactuals[0]) if counterfactuals else None
+
+
+def follow_variants(
+    model: HookedTransformer, prompt: str, extra_sets: dict[str, list[str]], categories: Categories
+) -> tuple[Trajectories | None, dict[str, torch.Tensor] | None]:
+    """Trajectories of the prompt and its same-category variants (at most MAX_TRAJECTORY_PROMPTS), plus
+    `extra_sets`, and their funnel when some prompts share an answer; None for a lone prompt."""
+    variants = category_variants(model, prompt, categories)[: MAX_TRAJECTORY_PROMPTS - 1]
+    sets = {"prompt and variants": [prompt, *variants], **extra_sets}
+    if sum(len(s) for s in sets.values()) <= 1:
+        return None, None
+    followed = trajectories(model, sets)
+    answers = [a for name in sets for a in followed.answers[name]]
+    if len(set(answers)) == len(answers):
+        return followed, None
+    return followed, funnel(torch.cat(list(followed.states.values())), answers)
 
 
 def figures(report: ConceptReport) -> dict[str, go.Figure]:
@@ -164,138 +162,3 @@ def figures(report: ConceptReport) -> dict[str, go.Figure]:
 def flow_steps(report: ConceptReport) -> list[dict]:
     """The best path's bubbles in order."""
     return cf.flow_steps(report.paths[0], {t.concept.name: t for t in report.traces})
-
-
-def render_concepts_html(report: ConceptReport) -> str:
-    """One self-contained page: plotly.js inlined, every text escaped, no external resource."""
-    figs = figures(report)
-    specs = [{"id": f"fig{i}", "figure": json.loads(fig.to_json())} for i, fig in enumerate(figs.values())]
-    sections = "\n".join(
-        f'<section><h2>{html.escape(name)}</h2><div id="fig{i}" class="fig"></div></section>'
-        for i, name in enumerate(figs)
-    )
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<title>concept traces: {html.escape(report.prompt)}</title>
-<style>body{{font-family:sans-serif;margin:1.5em;max-width:1100px}} table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:2px 8px}} code{{background:#f4f4f4}}</style>
-<script>{plotly.offline.get_plotlyjs()}</script>
-</head><body>
-<h1>Concept traces</h1>
-<p>Prompt: <code>{html.escape(report.prompt)}</code> → prediction <b>{html.escape(report.prediction)}</b></p>
-<p>Tokens: {" ".join(f"<code>{html.escape(t)}</code>" for t in report.tokens)}</p>
-<p>Auto-proposed intermediate concepts: {html.escape(", ".join(report.proposals) or "none")}</p>
-{_paths_table(report.paths)}
-{_patching_line(report.patching)}
-{sections}
-<script>
-const FIGURES = {_script_json(specs)};
-for (const f of FIGURES) {{
-  Plotly.newPlot(f.id, {{data: f.figure.data, layout: f.figure.layout, frames: f.figure.frames || [],
-                        config: {{displaylogo: false, responsive: true}}}});
-}}
-</script>
-</body></html>
-"""
-
-
-def write_concepts_page(report: ConceptReport, out_dir: Path) -> Path:
-    """Write concepts.html, concepts.json and (when a path was scored) flow.gif; return the page's path."""
-    out_dir = Path(out_dir)
-    with atomic_file(out_dir / "concepts.json") as f:
-        json.dump(report.to_json_dict(), f, indent=1)
-    if report.paths:
-        with atomic_file(out_dir / "flow.gif", "wb") as f:
-            f.write(cf.flow_gif(flow_steps(report), report.tokens, report.n_layers))
-    page = out_dir / "concepts.html"
-    with atomic_file(page) as f:
-        f.write(render_concepts_html(report))
-    log.info("wrote %s", page)
-    return page
-
-
-def _script_json(value) -> str:
-    """JSON that is safe inside a <script> element: no '<', '>' or '&' survive literally."""
-    text = json.dumps(value)
-    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-
-
-def _paths_table(paths: list[PathScore]) -> str:
-    if not paths:
-        return "<p>No paths scored.</p>"
-    rows = "".join(
-        f"<tr><td>{html.escape(' → '.join(p.path))}</td><td>{p.score:.3f}</td><td>{p.baseline:.3f}</td>"
-        f"<td>{html.escape(str(p.peaks))}</td><td>{p.ordered_by_position}</td><td>{p.ordered_by_layer}</td>"
-        f"<td>{p.completeness:.2f}</td></tr>"
-        for p in paths
-    )
-    head = "<tr><th>path</th><th>score</th><th>baseline</th><th>peaks (layer, pos)</th>"
-    return f"<table>{head}<th>pos order</th><th>layer order</th><th>complete</th></tr>{rows}</table>"
-
-
-def _patching_line(result: PatchingResult | None) -> str:
-    if result is None:
-        return "<p>No counterfactual: patching skipped.</p>"
-    return (
-        f"<p>Patching: clean <code>{html.escape(result.clean_prompt)}</code> vs counterfactual "
-        f"<code>{html.escape(result.corrupt_prompt)}</code>; metric = recovered fraction of "
-        f"logit({html.escape(result.answer)}) − logit({html.escape(result.foil)}).</p>"
-    )
-
-
-def _floats(t: torch.Tensor) -> list:
-    return torch.round(t.float(), decimals=6).tolist()
-
-
-def _trace_json(t: ConceptTrace) -> dict:
-    layer, pos = t.peak()
-    return {
-        "name": t.concept.name,
-        "words": list(t.concept.words),
-        "token_ids": [list(ids) for ids in t.concept.token_ids],
-        "peak": {"layer": layer, "position": pos, "anchored_in_prompt": t.anchor_position is not None},
-        "prob": _floats(t.prob),
-        "logprob": _floats(t.logprob),
-        "rank": t.rank.tolist(),
-        "logit": _floats(t.logit),
-        "attn_direct": _floats(t.attn_direct),
-        "mlp_direct": _floats(t.mlp_direct),
-        "sequence_logprob": _floats(t.sequence_logprob) if t.sequence_logprob is not None else None,
-    }
-
-
-def _path_json(p: PathScore) -> dict:
-    return {
-        "path": list(p.path),
-        "peaks": [list(x) for x in p.peaks],
-        "peak_probs": p.peak_probs,
-        "peak_ranks": p.peak_ranks,
-        "ordered_by_position": p.ordered_by_position,
-        "ordered_by_layer": p.ordered_by_layer,
-        "completeness": p.completeness,
-        "strength": p.strength,
-        "baseline": p.baseline,
-        "order_factor": p.order_factor,
-        "score": p.score,
-    }
-
-
-def _patching_json(r: PatchingResult) -> dict:
-    return {
-        "clean_prompt": r.clean_prompt,
-        "corrupt_prompt": r.corrupt_prompt,
-        "answer": r.answer,
-        "foil": r.foil,
-        "clean_diff": r.clean_diff,
-        "corrupt_diff": r.corrupt_diff,
-        "grids": {k: _floats(v) for k, v in r.grids.items()},
-    }
-
-
-def _trajectories_json(t: Trajectories) -> dict:
-    return {
-        "sets": t.sets,
-        "answers": t.answers,
-        "coords": {k: _floats(v) for k, v in t.coords.items()},
-        "explained_variance": _floats(t.pca.explained),
-    }

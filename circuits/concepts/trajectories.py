@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 from transformer_lens import HookedTransformer
 
-from circuits.concepts.lens import prompt_tokens, residual_stack
 from circuits.errors import CircuitsError
+from circuits.models import prompt_tokens
 
 
 @torch.no_grad()
@@ -33,7 +33,7 @@ def residual_states(model: HookedTransformer, prompts: list[str], position: int 
     names.add(f"blocks.{model.cfg.n_layers - 1}.hook_resid_post")
     for rows in by_length.values():
         _, cache = model.run_with_cache(torch.cat([tokens[i] for i in rows]), names_filter=lambda n: n in names)
-        out[rows] = residual_stack(cache, model.cfg.n_layers)[:, :, position].transpose(0, 1).cpu()
+        out[rows] = cache.accumulated_resid()[:, :, position].transpose(0, 1).cpu()  # [L+1, n, d] -> [n, L+1, d]
     return out
 
 

@@ -80,6 +80,10 @@ CITIES: tuple[str, ...] = tuple(c for s in STATES for c in s.cities)
 STATE_OF_CITY: dict[str, State] = {c: s for s in STATES for c in s.cities}
 STATE_BY_NAME: dict[str, State] = {s.name: s for s in STATES}
 
+# The demo world's categories for the concepts stage (`@cities`, `@states`, `@capitals`; same-category
+# counterfactuals), in the order of a two-hop chain: city -> state -> capital.
+CATEGORIES: dict[str, list[str]] = {"cities": list(CITIES), "states": list(STATE_NAMES), "capitals": list(CAPITALS)}
+
 
 def trained_two_hop_cities() -> list[str]:
     return [c for s in STATES for i, c in enumerate(s.cities) if i != HELD_OUT_CITY_INDEX]

@@ -13,10 +13,12 @@ from dataclasses import dataclass
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from circuits.concepts.lens import logit_lens, make_concept, prompt_tokens, score_path, trace_concept
+from circuits.concepts.lens import logit_lens, make_concept, trace_concept
 from circuits.concepts.patching import patching_grid, propose_counterfactuals
+from circuits.concepts.paths import score_path
 from circuits.demo.corpus import TWO_HOP_PROMPT
-from circuits.demo.facts import STATE_OF_CITY, STATES, held_out_cities, trained_two_hop_cities
+from circuits.demo.facts import CATEGORIES, STATE_OF_CITY, STATES, held_out_cities, trained_two_hop_cities
+from circuits.models import prompt_tokens
 
 
 @dataclass
@@ -77,7 +79,7 @@ def patching_at_state_peak(model: HookedTransformer, result: TwoHopResult) -> tu
     """Is the state's peak cell causal for the answer? Recovered logit difference when the clean residual
     stream (resid_pre, at the peak's layer, capped at the last block) is patched into a run on another
     state's city, at the peak's position and at the last position."""
-    counterfactual = propose_counterfactuals(model, result.prompt, n=1)[0]
+    counterfactual = propose_counterfactuals(model, result.prompt, CATEGORIES, n=1)[0]
     grid = patching_grid(model, result.prompt, counterfactual, kinds=("resid_pre",)).grids["resid_pre"]  # [L, pos]
     layer = min(result.state_peak[0], model.cfg.n_layers - 1)
     return float(grid[layer, result.state_peak[1]]), float(grid[layer, -1])
