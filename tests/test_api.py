@@ -2,6 +2,8 @@
 
 import ast
 import importlib
+import subprocess
+import sys
 from pathlib import Path
 
 import circuits
@@ -18,3 +20,10 @@ def test_type_checking_imports_name_the_same_modules_as_the_lazy_exports():
     block = next(n for n in tree.body if isinstance(n, ast.If) and getattr(n.test, "id", "") == "TYPE_CHECKING")
     seen = {alias.name: node.module for node in block.body for alias in node.names}
     assert seen == circuits._EXPORTS
+
+
+def test_import_graph_has_no_loop_between_folders_and_at_most_seven_floors():
+    script = Path(__file__).resolve().parent.parent / "scripts" / "import_graph.py"
+    out = subprocess.run([sys.executable, str(script), "--max-floors", "7"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-2000:]
+    assert "no loop between folders" in out.stdout
