@@ -57,29 +57,26 @@ def _cmd_features(args: argparse.Namespace) -> None:
 
 
 def _cmd_trace(args: argparse.Namespace) -> None:
-    from circuits.attribution.interventions import validate
     from circuits.features import features_for, load_features
-    from circuits.pipeline import concept_figures, load_pair, trace_to_files, write_trace_page
+    from circuits.pipeline import TraceOptions, load_pair, trace
 
     model, clt = load_pair(args.model, args.transcoder, args.device)
-    graph, paths = trace_to_files(
-        args.prompt, model, clt, args.out, args.slug, args.transcoder, args.node_threshold, args.edge_threshold,
-        prune=not args.no_prune, targets=args.target, batch_size=args.batch_size,
-        max_feature_nodes=args.max_feature_nodes, device=args.device, inhibited=args.inhibited,
-    )  # fmt: skip
-    replacement, completeness = graph.scores()
-    print(f"{graph.n_features} feature nodes; targets {graph.target_names}")
-    print(f"replacement score {replacement:.3f}, completeness score {completeness:.3f}")
-    validation = None
-    if args.validate:
-        validation = validate(graph, model, clt)
-        print("\n".join(validation.lines()))
-    print(paths["json"])
     features = load_features(args.features, clt) if args.features else features_for(args.transcoder, clt)
-    paths_ = [p.split(",") for p in args.path]
-    figures = None if args.no_concepts else concept_figures(model, args.prompt, paths["json"], args.concept, paths_)
-    page = write_trace_page(graph, paths["json"], args.model, args.transcoder, features, figures, validation)
-    print(page)
+    options = TraceOptions(
+        out=Path(args.out), slug=args.slug, model_name=args.model, transcoder_name=args.transcoder,
+        targets=args.target or [], batch_size=args.batch_size, max_feature_nodes=args.max_feature_nodes,
+        inhibited=args.inhibited, device=args.device, node_threshold=args.node_threshold,
+        edge_threshold=args.edge_threshold, prune=not args.no_prune, validate=args.validate,
+        concept_traces=not args.no_concepts, concepts=args.concept, paths=[p.split(",") for p in args.path],
+    )  # fmt: skip
+    result = trace(args.prompt, model, clt, options, features)
+    meta = result.data["metadata"]
+    print(f"{result.graph.n_features} feature nodes; targets {result.graph.target_names}")
+    print(f"replacement score {meta['replacement_score']:.3f}, completeness score {meta['completeness_score']:.3f}")
+    if result.validation is not None:
+        print("\n".join(result.validation.lines()))
+    print(result.json_path)
+    print(result.page_path)
 
 
 def _cmd_aggregate(args: argparse.Namespace) -> None:

@@ -1,64 +1,156 @@
-"""The pipeline behind `circuits trace`: prompt -> graph -> concept report -> page."""
+"""The pipeline behind `circuits trace`: prompt -> graph -> concept report -> page, in memory.
+
+`trace` attributes the prompt, builds the graph JSON once, traces the concepts beside the graph's
+nodes, computes the feature cards once, annotates the JSON (the cards' labels, suggested
+supernodes), then writes `<out>/<slug>.json` (that JSON), `<slug>.graph.safetensors` (the full
+graph) and `<slug>.html` (the page, from the same JSON and cards). Nothing is read back from disk.
+"""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from transformer_lens import HookedTransformer
-
+from circuits.attribution import schema
 from circuits.attribution.attribute import attribute
-from circuits.attribution.graph import Graph
+from circuits.attribution.interventions import validate
 from circuits.concepts.report import concept_report, figures
 from circuits.fileio import atomic_file
-from circuits.page.assemble import PageInfo, PageOptions, annotate, feature_cards, write_page
+from circuits.page.assemble import PageInfo, PageOptions, feature_cards, write_page
 from circuits.page.supernodes import suggest_supernodes
-from circuits.transcoders.clt import CrossLayerTranscoder
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+    from circuits.attribution.graph import Graph
+    from circuits.attribution.interventions import ValidationReport
+    from circuits.concepts.report import ConceptReport
+    from circuits.features import FeatureScan
+    from circuits.transcoders.clt import CrossLayerTranscoder
 
 
-def concept_figures(model, prompt: str, json_path: Path, concepts=(), paths=(), counterfactual=None) -> dict:
-    """The concept-trace figures of `prompt` (`circuits.concepts_page`), their cells linked to the
-    graph's nodes; with no concepts and no paths, the proposed intermediate and the prediction;
-    patching against `counterfactual` (default: one proposed by the concepts module)."""
-    nodes = json.loads(Path(json_path).read_text(encoding="utf-8"))["nodes"]
-    report = concept_report(
-        model, prompt, list(concepts), [list(p) for p in paths], counterfactual=counterfactual, graph_nodes=nodes
+@dataclass
+class TraceOptions:
+    """What `trace` computes and where it writes it (the flags of `circuits trace`)."""
+
+    out: Path = Path("graphs")
+    """Output directory."""
+    slug: str | None = None
+    """File name stem (default: from the prompt)."""
+    model_name: str = "demo"
+    """The model's name, for the page header."""
+    transcoder_name: str = "demo"
+    """The transcoder's name, for the page header, the JSON's `metadata.scan` and the graph's config."""
+    targets: list[str] = field(default_factory=list)
+    """Target tokens, or A-B for a logit difference (default: the top predictions)."""
+    batch_size: int | None = None
+    """Targets per backward pass (default: as many as 16 MB of gradients hold)."""
+    max_feature_nodes: int | None = None
+    """Keep only this many feature nodes."""
+    inhibited: int = 5
+    """List this many inactive features the graph suppresses most."""
+    device: str = "cpu"
+    node_threshold: float = 0.8
+    """Cumulative influence of the nodes kept in the JSON."""
+    edge_threshold: float = 0.98
+    """Cumulative influence of the edges kept in the JSON."""
+    prune: bool = True
+    """False: the JSON holds the full graph, every node and nonzero edge."""
+    validate: bool = False
+    """Ablate the top features and compare with the graph's predictions."""
+    concept_traces: bool = True
+    """Concept-trace panels on the page."""
+    concepts: list[str] = field(default_factory=list)
+    """Concepts to trace beside the graph (none and no paths: the proposed intermediate and the prediction)."""
+    paths: list[list[str]] = field(default_factory=list)
+    """Concept chains to score, e.g. ["Dallas", "Texas", "Austin"]."""
+    counterfactual: str | None = None
+    """The prompt to patch against (default: one the concepts module proposes)."""
+    page: PageOptions = field(default_factory=PageOptions)
+
+
+@dataclass
+class TraceResult:
+    """What `trace` computed, and the files it wrote."""
+
+    graph: Graph  # the full graph, as in the .graph.safetensors file
+    data: dict  # the graph JSON as written: pruned (unless options.prune is False) and annotated
+    cards: dict[str, dict]  # feature cards by node id (empty without a feature scan)
+    validation: ValidationReport | None
+    report: ConceptReport | None
+    json_path: Path
+    graph_path: Path
+    page_path: Path
+
+
+def trace(
+    prompt: str,
+    model: HookedTransformer,
+    transcoder: CrossLayerTranscoder,
+    options: TraceOptions | None = None,
+    features: FeatureScan | None = None,
+) -> TraceResult:
+    """Attribute `prompt`, trace its concepts, and write the graph JSON, the full graph and the page
+    into `options.out`; `features` is the feature scan of `transcoder` for the feature cards."""
+    options = options or TraceOptions()
+    graph = attribute(
+        prompt, model, transcoder, targets=options.targets, batch_size=options.batch_size,
+        max_feature_nodes=options.max_feature_nodes, device=options.device, inhibited=options.inhibited,
+    )  # fmt: skip
+    graph.config.update(transcoder=options.transcoder_name)
+    slug = options.slug or slugify(prompt)
+    data = schema.to_dict(
+        graph, slug, options.transcoder_name, options.node_threshold, options.edge_threshold, options.prune
     )
-    return figures(report)
-
-
-def write_trace_page(
-    graph,
-    json_path: Path,
-    model_name: str,
-    transcoder_name: str,
-    features=None,
-    figures: dict | None = None,
-    validation=None,
-    options: PageOptions | None = None,
-) -> Path:
-    """Annotate `json_path` (written by `trace_to_files` for `graph`, a `circuits.graph.Graph`) and
-    write the page beside it; `validation` is a `ValidationReport`. Returns the page's path."""
-    options = options or PageOptions()
-    data = json.loads(Path(json_path).read_text(encoding="utf-8"))
+    validation = validate(graph, model, transcoder) if options.validate else None
+    report = _concept_report(model, prompt, data["nodes"], options) if options.concept_traces else None
     cards = feature_cards(data, features)
     labels = {nid: card["label"] for nid, card in cards.items()}
-    data = annotate(data, cards, suggest_supernodes(data, options.supernode_threshold, labels))
-    with atomic_file(Path(json_path)) as f:
-        json.dump(data, f)
-    info = PageInfo(
-        model=model_name,
-        transcoder=transcoder_name,
+    data = schema.annotate(data, labels, suggest_supernodes(data, options.page.supernode_threshold, labels))
+    out = Path(options.out)
+    result = TraceResult(
+        graph, data, cards, validation, report,
+        out / f"{slug}.json", out / f"{slug}.graph.safetensors", out / f"{slug}.html",
+    )  # fmt: skip
+    _write(result, options)
+    return result
+
+
+def _concept_report(model: HookedTransformer, prompt: str, nodes: list[dict], options: TraceOptions) -> ConceptReport:
+    """The concept report of `prompt`, its cells linked to the graph JSON's `nodes`."""
+    return concept_report(
+        model, prompt, options.concepts, options.paths, counterfactual=options.counterfactual, graph_nodes=nodes
+    )
+
+
+def _write(result: TraceResult, options: TraceOptions) -> None:
+    """The three files of a trace, each written once and atomically."""
+    result.graph.save(result.graph_path)
+    with atomic_file(result.json_path) as f:
+        json.dump(result.data, f)
+    figs = None if result.report is None else figures(result.report)
+    info = page_info(result, options)
+    write_page(result.page_path, result.data, cards=result.cards, figures=figs, info=info, options=options.page)
+
+
+def page_info(result: TraceResult, options: TraceOptions) -> PageInfo:
+    """The page header's facts the graph JSON does not carry: names, top predictions, validation."""
+    graph, validation = result.graph, result.validation
+    return PageInfo(
+        model=options.model_name,
+        transcoder=options.transcoder_name,
         top_predictions=list(zip(graph.target_names, graph.target_probs.tolist(), strict=True)),
         validation={}
         if validation is None
         else {"attention frozen": validation.corr_frozen, "attention recomputed": validation.corr_free},
     )
-    page = Path(json_path).with_suffix(".html")
-    return write_page(page, data, features=features, figures=figures, info=info, options=options)
 
 
-def load_pair(model: str = "demo", transcoder: str = "demo", device: str = "cpu"):
+def load_pair(
+    model: str = "demo", transcoder: str = "demo", device: str = "cpu"
+) -> tuple[HookedTransformer, CrossLayerTranscoder]:
     """(model, transcoder) by name; refuses a transcoder that does not fit the model."""
     from circuits.models import load_model
     from circuits.transcoders.load import load_transcoder
@@ -67,32 +159,7 @@ def load_pair(model: str = "demo", transcoder: str = "demo", device: str = "cpu"
     return lm, load_transcoder(transcoder, model=lm, device=device)
 
 
-def trace_to_files(
-    prompt: str,
-    model: HookedTransformer,
-    transcoder: CrossLayerTranscoder,
-    out: Path,
-    slug: str | None = None,
-    scan: str = "",
-    node_threshold: float = 0.8,
-    edge_threshold: float = 0.98,
-    prune: bool = True,
-    **attribute_kwargs,
-) -> tuple[Graph, dict[str, Path]]:
-    """The pipeline behind `circuits trace`: attribute, write `<out>/<slug>.json` (the graph in the
-    circuit-tracer schema, pruned unless `prune` is False) and `<out>/<slug>.graph.safetensors` (the
-    full graph). Returns the graph and the written paths."""
-    graph = attribute(prompt, model, transcoder, **attribute_kwargs)
-    graph.config.update(transcoder=scan)
-    slug = slug or slugify(prompt)
-    paths = {"json": Path(out) / f"{slug}.json", "graph": Path(out) / f"{slug}.graph.safetensors"}
-    graph.save(paths["graph"])
-    graph.to_json(
-        paths["json"], slug=slug, scan=scan, node_threshold=node_threshold, edge_threshold=edge_threshold, prune=prune
-    )
-    return graph, paths
-
-
 def slugify(text: str) -> str:
+    """A file name stem from `text`: its lowercase words joined by '-', at most 60 characters."""
     words = "".join(c if c.isalnum() else " " for c in text.lower()).split()
     return "-".join(words)[:60] or "graph"

@@ -18,11 +18,10 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from circuits.attribution.interventions import validate
 from circuits.features import features_for
 from circuits.fileio import atomic_file
 from circuits.page.browser import find_chromium, offline_browser
-from circuits.pipeline import concept_figures, load_pair, trace_to_files, write_trace_page
+from circuits.pipeline import TraceOptions, load_pair, trace
 
 
 @dataclass
@@ -55,23 +54,21 @@ EXAMPLES = [
 
 
 def build(example: Example, model, clt, transcoder: str, features, out: Path, work: Path) -> dict:
-    graph, paths = trace_to_files(
-        example.prompt, model, clt, work, example.slug, transcoder, targets=example.targets, inhibited=5
-    )
-    validation = validate(graph, model, clt)
-    figures = concept_figures(model, example.prompt, paths["json"], paths=[example.path],
-                              counterfactual=example.counterfactual)  # fmt: skip
-    page = write_trace_page(graph, paths["json"], "demo", transcoder, features, figures, validation)
-    for source in (paths["json"], page):
+    options = TraceOptions(
+        out=work, slug=example.slug, model_name="demo", transcoder_name=transcoder, targets=example.targets,
+        validate=True, paths=[example.path], counterfactual=example.counterfactual,
+    )  # fmt: skip
+    result = trace(example.prompt, model, clt, options, features)
+    for source in (result.json_path, result.page_path):
         shutil.copy(source, out / source.name)
-    replacement, completeness = graph.scores()
+    meta = result.data["metadata"]
     return {
         "example": example,
-        "targets": list(zip(graph.target_names, graph.target_probs.tolist(), strict=True)),
-        "replacement": replacement,
-        "completeness": completeness,
-        "validation": validation.corr_frozen,
-        "size_mb": page.stat().st_size / 2**20,
+        "targets": list(zip(result.graph.target_names, result.graph.target_probs.tolist(), strict=True)),
+        "replacement": meta["replacement_score"],
+        "completeness": meta["completeness_score"],
+        "validation": result.validation.corr_frozen,
+        "size_mb": result.page_path.stat().st_size / 2**20,
     }
 
 

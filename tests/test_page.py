@@ -1,6 +1,8 @@
 """The HTML page: its Python assembly, then the page itself in a real browser (headless Chromium,
 network cut off)."""
 
+import builtins
+import io
 import json
 import math
 import os
@@ -12,9 +14,10 @@ import numpy as np
 import plotly.graph_objects as go
 import pytest
 
+from circuits.attribution.schema import annotate
 from circuits.errors import CircuitsError
 from circuits.features import FeatureScanConfig, scan_features
-from circuits.page.assemble import PageInfo, annotate, feature_cards, render_page, write_page
+from circuits.page.assemble import PageInfo, feature_cards, render_page, write_page
 from circuits.page.browser import find_chromium, offline_browser
 from circuits.page.graph_view import ViewOptions, build_view
 from circuits.page.supernodes import suggest_supernodes
@@ -62,7 +65,7 @@ TOKENS = ["<bos>", "Fact", ":", "Dallas", "is", "in", "the", "state", "whose", "
 
 def with_inhibited(graph: dict, seed: int = 0) -> dict:
     """`graph` with three suppressed features at the last position (layers 1, 1, 2) in
-    `metadata.inhibited_features`, as `Graph.to_dict` writes them: feature indices no node of that
+    `metadata.inhibited_features`, as `schema.to_dict` writes them: feature indices no node of that
     cell has, inhibitors from the graph's features of lower layers plus one feature that is not in
     the graph (no edge for it)."""
     rng = random.Random(seed)
@@ -150,7 +153,7 @@ def test_suppressed_features_are_hidden_nodes_in_their_cells_with_edges_from_the
     assert len({e["id"] for e in view.edges}) == len(view.edges)
     # the JSON's nodes and the header's counts stay the graph's; cards cover the suppressed features
     assert view.n_links == len(graph["links"]) and len(view.nodes) == len(graph["nodes"]) + 3
-    text = render_page(graph, features=scan)
+    text = render_page(graph, cards=feature_cards(graph, scan))
     data = json.loads(re.search(r'id="circuits-data">(.*?)</script>', text, flags=re.S)[1])
     assert data["graph"]["nodes"] == graph["nodes"]
     assert f"<dt>nodes</dt><dd>{len(graph['nodes'])}</dd>" in text and 'id="show-inhibited"' in text
@@ -206,7 +209,9 @@ def test_supernode_suggestions_group_features_with_parallel_link_profiles():
 
 def test_page_is_one_file_with_nothing_external_and_everything_escaped(scan):
     graph = _hostile_graph()
-    text = render_page(graph, features=scan, figures=_figures(), info=PageInfo(model=HOSTILE, transcoder="demo"))
+    text = render_page(
+        graph, cards=feature_cards(graph, scan), figures=_figures(), info=PageInfo(model=HOSTILE, transcoder="demo")
+    )
     assert HOSTILE not in text and HOSTILE_IMG not in text
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text  # the header, escaped as HTML
     assert "\\u003cscript\\u003ealert(1)\\u003c/script\\u003e" in text  # the page data, escaped as JSON
@@ -220,10 +225,11 @@ def test_annotate_and_feature_cards(scan):
     some = next(n for n in graph["nodes"] if n["feature_type"] == "cross layer transcoder")
     layer, feature = (int(x) for x in some["node_id"].split("_")[:2])
     assert cards[some["node_id"]] == scan.card(layer, feature)
-    out = annotate(graph, cards, [["group", some["node_id"], "0_-1_1"]])
+    out = annotate(graph, {nid: card["label"] for nid, card in cards.items()}, [["group", some["node_id"], "0_-1_1"]])
     node = next(n for n in out["nodes"] if n["node_id"] == some["node_id"])
     assert node["clerp"] == scan.card(layer, feature)["label"] and some["clerp"] == ""
     assert out["qParams"]["supernodes"] == [["group", some["node_id"], "0_-1_1"]]
+    assert graph["qParams"]["supernodes"] == [] and out["links"] == graph["links"]  # the input is left as it was
     graph["nodes"].append({**some, "node_id": "1_12_3"})  # feature index 12 of a 12-feature scan
     with pytest.raises(CircuitsError, match="outside the feature scan"):
         feature_cards(graph, scan)
@@ -293,7 +299,9 @@ def test_harness_blocks_network_and_collects_errors(open_page, tmp_path):
 @pytest.mark.browser
 def test_page_loads_offline_draws_the_graph_and_opens_a_feature_panel(open_page, scan, tmp_path):
     graph = make_graph(TOKENS)
-    path = write_page(tmp_path / "page.html", graph, features=scan, figures=_figures(), info=PageInfo(model="demo"))
+    path = write_page(
+        tmp_path / "page.html", graph, cards=feature_cards(graph, scan), figures=_figures(), info=PageInfo(model="demo")
+    )
     opened = _load(open_page, path)
     page = opened.page
     assert opened.errors == [] and opened.blocked == [] and opened.dialogs == []
@@ -341,7 +349,7 @@ def test_threshold_slider_hides_weak_edges(open_page, tmp_path):
 def test_suppressed_features_toggle_with_their_edges_and_open_their_details(open_page, scan, tmp_path):
     graph = with_inhibited(make_graph(TOKENS))
     records = {r["node_id"]: r for r in graph["metadata"]["inhibited_features"]}
-    path = write_page(tmp_path / "page.html", graph, features=scan)
+    path = write_page(tmp_path / "page.html", graph, cards=feature_cards(graph, scan))
     opened = _load(open_page, path)
     page = opened.page
     view = build_view(graph, {}, ViewOptions())
@@ -391,7 +399,13 @@ def test_suppressed_features_toggle_with_their_edges_and_open_their_details(open
 @pytest.mark.browser
 def test_hostile_strings_show_as_text_and_run_nothing(open_page, scan, tmp_path):
     graph = _hostile_graph()
-    path = write_page(tmp_path / "hostile.html", graph, features=scan, figures=_figures(), info=PageInfo(model=HOSTILE))
+    path = write_page(
+        tmp_path / "hostile.html",
+        graph,
+        cards=feature_cards(graph, scan),
+        figures=_figures(),
+        info=PageInfo(model=HOSTILE),
+    )
     opened = _load(open_page, path)
     page = opened.page
     page.locator("#search").fill("alert")
@@ -456,6 +470,50 @@ def test_clicking_a_trace_heatmap_cell_selects_the_graph_nodes_there(open_page, 
 
 
 # ---- `circuits trace` end to end --------------------------------------------------------------
+
+
+def test_trace_writes_the_json_once_from_memory_and_the_page_from_the_same_dict(
+    demo_model, demo_clt, tmp_path, monkeypatch
+):
+    from circuits import pipeline
+    from circuits.attribution import schema
+    from circuits.features import features_for
+
+    features = features_for("demo", demo_clt)
+    writes, opened, cards_made = [], [], []
+    atomic_file, card = pipeline.atomic_file, features.card
+
+    def recording(open_):
+        def wrapped(file, *args, **kwargs):
+            if isinstance(file, str | os.PathLike):  # not a file descriptor
+                opened.append(Path(file))
+            return open_(file, *args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(pipeline, "atomic_file", lambda path, *a: writes.append(Path(path)) or atomic_file(path, *a))
+    monkeypatch.setattr(builtins, "open", recording(builtins.open))
+    monkeypatch.setattr(io, "open", recording(io.open))
+    monkeypatch.setattr(features, "card", lambda *lf: cards_made.append(lf) or card(*lf))
+    options = pipeline.TraceOptions(out=tmp_path, slug="dallas", inhibited=3, concept_traces=False)
+    result = pipeline.trace("Fact: Dallas is in the state whose capital is", demo_model, demo_clt, options, features)
+    monkeypatch.undo()
+    assert writes == [tmp_path / "dallas.json"]  # written once
+    assert not [p for p in opened if p.parent == tmp_path]  # and nothing read back from the output directory
+    assert len(cards_made) == len(result.cards) > 0  # one card made per feature node and suppressed feature
+    written = json.loads(result.json_path.read_text(encoding="utf-8"))
+    assert written == result.data
+    # the schema's JSON of the returned graph, plus the cards' labels and the suggested supernodes
+    fresh = schema.to_dict(result.graph, "dallas", "demo")
+    labels = {nid: c["label"] for nid, c in result.cards.items()}
+    assert written == schema.annotate(fresh, labels, suggest_supernodes(fresh, 0.8, labels))
+    feature_nodes = [n for n in written["nodes"] if n["feature_type"] == "cross layer transcoder"]
+    assert written["qParams"]["supernodes"] and feature_nodes and all(n["clerp"] for n in feature_nodes)
+    assert set(tmp_path.iterdir()) == {result.json_path, result.graph_path, result.page_path}
+    text = result.page_path.read_text(encoding="utf-8")
+    data = json.loads(re.search(r'id="circuits-data">(.*?)</script>', text, flags=re.S)[1])
+    assert data["graph"]["nodes"] == written["nodes"] and data["cards"] == result.cards
+    assert data["suggestions"] == written["qParams"]["supernodes"]
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""`Graph`: an attribution graph, its pruning by influence, its scores, and its files.
+"""`Graph`: an attribution graph, its pruning by influence, its scores, and its files (the graph
+JSON itself is `circuits.attribution.schema`'s).
 
 Node order (as circuit-tracer): features [n] (sorted by layer, position, feature), error nodes
 [L * P] (layer-major), token embeddings [P], logit targets [T]. `adjacency[target, source]` holds
@@ -14,10 +15,9 @@ from typing import NamedTuple
 
 import torch
 
+from circuits.attribution import schema
 from circuits.errors import CircuitsError
 from circuits.fileio import atomic_file
-
-SCHEMA_VERSION = 1
 
 
 def normalize_matrix(A: torch.Tensor) -> torch.Tensor:
@@ -149,6 +149,11 @@ class Graph:
             node_mask = new_mask
         return PruneResult(node_mask, edge_mask, _cumulative(influence))
 
+    def unpruned(self) -> PruneResult:
+        """Every node and every nonzero edge, with the cumulative influence scores `prune` gives."""
+        everything = torch.ones(len(self.adjacency), dtype=torch.bool)
+        return PruneResult(everything, self.adjacency != 0, _cumulative(self.influence()))
+
     def scores(self) -> tuple[float, float]:
         """(replacement score, completeness score), as circuit-tracer computes them: the share of
         the tokens' and errors' influence on the targets that comes from tokens, and the
@@ -228,7 +233,7 @@ class Graph:
             k: getattr(self, k) for k in ("prompt", "token_strs", "target_names", "n_layers", "config", "inhibited")
         }
         with atomic_file(Path(path), "wb") as f:
-            f.write(save(tensors, metadata={"graph": json.dumps(meta), "schema_version": str(SCHEMA_VERSION)}))
+            f.write(save(tensors, metadata={"graph": json.dumps(meta), "schema_version": str(schema.SCHEMA_VERSION)}))
 
     @classmethod
     def load(cls, path: Path) -> Graph:
@@ -247,106 +252,15 @@ class Graph:
             raise CircuitsError(f"{path} is a safetensors file but not a graph: re-run `circuits trace`")
         return cls(**tensors, **json.loads(meta["graph"]))
 
-    def to_dict(
-        self, slug: str, scan: str = "", node_threshold: float = 0.8, edge_threshold: float = 0.98, prune: bool = True
-    ) -> dict:
-        """The graph in the circuit-tracer / Neuronpedia graph schema: pruned by `prune(node_threshold,
-        edge_threshold)`, or with `prune=False` the full graph (every node, every nonzero edge; the
-        thresholds are ignored and written as null)."""
-        if prune:
-            result = self.prune(node_threshold, edge_threshold)
-        else:
-            everything = torch.ones(len(self.adjacency), dtype=torch.bool)
-            result = PruneResult(everything, self.adjacency != 0, _cumulative(self.influence()))
-        records, last = self.nodes(), self.n_pos - 1
-        kinds = {
-            "feature": "cross layer transcoder",
-            "error": "mlp reconstruction error",
-            "embedding": "embedding",
-            "logit": "logit",
-        }
-        nodes, ids = [], {}
-        for i in result.node_mask.nonzero()[:, 0].tolist():
-            r = records[i]
-            node = {
-                "node_id": r["id"],
-                "feature": _cantor(r["layer"], r["feature"]) if r["kind"] == "feature" else r["feature"],
-                "layer": "E" if r["kind"] == "embedding" else str(r["layer"] + (r["kind"] == "logit")),
-                "ctx_idx": r["pos"],
-                "feature_type": kinds[r["kind"]],
-                "jsNodeId": _js_node_id(r),
-                "clerp": f'Output "{r["token"]}" (p={r["prob"]:.3f})' if r["kind"] == "logit" else "",
-                "influence": result.cumulative_scores[i].item(),
-                "activation": r.get("activation"),
-                "token_prob": r.get("prob", 0.0),
-                "is_target_logit": r["kind"] == "logit" and i == self.target_slice.start,
-                "reverse_ctx_idx": last - r["pos"],
-                "run_idx": 0,
-            }
-            ids[i] = node["node_id"]
-            nodes.append(node)
-        targets, sources = result.edge_mask.nonzero(as_tuple=True)
-        links = [
-            {"source": ids[s], "target": ids[t], "weight": w}
-            for t, s, w in zip(
-                targets.tolist(), sources.tolist(), self.adjacency[targets, sources].tolist(), strict=True
-            )
-            if s in ids and t in ids
-        ]
-        if prune:
-            connected = {link["source"] for link in links} | {link["target"] for link in links}
-            nodes = [n for n in nodes if n["node_id"] in connected or n["feature_type"] in ("embedding", "logit")]
-        replacement, completeness = self.scores()
-        metadata = {
-            "slug": slug,
-            "scan": scan,
-            "transcoder_list": [],
-            "prompt_tokens": self.token_strs,
-            "prompt": self.prompt,
-            "node_threshold": node_threshold if prune else None,
-            "edge_threshold": edge_threshold if prune else None,
-            "pruned": prune,
-            "schema_version": SCHEMA_VERSION,
-            "replacement_score": replacement,
-            "completeness_score": completeness,
-            "inhibited_features": [
-                {
-                    "node_id": f"{r['layer']}_{r['feature']}_{r['pos']}", "pre_activation": r["pre_activation"],
-                    "inhibition": r["inhibition"],
-                    "inhibitors": [{"source": records[i]["id"], "weight": w} for i, w in r["inhibitors"]],
-                }
-                for r in self.inhibited
-            ],
-        }  # fmt: skip
-        qparams = {
-            "pinnedIds": [],
-            "supernodes": [],
-            "linkType": "both",
-            "clickedId": "",
-            "sg_pos": "",
-            "sparsityThreshold": 0,
-        }
-        return {"metadata": metadata, "qParams": qparams, "nodes": nodes, "links": links}
+    def to_dict(self, slug: str, **options: str | float | bool) -> dict:
+        """The graph JSON (circuit-tracer's schema): `circuits.attribution.schema.to_dict(self, slug, **options)`."""
+        return schema.to_dict(self, slug, **options)
 
-    def to_json(self, path: Path, slug: str | None = None, **kwargs) -> None:
-        data = self.to_dict(slug or Path(path).name.removesuffix(".json"), **kwargs)
+    def to_json(self, path: Path, slug: str | None = None, **options: str | float | bool) -> None:
+        """Write `to_dict` to `path` atomically; the slug defaults to the file name without `.json`."""
+        data = self.to_dict(slug or Path(path).name.removesuffix(".json"), **options)
         with atomic_file(Path(path)) as f:
             json.dump(data, f)
-
-
-def _cantor(x: int, y: int) -> int:
-    """circuit-tracer's feature number: a unique integer for (layer, feature index)."""
-    return (x + y) * (x + y + 1) // 2 + y
-
-
-def _js_node_id(r: dict) -> str:
-    if r["kind"] == "feature":
-        return f"{r['layer']}_{r['feature']}-0"
-    if r["kind"] == "error":
-        return f"{r['layer']}_-1-{r['pos']}"
-    if r["kind"] == "embedding":
-        return f"E_{r['feature']}-{r['pos']}"
-    return f"L_{r['feature']}-{r['pos']}"
 
 
 def aggregate(graphs: list[Graph], min_prompts: int = 1) -> dict:

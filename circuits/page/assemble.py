@@ -1,29 +1,34 @@
 """Assemble one self-contained, offline HTML page per prompt: header, graph view, side panel
 (node details, feature cards, supernodes) and concept-trace panels.
 
-Input is a graph in the circuit-tracer / Neuronpedia JSON schema (what `Graph.to_dict` returns),
-optionally with the feature scan of its transcoder (`circuits.features`) and plotly figures of the
-concept traces. Every script and style is inlined; no tag loads anything. Strings from the model or
-the user reach the page in two ways only: through `html.escape` into markup, or as JSON inside
-`<script type="application/json">` with `<`, `>` and `&` written as \\u escapes (and, in pyvis's
-drawing script, through Jinja's `tojson`, which does the same); the page's own JS writes them with
-`textContent` and draws them on the canvas, never as HTML.
+Input is a graph in the circuit-tracer / Neuronpedia JSON schema (`circuits.attribution.schema`),
+optionally with the feature cards of its features (`feature_cards`, from the feature scan of its
+transcoder, `circuits.features`) and plotly figures of the concept traces. Every script and style
+is inlined; no tag loads anything. Strings from the model or the user reach the page in two ways
+only: through `html.escape` into markup, or as JSON inside `<script type="application/json">` with
+`<`, `>` and `&` written as \\u escapes (and, in pyvis's drawing script, through Jinja's `tojson`,
+which does the same); the page's own JS writes them with `textContent` and draws them on the
+canvas, never as HTML.
 """
 
 from __future__ import annotations
 
-import copy
 import html
 import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from circuits.attribution.schema import transcoder_features
 from circuits.errors import CircuitsError
 from circuits.fileio import atomic_file
-from circuits.page.graph_view import ViewOptions, build_view, network_assets, parse_inhibited, parse_node
+from circuits.page.graph_view import ViewOptions, build_view, network_assets
 from circuits.page.panels import figure_specs, plotly_js
 from circuits.page.supernodes import suggest_supernodes
+
+if TYPE_CHECKING:
+    from circuits.features import FeatureScan
 
 ASSETS = Path(__file__).parent
 
@@ -48,50 +53,34 @@ class PageOptions:
     """Cosine of link profiles above which features at one position are suggested as a group."""
 
 
-def feature_cards(graph: dict, features) -> dict[str, dict]:
-    """The feature card of every feature node and every suppressed feature
-    (`metadata.inhibited_features`), keyed by node id (empty without a scan)."""
+def feature_cards(graph: dict, features: FeatureScan | None) -> dict[str, dict]:
+    """The feature card of every transcoder feature the graph JSON names (its feature nodes and
+    suppressed features), keyed by node id; empty without a scan."""
     if features is None:
         return {}
     L, F = features.max_activation.shape
-    parsed = [
-        (n["node_id"], parse_node(n, L)) for n in graph["nodes"] if n.get("feature_type") == "cross layer transcoder"
-    ]
-    parsed += [(r["node_id"], parse_inhibited(r)) for r in graph["metadata"].get("inhibited_features") or []]
     cards = {}
-    for node_id, p in parsed:
-        if not (0 <= p["layer"] < L and 0 <= p["feature"] < F):
+    for node_id, layer, feature in transcoder_features(graph):
+        if not (0 <= layer < L and 0 <= feature < F):
             raise CircuitsError(
                 f"node {node_id} is outside the feature scan ({L} layers x {F} features): "
                 "pass the scan of the graph's transcoder"
             )
-        cards[node_id] = features.card(p["layer"], p["feature"])
+        cards[node_id] = features.card(layer, feature)
     return cards
-
-
-def annotate(graph: dict, cards: dict[str, dict], supernodes: list[list[str]] | None = None) -> dict:
-    """A copy of `graph` whose feature nodes without a clerp get their card's label, and whose
-    qParams.supernodes are `supernodes` (when given): the JSON written next to the page."""
-    out = copy.deepcopy(graph)
-    for node in out["nodes"]:
-        if not node.get("clerp") and node["node_id"] in cards:
-            node["clerp"] = cards[node["node_id"]]["label"]
-    if supernodes is not None:
-        out.setdefault("qParams", {})["supernodes"] = supernodes
-    return out
 
 
 def render_page(
     graph: dict,
-    features=None,
+    cards: dict[str, dict] | None = None,
     figures: dict | None = None,
     info: PageInfo | None = None,
     options: PageOptions | None = None,
 ) -> str:
-    """The page as one HTML string. `features`: a `FeatureScan` of the graph's transcoder;
-    `figures`: {name: plotly Figure} of the concept traces (see `circuits.export.panels`)."""
-    info, options = info or PageInfo(), options or PageOptions()
-    cards = feature_cards(graph, features)
+    """The page as one HTML string. `graph`: the graph JSON; `cards`: the feature cards of its
+    features by node id (`feature_cards`); `figures`: {name: plotly Figure} of the concept traces
+    (see `circuits.page.panels`)."""
+    info, options, cards = info or PageInfo(), options or PageOptions(), cards or {}
     labels = {nid: card["label"] for nid, card in cards.items()}
     view = build_view(graph, labels, options.view)
     assets = network_assets(view)

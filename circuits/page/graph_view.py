@@ -1,5 +1,5 @@
-"""The graph view: an attribution graph in the circuit-tracer / Neuronpedia JSON schema laid out
-as a pyvis (vis-network) network with fixed positions.
+"""The graph view: an attribution graph in the circuit-tracer / Neuronpedia JSON schema (read
+through `circuits.attribution.schema`) laid out as a pyvis (vis-network) network with fixed positions.
 
 x = token position, y = layer: embeddings on the bottom row, features and error nodes of layer l
 on row l + 1, logits on top. Nodes sharing a (layer, position) cell are packed in a small grid
@@ -27,14 +27,8 @@ from dataclasses import dataclass
 
 from pyvis.network import Network
 
-from circuits.errors import CircuitsError
+from circuits.attribution import schema
 
-KINDS = {
-    "cross layer transcoder": "feature",
-    "mlp reconstruction error": "error",
-    "embedding": "embedding",
-    "logit": "logit",
-}
 COLORS = {
     "feature": "#4c78a8",
     "error": "#a0a0a0",
@@ -67,53 +61,13 @@ class GraphView:
     geometry: dict  # column_width, row_height: for the axes the page draws
 
 
-def parse_node(node: dict, n_layers: int) -> dict:
-    """The kind, row, layer, position and feature index of a node of the graph JSON."""
-    kind = KINDS.get(node.get("feature_type"))
-    if kind is None:
-        raise CircuitsError(f"node {node.get('node_id')!r} has unknown feature_type {node.get('feature_type')!r}")
-    pos = int(node["ctx_idx"])
-    if kind == "embedding":
-        return {"kind": kind, "row": 0, "layer": None, "pos": pos, "feature": int(node["feature"])}
-    if kind == "logit":
-        return {"kind": kind, "row": n_layers + 1, "layer": n_layers, "pos": pos, "feature": int(node["feature"])}
-    layer = int(node["layer"])
-    # circuit-tracer stores a pairing of (layer, index) in `feature`; the node id keeps the index itself
-    feature = int(node["node_id"].split("_")[1]) if kind == "feature" else -1
-    return {"kind": kind, "row": layer + 1, "layer": layer, "pos": pos, "feature": feature}
-
-
-def parse_inhibited(record: dict) -> dict:
-    """The row, layer, position and feature index of a suppressed feature of
-    `metadata.inhibited_features` (node id `{layer}_{feature}_{pos}`)."""
-    match = re.fullmatch(r"(\d+)_(\d+)_(\d+)", str(record.get("node_id")))
-    if match is None:
-        raise CircuitsError(
-            f"suppressed feature {record.get('node_id')!r} in metadata.inhibited_features is not "
-            "'{layer}_{feature}_{pos}': re-run `circuits trace`"
-        )
-    layer, feature, pos = (int(x) for x in match.groups())
-    return {"kind": "inhibited", "row": layer + 1, "layer": layer, "pos": pos, "feature": feature}
-
-
-def count_layers(graph: dict) -> int:
-    """Transcoder layers of a graph: logit nodes sit on layer L + 1 in the schema."""
-    logits = [int(n["layer"]) for n in graph["nodes"] if n.get("feature_type") == "logit"]
-    if logits:
-        return logits[0] - 1
-    layers = [int(n["layer"]) for n in graph["nodes"] if n.get("feature_type") in KINDS and n["layer"] != "E"]
-    return max(layers, default=-1) + 1
-
-
 def build_view(graph: dict, labels: dict[str, str], options: ViewOptions) -> GraphView:
     """Vis-network nodes and edges of `graph`; `labels` maps node ids to feature labels."""
-    for key in ("metadata", "nodes", "links"):
-        if key not in graph:
-            raise CircuitsError(f"the graph JSON has no {key!r}: pass a graph in the circuit-tracer schema")
-    n_layers = count_layers(graph)
+    schema.check_graph(graph)
+    n_layers = schema.count_layers(graph)
     tokens = [str(t) for t in graph["metadata"].get("prompt_tokens", [])]
-    parsed = {n["node_id"]: {**parse_node(n, n_layers), "node": n} for n in graph["nodes"]}
-    inhibited = _parse_inhibited_features(graph["metadata"], parsed)
+    parsed = {n["node_id"]: {**schema.parse_node(n, n_layers), "node": n} for n in graph["nodes"]}
+    inhibited = schema.inhibited_features(graph, set(parsed))
     n_pos = max([len(tokens)] + [p["pos"] + 1 for p in parsed.values()])
     if options.row_height is None:
         auto = options.column_width * (n_pos + 1) / (n_layers + 2) * 0.8
@@ -135,21 +89,6 @@ def build_view(graph: dict, labels: dict[str, str], options: ViewOptions) -> Gra
     return GraphView(nodes, edges, n_layers, len(links), tokens, geometry)
 
 
-def _parse_inhibited_features(metadata: dict, parsed: dict[str, dict]) -> dict[str, dict]:
-    """The suppressed features of the graph by node id, parsed like graph nodes (`node` holds the
-    metadata record)."""
-    out = {}
-    for record in metadata.get("inhibited_features") or []:
-        p = parse_inhibited(record)
-        if record["node_id"] in parsed or record["node_id"] in out:
-            raise CircuitsError(
-                f"suppressed feature {record['node_id']} is also a node of the graph, or listed twice: "
-                "an inhibited feature is inactive; re-run `circuits trace`"
-            )
-        out[record["node_id"]] = {**p, "node": record}
-    return out
-
-
 def _layout(parsed: dict[str, dict], options: ViewOptions) -> dict[str, tuple[float, float]]:
     """(x, y) per node: cell centre (position, row) plus a grid offset inside the cell; canvas y
     grows downwards, so higher rows get smaller y."""
@@ -160,7 +99,7 @@ def _layout(parsed: dict[str, dict], options: ViewOptions) -> dict[str, tuple[fl
     out = {}
     for (row, pos), ids in cells.items():
         # graph nodes first (errors last among them), then the hidden suppressed features
-        ids.sort(key=lambda i: (_SLOT[parsed[i]["kind"]], _influence(parsed[i]["node"]), i))
+        ids.sort(key=lambda i: (_SLOT[parsed[i]["kind"]], schema.influence(parsed[i]["node"]), i))
         per_line = max(1, min(len(ids), int(width // pitch)))
         lines = math.ceil(len(ids) / per_line)
         dy = min(pitch, height / max(lines - 1, 1))
@@ -168,7 +107,7 @@ def _layout(parsed: dict[str, dict], options: ViewOptions) -> dict[str, tuple[fl
         if parsed[ids[0]]["kind"] == "logit":  # labelled boxes in one line, as wide as their labels
             ids.sort(key=lambda i: -float(parsed[i]["node"].get("token_prob") or 0.0))
             per_line, lines, dy = len(ids), 1, 0.0
-            dx = max(_label_width(_logit_token(parsed[i]["node"])) for i in ids) + 16
+            dx = max(_label_width(schema.logit_token(parsed[i]["node"])) for i in ids) + 16
         for k, nid in enumerate(ids):
             line, col = divmod(k, per_line)
             in_line = min(per_line, len(ids) - line * per_line)
@@ -186,16 +125,9 @@ def _label_width(text: str) -> float:
     return 12.0 * max(len(line) for line in text.split("\n"))
 
 
-def _influence(node: dict) -> float:
-    """circuit-tracer's `influence` is the cumulative share of influence up to this node (smaller:
-    more influential); missing counts as least influential."""
-    value = node.get("influence")
-    return 1.0 if value is None else float(value)
-
-
 def _vis_node(nid: str, p: dict, xy: tuple[float, float], tokens: list[str], label: str) -> dict:
     node, kind = p["node"], p["kind"]
-    importance = 1.0 - min(max(_influence(node), 0.0), 1.0)
+    importance = 1.0 - min(max(schema.influence(node), 0.0), 1.0)
     out = {
         "id": nid,
         "x": xy[0],
@@ -217,7 +149,7 @@ def _vis_node(nid: str, p: dict, xy: tuple[float, float], tokens: list[str], lab
     elif kind == "embedding":
         out["label"] = tokens[p["pos"]] if p["pos"] < len(tokens) else nid
     else:
-        out["token"] = _logit_token(node)
+        out["token"] = schema.logit_token(node)
         out["prob"] = float(node.get("token_prob") or 0.0)
         out["label"] = f"{out['token']}\n{out['prob']:.3f}"
         if node.get("is_target_logit"):
@@ -249,12 +181,6 @@ def _inhibited_node(nid: str, p: dict, xy: tuple[float, float], label: str, stro
         "inhibition": record.get("inhibition"),
         "clerp": label,
     }
-
-
-def _logit_token(node: dict) -> str:
-    """The token of a logit node: 'Austin' from circuit-tracer's clerp 'Output "Austin" (p=0.999)'."""
-    match = re.fullmatch(r'Output "(.*)" \(p=[0-9.e-]+\)', node.get("clerp") or "", flags=re.S)
-    return match[1] if match else (node.get("clerp") or node["node_id"])
 
 
 def _top_k(links: list[dict], k: int | None) -> list[dict]:

@@ -1,7 +1,7 @@
 """The concept-trace panels: plotly figures as JSON specs the page draws with an inlined plotly.js.
 
 Clicking a heatmap cell highlights the graph nodes at that (layer, position). How a figure's rows
-map to graph layers follows the concept-trace figures' names (`circuits.concepts_page.figures`):
+map to graph layers follows the concept-trace figures' names (`circuits.concepts.report.figures`):
   trace:*                rows are residual-stream states: row 0 the embeddings, row r the output of
                          block r - 1 (features and errors of layer r - 1; the last row also the logits)
   writers:*, patching:*  rows are layers (a grid with more rows than layers, e.g. heads, is split

@@ -12,6 +12,7 @@ from collections import defaultdict
 
 import numpy as np
 
+from circuits.attribution.schema import KINDS
 from circuits.errors import CircuitsError
 
 
@@ -48,7 +49,7 @@ def suggest_supernodes(graph: dict, threshold: float = 0.8, labels: dict[str, st
     tokens = graph["metadata"].get("prompt_tokens", [])
     by_pos: dict[int, list[dict]] = defaultdict(list)
     for node in graph["nodes"]:
-        if node.get("feature_type") == "cross layer transcoder":
+        if KINDS.get(node.get("feature_type")) == "feature":
             by_pos[int(node["ctx_idx"])].append(node)
     groups = []
     for pos, members in sorted(by_pos.items()):
