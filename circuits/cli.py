@@ -19,6 +19,14 @@ from circuits.errors import CircuitsError
 DEFAULT_PROMPT = "Fact: Dallas is in the state whose capital is"
 
 
+def _demo_categories(model: str) -> dict[str, list[str]] | None:
+    """The word categories the concepts stage can propose from: the demo world's for the demo model
+    (its states, capitals and cities), none for any other model."""
+    from circuits.demo.facts import CATEGORIES
+
+    return CATEGORIES if model == "demo" else None
+
+
 def _cmd_predict(args: argparse.Namespace) -> None:
     import torch
 
@@ -68,6 +76,7 @@ def _cmd_trace(args: argparse.Namespace) -> None:
         inhibited=args.inhibited, device=args.device, node_threshold=args.node_threshold,
         edge_threshold=args.edge_threshold, prune=not args.no_prune, validate=args.validate,
         concept_traces=not args.no_concepts, concepts=args.concept, paths=[p.split(",") for p in args.path],
+        categories=_demo_categories(args.model),
     )  # fmt: skip
     result = trace(args.prompt, model, clt, options, features)
     meta = result.data["metadata"]
@@ -110,7 +119,6 @@ def _cmd_train(args: argparse.Namespace) -> None:
 def _cmd_concepts(args: argparse.Namespace) -> None:
     from circuits.concepts.page import write_concepts_page
     from circuits.concepts.report import concept_report
-    from circuits.demo.facts import CATEGORIES
     from circuits.models import load_model
 
     model = load_model(args.model, device=args.device)
@@ -122,7 +130,7 @@ def _cmd_concepts(args: argparse.Namespace) -> None:
         counterfactual=args.counterfactual,
         auto=args.auto,
         full_sequence=args.full_sequence,
-        categories=CATEGORIES if args.model == "demo" else None,  # only the demo world's are known
+        categories=_demo_categories(args.model),
     )
     for p in report.paths:
         print(f"path {' -> '.join(p.path)}: score {p.score:.3f} (baseline {p.baseline:.3f}), peaks {p.peaks}")

@@ -67,7 +67,10 @@ class TraceOptions:
     paths: list[list[str]] = field(default_factory=list)
     """Concept chains to score, e.g. ["Dallas", "Texas", "Austin"]."""
     counterfactual: str | None = None
-    """The prompt to patch against (default: one the concepts module proposes)."""
+    """The prompt to patch against (default: one proposed from `categories`)."""
+    categories: dict[str, list[str]] | None = None
+    """Word categories for `@name` concepts, proposed counterfactuals and trajectory variants (e.g. the
+    demo world's `circuits.demo.facts.CATEGORIES`); None: none are proposed."""
     page: PageOptions = field(default_factory=PageOptions)
 
 
@@ -121,7 +124,13 @@ def trace(
 def _concept_report(model: HookedTransformer, prompt: str, nodes: list[dict], options: TraceOptions) -> ConceptReport:
     """The concept report of `prompt`, its cells linked to the graph JSON's `nodes`."""
     return concept_report(
-        model, prompt, options.concepts, options.paths, counterfactual=options.counterfactual, graph_nodes=nodes
+        model,
+        prompt,
+        options.concepts,
+        options.paths,
+        counterfactual=options.counterfactual,
+        graph_nodes=nodes,
+        categories=options.categories,
     )
 
 

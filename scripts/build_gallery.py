@@ -18,6 +18,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from circuits.demo.facts import CATEGORIES
 from circuits.features import features_for
 from circuits.fileio import atomic_file
 from circuits.page.browser import find_chromium, offline_browser
@@ -56,7 +57,7 @@ EXAMPLES = [
 def build(example: Example, model, clt, transcoder: str, features, out: Path, work: Path) -> dict:
     options = TraceOptions(
         out=work, slug=example.slug, model_name="demo", transcoder_name=transcoder, targets=example.targets,
-        validate=True, paths=[example.path], counterfactual=example.counterfactual,
+        validate=True, paths=[example.path], counterfactual=example.counterfactual, categories=CATEGORIES,
     )  # fmt: skip
     result = trace(example.prompt, model, clt, options, features)
     for source in (result.json_path, result.page_path):
