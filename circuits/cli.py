@@ -145,13 +145,13 @@ def _build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="print the model's top next-token predictions for a prompt")
     p.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT)
-    p.add_argument("--model", default="demo", help="'demo', a local model directory, or a TransformerLens name")
+    p.add_argument("--model", default="demo", help="'demo', a model dir or HF snapshot dir, or a TransformerLens name")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("features", help="scan a corpus with a transcoder: top contexts, histograms, logits, labels")
-    p.add_argument("--model", default="demo", help="'demo', a local model directory, or a TransformerLens name")
+    p.add_argument("--model", default="demo", help="'demo', a model dir or HF snapshot dir, or a TransformerLens name")
     p.add_argument("--clt", default="demo", help="'demo' or a transcoder directory")
     p.add_argument("--text", help="corpus: 'demo' (default), a .txt/.jsonl file or 'hf:DATASET'")
     p.add_argument("--documents", type=int, help="documents to scan (default 2048)")
@@ -162,7 +162,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("trace", help="attribution graph of a prompt: JSON, safetensors and the HTML page")
     p.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT)
-    p.add_argument("--model", default="demo", help="'demo', a local model directory, or a TransformerLens name")
+    p.add_argument("--model", default="demo", help="'demo', a model dir or HF snapshot dir, or a TransformerLens name")
     p.add_argument("--transcoder", default="demo", help="'demo', a CLT directory, or hf:ORG/REPO")
     p.add_argument("--out", default="graphs", help="output directory")
     p.add_argument("--slug", default=None, help="file name stem (default: from the prompt)")
@@ -216,7 +216,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--full-sequence", action="store_true", help="score multi-token words by their whole sequence")
     p.add_argument("--out", default="concepts_out", help="output directory")
-    p.add_argument("--model", default="demo", help="'demo', a local model directory, or a TransformerLens name")
+    p.add_argument("--model", default="demo", help="'demo', a model dir or HF snapshot dir, or a TransformerLens name")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_concepts)
 
