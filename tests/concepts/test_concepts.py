@@ -414,7 +414,7 @@ def test_without_categories_a_category_is_a_one_line_error_and_nothing_is_propos
 
 def _import_graph():
     """scripts/import_graph.py as a module."""
-    spec = importlib.util.spec_from_file_location("import_graph", Path(__file__).parents[1] / "scripts/import_graph.py")
+    spec = importlib.util.spec_from_file_location("import_graph", Path(__file__).parents[2] / "scripts/import_graph.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -124,7 +124,7 @@ def test_recipes_nest_the_transcoder_and_still_read_flat_keys(tmp_path, caplog, 
 
 
 def test_shipped_recipes_load_without_warnings(caplog):
-    recipes = sorted((Path(__file__).parent.parent / "training").glob("*.toml"))
+    recipes = sorted((Path(__file__).parents[2] / "training").glob("*.toml"))
     with caplog.at_level(logging.WARNING):
         configs = [load_recipe(path) for path in recipes]
     assert len(configs) == 4 and not caplog.records

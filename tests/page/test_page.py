@@ -543,7 +543,7 @@ def test_trace_command_writes_the_page_next_to_the_json_and_prints_its_path_last
 
 @pytest.mark.browser
 def test_committed_gallery_pages_load_offline_without_errors(open_page):
-    gallery = Path(__file__).parent.parent / "graphs"
+    gallery = Path(__file__).parents[2] / "graphs"
     index = (gallery / "index.html").read_text(encoding="utf-8")
     pages = sorted(gallery.glob("*.html"))
     assert len(pages) >= 7  # six pages and the index
