@@ -90,11 +90,10 @@ def _cmd_trace(args: argparse.Namespace) -> None:
 
 def _cmd_aggregate(args: argparse.Namespace) -> None:
     from circuits.attribution.graph import Graph, aggregate
-    from circuits.fileio import atomic_file
+    from circuits.fileio import write_json
 
     merged = aggregate([Graph.load(path) for path in args.graphs], args.min_prompts)
-    with atomic_file(args.out) as f:
-        json.dump(merged, f)
+    write_json(args.out, merged)
     print(f"{len(merged['nodes'])} feature nodes, {len(merged['links'])} links from {len(args.graphs)} graphs")
     print(args.out)
 

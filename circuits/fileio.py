@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import shutil
 import tempfile
@@ -65,3 +66,9 @@ def atomic_file(path: Path, mode: str = "w") -> Iterator:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def write_json(path: Path, value, indent: int | None = None) -> None:
+    """Write `value` as JSON to `path`, atomically."""
+    with atomic_file(path) as f:
+        json.dump(value, f, indent=indent)

@@ -8,7 +8,6 @@ graph) and `<slug>.html` (the page, from the same JSON and cards). Nothing is re
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,7 +16,7 @@ from circuits.attribution import schema
 from circuits.attribution.attribute import attribute
 from circuits.attribution.interventions import validate
 from circuits.concepts.report import concept_report, figures
-from circuits.fileio import atomic_file
+from circuits.fileio import write_json
 from circuits.page.assemble import PageInfo, PageOptions, feature_cards, write_page
 from circuits.page.supernodes import suggest_supernodes
 
@@ -137,8 +136,7 @@ def _concept_report(model: HookedTransformer, prompt: str, nodes: list[dict], op
 def _write(result: TraceResult, options: TraceOptions) -> None:
     """The three files of a trace, each written once and atomically."""
     result.graph.save(result.graph_path)
-    with atomic_file(result.json_path) as f:
-        json.dump(result.data, f)
+    write_json(result.json_path, result.data)
     figs = None if result.report is None else figures(result.report)
     info = page_info(result, options)
     write_page(result.page_path, result.data, cards=result.cards, figures=figs, info=info, options=options.page)

@@ -17,7 +17,7 @@ import torch
 
 from circuits.attribution import schema
 from circuits.errors import CircuitsError
-from circuits.fileio import atomic_file
+from circuits.fileio import atomic_file, write_json
 
 
 def normalize_matrix(A: torch.Tensor) -> torch.Tensor:
@@ -259,8 +259,7 @@ class Graph:
     def to_json(self, path: Path, slug: str | None = None, **options: str | float | bool) -> None:
         """Write `to_dict` to `path` atomically; the slug defaults to the file name without `.json`."""
         data = self.to_dict(slug or Path(path).name.removesuffix(".json"), **options)
-        with atomic_file(Path(path)) as f:
-            json.dump(data, f)
+        write_json(Path(path), data)
 
 
 def aggregate(graphs: list[Graph], min_prompts: int = 1) -> dict:

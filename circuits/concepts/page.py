@@ -14,7 +14,7 @@ import torch
 
 from circuits.concepts.figures import flow_gif
 from circuits.concepts.report import ConceptReport, figures, flow_steps
-from circuits.fileio import atomic_file
+from circuits.fileio import atomic_file, write_json
 
 if TYPE_CHECKING:
     from circuits.concepts.lens import ConceptTrace
@@ -79,8 +79,7 @@ for (const f of FIGURES) {{
 def write_concepts_page(report: ConceptReport, out_dir: Path) -> Path:
     """Write concepts.html, concepts.json and (when a path was scored) flow.gif; return the page's path."""
     out_dir = Path(out_dir)
-    with atomic_file(out_dir / "concepts.json") as f:
-        json.dump(report_json(report), f, indent=1)
+    write_json(out_dir / "concepts.json", report_json(report), indent=1)
     if report.paths:
         with atomic_file(out_dir / "flow.gif", "wb") as f:
             f.write(flow_gif(flow_steps(report), report.tokens, report.n_layers))

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save
 from transformer_lens import HookedTransformer
 
 from circuits.errors import CircuitsError
-from circuits.fileio import atomic_file
+from circuits.fileio import atomic_file, write_json
 from circuits.text import TextSource, document_tokens, token_mask
 
 
@@ -64,8 +64,7 @@ class ActivationStream:
                 f"activation cache {self.cache_dir} was made with other settings ({meta.read_text().strip()}): "
                 "use another directory"
             )
-        with atomic_file(meta) as f:
-            json.dump(key, f)
+        write_json(meta, key)
 
     def _load_chunk(self, c: int) -> tuple[torch.Tensor, torch.Tensor]:
         shard = self.cache_dir / f"chunk_{c:06d}.safetensors" if self.cache_dir else None

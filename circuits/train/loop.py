@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from circuits.errors import CircuitsError
-from circuits.fileio import atomic_file
+from circuits.fileio import write_json
 from circuits.models import check_device, load_model
 from circuits.text import TextSource
 from circuits.train.activations import ActivationStream, held_out, held_out_tokens
@@ -99,8 +99,7 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, model: HookedTransf
     whole = _whole(run)
     if run.comm.is_main:
         save_transcoder(fold_scales(whole, run.scales), out)
-        with atomic_file(out / "training.json") as f:
-            json.dump({"config": dataclasses.asdict(cfg), "metrics": metrics}, f, indent=2)
+        write_json(out / "training.json", {"config": dataclasses.asdict(cfg), "metrics": metrics}, indent=2)
     return metrics
 
 
@@ -130,8 +129,7 @@ def _setup(cfg: TrainConfig, out: Path, resume: bool, model: HookedTransformer |
     if comm.is_main:
         out.mkdir(parents=True, exist_ok=True)
         truncate_metrics(out / "metrics.jsonl", start)
-        with atomic_file(out / "train_config.json") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=2)
+        write_json(out / "train_config.json", dataclasses.asdict(cfg), indent=2)
     evaluation = _HeldOut.collect(model, source, cfg.eval_docs, scales)
     return _Run(cfg, out, comm, model, full, clt, opt, stream, scales, start, last_fired, evaluation, time.time())
 

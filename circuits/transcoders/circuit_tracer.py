@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from circuits.errors import CircuitsError
-from circuits.fileio import atomic_file
+from circuits.fileio import atomic_file, write_json
 from circuits.transcoders.clt import CLTConfig, CrossLayerTranscoder, check_fits
 
 # Layout:
@@ -45,8 +45,7 @@ def save_transcoder(clt, directory: Path) -> None:
     ]
     with atomic_file(directory / "config.yaml") as f:
         f.write("\n".join(yaml_lines) + "\n")
-    with atomic_file(directory / "config.json") as f:
-        json.dump(clt.cfg.to_dict(), f, indent=2)
+    write_json(directory / "config.json", clt.cfg.to_dict(), indent=2)
 
 
 def _safetensors_bytes(tensors: dict) -> bytes:

@@ -481,7 +481,7 @@ def test_trace_writes_the_json_once_from_memory_and_the_page_from_the_same_dict(
 
     features = features_for("demo", demo_clt)
     writes, opened, cards_made = [], [], []
-    atomic_file, card = pipeline.atomic_file, features.card
+    write_json, card = pipeline.write_json, features.card
 
     def recording(open_):
         def wrapped(file, *args, **kwargs):
@@ -491,7 +491,7 @@ def test_trace_writes_the_json_once_from_memory_and_the_page_from_the_same_dict(
 
         return wrapped
 
-    monkeypatch.setattr(pipeline, "atomic_file", lambda path, *a: writes.append(Path(path)) or atomic_file(path, *a))
+    monkeypatch.setattr(pipeline, "write_json", lambda path, *a: writes.append(Path(path)) or write_json(path, *a))
     monkeypatch.setattr(builtins, "open", recording(builtins.open))
     monkeypatch.setattr(io, "open", recording(io.open))
     monkeypatch.setattr(features, "card", lambda *lf: cards_made.append(lf) or card(*lf))
