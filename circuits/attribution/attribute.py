@@ -6,10 +6,12 @@ Phases:
 2. Lay out the sources: active features (decoder rows times activation, one block per source layer
    and position), error nodes, token embeddings (with their images at resid_mid of layer 0).
 3. For a batch of targets of one layer (logit directions at the final residual stream, or encoder
-   rows at `resid_mid` of their layer), walk down the layers carrying the gradient [batch, pos,
-   d_model]: pass back through the frozen attention and norms, as a short sum of terms while that is
-   cheaper, and record the gradient at every MLP output below. Positions after a batch's last target
-   are never touched.
+   rows at `resid_mid` of their layer, folded through the frozen pre-MLP norm when the transcoder
+   reads inside or after it), walk down the layers carrying the gradient [batch, pos, d_model]: pass
+   back through the frozen attention and norms (and the transcoder's skip path), as a short sum of
+   terms while that is cheaper, and record the gradient at every transcoder output below (through
+   the frozen post-MLP norm for mlp.hook_out). Positions after a batch's last target are never
+   touched.
 4. Contract the recorded gradients with the sources: one matrix product per (source layer, position)
    over the targets that see the position (per position over every layer's features when they are
    few, see `AttributionConfig.merge_below`); the embeddings through their images at resid_mid[0].
@@ -342,13 +344,12 @@ def inhibited_features(sources: Sources, selected: torch.Tensor, k: int) -> list
     keep = torch.cat([selected, torch.arange(sources.n_features, sources.n, device=dev)])
     candidates = []
     for l in range(L):
-        eye = torch.eye(d, dtype=rep.embed.dtype, device=dev)
         last = torch.full((d,), P - 1, device=dev)
-        J = sources.rows(l, last, eye)[:, keep]  # [d, sources]: resid_mid[l, P-1]
+        basis = rep.encoder_vectors(l, last, torch.eye(d, dtype=rep.embed.dtype, device=dev))  # each input component
+        J = sources.rows(l, last, basis)[:, keep]  # [d, sources]: the transcoder's input at (l, P-1)
         W_enc, b_enc = rep.clt.W_enc[l].detach(), rep.clt.b_enc[l].detach()
         pre = rep.clt_in[l, P - 1] @ W_enc.T + b_enc  # [F]
         in0 = rep.clt_input(l, mid0[l])[P - 1]  # [d] the input's constant part
-        W_enc = rep.encoder_vectors(l, last[:1].expand(len(W_enc)), W_enc)  # [F, d] as gradients at resid_mid
         from_features = W_enc @ J[:, : len(selected)].sum(1)  # [F]
         active = (rep.features[:, 0] == l) & (rep.features[:, 1] == P - 1)
         inactive = torch.ones_like(pre, dtype=torch.bool)
@@ -358,7 +359,7 @@ def inhibited_features(sources: Sources, selected: torch.Tensor, k: int) -> list
             top = contributions[: len(selected)].topk(min(5, len(selected)), largest=False)
             candidates.append({
                 "layer": l, "pos": P - 1, "feature": f, "pre_activation": pre[f].item(),
-                "bias": (rep.clt.W_enc[l, f].detach() @ in0 + b_enc[f]).item(), "inhibition": from_features[f].item(),
+                "bias": (W_enc[f] @ in0 + b_enc[f]).item(), "inhibition": from_features[f].item(),
                 "contributions": contributions.tolist(),
                 "inhibitors": [[i, w] for i, w in zip(top.indices.tolist(), top.values.tolist(), strict=True)],
             })  # fmt: skip
