@@ -18,7 +18,9 @@ from circuits.attribution.interventions import (
 )
 from circuits.attribution.splice import clean_state, io_names, splice_hooks, transcoder_inputs, transcoder_outputs
 from circuits.errors import CircuitsError
+from circuits.transcoders.circuit_tracer import save_transcoder
 from circuits.transcoders.clt import INPUT_HOOKS, OUTPUT_HOOKS, CLTConfig, check_fits
+from circuits.transcoders.load import load_transcoder
 from tests.reference import autograd_rows
 from tests.test_attribution import GEMMA_LIKE, LLAMA_LIKE, _identity_error, _random_clt, _random_model
 
@@ -204,3 +206,13 @@ def test_the_graph_records_the_hooks_and_the_processing(tmp_path):
     assert config["transcoder"]["input_hook"] == "ln2.hook_normalized"
     assert config["transcoder"]["output_hook"] == "hook_mlp_out"
     assert config["transcoder"]["model_processing"] == "none"
+
+
+def test_a_transcoder_loaded_without_the_model_is_still_read_at_its_hooks(tmp_path):
+    """`load_transcoder(DIR)` checks nothing without `model=`; `attribute` reads its hooks itself."""
+    model, clt = _pair("gemma2", "ln2.hook_normalized", "mlp.hook_out", False, torch.float32)
+    save_transcoder(clt, tmp_path / "t")
+    loaded = load_transcoder(tmp_path / "t")
+    assert (loaded.cfg.input_hook, loaded.cfg.output_hook) == ("ln2.hook_normalized", "mlp.hook_out")
+    graph, expected = (attribute(PROMPT, model, c, progress=False) for c in (loaded, clt))
+    assert torch.equal(graph.adjacency, expected.adjacency)
