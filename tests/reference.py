@@ -6,7 +6,7 @@ import torch
 from transformer_lens import HookedTransformer
 
 from circuits.attribution.replacement import norm_weights
-from circuits.attribution.splice import clean_state, splice_hooks
+from circuits.attribution.splice import clean_state, read_point, splice_hooks
 from circuits.transcoders.clt import CrossLayerTranscoder
 
 
@@ -15,31 +15,33 @@ def autograd_rows(
 ) -> torch.Tensor:
     """The reference for edges: rows [n_targets, n_sources] (sources laid out as in attribution:
     active features, errors [L, P], tokens [P]) by autograd through the spliced model with attention
-    patterns and norm scales frozen, one backward pass per target. A target is (layer, pos,
-    feature) for a feature's pre-activation, or a vector [d_vocab] of logit weights."""
+    patterns and norm scales frozen, one backward pass per target, the transcoder reading and
+    writing at its own hooks. A target is (layer, pos, feature) for a feature's pre-activation, or a
+    vector [d_vocab] of logit weights."""
     L = model.cfg.n_layers
     state = clean_state(model, clt, tokens)
+    reads = [read_point(model, clt.cfg.input_hook, l) for l in range(L)]  # the transcoder's input hook
     with torch.no_grad():
-        names = ("hook_resid_mid", "hook_embed")
-        _, cache = model.run_with_cache(tokens[None], names_filter=lambda n: n.endswith(names))
-        clean = torch.stack([clt.encode_layer(cache[f"blocks.{l}.hook_resid_mid"][0], l) for l in range(L)])
+        names = {name for name, _ in reads} | {"hook_embed"}
+        _, cache = model.run_with_cache(tokens[None], names_filter=lambda n: n in names)
+        clean = torch.stack([clt.encode_layer(f(cache[name][0]), l) for l, (name, f) in enumerate(reads)])
     features = clean.nonzero()  # [n, 3] (layer, pos, feature)
     leaves = clean.clone().requires_grad_(True)  # [L, P, F]
     errors = state["errors"].clone().requires_grad_(True)  # [L, P, d]
     embed = cache["hook_embed"].clone().requires_grad_(True)  # [1, P, d]
-    mids: dict[int | str, torch.Tensor] = {}
+    inputs: dict[int | str, torch.Tensor] = {}
     hooks = splice_hooks(model, clt, state, lambda l, a: leaves[l][None], True, errors)
     hooks += [("hook_embed", lambda x, hook: embed)]
-    hooks += [(f"blocks.{l}.hook_resid_mid", lambda x, hook, l=l: mids.update({l: x[0]})) for l in range(L)]
-    hooks += [("ln_final.hook_normalized", lambda x, hook: mids.update({"final": x[0, -1]}))]
+    hooks += [(name, lambda x, hook, l=l, f=f: inputs.update({l: f(x)[0]})) for l, (name, f) in enumerate(reads)]
+    hooks += [("ln_final.hook_normalized", lambda x, hook: inputs.update({"final": x[0, -1]}))]
     model.run_with_hooks(tokens[None], fwd_hooks=hooks)
     # the logits before any output soft cap: the graph's logit targets
-    logits = norm_weights(model.ln_final, mids["final"]) @ model.W_U + model.b_U
+    logits = norm_weights(model.ln_final, inputs["final"]) @ model.W_U + model.b_U
     rows = []
     for target in targets:
         if isinstance(target, tuple):
             l, p, f = target
-            value = mids[l][p] @ clt.W_enc[l, f] + clt.b_enc[l, f]
+            value = inputs[l][p] @ clt.W_enc[l, f] + clt.b_enc[l, f]
         else:
             value = logits @ target
         grads = torch.autograd.grad(value, [leaves, errors, embed], retain_graph=True, materialize_grads=True)

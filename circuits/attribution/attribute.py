@@ -6,10 +6,12 @@ Phases:
 2. Lay out the sources: active features (decoder rows times activation, one block per source layer
    and position), error nodes, token embeddings (with their images at resid_mid of layer 0).
 3. For a batch of targets of one layer (logit directions at the final residual stream, or encoder
-   rows at `resid_mid` of their layer), walk down the layers carrying the gradient [batch, pos,
-   d_model]: pass back through the frozen attention and norms, as a short sum of terms while that is
-   cheaper, and record the gradient at every MLP output below. Positions after a batch's last target
-   are never touched.
+   rows at `resid_mid` of their layer, folded through the frozen pre-MLP norm when the transcoder
+   reads inside or after it), walk down the layers carrying the gradient [batch, pos, d_model]: pass
+   back through the frozen attention and norms (and the transcoder's skip path), as a short sum of
+   terms while that is cheaper, and record the gradient at every transcoder output below (through
+   the frozen post-MLP norm for mlp.hook_out). Positions after a batch's last target are never
+   touched.
 4. Contract the recorded gradients with the sources: one matrix product per (source layer, position)
    over the targets that see the position (per position over every layer's features when they are
    few, see `AttributionConfig.merge_below`); the embeddings through their images at resid_mid[0].
@@ -32,7 +34,13 @@ from circuits.attribution.replacement import Replacement, build_replacement
 from circuits.attribution.targets import LogitTarget, resolve_targets
 from circuits.errors import CircuitsError
 from circuits.models import prompt_tokens
-from circuits.transcoders.clt import CrossLayerTranscoder
+from circuits.transcoders.clt import (
+    CLTConfig,
+    CrossLayerTranscoder,
+    check_fits,
+    model_processing,
+    transcoder_processing,
+)
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +145,6 @@ class Sources:
         resid_mid[0] (at resid_pre[0] without embedding images), [B, P', d]; P' = pos[-1] + 1."""
         rep, L = self.rep, self.L
         B, Pp, d = len(pos), int(pos[-1]) + 1, vec.shape[-1]
-        skip = rep.clt.W_skip
         batch = torch.arange(B, device=vec.device)
         g = vec.new_zeros(B, Pp, d)  # gradient at the residual stream, walking down
         g[batch, pos] = vec
@@ -151,12 +158,11 @@ class Sources:
         seen = torch.arange(Pp, device=vec.device) <= pos[:, None]  # [B, P']: the positions each target sees
         rows = seen.flatten().nonzero()[:, 0] if seen.float().mean() < 0.8 else None
         for l in range(min(t, L - 1), -1, -1):
-            if l < t:  # g is the gradient at mlp_out[l] = resid_pre[l + 1]
-                g_post[:, :, l] = g
-                if skip is not None:  # and at resid_mid[l]
-                    W = skip[l].detach().T
-                    g = g + g @ W
-                    terms = None if terms is None else terms + terms @ W
+            if l < t:  # g is the gradient at mlp_out[l] = resid_pre[l + 1], and at the transcoder's output
+                g_post[:, :, l] = g if rep.mlp_post is None else rep.mlp_post[l].backward(g)
+                if rep.clt.W_skip is not None:  # and at resid_mid[l]
+                    g = g + rep.skip_backward(l, g)
+                    terms, weights = _skip_terms(rep, l, terms, weights)
             if l == 0 and self.embed_images is not None:
                 break
             if terms is not None and rep.terms_are_cheaper(terms.shape[1], Pp):
@@ -206,6 +212,18 @@ class Sources:
             torch.matmul(g.view(B, Pp * d), self.embed_images[:Pp, : Pp * d].T, out=tokens)
 
 
+def _skip_terms(rep: Replacement, layer: int, terms: torch.Tensor | None, weights: torch.Tensor | None):
+    """A gradient kept as terms [n, J, d] with weights [n, P', J], plus what it sends through the
+    skip path of `layer` (`Replacement.skip_backward_terms`): each term's image is added to it, or,
+    where frozen norms scale it by position, appended as J more terms with rescaled weights."""
+    if terms is None:
+        return None, None
+    images, factor = rep.skip_backward_terms(layer, terms)
+    if factor is None:
+        return terms + images, weights
+    return torch.cat([terms, images], 1), torch.cat([weights, weights * factor[: weights.shape[1], None]], 2)
+
+
 def untouched_zeros(*shape: int, dtype: torch.dtype, device: str | torch.device = "cpu") -> torch.Tensor:
     """A zero tensor; on the CPU one whose memory the OS maps on first write (calloc, through numpy):
     no time is spent filling it, and entries never written (sources after a target's position) take
@@ -231,7 +249,8 @@ def node_inputs_and_bias(rep: Replacement, W_U: torch.Tensor, b_U: torch.Tensor,
     W_enc, b_enc = rep.clt.W_enc.detach(), rep.clt.b_enc.detach()
     weights = torch.stack([t.weights for t in targets])  # [T, V]
     mid0, final0 = rep.linear_forward(with_sources=False)
-    feat_bias = (W_enc[layer, feature] * mid0[layer, pos]).sum(-1) + b_enc[layer, feature]
+    in0 = torch.stack([rep.clt_input(l, mid0[l]) for l in range(rep.n_layers)])  # [L, P, d] the inputs' constants
+    feat_bias = (W_enc[layer, feature] * in0[layer, pos]).sum(-1) + b_enc[layer, feature]
     logit_bias = weights @ (rep.ln_final.forward(final0)[-1] @ W_U + b_U)
     return torch.cat([rep.pre_activations, weights @ rep.logits]), torch.cat([feat_bias, logit_bias])
 
@@ -255,6 +274,7 @@ def attribute(
         value = getattr(cfg, name)
         if value is not None and value < 1:
             raise CircuitsError(f"{name} is {value}: pass a positive number, or none for the default")
+    check_fits(transcoder.cfg, model)
     device, dtype = cfg.device, cfg.dtype
     torch_dtype = getattr(torch, dtype)
     if model.W_U.device != torch.device(device):
@@ -291,9 +311,24 @@ def attribute(
         inputs=torch.cat([inputs[selected], inputs[n:]]).cpu(),
         bias=torch.cat([bias[selected], bias[n:]]).cpu(),
         n_layers=L,
-        config={"attribution": asdict(cfg), "model": model.cfg.model_name, "n_active_features": n},
+        config={
+            "attribution": asdict(cfg),
+            "model": model.cfg.model_name,
+            "n_active_features": n,
+            "model_processing": model_processing(model),
+            "transcoder": _transcoder_record(transcoder.cfg),
+        },  # fmt: skip
         inhibited=inhibited_features(sources, selected, cfg.inhibited) if cfg.inhibited else [],
     )
+
+
+def _transcoder_record(cfg: CLTConfig) -> dict:
+    """What a graph records of its transcoder: where it reads and writes, and the weight processing
+    of the model it was trained on."""
+    return {
+        "input_hook": cfg.input_hook, "output_hook": cfg.output_hook, "model_processing": transcoder_processing(cfg),
+        "cross_layer": cfg.cross_layer, "skip": cfg.skip, "n_features": cfg.n_features, "model_name": cfg.model_name,
+    }  # fmt: skip
 
 
 def inhibited_features(sources: Sources, selected: torch.Tensor, k: int) -> list[dict]:
@@ -309,10 +344,12 @@ def inhibited_features(sources: Sources, selected: torch.Tensor, k: int) -> list
     keep = torch.cat([selected, torch.arange(sources.n_features, sources.n, device=dev)])
     candidates = []
     for l in range(L):
-        eye = torch.eye(d, dtype=rep.embed.dtype, device=dev)
-        J = sources.rows(l, torch.full((d,), P - 1, device=dev), eye)[:, keep]  # [d, sources]: resid_mid[l, P-1]
+        last = torch.full((d,), P - 1, device=dev)
+        basis = rep.encoder_vectors(l, last, torch.eye(d, dtype=rep.embed.dtype, device=dev))  # each input component
+        J = sources.rows(l, last, basis)[:, keep]  # [d, sources]: the transcoder's input at (l, P-1)
         W_enc, b_enc = rep.clt.W_enc[l].detach(), rep.clt.b_enc[l].detach()
-        pre = rep.resid_mid[l, P - 1] @ W_enc.T + b_enc  # [F]
+        pre = rep.clt_in[l, P - 1] @ W_enc.T + b_enc  # [F]
+        in0 = rep.clt_input(l, mid0[l])[P - 1]  # [d] the input's constant part
         from_features = W_enc @ J[:, : len(selected)].sum(1)  # [F]
         active = (rep.features[:, 0] == l) & (rep.features[:, 1] == P - 1)
         inactive = torch.ones_like(pre, dtype=torch.bool)
@@ -322,7 +359,7 @@ def inhibited_features(sources: Sources, selected: torch.Tensor, k: int) -> list
             top = contributions[: len(selected)].topk(min(5, len(selected)), largest=False)
             candidates.append({
                 "layer": l, "pos": P - 1, "feature": f, "pre_activation": pre[f].item(),
-                "bias": (W_enc[f] @ mid0[l, P - 1] + b_enc[f]).item(), "inhibition": from_features[f].item(),
+                "bias": (W_enc[f] @ in0 + b_enc[f]).item(), "inhibition": from_features[f].item(),
                 "contributions": contributions.tolist(),
                 "inhibitors": [[i, w] for i, w in zip(top.indices.tolist(), top.values.tolist(), strict=True)],
             })  # fmt: skip
@@ -348,10 +385,11 @@ def _feature_rows(sources: Sources, adjacency: torch.Tensor, targets, cfg: Attri
         for l in layer[batch].unique().tolist():
             at = batch[layer[batch] == l]
             start, stop = int(at[0]), int(at[-1]) + 1
+            vec = rep.encoder_vectors(l, pos[at], W_enc[l, feature[at]])  # [k, d] at resid_mid
             if stop - start == len(at):  # a contiguous run: written in place
-                sources.rows(l, pos[start:stop], W_enc[l, feature[start:stop]], out=rows[start:stop])
+                sources.rows(l, pos[start:stop], vec, out=rows[start:stop])
             else:
-                rows[at] = sources.rows(l, pos[at], W_enc[l, feature[at]])
+                rows[at] = sources.rows(l, pos[at], vec)
             bar.update(len(at))
 
     bar = tqdm(total=cap, desc="attribution", unit="feature", disable=not progress)

@@ -1,9 +1,9 @@
 """Interventions on the real model with the CLT spliced in place of its MLPs: ablate or steer
-features and read the logits; check a graph's predictions against them; and the autograd
-reference for edges (TransformerLens hooks, one backward pass per target).
+features and read the logits; check a graph's predictions against them.
 
-The spliced model adds each (layer, position)'s error term (real MLP output - CLT reconstruction
-on the clean prompt) as a constant, so without interventions it reproduces the real model exactly.
+The CLT reads and writes at its own hooks (see `splice.py`). The spliced model adds each (layer,
+position)'s error term (the real value at the CLT's output hook - its reconstruction on the clean
+prompt) as a constant, so without interventions it reproduces the real model exactly.
 Downstream features are recomputed by the CLT encoder, so an ablation's effect propagates through
 their nonlinearity; with `freeze_attention` the attention patterns and norm scales keep their clean
 values (the regime the graph linearises), without it they are recomputed too.

@@ -7,18 +7,28 @@ vectors) plus constant terms. The constant terms are every bias (b_V, b_O, Layer
 b_dec, b_enc, b_U) and the learned positional embeddings: like circuit-tracer, an embedding node
 is the token embedding W_E[token] only, and `hook_pos_embed` is a per-position constant counted in
 each node's bias. LayerNorm's centring is linear and stays part of the map; only its scale is frozen.
+
+The transcoder reads and writes at its own hooks (`circuits.attribution.splice` says what each is).
+Inputs inside or after the pre-MLP norm (ln2.hook_normalized: centre(x) / scale; mlp.hook_in:
+centre(x) / scale * w + b) freeze that norm's scale too, so the input is an affine map of resid_mid
+at each position: a feature's pre-activation e . N(x) + b_enc is centre(e * w) / scale . x plus the
+constant e . b + b_enc, and the targets' gradients start at resid_mid from the encoder rows folded
+that way (`encoder_vectors`). An output before the norm after the MLP (mlp.hook_out on Gemma 2/3)
+reaches the residual stream through that norm, its scale frozen: gradients at hook_mlp_out pass back
+through it before they meet the features' decoder rows and the error nodes, and the error nodes are
+the real MLP's own output minus the reconstruction.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformer_lens import HookedTransformer
 
 from circuits.errors import CircuitsError
-from circuits.transcoders.clt import CrossLayerTranscoder
+from circuits.transcoders.clt import CLTConfig, CrossLayerTranscoder, check_fits
 
 _NORMS = ("LN", "LNPre", "RMS", "RMSPre")
 _POST_NORM_ONLY = ("Olmo2ForCausalLM", "Olmo3ForCausalLM")
@@ -46,6 +56,16 @@ class FrozenNorm:
         g = g * self.w / self.scale[: g.shape[-2]]
         return g - g.mean(-1, keepdim=True) if self.centre else g
 
+    def backward_at(self, g: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """`backward` for gradients g [B, d] at positions pos [B]."""
+        g = g * self.w / self.scale[pos]
+        return g - g.mean(-1, keepdim=True) if self.centre else g
+
+    def linear_backward(self, g: torch.Tensor) -> torch.Tensor:
+        """The transpose of `linear`, g [..., d] -> centre(g * w): `backward` but the scale."""
+        g = g * self.w
+        return g - g.mean(-1, keepdim=True) if self.centre else g
+
 
 @dataclass
 class Replacement:
@@ -62,16 +82,19 @@ class Replacement:
     W_O: torch.Tensor  # [L, H, d_head, d]
     b_O: torch.Tensor  # [L, d]
     resid_mid: torch.Tensor  # [L, P, d] real model
+    clt_in: torch.Tensor  # [L, P, d] real model, at the transcoder's input hook
     resid_final: torch.Tensor  # [P, d] real model, before ln_final
     logits: torch.Tensor  # [d_vocab] real model, last position, before any output soft cap
     features: torch.Tensor  # [n, 3] active features (layer, pos, feature), sorted
     activations: torch.Tensor  # [n]
     pre_activations: torch.Tensor  # [n]
-    errors: torch.Tensor  # [L, P, d] real mlp_out - CLT reconstruction
+    errors: torch.Tensor  # [L, P, d] real - CLT reconstruction, at the transcoder's output hook
     writes: list[torch.Tensor]  # [s] -> [n_s, T_s, d] active features' decoder rows times activation (`feature_writes`)
     decoded: torch.Tensor  # [L, P, d] the writes summed per target layer and position
     clt: CrossLayerTranscoder
     ln1_post: list[FrozenNorm] | None = None  # the norm after attention (Gemma 2/3), None without one
+    mlp_in: list[FrozenNorm] | None = None  # resid_mid -> the transcoder's input; None: it reads resid_mid
+    mlp_post: list[FrozenNorm] | None = None  # its output -> hook_mlp_out; None: it writes hook_mlp_out
 
     def __post_init__(self) -> None:
         self._backward_operators()
@@ -168,6 +191,35 @@ class Replacement:
             post_scales = torch.stack([n.scale[:, 0] for n in self.ln1_post])  # [L, P]
             self.back_mix = self.back_mix / post_scales[:, None, None, :]
 
+    def clt_input(self, layer: int, resid_mid: torch.Tensor) -> torch.Tensor:
+        """The transcoder's input [P, d] of `layer` in the frozen model, from resid_mid [P, d]."""
+        return resid_mid if self.mlp_in is None else self.mlp_in[layer].forward(resid_mid)
+
+    def encoder_vectors(self, layer: int, pos: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+        """Encoder rows W [B, d] of `layer`'s features at positions pos [B] -> the gradients of their
+        pre-activations at resid_mid [B, d]: W itself, or folded through the frozen input norm."""
+        return W if self.mlp_in is None else self.mlp_in[layer].backward_at(W, pos)
+
+    def skip_backward(self, layer: int, g: torch.Tensor) -> torch.Tensor:
+        """Gradient g [B, P', d] at hook_mlp_out of `layer` -> what reaches resid_mid through the
+        skip path: back through the norm after the MLP, W_skip and the input's norm (each if any)."""
+        g = g if self.mlp_post is None else self.mlp_post[layer].backward(g)
+        g = g @ self.clt.W_skip[layer].detach().T
+        return g if self.mlp_in is None else self.mlp_in[layer].backward(g)
+
+    def skip_backward_terms(self, layer: int, terms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`skip_backward` of a gradient kept as a sum of terms [n, J, d] (see
+        `attention_backward_terms`): the terms' images [n, J, d] and the factor [P] their weights take
+        at each position (the frozen norms' 1 / scale; None without norms: the weights stay)."""
+        factor = None
+        if self.mlp_post is not None:
+            terms, factor = self.mlp_post[layer].linear_backward(terms), 1 / self.mlp_post[layer].scale[:, 0]
+        terms = terms @ self.clt.W_skip[layer].detach().T
+        if self.mlp_in is not None:
+            terms = self.mlp_in[layer].linear_backward(terms)
+            factor = 1 / self.mlp_in[layer].scale[:, 0] * (1 if factor is None else factor)
+        return terms, factor
+
     def linear_forward(self, with_sources: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the frozen linear model: (resid_mid [L, P, d], resid_final [P, d]). With all sources it
         reproduces the real model; without (embeddings, features and errors zeroed) it gives the
@@ -180,9 +232,9 @@ class Replacement:
             mid = resid + self.attention_forward(l, resid)
             mlp = clt.b_dec[l] + on * (self.decoded[l] + self.errors[l])
             if clt.W_skip is not None:
-                mlp = mlp + mid @ clt.W_skip[l]
+                mlp = mlp + self.clt_input(l, mid) @ clt.W_skip[l]
             mids.append(mid)
-            resid = mid + mlp
+            resid = mid + (mlp if self.mlp_post is None else self.mlp_post[l].forward(mlp))
         return torch.stack(mids), resid
 
 
@@ -250,10 +302,22 @@ class ForwardRecord:
     ln1_scales: torch.Tensor  # [L, P, 1] ln1.hook_scale
     attn_post_scales: torch.Tensor | None  # [L, P, 1] ln1_post.hook_scale (a norm after attention), or None
     resid_mid: torch.Tensor  # [L, P, d]
-    mlp_out: torch.Tensor  # [L, P, d]
+    ln2_scales: torch.Tensor  # [L, P, 1] ln2.hook_scale
+    mlp_normalized: torch.Tensor  # [L, P, d] ln2.hook_normalized
+    mlp_in: torch.Tensor  # [L, P, d] the MLP's argument (circuit-tracer's mlp.hook_in)
+    mlp_raw: torch.Tensor  # [L, P, d] the MLP's output (circuit-tracer's mlp.hook_out)
+    mlp_post_scales: torch.Tensor | None  # [L, P, 1] ln2_post.hook_scale (a norm after the MLP), or None
+    mlp_out: torch.Tensor  # [L, P, d] hook_mlp_out
     resid_final: torch.Tensor  # [P, d] hook_resid_post of the last block
     final_scale: torch.Tensor  # [P, 1] ln_final.hook_scale
     logits: torch.Tensor  # [d_vocab], last position, before any output soft cap
+
+    def at(self, hook: str) -> torch.Tensor:
+        """The values [L, P, d] at a transcoder hook (`INPUT_HOOKS`, `OUTPUT_HOOKS`)."""
+        return {
+            "hook_resid_mid": self.resid_mid, "hook_mlp_in": self.resid_mid, "ln2.hook_normalized": self.mlp_normalized,
+            "mlp.hook_in": self.mlp_in, "mlp.hook_out": self.mlp_raw, "hook_mlp_out": self.mlp_out,
+        }[hook]  # fmt: skip
 
 
 @torch.no_grad()
@@ -267,7 +331,7 @@ def record_forward(model: HookedTransformer, tokens: torch.Tensor) -> ForwardRec
     embed = model.embed(x)  # [1, P, d]
     pos_embed = model.pos_embed(x) if cfg.positional_embedding_type == "standard" else torch.zeros_like(embed)
     resid = embed + pos_embed
-    patterns, scales, post_scales, mids, outs = [], [], [], [], []
+    keep: dict[str, list[torch.Tensor]] = {}
     for block in model.blocks:
         attn = block.attn
         normed, scale = _normalise(block.ln1, resid)
@@ -277,27 +341,28 @@ def record_forward(model: HookedTransformer, tokens: torch.Tensor) -> ForwardRec
         pattern = attn.apply_causal_mask(attn.calculate_attention_scores(q, k), 0, None).softmax(-1)
         z = attn.calculate_z_scores(v, pattern)  # [1, P, H, d_head]
         attn_out = torch.einsum("bphe,hed->bpd", z, attn.W_O) + attn.b_O
+        step = {"patterns": pattern, "ln1_scales": scale}
         if post_norms:
-            attn_out, post_scale = _normalise(block.ln1_post, attn_out)
-            post_scales.append(post_scale[0])
+            attn_out, step["attn_post_scales"] = _normalise(block.ln1_post, attn_out)
         mid = resid + attn_out
-        out = block.mlp(block.ln2(mid))
+        normalized, step["ln2_scales"] = _hook_normalized(block.ln2, mid)
+        mlp_in = norm_weights(block.ln2, normalized)
+        raw = block.mlp(mlp_in)
+        out = raw
         if post_norms:
-            out = block.ln2_post(out)
+            out, step["mlp_post_scales"] = _normalise(block.ln2_post, raw)
         resid = mid + out
-        patterns.append(pattern[0])
-        scales.append(scale[0])
-        mids.append(mid[0])
-        outs.append(out[0])
+        step.update(resid_mid=mid, mlp_normalized=normalized, mlp_in=mlp_in, mlp_raw=raw, mlp_out=out)
+        for name, value in step.items():
+            keep.setdefault(name, []).append(value[0])
     normed, final_scale = _normalise(model.ln_final, resid)
+    stacked = {name: torch.stack(values) for name, values in keep.items()}
     return ForwardRecord(
         embed=embed[0],
         pos_embed=pos_embed[0],
-        patterns=torch.stack(patterns),
-        ln1_scales=torch.stack(scales),
-        attn_post_scales=torch.stack(post_scales) if post_norms else None,
-        resid_mid=torch.stack(mids),
-        mlp_out=torch.stack(outs),
+        attn_post_scales=stacked.pop("attn_post_scales", None),
+        mlp_post_scales=stacked.pop("mlp_post_scales", None),
+        **stacked,
         resid_final=resid[0],
         final_scale=final_scale[0],
         logits=model.unembed(normed[:, -1:])[0, -1],
@@ -307,10 +372,19 @@ def record_forward(model: HookedTransformer, tokens: torch.Tensor) -> ForwardRec
 def _normalise(module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A TransformerLens LayerNorm/RMSNorm (with or without weights) applied to x [..., d], and its
     scale [..., 1] (what its hook_scale sees)."""
+    normalized, scale = _hook_normalized(module, x)
+    return norm_weights(module, normalized), scale
+
+
+def _hook_normalized(module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a TransformerLens LayerNorm/RMSNorm's hook_normalized [..., d] and hook_scale [..., 1]
+    see for x [..., d]: the same operations (in float32 for half-precision models)."""
+    if module.cfg.dtype not in (torch.float32, torch.float64):
+        x = x.to(torch.float32)
     if module.__class__.__name__.startswith("LayerNorm"):
         x = x - x.mean(-1, keepdim=True)
     scale = (x.pow(2).mean(-1, keepdim=True) + module.eps).sqrt()
-    return norm_weights(module, x / scale), scale
+    return (x / scale).to(module.cfg.dtype), scale
 
 
 def norm_weights(module, x: torch.Tensor) -> torch.Tensor:
@@ -322,18 +396,42 @@ def norm_weights(module, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def has_post_norm(model: HookedTransformer, output_hook: str) -> bool:
+    """Whether a transcoder's output passes through the model's norm after the MLP (mlp.hook_out on
+    Gemma 2/3) before it reaches hook_mlp_out."""
+    return output_hook == "mlp.hook_out" and model.cfg.use_normalization_before_and_after
+
+
+def _mlp_norms(model: HookedTransformer, cfg: CLTConfig, run: ForwardRecord, dtype) -> tuple[list | None, list | None]:
+    """The frozen norms on the transcoder's side: resid_mid -> its input (the pre-MLP norm, without
+    its weight and bias for ln2.hook_normalized; None for resid_mid), and its output -> hook_mlp_out
+    (the norm after the MLP for mlp.hook_out; None for hook_mlp_out or without one)."""
+    blocks, d = model.blocks, model.cfg.d_model
+    mlp_in = None
+    if cfg.input_hook in ("ln2.hook_normalized", "mlp.hook_in"):
+        mlp_in = [_frozen_norm(b.ln2, scale, d, dtype) for b, scale in zip(blocks, run.ln2_scales, strict=True)]
+        if cfg.input_hook == "ln2.hook_normalized":
+            mlp_in = [replace(n, w=torch.ones_like(n.w), b=torch.zeros_like(n.b)) for n in mlp_in]
+    mlp_post = None
+    if has_post_norm(model, cfg.output_hook):
+        scales = run.mlp_post_scales
+        mlp_post = [_frozen_norm(b.ln2_post, scale, d, dtype) for b, scale in zip(blocks, scales, strict=True)]
+    return mlp_in, mlp_post
+
+
 @torch.no_grad()
 def build_replacement(
     model: HookedTransformer, clt: CrossLayerTranscoder, tokens: torch.Tensor, dtype: torch.dtype = torch.float32
 ) -> Replacement:
     """Run the real model on tokens [P] once and freeze what the attribution needs."""
     check_supported(model)
+    check_fits(clt.cfg, model)
     d = model.cfg.d_model
     run = record_forward(model, tokens)
     if clt.W_enc.dtype != dtype:
         clt = copy.deepcopy(clt).to(dtype)
-    resid_mid = run.resid_mid.to(dtype)
-    x = resid_mid.transpose(0, 1)  # [P, L, d]
+    clt_in = run.at(clt.cfg.input_hook).to(dtype)
+    x = clt_in.transpose(0, 1)  # [P, L, d]
     pre = clt.pre_activations(x)  # [P, L, F]
     acts = clt.activation(pre)
     pre, acts = pre.transpose(0, 1), acts.transpose(0, 1)  # [L, P, F]
@@ -341,6 +439,7 @@ def build_replacement(
     writes = feature_writes(clt, features, acts[tuple(features.T)])
     decoded = sum_writes(writes, features[:, 1], len(tokens))
     recon = decoded + clt.b_dec[:, None] + clt.skip_out(x).transpose(0, 1)  # [L, P, d]
+    mlp_in, mlp_post = _mlp_norms(model, clt.cfg, run, dtype)
     blocks = model.blocks
     return Replacement(
         tokens=tokens,
@@ -353,17 +452,20 @@ def build_replacement(
         b_V=torch.stack([b.attn.b_V for b in blocks]).detach().to(dtype),
         W_O=torch.stack([b.attn.W_O for b in blocks]).detach().to(dtype),
         b_O=torch.stack([b.attn.b_O for b in blocks]).detach().to(dtype),
-        resid_mid=resid_mid,
+        resid_mid=run.resid_mid.to(dtype),
+        clt_in=clt_in,
         resid_final=run.resid_final.to(dtype),
         logits=run.logits.to(dtype),
         features=features,
         activations=acts[tuple(features.T)],
         pre_activations=pre[tuple(features.T)],
-        errors=run.mlp_out.to(dtype) - recon,
+        errors=run.at(clt.cfg.output_hook).to(dtype) - recon,
         writes=writes,
         decoded=decoded,
         clt=clt,
         ln1_post=None
         if run.attn_post_scales is None
         else [_frozen_norm(b.ln1_post, scale, d, dtype) for b, scale in zip(blocks, run.attn_post_scales, strict=True)],
+        mlp_in=mlp_in,
+        mlp_post=mlp_post,
     )

@@ -56,9 +56,10 @@ def _random_model(n_layers: int = 3, seed: int = 0, **config) -> HookedTransform
     return model.eval()
 
 
-def _random_clt(model, cross_layer=True, skip=False, n_features=64, seed=0) -> CrossLayerTranscoder:
+def _random_clt(model, cross_layer=True, skip=False, n_features=64, seed=0, **config) -> CrossLayerTranscoder:
+    """A random CLT for `model` (`config`: other CLTConfig fields, e.g. its hooks)."""
     L, d = model.cfg.n_layers, model.cfg.d_model
-    cfg = CLTConfig(n_layers=L, d_model=d, n_features=n_features, cross_layer=cross_layer, skip=skip)
+    cfg = CLTConfig(n_layers=L, d_model=d, n_features=n_features, cross_layer=cross_layer, skip=skip, **config)
     clt = CrossLayerTranscoder(cfg)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -103,9 +104,13 @@ def test_edges_match_autograd_on_random_models(cross_layer, skip):
     _check_against_autograd(model, clt, "The capital of Texas is Austin and")
 
 
+LLAMA_LIKE = dict(normalization_type="RMS", positional_embedding_type="rotary", rotary_dim=8, n_key_value_heads=2,
+                  gated_mlp=True, act_fn="silu")  # fmt: skip
+"""Llama's layout: RMSNorm, rotary positions, grouped-query attention, a gated MLP."""
+
+
 def test_edges_match_autograd_on_a_rotary_rms_grouped_query_model():
-    model = _random_model(normalization_type="RMS", positional_embedding_type="rotary", rotary_dim=8,
-                          n_key_value_heads=2, gated_mlp=True, act_fn="silu")  # fmt: skip
+    model = _random_model(**LLAMA_LIKE)
     _check_against_autograd(model, _random_clt(model), "The capital of Texas is Austin and")
 
 
@@ -197,8 +202,7 @@ def test_replacement_reproduces_the_real_model(demo_model, demo_clt):
     "config",
     [
         {},  # the random model: LayerNorm, learned positions, every bias random
-        dict(normalization_type="RMS", positional_embedding_type="rotary", rotary_dim=8, n_key_value_heads=2,
-             gated_mlp=True, act_fn="silu"),
+        LLAMA_LIKE,
         dict(normalization_type="LNPre", attn_scores_soft_cap=5.0, final_rms=False),
         GEMMA_LIKE,
     ],
@@ -208,12 +212,25 @@ def test_the_recorded_forward_pass_is_transformer_lens_own(config):
     tokens = model.to_tokens("Fact : Dallas is in the state whose capital is")[0]
     run = record_forward(model, tokens)
     L = model.cfg.n_layers
+    mlp_args, mlp_outs = [], []  # what circuit-tracer's mlp.hook_in / mlp.hook_out see: the MLP's argument and output
+
+    def keep(module, inputs, output) -> None:
+        mlp_args.append(inputs[0][0])
+        mlp_outs.append(output[0])
+
+    handles = [b.mlp.register_forward_hook(keep) for b in model.blocks]
     logits, cache = model.run_with_cache(tokens[None])
+    for handle in handles:
+        handle.remove()
     expected = {
         "embed": cache["hook_embed"][0],
         "patterns": torch.stack([cache[f"blocks.{l}.attn.hook_pattern"][0] for l in range(L)]),
         "ln1_scales": torch.stack([cache[f"blocks.{l}.ln1.hook_scale"][0] for l in range(L)]),
         "resid_mid": torch.stack([cache[f"blocks.{l}.hook_resid_mid"][0] for l in range(L)]),
+        "ln2_scales": torch.stack([cache[f"blocks.{l}.ln2.hook_scale"][0] for l in range(L)]),
+        "mlp_normalized": torch.stack([cache[f"blocks.{l}.ln2.hook_normalized"][0] for l in range(L)]),
+        "mlp_in": torch.stack(mlp_args),
+        "mlp_raw": torch.stack(mlp_outs),
         "mlp_out": torch.stack([cache[f"blocks.{l}.hook_mlp_out"][0] for l in range(L)]),
         "resid_final": cache[f"blocks.{L - 1}.hook_resid_post"][0],
         "final_scale": cache["ln_final.hook_scale"][0],
@@ -223,6 +240,7 @@ def test_the_recorded_forward_pass_is_transformer_lens_own(config):
         expected["pos_embed"] = cache["hook_pos_embed"][0]
     if model.cfg.use_normalization_before_and_after:
         expected["attn_post_scales"] = torch.stack([cache[f"blocks.{l}.ln1_post.hook_scale"][0] for l in range(L)])
+        expected["mlp_post_scales"] = torch.stack([cache[f"blocks.{l}.ln2_post.hook_scale"][0] for l in range(L)])
     cap = model.cfg.output_logits_soft_cap
     if cap > 0:  # the record keeps the logits before the soft cap
         run.logits = cap * torch.tanh(run.logits / cap)
