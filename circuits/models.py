@@ -37,6 +37,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, 
 
 from circuits.errors import CircuitsError
 from circuits.fileio import atomic_directory
+from circuits.processing import PROCESSING_ATTR, weight_processing
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,6 @@ PROCESSING: dict[str, dict[str, bool]] = {
     # HookedTransformer.from_pretrained's defaults (and its exceptions, see `_processing_flags`).
     "tl-default": dict.fromkeys(_FLAGS, True),
 }
-PROCESSING_ATTR = "circuits_processing"  # the model attribute recording which processing was applied
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MAX_ROTARY_CONTEXT = 2048  # n_ctx cap for rotary models, as TransformerLens caps Llama, Mistral and Qwen
 # A snapshot's files that loading reads: never the pickled weights (*.bin, *.pt, *.pth) beside them.
@@ -128,15 +128,6 @@ def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, str) and dtype in DTYPES:
         return DTYPES[dtype]
     raise CircuitsError(f"unsupported dtype {dtype!r}: use one of {', '.join(DTYPES)}")
-
-
-def weight_processing(model: HookedTransformer) -> str:
-    """The `PROCESSING` applied to `model`'s weights: recorded by the loaders here; a model built
-    directly from a config is unprocessed ("none"); folded norms with no record are "unknown"."""
-    recorded = getattr(model, PROCESSING_ATTR, None)
-    if recorded is not None:
-        return recorded
-    return "unknown" if model.cfg.normalization_type in ("LNPre", "RMSPre") else "none"
 
 
 def load_model_dir(

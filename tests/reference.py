@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformer_lens import HookedTransformer
 
-from circuits.attribution.replacement import norm_weights
+from circuits.attribution.norms import norm_weights
 from circuits.attribution.splice import clean_state, read_point, splice_hooks
 from circuits.transcoders.clt import CrossLayerTranscoder
 

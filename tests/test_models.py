@@ -18,7 +18,8 @@ from transformers import Gemma2Config, Gemma3TextConfig, LlamaConfig
 
 from circuits.cli import main
 from circuits.errors import CircuitsError
-from circuits.models import ARCHITECTURES, hooked_config, load_model, save_model_dir, weight_processing
+from circuits.models import ARCHITECTURES, hooked_config, load_model, save_model_dir
+from circuits.processing import weight_processing
 from tests.hf_models import PROMPT, TINY_CONFIGS, VOCAB, hf_logits, write_hub_cache, write_tiny_hf_model
 
 KINDS = [k for k in TINY_CONFIGS if TINY_CONFIGS[k][0].__name__ in ARCHITECTURES]
@@ -246,7 +247,8 @@ def test_hub_names_load_from_the_local_cache(tmp_path):
     write_hub_cache(tmp_path / "home", "EleutherAI/pythia-14m", write_tiny_hf_model("gpt_neox", tmp_path / "neox"))
     code = textwrap.dedent("""
         from huggingface_hub import snapshot_download
-        from circuits.models import load_model, weight_processing
+        from circuits.models import load_model
+        from circuits.processing import weight_processing
         from tests.hf_models import PROMPT, hf_logits
         for name in ["gpt2", "EleutherAI/pythia-14m"]:
             model = load_model(name)

@@ -34,13 +34,8 @@ from circuits.attribution.replacement import Replacement, build_replacement
 from circuits.attribution.targets import LogitTarget, resolve_targets
 from circuits.errors import CircuitsError
 from circuits.models import prompt_tokens
-from circuits.transcoders.clt import (
-    CLTConfig,
-    CrossLayerTranscoder,
-    check_fits,
-    model_processing,
-    transcoder_processing,
-)
+from circuits.processing import transcoder_processing, weight_processing
+from circuits.transcoders.clt import CLTConfig, CrossLayerTranscoder, check_fits
 
 log = logging.getLogger(__name__)
 
@@ -315,7 +310,7 @@ def attribute(
             "attribution": asdict(cfg),
             "model": model.cfg.model_name,
             "n_active_features": n,
-            "model_processing": model_processing(model),
+            "model_processing": weight_processing(model),
             "transcoder": _transcoder_record(transcoder.cfg),
         },  # fmt: skip
         inhibited=inhibited_features(sources, selected, cfg.inhibited) if cfg.inhibited else [],

@@ -27,44 +27,12 @@ from dataclasses import dataclass, replace
 import torch
 from transformer_lens import HookedTransformer
 
+from circuits.attribution.norms import FrozenNorm, frozen_norm, has_post_norm, hook_normalized, norm_weights, normalise
 from circuits.errors import CircuitsError
 from circuits.transcoders.clt import CLTConfig, CrossLayerTranscoder, check_fits
 
 _NORMS = ("LN", "LNPre", "RMS", "RMSPre")
 _POST_NORM_ONLY = ("Olmo2ForCausalLM", "Olmo3ForCausalLM")
-
-
-@dataclass
-class FrozenNorm:
-    """A normalisation with its scale frozen: y = centre(x) / scale * w + b (centre only for LN)."""
-
-    scale: torch.Tensor  # [pos, 1]
-    w: torch.Tensor  # [d] (ones without weights)
-    b: torch.Tensor  # [d] (zeros without bias)
-    centre: bool
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., pos, d] -> normalised [..., pos, d] (the bias included)."""
-        return self.linear(x) / self.scale[: x.shape[-2]] + self.b
-
-    def linear(self, x: torch.Tensor) -> torch.Tensor:
-        """The part that acts on each vector x [..., d] alike, the scale aside: centre(x) * w."""
-        return (x - x.mean(-1, keepdim=True) if self.centre else x) * self.w
-
-    def backward(self, g: torch.Tensor) -> torch.Tensor:
-        """Gradient [..., pos, d] at the output -> gradient at the input (transpose of the linear part)."""
-        g = g * self.w / self.scale[: g.shape[-2]]
-        return g - g.mean(-1, keepdim=True) if self.centre else g
-
-    def backward_at(self, g: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """`backward` for gradients g [B, d] at positions pos [B]."""
-        g = g * self.w / self.scale[pos]
-        return g - g.mean(-1, keepdim=True) if self.centre else g
-
-    def linear_backward(self, g: torch.Tensor) -> torch.Tensor:
-        """The transpose of `linear`, g [..., d] -> centre(g * w): `backward` but the scale."""
-        g = g * self.w
-        return g - g.mean(-1, keepdim=True) if self.centre else g
 
 
 @dataclass
@@ -281,17 +249,6 @@ def check_supported(model: HookedTransformer) -> None:
         )
 
 
-def _frozen_norm(module, scale: torch.Tensor, d: int, dtype) -> FrozenNorm:
-    w = getattr(module, "w", None)
-    b = getattr(module, "b", None)
-    return FrozenNorm(
-        scale=scale.to(dtype),
-        w=torch.ones(d, dtype=dtype, device=scale.device) if w is None else w.detach().to(dtype),
-        b=torch.zeros(d, dtype=dtype, device=scale.device) if b is None else b.detach().to(dtype),
-        centre=module.__class__.__name__.startswith("LayerNorm"),
-    )
-
-
 @dataclass
 class ForwardRecord:
     """What the replacement freezes from the real model's forward pass on one prompt (P tokens)."""
@@ -334,7 +291,7 @@ def record_forward(model: HookedTransformer, tokens: torch.Tensor) -> ForwardRec
     keep: dict[str, list[torch.Tensor]] = {}
     for block in model.blocks:
         attn = block.attn
-        normed, scale = _normalise(block.ln1, resid)
+        normed, scale = normalise(block.ln1, resid)
         q, k, v = attn.calculate_qkv_matrices(normed, normed, normed)
         if cfg.positional_embedding_type == "rotary":
             q, k = attn.apply_rotary(q, 0, None), attn.apply_rotary(k, 0, None)
@@ -343,19 +300,19 @@ def record_forward(model: HookedTransformer, tokens: torch.Tensor) -> ForwardRec
         attn_out = torch.einsum("bphe,hed->bpd", z, attn.W_O) + attn.b_O
         step = {"patterns": pattern, "ln1_scales": scale}
         if post_norms:
-            attn_out, step["attn_post_scales"] = _normalise(block.ln1_post, attn_out)
+            attn_out, step["attn_post_scales"] = normalise(block.ln1_post, attn_out)
         mid = resid + attn_out
-        normalized, step["ln2_scales"] = _hook_normalized(block.ln2, mid)
+        normalized, step["ln2_scales"] = hook_normalized(block.ln2, mid)
         mlp_in = norm_weights(block.ln2, normalized)
         raw = block.mlp(mlp_in)
         out = raw
         if post_norms:
-            out, step["mlp_post_scales"] = _normalise(block.ln2_post, raw)
+            out, step["mlp_post_scales"] = normalise(block.ln2_post, raw)
         resid = mid + out
         step.update(resid_mid=mid, mlp_normalized=normalized, mlp_in=mlp_in, mlp_raw=raw, mlp_out=out)
         for name, value in step.items():
             keep.setdefault(name, []).append(value[0])
-    normed, final_scale = _normalise(model.ln_final, resid)
+    normed, final_scale = normalise(model.ln_final, resid)
     stacked = {name: torch.stack(values) for name, values in keep.items()}
     return ForwardRecord(
         embed=embed[0],
@@ -369,39 +326,6 @@ def record_forward(model: HookedTransformer, tokens: torch.Tensor) -> ForwardRec
     )
 
 
-def _normalise(module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A TransformerLens LayerNorm/RMSNorm (with or without weights) applied to x [..., d], and its
-    scale [..., 1] (what its hook_scale sees)."""
-    normalized, scale = _hook_normalized(module, x)
-    return norm_weights(module, normalized), scale
-
-
-def _hook_normalized(module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """What a TransformerLens LayerNorm/RMSNorm's hook_normalized [..., d] and hook_scale [..., 1]
-    see for x [..., d]: the same operations (in float32 for half-precision models)."""
-    if module.cfg.dtype not in (torch.float32, torch.float64):
-        x = x.to(torch.float32)
-    if module.__class__.__name__.startswith("LayerNorm"):
-        x = x - x.mean(-1, keepdim=True)
-    scale = (x.pow(2).mean(-1, keepdim=True) + module.eps).sqrt()
-    return (x / scale).to(module.cfg.dtype), scale
-
-
-def norm_weights(module, x: torch.Tensor) -> torch.Tensor:
-    """What a TransformerLens norm applies after its hook_normalized: x * w + b (each if it has it)."""
-    if hasattr(module, "w"):
-        x = x * module.w
-    if hasattr(module, "b"):
-        x = x + module.b
-    return x
-
-
-def has_post_norm(model: HookedTransformer, output_hook: str) -> bool:
-    """Whether a transcoder's output passes through the model's norm after the MLP (mlp.hook_out on
-    Gemma 2/3) before it reaches hook_mlp_out."""
-    return output_hook == "mlp.hook_out" and model.cfg.use_normalization_before_and_after
-
-
 def _mlp_norms(model: HookedTransformer, cfg: CLTConfig, run: ForwardRecord, dtype) -> tuple[list | None, list | None]:
     """The frozen norms on the transcoder's side: resid_mid -> its input (the pre-MLP norm, without
     its weight and bias for ln2.hook_normalized; None for resid_mid), and its output -> hook_mlp_out
@@ -409,13 +333,13 @@ def _mlp_norms(model: HookedTransformer, cfg: CLTConfig, run: ForwardRecord, dty
     blocks, d = model.blocks, model.cfg.d_model
     mlp_in = None
     if cfg.input_hook in ("ln2.hook_normalized", "mlp.hook_in"):
-        mlp_in = [_frozen_norm(b.ln2, scale, d, dtype) for b, scale in zip(blocks, run.ln2_scales, strict=True)]
+        mlp_in = [frozen_norm(b.ln2, scale, d, dtype) for b, scale in zip(blocks, run.ln2_scales, strict=True)]
         if cfg.input_hook == "ln2.hook_normalized":
             mlp_in = [replace(n, w=torch.ones_like(n.w), b=torch.zeros_like(n.b)) for n in mlp_in]
     mlp_post = None
     if has_post_norm(model, cfg.output_hook):
         scales = run.mlp_post_scales
-        mlp_post = [_frozen_norm(b.ln2_post, scale, d, dtype) for b, scale in zip(blocks, scales, strict=True)]
+        mlp_post = [frozen_norm(b.ln2_post, scale, d, dtype) for b, scale in zip(blocks, scales, strict=True)]
     return mlp_in, mlp_post
 
 
@@ -446,8 +370,8 @@ def build_replacement(
         embed=run.embed.to(dtype),
         pos_embed=run.pos_embed.to(dtype),
         patterns=run.patterns.to(dtype),
-        ln1=[_frozen_norm(b.ln1, scale, d, dtype) for b, scale in zip(blocks, run.ln1_scales, strict=True)],
-        ln_final=_frozen_norm(model.ln_final, run.final_scale, d, dtype),
+        ln1=[frozen_norm(b.ln1, scale, d, dtype) for b, scale in zip(blocks, run.ln1_scales, strict=True)],
+        ln_final=frozen_norm(model.ln_final, run.final_scale, d, dtype),
         W_V=torch.stack([b.attn.W_V for b in blocks]).detach().to(dtype),
         b_V=torch.stack([b.attn.b_V for b in blocks]).detach().to(dtype),
         W_O=torch.stack([b.attn.W_O for b in blocks]).detach().to(dtype),
@@ -465,7 +389,7 @@ def build_replacement(
         clt=clt,
         ln1_post=None
         if run.attn_post_scales is None
-        else [_frozen_norm(b.ln1_post, scale, d, dtype) for b, scale in zip(blocks, run.attn_post_scales, strict=True)],
+        else [frozen_norm(b.ln1_post, scale, d, dtype) for b, scale in zip(blocks, run.attn_post_scales, strict=True)],
         mlp_in=mlp_in,
         mlp_post=mlp_post,
     )

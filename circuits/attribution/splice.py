@@ -24,7 +24,7 @@ from functools import partial
 import torch
 from transformer_lens import HookedTransformer
 
-from circuits.attribution.replacement import has_post_norm, norm_weights
+from circuits.attribution.norms import has_post_norm, norm_weights
 from circuits.transcoders.clt import CLTConfig, CrossLayerTranscoder, check_fits
 
 

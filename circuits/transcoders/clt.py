@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from circuits.errors import CircuitsError
+from circuits.processing import same_at_the_hooks, transcoder_processing, weight_processing
 
 
 @dataclass
@@ -56,14 +57,12 @@ INPUT_HOOKS = ("hook_resid_mid", "hook_mlp_in", "ln2.hook_normalized", "mlp.hook
 OUTPUT_HOOKS = ("hook_mlp_out", "mlp.hook_out")
 """Where it may write."""
 _NORMALISED_INPUTS = ("ln2.hook_normalized", "mlp.hook_in")
-# Folding value biases into b_O changes no hook a transcoder reads or writes.
-_SAME_AT_THE_HOOKS = {"fold-value-biases": "none"}
 
 
 def check_fits(cfg: CLTConfig, model) -> None:
     """Raise CircuitsError (one line) unless a transcoder config fits the model: its layers and
     width, its hooks (one of `INPUT_HOOKS` -> one of `OUTPUT_HOOKS`) and the weight processing it
-    was trained with (`transcoder_processing` against `model_processing`)."""
+    was trained with (`circuits.processing`)."""
     problems = []
     if cfg.n_layers != model.cfg.n_layers:
         problems.append(f"{cfg.n_layers} layers vs the model's {model.cfg.n_layers}")
@@ -76,36 +75,19 @@ def check_fits(cfg: CLTConfig, model) -> None:
         )
     elif cfg.input_hook in _NORMALISED_INPUTS and model.cfg.normalization_type is None:
         problems.append(f"it reads {cfg.input_hook} but the model has no norm before its MLPs")
-    expected, actual = transcoder_processing(cfg), model_processing(model)
+    expected, actual = transcoder_processing(cfg), weight_processing(model)
     if actual == "unknown":
         problems.append(
             f"the model's weight processing is unknown (norms without weights, nothing recorded): load it with "
             f"circuits.models.load_model, or set model.circuits_processing = {expected!r} if that is what it had"
         )
-    elif _SAME_AT_THE_HOOKS.get(expected, expected) != _SAME_AT_THE_HOOKS.get(actual, actual):
+    elif not same_at_the_hooks(expected, actual):
         problems.append(
             f"it was trained on a model with weight processing {expected!r}, this model has {actual!r} "
             f"(load the model with processing={expected!r})"
         )
     if problems:
         raise CircuitsError("the transcoder does not fit the model: " + "; ".join(problems))
-
-
-def transcoder_processing(cfg: CLTConfig) -> str:
-    """The weight processing of the model a transcoder was trained on (`CLTConfig.model_processing`);
-    a config that does not say: "none", circuit-tracer's convention (no fold_ln, no centring)."""
-    return getattr(cfg, "model_processing", "none")
-
-
-def model_processing(model) -> str:
-    """The weight processing applied to a TransformerLens model, as `circuits.models.load_model`
-    records it (`model.circuits_processing`). Not recorded: "none" for a model built directly from a
-    config, but "unknown" when its norms have no weights (LNPre, RMSPre: TransformerLens may have
-    folded them in, as `HookedTransformer.from_pretrained` does by default)."""
-    recorded = getattr(model, "circuits_processing", None)
-    if recorded is not None:
-        return recorded
-    return "unknown" if model.cfg.normalization_type in ("LNPre", "RMSPre") else "none"
 
 
 def _rectangle(x: torch.Tensor) -> torch.Tensor:

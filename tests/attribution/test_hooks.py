@@ -7,6 +7,7 @@ from functools import cache
 
 import pytest
 import torch
+from tests.attribution.test_attribute import GEMMA_LIKE, LLAMA_LIKE, _identity_error, _random_clt, _random_model
 
 from circuits.attribution.attribute import attribute
 from circuits.attribution.graph import Graph
@@ -22,7 +23,6 @@ from circuits.transcoders.circuit_tracer import save_transcoder
 from circuits.transcoders.clt import INPUT_HOOKS, OUTPUT_HOOKS, CLTConfig, check_fits
 from circuits.transcoders.load import load_transcoder
 from tests.reference import autograd_rows
-from tests.test_attribution import GEMMA_LIKE, LLAMA_LIKE, _identity_error, _random_clt, _random_model
 
 STYLES = {"gpt2": {}, "llama": LLAMA_LIKE, "gemma2": GEMMA_LIKE}
 """LayerNorm and learned positions; RMSNorm, rotary, grouped-query, gated MLP; and Gemma 2's norms
