@@ -101,7 +101,7 @@ def trace(
         prompt, model, transcoder, targets=options.targets, batch_size=options.batch_size,
         max_feature_nodes=options.max_feature_nodes, device=options.device, inhibited=options.inhibited,
     )  # fmt: skip
-    graph.config.update(transcoder=options.transcoder_name)
+    graph.config["transcoder"]["name"] = options.transcoder_name
     slug = options.slug or slugify(prompt)
     data = schema.to_dict(
         graph, slug, options.transcoder_name, options.node_threshold, options.edge_threshold, options.prune

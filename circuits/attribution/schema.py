@@ -95,8 +95,11 @@ def links_json(graph: Graph, result: PruneResult, ids: dict[int, str]) -> list[d
 def metadata_json(
     graph: Graph, slug: str, scan: str, thresholds: tuple[float | None, float | None], records: list[dict]
 ) -> dict:
-    """The graph's `metadata`: prompt, thresholds (None: not pruned), scores, suppressed features."""
+    """The graph's `metadata`: prompt, thresholds (None: not pruned), scores, suppressed features, the
+    transcoder's hooks (circuit-tracer's key names) and the weight processing of the model and the one
+    the transcoder expects (graphs saved before these were recorded: resid_mid -> mlp_out, "none")."""
     replacement, completeness = graph.scores()
+    transcoder = graph.config.get("transcoder", {})
     return {
         "slug": slug,
         "scan": scan,
@@ -110,6 +113,10 @@ def metadata_json(
         "replacement_score": replacement,
         "completeness_score": completeness,
         "inhibited_features": [_inhibited_json(r, records) for r in graph.inhibited],
+        "feature_input_hook": transcoder.get("input_hook", "hook_resid_mid"),
+        "feature_output_hook": transcoder.get("output_hook", "hook_mlp_out"),
+        "model_processing": graph.config.get("model_processing", "none"),
+        "transcoder_model_processing": transcoder.get("model_processing", "none"),
     }
 
 

@@ -7,7 +7,6 @@ from functools import cache
 
 import pytest
 import torch
-from tests.attribution.test_attribute import GEMMA_LIKE, LLAMA_LIKE, _identity_error, _random_clt, _random_model
 
 from circuits.attribution.attribute import attribute
 from circuits.attribution.graph import Graph
@@ -22,6 +21,7 @@ from circuits.errors import CircuitsError
 from circuits.transcoders.circuit_tracer import save_transcoder
 from circuits.transcoders.clt import INPUT_HOOKS, OUTPUT_HOOKS, CLTConfig, check_fits
 from circuits.transcoders.load import load_transcoder
+from tests.attribution.test_attribute import GEMMA_LIKE, LLAMA_LIKE, _identity_error, _random_clt, _random_model
 from tests.reference import autograd_rows
 
 STYLES = {"gpt2": {}, "llama": LLAMA_LIKE, "gemma2": GEMMA_LIKE}
@@ -206,6 +206,9 @@ def test_the_graph_records_the_hooks_and_the_processing(tmp_path):
     assert config["transcoder"]["input_hook"] == "ln2.hook_normalized"
     assert config["transcoder"]["output_hook"] == "hook_mlp_out"
     assert config["transcoder"]["model_processing"] == "none"
+    meta = graph.to_dict("g")["metadata"]  # the JSON, in circuit-tracer's key names
+    assert (meta["feature_input_hook"], meta["feature_output_hook"]) == ("ln2.hook_normalized", "hook_mlp_out")
+    assert meta["model_processing"] == meta["transcoder_model_processing"] == "none"
 
 
 def test_a_transcoder_loaded_without_the_model_is_still_read_at_its_hooks(tmp_path):
