@@ -159,6 +159,7 @@ def _load_own_dir(
     for required in ("config.json", "model.safetensors", "tokenizer"):
         if not (directory / required).exists():
             raise CircuitsError(f"{directory} is not a model directory: {required} is missing")
+    refuse_remote_code(directory, ("config.json", "tokenizer/tokenizer_config.json", "tokenizer/config.json"))
     saved = fields.pop(PROCESSING_ATTR, "none")
     known = {f.name for f in dataclasses.fields(HookedTransformerConfig)}
     unknown = sorted(set(fields) - known)
@@ -246,15 +247,22 @@ def _hub_snapshot(official_name: str) -> Path:
         ) from None
 
 
+def refuse_remote_code(directory: Path, names: tuple[str, ...]) -> None:
+    """Refuse a folder whose JSON files ask transformers to run the folder's own Python code
+    (`auto_map`, `trust_remote_code`): loading a model never executes code from its folder."""
+    for name in names:
+        fields = _read_json(directory / name) if (directory / name).is_file() else {}
+        if "auto_map" in fields or fields.get("trust_remote_code"):
+            raise CircuitsError(
+                f"{directory}/{name} asks to run the folder's own Python code (auto_map or trust_remote_code): "
+                "refused; use a model whose architecture transformers implements"
+            )
+
+
 def check_snapshot(directory: Path) -> str:
     """The architecture a snapshot's config.json names, after refusing remote code and pickled weights."""
     config = _read_json(directory / "config.json")
-    for name in ("config.json", "tokenizer_config.json"):
-        if (directory / name).is_file() and "auto_map" in _read_json(directory / name):
-            raise CircuitsError(
-                f"{directory}/{name} asks to run the folder's own Python code (auto_map): refused; "
-                "use a model whose architecture transformers implements"
-            )
+    refuse_remote_code(directory, ("config.json", "tokenizer_config.json"))
     if not list(directory.glob("*.safetensors")):
         pickles = sorted(p.name for p in directory.iterdir() if p.suffix in _PICKLE_SUFFIXES)
         if pickles:

@@ -259,3 +259,20 @@ def test_hub_names_load_from_the_local_cache(tmp_path):
     result = _run(code, tmp_path / "home")
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.splitlines() == ["gpt2 gpt2 none True", "EleutherAI/pythia-14m pythia-14m none True"]
+
+
+@pytest.mark.parametrize("ask", ["trust_remote_code", "auto_map"])
+def test_our_model_directory_never_runs_code_from_its_folder(ask, demo_model, tmp_path):
+    """The reproducer: config.json asks for remote code and the tokenizer's config points at a .py file
+    in the folder that would leave a marker; loading is refused in one line and the file never runs."""
+    directory = tmp_path / "m"
+    save_model_dir(demo_model, directory)
+    marker = tmp_path / "ran"
+    (directory / "tokenizer" / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    tokenizer_fields = {"auto_map": {"AutoTokenizer": ["evil.EvilTokenizer", None]}} if ask == "auto_map" else {}
+    _edit_json(directory / "tokenizer" / "tokenizer_config.json", **tokenizer_fields)
+    _edit_json(directory / "config.json", **({"trust_remote_code": True} if ask == "trust_remote_code" else {}))
+    with pytest.raises(CircuitsError, match="own Python code") as excinfo:
+        load_model(str(directory))
+    _one_line_error(excinfo)
+    assert not marker.exists()
