@@ -43,6 +43,20 @@ class CLTConfig:
     output_hook: str = "hook_mlp_out"
     model_name: str = ""
     extra: dict = field(default_factory=dict)
+    layers: list[int] | None = None
+    """Layers that have a transcoder (None: every layer). The others hold zero encoders, biases,
+    thresholds and decoders: pre-activations are exactly 0 and 0 > 0 is false, so their features
+    never fire and their whole MLP output is the error node."""
+    family: str = "circuits"
+    """The file layout it was read from: circuits (built in memory), circuit-tracer-clt,
+    circuit-tracer-transcoder-set, gemmascope, gemmascope-2, gemmascope-2-clt, saelens."""
+    source: str = ""
+    """Where it was read from: a directory, or an hf: reference."""
+    model_processing: str = "none"
+    """The TransformerLens weight processing of the model whose activations it was trained on:
+    'none' = HookedTransformer.from_pretrained(..., fold_ln=False, center_writing_weights=False,
+    center_unembed=False), circuit-tracer's convention and ours; otherwise the SAELens
+    `model_from_pretrained_kwargs` as JSON, or 'unknown'."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -69,8 +83,10 @@ def _rectangle(x: torch.Tensor) -> torch.Tensor:
 
 
 class JumpReLU(torch.autograd.Function):
-    """acts = pre * (pre > threshold); the threshold gets a straight-through gradient
-    through a rectangle kernel of width `bandwidth` (Rajamanoharan et al., 2024)."""
+    """acts = pre * (pre > threshold), exactly circuit-tracer's JumpReLU (no ReLU clamp, strict >);
+    the threshold gets a straight-through gradient through a rectangle kernel of width `bandwidth`
+    (Rajamanoharan et al., 2024). SAELens computes relu(pre) * (pre > t), which is this function
+    with the threshold max(t, 0): its readers and writers convert (transcoders/saelens.py)."""
 
     @staticmethod
     def forward(ctx, pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
