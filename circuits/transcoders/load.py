@@ -62,8 +62,9 @@ def resolve(name: str) -> tuple[Path, str]:
         return hub.snapshot(parsed), str(parsed)
     directory = Path(name)
     if not directory.is_dir():
-        raise CircuitsError(f"{name} is not a directory: pass one, 'demo', a preset ({', '.join(PRESETS)}) "
-                            "or hf:ORG/REPO")  # fmt: skip
+        presets = ", ".join(PRESETS)
+        raise CircuitsError(f"{name} holds no transcoder (no such directory): pass a directory, 'demo', a preset "
+                            f"({presets}) or hf:ORG/REPO")  # fmt: skip
     return directory, str(directory)
 
 
