@@ -210,9 +210,10 @@ def with_fire_fraction(transcoder: str, fraction: float) -> Path:
 
 
 def _status_mb(field: str) -> float:
+    """A /proc/self/status memory field (kB = KiB there) in MB (10^6 bytes)."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
+            return int(line.split()[1]) * 1024 / 1e6
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
@@ -277,7 +278,7 @@ def write_standin(directory: Path, n_layers: int, n_features: int, d_model: int)
 def bench_load(args) -> None:
     L, F, d = args.load_shape
     directory = Path(args.load_dir or Path(tempfile.gettempdir()) / f"bench_load_clt_{L}x{F}x{d}")
-    size_mb = write_standin(directory, L, F, d) / 2**20
+    size_mb = write_standin(directory, L, F, d) / 1e6
     for path in directory.glob("*.safetensors"):  # a warm page cache for both
         with open(path, "rb") as f:
             while f.read(1 << 24):

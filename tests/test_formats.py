@@ -102,6 +102,11 @@ def _random_clt(**kw) -> CrossLayerTranscoder:
         clt.threshold.uniform_(0.05, 0.3)
         if clt.W_skip is not None:
             clt.W_skip.normal_(std=0.1)
+        for l in set(range(L)) - set(clt.cfg.layers or range(L)):  # what a layer the transcoder lacks holds
+            for t in (clt.W_enc[l], clt.b_enc[l], clt.threshold[l], clt.b_dec[l], clt.W_dec[l]):
+                t.zero_()
+            if clt.W_skip is not None:
+                clt.W_skip[l].zero_()
     return clt
 
 
@@ -112,6 +117,7 @@ OURS = {  # what we write, for circuit-tracer to read
     "ours_set_relu": {"cross_layer": False, "activation": "relu"},
     "ours_clt_skip": {"skip": True},
     "ours_set_topk": {"cross_layer": False, "activation": "topk", "topk": 4},
+    "ours_set_some_layers": {"cross_layer": False, "skip": True, "layers": [0, 2]},
 }
 
 
@@ -297,7 +303,9 @@ def test_we_read_what_we_write(world, name):
 
 
 @needs_peer
-@pytest.mark.parametrize("name", ["ours_clt", "ours_clt_relu", "ours_set_skip", "ours_set_relu"])
+@pytest.mark.parametrize(
+    "name", ["ours_clt", "ours_clt_relu", "ours_set_skip", "ours_set_relu", "ours_set_some_layers"]
+)
 def test_circuit_tracer_reads_what_we_write(world, ct, name):
     report, tensors = ct
     _, clt = world["ours"][name]
@@ -329,11 +337,7 @@ def test_circuit_tracer_refuses_what_it_would_misread(world, ct):
 def test_saelens_reads_what_we_write(tmp_path):
     from sae_lens import SAE
 
-    clt = _random_clt(cross_layer=False, skip=True)
-    clt.cfg.layers = [0, 2]  # a set of some layers: layer 1 is not written
-    with torch.no_grad():
-        for t in (clt.W_enc[1], clt.b_enc[1], clt.b_dec[1], clt.threshold[1], clt.W_dec[1], clt.W_skip[1]):
-            t.zero_()
+    clt = _random_clt(cross_layer=False, skip=True, layers=[0, 2])  # layer 1 is not written
     save_saelens(clt, tmp_path / "sl")
     assert sorted(p.name for p in (tmp_path / "sl").iterdir()) == ["layer_0", "layer_2"]
     x = torch.randn(5, L, D)

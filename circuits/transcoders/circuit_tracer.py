@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from circuits.errors import CircuitsError
-from circuits.transcoders.assemble import LayerWeights
+from circuits.transcoders.assemble import LayerWeights, present_layers
 from circuits.transcoders.clt import CLTConfig
 from circuits.transcoders.configs import hooks, read_config_json, read_ct_config, write_configs
 from circuits.transcoders.tensorfile import read_safetensors, require, safetensors_shapes, write_safetensors
@@ -87,7 +87,7 @@ def _config(directory: Path) -> CLTConfig:
 
 
 def _layers(directory: Path, cfg: CLTConfig) -> Iterator[tuple[int, LayerWeights]]:
-    for l in range(cfg.n_layers):
+    for l in present_layers(cfg):  # our CLTs of some layers hold zero files for the others
         path = directory / f"W_enc_{l}.safetensors"
         enc = read_safetensors(path)
         dec_path, skip_path = directory / f"W_dec_{l}.safetensors", directory / f"W_skip_{l}.safetensors"

@@ -61,7 +61,8 @@ def snapshot(ref: HubRef) -> Path:
     """The local directory of a repository (or of its folder `ref.path`), downloaded or cached."""
     from huggingface_hub import snapshot_download
 
-    patterns = [f"{ref.path}/*"] if ref.path else None
+    prefix = f"{ref.path}/" if ref.path else ""  # huggingface_hub's patterns: * matches / too
+    patterns = [f"{prefix}*.{ext}" for ext in ("safetensors", "npz", "yaml", "json")]  # what the readers read
     log.info("fetching %s", ref)
     try:
         root = Path(snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=patterns))

@@ -23,7 +23,7 @@ import torch
 
 from circuits.errors import CircuitsError
 from circuits.transcoders import gemmascope, gemmascope2
-from circuits.transcoders.assemble import LayerInfo, LayerWeights
+from circuits.transcoders.assemble import LayerInfo, LayerWeights, present_layers
 from circuits.transcoders.clt import CLTConfig
 from circuits.transcoders.configs import hooks, read_config_json, read_ct_config, write_configs
 from circuits.transcoders.hub import download_file, parse_ref
@@ -127,4 +127,5 @@ def read_transcoder_set(directory: Path) -> tuple[CLTConfig, Iterator[tuple[int,
                         skip=info.skip, activation=activation, topk=info.topk or 16, input_hook=input_hook,
                         output_hook=output_hook, model_name=str(config.get("model_name") or ""))  # fmt: skip
     cfg.family = family
-    return cfg, ((l, formats[l][2](p)) for l, p in sorted(files.items()))
+    present = present_layers(cfg)  # our sets of some layers hold zero files for the others
+    return cfg, ((l, formats[l][2](p)) for l, p in sorted(files.items()) if l in present)
