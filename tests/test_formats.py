@@ -459,6 +459,10 @@ def test_one_line_errors(tmp_path):
     npz = tmp_path / "gs" / sorted(w["files"])[1]
     npz.write_bytes(npz.read_bytes()[:1000])
     _one_line("params.npz is corrupt or truncated", tmp_path / "gs")
+    save_transcoder(_random_clt(), tmp_path / "newer")
+    config = json.loads((tmp_path / "newer" / "config.json").read_text())
+    (tmp_path / "newer" / "config.json").write_text(json.dumps({**config, "from_the_future": 1}))
+    _one_line("has fields \\['from_the_future'\\] this version does not know", tmp_path / "newer")
     layouts.write_ct_transcoder_set(tmp_path / "gap", L, D, F, 1)
     (tmp_path / "gap" / "layer_1.safetensors").unlink()
     _one_line("layer_1.safetensors is missing", tmp_path / "gap")

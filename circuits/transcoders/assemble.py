@@ -9,40 +9,12 @@ contiguous) is kept as it was read, i.e. memory-mapped, so loading reads no deco
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import torch
 
 from circuits.errors import CircuitsError
 from circuits.transcoders.clt import CLTConfig, CrossLayerTranscoder
-
-
-@dataclass
-class LayerWeights:
-    """One source layer's transcoder, in our orientation, tensors as read (file dtype, possibly
-    memory-mapped views)."""
-
-    W_enc: torch.Tensor  # [F, d]: pre = x @ W_enc.T + b_enc
-    b_enc: torch.Tensor  # [F]
-    W_dec: torch.Tensor  # [F, T, d]: slice k writes output layer l + k (T = 1 per-layer)
-    b_dec: torch.Tensor  # [d]: bias of output layer l
-    threshold: torch.Tensor | None = None  # [F]: JumpReLU pre * (pre > threshold)
-    W_skip: torch.Tensor | None = None  # [d, d]: skip = x @ W_skip
-
-
-@dataclass
-class LayerInfo:
-    """What one per-layer file declares, read from its header (no weights)."""
-
-    n_features: int
-    d_model: int
-    jumprelu: bool
-    skip: bool
-    topk: int | None = None
-
-
-def present_layers(cfg: CLTConfig) -> list[int]:
-    return list(range(cfg.n_layers)) if cfg.layers is None else list(cfg.layers)
+from circuits.transcoders.layer import LayerWeights, present_layers
 
 
 def _expected_shapes(cfg: CLTConfig, layer: int) -> dict[str, tuple[int, ...]]:

@@ -1,5 +1,6 @@
-"""circuit-tracer's cross-layer transcoder layout, which is also ours (plus config.json).
+"""circuit-tracer's two layouts as we write them, and its cross-layer layout as we read it.
 
+Cross-layer transcoders (read here; circuit-tracer's own files have no config.json):
     W_enc_{l}.safetensors   W_enc_{l} [F, d], b_enc_{l} [F], b_dec_{l} [d] (bias of OUTPUT layer l),
                             threshold_{l} [F] (JumpReLU only: circuit-tracer reads ReLU without it),
                             topk_{l} [] (ours, TopK only)
@@ -10,7 +11,11 @@
     config.yaml             model_kind, model_name, feature_input_hook, feature_output_hook
     config.json             our CLTConfig (absent in circuit-tracer's files: shapes come from the files)
 
-Per-layer transcoders are written in the transcoder_set layout (transcoder_set.py).
+Per-layer transcoders, circuit-tracer's transcoder_set (read in transcoder_set.py):
+    layer_{l}.safetensors   W_enc [F, d], W_dec [F, d], b_enc [F], b_dec [d], activation_function.threshold [F]
+                            (JumpReLU only), W_skip [d_out, d_in] (circuit-tracer computes x @ W_skip.T),
+                            topk [] (ours, TopK only: circuit-tracer's strict loader refuses the key)
+    config.yaml, config.json as above
 """
 
 from __future__ import annotations
@@ -22,9 +27,9 @@ from pathlib import Path
 import torch
 
 from circuits.errors import CircuitsError
-from circuits.transcoders.assemble import LayerWeights, present_layers
 from circuits.transcoders.clt import CLTConfig
 from circuits.transcoders.configs import hooks, read_config_json, read_ct_config, write_configs
+from circuits.transcoders.layer import LayerWeights, present_layers
 from circuits.transcoders.tensorfile import read_safetensors, require, safetensors_shapes, write_safetensors
 
 FAMILY = "circuit-tracer-clt"
@@ -33,23 +38,35 @@ FAMILY = "circuit-tracer-clt"
 def save_transcoder(clt, directory: Path) -> None:
     """Write `clt` (in model units) into `directory`, file by file atomically: a cross-layer
     transcoder in circuit-tracer's CLT layout, a per-layer one in its transcoder_set layout."""
-    if not clt.cfg.cross_layer:
-        from circuits.transcoders.transcoder_set import save_transcoder_set
-
-        return save_transcoder_set(clt, directory)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     for l in range(clt.cfg.n_layers):
-        enc = {f"W_enc_{l}": clt.W_enc[l], f"b_enc_{l}": clt.b_enc[l], f"b_dec_{l}": clt.b_dec[l]}
-        if clt.cfg.activation == "jumprelu":
-            enc[f"threshold_{l}"] = clt.threshold[l].float()
-        if clt.cfg.activation == "topk":
-            enc[f"topk_{l}"] = torch.tensor(clt.cfg.topk)
-        write_safetensors(directory / f"W_enc_{l}.safetensors", enc)
-        write_safetensors(directory / f"W_dec_{l}.safetensors", {f"W_dec_{l}": clt.W_dec[l]})
-        if clt.W_skip is not None:
-            write_safetensors(directory / f"W_skip_{l}.safetensors", {f"W_skip_{l}": clt.W_skip[l]})
+        for name, tensors in (_clt_files if clt.cfg.cross_layer else _set_files)(clt, l).items():
+            write_safetensors(directory / f"{name}.safetensors", tensors)
     write_configs(directory, clt.cfg)
+
+
+def _clt_files(clt, l: int) -> dict[str, dict[str, torch.Tensor]]:
+    enc = {f"W_enc_{l}": clt.W_enc[l], f"b_enc_{l}": clt.b_enc[l], f"b_dec_{l}": clt.b_dec[l]}
+    if clt.cfg.activation == "jumprelu":
+        enc[f"threshold_{l}"] = clt.threshold[l].float()
+    if clt.cfg.activation == "topk":
+        enc[f"topk_{l}"] = torch.tensor(clt.cfg.topk)
+    files = {f"W_enc_{l}": enc, f"W_dec_{l}": {f"W_dec_{l}": clt.W_dec[l]}}
+    if clt.W_skip is not None:
+        files[f"W_skip_{l}"] = {f"W_skip_{l}": clt.W_skip[l]}
+    return files
+
+
+def _set_files(clt, l: int) -> dict[str, dict[str, torch.Tensor]]:
+    t = {"W_enc": clt.W_enc[l], "W_dec": clt.W_dec[l][:, 0], "b_enc": clt.b_enc[l], "b_dec": clt.b_dec[l]}
+    if clt.cfg.activation == "jumprelu":
+        t["activation_function.threshold"] = clt.threshold[l].float()
+    if clt.cfg.activation == "topk":
+        t["topk"] = torch.tensor(clt.cfg.topk)
+    if clt.W_skip is not None:
+        t["W_skip"] = clt.W_skip[l].T  # [d_out, d_in]
+    return {f"layer_{l}": t}
 
 
 def _n_layers(directory: Path) -> int:
@@ -68,7 +85,9 @@ def _config(directory: Path) -> CLTConfig:
     ours, config = read_config_json(directory), read_ct_config(directory)
     input_hook, output_hook = hooks(config, ours, ("hook_resid_mid", "hook_mlp_out"), directory)
     if ours is not None:
-        return CLTConfig(**{**ours, "input_hook": input_hook, "output_hook": output_hook})
+        return CLTConfig.from_dict(
+            {**ours, "input_hook": input_hook, "output_hook": output_hook}, directory / "config.json"
+        )
     L = _n_layers(directory)
     enc = safetensors_shapes(directory / "W_enc_0.safetensors")
     n_targets = safetensors_shapes(directory / "W_dec_0.safetensors").get("W_dec_0", (0, 0))[1]

@@ -15,7 +15,7 @@ A per-layer transcoder is `cross_layer=False`; a skip transcoder adds `skip=True
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from torch import nn
@@ -60,6 +60,14 @@ class CLTConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, config: dict, where: str = "the config") -> CLTConfig:
+        """The config `to_dict` wrote; refuses fields this version does not know, in one line."""
+        unknown = sorted(set(config) - {f.name for f in fields(cls)})
+        if unknown:
+            raise CircuitsError(f"{where} has fields {unknown} this version does not know: upgrade circuits")
+        return cls(**config)
 
     def n_targets(self, source_layer: int) -> int:
         return self.n_layers - source_layer if self.cross_layer else 1

@@ -3,14 +3,17 @@ read: model_kind and the hooks) and our config.json (the CLTConfig)."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import yaml
 
 from circuits.errors import CircuitsError
 from circuits.fileio import atomic_file
-from circuits.transcoders.clt import CLTConfig
-from circuits.transcoders.tensorfile import read_yaml
+
+if TYPE_CHECKING:
+    from circuits.transcoders.clt import CLTConfig
 
 CT_KINDS = ("cross_layer_transcoder", "transcoder_set")
 
@@ -51,19 +54,26 @@ def write_configs(directory: Path, cfg: CLTConfig) -> None:
 
 
 def read_config_json(directory: Path) -> dict | None:
-    """Our CLTConfig fields from config.json, or None without one."""
+    """Our CLTConfig fields from config.json (CLTConfig.from_dict checks them), or None without one."""
     path = Path(directory) / "config.json"
     if not path.is_file():
         return None
     try:
-        fields = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise CircuitsError(f"{path} is not valid JSON ({e}): re-write it") from None
-    known = {f.name for f in dataclasses.fields(CLTConfig)}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-        raise CircuitsError(f"{path} has fields {unknown} this version does not know: upgrade circuits")
-    return fields
+
+
+def read_yaml(path: Path) -> dict:
+    """A YAML mapping (circuit-tracer's config.yaml), parsed safely."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        reason = str(e).splitlines()[0]
+        raise CircuitsError(f"{path} is corrupt or truncated ({reason}): re-download or re-write it") from None
+    if not isinstance(data, dict):
+        raise CircuitsError(f"{path} is not a YAML mapping: expected model_kind, feature_input_hook, ...")
+    return data
 
 
 def read_ct_config(directory: Path) -> dict:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from circuits.errors import CircuitsError
-from circuits.transcoders.assemble import LayerInfo, LayerWeights
+from circuits.transcoders.layer import LayerInfo, LayerWeights
 from circuits.transcoders.tensorfile import npz_keys, read_npz
 
 FAMILY = "gemmascope"

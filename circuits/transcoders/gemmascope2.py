@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from circuits.errors import CircuitsError
-from circuits.transcoders.assemble import LayerInfo, LayerWeights
 from circuits.transcoders.clt import CLTConfig
+from circuits.transcoders.layer import LayerInfo, LayerWeights
 from circuits.transcoders.tensorfile import read_safetensors, safetensors_shapes
 
 FAMILY = "gemmascope-2"

@@ -10,13 +10,14 @@ from pathlib import Path
 import torch
 
 from circuits.errors import CircuitsError
-from circuits.transcoders import gemmascope2, saelens
-from circuits.transcoders.assemble import LayerWeights, assemble
+from circuits.transcoders import gemmascope, gemmascope2, saelens, transcoder_set
+from circuits.transcoders.assemble import assemble
 from circuits.transcoders.circuit_tracer import read_clt_dir
 from circuits.transcoders.clt import CLTConfig, CrossLayerTranscoder, check_fits
 from circuits.transcoders.configs import hooks, read_config_json, read_ct_config
+from circuits.transcoders.layer import LayerWeights
 from circuits.transcoders.presets import PRESETS, hub_ref
-from circuits.transcoders.transcoder_set import layer_files, read_transcoder_set
+from circuits.transcoders.tensorfile import safetensors_shapes
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,15 @@ FAMILIES = (
 Layers = Iterator[tuple[int, LayerWeights]]
 
 
+def file_format(path: Path) -> transcoder_set.Format:
+    """How to read one per-layer file of a set, told by its contents."""
+    if gemmascope.is_layer_file(path):
+        return gemmascope.FAMILY, gemmascope.describe, gemmascope.read_layer
+    if gemmascope2.is_layer_file(safetensors_shapes(path)):
+        return gemmascope2.FAMILY, gemmascope2.describe, gemmascope2.read_layer
+    return transcoder_set.FAMILY, transcoder_set.describe, transcoder_set.read_layer
+
+
 def read_directory(directory: Path, n_layers: int | None = None) -> tuple[CLTConfig, Layers]:
     """(config, lazy per-layer weights) of a transcoder directory, its family told by its files.
     `n_layers` (the model's) sizes a SAELens set that lacks its last layers."""
@@ -38,11 +48,11 @@ def read_directory(directory: Path, n_layers: int | None = None) -> tuple[CLTCon
     config, ours = read_ct_config(directory), read_config_json(directory)
     if "transcoders" in config and str(config.get("model_kind", "")).startswith("cross_layer_transcoder"):
         input_hook, output_hook = hooks(config, None, None, directory)
-        files = layer_files(directory, config)
+        files = transcoder_set.layer_files(directory, config)
         return gemmascope2.read_clt(files, input_hook, output_hook, str(config.get("model_name") or ""))
     has_set = "transcoders" in config or any(directory.glob("layer_*.safetensors"))
     if has_set and not (ours or {}).get("cross_layer", False):
-        return read_transcoder_set(directory)
+        return transcoder_set.read_transcoder_set(directory, file_format)
     if (directory / "W_enc_0.safetensors").exists():
         return read_clt_dir(directory)
     if saelens.folders(directory):

@@ -28,8 +28,8 @@ import torch
 
 from circuits.errors import CircuitsError
 from circuits.fileio import atomic_directory
-from circuits.transcoders.assemble import LayerWeights, present_layers
 from circuits.transcoders.clt import CLTConfig
+from circuits.transcoders.layer import LayerWeights, present_layers
 from circuits.transcoders.tensorfile import read_safetensors
 
 FAMILY = "saelens"

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from circuits.errors import CircuitsError
 from circuits.fileio import atomic_file
@@ -91,14 +90,3 @@ def npz_keys(path: Path) -> list[str]:
             return list(npz.files)
     except (zipfile.BadZipFile, ValueError, EOFError) as e:
         raise _corrupt(path, e) from None
-
-
-def read_yaml(path: Path) -> dict:
-    """A YAML mapping (circuit-tracer's config.yaml), parsed safely."""
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise _corrupt(path, e) from None
-    if not isinstance(data, dict):
-        raise CircuitsError(f"{path} is not a YAML mapping: expected model_kind, feature_input_hook, ...")
-    return data

@@ -1,5 +1,5 @@
-"""circuit-tracer's per-layer transcoder set (`model_kind: transcoder_set`), which is also how we
-write per-layer transcoders.
+"""Reading circuit-tracer's per-layer transcoder sets (`model_kind: transcoder_set`), ours included
+(circuit_tracer.py writes them).
 
     config.yaml             model_kind: transcoder_set, model_name, feature_input_hook, feature_output_hook,
                             [transcoders: [one entry per layer, list index = layer: an hf:// URI or a path]]
@@ -8,8 +8,8 @@ write per-layer transcoders.
                             W_skip [d_out, d_in] => skip x @ W_skip.T, topk [] (ours: TopK; circuit-tracer refuses it)
     config.json             ours (CLTConfig), when we wrote it
 
-The entries of a `transcoders:` list may be GemmaScope `.npz` files or GemmaScope-2 files: each
-file's format is read from the file itself (circuit-tracer decides from the repository's name).
+The entries of a `transcoders:` list may be GemmaScope `.npz` files or GemmaScope-2 files: the
+caller tells each file's format from the file itself (circuit-tracer decides from the repository's name).
 A relative path resolves against the config's directory (circuit-tracer: the process's working directory).
 """
 
@@ -19,35 +19,16 @@ import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import torch
-
 from circuits.errors import CircuitsError
-from circuits.transcoders import gemmascope, gemmascope2
-from circuits.transcoders.assemble import LayerInfo, LayerWeights, present_layers
 from circuits.transcoders.clt import CLTConfig
-from circuits.transcoders.configs import hooks, read_config_json, read_ct_config, write_configs
+from circuits.transcoders.configs import hooks, read_config_json, read_ct_config
 from circuits.transcoders.hub import download_file, parse_ref
-from circuits.transcoders.tensorfile import read_safetensors, require, safetensors_shapes, write_safetensors
+from circuits.transcoders.layer import LayerInfo, LayerWeights, present_layers
+from circuits.transcoders.tensorfile import read_safetensors, require, safetensors_shapes
 
 FAMILY = "circuit-tracer-transcoder-set"
 THRESHOLD_KEYS = ("activation_function.threshold", "threshold")
 KEYS = {"W_enc", "W_dec", "b_enc", "b_dec", "W_skip", "topk", *THRESHOLD_KEYS}
-
-
-def save_transcoder_set(clt, directory: Path) -> None:
-    """Write a per-layer transcoder as circuit-tracer's transcoder_set, file by file atomically."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    for l in range(clt.cfg.n_layers):
-        t = {"W_enc": clt.W_enc[l], "W_dec": clt.W_dec[l][:, 0], "b_enc": clt.b_enc[l], "b_dec": clt.b_dec[l]}
-        if clt.cfg.activation == "jumprelu":
-            t["activation_function.threshold"] = clt.threshold[l].float()
-        if clt.cfg.activation == "topk":
-            t["topk"] = torch.tensor(clt.cfg.topk)  # circuit-tracer's strict load_state_dict refuses the key
-        if clt.W_skip is not None:
-            t["W_skip"] = clt.W_skip[l].T  # [d_out, d_in]: circuit-tracer computes x @ W_skip.T
-        write_safetensors(directory / f"layer_{l}.safetensors", t)
-    write_configs(directory, clt.cfg)
 
 
 def _entry_path(entry: str, directory: Path) -> Path:
@@ -75,7 +56,8 @@ def layer_files(directory: Path, config: dict) -> dict[int, Path]:
     return found
 
 
-def _ct_describe(path: Path) -> LayerInfo:
+def describe(path: Path) -> LayerInfo:
+    """What a circuit-tracer per-layer file declares (its header, and a TopK's k)."""
     shapes = safetensors_shapes(path)
     extra = sorted(set(shapes) - KEYS)
     if extra or not {"W_enc", "W_dec", "b_enc", "b_dec"} <= set(shapes):
@@ -88,7 +70,7 @@ def _ct_describe(path: Path) -> LayerInfo:
                      jumprelu=any(k in shapes for k in THRESHOLD_KEYS), skip="W_skip" in shapes, topk=topk)  # fmt: skip
 
 
-def _ct_read(path: Path) -> LayerWeights:
+def read_layer(path: Path) -> LayerWeights:
     t = read_safetensors(path)
     threshold = next((t[k] for k in THRESHOLD_KEYS if k in t), None)
     return LayerWeights(
@@ -98,28 +80,28 @@ def _ct_read(path: Path) -> LayerWeights:
     )  # fmt: skip
 
 
-def _format(path: Path) -> tuple[str, Callable[[Path], LayerInfo], Callable[[Path], LayerWeights]]:
-    """(family, describe, read) of one per-layer file, from its contents."""
-    if gemmascope.is_layer_file(path):
-        return gemmascope.FAMILY, gemmascope.describe, gemmascope.read_layer
-    if gemmascope2.is_layer_file(safetensors_shapes(path)):
-        return gemmascope2.FAMILY, gemmascope2.describe, gemmascope2.read_layer
-    return FAMILY, _ct_describe, _ct_read
+Format = tuple[str, Callable[[Path], LayerInfo], Callable[[Path], LayerWeights]]
+"""(family, describe, read) of one kind of per-layer file."""
 
 
-def read_transcoder_set(directory: Path) -> tuple[CLTConfig, Iterator[tuple[int, LayerWeights]]]:
-    """(config, lazy per-layer weights) of a transcoder_set directory."""
+def read_transcoder_set(
+    directory: Path, file_format: Callable[[Path], Format]
+) -> tuple[CLTConfig, Iterator[tuple[int, LayerWeights]]]:
+    """(config, lazy per-layer weights) of a transcoder_set directory; `file_format` tells each
+    layer file's format."""
     directory = Path(directory)
     config, ours = read_ct_config(directory), read_config_json(directory)
     files = layer_files(directory, config)
-    formats = {l: _format(p) for l, p in files.items()}
+    formats = {l: file_format(p) for l, p in files.items()}
     family, describe, _ = formats[0]
     mixed = sorted(l for l, f in formats.items() if f[0] != family)
     if mixed:
         raise CircuitsError(f"{directory}: layer {mixed[0]} is a {formats[mixed[0]][0]} file but layer 0 is {family}")
     input_hook, output_hook = hooks(config, ours, None, directory)
     if ours is not None:
-        cfg = CLTConfig(**{**ours, "input_hook": input_hook, "output_hook": output_hook})
+        cfg = CLTConfig.from_dict(
+            {**ours, "input_hook": input_hook, "output_hook": output_hook}, directory / "config.json"
+        )
     else:
         info = describe(files[0])
         activation = "jumprelu" if info.jumprelu else "topk" if info.topk else "relu"
