@@ -16,6 +16,15 @@ RSS (circuit-tracer's at the batch size of least growth), and the largest edge d
 relative to the largest edge against circuit-tracer and against the autograd reference on --sample
 rows. circuit-tracer never attributes from position 0 (BOS): edges are compared on the nodes both
 graphs have.
+
+`--load` instead times loading a transcoder: a Gemma-shaped CLT stand-in (--load-shape, default 26 layers
+x 512 features x d 2304 = 1.78 GB of fp32 weights in circuit-tracer's CLT layout, written once into
+--load-dir) loaded by our `load_transcoder` and by circuit-tracer's `load_clt` (its defaults: lazy
+decoders), each in a fresh subprocess, alternately, --repeat times, from a warm page cache. Reports the
+best time and the peak RSS growth over the process's baseline after imports (the peak is reset through
+/proc/self/clear_refs), both as a ratio, with the machine's load average:
+
+    python scripts/bench_attribution.py --load --repeat 3 --ct-python /work/ct-venv/bin/python
 """
 
 from __future__ import annotations
@@ -200,6 +209,105 @@ def with_fire_fraction(transcoder: str, fraction: float) -> Path:
     return out
 
 
+def _status_mb(field: str) -> float:
+    """A /proc/self/status memory field (kB = KiB there) in MB (10^6 bytes)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024 / 1e6
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _timed_load(load) -> dict:
+    """Time `load()` and the growth of peak RSS over the RSS just before it (imports done)."""
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    base, t0 = _status_mb("VmRSS"), time.perf_counter()
+    loaded = load()
+    seconds = time.perf_counter() - t0
+    result = {"seconds": seconds, "growth_mb": _status_mb("VmHWM") - base, "held_mb": _status_mb("VmRSS") - base}
+    del loaded
+    return result
+
+
+def worker_load_ours(args) -> dict:
+    import numpy  # noqa: F401 -- everything load_transcoder imports, so the baseline holds it
+    import safetensors.torch  # noqa: F401
+    import torch
+    import yaml  # noqa: F401
+
+    from circuits.transcoders.load import load_transcoder
+
+    torch.set_num_threads(args.threads)
+    return _timed_load(lambda: load_transcoder(args.transcoder_dir, dtype=args.load_dtype))
+
+
+def worker_load_ct(args) -> dict:
+    import torch
+    from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
+
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.load_dtype)
+    return _timed_load(lambda: load_clt(str(args.transcoder_dir), device=torch.device("cpu"), dtype=dtype))
+
+
+def write_standin(directory: Path, n_layers: int, n_features: int, d_model: int) -> int:
+    """A random CLT in circuit-tracer's CLT layout, one layer in memory at a time; its bytes on disk."""
+    import torch
+    from safetensors.torch import save_file
+
+    done = directory / "config.yaml"
+    if not done.exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        gen = torch.Generator().manual_seed(0)
+        for l in range(n_layers):
+            enc = {
+                f"W_enc_{l}": torch.randn(n_features, d_model, generator=gen) * d_model**-0.5,
+                f"b_enc_{l}": torch.randn(n_features, generator=gen) * 0.1,
+                f"b_dec_{l}": torch.randn(d_model, generator=gen) * 0.1,
+                f"threshold_{l}": torch.rand(n_features, generator=gen) * 0.5 + 0.1,
+            }
+            save_file(enc, str(directory / f"W_enc_{l}.safetensors"))
+            dec = torch.randn(n_features, n_layers - l, d_model, generator=gen) * n_features**-0.5
+            save_file({f"W_dec_{l}": dec}, str(directory / f"W_dec_{l}.safetensors"))
+        done.write_text(
+            'model_name: "google/gemma-2-2b"\nmodel_kind: cross_layer_transcoder\n'
+            "feature_input_hook: hook_resid_mid\nfeature_output_hook: hook_mlp_out\n"
+        )
+    return sum(p.stat().st_size for p in directory.glob("*.safetensors"))
+
+
+def bench_load(args) -> None:
+    L, F, d = args.load_shape
+    directory = Path(args.load_dir or Path(tempfile.gettempdir()) / f"bench_load_clt_{L}x{F}x{d}")
+    size_mb = write_standin(directory, L, F, d) / 1e6
+    for path in directory.glob("*.safetensors"):  # a warm page cache for both
+        with open(path, "rb") as f:
+            while f.read(1 << 24):
+                pass
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "HF_HUB_OFFLINE": "1"}
+    ct_env = {k: v for k, v in env.items() if k != "PYTHONPATH"}
+    common = ["--transcoder-dir", str(directory), "--load-dtype", args.load_dtype, "--threads", str(args.threads)]
+    load_before, runs = os.getloadavg(), {"ours": [], "ct": []}
+    for _ in range(args.repeat):
+        runs["ours"].append(_run(sys.executable, "load-ours", common, env)[0])
+        if args.ct_python:
+            runs["ct"].append(_run(args.ct_python, "load-ct", common, ct_env)[0])
+    before, after = (" ".join(f"{x:.2f}" for x in avg) for avg in (load_before, os.getloadavg()))
+    print(f"{directory}: {L} layers x {F} features x d {d}, {size_mb:,.0f} MB on disk, loaded as {args.load_dtype}; "
+          f"best of {args.repeat}, {args.threads} thread(s), {os.cpu_count()} CPUs; "
+          f"load average {before} before, {after} after")  # fmt: skip
+    print("| loader | time | peak RSS growth | / size on disk | RSS held after |")
+    print("|---|---:|---:|---:|---:|")
+    best = {k: min(v, key=lambda r: r["seconds"]) for k, v in runs.items() if v}
+    peak = {k: min(r["growth_mb"] for r in v) for k, v in runs.items() if v}
+    names = {"ours": "ours: load_transcoder", "ct": "circuit-tracer: load_clt (lazy decoders)"}
+    for k, r in best.items():
+        print(f"| {names[k]} | {r['seconds']:.3f} s | {peak[k]:,.0f} MB | {peak[k] / size_mb:.2f}x "
+              f"| {r['held_mb']:,.0f} MB |")  # fmt: skip
+    if "ct" in best:
+        print(f"| ours / circuit-tracer | {best['ours']['seconds'] / best['ct']['seconds']:.2f}x "
+              f"| {peak['ours'] / peak['ct']:.2f}x | | |")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--transcoder", default="demo")
@@ -224,6 +332,10 @@ def main() -> None:
     )
     parser.add_argument("--repeat", type=int, default=2, help="best of this many runs (both implementations)")
     parser.add_argument("--sample", type=int, default=8, help="rows checked against autograd per length")
+    parser.add_argument("--load", action="store_true", help="benchmark loading a transcoder instead (see above)")
+    parser.add_argument("--load-dir", default=None, help="where the --load stand-in CLT is (written if absent)")
+    parser.add_argument("--load-shape", type=int, nargs=3, default=[26, 512, 2304], metavar=("L", "F", "D"))
+    parser.add_argument("--load-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--ct-batch-size", type=int, default=512, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
@@ -233,9 +345,12 @@ def main() -> None:
     parser.add_argument("--transcoder-dir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        workers = {"ours": worker_ours, "autograd": worker_autograd, "ct": worker_ct}
+        workers = {"ours": worker_ours, "autograd": worker_autograd, "ct": worker_ct, "load-ours": worker_load_ours,
+                   "load-ct": worker_load_ct}  # fmt: skip
         print(json.dumps(workers[args.worker](args)))
         return
+    if args.load:
+        return bench_load(args)
 
     from circuits.models import DEMO_MODEL_DIR
     from circuits.transcoders.load import DEMO_CLT_DIR

@@ -15,7 +15,7 @@ A per-layer transcoder is `cross_layer=False`; a skip transcoder adds `skip=True
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from torch import nn
@@ -44,9 +44,31 @@ class CLTConfig:
     output_hook: str = "hook_mlp_out"
     model_name: str = ""
     extra: dict = field(default_factory=dict)
+    layers: list[int] | None = None
+    """Layers that have a transcoder (None: every layer). The others hold zero encoders, biases,
+    thresholds and decoders: pre-activations are exactly 0 and 0 > 0 is false, so their features
+    never fire and their whole MLP output is the error node."""
+    family: str = "circuits"
+    """The file layout it was read from: circuits (built in memory), circuit-tracer-clt,
+    circuit-tracer-transcoder-set, gemmascope, gemmascope-2, gemmascope-2-clt, saelens."""
+    source: str = ""
+    """Where it was read from: a directory, or an hf: reference."""
+    model_processing: str = "none"
+    """The TransformerLens weight processing of the model whose activations it was trained on:
+    'none' = HookedTransformer.from_pretrained(..., fold_ln=False, center_writing_weights=False,
+    center_unembed=False), circuit-tracer's convention and ours; otherwise the SAELens
+    `model_from_pretrained_kwargs` as JSON, or 'unknown'."""
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, config: dict, where: str = "the config") -> CLTConfig:
+        """The config `to_dict` wrote; refuses fields this version does not know, in one line."""
+        unknown = sorted(set(config) - {f.name for f in fields(cls)})
+        if unknown:
+            raise CircuitsError(f"{where} has fields {unknown} this version does not know: upgrade circuits")
+        return cls(**config)
 
     def n_targets(self, source_layer: int) -> int:
         return self.n_layers - source_layer if self.cross_layer else 1
@@ -81,6 +103,11 @@ def check_fits(cfg: CLTConfig, model) -> None:
             f"the model's weight processing is unknown (norms without weights, nothing recorded): load it with "
             f"circuits.models.load_model, or set model.circuits_processing = {expected!r} if that is what it had"
         )
+    elif expected == "unknown" or expected.startswith("{"):
+        problems.append(
+            f"its files do not say a processing we can load ({expected}; SAELens's model_from_pretrained_kwargs): "
+            "set clt.cfg.model_processing to 'none' or 'tl-default' if you know which its model had"
+        )
     elif not same_at_the_hooks(expected, actual):
         problems.append(
             f"it was trained on a model with weight processing {expected!r}, this model has {actual!r} "
@@ -95,8 +122,10 @@ def _rectangle(x: torch.Tensor) -> torch.Tensor:
 
 
 class JumpReLU(torch.autograd.Function):
-    """acts = pre * (pre > threshold); the threshold gets a straight-through gradient
-    through a rectangle kernel of width `bandwidth` (Rajamanoharan et al., 2024)."""
+    """acts = pre * (pre > threshold), exactly circuit-tracer's JumpReLU (no ReLU clamp, strict >);
+    the threshold gets a straight-through gradient through a rectangle kernel of width `bandwidth`
+    (Rajamanoharan et al., 2024). SAELens computes relu(pre) * (pre > t), which is this function
+    with the threshold max(t, 0): its readers and writers convert (transcoders/saelens.py)."""
 
     @staticmethod
     def forward(ctx, pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:

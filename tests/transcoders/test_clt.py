@@ -75,24 +75,28 @@ def test_circuit_tracer_layout_round_trip(tmp_path, cross_layer):
     clt = _random_clt(n_layers=3, dtype=torch.float32, cross_layer=cross_layer)
     save_transcoder(clt, tmp_path / "clt")
     names = sorted(p.name for p in (tmp_path / "clt").iterdir())
-    assert names == sorted(
-        [f"W_enc_{l}.safetensors" for l in range(3)] + [f"W_dec_{l}.safetensors" for l in range(3)]
-        + ["config.json", "config.yaml"]
-    )  # fmt: skip
     from safetensors.torch import load_file
 
-    enc = load_file(str(tmp_path / "clt" / "W_enc_1.safetensors"))
-    assert {k: tuple(v.shape) for k, v in enc.items()} == {
-        "W_enc_1": (64, 16), "b_enc_1": (64,), "b_dec_1": (16,), "threshold_1": (64,),
-    }  # fmt: skip
-    assert load_file(str(tmp_path / "clt" / "W_dec_1.safetensors"))["W_dec_1"].shape == (
-        64,
-        2 if cross_layer else 1,
-        16,
-    )
+    if cross_layer:  # circuit-tracer's CLT layout
+        assert names == sorted(
+            [f"W_enc_{l}.safetensors" for l in range(3)] + [f"W_dec_{l}.safetensors" for l in range(3)]
+            + ["config.json", "config.yaml"]
+        )  # fmt: skip
+        enc = load_file(str(tmp_path / "clt" / "W_enc_1.safetensors"))
+        assert {k: tuple(v.shape) for k, v in enc.items()} == {
+            "W_enc_1": (64, 16), "b_enc_1": (64,), "b_dec_1": (16,), "threshold_1": (64,),
+        }  # fmt: skip
+        assert load_file(str(tmp_path / "clt" / "W_dec_1.safetensors"))["W_dec_1"].shape == (64, 2, 16)
+    else:  # circuit-tracer's transcoder_set layout
+        assert names == sorted([f"layer_{l}.safetensors" for l in range(3)] + ["config.json", "config.yaml"])
+        layer = load_file(str(tmp_path / "clt" / "layer_1.safetensors"))
+        assert {k: tuple(v.shape) for k, v in layer.items()} == {
+            "W_enc": (64, 16), "W_dec": (64, 16), "b_enc": (64,), "b_dec": (16,),
+            "activation_function.threshold": (64,),
+        }  # fmt: skip
     yaml = (tmp_path / "clt" / "config.yaml").read_text()
     assert "feature_input_hook: hook_resid_mid" in yaml and "feature_output_hook: hook_mlp_out" in yaml
-    assert ("model_kind: cross_layer_transcoder" in yaml) == cross_layer
+    assert ("model_kind: cross_layer_transcoder" if cross_layer else "model_kind: transcoder_set") in yaml
     back = load_transcoder(tmp_path / "clt")
     for k, v in clt.state_dict().items():
         assert torch.equal(back.state_dict()[k], v), k
