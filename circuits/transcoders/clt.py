@@ -44,6 +44,8 @@ class CLTConfig:
     output_hook: str = "hook_mlp_out"
     model_name: str = ""
     extra: dict = field(default_factory=dict)
+    model_processing: str = "none"
+    """Weight processing of the model it was trained on (circuits.processing): "none" = the published weights."""
 
     def to_dict(self) -> dict:
         return asdict(self)
