@@ -1,7 +1,8 @@
 """Feature cards: what each transcoder feature responds to and what it writes.
 
-`scan_features` runs a corpus through the model, encodes every layer's `hook_resid_mid` with the
-CLT and keeps, per feature: the top-k activating contexts (one per document, a window of tokens
+`scan_features` runs a corpus through the model, encodes every layer's value at the transcoder's
+own input hook (`CLTConfig.input_hook`, read as `circuits.attribution.splice` reads it) with the CLT
+and keeps, per feature: the top-k activating contexts (one per document, a window of tokens
 around the maximum with the feature's activation on every token), an activation histogram, the
 fraction of tokens it fires on, its top output logits and a short automatic label.
 
@@ -10,7 +11,12 @@ later one, and all of that reaches the unembedding directly through the residual
 the sum of its decoder rows over every target layer, pass it through the final norm's linear part
 (centring for LayerNorm, the elementwise weight) and `W_U`, and centre over the vocabulary: the
 direct effect of one unit of activation on the logits, ignoring the norm's scale and any path
-through attention or later MLPs.
+through attention or later MLPs. A transcoder that writes `mlp.hook_out` on a model with a norm
+after the MLP (Gemma 2/3) writes before that norm: each decoder row first goes through that
+layer's post-MLP norm's linear part (its elementwise weight turns the direction, so it changes
+which tokens rank first); that norm's scale, a positive number per token and layer, is ignored
+like the final norm's (for a cross-layer feature it would only reweight the target layers).
+Everywhere else the decoders write the residual stream directly and nothing changes.
 
 Saved as `features.safetensors` (tensors) + `features.json` (config, token strings, labels, the
 fingerprint of the CLT they were computed from); no pickle.
@@ -31,10 +37,12 @@ from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from circuits.attribution.norms import has_post_norm
+from circuits.attribution.splice import read_point, transcoder_inputs
 from circuits.errors import CircuitsError
 from circuits.fileio import atomic_directory
 from circuits.text import TextSource, token_mask
-from circuits.transcoders.clt import CrossLayerTranscoder
+from circuits.transcoders.clt import CrossLayerTranscoder, check_fits
 
 log = logging.getLogger(__name__)
 DEMO_FEATURES_DIR = Path(__file__).parent / "demo" / "features"
@@ -192,8 +200,7 @@ def scan_features(
     model: HookedTransformer, clt: CrossLayerTranscoder, cfg: FeatureScanConfig, clt_name: str = "demo"
 ) -> FeatureScan:
     """Scan `cfg.n_documents` documents of `cfg.text`; see the module docstring."""
-    if clt.cfg.n_layers != model.cfg.n_layers or clt.cfg.d_model != model.cfg.d_model:
-        raise CircuitsError("the transcoder does not fit the model (layers or d_model differ): pass the matching pair")
+    check_fits(clt.cfg, model)
     if cfg.n_documents < 1 or cfg.top_k < 1 or cfg.batch_size < 1:
         raise CircuitsError("n_documents, top_k and batch_size must be at least 1")
     source = TextSource(cfg.text, seed=cfg.seed, max_tokens_per_doc=cfg.max_tokens_per_doc)
@@ -243,9 +250,11 @@ def _batch_acts(model, clt, source: TextSource, start: int, count: int, cfg: Fea
     docs = source.documents(start, count)
     tokens = model.to_tokens(docs, padding_side="right")[:, : cfg.max_tokens_per_doc]
     keep = token_mask(model, tokens)
-    names = {f"blocks.{l}.hook_resid_mid" for l in range(model.cfg.n_layers)}
-    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
-    acts = torch.stack([clt.encode_layer(cache[f"blocks.{l}.hook_resid_mid"], l) for l in range(clt.cfg.n_layers)])
+    L = clt.cfg.n_layers
+    names = {read_point(model, clt.cfg.input_hook, l)[0] for l in range(L)}
+    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names, stop_at_layer=L)
+    x = transcoder_inputs(model, clt.cfg, cache)  # [b, p, L, d]
+    acts = torch.stack([clt.encode_layer(x[..., l, :], l) for l in range(L)])
     return tokens, keep, acts * keep[None, :, :, None]
 
 
@@ -304,13 +313,15 @@ def output_logits(model: HookedTransformer, clt: CrossLayerTranscoder, n: int) -
     """Each feature's direct effect on the logits (see the module docstring): token ids and values
     [L, F, 2n], the n most promoted tokens then the n most suppressed (special tokens left out)."""
     ln = getattr(model, "ln_final", None)
+    post_norm = has_post_norm(model, clt.cfg.output_hook)
     ids, values = [], []
     for l in range(clt.cfg.n_layers):
-        direction = clt.W_dec[l].sum(1)  # [F, d]: every target layer's write reaches the unembedding
-        if model.cfg.normalization_type in ("LN", "LNPre"):
-            direction = direction - direction.mean(-1, keepdim=True)
-        if ln is not None and hasattr(ln, "w"):
-            direction = direction * ln.w
+        writes = clt.W_dec[l]  # [F, T, d]: every target layer's write reaches the unembedding
+        if post_norm:  # written before each target layer's norm after the MLP
+            targets = range(l, l + writes.shape[1]) if clt.cfg.cross_layer else [l]
+            posts = [model.blocks[t].ln2_post for t in targets]
+            writes = torch.stack([_norm_linear(post, writes[:, k]) for k, post in enumerate(posts)], 1)
+        direction = _norm_linear(ln, writes.sum(1))  # [F, d]
         logits = direction @ model.W_U  # [F, vocab]
         logits = logits - logits.mean(-1, keepdim=True)
         special = torch.zeros(logits.shape[-1], dtype=torch.bool)
@@ -321,6 +332,14 @@ def output_logits(model: HookedTransformer, clt: CrossLayerTranscoder, n: int) -
         ids.append(order.int())
         values.append(logits.gather(-1, order))
     return torch.stack(ids), torch.stack(values)
+
+
+def _norm_linear(norm, v: torch.Tensor) -> torch.Tensor:
+    """A TransformerLens norm's linear part, its scale aside, on v [..., d]: centred (LayerNorm),
+    times its weight (if it has one). No norm (None): v."""
+    if norm is not None and norm.__class__.__name__.startswith("LayerNorm"):
+        v = v - v.mean(-1, keepdim=True)
+    return v * norm.w if hasattr(norm, "w") else v
 
 
 def auto_label(scan: FeatureScan, layer: int, feature: int) -> str:

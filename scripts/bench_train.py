@@ -30,13 +30,13 @@ def run_one(n_features: int, sparse: bool, steps: int, l0: float) -> dict:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = load_model("demo")
-    stream = ActivationStream(model, TextSource("demo"), batch_tokens=1024)
-    batches = [b for _, b in zip(range(steps + 2), stream.batches(0), strict=False)]
-    scales = Scales.estimate(*batches[0])
-    batches = [(x * scales.inp[:, None], y * scales.out[:, None]) for x, y in batches]
     # lr ~ 0 keeps L0 where it was initialised: the cost of a step does not depend on lr
     cfg = TrainConfig(transcoder=TranscoderConfig(n_features=n_features), target_fire_fraction=l0 / n_features, lr=1e-7)
     clt = CrossLayerTranscoder(cfg.clt_config(model))
+    stream = ActivationStream(model, clt.cfg, TextSource("demo"), batch_tokens=1024)
+    batches = [b for _, b in zip(range(steps + 2), stream.batches(0), strict=False)]
+    scales = Scales.estimate(*batches[0])
+    batches = [(x * scales.inp[:, None], y * scales.out[:, None]) for x, y in batches]
     initialise(clt, batches[0][0], cfg)
     opt = torch.optim.Adam(clt.parameters(), lr=cfg.lr)
     dead = torch.zeros(4, n_features, dtype=torch.bool)

@@ -9,6 +9,8 @@ from circuits.features import FeatureScanConfig, load_features, scan_features
 from circuits.text import TextSource
 from circuits.transcoders.circuit_tracer import save_transcoder
 from circuits.transcoders.clt import CrossLayerTranscoder
+from tests.attribution.test_attribute import GEMMA_LIKE, _random_clt, _random_model
+from tests.train.test_hooks_training import at_the_hooks
 
 CFG = FeatureScanConfig(n_documents=24, batch_size=10, top_k=4, n_bins=8, n_logits=5)
 
@@ -18,15 +20,40 @@ def scan(demo_model, random_clt):
     return scan_features(demo_model, random_clt, CFG, clt_name="random")
 
 
-def _reference_acts(model, clt):
-    """Per document: (tokens [p], acts [L, p, F]) with BOS zeroed, one forward pass per document."""
+@pytest.fixture(scope="module")
+@torch.no_grad()
+def gemma_pair():
+    """A Gemma-2-like random model, a random 12-feature CLT reading mlp.hook_in (the pre-MLP norm's
+    output) and writing mlp.hook_out (before the norm after the MLP) whose features fire on about
+    10% of tokens, and its scan."""
+    model = _random_model(**GEMMA_LIKE)
+    clt = _random_clt(model, n_features=12, input_hook="mlp.hook_in", output_hook="mlp.hook_out")
+    tokens = model.to_tokens(TextSource("demo", seed=99).documents(0, 16), padding_side="right")
+    x = at_the_hooks(model, tokens)[0]["mlp.hook_in"].flatten(0, 1)  # [n, L, d]
+    pre = torch.einsum("nld,lfd->nlf", x, clt.W_enc)
+    clt.b_enc.copy_(clt.threshold - torch.quantile(pre, 0.9, dim=0))
+    return model, clt, scan_features(model, clt, CFG, clt_name="gemma")
+
+
+def _case(name: str, request):
+    """(model, clt, its scan, the input hook it reads)."""
+    if name == "demo":
+        return request.getfixturevalue("demo_model"), request.getfixturevalue("random_clt"), \
+            request.getfixturevalue("scan"), "hook_resid_mid"  # fmt: skip
+    return (*request.getfixturevalue("gemma_pair"), "mlp.hook_in")
+
+
+@torch.no_grad()
+def _reference_acts(model, clt, input_hook: str):
+    """Per document: (tokens [p], acts [L, p, F]) with BOS zeroed, one forward pass per document,
+    the encoder applied to the values at `input_hook` computed by its definition."""
     out = []
     for doc in TextSource(CFG.text, seed=CFG.seed).documents(0, CFG.n_documents):
         tokens = model.to_tokens(doc)[0, : CFG.max_tokens_per_doc]
-        _, cache = model.run_with_cache(tokens[None])
-        acts = torch.stack([clt.encode_layer(cache[f"blocks.{l}.hook_resid_mid"][0], l) for l in range(4)])
+        x = at_the_hooks(model, tokens[None])[0][input_hook][0]  # [p, L, d]
+        acts = torch.stack([clt.encode_layer(x[:, l], l) for l in range(clt.cfg.n_layers)])
         acts[:, 0] = 0
-        out.append((tokens, acts.detach()))
+        out.append((tokens, acts))
     return out
 
 
@@ -40,12 +67,14 @@ def _window(tokens, acts, peak):
     return tuple(ids), values
 
 
-def test_top_contexts_and_histograms_match_brute_force(demo_model, random_clt, scan):
-    ref = _reference_acts(demo_model, random_clt)
+@pytest.mark.parametrize("case", ["demo", "gemma2 mlp.hook_in"])
+def test_top_contexts_and_histograms_match_brute_force(case, request):
+    model, clt, scan, input_hook = _case(case, request)
+    ref = _reference_acts(model, clt, input_hook)
     n_tokens = sum(len(t) - 1 for t, _ in ref)
     assert scan.n_tokens == n_tokens
-    for l in range(4):
-        for f in range(12):
+    for l in range(clt.cfg.n_layers):
+        for f in range(clt.cfg.n_features):
             # per document: its maximum and the window around it; strongest first, repeated windows dropped
             docs = []
             for tokens, acts in ref:
@@ -92,6 +121,31 @@ def test_output_logits_match_the_models_final_norm_and_unembedding(demo_model, r
             scan.logit_values[l, :, : CFG.n_logits], logits.gather(-1, top), rtol=1e-4, atol=1e-5
         )
         assert (scan.logit_values[l, :, CFG.n_logits :] < 0).all()
+
+
+def test_output_logits_pass_each_write_through_the_norm_after_the_mlp(gemma_pair):
+    """mlp.hook_out on Gemma 2 is written before each target layer's post-MLP RMSNorm: each decoder
+    row goes through that norm with its scale divided out (RMSNorm(v) * rms(v) = v * w), the sum
+    through ln_final likewise, then W_U. The norm's weight changes which tokens come first."""
+    model, clt, scan = gemma_pair
+
+    def linear(norm, v):  # a TransformerLens RMSNorm with its scale divided out
+        return norm(v[:, None])[:, 0] * (v.square().mean(-1, keepdim=True) + model.cfg.eps).sqrt()
+
+    readable = [i for i in range(model.cfg.d_vocab) if i not in model.tokenizer.all_special_ids]
+    for l in range(clt.cfg.n_layers):
+        with torch.no_grad():
+            W = clt.W_dec[l]  # [F, L - l, d]
+            written = sum(linear(model.blocks[l + k].ln2_post, W[:, k]) for k in range(W.shape[1]))
+            logits = linear(model.ln_final, written) @ model.W_U
+            ignored = linear(model.ln_final, W.sum(1)) @ model.W_U  # as if the decoders wrote the residual stream
+        logits, ignored = logits - logits.mean(-1, keepdim=True), ignored - ignored.mean(-1, keepdim=True)
+        top = torch.tensor(readable)[logits[:, readable].topk(CFG.n_logits).indices]
+        assert torch.equal(scan.logit_ids[l, :, : CFG.n_logits].long(), top)
+        torch.testing.assert_close(
+            scan.logit_values[l, :, : CFG.n_logits], logits.gather(-1, top), rtol=1e-4, atol=1e-5
+        )
+        assert not torch.equal(torch.tensor(readable)[ignored[:, readable].topk(CFG.n_logits).indices], top)
 
 
 def test_cards_labels_and_round_trip(random_clt, scan, tmp_path):

@@ -1,5 +1,6 @@
-"""The activation stream for transcoder training: (resid_mid, mlp_out) pairs of every layer,
-read from model hooks on the fly and served in shuffled batches.
+"""The activation stream for transcoder training: (input, output) pairs of every layer at the
+transcoder's own hooks (`CLTConfig.input_hook`, `output_hook`; see `circuits.attribution.splice`),
+read from the model on the fly and served in shuffled batches.
 
 Text comes from the demo corpus (default), a local .txt (one document per line) or .jsonl
 (a "text" field per line) file, or a Hugging Face dataset name (streamed; needs a hub and the
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -20,44 +22,72 @@ import torch
 from safetensors.torch import load_file, save
 from transformer_lens import HookedTransformer
 
+from circuits.attribution.norms import has_post_norm
+from circuits.attribution.splice import io_names, read_point, transcoder_inputs, transcoder_outputs
 from circuits.errors import CircuitsError
 from circuits.fileio import atomic_file, write_json
+from circuits.processing import weight_processing
 from circuits.text import TextSource, document_tokens, token_mask
+from circuits.transcoders.clt import CLTConfig
 
 
 @torch.no_grad()
-def collect(model: HookedTransformer, docs: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run `docs` through the model; return (x, y), each [n_tokens, L, d]: every layer's
-    resid_mid and mlp_out at every real token (BOS and padding excluded)."""
-    L = model.cfg.n_layers
+def collect(
+    model: HookedTransformer, cfg: CLTConfig, docs: list[str], max_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run `docs` through the model's blocks (not the unembedding); return (x, y), each [n_tokens, L, d]:
+    every layer's value at the transcoder's input and output hooks, at every real token (BOS and
+    padding excluded)."""
     tokens = document_tokens(model, docs, max_tokens)  # [batch, pos]
-    names = [f"blocks.{l}.hook_resid_mid" for l in range(L)] + [f"blocks.{l}.hook_mlp_out" for l in range(L)]
-    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
     keep = token_mask(model, tokens)
-    x = torch.stack([cache[f"blocks.{l}.hook_resid_mid"][keep] for l in range(L)], dim=1)
-    y = torch.stack([cache[f"blocks.{l}.hook_mlp_out"][keep] for l in range(L)], dim=1)
-    return x, y
+    L = model.cfg.n_layers
+    if not has_post_norm(model, cfg.output_hook):
+        names = io_names(model, cfg)
+        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names, stop_at_layer=L)
+        return transcoder_inputs(model, cfg, cache)[keep], transcoder_outputs(model, cfg, cache)[keep]
+    names = {read_point(model, cfg.input_hook, l)[0] for l in range(L)}
+    with _mlp_outputs(model) as outs:  # mlp.hook_out before the norm after the MLP: as the MLPs return it
+        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names, stop_at_layer=L)
+    return transcoder_inputs(model, cfg, cache)[keep], torch.stack(outs, -2)[keep]
+
+
+@contextmanager
+def _mlp_outputs(model: HookedTransformer) -> Iterator[list[torch.Tensor]]:
+    """Each block's MLP output [batch, pos, d] in layer order, as its forward returns it (no TransformerLens
+    hook sees it before the norm after the MLP): what `transcoder_outputs` recomputes, without a second pass."""
+    outs: list[torch.Tensor] = []
+    handles = [block.mlp.register_forward_hook(lambda m, args, out: outs.append(out)) for block in model.blocks]
+    try:
+        yield outs
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 class ActivationStream:
-    """Shuffled batches of (x, y) [batch_tokens, L, d], deterministic by (seed, step).
+    """Shuffled batches of (x, y) [batch_tokens, L, d] at the hooks of transcoder config `cfg`,
+    deterministic by (seed, step).
 
     With `cache_dir`, each chunk's shuffled activations are kept as a safetensors shard
-    (`chunk_{c}.safetensors`) and read back by later runs with the same text settings, so a
-    hyperparameter sweep runs the model once."""
+    (`chunk_{c}.safetensors`) and read back by later runs with the same model, hooks and text
+    settings, so a hyperparameter sweep runs the model once."""
 
     def __init__(
-        self, model: HookedTransformer, source: TextSource, batch_tokens: int, docs_per_chunk: int = 512,
-        cache_dir: Path | None = None,
+        self, model: HookedTransformer, cfg: CLTConfig, source: TextSource, batch_tokens: int,
+        docs_per_chunk: int = 512, cache_dir: Path | None = None,
     ):  # fmt: skip
-        self.model, self.source = model, source
+        self.model, self.cfg, self.source = model, cfg, source
         self.batch_tokens, self.docs_per_chunk = batch_tokens, docs_per_chunk
         self.cache_dir = Path(cache_dir) if cache_dir else None
         if self.cache_dir:
             self._check_cache()
 
     def _check_cache(self) -> None:
-        key = {"model": self.model.cfg.model_name, **asdict(self.source), "docs_per_chunk": self.docs_per_chunk}
+        key = {
+            "model": self.model.cfg.model_name, "model_processing": weight_processing(self.model),
+            "input_hook": self.cfg.input_hook, "output_hook": self.cfg.output_hook,
+            **asdict(self.source), "docs_per_chunk": self.docs_per_chunk,
+        }  # fmt: skip
         meta = self.cache_dir / "cache.json"
         if meta.exists() and json.loads(meta.read_text()) != key:
             raise CircuitsError(
@@ -72,7 +102,7 @@ class ActivationStream:
             tensors = load_file(str(shard))
             return tensors["x"], tensors["y"]
         docs = self.source.documents(c * self.docs_per_chunk, self.docs_per_chunk)
-        x, y = collect(self.model, docs, self.source.max_tokens_per_doc)
+        x, y = collect(self.model, self.cfg, docs, self.source.max_tokens_per_doc)
         g = torch.Generator().manual_seed(self.source.seed * 1_000_003 + c)
         perm = torch.randperm(len(x), generator=g)
         x, y = x[perm].contiguous(), y[perm].contiguous()
@@ -113,9 +143,11 @@ def held_out_documents(source: TextSource, n_docs: int) -> list[str]:
     return other.documents(0 if source.name == "demo" else 10**6, n_docs)
 
 
-def held_out(model: HookedTransformer, source: TextSource, n_docs: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """Activations (x, y) [n_tokens, L, d] of held-out documents."""
-    return collect(model, held_out_documents(source, n_docs), source.max_tokens_per_doc)
+def held_out(
+    model: HookedTransformer, cfg: CLTConfig, source: TextSource, n_docs: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations (x, y) [n_tokens, L, d] of held-out documents at the hooks of `cfg`."""
+    return collect(model, cfg, held_out_documents(source, n_docs), source.max_tokens_per_doc)
 
 
 def held_out_tokens(

@@ -58,6 +58,7 @@ def load_checkpoint(
         meta = json.loads((path / "state.json").read_text())
     except (OSError, ValueError, SafetensorError) as e:
         raise CircuitsError(f"checkpoint {path} is corrupt or truncated ({e}): delete it and retrain") from None
+    _check_hooks(path, meta["config"].get("transcoder", {}), clt)
     names = [k for k, _ in clt.named_parameters()]
     full = {k: tensors[f"clt.{k}"] for k in names}
     expected = {k: tuple(v.shape) for k, v in comm.gather(dict(clt.named_parameters())).items()}
@@ -73,6 +74,17 @@ def load_checkpoint(
     torch.set_rng_state(tensors["rng.torch"])
     last_fired = comm.shard({"b_enc": tensors["last_fired"]})["b_enc"]
     return meta["step"], Scales(tensors["scales.inp"], tensors["scales.out"]), last_fired
+
+
+def _check_hooks(path: Path, saved: dict, clt: CrossLayerTranscoder) -> None:
+    """Refuse to resume a checkpoint trained at other hooks (same shapes, other activations)."""
+    was = (saved.get("input_hook", "hook_resid_mid"), saved.get("output_hook", "hook_mlp_out"))
+    now = (clt.cfg.input_hook, clt.cfg.output_hook)
+    if was != now:
+        raise CircuitsError(
+            f"checkpoint {path} was trained at hooks {' -> '.join(was)}, the recipe asks for {' -> '.join(now)}: "
+            "resume with the recipe it was trained with, or train into another directory"
+        )
 
 
 def truncate_metrics(path: Path, step: int) -> None:

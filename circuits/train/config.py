@@ -20,7 +20,8 @@ from pathlib import Path
 from transformer_lens import HookedTransformer
 
 from circuits.errors import CircuitsError
-from circuits.transcoders.clt import CLTConfig
+from circuits.processing import weight_processing
+from circuits.transcoders.clt import CLTConfig, check_fits
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class TranscoderConfig:
     """The transcoder a recipe asks for: every `CLTConfig` field except those read from the model
-    (n_layers, d_model, model_name) and `extra`."""
+    (n_layers, d_model, model_name, model_processing) and `extra`."""
 
     n_features: int = 1024
     """Features per layer."""
@@ -44,9 +45,11 @@ class TranscoderConfig:
     """Width of the straight-through window for the JumpReLU threshold gradient, in pre-activation
     units (inputs normalised to E||x|| = sqrt(d))."""
     input_hook: str = "hook_resid_mid"
-    """The hook each layer's features read (`blocks.{l}.<input_hook>`)."""
+    """The hook each layer's features read (`blocks.{l}.<input_hook>`): hook_resid_mid | hook_mlp_in |
+    ln2.hook_normalized | mlp.hook_in (the MLP's argument)."""
     output_hook: str = "hook_mlp_out"
-    """The hook each layer's reconstruction replaces (`blocks.{l}.<output_hook>`)."""
+    """The hook each layer's reconstruction replaces (`blocks.{l}.<output_hook>`): hook_mlp_out |
+    mlp.hook_out (the MLP's output, before Gemma's norm after the MLP)."""
 
 
 @dataclass
@@ -105,13 +108,17 @@ class TrainConfig:
         return cls(**_checked(cls, _move_flat_transcoder_keys(fields)))
 
     def clt_config(self, model: HookedTransformer) -> CLTConfig:
-        """The transcoder's full config for `model` (layers and width read from it)."""
-        return CLTConfig(
+        """The transcoder's full config for `model` (layers, width and weight processing read from
+        it). Raises CircuitsError (one line) if its hooks do not fit the model."""
+        cfg = CLTConfig(
             n_layers=model.cfg.n_layers,
             d_model=model.cfg.d_model,
             model_name=self.model,
+            model_processing=weight_processing(model),
             **dataclasses.asdict(self.transcoder),
         )
+        check_fits(cfg, model)
+        return cfg
 
 
 def load_recipe(path: Path) -> TrainConfig:

@@ -34,7 +34,7 @@ from circuits.train.metrics import reconstruction_metrics, replacement_metrics
 from circuits.train.objective import Scales, StepLoss, fold_scales, initialise, losses, lr_factor
 from circuits.train.parallel import Comm
 from circuits.transcoders.circuit_tracer import save_transcoder
-from circuits.transcoders.clt import CrossLayerTranscoder
+from circuits.transcoders.clt import CLTConfig, CrossLayerTranscoder
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,10 @@ class _HeldOut:
     mask: torch.Tensor
 
     @classmethod
-    def collect(cls, model: HookedTransformer, source: TextSource, n_docs: int, scales: Scales) -> _HeldOut:
-        x, y = held_out(model, source, n_docs)
+    def collect(
+        cls, model: HookedTransformer, clt_cfg: CLTConfig, source: TextSource, n_docs: int, scales: Scales
+    ) -> _HeldOut:
+        x, y = held_out(model, clt_cfg, source, n_docs)
         tokens, mask = held_out_tokens(model, source, n_docs // 2)
         return cls(x * scales.inp[:, None], y * scales.out[:, None], tokens, mask)
 
@@ -112,9 +114,11 @@ def _setup(cfg: TrainConfig, out: Path, resume: bool, model: HookedTransformer |
     comm = Comm.from_env(cfg.parallel, cfg.device)
     torch.manual_seed(cfg.seed)
     model = model or load_model(cfg.model, device=cfg.device)
-    full = CrossLayerTranscoder(cfg.clt_config(model)).to(cfg.device)
+    clt_cfg = cfg.clt_config(model)  # refuses hooks that do not fit the model, before any work
+    full = CrossLayerTranscoder(clt_cfg).to(cfg.device)
     source = TextSource(cfg.text, seed=cfg.seed, max_tokens_per_doc=cfg.max_tokens_per_doc)
-    stream = ActivationStream(model, source, cfg.batch_tokens, cfg.docs_per_chunk, cfg.activation_cache or None)
+    cache_dir = cfg.activation_cache or None
+    stream = ActivationStream(model, clt_cfg, source, cfg.batch_tokens, cfg.docs_per_chunk, cache_dir)
     x0, y0 = next(stream.batches(0))
     scales = Scales.estimate(x0, y0)
     initialise(full, x0 * scales.inp[:, None], cfg)
@@ -130,7 +134,7 @@ def _setup(cfg: TrainConfig, out: Path, resume: bool, model: HookedTransformer |
         out.mkdir(parents=True, exist_ok=True)
         truncate_metrics(out / "metrics.jsonl", start)
         write_json(out / "train_config.json", dataclasses.asdict(cfg), indent=2)
-    evaluation = _HeldOut.collect(model, source, cfg.eval_docs, scales)
+    evaluation = _HeldOut.collect(model, clt_cfg, source, cfg.eval_docs, scales)
     return _Run(cfg, out, comm, model, full, clt, opt, stream, scales, start, last_fired, evaluation, time.time())
 
 

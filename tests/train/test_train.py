@@ -41,6 +41,10 @@ n_features = 64
 """
 
 
+DEMO_HOOKS = CLTConfig(n_layers=4, d_model=128, n_features=1)
+"""What the activation stream reads of the demo model: hook_resid_mid -> hook_mlp_out."""
+
+
 def _recipe(tmp_path: Path, name="tiny.toml", steps=20, every=10, extra="") -> Path:
     """A tiny recipe; `extra` lines are top-level keys."""
     path = tmp_path / name
@@ -61,11 +65,11 @@ def _weights(directory: Path) -> dict:
 
 def test_activation_stream_is_deterministic_and_skips_bos(demo_model, tmp_path):
     source = TextSource("demo", seed=3)
-    stream = ActivationStream(demo_model, source, batch_tokens=128, docs_per_chunk=32)
+    stream = ActivationStream(demo_model, DEMO_HOOKS, source, batch_tokens=128, docs_per_chunk=32)
     first = [batch for _, batch in zip(range(12), stream.batches(0), strict=False)]
     assert stream._n_batches(0) < 10  # so that step 10 lies past the first chunk
     for start in (4, 10):  # inside the first chunk; past it (reached by skipping chunk 0 unread)
-        resumed = ActivationStream(demo_model, source, batch_tokens=128, docs_per_chunk=32).batches(start)
+        resumed = ActivationStream(demo_model, DEMO_HOOKS, source, batch_tokens=128, docs_per_chunk=32).batches(start)
         for step, (x, y) in zip(range(start, start + 2), resumed, strict=False):
             assert torch.equal(x, first[step][0]) and torch.equal(y, first[step][1]), f"resumed at {start}: {step}"
     x, y = first[0]
@@ -110,9 +114,12 @@ def test_recipes_nest_the_transcoder_and_still_read_flat_keys(tmp_path, caplog, 
     assert TrainConfig.from_dict(json.loads(json.dumps(dataclasses.asdict(cfg)))) == cfg
     clt_cfg = cfg.clt_config(demo_model)
     assert (clt_cfg.n_layers, clt_cfg.d_model, clt_cfg.n_features, clt_cfg.model_name) == (4, 128, 64, "demo")
-    # a recipe can set every transcoder option, except what the model decides
+    # a recipe can set every transcoder option, except what the model decides and what loading records
     options = {f.name for f in dataclasses.fields(TranscoderConfig)}
-    assert options == {f.name for f in dataclasses.fields(CLTConfig)} - {"n_layers", "d_model", "model_name", "extra"}
+    from_model = {"n_layers", "d_model", "model_name", "model_processing", "extra"}
+    from_loading = {"layers", "family", "source"}
+    assert options == {f.name for f in dataclasses.fields(CLTConfig)} - from_model - from_loading
+    assert clt_cfg.model_processing == "none"  # as the demo model was loaded
     for fields, message in [
         ({"transcoder": {"n_featurez": 3}}, "unknown recipe keys ['transcoder.n_featurez']"),
         ({"transcoder": {"n_features": "many"}}, "recipe key 'transcoder.n_features' must be int, not 'many'"),
@@ -268,7 +275,7 @@ def test_shipped_demo_clt_meets_its_targets(demo_model):
     clt = load_transcoder("demo", model=demo_model)
     assert (clt.threshold >= 0).all(), "a negative JumpReLU threshold makes an always-on feature"
     source = TextSource("demo")
-    x, y = held_out(demo_model, source, n_docs=64)
+    x, y = held_out(demo_model, clt.cfg, source, n_docs=64)
     rec = reconstruction_metrics(clt, x, y)
     assert sum(rec["nmse"]) / 4 <= 0.15 and sum(rec["l0"]) / 4 <= 50
     tokens, mask = held_out_tokens(demo_model, source, n_docs=64)
@@ -279,14 +286,20 @@ def test_activation_cache_shards_are_read_back(demo_model, tmp_path):
     from safetensors.torch import save_file
 
     source = TextSource("demo", seed=1)
-    plain = [b for _, b in zip(range(5), ActivationStream(demo_model, source, 128, 32).batches(0), strict=False)]
-    cached = ActivationStream(demo_model, source, 128, 32, cache_dir=tmp_path / "cache")
+    plain = [
+        b for _, b in zip(range(5), ActivationStream(demo_model, DEMO_HOOKS, source, 128, 32).batches(0), strict=False)
+    ]
+    cached = ActivationStream(demo_model, DEMO_HOOKS, source, 128, 32, cache_dir=tmp_path / "cache")
     first = [b for _, b in zip(range(5), cached.batches(0), strict=False)]
     assert all(torch.equal(p[0], f[0]) and torch.equal(p[1], f[1]) for p, f in zip(plain, first, strict=True))
     shard = tmp_path / "cache" / "chunk_000000.safetensors"
     x, y = first[0]
     save_file({"x": -x.repeat(40, 1, 1), "y": y.repeat(40, 1, 1)}, str(shard))  # the next run must read this file
-    reread = next(ActivationStream(demo_model, source, 128, 32, cache_dir=tmp_path / "cache").batches(0))
+    reread = next(ActivationStream(demo_model, DEMO_HOOKS, source, 128, 32, cache_dir=tmp_path / "cache").batches(0))
     assert torch.equal(reread[0], -x)
     with pytest.raises(CircuitsError, match="other settings"):
-        ActivationStream(demo_model, TextSource("demo", seed=2), 128, 32, cache_dir=tmp_path / "cache")
+        ActivationStream(demo_model, DEMO_HOOKS, TextSource("demo", seed=2), 128, 32, cache_dir=tmp_path / "cache")
+    for hooks in ({"input_hook": "ln2.hook_normalized"}, {"output_hook": "mlp.hook_out"}):  # another hook pair
+        other = dataclasses.replace(DEMO_HOOKS, **hooks)
+        with pytest.raises(CircuitsError, match="other settings"):
+            ActivationStream(demo_model, other, source, 128, 32, cache_dir=tmp_path / "cache")
