@@ -32,7 +32,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
     from circuits.models import load_model, prompt_tokens
 
-    model = load_model(args.model, device=args.device)
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
     tokens = prompt_tokens(model, args.prompt)
     with torch.no_grad():
         probs = model(tokens)[0, -1].softmax(-1)
@@ -52,11 +52,9 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
 def _cmd_features(args: argparse.Namespace) -> None:
     from circuits.features import FeatureScanConfig, default_features_dir, scan_features
-    from circuits.models import load_model
-    from circuits.transcoders.load import load_transcoder
+    from circuits.pipeline import load_pair
 
-    model = load_model(args.model, device=args.device)
-    clt = load_transcoder(args.clt, model=model, device=args.device)
+    model, clt = load_pair(args.model, args.clt, args.device, args.dtype)
     given = {"text": args.text, "n_documents": args.documents, "top_k": args.top_k}
     cfg = FeatureScanConfig(**{k: v for k, v in given.items() if v is not None})
     out = Path(args.out) if args.out else default_features_dir(args.clt)
@@ -68,7 +66,7 @@ def _cmd_trace(args: argparse.Namespace) -> None:
     from circuits.features import features_for, load_features
     from circuits.pipeline import TraceOptions, load_pair, trace
 
-    model, clt = load_pair(args.model, args.transcoder, args.device)
+    model, clt = load_pair(args.model, args.transcoder, args.device, args.dtype)
     features = load_features(args.features, clt) if args.features else features_for(args.transcoder, clt)
     options = TraceOptions(
         out=Path(args.out), slug=args.slug, model_name=args.model, transcoder_name=args.transcoder,
@@ -120,7 +118,7 @@ def _cmd_concepts(args: argparse.Namespace) -> None:
     from circuits.concepts.report import concept_report
     from circuits.models import load_model
 
-    model = load_model(args.model, device=args.device)
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
     report = concept_report(
         model,
         args.prompt,
@@ -136,6 +134,16 @@ def _cmd_concepts(args: argparse.Namespace) -> None:
     print(write_concepts_page(report, Path(args.out)))
 
 
+def _model_options(p: argparse.ArgumentParser) -> None:
+    """--model, --device and --dtype: the options of every command that loads a model."""
+    p.add_argument("--model", default="demo", help="'demo', a model dir or HF snapshot dir, or a TransformerLens name")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument(
+        "--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+        help="the weights of the model and the transcoder (attribution computes in float32)",
+    )  # fmt: skip
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="circuits", description="Sparse-feature circuit tracing for transformers.")
     parser.add_argument("--version", action="version", version=f"circuits {__version__}")
@@ -143,26 +151,28 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("predict", help="print the model's top next-token predictions for a prompt")
+    _model_options(p)
     p.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT)
-    p.add_argument("--model", default="demo", help="'demo', a model dir or HF snapshot dir, or a TransformerLens name")
     p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("features", help="scan a corpus with a transcoder: top contexts, histograms, logits, labels")
-    p.add_argument("--model", default="demo", help="'demo', a model dir or HF snapshot dir, or a TransformerLens name")
-    p.add_argument("--clt", default="demo", help="'demo' or a transcoder directory")
+    _model_options(p)
+    p.add_argument("--clt", default="demo", help="a transcoder, as --transcoder of `circuits trace`")
     p.add_argument("--text", help="corpus: 'demo' (default), a .txt/.jsonl file or 'hf:DATASET'")
     p.add_argument("--documents", type=int, help="documents to scan (default 2048)")
     p.add_argument("--top-k", type=int, help="top contexts kept per feature (default 8)")
     p.add_argument("--out", help="output directory (default: circuits/demo/features, or CLT_DIR/features)")
-    p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_features)
 
     p = sub.add_parser("trace", help="attribution graph of a prompt: JSON, safetensors and the HTML page")
+    _model_options(p)
     p.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT)
-    p.add_argument("--model", default="demo", help="'demo', a model dir or HF snapshot dir, or a TransformerLens name")
-    p.add_argument("--transcoder", default="demo", help="'demo', a CLT directory, or hf:ORG/REPO")
+    p.add_argument(
+        "--transcoder", default="demo",
+        help="'demo', a preset (gemma, llama, clt-gemma-2-2b-426k, ...), hf:ORG/REPO[/FOLDER][@REV], "
+        "saelens:RELEASE:ID, or a directory of any published layout",
+    )  # fmt: skip
     p.add_argument("--out", default="graphs", help="output directory")
     p.add_argument("--slug", default=None, help="file name stem (default: from the prompt)")
     p.add_argument("--node-threshold", type=float, default=0.8, help="cumulative influence of kept nodes")
@@ -180,7 +190,6 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--target", nargs="+", default=None, metavar="TOKEN", help="target tokens, or A-B for a logit difference"
     )
-    p.add_argument("--device", default="cpu")
     p.add_argument("--no-prune", action="store_true", help="JSON of the full graph: every node and nonzero edge")
     p.add_argument("--validate", action="store_true", help="ablate the top features and compare with the graph")
     p.add_argument("--features", help="feature scan for the cards (default: the transcoder's, see `circuits features`)")
@@ -202,6 +211,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("concepts", help="trace concepts through layers and positions; write an HTML page + JSON")
+    _model_options(p)
     p.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT)
     p.add_argument(
         "--concept", action="append", default=[],
@@ -215,8 +225,6 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--full-sequence", action="store_true", help="score multi-token words by their whole sequence")
     p.add_argument("--out", default="concepts_out", help="output directory")
-    p.add_argument("--model", default="demo", help="'demo', a model dir or HF snapshot dir, or a TransformerLens name")
-    p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_concepts)
 
     p = sub.add_parser("demo", help="report the shipped demo model's accuracy on its facts")

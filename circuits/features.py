@@ -145,10 +145,11 @@ _TENSORS = (
 
 
 def clt_fingerprint(clt: CrossLayerTranscoder) -> str:
-    """A short hash of the encoder weights: features computed for another CLT are refused."""
+    """A short hash of the encoder weights at bfloat16 precision: features computed for another CLT
+    are refused, and the same CLT loaded in float32, bfloat16 or float16 is the same."""
     h = hashlib.sha256()
     for t in (clt.W_enc, clt.b_enc, clt.threshold):
-        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+        h.update(t.detach().cpu().to(torch.bfloat16).float().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
 

@@ -156,14 +156,20 @@ def page_info(result: TraceResult, options: TraceOptions) -> PageInfo:
 
 
 def load_pair(
-    model: str = "demo", transcoder: str = "demo", device: str = "cpu"
+    model: str = "demo", transcoder: str = "demo", device: str = "cpu", dtype: str = "float32"
 ) -> tuple[HookedTransformer, CrossLayerTranscoder]:
-    """(model, transcoder) by name; refuses a transcoder that does not fit the model."""
-    from circuits.models import load_model
+    """(model, transcoder) by name, in `dtype`. The model is loaded with the weight processing the
+    transcoder was trained with (circuit-tracer's convention, and the default: none); a pair that does
+    not fit (sizes, hooks, processing) is refused in one line."""
+    from circuits.models import PROCESSING, load_model
+    from circuits.transcoders.clt import check_fits
     from circuits.transcoders.load import load_transcoder
 
-    lm = load_model(model, device=device)
-    return lm, load_transcoder(transcoder, model=lm, device=device)
+    clt = load_transcoder(transcoder, device=device, dtype=dtype)  # decoders memory-mapped: cheap
+    processing = clt.cfg.model_processing if clt.cfg.model_processing in PROCESSING else "none"
+    lm = load_model(model, device=device, processing=processing, dtype=dtype)
+    check_fits(clt.cfg, lm)
+    return lm, clt
 
 
 def slugify(text: str) -> str:
