@@ -76,7 +76,7 @@ FAMILIES = {
     "saelens_all": Family(layouts.write_saelens_transcoder_set, "llama", ("ln2.hook_normalized", "hook_mlp_out"),
                           {"model_name": "meta-llama/Llama-3.2-1B"}),
     "saelens_subset": Family(layouts.write_saelens_transcoder_set, "gpt2", ("ln2.hook_normalized", "hook_mlp_out"),
-                             {"layers": [1], "skip": True, "model_name": "gpt2"}),
+                             {"layers": [0], "skip": True, "model_name": "gpt2"}),
 }  # fmt: skip
 ARCHITECTURES = {"gpt2": "ct_clt_jumprelu", "llama": "ct_plt_relu_skip", "qwen3": "ct_plt_jumprelu",
                  "gemma2": "gemmascope_npz", "gemma3": "gemmascope2_clt_affine"}  # fmt: skip
