@@ -159,14 +159,7 @@ def test_saelens_folder_without_its_model_kwargs_is_refused(tiny, tmp_path):
     assert len(str(err.value).splitlines()) == 1
 
 
-SAELENS_KWARGS_BUG = (
-    "circuits.transcoders.saelens._processing reads model_from_pretrained_kwargs as overrides of "
-    "HookedTransformer.from_pretrained's defaults; SAELens loads with from_pretrained_no_processing(**kwargs)"
-)
-
-
-@pytest.mark.xfail(strict=True, raises=CircuitsError, reason=SAELENS_KWARGS_BUG)
-@pytest.mark.parametrize("kwargs", [{}, {"center_writing_weights": False}])
+@pytest.mark.parametrize("kwargs", [{}, {"center_writing_weights": False}, {"fold_ln": False}])
 def test_saelens_training_defaults_mean_no_processing(kwargs, tiny, tmp_path):
     """SAELens 6 records {"center_writing_weights": False} (HookedTransformer) or {} (others) when
     a run sets nothing; both are the published weights."""
@@ -177,8 +170,21 @@ def test_saelens_training_defaults_mean_no_processing(kwargs, tiny, tmp_path):
     assert load_transcoder(directory, model=model).cfg.model_processing == "none"
 
 
-def test_dtype_is_not_a_trace_flag(tiny, tmp_path, capsys):
+def test_saelens_kwargs_that_turn_processing_on_are_refused_in_one_line(tiny, tmp_path):
+    """SAELens loads with from_pretrained_no_processing(**kwargs): {"fold_ln": True} folds the norms,
+    which no model we load has."""
+    _, model = tiny("gpt2")
+    directory = tmp_path / "sl"
+    layouts.write_saelens_transcoder(directory, 2, model.cfg.d_model, N_FEATURES, 0, layer=1, model_name="gpt2")
+    _declare_processing(directory, {"fold_ln": True})
+    with pytest.raises(CircuitsError, match="processing") as excinfo:
+        load_transcoder(directory, model=model)
+    assert "\n" not in str(excinfo.value)
+
+
+def test_trace_takes_a_dtype_and_refuses_one_it_cannot_load(tiny, tmp_path, capsys):
     hf_dir, _ = tiny("gpt2")
     with pytest.raises(SystemExit) as exit_:
-        main(["trace", PROMPT, "--model", str(hf_dir), "--dtype", "bfloat16", "--out", str(tmp_path)])
+        main(["trace", PROMPT, "--model", str(hf_dir), "--dtype", "float64", "--out", str(tmp_path)])
     assert exit_.value.code == 2 and "--dtype" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

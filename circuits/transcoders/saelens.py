@@ -78,10 +78,14 @@ def _defaulted(raw: dict) -> dict:
 
 
 def _processing(meta: dict) -> str:
+    """The weight processing a SAELens transcoder's model had. SAELens 6 (the first with transcoders)
+    loads its model with `HookedTransformer.from_pretrained_no_processing(**model_from_pretrained_kwargs)`
+    (sae_lens/load_model.py), so the kwargs turn processing on from none; a config without them does
+    not say ("unknown": refused where it meets a model)."""
     kwargs = meta.get("model_from_pretrained_kwargs")
     if kwargs is None:
         return "unknown"
-    effective = {**TL_PROCESSING, **{k: v for k, v in kwargs.items() if k in TL_PROCESSING}}
+    effective = {**NO_PROCESSING, **{k: v for k, v in kwargs.items() if k in TL_PROCESSING}}
     return "none" if not any(effective.values()) else json.dumps(kwargs, sort_keys=True)
 
 
