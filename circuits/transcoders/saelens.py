@@ -122,11 +122,13 @@ def _info(raw: dict, where: str) -> SaeInfo:
 
 
 def folders(directory: Path) -> list[Path]:
-    """The SAELens transcoder folders in `directory` (itself, or those below it)."""
+    """The SAELens transcoder folders in `directory`: itself, or those one or two levels below it
+    (`layer_3/`, `blocks.3.ln2.hook_normalized/`, `l3/w16k/`); never a walk of the whole tree."""
     directory = Path(directory)
     if (directory / "cfg.json").is_file():
         return [directory]
-    return sorted(p.parent for p in directory.rglob("cfg.json") if (p.parent / "sae_weights.safetensors").is_file())
+    found = [*directory.glob("*/cfg.json"), *directory.glob("*/*/cfg.json")]
+    return sorted(p.parent for p in found if (p.parent / "sae_weights.safetensors").is_file())
 
 
 def _read_info(folder: Path) -> SaeInfo:
