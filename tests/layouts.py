@@ -61,6 +61,7 @@ __all__ = [
     "reference_forward",
     "hub_cache_repo",
     "ct_peer",
+    "ct_attribute",
     "FAMILIES",
 ]
 
@@ -1114,9 +1115,53 @@ def ct_peer(spec_path, out_path):
     Path(f"{out_path}.json").write_text(json.dumps(report, indent=1))
 
 
+def ct_attribute(spec_path, out_dir):
+    """Run circuit-tracer's own attribution for every job of a JSON spec ({"jobs": [...]}; a job: name,
+    model_config (HookedTransformerConfig.to_dict(), dtype as a string), model_weights (safetensors
+    of the state dict), transcoder (a `_ct_load` job), tokens, targets (vocabulary ids)) on the
+    model rebuilt from config and weights with no weight processing. Writes <out>/<name>.safetensors
+    (adjacency [target, source]; features [n, 3]: (layer, position, feature) in node order; targets
+    [T] vocabulary ids) and <out>/report.json ({name}: ok, or the error circuit-tracer raised)."""
+    from circuit_tracer import attribute
+    from circuit_tracer.replacement_model.replacement_model_transformerlens import TransformerLensReplacementModel
+    from safetensors.torch import load_file
+    from transformer_lens import HookedTransformerConfig
+
+    spec, out, report = json.loads(Path(spec_path).read_text()), Path(out_dir), {}
+    for job in spec["jobs"]:
+        try:
+            fields = dict(job["model_config"], dtype=_DTYPES[job["model_config"]["dtype"]], device="cpu")
+            transcoders = _ct_load(job["transcoder"])
+            transcoders = transcoders[0] if isinstance(transcoders, tuple) else transcoders
+            model = TransformerLensReplacementModel.from_config(HookedTransformerConfig(**fields), transcoders)
+            # circuit-tracer wraps the MLPs and the unembedding: map the state dict onto its names
+            state = load_file(job["model_weights"])
+            names = {k: k.replace(".old_mlp", "").replace("old_unembed.", "") for k in model.state_dict()}
+            model.load_state_dict({k: state[v] for k, v in names.items() if v in state}, strict=False)
+            unused = set(state) - set(names.values())
+            assert not unused, f"weights not loaded into circuit-tracer's model: {sorted(unused)[:5]}"
+            model.eval()
+            graph = attribute(torch.tensor(job["tokens"]), model, attribution_targets=torch.tensor(job["targets"]),
+                              max_feature_nodes=None)  # fmt: skip
+        except Exception as e:  # noqa: BLE001 -- recorded as the job's result
+            report[job["name"]] = {"ok": False, "error": f"{type(e).__name__}: {e}".replace("\n", " ")[:1000]}
+            continue
+        save_file(
+            {
+                "adjacency": graph.adjacency_matrix.float().contiguous(),
+                "features": graph.active_features[graph.selected_features].long().contiguous(),
+                "targets": torch.tensor([t.vocab_idx for t in graph.logit_targets]),
+            },
+            str(out / f"{job['name']}.safetensors"),
+        )
+        report[job["name"]] = {"ok": True}
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+
+
 if __name__ == "__main__":
     import sys
 
-    if sys.argv[1:2] != ["ct-peer"] or len(sys.argv) != 4:
-        raise SystemExit("usage: python tests/layouts.py ct-peer SPEC.json OUT_PREFIX")
-    ct_peer(sys.argv[2], sys.argv[3])
+    commands = {"ct-peer": ct_peer, "ct-attribute": ct_attribute}
+    if len(sys.argv) != 4 or sys.argv[1] not in commands:
+        raise SystemExit("usage: python tests/layouts.py ct-peer SPEC.json OUT_PREFIX | ct-attribute SPEC.json OUT_DIR")
+    commands[sys.argv[1]](sys.argv[2], sys.argv[3])

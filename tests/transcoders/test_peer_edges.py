@@ -1,0 +1,140 @@
+"""Our attribution edges against circuit-tracer's own, family by family: a random TransformerLens
+model of the family's architecture and the family's files in their published layout (random
+weights, `tests/layouts.py`), attributed by us (`load_transcoder(dir, model=model)` + `attribute`)
+and by circuit-tracer 0.5.0 in the peer's Python (CIRCUITS_PEER_PYTHON or /work/ct-venv/bin/python;
+skipped without one) on the same model (config + state dict, no weight processing), the same tokens
+and the same logit targets. Every edge into a feature or a logit, from a feature, an error or a
+token, must agree to 1e-4 of the largest edge.
+
+circuit-tracer zeroes features and errors at position 0 (BOS): nodes there are left out of the
+comparison. Its node order differs from ours: features are matched by (layer, position, feature),
+errors by (layer, position), tokens by position and logits by vocabulary id."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from circuits.attribution.attribute import attribute
+from circuits.transcoders.load import load_transcoder
+from tests import layouts
+from tests.attribution.test_attribute import GEMMA_LIKE, LLAMA_LIKE, _random_model
+
+PEER = os.environ.get("CIRCUITS_PEER_PYTHON", "/work/ct-venv/bin/python")
+PROMPT = "Fact: Dallas is in the state whose capital is"
+N_FEATURES = 24
+TOLERANCE = 1e-4
+
+
+@dataclass
+class Family:
+    """A family: its writer and options, the model architecture it is published for, and how
+    circuit-tracer loads it (a `layouts._ct_load` job, paths filled in per layer)."""
+
+    writer: object
+    model: dict
+    hooks: tuple[str, str]
+    ct_kind: str
+    options: dict = field(default_factory=dict)
+    special: str | None = None
+
+
+FAMILIES = {
+    # mntss/clt-gemma-2-2b-426k layout, on a GPT-2-style model (LayerNorm, learned positions)
+    "ct_clt": Family(layouts.write_ct_clt, {}, ("hook_resid_mid", "hook_mlp_out"), "clt"),
+    # mntss/transcoder-Llama-3.2-1B layout with a skip, on a Llama-style model
+    "ct_plt_skip": Family(layouts.write_ct_transcoder_set, LLAMA_LIKE, ("mlp.hook_in", "mlp.hook_out"), "set",
+                          {"activation": "relu", "skip": True}),
+    # google/gemma-scope-2b-pt-transcoders npz + mwhanna/gemma-scope-transcoders' hooks, on a Gemma-2-style
+    # model; circuit-tracer reads npz only as "gemma-scope" (a repo id containing gemma-scope)
+    "gemmascope_npz": Family(layouts.write_gemmascope_npz, GEMMA_LIKE, ("ln2.hook_normalized", "hook_mlp_out"),
+                             "set", {"paths": "absolute"}, special="gemma-scope"),
+}  # fmt: skip
+
+
+def _ct_job(name: str, family: Family, directory: Path, written: dict) -> dict:
+    inp, out = family.hooks
+    if family.ct_kind == "clt":
+        return {"kind": "clt", "dir": str(directory)}
+    paths = {}
+    for rel in written["files"]:
+        layer = int(rel.split("/")[0].removeprefix("layer_").removesuffix(".safetensors"))
+        paths[layer] = str(directory / rel)
+    return {"kind": "set", "paths": paths, "special": family.special, "input_hook": inp, "output_hook": out}
+
+
+@pytest.fixture(scope="module")
+def peer_graphs(tmp_path_factory):
+    """Ours and circuit-tracer's graph for every family: {name: (our graph, ct's tensors or error)}."""
+    if not Path(PEER).is_file():
+        pytest.skip(f"no circuit-tracer Python at {PEER}")
+    root = tmp_path_factory.mktemp("peer_edges")
+    ours, jobs = {}, []
+    for i, (name, family) in enumerate(FAMILIES.items()):
+        model = _random_model(seed=i, **family.model)
+        L, d = model.cfg.n_layers, model.cfg.d_model
+        directory = root / name
+        written = family.writer(directory, L, d, N_FEATURES, seed=10 + i, **family.options)
+        transcoder = load_transcoder(directory, model=model)
+        assert (transcoder.cfg.input_hook, transcoder.cfg.output_hook) == family.hooks
+        graph = attribute(PROMPT, model, transcoder, progress=False)
+        ours[name] = graph
+        weights = root / f"{name}.model.safetensors"
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+        config = dict(model.cfg.to_dict(), dtype=str(model.cfg.dtype).removeprefix("torch."))
+        jobs.append({
+            "name": name, "model_config": config, "model_weights": str(weights),
+            "transcoder": _ct_job(name, family, directory, written),
+            "tokens": graph.tokens.tolist(), "targets": graph.target_tokens.tolist(),
+        })  # fmt: skip
+    (root / "spec.json").write_text(json.dumps({"jobs": jobs}))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": ""}
+    script = Path(layouts.__file__).resolve()
+    proc = subprocess.run([PEER, str(script), "ct-attribute", str(root / "spec.json"), str(root)], env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((root / "report.json").read_text())
+    return {
+        name: (ours[name], load_file(str(root / f"{name}.safetensors")) if report[name]["ok"] else report[name])
+        for name in FAMILIES
+    }
+
+
+def _matched(graph, ct: dict) -> tuple[list[int], list[int], list[int], list[int]]:
+    """(our rows, ct rows, our columns, ct columns) of the nodes both graphs have: rows are features
+    and logits, columns features, errors and tokens, none at position 0 but tokens."""
+    L, P = graph.n_layers, graph.n_pos
+    n_ct = len(ct["features"])
+    ct_index = {tuple(f): j for j, f in enumerate(ct["features"].tolist())}
+    our_feats = {tuple(f): i for i, f in enumerate(graph.features.tolist()) if f[1] >= 1}
+    ct_feats = {f for f in ct_index if f[1] >= 1}
+    assert set(our_feats) == ct_feats, "the active features at positions >= 1 differ"
+    feats = [(i, ct_index[f]) for f, i in our_feats.items()]
+    errors = [(graph.n_features + l * P + p, n_ct + l * P + p) for l in range(L) for p in range(1, P)]
+    tokens = [(graph.token_slice.start + p, n_ct + L * P + p) for p in range(P)]
+    ct_logit = {t: n_ct + L * P + P + k for k, t in enumerate(ct["targets"].tolist())}
+    logits = [(graph.target_slice.start + k, ct_logit[t]) for k, t in enumerate(graph.target_tokens.tolist())]
+    assert len(logits) == len(ct_logit), "different logit targets"
+    rows, cols = feats + logits, feats + errors + tokens
+    return [a for a, _ in rows], [b for _, b in rows], [a for a, _ in cols], [b for _, b in cols]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_edges_equal_circuit_tracer(peer_graphs, name):
+    graph, ct = peer_graphs[name]
+    if "error" in ct:
+        pytest.fail(f"circuit-tracer failed: {ct['error']}")
+    ours_rows, ct_rows, ours_cols, ct_cols = _matched(graph, ct)
+    A = graph.adjacency[ours_rows][:, ours_cols].double()
+    B = ct["adjacency"][ct_rows][:, ct_cols].double()
+    assert len(ours_rows) > len(graph.target_tokens) and B.abs().max() > 0
+    diff = ((A - B).abs().max() / B.abs().max()).item()
+    print(f"{name}: {len(ours_rows)} rows x {len(ours_cols)} columns, max |diff| / max |edge| = {diff:.2e}")
+    assert diff <= TOLERANCE, f"{name}: edges differ from circuit-tracer's by {diff:.2e} of the largest edge"
