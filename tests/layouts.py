@@ -1,7 +1,8 @@
 """Test helper: write random transcoders in the exact on-disk layouts that circuit-tracer 0.5.0
 (and, for the SAELens family, SAELens 6.x) reads, lay repositories out in a Hugging Face cache,
 and run circuit-tracer's own loaders on them (`python tests/layouts.py ct-peer SPEC OUT` with a
-Python that has circuit-tracer installed).
+Python that has circuit-tracer installed), or its whole attribution on a model rebuilt from a config and
+a state dict (`python tests/layouts.py ct-attribute SPEC OUT_DIR`).
 
 Standalone: depends only on torch, safetensors and numpy (and circuit-tracer for ct-peer), so the
 peer's Python can run it. YAML/JSON configs are written as text (no pyyaml needed).

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,18 +56,34 @@ FAMILIES = {
     # model; circuit-tracer reads npz only as "gemma-scope" (a repo id containing gemma-scope)
     "gemmascope_npz": Family(layouts.write_gemmascope_npz, GEMMA_LIKE, ("ln2.hook_normalized", "hook_mlp_out"),
                              "set", {"paths": "absolute"}, special="gemma-scope"),
+    "ct_clt_relu": Family(layouts.write_ct_clt, LLAMA_LIKE, ("hook_resid_mid", "hook_mlp_out"), "clt",
+                          {"activation": "relu"}),
+    # mwhanna/qwen3-*-transcoders layout (JumpReLU, no skip)
+    "ct_plt_jumprelu": Family(layouts.write_ct_transcoder_set, LLAMA_LIKE, ("mlp.hook_in", "mlp.hook_out"), "set",
+                              {"activation": "jumprelu"}),
+    # google/gemma-scope-2-270m-pt transcoder_all (affine skip) + mwhanna/gemma-scope-2-* hooks; circuit-tracer
+    # reads it as "gemma-scope-2" (a repo id containing gemma-scope-2)
+    "gemmascope2_plt_affine": Family(layouts.write_gemmascope2_transcoders, GEMMA_LIKE, ("mlp.hook_in", "hook_mlp_out"),
+                                     "set", {"affine": True, "paths": "absolute"}, special="gemma-scope-2"),
+    # google/gemma-scope-2-270m-pt clt (affine skip): circuit-tracer 0.5.0's load_gemma_scope_2_clt reads only
+    # range(max(paths)) = L - 1 files and then fails on W_dec.0's shape; with one key past the last layer
+    # (never read) the rest of its loader and its attribution run as published
+    "gemmascope2_clt_affine": Family(layouts.write_gemmascope2_clt, GEMMA_LIKE, ("mlp.hook_in", "hook_mlp_out"),
+                                     "gs2_clt", {"affine": True, "paths": "absolute", "lower_fill": "random"}),
 }  # fmt: skip
 
 
-def _ct_job(name: str, family: Family, directory: Path, written: dict) -> dict:
+def _ct_job(family: Family, directory: Path, written: dict) -> dict:
+    """circuit-tracer's loader for the family, on the written files (`layouts._ct_load`)."""
     inp, out = family.hooks
     if family.ct_kind == "clt":
         return {"kind": "clt", "dir": str(directory)}
-    paths = {}
-    for rel in written["files"]:
-        layer = int(rel.split("/")[0].removeprefix("layer_").removesuffix(".safetensors"))
-        paths[layer] = str(directory / rel)
-    return {"kind": "set", "paths": paths, "special": family.special, "input_hook": inp, "output_hook": out}
+    paths = sorted(written["files"], key=lambda rel: int(re.search(r"layer_(\d+)", rel).group(1)))
+    paths = [str(directory / rel) for rel in paths]
+    hooks = {"input_hook": inp, "output_hook": out}
+    if family.ct_kind == "gs2_clt":
+        return {"kind": "gs2_clt", "paths": paths, **hooks}
+    return {"kind": "set", "paths": dict(enumerate(paths)), "special": family.special, **hooks}
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +107,7 @@ def peer_graphs(tmp_path_factory):
         config = dict(model.cfg.to_dict(), dtype=str(model.cfg.dtype).removeprefix("torch."))
         jobs.append({
             "name": name, "model_config": config, "model_weights": str(weights),
-            "transcoder": _ct_job(name, family, directory, written),
+            "transcoder": _ct_job(family, directory, written),
             "tokens": graph.tokens.tolist(), "targets": graph.target_tokens.tolist(),
         })  # fmt: skip
     (root / "spec.json").write_text(json.dumps({"jobs": jobs}))
