@@ -70,6 +70,11 @@ FAMILIES = {
     # (never read) the rest of its loader and its attribution run as published
     "gemmascope2_clt_affine": Family(layouts.write_gemmascope2_clt, GEMMA_LIKE, ("mlp.hook_in", "hook_mlp_out"),
                                      "gs2_clt", {"affine": True, "paths": "absolute", "lower_fill": "random"}),
+    # the same through circuit-tracer's hub route as published (load_transcoders on the config, repo id
+    # google/gemma-scope-2-270m-pt): skipped while circuit-tracer's off-by-one refuses it
+    "gemmascope2_clt_as_published": Family(layouts.write_gemmascope2_clt, GEMMA_LIKE, ("mlp.hook_in", "hook_mlp_out"),
+                                           "config", {"affine": True, "paths": "absolute", "lower_fill": "random"},
+                                           special="google/gemma-scope-2-270m-pt"),
 }  # fmt: skip
 
 
@@ -83,6 +88,11 @@ def _ct_job(family: Family, directory: Path, written: dict) -> dict:
     hooks = {"input_hook": inp, "output_hook": out}
     if family.ct_kind == "gs2_clt":
         return {"kind": "gs2_clt", "paths": paths, **hooks}
+    if family.ct_kind == "config":  # the hub route after download: the repo id (`special`) picks the loader
+        config = {"model_kind": written["meta"]["model_kind"], "feature_input_hook": inp, "feature_output_hook": out,
+                  "transcoders": paths, "repo_id": family.special, "scan": family.special, "revision": None,
+                  "subfolder": None}  # fmt: skip
+        return {"kind": "config", "config": config}
     return {"kind": "set", "paths": dict(enumerate(paths)), "special": family.special, **hooks}
 
 
@@ -142,16 +152,28 @@ def _matched(graph, ct: dict) -> tuple[list[int], list[int], list[int], list[int
     return [a for a, _ in rows], [b for _, b in rows], [a for a, _ in cols], [b for _, b in cols]
 
 
+def family_is_gs2_clt(name: str) -> bool:
+    return FAMILIES[name].writer is layouts.write_gemmascope2_clt
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_edges_equal_circuit_tracer(peer_graphs, name):
     graph, ct = peer_graphs[name]
+    if "error" in ct and "size mismatch for W_dec.0" in ct["error"] and family_is_gs2_clt(name):
+        pytest.skip(f"circuit-tracer 0.5.0 cannot load a GemmaScope-2 CLT as published (load_gemma_scope_2_clt "
+                    f"reads range(max(paths)): one layer short): {ct['error'][:200]}")  # fmt: skip
     if "error" in ct:
         pytest.fail(f"circuit-tracer failed: {ct['error']}")
     ours_rows, ct_rows, ours_cols, ct_cols = _matched(graph, ct)
     A = graph.adjacency[ours_rows][:, ours_cols].double()
     B = ct["adjacency"][ct_rows][:, ct_cols].double()
-    assert len(ours_rows) > len(graph.target_tokens) and B.abs().max() > 0
+    n_feats = len(ours_rows) - graph.n_targets
+    errors = graph.n_layers * (graph.n_pos - 1)
+    groups = {"features": slice(0, n_feats), "errors": slice(n_feats, n_feats + errors),
+              "tokens": slice(n_feats + errors, None)}  # fmt: skip
+    for group, cols in groups.items():  # no vacuous comparison: every kind of source has edges
+        assert B[:, cols].abs().max() > 0, f"circuit-tracer has no edge from any {group[:-1]}"
     diff = ((A - B).abs().max() / B.abs().max()).item()
     print(f"{name}: {len(ours_rows)} rows x {len(ours_cols)} columns, max |diff| / max |edge| = {diff:.2e}")
     assert diff <= TOLERANCE, f"{name}: edges differ from circuit-tracer's by {diff:.2e} of the largest edge"
