@@ -35,8 +35,10 @@ TOLERANCE = 1e-4
 
 @dataclass
 class Family:
-    """A family: its writer and options, the model architecture it is published for, and how
-    circuit-tracer loads it (a `layouts._ct_load` job, paths filled in per layer)."""
+    """A family: its writer and options, the model architecture it is published for (`_random_model`
+    options), its hooks, and how circuit-tracer loads it: `ct_kind` a `layouts._ct_load` job kind
+    ("clt": load_clt, "set": load_transcoder_set with special_load_fn=`special`, "gs2_clt":
+    load_gemma_scope_2_clt, "config": load_transcoders on a config whose repo id is `special`)."""
 
     writer: object
     model: dict
@@ -56,6 +58,7 @@ FAMILIES = {
     # model; circuit-tracer reads npz only as "gemma-scope" (a repo id containing gemma-scope)
     "gemmascope_npz": Family(layouts.write_gemmascope_npz, GEMMA_LIKE, ("ln2.hook_normalized", "hook_mlp_out"),
                              "set", {"paths": "absolute"}, special="gemma-scope"),
+    # mntss/clt-llama-3.2-1b-524k layout (ReLU), on a Llama-style model
     "ct_clt_relu": Family(layouts.write_ct_clt, LLAMA_LIKE, ("hook_resid_mid", "hook_mlp_out"), "clt",
                           {"activation": "relu"}),
     # mwhanna/qwen3-*-transcoders layout (JumpReLU, no skip)
