@@ -49,3 +49,12 @@ def autograd_rows(
             edges = [(grads[0] * clean)[tuple(features.T)], (grads[1] * errors).sum(-1).flatten()]
             rows.append(torch.cat([*edges, (grads[2][0] * embed[0]).sum(-1)]))
     return torch.stack(rows)
+
+
+def rows_against_autograd(graph, model: HookedTransformer, clt: CrossLayerTranscoder, rows: list[int]):
+    """Our adjacency rows of the feature nodes `rows` and of the first logit target, and the same rows
+    by `autograd_rows`: (ours, reference), each [len(rows) + 1, n_sources]."""
+    V = model.cfg.d_vocab
+    targets = [tuple(graph.features[i].tolist()) for i in rows] + [torch.eye(V)[graph.target_tokens[0]] - 1 / V]
+    reference = autograd_rows(model, clt, graph.tokens, targets)
+    return graph.adjacency[rows + [graph.target_slice.start], : reference.shape[1]], reference

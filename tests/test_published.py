@@ -21,7 +21,7 @@ from circuits.transcoders.load import load_transcoder
 from tests import layouts
 from tests.attribution.test_attribute import _identity_error
 from tests.hf_models import PROMPT, write_tiny_hf_model
-from tests.reference import autograd_rows
+from tests.reference import rows_against_autograd
 
 N_FEATURES = 16
 """Few features: with the writers' scales (encoder rows ~ N(0, 1/d), thresholds U(0.1, 0.6)) about a
@@ -124,10 +124,7 @@ def test_published_family_attributes_like_autograd(name, tiny, tmp_path):
     assert graph.n_features > 0
     assert _identity_error(graph).max() <= 1e-5
     rows = torch.randperm(graph.n_features, generator=torch.Generator().manual_seed(1))[:6].tolist()
-    V = model.cfg.d_vocab
-    targets = [tuple(graph.features[i].tolist()) for i in rows] + [torch.eye(V)[graph.target_tokens[0]] - 1 / V]
-    reference = autograd_rows(model, clt, graph.tokens, targets)
-    ours = graph.adjacency[rows + [graph.target_slice.start], : reference.shape[1]]
+    ours, reference = rows_against_autograd(graph, model, clt, rows)
     largest = reference.abs().amax(1, keepdim=True)
     assert (largest > 0).all()
     assert ((ours - reference).abs() / largest).max() <= 1e-4

@@ -24,7 +24,7 @@ from circuits.errors import CircuitsError
 from circuits.models import DEMO_MODEL_DIR
 from circuits.transcoders.circuit_tracer import save_transcoder
 from circuits.transcoders.clt import CLTConfig, CrossLayerTranscoder
-from tests.reference import autograd_rows
+from tests.reference import autograd_rows, rows_against_autograd
 
 FLAGSHIP = "Fact: Dallas is in the state whose capital is"
 PROMPTS = [FLAGSHIP, "The capital of Texas is", "Fact : Boston is a city in"]
@@ -79,10 +79,7 @@ def _check_against_autograd(model, clt, prompt, n_features=6):
     assert graph.n_features > n_features
     gen = torch.Generator().manual_seed(1)
     rows = torch.randperm(graph.n_features, generator=gen)[:n_features].tolist()
-    V = model.cfg.d_vocab
-    targets = [tuple(graph.features[i].tolist()) for i in rows] + [torch.eye(V)[graph.target_tokens[0]] - 1 / V]
-    reference = autograd_rows(model, clt, graph.tokens, targets)
-    ours = graph.adjacency[rows + [graph.target_slice.start], : reference.shape[1]]
+    ours, reference = rows_against_autograd(graph, model, clt, rows)
     largest = reference.abs().amax(1, keepdim=True)
     assert (largest > 0).all()
     assert ((ours - reference).abs() / largest).max() <= 1e-4
@@ -157,10 +154,7 @@ def test_edges_match_autograd_on_a_long_prompt(demo_model, demo_clt):
     )
     layer, pos = graph.features[:, 0], graph.features[:, 1]
     rows = torch.cat([((layer == l) & (pos > 36)).nonzero()[:3, 0] for l in (3, 2)]).tolist()
-    V = demo_model.cfg.d_vocab
-    targets = [tuple(graph.features[i].tolist()) for i in rows] + [torch.eye(V)[graph.target_tokens[0]] - 1 / V]
-    reference = autograd_rows(demo_model, demo_clt, graph.tokens, targets)
-    ours = graph.adjacency[rows + [graph.target_slice.start], : reference.shape[1]]
+    ours, reference = rows_against_autograd(graph, demo_model, demo_clt, rows)
     assert ((ours - reference).abs() / reference.abs().amax(1, keepdim=True)).max() <= 1e-4
     dense = attribute(prompt, demo_model, demo_clt, progress=False, backward_terms=False)
     assert torch.allclose(dense.adjacency, graph.adjacency, atol=1e-5)
