@@ -64,8 +64,10 @@ def _cmd_features(args: argparse.Namespace) -> None:
 
 def _cmd_trace(args: argparse.Namespace) -> None:
     from circuits.features import features_for, load_features
-    from circuits.pipeline import TraceOptions, load_pair, trace
+    from circuits.pipeline import TraceOptions, check_slug, load_pair, trace
 
+    if args.slug is not None:
+        check_slug(args.slug)  # before any work
     model, clt = load_pair(args.model, args.transcoder, args.device, args.dtype)
     features = load_features(args.features, clt) if args.features else features_for(args.transcoder, clt)
     options = TraceOptions(

@@ -16,6 +16,7 @@ from circuits.attribution import schema
 from circuits.attribution.attribute import attribute
 from circuits.attribution.interventions import validate
 from circuits.concepts.report import concept_report, figures
+from circuits.errors import CircuitsError
 from circuits.fileio import write_json
 from circuits.page.assemble import PageInfo, PageOptions, feature_cards, write_page
 from circuits.page.supernodes import suggest_supernodes
@@ -97,12 +98,12 @@ def trace(
     """Attribute `prompt`, trace its concepts, and write the graph JSON, the full graph and the page
     into `options.out`; `features` is the feature scan of `transcoder` for the feature cards."""
     options = options or TraceOptions()
+    slug = slugify(prompt) if options.slug is None else check_slug(options.slug)
     graph = attribute(
         prompt, model, transcoder, targets=options.targets, batch_size=options.batch_size,
         max_feature_nodes=options.max_feature_nodes, device=options.device, inhibited=options.inhibited,
     )  # fmt: skip
     graph.config["transcoder"]["name"] = options.transcoder_name
-    slug = options.slug or slugify(prompt)
     data = schema.to_dict(
         graph, slug, options.transcoder_name, options.node_threshold, options.edge_threshold, options.prune
     )
@@ -170,6 +171,13 @@ def load_pair(
     lm = load_model(model, device=device, processing=processing, dtype=dtype)
     check_fits(clt.cfg, lm)
     return lm, clt
+
+
+def check_slug(slug: str) -> str:
+    """`slug` if it is a plain file name stem: the outputs stay inside the output directory."""
+    if slug in (".", "..") or Path(slug).name != slug or "\\" in slug or not slug.strip():
+        raise CircuitsError(f"--slug {slug!r} is not a file name: use letters, digits and dashes, no / or ..")
+    return slug
 
 
 def slugify(text: str) -> str:

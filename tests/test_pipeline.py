@@ -41,3 +41,12 @@ def test_a_transcoder_that_expects_another_processing_loads_its_model_that_way(t
 def test_an_unknown_dtype_is_one_line():
     with pytest.raises(CircuitsError, match="dtype"):
         load_pair("demo", "demo", dtype="float64")
+
+
+@pytest.mark.parametrize("slug", ["../escape", "/tmp/abs", "a/b", "..", ".", "", "a\\b"])
+def test_a_slug_that_is_not_a_file_name_is_refused_before_any_work(slug, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["trace", PROMPT, "--slug", slug, "--out", str(out), "--no-concepts"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not a file name" in err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
