@@ -344,6 +344,13 @@ def _mlp_norms(model: HookedTransformer, cfg: CLTConfig, run: ForwardRecord, dty
 
 
 @torch.no_grad()
+def _require_finite(t: torch.Tensor, what: str, culprit: str) -> None:
+    """Stop before any work that grows with the number of active features: a NaN activation counts
+    as active, so a non-finite transcoder would make every feature a node."""
+    if not torch.isfinite(t).all():
+        raise CircuitsError(f"{what} are not finite (NaN or inf): {culprit} hold non-finite values; fix or re-train it")
+
+
 def build_replacement(
     model: HookedTransformer, clt: CrossLayerTranscoder, tokens: torch.Tensor, dtype: torch.dtype = torch.float32
 ) -> Replacement:
@@ -358,11 +365,13 @@ def build_replacement(
     x = clt_in.transpose(0, 1)  # [P, L, d]
     pre = clt.pre_activations(x)  # [P, L, F]
     acts = clt.activation(pre)
+    _require_finite(acts, "the transcoder's activations", "its encoder or the model's activations")
     pre, acts = pre.transpose(0, 1), acts.transpose(0, 1)  # [L, P, F]
     features = acts.nonzero()  # [n, 3] (layer, pos, feature), row-major order
     writes = feature_writes(clt, features, acts[tuple(features.T)])
     decoded = sum_writes(writes, features[:, 1], len(tokens))
     recon = decoded + clt.b_dec[:, None] + clt.skip_out(x).transpose(0, 1)  # [L, P, d]
+    _require_finite(recon, "the transcoder's reconstruction", "its decoder rows, b_dec or skip")
     mlp_in, mlp_post = _mlp_norms(model, clt.cfg, run, dtype)
     blocks = model.blocks
     return Replacement(

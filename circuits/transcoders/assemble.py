@@ -73,6 +73,17 @@ def _put(state: dict, layer: int, w: LayerWeights, dtype: torch.dtype, device: t
     state[f"W_dec.{layer}"] = w.W_dec.to(device=device, dtype=dtype).contiguous()
 
 
+def _check_finite(cfg: CLTConfig, layer: int, state: dict) -> None:
+    """Refuse non-finite encoder-side weights of `layer` (read whole anyway; the decoders stay mapped
+    and are checked where attribution uses them)."""
+    for key in ("W_enc", "b_enc", "threshold", "b_dec", "W_skip"):
+        if key in state and not torch.isfinite(state[key][layer]).all():
+            raise CircuitsError(
+                f"{cfg.source or 'the transcoder'}: layer {layer} {key} holds NaN or infinite values: "
+                "the file is corrupt; re-download or re-train it"
+            )
+
+
 def assemble(
     cfg: CLTConfig,
     layers: Iterable[tuple[int, LayerWeights]],
@@ -90,6 +101,7 @@ def assemble(
             dtype = dtype or w.W_dec.dtype
             state = _empty_state(cfg, dtype, device)
         _put(state, layer, w, dtype, device)
+        _check_finite(cfg, layer, state)
         seen.append(layer)
     missing = sorted(set(present_layers(cfg)) - set(seen))
     if state is None or missing:

@@ -219,3 +219,20 @@ def test_a_transcoder_loaded_without_the_model_is_still_read_at_its_hooks(tmp_pa
     assert (loaded.cfg.input_hook, loaded.cfg.output_hook) == ("ln2.hook_normalized", "mlp.hook_out")
     graph, expected = (attribute(PROMPT, model, c, progress=False) for c in (loaded, clt))
     assert torch.equal(graph.adjacency, expected.adjacency)
+
+
+@pytest.mark.parametrize("where", ["W_enc", "b_enc", "W_dec"])
+def test_a_non_finite_transcoder_is_stopped_before_it_makes_every_feature_a_node(where, tmp_path):
+    """A NaN activation counts as active: a NaN encoder once made all 45,056 features nodes and ran
+    the machine out of memory. Non-finite encoders are refused when the files are read, and whatever
+    turns non-finite during attribution stops it, each in one line."""
+    model = _random_model()
+    clt = _random_clt(model)
+    with torch.no_grad():
+        active = clt.encode_layer(model.run_with_cache(PROMPT)[1]["blocks.0.hook_resid_mid"][0], 0)
+        feature = int(active.sum(0).argmax())  # a feature active somewhere on the prompt
+        getattr(clt, where)[0][feature] = float("nan")
+    _one_line_refusal(lambda: attribute(PROMPT, model, clt, progress=False), "not finite")
+    if where != "W_dec":
+        save_transcoder(clt, tmp_path / "t")
+        _one_line_refusal(lambda: load_transcoder(tmp_path / "t"), "NaN or infinite")
