@@ -548,6 +548,53 @@ def _gs2_model(model_size: str, variant: str) -> str:
     return f"google/gemma-3-{model_size}-{variant}"
 
 
+def _gs2_tensors(p: dict, w_dec: torch.Tensor, affine: bool, dtype) -> dict:
+    """One GemmaScope-2 params file: d-major w_enc, the decoder as given, and the affine skip as
+    published ([d_in, d_out], applied as x @ A)."""
+    t = {
+        "w_enc": _cast(p["W_enc"].T, dtype),
+        "w_dec": _cast(w_dec, dtype),
+        "b_enc": _cast(p["b_enc"], dtype),
+        "b_dec": _cast(p["b_dec"], dtype),
+        "threshold": _cast(p["threshold"], dtype),
+    }
+    if affine:
+        t["affine_skip_connection"] = _cast(p["W_skip"], dtype)
+    return t
+
+
+def _gs2_config(directory, cfgs, kind, model, rels, hf_repo, hf_ref, paths, affine, dtype, write_config) -> dict:
+    """circuit-tracer's config.yaml for a GemmaScope-2 set or CLT (mlp.hook_in -> hook_mlp_out, a
+    `transcoders` list) when `write_config`, and the metadata the writers return."""
+    if write_config:
+        _write_text(
+            directory,
+            "config.yaml",
+            _yaml(
+                [
+                    ("model_name", model),
+                    ("model_kind", kind),
+                    ("feature_input_hook", "mlp.hook_in"),
+                    ("feature_output_hook", "hook_mlp_out"),
+                    ("transcoders", _paths_for(paths, directory, rels, hf_repo)),
+                ]
+            ),
+            cfgs,
+        )
+    return {
+        "model_name": model,
+        "model_kind": kind,
+        "feature_input_hook": "mlp.hook_in",
+        "feature_output_hook": "hook_mlp_out",
+        "activation": "jumprelu",
+        "skip": affine,
+        "hf_ref": hf_ref,
+        "weights_repo": hf_repo,
+        "paths": paths,
+        "dtype": str(dtype),
+    }
+
+
 def write_gemmascope2_transcoders(
     directory,
     n_layers,
@@ -588,15 +635,7 @@ def write_gemmascope2_transcoders(
     for l in range(n_layers):
         p = _layer_params(g, d_model, n_features, jumprelu=True, skip=affine)
         folder = f"transcoder_all/layer_{l}_width_{_width_label(n_features)}_l0_{l0}{suffix}"
-        t = {
-            "w_enc": _cast(p["W_enc"].T, dtype),
-            "w_dec": _cast(p["W_dec"], dtype),
-            "b_enc": _cast(p["b_enc"], dtype),
-            "b_dec": _cast(p["b_dec"], dtype),
-            "threshold": _cast(p["threshold"], dtype),
-        }
-        if affine:
-            t["affine_skip_connection"] = _cast(p["W_skip"], dtype)  # [d_in, d_out], x @ A
+        t = _gs2_tensors(p, p["W_dec"], affine, dtype)
         _save_st(directory, f"{folder}/params.safetensors", t, files)
         _write_text(
             directory,
@@ -620,33 +659,9 @@ def write_gemmascope2_transcoders(
     hf_ref = (
         f"mwhanna/gemma-scope-2-{model_size}-{variant}/transcoder_all/width_{_width_label(n_features)}_l0_{l0}{suffix}"
     )
-    if write_config:
-        _write_text(
-            directory,
-            "config.yaml",
-            _yaml(
-                [
-                    ("model_name", model),
-                    ("model_kind", "transcoder_set"),
-                    ("feature_input_hook", "mlp.hook_in"),
-                    ("feature_output_hook", "hook_mlp_out"),
-                    ("transcoders", _paths_for(paths, directory, rels, hf_repo)),
-                ]
-            ),
-            cfgs,
-        )
-    meta = {
-        "model_name": model,
-        "model_kind": "transcoder_set",
-        "feature_input_hook": "mlp.hook_in",
-        "feature_output_hook": "hook_mlp_out",
-        "activation": "jumprelu",
-        "skip": affine,
-        "hf_ref": hf_ref,
-        "weights_repo": hf_repo,
-        "paths": paths,
-        "dtype": str(dtype),
-    }
+    meta = _gs2_config(
+        directory, cfgs, "transcoder_set", model, rels, hf_repo, hf_ref, paths, affine, dtype, write_config
+    )
     return _result("gemmascope2_plt" + suffix, "plt", files, cfgs, range(n_layers), meta, params)
 
 
@@ -691,15 +706,7 @@ def write_gemmascope2_clt(
         if lower_fill == "random" and l > 0:
             full[:, :l, :] = _randn(g, n_features, l, d_model)
         full[:, l:, :] = p["W_dec"]
-        t = {
-            "w_enc": _cast(p["W_enc"].T, dtype),
-            "w_dec": _cast(full, dtype),
-            "b_enc": _cast(p["b_enc"], dtype),
-            "b_dec": _cast(p["b_dec"], dtype),
-            "threshold": _cast(p["threshold"], dtype),
-        }
-        if affine:
-            t["affine_skip_connection"] = _cast(p["W_skip"], dtype)
+        t = _gs2_tensors(p, full, affine, dtype)
         rel = f"{folder}/params_layer_{l}.safetensors"
         _save_st(directory, rel, t, files)
         rels.append(rel)
@@ -720,33 +727,9 @@ def write_gemmascope2_clt(
         cfgs,
     )
     hf_ref = f"mwhanna/gemma-scope-2-{model_size}-{variant}/{folder}"
-    if write_config:
-        _write_text(
-            directory,
-            "config.yaml",
-            _yaml(
-                [
-                    ("model_name", model),
-                    ("model_kind", "cross_layer_transcoder"),
-                    ("feature_input_hook", "mlp.hook_in"),
-                    ("feature_output_hook", "hook_mlp_out"),
-                    ("transcoders", _paths_for(paths, directory, rels, hf_repo)),
-                ]
-            ),
-            cfgs,
-        )
-    meta = {
-        "model_name": model,
-        "model_kind": "cross_layer_transcoder",
-        "feature_input_hook": "mlp.hook_in",
-        "feature_output_hook": "hook_mlp_out",
-        "activation": "jumprelu",
-        "skip": affine,
-        "hf_ref": hf_ref,
-        "weights_repo": hf_repo,
-        "paths": paths,
-        "dtype": str(dtype),
-    }
+    meta = _gs2_config(
+        directory, cfgs, "cross_layer_transcoder", model, rels, hf_repo, hf_ref, paths, affine, dtype, write_config
+    )
     return _result("gemmascope2_clt" + suffix, "clt", files, cfgs, range(n_layers), meta, params)
 
 
