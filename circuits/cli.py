@@ -64,12 +64,8 @@ def _cmd_features(args: argparse.Namespace) -> None:
 
 def _cmd_trace(args: argparse.Namespace) -> None:
     from circuits.features import features_for, load_features
-    from circuits.pipeline import TraceOptions, check_slug, load_pair, trace
+    from circuits.pipeline import TraceOptions, load_pair, trace
 
-    if args.slug is not None:
-        check_slug(args.slug)  # before any work
-    model, clt = load_pair(args.model, args.transcoder, args.device, args.dtype)
-    features = load_features(args.features, clt) if args.features else features_for(args.transcoder, clt)
     options = TraceOptions(
         out=Path(args.out), slug=args.slug, model_name=args.model, transcoder_name=args.transcoder,
         targets=args.target or [], batch_size=args.batch_size, max_feature_nodes=args.max_feature_nodes,
@@ -78,6 +74,8 @@ def _cmd_trace(args: argparse.Namespace) -> None:
         concept_traces=not args.no_concepts, concepts=args.concept, paths=[p.split(",") for p in args.path],
         categories=_demo_categories(args.model),
     )  # fmt: skip
+    model, clt = load_pair(args.model, args.transcoder, args.device, args.dtype)
+    features = load_features(args.features, clt) if args.features else features_for(args.transcoder, clt)
     result = trace(args.prompt, model, clt, options, features)
     meta = result.data["metadata"]
     print(f"{result.graph.n_features} feature nodes; targets {result.graph.target_names}")

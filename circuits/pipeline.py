@@ -73,6 +73,10 @@ class TraceOptions:
     demo world's `circuits.demo.facts.CATEGORIES`); None: none are proposed."""
     page: PageOptions = field(default_factory=PageOptions)
 
+    def __post_init__(self) -> None:
+        if self.slug is not None:
+            check_slug(self.slug)  # before any work: the outputs stay inside `out`
+
 
 @dataclass
 class TraceResult:
@@ -98,7 +102,7 @@ def trace(
     """Attribute `prompt`, trace its concepts, and write the graph JSON, the full graph and the page
     into `options.out`; `features` is the feature scan of `transcoder` for the feature cards."""
     options = options or TraceOptions()
-    slug = slugify(prompt) if options.slug is None else check_slug(options.slug)
+    slug = slugify(prompt) if options.slug is None else options.slug
     graph = attribute(
         prompt, model, transcoder, targets=options.targets, batch_size=options.batch_size,
         max_feature_nodes=options.max_feature_nodes, device=options.device, inhibited=options.inhibited,
