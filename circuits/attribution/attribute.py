@@ -225,7 +225,10 @@ def untouched_zeros(*shape: int, dtype: torch.dtype, device: str | torch.device 
     no memory. torch.zeros would write every page: 0.1 s and all of N^2 floats for a 5,600-node graph."""
     if torch.device(device).type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
-    return torch.from_numpy(np.zeros(shape, dtype=torch.empty(0, dtype=dtype).numpy().dtype))
+    # integers of the same width, viewed as `dtype` (numpy has no bfloat16; all-zero bits are 0.0)
+    width = torch.empty(0, dtype=dtype).element_size()
+    same_width = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}[width]
+    return torch.from_numpy(np.zeros(shape, dtype=same_width)).view(dtype)
 
 
 def logit_vectors(rep: Replacement, W_U: torch.Tensor, targets: list[LogitTarget]) -> torch.Tensor:
