@@ -7,15 +7,15 @@
 #   PYTHON=/opt/venv/bin/python scripts/gpu_check.sh          # the Python to use (default python3): torch with CUDA
 #   scripts/gpu_check.sh --fetch-wheels                       # on a machine that reaches a package registry
 #
-# A GPU machine without internet: --fetch-wheels downloads, into .whl/ beside this checkout, the wheels for
-# Python 3.12 on x86-64 Linux of the packages the check imports that such an image lacks or holds in another
-# version (their versions: those installed for $PYTHON here). Where .whl/ exists, the check installs them into
-# a temporary folder first and puts it on PYTHONPATH.
+# A GPU machine without internet (the lent H200's image holds torch, numpy, transformers 5, pytest...):
+# --fetch-wheels downloads into .whl/, for Python 3.12 on x86-64 Linux, the packages the check imports that
+# such an image lacks, in the versions installed for $PYTHON here (the dry run also passes with the image's
+# transformers 5.17, tokenizers 0.23 and huggingface-hub 1.33). Where .whl/ exists, the check installs them
+# into a temporary folder first and puts it on PYTHONPATH.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-WHEELS=(transformer-lens transformers tokenizers huggingface-hub datasets dill multiprocess better-abc typeguard
-        pyvis plotly ipython traitlets jsonpickle)
+WHEELS=(transformer-lens datasets dill multiprocess better-abc typeguard)
 
 run() { printf '+ %s\n' "$*" >&2; "$@"; }
 
@@ -30,7 +30,8 @@ if [[ "${1:-}" == "--fetch-wheels" ]]; then
     done
     run "$PYTHON" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         "${platforms[@]}" -d .whl "${pins[@]}"
-    grep -qxF '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+    exclude=$(git rev-parse --git-path info/exclude)  # .whl/ travels when a run carries it, never committed
+    grep -qxF '/.whl/' "$exclude" 2>/dev/null || echo '/.whl/' >> "$exclude"
     exit 0
 fi
 
