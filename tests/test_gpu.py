@@ -17,11 +17,14 @@ FLAGSHIP = "Fact: Dallas is in the state whose capital is"
 
 
 def test_gpu_edges_equal_the_cpu_float64_edges(demo_model, demo_clt):
-    reference = attribute(FLAGSHIP, demo_model, demo_clt, dtype="float64", progress=False)
-    model, clt = copy.deepcopy(demo_model).to("cuda"), copy.deepcopy(demo_clt).to("cuda")
+    """The model runs in the graph's dtype on both sides (the forward pass is in the model's dtype)."""
+    reference = attribute(FLAGSHIP, copy.deepcopy(demo_model).to(torch.float64), demo_clt, dtype="float64",
+                          progress=False)  # fmt: skip
     largest = reference.adjacency.abs().max()
     for dtype, tolerance in (("float64", 1e-10), ("float32", 1e-5)):
-        graph = attribute(FLAGSHIP, model, clt, dtype=dtype, device="cuda", progress=False)
+        model = copy.deepcopy(demo_model).to(getattr(torch, dtype)).to("cuda")
+        graph = attribute(FLAGSHIP, model, copy.deepcopy(demo_clt).to("cuda"), dtype=dtype, device="cuda",
+                          progress=False)  # fmt: skip
         assert torch.equal(graph.features, reference.features)
         assert (graph.adjacency.double() - reference.adjacency).abs().max() <= tolerance * largest
 
