@@ -74,21 +74,23 @@ class Shape:
 
 
 GEMMA_SLICE = Shape(4, 2304, 8, 256, 4, 9216, 16384, (64, 256), 64, 128, 4096, 512, 5, 40)
-PARTS = ["tests", "training", "attribution"]
 DRY = Shape(2, 64, 2, 32, 1, 128, 256, (6, 10), 8, 0, 256, 64, 1, 3)
+PARTS = ["tests", "training", "attribution"]
 
 
 def gemma2_slice(shape: Shape, device: str):
     """A random Gemma-2-style HookedTransformer of `shape` with the demo tokenizer (TransformerLens's
-    google/gemma-2-2b config, fewer layers)."""
+    google/gemma-2-2b config, fewer layers; its local layers' window of 4,096 is longer than these
+    prompts, so they attend as the global ones do)."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+    n_ctx = max(*shape.lengths, 64)  # 64: the documents of the activation stream, uncut
     cfg = HookedTransformerConfig(
         model_name="gemma-2-2b-slice", n_layers=shape.n_layers, d_model=shape.d_model, n_heads=shape.n_heads,
-        d_head=shape.d_head, n_key_value_heads=shape.n_kv_heads, d_mlp=shape.d_mlp, n_ctx=max(shape.lengths),
+        d_head=shape.d_head, n_key_value_heads=shape.n_kv_heads, d_mlp=shape.d_mlp, n_ctx=n_ctx,
         eps=1e-6, act_fn="gelu_pytorch_tanh", normalization_type="RMS", rotary_base=10000.0,
         positional_embedding_type="rotary", use_attn_scale=True, window_size=4096, use_local_attn=True,
-        attn_types=["global", "local"] * (shape.n_layers // 2), attn_scores_soft_cap=50.0,
+        attn_types=(["global", "local"] * shape.n_layers)[: shape.n_layers], attn_scores_soft_cap=50.0,
         output_logits_soft_cap=30.0, gated_mlp=True, final_rms=True, use_normalization_before_and_after=True,
         tokenizer_name=str(DEMO_MODEL_DIR / "tokenizer"), default_prepend_bos=True, seed=0, device=device,
     )  # fmt: skip
