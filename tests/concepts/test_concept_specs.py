@@ -1,0 +1,26 @@
+"""Concept specs with "=" in their words: a token such as "=" or "a=b" can be a concept (the byte-level
+BPE of the tiny GPT-2 has both), given as NAME=WORDS (split at the first "=") or as (name, words), the
+form the report uses for the concepts it proposes itself."""
+
+from __future__ import annotations
+
+import pytest
+
+from circuits.concepts.lens import make_concept, word_tokens
+from circuits.concepts.report import resolve_concepts
+from circuits.models import load_model
+from tests.hf_models import write_tiny_hf_model
+
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory):
+    return load_model(str(write_tiny_hf_model("gpt2", tmp_path_factory.mktemp("gpt2") / "gpt2")))
+
+
+def test_words_with_equals_signs_are_concepts(gpt2):
+    eq = make_concept(gpt2, "eq==")
+    assert (eq.name, eq.words, eq.token_ids) == ("eq", ("=",), (word_tokens(gpt2, "="),))
+    assert make_concept(gpt2, "sum=a=b|c").words == ("a=b", "c")
+    made, paths = resolve_concepts(gpt2, [("a=b", ["a=b"]), ("=", ["="])], [["a=b", "="]], {})
+    assert paths == [["a=b", "="]]
+    assert made["a=b"].token_ids == (word_tokens(gpt2, "a=b"),) and made["="].words == ("=",)
