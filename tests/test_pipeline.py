@@ -74,7 +74,10 @@ def test_two_traces_of_one_slug_leave_the_files_of_one_of_them(tmp_path, monkeyp
     out = tmp_path / "out"
     options = pipeline.TraceOptions(out=out, slug="same", concept_traces=False, inhibited=0)
     pairs = [load_pair() for _ in prompts]  # one model each: hooks are per model
-    runs = [threading.Thread(target=pipeline.trace, args=(p, *pair, options)) for p, pair in zip(prompts, pairs)]
+    runs = [
+        threading.Thread(target=pipeline.trace, args=(p, *pair, options))
+        for p, pair in zip(prompts, pairs, strict=True)
+    ]
     with locked(out):
         for run in runs:
             run.start()
