@@ -107,10 +107,11 @@ def _cmd_aggregate(args: argparse.Namespace) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> None:
     from circuits.train.config import load_recipe
-    from circuits.train.loop import train
 
     cfg = load_recipe(args.recipe)
     out = check_output(args.out or Path("runs") / args.recipe.stem)
+    from circuits.train.loop import train  # TransformerLens: only once the recipe is known to be good
+
     metrics = train(cfg, out, resume=args.resume)
     if not metrics:  # a torchrun rank other than 0
         return

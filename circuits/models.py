@@ -128,7 +128,7 @@ def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
     refuses any other in one line."""
     name = str(dtype).removeprefix("torch.")
     if name not in DTYPES or not isinstance(dtype, (str, torch.dtype)):
-        raise CircuitsError(f"unsupported dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+        raise CircuitsError(f"dtype {str(dtype)!r} is not supported: use one of {', '.join(DTYPES)}")
     return DTYPES[name]
 
 

@@ -356,3 +356,44 @@ def test_bad_snapshot_is_one_line(build, words, hf_snapshot, tmp_path, capsys, m
 @pytest.mark.parametrize("build, words", [c[1:] for c in AGGREGATE], ids=[c[0] for c in AGGREGATE])
 def test_bad_aggregate_is_one_line(build, words, graph_file, tmp_path, capsys, monkeypatch):
     _check(build(tmp_path, graph_file), words, tmp_path, capsys, monkeypatch)
+
+
+HEAVY = ("transformer_lens", "transformers", "sae_lens")
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "import circuits.cli",
+        "from circuits.cli import main; main(['trace', '--node-threshold', '2'])",
+        "from circuits.cli import main; main(['train', 'missing.toml'])",
+        "from circuits.cli import main; main(['trace', '--inhibited', 'many'])",
+    ],
+)
+def test_help_and_argument_errors_import_no_model_library(code, tmp_path):
+    """`circuits --help` and one-line argument errors never wait for TransformerLens (about 10 s)."""
+    import subprocess
+    import sys
+
+    imported = f"print(sorted(m for m in {HEAVY} if m in sys.modules))"
+    check = f"import sys\ntry:\n    {code}\nexcept SystemExit:\n    pass\n{imported}"
+    env = {"PYTHONPATH": str(PACKAGE.parent), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert out.returncode == 0 and out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr
+
+
+def test_features_by_default_write_to_the_user_cache_not_the_package(tmp_path, monkeypatch, capsys):
+    from circuits.features import DEMO_FEATURES_DIR, default_features_dir, features_for, load_features
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    shipped = _tree(DEMO_FEATURES_DIR)
+    assert main(["features", "--documents", "8", "--top-k", "2"]) == 0
+    written = tmp_path / "cache" / "circuits" / "features" / "demo"
+    assert capsys.readouterr().out.strip() == str(written) == str(default_features_dir("demo"))
+    assert _tree(DEMO_FEATURES_DIR) == shipped  # the shipped cards are untouched
+    from circuits.transcoders.load import load_transcoder
+
+    clt = load_transcoder("demo")
+    assert features_for("demo", clt).config.n_documents == 8  # the user's scan, not the shipped one
+    assert load_features("demo", clt).config.n_documents != 8  # 'demo' still names the shipped cards
