@@ -30,12 +30,12 @@ def _demo_categories(model: str) -> dict[str, list[str]] | None:
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
+    check_text("the prompt", args.prompt)
+    check_range("--top-k", args.top_k, 1, integer=True)
     import torch
 
     from circuits.models import load_model, prompt_tokens
 
-    check_text("the prompt", args.prompt)
-    check_range("--top-k", args.top_k, 1, integer=True)
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     check_range("--top-k", args.top_k, 1, model.cfg.d_vocab, integer=True)
     tokens = prompt_tokens(model, args.prompt)
