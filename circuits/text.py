@@ -9,7 +9,6 @@ import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from circuits.errors import CircuitsError
@@ -30,7 +29,7 @@ class TextSource:
         """Refuse, before any work, a source that cannot be read: a missing, empty or unreadable file
         (read once here), or hf: without the datasets package."""
         if self.name.startswith("hf:"):
-            _check_datasets(self.name)
+            _hf_documents(self.name[3:], 0, 0)  # opens the stream: needs datasets, and the hub or its cache
         elif self.name != "demo":
             _file_documents(Path(self.name), 0, 1)
 
@@ -58,7 +57,7 @@ def _file_documents(path: Path, start: int, count: int) -> list[str]:
     if path.suffix == ".jsonl":
         lines = [_jsonl_text(path, i, line) for i, line in enumerate(lines, 1)]
     if not lines:
-        raise CircuitsError(f"text source {str(path)!r} holds no documents")
+        raise CircuitsError(f"text source {str(path)!r} holds no documents: pass a file with text in it")
     return [lines[i % len(lines)] for i in range(start, start + count)]
 
 
@@ -79,17 +78,20 @@ def _hf_stream(dataset: str) -> dict:
     return {"position": 0, "rows": None}
 
 
-def _check_datasets(name: str) -> None:
-    if importlib.util.find_spec("datasets") is None:
-        raise CircuitsError(f'text source {name} needs the datasets package: pip install "circuits-tracer[hf]"')
-
-
 def _hf_documents(dataset: str, start: int, count: int) -> list[str]:
+    if importlib.util.find_spec("datasets") is None:
+        raise CircuitsError(f'text source hf:{dataset} needs the datasets package: pip install "circuits-tracer[hf]"')
     from datasets import load_dataset
 
     stream = _hf_stream(dataset)
     if stream["rows"] is None or stream["position"] > start:  # reads go forward; restart otherwise
-        stream["rows"], stream["position"] = iter(load_dataset(dataset, split="train", streaming=True)), 0
+        try:
+            stream["rows"], stream["position"] = iter(load_dataset(dataset, split="train", streaming=True)), 0
+        except (ConnectionError, FileNotFoundError, ValueError) as e:  # offline and not cached, or no such dataset
+            raise CircuitsError(
+                f"text source hf:{dataset} cannot be read here ({str(e).splitlines()[0]}): pass a .txt/.jsonl file, "
+                "or run where the hub or its datasets cache is reachable"
+            ) from None
     rows = itertools.islice(stream["rows"], start - stream["position"], start - stream["position"] + count)
     docs = [row["text"] for row in rows]
     stream["position"] = start + len(docs)

@@ -190,6 +190,11 @@ def _features_text(name: str, content: bytes) -> Case:
 
 
 FEATURES = [(case_id, _features_text(name, content), words) for case_id, name, content, words in TEXT] + [
+    (
+        "features-text-hub-offline",
+        lambda d: ["features", "--text", "hf:wikitext", "--out", str(d / "f")],
+        "hf:wikitext",
+    ),
     ("features-documents-0", lambda d: ["features", "--documents", "0", "--out", str(d / "f")], "n_documents"),
     ("features-top-k-0", lambda d: ["features", "--top-k", "0", "--out", str(d / "f")], "top_k"),
     ("features-out-is-a-file", lambda d: ["features", "--documents", "4", "--out", str(_a_file(d))], "not a directory"),
@@ -230,6 +235,7 @@ RECIPES = [
     ("recipe-eval-docs-0", _with("eval_docs = 4", "eval_docs = 0"), "eval_docs"),
     ("recipe-hook-unknown", _with("", '[transcoder]\ninput_hook = "hook_bogus"\n'), "hook"),
     ("recipe-not-utf8", _not_utf8_recipe, "UTF-8"),
+    ("recipe-text-hub-offline", _with("", 'text = "hf:wikitext"\n'), "hf:wikitext"),
     ("recipe-out-is-a-file", lambda d: _recipe(d, RECIPE)[:2] + ["--out", str(_a_file(d))], "not a directory"),
     ("recipe-resume-checkpoint-lacks-fields", _checkpoint_without_fields, "lacks"),
     ("recipe-jsonl-without-text", _text_recipe("t.jsonl", b'{"body": "Dallas is in Texas"}\n'), '"text"'),
