@@ -238,7 +238,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT)
     p.add_argument(
         "--concept", action="append", default=[],
-        help="a word, NAME=w1|w2 (a group; split at the first =, so NAME== is the word '='), or a category (--model demo: @cities, @states, @capitals); repeatable",
+        help="a word, NAME=w1|w2 (a group), or a category (--model demo: @cities, @states, @capitals); repeatable",
     )  # fmt: skip
     p.add_argument("--path", action="append", default=[], help="a comma-separated chain, e.g. Dallas,Texas,Austin")
     p.add_argument("--auto", action="store_true", help="also trace the proposed intermediate concept")

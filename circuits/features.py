@@ -226,6 +226,7 @@ def scan_features(
     """Scan `cfg.n_documents` documents of `cfg.text`; see the module docstring."""
     check_fits(clt.cfg, model)
     source = TextSource(cfg.text, seed=cfg.seed, max_tokens_per_doc=cfg.max_tokens_per_doc)
+    source.documents(0, 1)  # a source that cannot be read (hf: offline) fails here, before the progress bars
     L, F, k, W = clt.cfg.n_layers, clt.cfg.n_features, cfg.top_k, cfg.window
     top = _TopContexts(L, F, k, W)
     fired = torch.zeros(L, F)

@@ -157,7 +157,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     return fields
 
 
-def _read_weights(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+def _read_weights(path: Path, device: str | torch.device | None = "cpu") -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file (on `device`, or only its header with device None: shapes
     checked, nothing read); a truncated or corrupt file is refused in one line."""
     from safetensors import SafetensorError, safe_open

@@ -29,7 +29,7 @@ class TextSource:
         """Refuse, before any work, a source that cannot be read: a missing, empty or unreadable file
         (read once here), or hf: without the datasets package."""
         if self.name.startswith("hf:"):
-            _hf_documents(self.name[3:], 0, 0)  # opens the stream: needs datasets, and the hub or its cache
+            _check_datasets(self.name)  # the stream is opened by the first read (a recipe loads offline)
         elif self.name != "demo":
             _file_documents(Path(self.name), 0, 1)
 
@@ -78,9 +78,13 @@ def _hf_stream(dataset: str) -> dict:
     return {"position": 0, "rows": None}
 
 
-def _hf_documents(dataset: str, start: int, count: int) -> list[str]:
+def _check_datasets(name: str) -> None:
     if importlib.util.find_spec("datasets") is None:
-        raise CircuitsError(f'text source hf:{dataset} needs the datasets package: pip install "circuits-tracer[hf]"')
+        raise CircuitsError(f'text source {name} needs the datasets package: pip install "circuits-tracer[hf]"')
+
+
+def _hf_documents(dataset: str, start: int, count: int) -> list[str]:
+    _check_datasets(f"hf:{dataset}")
     from datasets import load_dataset
 
     stream = _hf_stream(dataset)

@@ -52,7 +52,7 @@ def make_concept(
     elif spec.startswith("@"):
         name, words = spec[1:], category_words(categories, spec[1:])
     elif "=" in spec:
-        name, _, rest = spec.partition("=")  # the words may hold "=": NAME==, NAME=a=b
+        name, _, rest = spec.rpartition("=")
         words = rest.split("|")
     else:
         name, words = spec, [spec]
