@@ -1,7 +1,9 @@
 """The `circuits` command: a thin layer over the Python API.
 
 Every subcommand is a function `_cmd_NAME(args)` registered in `_build_parser`. Known errors
-(`CircuitsError`) print one line to stderr and exit with status 2.
+(`CircuitsError`) and command-line mistakes print one line to stderr and exit with status 2. Each
+command checks its arguments before it loads anything, and imports the heavy modules (torch,
+TransformerLens) only then: `--help` and argument errors stay fast.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import sys
 from pathlib import Path
 
 from circuits import __version__
-from circuits.errors import CircuitsError
+from circuits.errors import CircuitsError, check_output, check_range, check_text
 
 DEFAULT_PROMPT = "Fact: Dallas is in the state whose capital is"
 
@@ -28,11 +30,14 @@ def _demo_categories(model: str) -> dict[str, list[str]] | None:
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
+    check_text("the prompt", args.prompt)
+    check_range("--top-k", args.top_k, 1, integer=True)
     import torch
 
     from circuits.models import load_model, prompt_tokens
 
     model = load_model(args.model, device=args.device, dtype=args.dtype)
+    check_range("--top-k", args.top_k, 1, model.cfg.d_vocab, integer=True)
     tokens = prompt_tokens(model, args.prompt)
     with torch.no_grad():
         probs = model(tokens)[0, -1].softmax(-1)
@@ -54,17 +59,16 @@ def _cmd_features(args: argparse.Namespace) -> None:
     from circuits.features import FeatureScanConfig, default_features_dir, scan_features
     from circuits.pipeline import load_pair
 
-    model, clt = load_pair(args.model, args.clt, args.device, args.dtype)
     given = {"text": args.text, "n_documents": args.documents, "top_k": args.top_k}
     cfg = FeatureScanConfig(**{k: v for k, v in given.items() if v is not None})
-    out = Path(args.out) if args.out else default_features_dir(args.clt)
+    out = check_output(Path(args.out) if args.out else default_features_dir(args.clt))
+    model, clt = load_pair(args.model, args.clt, args.device, args.dtype)
     scan_features(model, clt, cfg, clt_name=str(args.clt)).save(out)
     print(out)
 
 
 def _cmd_trace(args: argparse.Namespace) -> None:
-    from circuits.features import features_for, load_features
-    from circuits.pipeline import TraceOptions, load_pair, trace
+    from circuits.pipeline import TraceOptions, load_pair, trace  # light: options are checked before heavy imports
 
     options = TraceOptions(
         out=Path(args.out), slug=args.slug, model_name=args.model, transcoder_name=args.transcoder,
@@ -74,8 +78,12 @@ def _cmd_trace(args: argparse.Namespace) -> None:
         concept_traces=not args.no_concepts, concepts=args.concept, paths=[p.split(",") for p in args.path],
         categories=_demo_categories(args.model),
     )  # fmt: skip
+    check_text("the prompt", args.prompt)
+    from circuits.features import features_for, load_features, scan_dir
+
+    scan = scan_dir(args.features) if args.features else None  # before any loading
     model, clt = load_pair(args.model, args.transcoder, args.device, args.dtype)
-    features = load_features(args.features, clt) if args.features else features_for(args.transcoder, clt)
+    features = load_features(scan, clt) if scan else features_for(args.transcoder, clt)
     result = trace(args.prompt, model, clt, options, features)
     meta = result.data["metadata"]
     print(f"{result.graph.n_features} feature nodes; targets {result.graph.target_names}")
@@ -90,6 +98,7 @@ def _cmd_aggregate(args: argparse.Namespace) -> None:
     from circuits.attribution.graph import Graph, aggregate
     from circuits.fileio import write_json
 
+    check_output(args.out, directory=False)
     merged = aggregate([Graph.load(path) for path in args.graphs], args.min_prompts)
     write_json(args.out, merged)
     print(f"{len(merged['nodes'])} feature nodes, {len(merged['links'])} links from {len(args.graphs)} graphs")
@@ -98,10 +107,11 @@ def _cmd_aggregate(args: argparse.Namespace) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> None:
     from circuits.train.config import load_recipe
-    from circuits.train.loop import train
 
     cfg = load_recipe(args.recipe)
-    out = args.out or Path("runs") / args.recipe.stem
+    out = check_output(args.out or Path("runs") / args.recipe.stem)
+    from circuits.train.loop import train  # TransformerLens: only once the recipe is known to be good
+
     metrics = train(cfg, out, resume=args.resume)
     if not metrics:  # a torchrun rank other than 0
         return
@@ -118,6 +128,9 @@ def _cmd_concepts(args: argparse.Namespace) -> None:
     from circuits.concepts.report import concept_report
     from circuits.models import load_model
 
+    for text in [args.prompt, args.counterfactual or "", *args.concept, *args.path]:
+        check_text("the prompt, a concept, a path or the counterfactual", text)
+    check_output(Path(args.out))
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     report = concept_report(
         model,
@@ -144,8 +157,15 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line (not the usage block) and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"circuits: error: {message} (see `{self.prog} --help`)\n")
+
+
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="circuits", description="Sparse-feature circuit tracing for transformers.")
+    parser = _Parser(prog="circuits", description="Sparse-feature circuit tracing for transformers.")
     parser.add_argument("--version", action="version", version=f"circuits {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -162,7 +182,10 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", help="corpus: 'demo' (default), a .txt/.jsonl file or 'hf:DATASET'")
     p.add_argument("--documents", type=int, help="documents to scan (default 2048)")
     p.add_argument("--top-k", type=int, help="top contexts kept per feature (default 8)")
-    p.add_argument("--out", help="output directory (default: circuits/demo/features, or CLT_DIR/features)")
+    p.add_argument(
+        "--out", help="output directory (default: CLT_DIR/features for a directory, else a folder of the user cache, "
+        "~/.cache/circuits/features/NAME)"
+    )  # fmt: skip
     p.set_defaults(func=_cmd_features)
 
     p = sub.add_parser("trace", help="attribution graph of a prompt: JSON, safetensors and the HTML page")

@@ -28,6 +28,8 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +41,7 @@ from transformer_lens import HookedTransformer
 
 from circuits.attribution.norms import has_post_norm
 from circuits.attribution.splice import read_point, transcoder_inputs
-from circuits.errors import CircuitsError
+from circuits.errors import CircuitsError, check_range
 from circuits.fileio import atomic_directory
 from circuits.text import TextSource, token_mask
 from circuits.transcoders.clt import CrossLayerTranscoder, check_fits
@@ -67,6 +69,13 @@ class FeatureScanConfig:
     """Histogram bins over (0, the feature's maximum activation]."""
     n_logits: int = 8
     """Top (and bottom) output logits kept."""
+
+    def __post_init__(self) -> None:
+        for name in ("n_documents", "max_tokens_per_doc", "batch_size", "top_k", "n_bins", "n_logits"):
+            check_range(name, getattr(self, name), 1, integer=True)
+        check_range("before", self.before, 0, integer=True)
+        check_range("after", self.after, 0, integer=True)
+        TextSource(self.text)  # a text that cannot be read is refused now, before any work
 
     @property
     def window(self) -> int:
@@ -156,9 +165,7 @@ def clt_fingerprint(clt: CrossLayerTranscoder) -> str:
 def load_features(directory: str | Path = "demo", clt: CrossLayerTranscoder | None = None) -> FeatureScan:
     """Load a saved scan ('demo': the one shipped for the demo CLT). With `clt`, refuse a scan
     computed from a different transcoder."""
-    directory = DEMO_FEATURES_DIR if str(directory) == "demo" else Path(directory)
-    if not (directory / "features.json").exists() or not (directory / "features.safetensors").exists():
-        raise CircuitsError(f"no feature scan in {directory}: run `circuits features` for this transcoder first")
+    directory = scan_dir(directory)
     meta = json.loads((directory / "features.json").read_text(encoding="utf-8"))
     if clt is not None and meta["clt_fingerprint"] != clt_fingerprint(clt):
         raise CircuitsError(
@@ -177,10 +184,22 @@ def load_features(directory: str | Path = "demo", clt: CrossLayerTranscoder | No
     )
 
 
+def scan_dir(directory: str | Path) -> Path:
+    """The folder of a saved scan ('demo': the one shipped for the demo CLT); refuses a folder
+    without one in one line."""
+    directory = DEMO_FEATURES_DIR if str(directory) == "demo" else Path(directory)
+    if not (directory / "features.json").is_file() or not (directory / "features.safetensors").is_file():
+        raise CircuitsError(f"no feature scan in {directory}: run `circuits features` for this transcoder first")
+    return directory
+
+
 def features_for(clt_name: str | Path, clt: CrossLayerTranscoder) -> FeatureScan | None:
-    """The scan in the transcoder's default features folder, or None when there is none (pages
+    """The scan in the transcoder's default features folder (for the demo CLT, the shipped one
+    until `circuits features` writes one into the user cache), or None when there is none (pages
     then show no feature cards); a scan of another transcoder is refused."""
     directory = default_features_dir(clt_name)
+    if not (directory / "features.json").exists() and str(clt_name) == "demo":
+        directory = DEMO_FEATURES_DIR
     if not (directory / "features.json").exists():
         log.warning("no feature scan in %s: run `circuits features` for feature cards", directory)
         return None
@@ -188,9 +207,13 @@ def features_for(clt_name: str | Path, clt: CrossLayerTranscoder) -> FeatureScan
 
 
 def default_features_dir(clt_name: str | Path) -> Path:
-    """Where `circuits features` writes by default: circuits/demo/features for the demo CLT,
-    else a `features` folder inside the CLT directory."""
-    return DEMO_FEATURES_DIR if str(clt_name) == "demo" else Path(clt_name) / "features"
+    """Where `circuits features` writes by default: a `features` folder inside a CLT directory;
+    for any other name (the demo CLT, a preset, hf:..., saelens:...) a folder of the user cache,
+    $XDG_CACHE_HOME/circuits/features/NAME (default ~/.cache): never into the installed package."""
+    if Path(clt_name).is_dir() and str(clt_name) != "demo":
+        return Path(clt_name) / "features"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "circuits" / "features" / re.sub(r"[^A-Za-z0-9._-]+", "_", str(clt_name))
 
 
 # ---- the scan --------------------------------------------------------------------------------
@@ -202,9 +225,8 @@ def scan_features(
 ) -> FeatureScan:
     """Scan `cfg.n_documents` documents of `cfg.text`; see the module docstring."""
     check_fits(clt.cfg, model)
-    if cfg.n_documents < 1 or cfg.top_k < 1 or cfg.batch_size < 1:
-        raise CircuitsError("n_documents, top_k and batch_size must be at least 1")
     source = TextSource(cfg.text, seed=cfg.seed, max_tokens_per_doc=cfg.max_tokens_per_doc)
+    source.documents(0, 1)  # a source that cannot be read (hf: offline) fails here, before the progress bars
     L, F, k, W = clt.cfg.n_layers, clt.cfg.n_features, cfg.top_k, cfg.window
     top = _TopContexts(L, F, k, W)
     fired = torch.zeros(L, F)

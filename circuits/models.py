@@ -13,6 +13,7 @@ Sources (see `resolve_model_source`):
   cache (downloaded when online), converted as its directory would be; an architecture not in
   `ARCHITECTURES` (e.g. GPT-NeoX for 'EleutherAI/pythia-70m') with TransformerLens's config for the name.
 
+TransformerLens and transformers are imported by the functions that use them.
 Every conversion is checked against the Hugging Face model's log-probabilities on a probe sequence.
 Weights are loaded as published ("none", as circuit-tracer and transcoders trained on the Hugging
 Face model expect) unless another `PROCESSING` is asked for; `weight_processing(model)` reports it.
@@ -24,20 +25,17 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-import transformer_lens.loading_from_pretrained as tl_loading
-from huggingface_hub import snapshot_download
-from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError
-from safetensors.torch import load_file, save_file
-from transformer_lens import HookedTransformer, HookedTransformerConfig
-from transformer_lens.utilities.activation_functions import SUPPORTED_ACTIVATIONS
-from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
-from circuits.errors import CircuitsError
+from circuits.errors import CircuitsError, check_range, check_text
 from circuits.fileio import atomic_directory
 from circuits.processing import PROCESSING_ATTR, weight_processing
+
+if TYPE_CHECKING:  # imported where they are used: `import circuits.models` stays fast
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformers import PretrainedConfig, PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +72,8 @@ def resolve_model_source(name: str) -> tuple[str, str]:
         return "local", str(path)
     if name.startswith((".", "/", "~")) or "/" in name and not _looks_like_hub_id(name):
         raise CircuitsError(f"model directory {name!r} does not exist: pass 'demo', a directory or a model name")
+    import transformer_lens.loading_from_pretrained as tl_loading
+
     try:
         return "pretrained", tl_loading.get_official_model_name(name)
     except ValueError:
@@ -88,8 +88,8 @@ def _looks_like_hub_id(name: str) -> bool:
     return name.count("/") == 1 and not Path(name.split("/")[0]).exists()
 
 
-def check_device(device: str | torch.device) -> None:
-    """Refuse a device name torch does not know, or a GPU this machine does not have."""
+def check_device(device: str | torch.device) -> torch.device:
+    """The torch device of `device`; refuses a name torch does not know, or a GPU this machine does not have."""
     try:
         dev = torch.device(device)
     except RuntimeError:
@@ -98,6 +98,7 @@ def check_device(device: str | torch.device) -> None:
         raise CircuitsError(f"device {str(device)!r} is not available here (no such CUDA GPU): use cpu")
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise CircuitsError(f"device {str(device)!r} is not available here: use cpu")
+    return dev
 
 
 def load_model(
@@ -115,19 +116,20 @@ def load_model(
     check_device(device)
     if processing not in PROCESSING:
         raise CircuitsError(f"unknown weight processing {processing!r}: use one of {', '.join(PROCESSING)}")
-    torch_dtype = _torch_dtype(dtype)
+    dtype = torch_dtype(dtype)
     kind, source = resolve_model_source(name)
     if kind == "pretrained":
-        return load_pretrained(source, device, processing, torch_dtype)
-    return load_model_dir(Path(source), device, processing=processing, dtype=torch_dtype)
+        return load_pretrained(source, device, processing, dtype)
+    return load_model_dir(Path(source), device, processing=processing, dtype=dtype)
 
 
-def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    if isinstance(dtype, str) and dtype in DTYPES:
-        return DTYPES[dtype]
-    raise CircuitsError(f"unsupported dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """The torch dtype of "float32", "bfloat16", "float16" (or "torch.float32", or the dtype itself);
+    refuses any other in one line."""
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPES or not isinstance(dtype, (str, torch.dtype)):
+        raise CircuitsError(f"dtype {str(dtype)!r} is not supported: use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 def load_model_dir(
@@ -147,9 +149,44 @@ def load_model_dir(
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        fields = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CircuitsError(f"{path} is not valid JSON ({e}): restore the file") from None
+    if not isinstance(fields, dict):
+        raise CircuitsError(f"{path} is not a JSON object: restore the file")
+    return fields
+
+
+def _read_weights(path: Path, device: str | torch.device | None = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file (on `device`, or only its header with device None: shapes
+    checked, nothing read); a truncated or corrupt file is refused in one line."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt", device=str(device or "cpu")) as f:
+            return {k: f.get_tensor(k) if device else f.get_slice(k) for k in f.keys()}  # noqa: SIM118
+    except SafetensorError as e:
+        raise CircuitsError(f"{path} is corrupt or truncated ({e}): restore or re-save the weights") from None
+
+
+_TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json")
+
+
+def check_tokenizer(directory: Path) -> None:
+    """Refuse, in one line, tokenizer files that cannot be parsed: its JSON files, and tokenizer.json
+    as the tokenizers library reads it."""
+    from tokenizers import Tokenizer
+
+    for name in _TOKENIZER_JSON:
+        if (directory / name).is_file():
+            _read_json(directory / name)
+    if (directory / "tokenizer.json").is_file():
+        try:
+            Tokenizer.from_file(str(directory / "tokenizer.json"))
+        except Exception as e:  # tokenizers raises a bare Exception for a file it cannot read
+            raise CircuitsError(
+                f"{directory}/tokenizer.json is corrupt ({e}): restore the model's tokenizer files"
+            ) from None
 
 
 def _load_own_dir(
@@ -160,6 +197,26 @@ def _load_own_dir(
         if not (directory / required).exists():
             raise CircuitsError(f"{directory} is not a model directory: {required} is missing")
     refuse_remote_code(directory, ("config.json", "tokenizer/tokenizer_config.json", "tokenizer/config.json"))
+    check_tokenizer(directory / "tokenizer")
+    state = _read_weights(directory / "model.safetensors", device)
+    model = _build_own_model(directory, fields, processing, device, dtype)
+    _check_state(directory, model, state)
+    model.load_state_dict(state, strict=False)
+    saved = getattr(model, PROCESSING_ATTR)
+    applied = saved if processing == "none" else processing
+    if applied != saved:
+        model.load_and_process_state_dict(model.state_dict(), **_processing_flags(model.cfg, processing))
+    setattr(model, PROCESSING_ATTR, applied)
+    return model.eval()
+
+
+def _build_own_model(
+    directory: Path, fields: dict[str, Any], processing: str, device: str | torch.device, dtype: torch.dtype
+) -> HookedTransformer:
+    """The HookedTransformer our config.json describes (random weights, the saved processing recorded);
+    fields that are unknown or that TransformerLens cannot build are refused in one line."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
     saved = fields.pop(PROCESSING_ATTR, "none")
     known = {f.name for f in dataclasses.fields(HookedTransformerConfig)}
     unknown = sorted(set(fields) - known)
@@ -167,22 +224,31 @@ def _load_own_dir(
         raise CircuitsError(f"{directory}/config.json has unknown fields {unknown}: use HookedTransformerConfig fields")
     if saved != "none" and processing not in ("none", saved):
         raise CircuitsError(f"{directory} holds weights with processing {saved!r}: load it with that")
+    for name in ("n_layers", "d_model", "n_ctx", "d_head", "n_heads", "d_vocab"):
+        if name in fields:
+            check_range(f"{directory}/config.json: {name}", fields[name], 1, integer=True)
     tokenizer = str((directory / "tokenizer").resolve())
-    cfg = HookedTransformerConfig(**fields, tokenizer_name=tokenizer, device=str(device), dtype=dtype)
-    model = HookedTransformer(cfg)
-    state = load_file(str(directory / "model.safetensors"), device=str(device))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    weights_missing = [k for k in missing if not k.endswith(("IGNORE", ".mask"))]
-    if weights_missing or unexpected:
-        raise CircuitsError(
-            f"{directory}/model.safetensors does not match config.json "
-            f"(missing {weights_missing[:3]}, unexpected {list(unexpected)[:3]}): re-save the model"
+    try:
+        model = HookedTransformer(
+            HookedTransformerConfig(**fields, tokenizer_name=tokenizer, device=str(device), dtype=dtype)
         )
-    applied = saved if processing == "none" else processing
-    if applied != saved:
-        model.load_and_process_state_dict(model.state_dict(), **_processing_flags(cfg, processing))
-    setattr(model, PROCESSING_ATTR, applied)
-    return model.eval()
+    except (TypeError, ValueError, AssertionError) as e:
+        raise CircuitsError(f"{directory}/config.json describes no model TransformerLens can build ({e})") from None
+    setattr(model, PROCESSING_ATTR, saved)
+    return model
+
+
+def _check_state(directory: Path, model: HookedTransformer, state: dict[str, torch.Tensor]) -> None:
+    """Refuse weights that do not fit the model config.json describes (names or shapes)."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith(("IGNORE", ".mask"))}
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    wrong = [f"{k} {tuple(state[k].shape)} vs {expected[k]}" for k in expected if k in state
+             and tuple(state[k].shape) != expected[k]]  # fmt: skip
+    if missing or unexpected or wrong:
+        raise CircuitsError(
+            f"{directory}/model.safetensors does not match config.json (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}, shapes {wrong[:2]}): fix config.json or re-save the model"
+        )
 
 
 def load_hf_snapshot(
@@ -205,6 +271,8 @@ def load_hf_snapshot(
             f"supported: {', '.join(ARCHITECTURES)}"
         )
     hf_model, tokenizer = _load_hf(directory, architecture, dtype)
+    import transformer_lens.loading_from_pretrained as tl_loading
+
     if architecture in ARCHITECTURES:
         cfg = hooked_config(hf_model.config, (name or _snapshot_name(directory)).split("/")[-1], device, dtype)
     else:
@@ -231,6 +299,9 @@ def load_pretrained(
 
 
 def _hub_snapshot(official_name: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError
+
     try:
         return Path(snapshot_download(official_name, allow_patterns=_SNAPSHOT_FILES))
     except LocalEntryNotFoundError:
@@ -273,6 +344,9 @@ def check_snapshot(directory: Path) -> str:
         raise CircuitsError(f"{directory} has no weights: *.safetensors files are missing")
     if not any((directory / name).is_file() for name in _TOKENIZER_FILES):
         raise CircuitsError(f"{directory} has no tokenizer: copy the tokenizer files of the model's repository into it")
+    check_tokenizer(directory)
+    for path in sorted(directory.glob("*.safetensors")):
+        _read_weights(path, device=None)  # headers only: a truncated or corrupt file fails here, in one line
     architectures = config.get("architectures") or []
     if len(architectures) != 1:
         raise CircuitsError(f"{directory}/config.json names architectures {architectures}: one is needed")
@@ -281,24 +355,37 @@ def check_snapshot(directory: Path) -> str:
 
 def _load_hf(directory: Path, architecture: str, dtype: torch.dtype) -> tuple[PreTrainedModel, Any]:
     """The Hugging Face model (on the CPU, eager attention: the reference) and tokenizer of a snapshot."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     log.info("loading %s from %s", architecture, directory)
     safe = dict(trust_remote_code=False, local_files_only=True)
-    hf_model = AutoModelForCausalLM.from_pretrained(
-        directory, use_safetensors=True, dtype=dtype, attn_implementation="eager", **safe
-    )
+    try:
+        hf_model = AutoModelForCausalLM.from_pretrained(
+            directory, use_safetensors=True, dtype=dtype, attn_implementation="eager", **safe
+        )
+        tokenizer = AutoTokenizer.from_pretrained(directory, **safe)
+    except (OSError, ValueError, TypeError, RuntimeError) as e:  # a config.json that does not fit its weights
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CircuitsError(
+            f"{directory}: transformers cannot load this {architecture} ({reason}): "
+            "config.json does not describe the weights; restore the snapshot's files"
+        ) from None
     if type(hf_model).__name__ != architecture:
         raise CircuitsError(
             f"{directory}/config.json names {architecture} but its model_type builds {type(hf_model).__name__}: "
             "fix config.json"
         )
     hf_model.eval().requires_grad_(False)
-    return hf_model, AutoTokenizer.from_pretrained(directory, **safe)
+    return hf_model, tokenizer
 
 
 def _convert(
     cfg: HookedTransformerConfig, hf_model: PreTrainedModel, tokenizer: Any, directory: Path, processing: str
 ) -> HookedTransformer:
     """TransformerLens's weight conversion, the requested processing, and the check against `hf_model`."""
+    import transformer_lens.loading_from_pretrained as tl_loading
+    from transformer_lens import HookedTransformer
+
     cfg.tokenizer_name = str(directory.resolve())  # a reload by name finds these files, offline
     state = tl_loading.get_pretrained_state_dict(str(directory), cfg, hf_model, dtype=cfg.dtype)
     model = HookedTransformer(cfg, tokenizer, move_to_device=False)
@@ -349,6 +436,9 @@ def hooked_config(
     hf_config: PretrainedConfig, model_name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> HookedTransformerConfig:
     """The HookedTransformerConfig of a Hugging Face config, read field by field (see `ARCHITECTURES`)."""
+    from transformer_lens import HookedTransformerConfig
+    from transformer_lens.utilities.activation_functions import SUPPORTED_ACTIVATIONS
+
     architecture = hf_config.architectures[0]
     fields = ARCHITECTURES[architecture](hf_config)
     if fields["act_fn"] not in SUPPORTED_ACTIVATIONS:
@@ -452,6 +542,7 @@ ARCHITECTURES = {
 
 def prompt_tokens(model: HookedTransformer, prompt: str) -> torch.Tensor:
     """Tokens [1, pos] of a prompt, with BOS; rejects empty and over-long prompts."""
+    check_text("the prompt", prompt)
     if not prompt.strip():
         raise CircuitsError("the prompt is empty: pass some text, e.g. 'Fact: Dallas is in the state whose capital is'")
     tokens = model.to_tokens(prompt, truncate=False)
@@ -469,6 +560,8 @@ def save_model_dir(model: HookedTransformer, directory: Path) -> None:
     state = {
         k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.endswith(("IGNORE", ".mask"))
     }
+    from safetensors.torch import save_file
+
     with atomic_directory(directory) as tmp:
         (tmp / "config.json").write_text(json.dumps(fields, indent=2) + "\n")
         save_file(state, str(tmp / "model.safetensors"))

@@ -3,7 +3,13 @@
 `trace` attributes the prompt, builds the graph JSON once, traces the concepts beside the graph's
 nodes, computes the feature cards once, annotates the JSON (the cards' labels, suggested
 supernodes), then writes `<out>/<slug>.json` (that JSON), `<slug>.graph.safetensors` (the full
-graph) and `<slug>.html` (the page, from the same JSON and cards). Nothing is read back from disk.
+graph) and `<slug>.html` (the page, from the same JSON and cards). Nothing is read back from disk;
+the options are checked before any work, and the three files are written only once everything has
+been computed, while holding a lock on the output folder: two runs with the same slug leave the
+three files of one of them, never a mix.
+
+The attribution, interventions and concepts modules (which import TransformerLens) are imported by
+`trace` itself: making the options, and refusing bad ones, stays fast.
 """
 
 from __future__ import annotations
@@ -13,12 +19,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from circuits.attribution import schema
-from circuits.attribution.attribute import attribute
-from circuits.attribution.interventions import validate
-from circuits.concepts.report import concept_report, figures
-from circuits.errors import CircuitsError
-from circuits.fileio import write_json
-from circuits.page.assemble import PageInfo, PageOptions, feature_cards, write_page
+from circuits.errors import CircuitsError, check_output, check_range, check_text
+from circuits.fileio import atomic_file, locked, write_json
+from circuits.page.assemble import PageInfo, PageOptions, feature_cards, render_page
 from circuits.page.supernodes import suggest_supernodes
 
 if TYPE_CHECKING:
@@ -74,8 +77,18 @@ class TraceOptions:
     page: PageOptions = field(default_factory=PageOptions)
 
     def __post_init__(self) -> None:
+        """Refuse bad options in one line before any work."""
         if self.slug is not None:
-            check_slug(self.slug)  # before any work: the outputs stay inside `out`
+            check_slug(self.slug)  # the outputs stay inside `out`
+        check_output(self.out)
+        check_range("node_threshold", self.node_threshold, 0.0, 1.0)
+        check_range("edge_threshold", self.edge_threshold, 0.0, 1.0)
+        check_range("inhibited", self.inhibited, 0, integer=True)
+        for name in ("batch_size", "max_feature_nodes"):
+            if getattr(self, name) is not None:
+                check_range(name, getattr(self, name), 1, integer=True)
+        for text in [*self.concepts, *self.targets, *(w for p in self.paths for w in p), self.counterfactual or ""]:
+            check_text("a concept, path, target or counterfactual", text)
 
 
 @dataclass
@@ -101,8 +114,14 @@ def trace(
 ) -> TraceResult:
     """Attribute `prompt`, trace its concepts, and write the graph JSON, the full graph and the page
     into `options.out`; `features` is the feature scan of `transcoder` for the feature cards."""
+    from circuits.attribution.attribute import attribute
+    from circuits.attribution.interventions import validate
+    from circuits.concepts.report import resolve_concepts
+
     options = options or TraceOptions()
+    check_text("the prompt", prompt)
     slug = slugify(prompt) if options.slug is None else options.slug
+    resolve_concepts(model, options.concepts, options.paths, options.categories or {})  # unknown words: before any work
     graph = attribute(
         prompt, model, transcoder, targets=options.targets, batch_size=options.batch_size,
         max_feature_nodes=options.max_feature_nodes, device=options.device, inhibited=options.inhibited,
@@ -127,6 +146,8 @@ def trace(
 
 def _concept_report(model: HookedTransformer, prompt: str, nodes: list[dict], options: TraceOptions) -> ConceptReport:
     """The concept report of `prompt`, its cells linked to the graph JSON's `nodes`."""
+    from circuits.concepts.report import concept_report
+
     return concept_report(
         model,
         prompt,
@@ -139,12 +160,18 @@ def _concept_report(model: HookedTransformer, prompt: str, nodes: list[dict], op
 
 
 def _write(result: TraceResult, options: TraceOptions) -> None:
-    """The three files of a trace, each written once and atomically."""
-    result.graph.save(result.graph_path)
-    write_json(result.json_path, result.data)
+    """The three files of a trace, rendered in memory first, then each written atomically while
+    holding the output folder's lock (another run writing the same slug waits its turn)."""
+    from circuits.concepts.report import figures
+
     figs = None if result.report is None else figures(result.report)
-    info = page_info(result, options)
-    write_page(result.page_path, result.data, cards=result.cards, figures=figs, info=info, options=options.page)
+    page = render_page(result.data, cards=result.cards, figures=figs, info=page_info(result, options),
+                       options=options.page)  # fmt: skip
+    with locked(options.out):
+        result.graph.save(result.graph_path)
+        write_json(result.json_path, result.data)
+        with atomic_file(result.page_path) as f:
+            f.write(page)
 
 
 def page_info(result: TraceResult, options: TraceOptions) -> PageInfo:

@@ -107,7 +107,7 @@ def test_dtype(snapshot):
     model = load_model(str(snapshot("qwen3")), dtype="bfloat16")
     assert model.cfg.dtype == torch.bfloat16 and model.W_E.dtype == torch.bfloat16
     assert weight_processing(model) == "none"
-    with pytest.raises(CircuitsError, match="unsupported dtype 'float64'"):
+    with pytest.raises(CircuitsError, match="dtype 'float64' is not supported"):
         load_model(str(snapshot("qwen3")), dtype="float64")
     with pytest.raises(CircuitsError, match="unknown weight processing 'folded'"):
         load_model(str(snapshot("qwen3")), processing="folded")

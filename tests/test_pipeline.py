@@ -50,3 +50,42 @@ def test_a_slug_that_is_not_a_file_name_is_refused_before_any_work(slug, tmp_pat
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is not a file name" in err
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_two_traces_of_one_slug_leave_the_files_of_one_of_them(tmp_path, monkeypatch):
+    """Both runs compute while the test holds the output folder's lock: neither writes until it is
+    released, and then the JSON, the graph and the page all hold the same prompt."""
+    import threading
+
+    from circuits import pipeline
+    from circuits.attribution.graph import Graph
+    from circuits.fileio import locked
+
+    prompts = [PROMPT, "Fact: Seattle is in the state whose capital is"]
+    rendered = [threading.Event(), threading.Event()]
+    render = pipeline.render_page
+
+    def render_and_tell(data, **kwargs):
+        page = render(data, **kwargs)
+        rendered[prompts.index(data["metadata"]["prompt"])].set()
+        return page
+
+    monkeypatch.setattr(pipeline, "render_page", render_and_tell)
+    out = tmp_path / "out"
+    options = pipeline.TraceOptions(out=out, slug="same", concept_traces=False, inhibited=0)
+    pairs = [load_pair() for _ in prompts]  # one model each: hooks are per model
+    runs = [
+        threading.Thread(target=pipeline.trace, args=(p, *pair, options))
+        for p, pair in zip(prompts, pairs, strict=True)
+    ]
+    with locked(out):
+        for run in runs:
+            run.start()
+        assert all(event.wait(600) for event in rendered)
+        assert not list(out.iterdir())  # both computed everything; neither has written
+    for run in runs:
+        run.join(600)
+    prompt = json.loads((out / "same.json").read_text())["metadata"]["prompt"]
+    assert prompt in prompts and Graph.load(out / "same.graph.safetensors").prompt == prompt
+    assert f"<title>{prompt}</title>" in (out / "same.html").read_text()
+    assert sorted(p.name for p in out.iterdir()) == ["same.graph.safetensors", "same.html", "same.json"]

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 
 from circuits.attribution import schema
-from circuits.errors import CircuitsError
+from circuits.errors import CircuitsError, check_range
 from circuits.fileio import atomic_file, write_json
 
 
@@ -216,22 +216,8 @@ class Graph:
         """One safetensors file: the tensors, and everything else as JSON in its metadata."""
         from safetensors.torch import save
 
-        tensors = {
-            k: getattr(self, k).contiguous()
-            for k in (
-                "tokens",
-                "features",
-                "activations",
-                "adjacency",
-                "target_tokens",
-                "target_probs",
-                "inputs",
-                "bias",
-            )
-        }
-        meta = {
-            k: getattr(self, k) for k in ("prompt", "token_strs", "target_names", "n_layers", "config", "inhibited")
-        }
+        tensors = {k: getattr(self, k).contiguous() for k in _TENSORS}
+        meta = {k: getattr(self, k) for k in _FIELDS}
         with atomic_file(Path(path), "wb") as f:
             f.write(save(tensors, metadata={"graph": json.dumps(meta), "schema_version": str(schema.SCHEMA_VERSION)}))
 
@@ -250,7 +236,24 @@ class Graph:
             raise CircuitsError(f"{path} is not a readable graph file ({e}): re-run `circuits trace`") from None
         if "graph" not in meta:
             raise CircuitsError(f"{path} is a safetensors file but not a graph: re-run `circuits trace`")
-        return cls(**tensors, **json.loads(meta["graph"]))
+        try:
+            fields = json.loads(meta["graph"])
+        except json.JSONDecodeError as e:
+            raise CircuitsError(f"{path} has unreadable graph metadata ({e}): re-run `circuits trace`") from None
+        if not isinstance(fields, dict):
+            raise CircuitsError(f"{path} has graph metadata that is not an object: re-run `circuits trace`")
+        missing = sorted((set(_TENSORS) - set(tensors)) | (set(_FIELDS) - {"config", "inhibited"} - set(fields)))
+        unknown = sorted((set(tensors) - set(_TENSORS)) | (set(fields) - set(_FIELDS)))
+        if missing or unknown:
+            raise CircuitsError(f"{path} is not a graph of this version (missing {missing}, unknown {unknown}): "
+                                "re-run `circuits trace`")  # fmt: skip
+        graph = cls(**tensors, **fields)
+        if graph.adjacency.shape != (graph.target_slice.stop,) * 2:
+            shape = tuple(graph.adjacency.shape)
+            raise CircuitsError(
+                f"{path} has an adjacency of shape {shape} that does not fit its nodes: re-run `circuits trace`"
+            )
+        return graph
 
     def to_dict(self, slug: str, **options: str | float | bool) -> dict:
         """The graph JSON (circuit-tracer's schema): `circuits.attribution.schema.to_dict(self, slug, **options)`."""
@@ -262,13 +265,25 @@ class Graph:
         write_json(Path(path), data)
 
 
+_TENSORS = ("tokens", "features", "activations", "adjacency", "target_tokens", "target_probs", "inputs", "bias")
+_FIELDS = ("prompt", "token_strs", "target_names", "n_layers", "config", "inhibited")
+
+
 def aggregate(graphs: list[Graph], min_prompts: int = 1) -> dict:
     """Merge graphs of many prompts into one graph of features (position-free: a node is
     (layer, feature), or a target token). Within a prompt, a pair's edges over all positions are
     summed; across prompts, edges are averaged over the prompts where the pair has an edge (both
     ends active, the source at or before the target).
     Returns JSON-ready {"prompts", "nodes", "links"}; nodes and links seen in fewer than
-    `min_prompts` prompts are left out."""
+    `min_prompts` prompts are left out. Graphs of different models or transcoders are refused: the
+    same feature id would name different features."""
+    check_range("min_prompts", min_prompts, 1, len(graphs), integer=True)
+    sources = {json.dumps([g.config.get("model"), g.config.get("transcoder")], sort_keys=True) for g in graphs}
+    if len(sources) > 1:
+        raise CircuitsError(
+            f"the graphs come from {len(sources)} different model and transcoder pairs (their feature ids name "
+            "different features): aggregate graphs traced with one model and one transcoder"
+        )
     nodes: dict[str, dict] = {}
     links: dict[tuple[str, str], list[float]] = {}
     for graph in graphs:

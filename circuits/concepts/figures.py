@@ -1,7 +1,7 @@
 """Figures of the concept traces: plotly figures for the page and the reasoning-flow GIF (Pillow).
 
-Every string that comes from a prompt or a concept is passed through html.escape before it reaches
-plotly, which renders a subset of HTML in labels.
+Every string that comes from a prompt or a concept is escaped (`_text`) before it reaches plotly,
+which renders a subset of HTML in labels.
 """
 
 from __future__ import annotations
@@ -22,9 +22,14 @@ if TYPE_CHECKING:
     from circuits.concepts.trajectories import Trajectories
 
 
+def _text(s: str) -> str:
+    """`s` for a plotly label: &, < and > escaped; quotes kept, as plotly shows &quot; literally."""
+    return html.escape(s, quote=False)
+
+
 def token_labels(tokens: list[str]) -> list[str]:
     """Unique, escaped x-axis labels: "3 Dallas"."""
-    return [f"{i} {html.escape(t)}" for i, t in enumerate(tokens)]
+    return [f"{i} {_text(t)}" for i, t in enumerate(tokens)]
 
 
 def layer_labels(n_rows: int) -> list[str]:
@@ -61,7 +66,7 @@ def trace_figure(trace: ConceptTrace, tokens: list[str], graph_cells: dict | Non
     star = {"symbol": "star", "size": 16, "color": "red"}
     x, y = [token_labels(tokens)[pos]], [layer_labels(rows)[layer]]
     fig.add_trace(go.Scatter(x=x, y=y, mode="markers", marker=star, name="peak", hoverinfo="skip"))
-    name = html.escape(trace.concept.name)
+    name = _text(trace.concept.name)
     fig.update_layout(title=f"logit lens: P({name}) by layer and position", showlegend=False, height=360)
     return fig
 
@@ -77,13 +82,13 @@ def writers_figure(trace: ConceptTrace, tokens: list[str]) -> go.Figure:
                        showscale=col == 2, hovertemplate="%{y}, %{x}: %{z:.2f}<extra></extra>"),
             row=1, col=col,
         )  # fmt: skip
-    name = html.escape(trace.concept.name)
+    name = _text(trace.concept.name)
     fig.update_layout(title=f"which component writes {name} (direct logit contribution)", height=320)
     return fig
 
 
 def paths_figure(paths: list[PathScore]) -> go.Figure:
-    labels = [html.escape(" → ".join(p.path)) for p in paths]
+    labels = [_text(" → ".join(p.path)) for p in paths]
     fig = go.Figure(
         [
             go.Bar(name="continuous score", x=labels, y=[p.score for p in paths]),
@@ -105,7 +110,7 @@ def patching_figure(result: PatchingResult, kind: str, tokens: list[str]) -> go.
         go.Heatmap(z=grid.tolist(), x=token_labels(tokens), y=y, colorscale="RdBu", zmid=0, zmin=-1, zmax=1,
                    hovertemplate="%{y}, %{x}: %{z:.3f}<extra></extra>")
     )  # fmt: skip
-    answer, foil = html.escape(result.answer), html.escape(result.foil)
+    answer, foil = _text(result.answer), _text(result.foil)
     fig.update_layout(title=f"patching {kind}: recovered logit diff {answer} − {foil}", height=260 + 12 * len(y))
     return fig
 
@@ -125,11 +130,11 @@ def trajectories_figure(traj: Trajectories) -> go.Figure:
                 "mode": "lines+markers",
                 "marker": {"symbol": symbols[s % len(symbols)], "color": palette[answers.index(answer) % len(palette)]},
                 "line": {"width": 4 if s == i == 0 else 1.5},  # the first prompt (the page's own) stands out
-                "name": html.escape(f"{name}: {answer}"),
+                "name": _text(f"{name}: {answer}"),
                 "showlegend": (name, answer) not in in_legend,
-                "text": [html.escape(prompt)] * coords.shape[1],
+                "text": [_text(prompt)] * coords.shape[1],
                 "hovertemplate": "%{text}<br>layer %{pointNumber}<extra></extra>",
-                "legendgroup": html.escape(answer),
+                "legendgroup": _text(answer),
             }
             in_legend.add((name, answer))
             xyz = {"x": coords[i, :, 0].tolist(), "y": coords[i, :, 1].tolist()}
@@ -170,7 +175,7 @@ def flow_figure(steps: list[dict], tokens: list[str], n_layers: int) -> go.Figur
         shown = steps[:k]
         bubbles = go.Scatter(
             x=[s["position"] for s in shown], y=[s["layer"] for s in shown], mode="markers+text",
-            text=[html.escape(s["concept"]) for s in shown], textposition="top center",
+            text=[_text(s["concept"]) for s in shown], textposition="top center",
             marker={"size": [18 + 40 * math.sqrt(s["prob"]) for s in shown], "color": "#ff7f0e", "opacity": 0.8},
             hovertemplate="%{text}: p=%{customdata:.3f}<extra></extra>", customdata=[s["prob"] for s in shown],
         )  # fmt: skip
@@ -190,11 +195,11 @@ def flow_figure(steps: list[dict], tokens: list[str], n_layers: int) -> go.Figur
     play = {"label": "▶ play", "method": "animate",
             "args": [None, {"frame": {"duration": 900, "redraw": True}, "fromcurrent": False}]}  # fmt: skip
     fig.update_layout(
-        title="reasoning flow: " + html.escape(" → ".join(s["concept"] for s in steps)),
+        title="reasoning flow: " + _text(" → ".join(s["concept"] for s in steps)),
         xaxis={"tickvals": list(range(len(labels))), "ticktext": labels, "range": [-0.5, len(labels) - 0.5]},
         yaxis={"title": "layer", "range": [-0.5, n_layers + 0.7], "dtick": 1},
         updatemenus=[{"type": "buttons", "buttons": [play], "x": 0, "y": 1.15, "showactive": False}],
-        sliders=[{"steps": [{"label": html.escape(s["concept"]), "method": "animate",
+        sliders=[{"steps": [{"label": _text(s["concept"]), "method": "animate",
                              "args": [[str(k + 1)], {"mode": "immediate", "frame": {"redraw": True}}]}
                             for k, s in enumerate(steps)]}],
         height=420,

@@ -21,6 +21,7 @@ from circuits.concepts.lens import Concept, ConceptTrace, logit_lens, make_conce
 from circuits.concepts.patching import PatchingResult, category_variants, patching_grid, propose_counterfactuals
 from circuits.concepts.paths import PathScore, rank_paths
 from circuits.concepts.trajectories import Trajectories, funnel, trajectories
+from circuits.errors import CircuitsError
 from circuits.models import prompt_tokens
 
 MAX_TRAJECTORY_PROMPTS = 24
@@ -66,13 +67,15 @@ def concept_report(
     With `auto`, or with no concepts and no paths, the best middle-layer proposal and the model's
     prediction are traced and the path proposal -> prediction is scored."""
     categories = categories or {}
+    if counterfactual is not None and not counterfactual.strip():
+        raise CircuitsError("--counterfactual is empty: pass a prompt of the same token length, or leave it out")
     tokens = prompt_tokens(model, prompt)
     lens, cache = logit_lens(model, tokens)
     prediction = model.to_single_str_token(int(lens[-1, -1].argmax())).strip()
     proposals = propose_intermediates(model, tokens, lens)
     specs, paths = list(concepts or []), [list(p) for p in paths or []]
     if (auto or not (specs or paths)) and proposals:
-        specs += [proposals[0], prediction]
+        specs += [(proposals[0], [proposals[0]]), (prediction, [prediction])]  # words as they are, even with "="
         paths.append([proposals[0], prediction])
     made, paths = resolve_concepts(model, specs, paths, categories)
     traces = [trace_concept(model, tokens, lens, cache, c, full_sequence) for c in made.values()]
@@ -98,6 +101,10 @@ def resolve_concepts(
 ) -> tuple[dict[str, Concept], list[list[str]]]:
     """The concepts to trace by name (the first spec of each name wins; path elements not yet made are
     added) and each path as concept names. A path element is a made concept's name or a spec."""
+    short = [path for path in paths if len(path) < 2]
+    if short:
+        chain = ",".join(short[0])
+        raise CircuitsError(f"--path {chain!r} is not a chain: pass two or more concepts, e.g. Dallas,Texas,Austin")
     made: dict[str, Concept] = {}
     for spec in specs:
         concept = make_concept(model, spec, categories)

@@ -58,8 +58,9 @@ def load_checkpoint(
         meta = json.loads((path / "state.json").read_text())
     except (OSError, ValueError, SafetensorError) as e:
         raise CircuitsError(f"checkpoint {path} is corrupt or truncated ({e}): delete it and retrain") from None
-    _check_hooks(path, meta["config"].get("transcoder", {}), clt)
     names = [k for k, _ in clt.named_parameters()]
+    _check_complete(path, meta, tensors, names)
+    _check_hooks(path, meta["config"].get("transcoder", {}), clt)
     full = {k: tensors[f"clt.{k}"] for k in names}
     expected = {k: tuple(v.shape) for k, v in comm.gather(dict(clt.named_parameters())).items()}
     if {k: tuple(v.shape) for k, v in full.items()} != expected:
@@ -74,6 +75,19 @@ def load_checkpoint(
     torch.set_rng_state(tensors["rng.torch"])
     last_fired = comm.shard({"b_enc": tensors["last_fired"]})["b_enc"]
     return meta["step"], Scales(tensors["scales.inp"], tensors["scales.out"]), last_fired
+
+
+def _check_complete(path: Path, meta: object, tensors: dict[str, torch.Tensor], names: list[str]) -> None:
+    """Refuse a checkpoint whose state lacks a field or tensor that resuming restores."""
+    fields = ("step", "config", "opt_param_groups")
+    keys = [f"clt.{k}" for k in names] + [f"opt.{m}.{k}" for k in names for m in ("step", "exp_avg", "exp_avg_sq")]
+    keys += ["last_fired", "scales.inp", "scales.out", "rng.torch"]
+    missing = [f for f in fields if not isinstance(meta, dict) or f not in meta] + [k for k in keys if k not in tensors]
+    if missing or not isinstance(meta["config"], dict):
+        raise CircuitsError(
+            f"checkpoint {path} lacks {missing[:4] or ['config']} (written by another version, or edited): "
+            "delete it and retrain"
+        )
 
 
 def _check_hooks(path: Path, saved: dict, clt: CrossLayerTranscoder) -> None:

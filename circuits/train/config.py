@@ -16,12 +16,15 @@ import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from transformer_lens import HookedTransformer
-
-from circuits.errors import CircuitsError
+from circuits.errors import CircuitsError, check_range
 from circuits.processing import weight_processing
-from circuits.transcoders.clt import CLTConfig, check_fits
+from circuits.text import TextSource
+from circuits.transcoders.clt import INPUT_HOOKS, OUTPUT_HOOKS, CLTConfig, check_fits, check_transcoder_fields
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,14 @@ class TranscoderConfig:
     output_hook: str = "hook_mlp_out"
     """The hook each layer's reconstruction replaces (`blocks.{l}.<output_hook>`): hook_mlp_out |
     mlp.hook_out (the MLP's output, before Gemma's norm after the MLP)."""
+
+    def __post_init__(self) -> None:
+        check_transcoder_fields(self)
+        if self.input_hook not in INPUT_HOOKS or self.output_hook not in OUTPUT_HOOKS:
+            raise CircuitsError(
+                f"hooks {self.input_hook} -> {self.output_hook} are not ones a transcoder reads and writes: "
+                f"use {' | '.join(INPUT_HOOKS)} -> {' | '.join(OUTPUT_HOOKS)}"
+            )
 
 
 @dataclass
@@ -101,6 +112,24 @@ class TrainConfig:
     device: str = "cpu"
     extra: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        """Refuse values no run can use, in one line, before any work."""
+        for name in ("steps", "batch_tokens", "eval_every", "checkpoint_every", "docs_per_chunk", "eval_docs",
+                     "dead_after_tokens"):  # fmt: skip
+            check_range(name, getattr(self, name), 1, integer=True)
+        check_range("max_tokens_per_doc", self.max_tokens_per_doc, 2, integer=True)  # BOS and one token
+        check_range("threads", self.threads, 0, integer=True)
+        for name in ("lr", "sparsity_c", "grad_clip"):
+            check_range(name, getattr(self, name), 0.0, above=True)
+        check_range("target_fire_fraction", self.target_fire_fraction, 0.0, 1.0, above=True)
+        for name in ("sparsity_coef", "preact_coef", "initial_threshold"):
+            check_range(name, getattr(self, name), 0.0)
+        check_range("warmup_fraction", self.warmup_fraction, 0.0, 1.0)
+        check_range("decay_fraction", self.decay_fraction, 0.0, 1.0 - self.warmup_fraction)
+        if self.parallel not in ("data", "feature"):
+            raise CircuitsError(f"parallel is {self.parallel!r}: use 'data' or 'feature'")
+        TextSource(self.text)  # a text that cannot be read is refused now, before any work
+
     @classmethod
     def from_dict(cls, fields: dict) -> TrainConfig:
         """A TrainConfig from a recipe's keys (tables for the nested configs). Raises CircuitsError
@@ -133,8 +162,8 @@ def load_recipe(path: Path) -> TrainConfig:
         raise CircuitsError(f"recipe {str(path)!r} does not exist: pass a TOML file such as training/demo.toml")
     try:
         fields = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as e:
-        raise CircuitsError(f"recipe {str(path)!r} is not valid TOML ({e})") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise CircuitsError(f"recipe {str(path)!r} is not valid UTF-8 TOML ({e})") from None
     return TrainConfig.from_dict(fields)
 
 

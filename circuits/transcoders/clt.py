@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 from torch import nn
 
-from circuits.errors import CircuitsError
+from circuits.errors import CircuitsError, check_range
 from circuits.processing import same_at_the_hooks, transcoder_processing, weight_processing
 
 
@@ -59,6 +59,15 @@ class CLTConfig:
     center_unembed=False), circuit-tracer's convention and ours; otherwise the SAELens
     `model_from_pretrained_kwargs` as JSON, or 'unknown'."""
 
+    def __post_init__(self) -> None:
+        for name in ("n_layers", "d_model"):
+            check_range(name, getattr(self, name), 1, integer=True)
+        check_transcoder_fields(self)
+        if self.layers is not None and (
+            not isinstance(self.layers, list) or not set(self.layers) <= set(range(self.n_layers))
+        ):
+            raise CircuitsError(f"layers {self.layers!r} are not layers of a {self.n_layers}-layer model")
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -72,6 +81,20 @@ class CLTConfig:
 
     def n_targets(self, source_layer: int) -> int:
         return self.n_layers - source_layer if self.cross_layer else 1
+
+
+ACTIVATIONS = ("jumprelu", "relu", "topk")
+
+
+def check_transcoder_fields(cfg) -> None:
+    """Refuse, in one line, the options of a transcoder (a CLTConfig, or a recipe's TranscoderConfig)
+    that no transcoder has: no features, an unknown activation, a TopK of none."""
+    check_range("n_features", cfg.n_features, 1, integer=True)
+    if cfg.activation not in ACTIVATIONS:
+        raise CircuitsError(f"activation {cfg.activation!r} is not one of {', '.join(ACTIVATIONS)}")
+    if cfg.activation == "topk":
+        check_range("topk", cfg.topk, 1, cfg.n_features, integer=True)
+    check_range("bandwidth", cfg.bandwidth, 0.0, above=True)
 
 
 INPUT_HOOKS = ("hook_resid_mid", "hook_mlp_in", "ln2.hook_normalized", "mlp.hook_in")

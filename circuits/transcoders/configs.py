@@ -59,9 +59,12 @@ def read_config_json(directory: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CircuitsError(f"{path} is not valid JSON ({e}): re-write it") from None
+    if not isinstance(config, dict):
+        raise CircuitsError(f"{path} is not a JSON object of CLTConfig fields: re-write it")
+    return config
 
 
 def read_yaml(path: Path) -> dict:

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from circuits.errors import CircuitsError
+from circuits.models import check_device, torch_dtype
 from circuits.transcoders import gemmascope, gemmascope2, saelens, transcoder_set
 from circuits.transcoders.assemble import assemble
 from circuits.transcoders.circuit_tracer import read_clt_dir
@@ -22,7 +23,6 @@ from circuits.transcoders.tensorfile import safetensors_shapes
 log = logging.getLogger(__name__)
 
 DEMO_CLT_DIR = Path(__file__).resolve().parent.parent / "demo" / "clt"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FAMILIES = (
     "a circuit-tracer CLT (W_enc_0.safetensors ...), a transcoder set (config.yaml with layer_*.safetensors "
     "or a `transcoders:` list of circuit-tracer, GemmaScope params.npz or GemmaScope-2 files), a GemmaScope-2 "
@@ -78,25 +78,6 @@ def resolve(name: str) -> tuple[Path, str]:
     return directory, str(directory)
 
 
-def _dtype(dtype: str | torch.dtype | None, model) -> torch.dtype | None:
-    if dtype is None:
-        return getattr(getattr(model, "cfg", None), "dtype", None)
-    name = str(dtype).removeprefix("torch.")
-    if name not in DTYPES:
-        raise CircuitsError(f"dtype {dtype!r} is not supported: use {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
-def _device(device: str | torch.device) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise CircuitsError(f"{str(device)!r} is not a device: use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
-        raise CircuitsError(f"device {str(device)!r} is not available here (no such CUDA GPU): use cpu")
-    return dev
-
-
 def load_transcoder(
     name: str | Path = "demo",
     model=None,
@@ -111,7 +92,8 @@ def load_transcoder(
     else the files' own) on `device`; thresholds stay float32. Decoders already in that dtype on
     the CPU stay memory-mapped from the files. With `model`, a transcoder that does not fit it
     (layers, width, hooks) is refused before any weight is read."""
-    name, dev = str(name), _device(device)
+    name, dev = str(name), check_device(device)
+    dtype = torch_dtype(dtype) if dtype is not None else getattr(getattr(model, "cfg", None), "dtype", None)
     n_layers = model.cfg.n_layers if model is not None else None
     if name.startswith("saelens:"):
         if model is None:
@@ -125,7 +107,7 @@ def load_transcoder(
     cfg.source = source
     if model is not None:
         check_fits(cfg, model)
-    clt = assemble(cfg, layers, _dtype(dtype, model), dev)
+    clt = assemble(cfg, layers, dtype, dev)
     log.info("loaded %s (%s): %d layers x %d features, %s -> %s", source, cfg.family, cfg.n_layers, cfg.n_features,
              cfg.input_hook, cfg.output_hook)  # fmt: skip
     return clt
