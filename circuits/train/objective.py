@@ -38,6 +38,33 @@ def sparsity_factor(step: int, cfg: TrainConfig) -> float:
     return min(1.0, (step + 1) / cfg.steps)
 
 
+TARGET_GAIN = 0.03
+"""With `target_l0`: how far log(lambda_S) of a layer moves per step, per unit of log(L0 / target)."""
+
+
+@dataclass
+class SparsityControl:
+    """lambda_S of each layer: the recipe's linear ramp, or with `cfg.target_l0`, steered by
+    feedback: after each step, log lambda_S[l] += TARGET_GAIN * log(L0[l] / target), the error
+    clamped to [-1, 1] (a deterministic function of the run's state, so resume stays exact)."""
+
+    coef: torch.Tensor  # [L]: the steered lambda_S (unused by the ramp)
+
+    @classmethod
+    def start(cls, n_layers: int, cfg: TrainConfig) -> SparsityControl:
+        return cls(torch.full((n_layers,), max(cfg.sparsity_coef, 1e-3) if cfg.target_l0 else cfg.sparsity_coef))
+
+    def at(self, step: int, cfg: TrainConfig) -> torch.Tensor:
+        """lambda_S [L] for `step`."""
+        return self.coef if cfg.target_l0 else self.coef * sparsity_factor(step, cfg)
+
+    def update(self, l0: torch.Tensor, cfg: TrainConfig) -> None:
+        """Steer by the batch's L0 [L] (active features per token of each layer)."""
+        if cfg.target_l0:
+            error = torch.log(l0.detach().cpu().clamp(min=0.01) / cfg.target_l0).clamp(-1.0, 1.0)
+            self.coef = self.coef * torch.exp(TARGET_GAIN * error)
+
+
 @dataclass
 class Scales:
     """Per-layer factors [L] with x_norm = x * inp, y_norm = y * out."""
@@ -78,20 +105,26 @@ class StepLoss:
 
 def losses(
     clt: CrossLayerTranscoder, x: torch.Tensor, y: torch.Tensor, step: int, cfg: TrainConfig, dead: torch.Tensor,
-    sparse: bool = True, comm: Comm | None = None,
+    sparse: bool = True, comm: Comm | None = None, coef: torch.Tensor | None = None,
 ) -> StepLoss:  # fmt: skip
     """The training objective on this rank's normalised x, y [n, L, d]; `dead` [L, F] marks the
     features that get the pre-activation loss. `sparse` touches only supported features (same
     values and gradients as the dense reference, which runs in a single process only). Every term
-    is normalised by the global batch size, so the ranks' losses sum to the single-process loss."""
+    is normalised by the global batch size, so the ranks' losses sum to the single-process loss.
+    `coef` [L] is lambda_S of each layer (default: the recipe's ramp at `step`)."""
     comm = comm or Comm()
+    if coef is None:
+        coef = torch.full((clt.cfg.n_layers,), cfg.sparsity_coef * sparsity_factor(step, cfg))
+    coef = coef.to(x.device)
     n_global, L = len(x) * comm.world, clt.cfg.n_layers
     norms = decoder_norms(clt)  # [L, F]
     if sparse:
         x_enc = comm.gather_rows(x)  # the tokens this rank's features encode
         acts = [clt.encode_sparse(x_enc[:, l], l) for l in range(L)]
         recon = comm.reduce_rows(clt.decode_sparse(acts, bias=False)) + clt.b_dec + clt.skip_out(x)
-        sparsity = sum(torch.tanh(cfg.sparsity_c * a.values * norms[l, a.feature]).sum() for l, a in enumerate(acts))
+        sparsity = torch.stack(
+            [torch.tanh(cfg.sparsity_c * a.values * norms[l, a.feature]).sum() for l, a in enumerate(acts)]
+        )  # [L]
         fired = torch.zeros_like(dead)
         for l, a in enumerate(acts):
             fired[l, a.feature[a.values > 0]] = True
@@ -100,7 +133,7 @@ def losses(
         x_enc = x
         dense = clt.encode(x)  # [n, L, F]
         recon = clt.decode(dense) + clt.skip_out(x)
-        sparsity = torch.tanh(cfg.sparsity_c * dense * norms).sum()
+        sparsity = torch.tanh(cfg.sparsity_c * dense * norms).sum((0, 2))  # [L]
         fired, l0 = (dense > 0).any(0), (dense > 0).sum((0, 2)) / len(x)
     mse = (recon - y).square().sum()
     preact = x.new_zeros(())
@@ -109,9 +142,23 @@ def losses(
             idx = dead[l].nonzero()[:, 0]
             pre = x_enc[:, l] @ clt.W_enc[l, idx].T + clt.b_enc[l, idx]  # [n, n_dead]
             preact = preact + torch.relu(clt.threshold[l, idx].detach() - pre).sum()  # raise pre, not lower θ
-    total = (mse + cfg.sparsity_coef * sparsity_factor(step, cfg) * sparsity + cfg.preact_coef * preact) / n_global
-    parts = {"mse": mse.item() / len(x), "sparsity": sparsity.item() / len(x_enc), "preact": preact.item() / len(x_enc)}
+    total = (mse + (coef * sparsity).sum() + cfg.preact_coef * preact) / n_global
+    n_enc = len(x_enc)
+    parts = {"mse": mse.item() / len(x), "sparsity": sparsity.sum().item() / n_enc, "preact": preact.item() / n_enc}
     return StepLoss(total, parts, fired, l0, dead)
+
+
+class Objective(torch.nn.Module):
+    """`losses` as the forward of a module that holds the CLT, for DistributedDataParallel to wrap.
+    DDP averages the ranks' gradients during the backward, so each rank normalises its loss by its
+    own rows (the mean over ranks is then the single-process gradient)."""
+
+    def __init__(self, clt: CrossLayerTranscoder, cfg: TrainConfig):
+        super().__init__()
+        self.clt, self.cfg = clt, cfg
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, step: int, dead: torch.Tensor, coef: torch.Tensor) -> StepLoss:
+        return losses(self.clt, x, y, step, self.cfg, dead, coef=coef)
 
 
 @torch.no_grad()
