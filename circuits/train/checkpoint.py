@@ -39,7 +39,7 @@ def save_checkpoint(
             tensors[f"opt.{k}.{name}"] = comm.gather({name: v})[name] if v.dim() else v
     tensors["last_fired"] = comm.gather({"b_enc": last_fired})["b_enc"]  # [L, F]: features on dim 1, like b_enc
     tensors.update({"scales.inp": scales.inp, "scales.out": scales.out, "rng.torch": torch.get_rng_state()})
-    tensors["sparsity.coef"] = sparsity.coef
+    tensors["sparsity.u"] = sparsity.u
     meta = {"step": step, "config": dataclasses.asdict(cfg), "opt_param_groups": opt_state["param_groups"]}
     if not comm.is_main:
         return
@@ -76,7 +76,7 @@ def load_checkpoint(
     opt.load_state_dict({"state": state, "param_groups": meta["opt_param_groups"]})
     torch.set_rng_state(tensors["rng.torch"])
     last_fired = comm.shard({"b_enc": tensors["last_fired"]})["b_enc"]
-    sparsity.coef = tensors.get("sparsity.coef", sparsity.coef)  # older checkpoints: the recipe's ramp
+    sparsity.u = tensors.get("sparsity.u", sparsity.u)  # older checkpoints: not steered
     return meta["step"], Scales(tensors["scales.inp"], tensors["scales.out"]), last_fired
 
 

@@ -227,7 +227,7 @@ def _setup(cfg: TrainConfig, out: Path, resume: bool, model: HookedTransformer |
     clt = full if comm.mode != "feature" else CrossLayerTranscoder(shard_cfg).to(cfg.device)
     clt.load_state_dict(comm.shard(full.state_dict()))
     opt = torch.optim.Adam(clt.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
-    sparsity = SparsityControl.start(data.clt_cfg.n_layers, cfg)
+    sparsity = SparsityControl.start(data.clt_cfg.n_layers)
     start, last_fired = 0, torch.zeros_like(clt.b_enc, dtype=torch.long)
     if resume:
         start, scales, last_fired = load_checkpoint(out / "checkpoint", clt, opt, comm, sparsity)
@@ -280,7 +280,7 @@ def _step(run: _Run, step: int, x: torch.Tensor, y: torch.Tensor) -> StepLoss:
         clt.threshold.clamp_(min=0.0)  # JumpReLU: a feature is off below a non-negative threshold
     run.last_fired = torch.where(comm.any_rank(result.fired), step + 1, run.last_fired)
     if cfg.target_l0:
-        run.sparsity.update(comm.global_l0(result.l0), cfg)
+        run.sparsity.update(comm.global_l0(result.l0), cfg, clt)
     return result
 
 

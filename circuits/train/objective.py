@@ -11,13 +11,15 @@ The learning rate has a linear warm-up and a final linear decay (`lr_factor`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
+from circuits.train.kernels import decode, encode
 from circuits.train.parallel import Comm
-from circuits.transcoders.clt import CrossLayerTranscoder
+from circuits.transcoders.clt import CrossLayerTranscoder, SparseActs
 
 if TYPE_CHECKING:  # in annotations only
     from circuits.train.config import TrainConfig
@@ -38,31 +40,44 @@ def sparsity_factor(step: int, cfg: TrainConfig) -> float:
     return min(1.0, (step + 1) / cfg.steps)
 
 
-TARGET_GAIN = 0.03
-"""With `target_l0`: how far log(lambda_S) of a layer moves per step, per unit of log(L0 / target)."""
+TARGET_GAIN = 0.05
+"""With `target_l0`: how far the steering variable moves per step, per unit of log(L0 / target)."""
 
 
 @dataclass
 class SparsityControl:
     """lambda_S of each layer: the recipe's linear ramp, or with `cfg.target_l0`, steered by
-    feedback: after each step, log lambda_S[l] += TARGET_GAIN * log(L0[l] / target), the error
-    clamped to [-1, 1] (a deterministic function of the run's state, so resume stays exact)."""
+    feedback from each batch's L0: u[l] += TARGET_GAIN * log(L0[l] / target) (clamped to [-1, 1])
+    and lambda_S[l] = max(sparsity_coef, 0.01) * sinh(u[l]) / sinh(u_0), which starts at the
+    recipe's coefficient, moves in proportion (log-like) while large, and turns negative (rewards
+    firing) where a layer fires less than the target even without a penalty. A deterministic
+    function of the run's state, checkpointed, so resume stays exact."""
 
-    coef: torch.Tensor  # [L]: the steered lambda_S (unused by the ramp)
+    u: torch.Tensor  # [L] the steering variable (with target_l0)
 
     @classmethod
-    def start(cls, n_layers: int, cfg: TrainConfig) -> SparsityControl:
-        return cls(torch.full((n_layers,), max(cfg.sparsity_coef, 1e-3) if cfg.target_l0 else cfg.sparsity_coef))
+    def start(cls, n_layers: int) -> SparsityControl:
+        return cls(torch.full((n_layers,), _U0))
 
     def at(self, step: int, cfg: TrainConfig) -> torch.Tensor:
         """lambda_S [L] for `step`."""
-        return self.coef if cfg.target_l0 else self.coef * sparsity_factor(step, cfg)
-
-    def update(self, l0: torch.Tensor, cfg: TrainConfig) -> None:
-        """Steer by the batch's L0 [L] (active features per token of each layer)."""
         if cfg.target_l0:
-            error = torch.log(l0.detach().cpu().clamp(min=0.01) / cfg.target_l0).clamp(-1.0, 1.0)
-            self.coef = self.coef * torch.exp(TARGET_GAIN * error)
+            return max(cfg.sparsity_coef, 0.01) * torch.sinh(self.u) / math.sinh(_U0)
+        return torch.full_like(self.u, cfg.sparsity_coef * sparsity_factor(step, cfg))
+
+    def update(self, l0: torch.Tensor, cfg: TrainConfig, clt: CrossLayerTranscoder) -> None:
+        """Steer by the batch's L0 [L] (active features per token of each layer); JumpReLU
+        thresholds are also scaled by exp(THRESHOLD_GAIN * error) at once."""
+        error = torch.log(l0.detach().cpu().clamp(min=0.01) / cfg.target_l0).clamp(-1.0, 1.0)
+        self.u = self.u + TARGET_GAIN * error
+        if clt.cfg.activation == "jumprelu":
+            with torch.no_grad():
+                clt.threshold.mul_(torch.exp(THRESHOLD_GAIN * error).to(clt.threshold.device)[:, None])
+
+
+_U0 = 1.0
+THRESHOLD_GAIN = 0.1
+"""With `target_l0` and JumpReLU: how far log(threshold) moves per step, per unit of log(L0 / target)."""
 
 
 @dataclass
@@ -120,8 +135,8 @@ def losses(
     norms = decoder_norms(clt)  # [L, F]
     if sparse:
         x_enc = comm.gather_rows(x)  # the tokens this rank's features encode
-        acts = [clt.encode_sparse(x_enc[:, l], l) for l in range(L)]
-        recon = comm.reduce_rows(clt.decode_sparse(acts, bias=False)) + clt.b_dec + clt.skip_out(x)
+        acts = [encode(clt, x_enc[:, l], l) for l in range(L)]
+        recon = comm.reduce_rows(_decode(clt, acts)) + clt.b_dec + clt.skip_out(x)
         sparsity = torch.stack(
             [torch.tanh(cfg.sparsity_c * a.values * norms[l, a.feature]).sum() for l, a in enumerate(acts)]
         )  # [L]
@@ -159,6 +174,15 @@ class Objective(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, step: int, dead: torch.Tensor, coef: torch.Tensor) -> StepLoss:
         return losses(self.clt, x, y, step, self.cfg, dead, coef=coef)
+
+
+def _decode(clt: CrossLayerTranscoder, acts: list[SparseActs]) -> torch.Tensor:
+    """The reconstruction [n, L, d] from every source layer's supported features (no b_dec, no skip)."""
+    recon = acts[0].values.new_zeros(acts[0].n_tokens, clt.cfg.n_layers, clt.cfg.d_model)
+    for s, a in enumerate(acts):
+        out = decode(a, clt.W_dec[s])  # [n, T, d]: layers s.. (cross-layer) or s alone
+        recon[:, s : s + out.shape[1]] += out
+    return recon
 
 
 @torch.no_grad()
