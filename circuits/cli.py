@@ -124,7 +124,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 def _cmd_activations(args: argparse.Namespace) -> None:
     from circuits.train.config import load_recipe
-    from circuits.train.store import write_store
+    from circuits.train.store_writer import write_store
 
     cfg = load_recipe(args.recipe)
     manifest = write_store(cfg, args.out, args.tokens or cfg.steps * cfg.batch_tokens, args.dtype)

@@ -18,12 +18,12 @@ from safetensors.torch import load_file, save_file
 
 from circuits.errors import CircuitsError
 from circuits.fileio import atomic_directory, atomic_file, surviving_directory
-from circuits.train.objective import Scales, SparsityControl
 from circuits.train.parallel import Comm
 from circuits.transcoders.clt import CrossLayerTranscoder
 
 if TYPE_CHECKING:  # in annotations only
     from circuits.train.config import TrainConfig
+    from circuits.train.objective import Scales, SparsityControl
 
 
 def save_checkpoint(
@@ -50,9 +50,9 @@ def save_checkpoint(
 
 def load_checkpoint(
     path: Path, clt: CrossLayerTranscoder, opt: torch.optim.Optimizer, comm: Comm, sparsity: SparsityControl
-) -> tuple[int, Scales, torch.Tensor]:
+) -> tuple[int, tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Restore this rank's part of a checkpoint into `clt` and `opt`, the RNG and the steered
-    sparsity coefficients; returns (step, scales, last_fired [L, F_rank])."""
+    sparsity coefficients; returns (step, the scales' (inp, out) [L], last_fired [L, F_rank])."""
     path = surviving_directory(path)  # a kill during the last save's swap leaves the previous one
     if not (path / "state.json").exists() or not (path / "state.safetensors").exists():
         raise CircuitsError(f"no checkpoint in {path}: train without --resume first")
@@ -77,7 +77,7 @@ def load_checkpoint(
     torch.set_rng_state(tensors["rng.torch"])
     last_fired = comm.shard({"b_enc": tensors["last_fired"]})["b_enc"]
     sparsity.u = tensors.get("sparsity.u", sparsity.u)  # older checkpoints: not steered
-    return meta["step"], Scales(tensors["scales.inp"], tensors["scales.out"]), last_fired
+    return meta["step"], (tensors["scales.inp"], tensors["scales.out"]), last_fired
 
 
 def _check_hooks(path: Path, saved: dict, clt: CrossLayerTranscoder) -> None:

@@ -98,7 +98,7 @@ class _Data:
         if model is not None:
             check_fits(clt_cfg, model)
         batches = functools.partial(store.batches, cfg.batch_tokens, cfg.seed)
-        return cls(clt_cfg, model, batches, store.scales(), store.held_out, store.text_source())
+        return cls(clt_cfg, model, batches, Scales(*store.scales()), store.held_out, store.text_source())
 
 
 @dataclass
@@ -231,6 +231,7 @@ def _setup(cfg: TrainConfig, out: Path, resume: bool, model: HookedTransformer |
     start, last_fired = 0, torch.zeros_like(clt.b_enc, dtype=torch.long)
     if resume:
         start, scales, last_fired = load_checkpoint(out / "checkpoint", clt, opt, comm, sparsity)
+        scales = Scales(*scales)
         log.info("resumed from step %d", start)
     scales = Scales(scales.inp.to(cfg.device), scales.out.to(cfg.device))
     if comm.is_main:

@@ -18,7 +18,8 @@ from circuits.errors import CircuitsError
 from circuits.text import TextSource, document_tokens, token_mask
 from circuits.train import loop
 from circuits.train.config import TrainConfig, TranscoderConfig
-from circuits.train.store import ActivationStore, write_store
+from circuits.train.store import ActivationStore
+from circuits.train.store_writer import write_store
 
 STORE_CFG = TrainConfig(docs_per_chunk=32, eval_docs=16, seed=5, threads=1)
 
@@ -55,7 +56,7 @@ def test_store_holds_the_models_activations(demo_model, store_dir, tmp_path):
     store = ActivationStore(store_dir)
     every = [load_file(str(store_dir / s["file"])) for s in manifest["shards"]]
     norms = torch.cat([t["x"] for t in every]).norm(dim=-1).mean(0)
-    torch.testing.assert_close(store.scales().inp, 128**0.5 / norms)
+    torch.testing.assert_close(store.scales()[0], 128**0.5 / norms)
     hx, hy = store.held_out()
     assert hx.shape == hy.shape and hx.shape[1:] == (4, 128) and len(hx) == manifest["held_out"]["rows"]
     # bfloat16: the same values, rounded; a second store in the same directory is refused
