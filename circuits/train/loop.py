@@ -1,12 +1,14 @@
-"""Train a cross-layer transcoder on a TransformerLens model: `train(cfg, out)`.
+"""Train a cross-layer transcoder: `train(cfg, out)`, from a model's activations on the fly or from
+an activation store (`cfg.activations`, no model needed).
 
-Three phases, one function each: `_setup` builds the run (model, CLT initialised from the first
-batch and sharded across torchrun ranks, Adam, the activation stream, held-out data; restored
+Three phases, one function each: `_setup` builds the run (the data source, CLT initialised from the
+first batch and sharded across torchrun ranks, Adam, DDP in data mode, held-out data; restored
 from out/checkpoint on resume), `_step` takes one optimiser step (the objective of
-`train.objective`, gradient clipping, a non-negative JumpReLU threshold), `_evaluate` logs the
-metrics of `train.metrics` to out/metrics.jsonl. A resumed run reaches the same weights as an
-uninterrupted one because the data stream is a pure function of (seed, step) and the checkpoint
-holds the optimiser, RNG and firing history.
+`train.objective`, gradient clipping, a non-negative JumpReLU threshold, target-L0 steering),
+`_evaluate` logs the metrics of `train.metrics` to out/metrics.jsonl. A resumed run reaches the
+same weights as an uninterrupted one because the data stream is a pure function of (seed, step)
+and the checkpoint holds the optimiser, RNG, firing history and steering state. Ctrl-C or SIGTERM
+checkpoints the current step and raises `Interrupted`.
 """
 
 from __future__ import annotations
