@@ -66,7 +66,7 @@ class _Encode(torch.autograd.Function):
 def encode(clt, x: torch.Tensor, layer: int) -> SparseActs:
     """One layer's inputs x [n, d] -> its supported features: the active ones, plus for JumpReLU the
     inactive ones inside the threshold's straight-through window (activation 0). The same values
-    and gradients as `CrossLayerTranscoder.encode_sparse`."""
+    and gradients as the dense `CrossLayerTranscoder.encode_layer` at those features."""
     cfg, W, b = clt.cfg, clt.W_enc[layer], clt.b_enc[layer]
     if cfg.activation == "topk":
         pre, token, feature = _Encode.apply(x, W, b, None, cfg.topk)
