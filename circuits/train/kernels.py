@@ -9,10 +9,11 @@ support (picked per layer and step, from the support alone, so resume stays exac
   decoders (`embedding_bag` over the support) or the activations scattered into [n, F] times the
   decoder [F, T * d].
 
-Profiled on one CPU thread at L0 200 (F 1,024): the sparse path spent its time sorting the support
-by feature and in `embedding_bag`'s backward (about 60% together), the encoder's matmul about 2%;
-so above a few percent density the dense products win. The support of a JumpReLU layer includes the
-threshold's straight-through window, so it is larger than L0.
+Profiled on one CPU thread at L0 200 (F 1,024): the gather path spent its time sorting the support
+by feature and in `embedding_bag`'s backward (about 60% together), the encoder's matmul about 2%.
+At F 8,192 and L0 90 (support ~2%) the dense products still won, 91 against 38 tokens/s in
+`scripts/bench_train.py` (a loaded machine); hence the low `DENSE_ABOVE`. The support of a JumpReLU
+layer includes the threshold's straight-through window, so it is larger than L0.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch import nn
 
 from circuits.transcoders.clt import JumpReLU, SparseActs
 
-DENSE_ABOVE = 0.04
+DENSE_ABOVE = 0.01
 """Supported fraction of [n, F] above which a layer's contractions are dense matmuls."""
 
 
