@@ -106,21 +106,40 @@ def _cmd_aggregate(args: argparse.Namespace) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
+    from circuits.train.checkpoint import checkpoint_step
     from circuits.train.config import load_recipe
 
     cfg = load_recipe(args.recipe)
     out = check_output(args.out or Path("runs") / args.recipe.stem)
-    from circuits.train.loop import train  # TransformerLens: only once the recipe is known to be good
+    from circuits.train.loop import Interrupted, train  # TransformerLens: only once the recipe is known to be good
 
-    metrics = train(cfg, out, resume=args.resume)
+    main_rank = os.environ.get("RANK", "0") == "0"
+    if args.resume and main_rank:
+        print(f"resuming from step {checkpoint_step(out / 'checkpoint')} of {cfg.steps}", file=sys.stderr)
+    try:
+        metrics = train(cfg, out, resume=args.resume)
+    except Interrupted as e:
+        if main_rank:
+            print(e, file=sys.stderr)
+        raise SystemExit(128 + e.signum) from None
     if not metrics:  # a torchrun rank other than 0
         return
     L = len(metrics["nmse"])
-    print(
-        f"nmse {sum(metrics['nmse']) / L:.4f}  l0 {sum(metrics['l0']) / L:.1f}  dead {metrics['dead_fraction']:.3f}  "
-        f"kl {metrics['kl']:.4f}  top1 {metrics['top1_agreement']:.3f}"
-    )
+    line = f"nmse {sum(metrics['nmse']) / L:.4f}  l0 {sum(metrics['l0']) / L:.1f}  dead {metrics['dead_fraction']:.3f}"
+    if "kl" in metrics:  # a store run without a model has no replacement-model metrics
+        line += f"  kl {metrics['kl']:.4f}  top1 {metrics['top1_agreement']:.3f}"
+    print(line)
     print(out)
+
+
+def _cmd_activations(args: argparse.Namespace) -> None:
+    from circuits.train.config import load_recipe
+    from circuits.train.store_writer import write_store
+
+    cfg = load_recipe(args.recipe)
+    manifest = write_store(cfg, args.out, args.tokens or cfg.steps * cfg.batch_tokens, args.dtype)
+    if os.environ.get("RANK", "0") == "0":
+        print(manifest.parent)
 
 
 def _cmd_concepts(args: argparse.Namespace) -> None:
@@ -232,6 +251,13 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="output directory (default runs/<recipe name>)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint exactly")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("activations", help="write a recipe's activations to a store that `circuits train` reads")
+    p.add_argument("recipe", type=Path, help="a TOML recipe: its model, text, hooks, docs_per_chunk, eval_docs")
+    p.add_argument("--out", type=Path, required=True, help="the store's directory")
+    p.add_argument("--tokens", type=int, help="training tokens to store (default: the recipe's steps x batch_tokens)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.set_defaults(func=_cmd_activations)
 
     p = sub.add_parser("concepts", help="trace concepts through layers and positions; write an HTML page + JSON")
     _model_options(p)

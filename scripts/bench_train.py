@@ -1,88 +1,153 @@
-"""Training throughput of the CLT trainer: our sparse path vs our dense reference, same process
-setup, one thread. `python scripts/bench_train.py [--features 1024 8192] [--steps 10]`
+"""Training throughput on stored activations at realistic L0: ours against decode-clt (JumpReLU CLT)
+in the same script, one thread each, the same batches of an activation store.
 
-Each configuration runs in a fresh subprocess (so peak memory is its own) on the same real
-activations of the demo model (4 layers, d_model 128, batches of 1,024 tokens), initialised so
-that about `--l0` features fire per layer and token. Prints tokens/s of a full training step
-(encode, decode, loss, backward, Adam), the sparse/dense ratio and peak resident memory.
+    circuits activations training/demo.toml --out /tmp/store --tokens 40000
+    python scripts/bench_train.py --store /tmp/store [--features 1024 8192] [--l0 90 200] [--steps 4]
+        [--peer-python /work/peer-train-venv/bin/python]
+
+Each (system, F, L0) runs in a fresh subprocess: a CLT over the store's layers, initialised so that
+about L0 features fire per layer and token (ours: `initialise`; decode-clt: its JumpReLU thresholds
+set to each feature's quantile on the first batch), trained with a learning rate of ~0 so that L0
+stays there; tokens/s of whole optimiser steps (encode, decode, loss, backward, clipping, Adam)
+after one warm-up step. decode-clt runs with the Python given by --peer-python (a scratch venv with
+decode-clt==0.0.1; never a project dependency) and is skipped without it. Prints a table with
+our / decode-clt ratios and the load average before and after.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
+
+BATCH = 1024
 
 
-def run_one(n_features: int, sparse: bool, steps: int, l0: float) -> dict:
-    from circuits.models import load_model
-    from circuits.text import TextSource
-    from circuits.train.activations import ActivationStream
+def _batches(store: Path, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first n batches [BATCH, L, d] of the store's first shard, normalised to E||x|| = sqrt(d)
+    per layer by the store's statistics (read without circuits, so that a peer's venv can run this)."""
+    manifest = json.loads((store / "manifest.json").read_text())
+    stats, d = manifest["statistics"], manifest["d_model"]
+    inp, out = d**0.5 / torch.tensor(stats["x_mean_norm"]), d**0.5 / torch.tensor(stats["y_mean_norm"])
+    shard = load_file(str(store / manifest["shards"][0]["file"]))
+    x, y = shard["x"].float() * inp[:, None], shard["y"].float() * out[:, None]
+    return [(x[i * BATCH : (i + 1) * BATCH], y[i * BATCH : (i + 1) * BATCH]) for i in range(n)]
+
+
+def ours(store: Path, F: int, l0: float, steps: int) -> dict:
     from circuits.train.config import TrainConfig, TranscoderConfig
-    from circuits.train.objective import Scales, initialise, losses
+    from circuits.train.objective import initialise, losses
+    from circuits.train.store import ActivationStore
     from circuits.transcoders.clt import CrossLayerTranscoder
 
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = load_model("demo")
-    # lr ~ 0 keeps L0 where it was initialised: the cost of a step does not depend on lr
-    cfg = TrainConfig(transcoder=TranscoderConfig(n_features=n_features), target_fire_fraction=l0 / n_features, lr=1e-7)
-    clt = CrossLayerTranscoder(cfg.clt_config(model))
-    stream = ActivationStream(model, clt.cfg, TextSource("demo"), batch_tokens=1024)
-    batches = [b for _, b in zip(range(steps + 2), stream.batches(0), strict=False)]
-    scales = Scales.estimate(*batches[0])
-    batches = [(x * scales.inp[:, None], y * scales.out[:, None]) for x, y in batches]
+    batches = _batches(store, steps + 1)
+    cfg = TrainConfig(transcoder=TranscoderConfig(n_features=F), target_fire_fraction=l0 / F, lr=1e-7)
+    clt = CrossLayerTranscoder(ActivationStore(store).clt_config(cfg.transcoder))
     initialise(clt, batches[0][0], cfg)
     opt = torch.optim.Adam(clt.parameters(), lr=cfg.lr)
-    dead = torch.zeros(4, n_features, dtype=torch.bool)
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    l0s = []
-    for i, (x, y) in enumerate(batches):
-        if i == 2:  # two warm-up steps
-            start = time.perf_counter()
-        result = losses(clt, x, y, step=i, cfg=cfg, dead=dead, sparse=sparse)
+    dead = torch.zeros(clt.cfg.n_layers, F, dtype=torch.bool)
+
+    def step(i: int, x: torch.Tensor, y: torch.Tensor) -> float:
+        result = losses(clt, x, y, step=i, cfg=cfg, dead=dead)
         opt.zero_grad(set_to_none=True)
         result.total.backward()
+        torch.nn.utils.clip_grad_norm_(clt.parameters(), cfg.grad_clip)
         opt.step()
-        l0s.append(result.l0.mean().item())
+        return result.l0.mean().item()
+
+    return _timed(step, batches)
+
+
+def decode_clt(store: Path, F: int, l0: float, steps: int) -> dict:
+    from clt.config import CLTConfig, TrainingConfig
+    from clt.models.clt import CrossLayerTranscoder
+    from clt.training.losses import LossManager
+
+    batches = _batches(store, steps + 1)
+    L, d = batches[0][0].shape[1:]
+    config = CLTConfig(num_features=F, num_layers=L, d_model=d, activation_fn="jumprelu")
+    training = TrainingConfig(
+        learning_rate=1e-7, training_steps=1000, train_batch_size_tokens=BATCH, activation_path=str(store)
+    )
+    model = CrossLayerTranscoder(config, process_group=None, device=torch.device("cpu"))
+    with torch.no_grad():  # each feature fires on about l0 / F of the first batch
+        x0 = batches[0][0]
+        quantiles = [torch.quantile(model.get_preactivations(x0[:, l], l), 1 - l0 / F, dim=0) for l in range(L)]
+        model.theta_manager.log_threshold.copy_(torch.log(torch.stack(quantiles).clamp(min=1e-4)))
+    loss_manager = LossManager(training)
+    opt = torch.optim.AdamW(model.parameters(), lr=training.learning_rate)
+    dead = torch.zeros(L, F, dtype=torch.bool)
+
+    def step(i: int, x: torch.Tensor, y: torch.Tensor) -> float:
+        inputs, targets = {l: x[:, l] for l in range(L)}, {l: y[:, l] for l in range(L)}
+        opt.zero_grad(set_to_none=True)
+        acts = model.get_feature_activations(inputs)  # as its trainer's step: then the loss, which decodes
+        loss, _ = loss_manager.compute_total_loss(
+            model, inputs, targets, i, 1000, precomputed_activations=acts, dead_neuron_mask=dead
+        )
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        model.decoder_module._cached_decoder_norms = None  # as its trainer does after each step
+        return sum((a > 0).float().sum(-1).mean().item() for a in acts.values()) / L
+
+    return _timed(step, batches)
+
+
+def _timed(step, batches: list) -> dict:
+    step(0, *batches[0])  # warm-up
+    start = time.perf_counter()
+    l0s = [step(i, x, y) for i, (x, y) in enumerate(batches[1:], 1)]
     seconds = time.perf_counter() - start
-    return {
-        "features": n_features,
-        "path": "sparse" if sparse else "dense",
-        "tokens_per_s": steps * 1024 / seconds,
-        "l0": sum(l0s[2:]) / steps,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "train_rss_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024,
-    }
+    return {"tokens_per_s": BATCH * len(l0s) / seconds, "l0": sum(l0s) / len(l0s)}
+
+
+SYSTEMS = {"ours": ours, "decode-clt": decode_clt}
+
+
+def _run(python: str, system: str, store: Path, F: int, l0: float, steps: int) -> dict:
+    cmd = [python, __file__, "--one", system, "--store", str(store), "--features", str(F), "--l0", str(l0)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    out = subprocess.run([*cmd, "--steps", str(steps)], capture_output=True, text=True, env=env)
+    if out.returncode:
+        raise RuntimeError(f"{system} F {F} L0 {l0} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--store", type=Path, required=True, help="an activation store (`circuits activations`)")
     parser.add_argument("--features", type=int, nargs="+", default=[1024, 8192])
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--l0", type=float, default=32.0, help="initial features firing per layer and token")
-    parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)  # internal: F and path of one run
+    parser.add_argument("--l0", type=float, nargs="+", default=[90.0, 200.0])
+    parser.add_argument("--steps", type=int, default=4, help="timed steps of 1,024 tokens per run")
+    parser.add_argument("--peer-python", default="/work/peer-train-venv/bin/python", help="a venv with decode-clt")
+    parser.add_argument("--one", choices=SYSTEMS, help=argparse.SUPPRESS)  # internal: one run in this process
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(run_one(int(args.one[0]), args.one[1] == "sparse", args.steps, args.l0)))
+        torch.set_num_threads(1)
+        torch.manual_seed(0)
+        print(json.dumps(SYSTEMS[args.one](args.store, args.features[0], args.l0[0], args.steps)))
         return
-    print(f"{'F':>6} {'path':>7} {'tokens/s':>9} {'L0':>6} {'peak RSS MB':>12} {'train RSS MB':>13}")
+    peer = Path(args.peer_python).exists()
+    print(f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(f"{'F':>6} {'L0 asked':>8} | {'ours tok/s':>10} {'L0':>6} | {'decode-clt tok/s':>16} {'L0':>6} | ratio")
     for F in args.features:
-        rows = {}
-        for path in ("sparse", "dense"):
-            cmd = [sys.executable, __file__, "--one", str(F), path, "--steps", str(args.steps), "--l0", str(args.l0)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-            rows[path] = r = json.loads(out.strip().splitlines()[-1])
-            print(
-                f"{F:>6} {path:>7} {r['tokens_per_s']:>9.0f} {r['l0']:>6.1f} {r['peak_rss_mb']:>12.0f} "
-                f"{r['train_rss_mb']:>13.0f}"
-            )
-        print(f"{F:>6} sparse/dense speed ratio {rows['sparse']['tokens_per_s'] / rows['dense']['tokens_per_s']:.2f}")
+        for l0 in args.l0:
+            mine = _run(sys.executable, "ours", args.store, F, l0, args.steps)
+            theirs = _run(args.peer_python, "decode-clt", args.store, F, l0, args.steps) if peer else None
+            row = f"{F:>6} {l0:>8.0f} | {mine['tokens_per_s']:>10.0f} {mine['l0']:>6.1f} |"
+            if theirs:
+                ratio = mine["tokens_per_s"] / theirs["tokens_per_s"]
+                row += f" {theirs['tokens_per_s']:>16.0f} {theirs['l0']:>6.1f} | {ratio:.2f}"
+            print(row, flush=True)
+    print(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 
 if __name__ == "__main__":

@@ -1,3 +1,5 @@
 """Training transcoders: `config` (TrainConfig, recipes), `objective` (the loss, its schedules,
-initialisation and scales), `activations` (the activation stream), `metrics` (reconstruction and
-replacement model), `checkpoint` (save and resume), `parallel` (torchrun), and `loop` (train)."""
+target-L0 steering, initialisation and scales), `kernels` (the step's sparse-or-dense contractions),
+`activations` (the activation stream), `store` and `store_writer` (activation stores), `metrics`
+(reconstruction and replacement model), `checkpoint` (save and resume), `parallel` (torchrun), and
+`loop` (train)."""

@@ -28,6 +28,7 @@ from circuits.errors import CircuitsError
 from circuits.fileio import atomic_file, write_json
 from circuits.processing import weight_processing
 from circuits.text import TextSource, document_tokens, token_mask
+from circuits.train.parallel import Comm
 from circuits.transcoders.clt import CLTConfig
 
 
@@ -64,9 +65,26 @@ def _mlp_outputs(model: HookedTransformer) -> Iterator[list[torch.Tensor]]:
             handle.remove()
 
 
+def shuffled_chunk(
+    model: HookedTransformer, cfg: CLTConfig, source: TextSource, docs_per_chunk: int, c: int, comm: Comm | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunk c's activations (x, y) [n, L, d]: every training token of documents
+    [c * docs_per_chunk, (c + 1) * docs_per_chunk), rows shuffled by (seed, c). Under torchrun
+    (`comm`), rank r runs only its contiguous 1/N of the documents and the ranks all-gather the
+    rows in rank order: the same rows as one process, with no forward pass repeated."""
+    comm = comm or Comm()
+    docs = source.documents(c * docs_per_chunk, docs_per_chunk)
+    share = -(-len(docs) // comm.world)
+    x, y = collect(model, cfg, docs[comm.rank * share : (comm.rank + 1) * share], source.max_tokens_per_doc)
+    x, y = comm.all_rows(x), comm.all_rows(y)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(source.seed * 1_000_003 + c))
+    return x[perm].contiguous(), y[perm].contiguous()
+
+
 class ActivationStream:
     """Shuffled batches of (x, y) [batch_tokens, L, d] at the hooks of transcoder config `cfg`,
-    deterministic by (seed, step).
+    deterministic by (seed, step). Under torchrun (`comm`), each rank runs its share of every
+    chunk's documents through the model and the ranks exchange the activations.
 
     With `cache_dir`, each chunk's shuffled activations are kept as a safetensors shard
     (`chunk_{c}.safetensors`) and read back by later runs with the same model, hooks and text
@@ -74,9 +92,9 @@ class ActivationStream:
 
     def __init__(
         self, model: HookedTransformer, cfg: CLTConfig, source: TextSource, batch_tokens: int,
-        docs_per_chunk: int = 512, cache_dir: Path | None = None,
+        docs_per_chunk: int = 512, cache_dir: Path | None = None, comm: Comm | None = None,
     ):  # fmt: skip
-        self.model, self.cfg, self.source = model, cfg, source
+        self.model, self.cfg, self.source, self.comm = model, cfg, source, comm or Comm()
         self.batch_tokens, self.docs_per_chunk = batch_tokens, docs_per_chunk
         self.cache_dir = Path(cache_dir) if cache_dir else None
         if self.cache_dir:
@@ -101,12 +119,8 @@ class ActivationStream:
         if shard and shard.exists():
             tensors = load_file(str(shard))
             return tensors["x"], tensors["y"]
-        docs = self.source.documents(c * self.docs_per_chunk, self.docs_per_chunk)
-        x, y = collect(self.model, self.cfg, docs, self.source.max_tokens_per_doc)
-        g = torch.Generator().manual_seed(self.source.seed * 1_000_003 + c)
-        perm = torch.randperm(len(x), generator=g)
-        x, y = x[perm].contiguous(), y[perm].contiguous()
-        if shard:
+        x, y = shuffled_chunk(self.model, self.cfg, self.source, self.docs_per_chunk, c, self.comm)
+        if shard and self.comm.is_main:
             with atomic_file(shard, "wb") as f:
                 f.write(save({"x": x, "y": y}))
         return x, y

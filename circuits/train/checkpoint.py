@@ -6,7 +6,9 @@ atomically. `truncate_metrics` drops the metrics a resumed run will log again.""
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,17 +18,17 @@ from safetensors.torch import load_file, save_file
 
 from circuits.errors import CircuitsError
 from circuits.fileio import atomic_directory, atomic_file, surviving_directory
-from circuits.train.objective import Scales
 from circuits.train.parallel import Comm
 from circuits.transcoders.clt import CrossLayerTranscoder
 
 if TYPE_CHECKING:  # in annotations only
     from circuits.train.config import TrainConfig
+    from circuits.train.objective import Scales, SparsityControl
 
 
 def save_checkpoint(
     path: Path, clt: CrossLayerTranscoder, opt: torch.optim.Optimizer, scales: Scales, step: int, cfg: TrainConfig,
-    last_fired: torch.Tensor, comm: Comm,
+    last_fired: torch.Tensor, comm: Comm, sparsity: SparsityControl,
 ) -> None:  # fmt: skip
     """Write the full training state (gathered from every rank; rank 0 writes) atomically."""
     names = [k for k, _ in clt.named_parameters()]
@@ -37,6 +39,7 @@ def save_checkpoint(
             tensors[f"opt.{k}.{name}"] = comm.gather({name: v})[name] if v.dim() else v
     tensors["last_fired"] = comm.gather({"b_enc": last_fired})["b_enc"]  # [L, F]: features on dim 1, like b_enc
     tensors.update({"scales.inp": scales.inp, "scales.out": scales.out, "rng.torch": torch.get_rng_state()})
+    tensors["sparsity.u"] = sparsity.u
     meta = {"step": step, "config": dataclasses.asdict(cfg), "opt_param_groups": opt_state["param_groups"]}
     if not comm.is_main:
         return
@@ -46,10 +49,10 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    path: Path, clt: CrossLayerTranscoder, opt: torch.optim.Optimizer, comm: Comm
-) -> tuple[int, Scales, torch.Tensor]:
-    """Restore this rank's part of a checkpoint into `clt` and `opt`, and the RNG; returns
-    (step, scales, last_fired [L, F_rank])."""
+    path: Path, clt: CrossLayerTranscoder, opt: torch.optim.Optimizer, comm: Comm, sparsity: SparsityControl
+) -> tuple[int, tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Restore this rank's part of a checkpoint into `clt` and `opt`, the RNG and the steered
+    sparsity coefficients; returns (step, the scales' (inp, out) [L], last_fired [L, F_rank])."""
     path = surviving_directory(path)  # a kill during the last save's swap leaves the previous one
     if not (path / "state.json").exists() or not (path / "state.safetensors").exists():
         raise CircuitsError(f"no checkpoint in {path}: train without --resume first")
@@ -74,7 +77,8 @@ def load_checkpoint(
     opt.load_state_dict({"state": state, "param_groups": meta["opt_param_groups"]})
     torch.set_rng_state(tensors["rng.torch"])
     last_fired = comm.shard({"b_enc": tensors["last_fired"]})["b_enc"]
-    return meta["step"], Scales(tensors["scales.inp"], tensors["scales.out"]), last_fired
+    sparsity.u = tensors.get("sparsity.u", sparsity.u)  # older checkpoints: not steered
+    return meta["step"], (tensors["scales.inp"], tensors["scales.out"]), last_fired
 
 
 def _check_complete(path: Path, meta: object, tensors: dict[str, torch.Tensor], names: list[str]) -> None:
@@ -99,6 +103,23 @@ def _check_hooks(path: Path, saved: dict, clt: CrossLayerTranscoder) -> None:
             f"checkpoint {path} was trained at hooks {' -> '.join(was)}, the recipe asks for {' -> '.join(now)}: "
             "resume with the recipe it was trained with, or train into another directory"
         )
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint was saved at (what `--resume` continues from)."""
+    state = surviving_directory(path) / "state.json"
+    if not state.exists():
+        raise CircuitsError(f"no checkpoint in {path}: train without --resume first")
+    return json.loads(state.read_text())["step"]
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Remove the temporary directories (`.checkpoint.XXXXXXXX`) that a checkpoint write killed
+    before its swap leaves beside `path`; the `.checkpoint.old.PID` of a killed swap stays (it is
+    the checkpoint `surviving_directory` resumes from)."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*"):
+        if tmp.is_dir() and "." not in tmp.name[len(path.name) + 2 :]:
+            shutil.rmtree(tmp)
 
 
 def truncate_metrics(path: Path, step: int) -> None:

@@ -82,7 +82,11 @@ class TrainConfig:
     decay_fraction: float = 0.2
     """Fraction of the steps, at the end, over which lr falls linearly to 0."""
     sparsity_coef: float = 0.4
-    """lambda_S at the end of the ramp."""
+    """lambda_S at the end of the ramp (with `target_l0`: where it starts). A recipe with
+    activation = "topk" that does not set it gets 0: TopK needs no penalty."""
+    target_l0: float = 0.0
+    """Active features per layer and token to steer towards (0: off). Each layer's lambda_S is then
+    set by feedback from the L0 of each batch, with no ramp (JumpReLU and ReLU transcoders)."""
     sparsity_c: float = 4.0
     """c in the sparsity penalty tanh(c * a * ||W_dec||)."""
     preact_coef: float = 3e-4
@@ -100,6 +104,9 @@ class TrainConfig:
     checkpoint_every: int = 500
     docs_per_chunk: int = 512
     """Documents run through the model at a time; their tokens are shuffled together."""
+    activations: str = ""
+    """An activation store written by `circuits activations` to train from: the model is then not
+    run (`model` may be "", or the store's model, loaded only for the replacement-model metrics)."""
     activation_cache: str = ""
     """A directory for safetensors shards of the activations (read back by runs with the same text
     settings, e.g. a sweep); empty: no cache."""
@@ -134,7 +141,10 @@ class TrainConfig:
     def from_dict(cls, fields: dict) -> TrainConfig:
         """A TrainConfig from a recipe's keys (tables for the nested configs). Raises CircuitsError
         on unknown keys and wrong types; moves old top-level transcoder keys under `transcoder`."""
-        return cls(**_checked(cls, _move_flat_transcoder_keys(fields)))
+        checked = _checked(cls, _move_flat_transcoder_keys(fields))
+        if checked.get("transcoder", TranscoderConfig()).activation == "topk":
+            checked.setdefault("sparsity_coef", 0.0)
+        return cls(**checked)
 
     def clt_config(self, model: HookedTransformer) -> CLTConfig:
         """The transcoder's full config for `model` (layers, width and weight processing read from

@@ -11,13 +11,15 @@ The learning rate has a linear warm-up and a final linear decay (`lr_factor`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
+from circuits.train.kernels import decode, encode
 from circuits.train.parallel import Comm
-from circuits.transcoders.clt import CrossLayerTranscoder
+from circuits.transcoders.clt import CrossLayerTranscoder, SparseActs
 
 if TYPE_CHECKING:  # in annotations only
     from circuits.train.config import TrainConfig
@@ -36,6 +38,46 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 def sparsity_factor(step: int, cfg: TrainConfig) -> float:
     """lambda_S at `step` as a fraction of cfg.sparsity_coef."""
     return min(1.0, (step + 1) / cfg.steps)
+
+
+TARGET_GAIN = 0.05
+"""With `target_l0`: how far the steering variable moves per step, per unit of log(L0 / target)."""
+
+
+@dataclass
+class SparsityControl:
+    """lambda_S of each layer: the recipe's linear ramp, or with `cfg.target_l0`, steered by
+    feedback from each batch's L0: u[l] += TARGET_GAIN * log(L0[l] / target) (clamped to [-1, 1])
+    and lambda_S[l] = max(sparsity_coef, 0.01) * sinh(u[l]) / sinh(u_0), which starts at the
+    recipe's coefficient, moves in proportion (log-like) while large, and turns negative (rewards
+    firing) where a layer fires less than the target even without a penalty. A deterministic
+    function of the run's state, checkpointed, so resume stays exact."""
+
+    u: torch.Tensor  # [L] the steering variable (with target_l0)
+
+    @classmethod
+    def start(cls, n_layers: int) -> SparsityControl:
+        return cls(torch.full((n_layers,), _U0))
+
+    def at(self, step: int, cfg: TrainConfig) -> torch.Tensor:
+        """lambda_S [L] for `step`."""
+        if cfg.target_l0:
+            return max(cfg.sparsity_coef, 0.01) * torch.sinh(self.u) / math.sinh(_U0)
+        return torch.full_like(self.u, cfg.sparsity_coef * sparsity_factor(step, cfg))
+
+    def update(self, l0: torch.Tensor, cfg: TrainConfig, clt: CrossLayerTranscoder) -> None:
+        """Steer by the batch's L0 [L] (active features per token of each layer); JumpReLU
+        thresholds are also scaled by exp(THRESHOLD_GAIN * error) at once."""
+        error = torch.log(l0.detach().cpu().clamp(min=0.01) / cfg.target_l0).clamp(-1.0, 1.0)
+        self.u = self.u + TARGET_GAIN * error
+        if clt.cfg.activation == "jumprelu":
+            with torch.no_grad():
+                clt.threshold.mul_(torch.exp(THRESHOLD_GAIN * error).to(clt.threshold.device)[:, None])
+
+
+_U0 = 1.0
+THRESHOLD_GAIN = 0.1
+"""With `target_l0` and JumpReLU: how far log(threshold) moves per step, per unit of log(L0 / target)."""
 
 
 @dataclass
@@ -78,20 +120,26 @@ class StepLoss:
 
 def losses(
     clt: CrossLayerTranscoder, x: torch.Tensor, y: torch.Tensor, step: int, cfg: TrainConfig, dead: torch.Tensor,
-    sparse: bool = True, comm: Comm | None = None,
+    sparse: bool = True, comm: Comm | None = None, coef: torch.Tensor | None = None,
 ) -> StepLoss:  # fmt: skip
     """The training objective on this rank's normalised x, y [n, L, d]; `dead` [L, F] marks the
     features that get the pre-activation loss. `sparse` touches only supported features (same
     values and gradients as the dense reference, which runs in a single process only). Every term
-    is normalised by the global batch size, so the ranks' losses sum to the single-process loss."""
+    is normalised by the global batch size, so the ranks' losses sum to the single-process loss.
+    `coef` [L] is lambda_S of each layer (default: the recipe's ramp at `step`)."""
     comm = comm or Comm()
+    if coef is None:
+        coef = torch.full((clt.cfg.n_layers,), cfg.sparsity_coef * sparsity_factor(step, cfg))
+    coef = coef.to(x.device)
     n_global, L = len(x) * comm.world, clt.cfg.n_layers
     norms = decoder_norms(clt)  # [L, F]
     if sparse:
         x_enc = comm.gather_rows(x)  # the tokens this rank's features encode
-        acts = [clt.encode_sparse(x_enc[:, l], l) for l in range(L)]
-        recon = comm.reduce_rows(clt.decode_sparse(acts, bias=False)) + clt.b_dec + clt.skip_out(x)
-        sparsity = sum(torch.tanh(cfg.sparsity_c * a.values * norms[l, a.feature]).sum() for l, a in enumerate(acts))
+        acts = [encode(clt, x_enc[:, l], l) for l in range(L)]
+        recon = comm.reduce_rows(_decode(clt, acts)) + clt.b_dec + clt.skip_out(x)
+        sparsity = torch.stack(
+            [torch.tanh(cfg.sparsity_c * a.values * norms[l, a.feature]).sum() for l, a in enumerate(acts)]
+        )  # [L]
         fired = torch.zeros_like(dead)
         for l, a in enumerate(acts):
             fired[l, a.feature[a.values > 0]] = True
@@ -100,7 +148,7 @@ def losses(
         x_enc = x
         dense = clt.encode(x)  # [n, L, F]
         recon = clt.decode(dense) + clt.skip_out(x)
-        sparsity = torch.tanh(cfg.sparsity_c * dense * norms).sum()
+        sparsity = torch.tanh(cfg.sparsity_c * dense * norms).sum((0, 2))  # [L]
         fired, l0 = (dense > 0).any(0), (dense > 0).sum((0, 2)) / len(x)
     mse = (recon - y).square().sum()
     preact = x.new_zeros(())
@@ -109,9 +157,32 @@ def losses(
             idx = dead[l].nonzero()[:, 0]
             pre = x_enc[:, l] @ clt.W_enc[l, idx].T + clt.b_enc[l, idx]  # [n, n_dead]
             preact = preact + torch.relu(clt.threshold[l, idx].detach() - pre).sum()  # raise pre, not lower θ
-    total = (mse + cfg.sparsity_coef * sparsity_factor(step, cfg) * sparsity + cfg.preact_coef * preact) / n_global
-    parts = {"mse": mse.item() / len(x), "sparsity": sparsity.item() / len(x_enc), "preact": preact.item() / len(x_enc)}
+    total = (mse + (coef * sparsity).sum() + cfg.preact_coef * preact) / n_global
+    n_enc = len(x_enc)
+    parts = {"mse": mse.item() / len(x), "sparsity": sparsity.sum().item() / n_enc, "preact": preact.item() / n_enc}
     return StepLoss(total, parts, fired, l0, dead)
+
+
+class Objective(torch.nn.Module):
+    """`losses` as the forward of a module that holds the CLT, for DistributedDataParallel to wrap.
+    DDP averages the ranks' gradients during the backward, so each rank normalises its loss by its
+    own rows (the mean over ranks is then the single-process gradient)."""
+
+    def __init__(self, clt: CrossLayerTranscoder, cfg: TrainConfig):
+        super().__init__()
+        self.clt, self.cfg = clt, cfg
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, step: int, dead: torch.Tensor, coef: torch.Tensor) -> StepLoss:
+        return losses(self.clt, x, y, step, self.cfg, dead, coef=coef)
+
+
+def _decode(clt: CrossLayerTranscoder, acts: list[SparseActs]) -> torch.Tensor:
+    """The reconstruction [n, L, d] from every source layer's supported features (no b_dec, no skip)."""
+    recon = acts[0].values.new_zeros(acts[0].n_tokens, clt.cfg.n_layers, clt.cfg.d_model)
+    for s, a in enumerate(acts):
+        out = decode(a, clt.W_dec[s])  # [n, T, d]: layers s.. (cross-layer) or s alone
+        recon[:, s : s + out.shape[1]] += out
+    return recon
 
 
 @torch.no_grad()

@@ -1,16 +1,19 @@
 """Training across processes launched by `torchrun`: data parallel or feature parallel.
 
-- `data`: every rank holds the whole CLT and trains on its slice of each global batch; gradients
-  are summed across ranks (the loss is normalised by the global batch size, so the sum is the
-  single-process gradient).
+- `data`: every rank holds the whole CLT and trains on its slice of each global batch, its objective
+  wrapped in torch's `DistributedDataParallel`, which averages the gradients across ranks during the
+  backward (each rank's loss is normalised by its own rows, so the average is the single-process
+  gradient).
 - `feature`: rank r owns features [r F/N, (r+1) F/N) of every layer (encoder rows, thresholds,
   decoder rows); b_dec and W_skip are replicated. Each rank's slice of the batch is all-gathered
   so every rank encodes every token with its own features; the partial reconstructions are
-  reduce-scattered so each rank gets the full reconstruction of its own tokens. The CLT and its
-  optimiser state take 1/N of the memory on each rank.
+  reduce-scattered so each rank gets the full reconstruction of its own tokens (torch.distributed
+  collectives). The CLT and its optimiser state take 1/N of the memory on each rank.
 
-Every rank reads the same global batch from the activation stream (generation is replicated) and
-keeps its slice, so the data order does not depend on the number of processes.
+Every rank reads the same global batch and keeps its slice, so the data order does not depend on
+the number of processes. Generating activations on the fly, each rank runs its own 1/N of every
+chunk's documents through the model and the ranks all-gather the results (`Comm.all_rows`); an
+activation store is read, not generated.
 
 Both give the single-process run's weights (up to float summation order). A single process uses
 `Comm` with world size 1, where every method is the identity.
@@ -103,6 +106,22 @@ class Comm:
             return partial
         return _ReduceScatterRows.apply(partial, self.rank, self.world)
 
+    def all_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank's rows [n_r, ...] (n_r may differ between ranks), concatenated in rank order."""
+        if self.world == 1:
+            return x
+        sizes = [x.new_zeros(1, dtype=torch.long) for _ in range(self.world)]
+        dist.all_gather(sizes, x.new_tensor([len(x)], dtype=torch.long))
+        padded = x.new_zeros(int(max(sizes)), *x.shape[1:])
+        padded[: len(x)] = x
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(parts, padded)
+        return torch.cat([part[: int(n)] for part, n in zip(parts, sizes, strict=True)])
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
     def shard(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """This rank's part of a full CLT state dict (or of tensors shaped like its parameters)."""
         if self.mode != "feature":
@@ -129,11 +148,12 @@ class Comm:
         return out
 
     def sync_grads(self, named_params) -> None:
-        """Sum gradients across ranks: all of them (data), the replicated ones (feature)."""
-        if self.mode == "single":
+        """Feature mode: sum the replicated parameters' gradients across ranks. (In data mode
+        DistributedDataParallel averages every gradient during the backward.)"""
+        if self.mode != "feature":
             return
         for name, p in named_params:
-            if p.grad is not None and (self.mode == "data" or feature_dim(name) is None):
+            if p.grad is not None and feature_dim(name) is None:
                 dist.all_reduce(p.grad)
 
     def grad_norm(self, named_params) -> torch.Tensor:
@@ -151,6 +171,25 @@ class Comm:
             sharded = torch.as_tensor(sharded)
             dist.all_reduce(sharded)
         return torch.sqrt(torch.as_tensor(sharded) + replicated)
+
+    def max_int(self, value: int) -> int:
+        """The largest of every rank's `value` (a collective with more than one process)."""
+        if self.world == 1:
+            return value
+        t = torch.tensor([value])
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+    def global_l0(self, l0: torch.Tensor) -> torch.Tensor:
+        """The whole CLT's L0 [L] on the global batch from this rank's: the mean over ranks' tokens
+        (data), the sum over ranks' features (feature)."""
+        if self.mode == "single":
+            return l0
+        total = l0.detach().clone()
+        dist.all_reduce(total)
+        return total / self.world if self.mode == "data" else total
 
     def any_rank(self, mask: torch.Tensor) -> torch.Tensor:
         """Data mode: a bool mask OR-ed over ranks (features that fired anywhere)."""

@@ -303,3 +303,27 @@ def test_activation_cache_shards_are_read_back(demo_model, tmp_path):
         other = dataclasses.replace(DEMO_HOOKS, **hooks)
         with pytest.raises(CircuitsError, match="other settings"):
             ActivationStream(demo_model, other, source, 128, 32, cache_dir=tmp_path / "cache")
+
+
+@pytest.mark.slow
+def test_cli_store_then_sigterm_saves_and_resume_says_where(tmp_path):
+    recipe = _recipe(tmp_path, steps=100, every=1000)
+    out = _circuits("activations", recipe, "--out", tmp_path / "store", "--tokens", "600", timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == str(tmp_path / "store"), out.stderr
+    recipe.write_text(f'model = ""\nactivations = "{tmp_path / "store"}"\n' + recipe.read_text())
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "circuits", "train", str(recipe), "--out", str(tmp_path / "run")]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and metrics.stat().st_size) and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    lines = [line for line in stderr.splitlines() if line.startswith("saved step")]
+    assert proc.returncode == 128 + signal.SIGTERM and len(lines) == 1 and "Traceback" not in stderr, stderr
+    step = int(lines[0].split()[2].rstrip(";"))
+    assert lines[0] == f"saved step {step}; resume with --resume" and 10 <= step < 100
+    resumed = _circuits("train", recipe, "--out", tmp_path / "run", "--resume", timeout=600)
+    assert resumed.returncode == 0 and f"resuming from step {step} of 100" in resumed.stderr, resumed.stderr
+    assert "kl" not in resumed.stdout and resumed.stdout.startswith("nmse")  # no model: no replacement metrics
