@@ -72,7 +72,7 @@ def _cmd_trace(args: argparse.Namespace) -> None:
         inhibited=args.inhibited, device=args.device, node_threshold=args.node_threshold,
         edge_threshold=args.edge_threshold, prune=not args.no_prune, validate=args.validate,
         concept_traces=not args.no_concepts, concepts=args.concept, paths=[p.split(",") for p in args.path],
-        categories=_demo_categories(args.model),
+        categories=_demo_categories(args.model), heads=args.heads,
     )  # fmt: skip
     model, clt = load_pair(args.model, args.transcoder, args.device, args.dtype)
     features = load_features(args.features, clt) if args.features else features_for(args.transcoder, clt)
@@ -196,6 +196,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concept", action="append", default=[], help="a concept to trace beside the graph; repeatable")
     p.add_argument("--path", action="append", default=[], help="a concept chain to score, e.g. Dallas,Texas,Austin")
     p.add_argument("--no-concepts", action="store_true", help="no concept-trace panels on the page")
+    p.add_argument("--heads", action="store_true", help="add each link's head loadings per attention layer to the JSON")
     p.set_defaults(func=_cmd_trace)
 
     p = sub.add_parser("aggregate", help="merge the graphs of many prompts into one graph of features")

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from circuits.attribution import schema
 from circuits.attribution.attribute import attribute
+from circuits.attribution.heads import annotate_links
 from circuits.attribution.interventions import validate
 from circuits.concepts.report import concept_report, figures
 from circuits.errors import CircuitsError
@@ -71,6 +72,8 @@ class TraceOptions:
     categories: dict[str, list[str]] | None = None
     """Word categories for `@name` concepts, proposed counterfactuals and trajectory variants (e.g. the
     demo world's `circuits.demo.facts.CATEGORIES`); None: none are proposed."""
+    heads: bool = False
+    """Add each link's head loadings to the JSON (`circuits.attribution.heads`)."""
     page: PageOptions = field(default_factory=PageOptions)
 
     def __post_init__(self) -> None:
@@ -111,6 +114,8 @@ def trace(
     data = schema.to_dict(
         graph, slug, options.transcoder_name, options.node_threshold, options.edge_threshold, options.prune
     )
+    if options.heads:
+        annotate_links(data, graph, model, transcoder)
     validation = validate(graph, model, transcoder) if options.validate else None
     report = _concept_report(model, prompt, data["nodes"], options) if options.concept_traces else None
     cards = feature_cards(data, features)
