@@ -16,6 +16,7 @@ from circuits.attribution import schema
 from circuits.attribution.attribute import attribute
 from circuits.attribution.heads import annotate_links
 from circuits.attribution.interventions import validate
+from circuits.attribution.qk import attention_page, feature_sources
 from circuits.concepts.report import concept_report, figures
 from circuits.errors import CircuitsError
 from circuits.fileio import write_json
@@ -93,6 +94,7 @@ class TraceResult:
     json_path: Path
     graph_path: Path
     page_path: Path
+    attention: dict | None = None  # with options.heads: what the page shows of attention (`qk.attention_page`)
 
 
 def trace(
@@ -114,8 +116,7 @@ def trace(
     data = schema.to_dict(
         graph, slug, options.transcoder_name, options.node_threshold, options.edge_threshold, options.prune
     )
-    if options.heads:
-        annotate_links(data, graph, model, transcoder)
+    attention = _attention(graph, data, model, transcoder, features) if options.heads else None
     validation = validate(graph, model, transcoder) if options.validate else None
     report = _concept_report(model, prompt, data["nodes"], options) if options.concept_traces else None
     cards = feature_cards(data, features)
@@ -124,10 +125,21 @@ def trace(
     out = Path(options.out)
     result = TraceResult(
         graph, data, cards, validation, report,
-        out / f"{slug}.json", out / f"{slug}.graph.safetensors", out / f"{slug}.html",
+        out / f"{slug}.json", out / f"{slug}.graph.safetensors", out / f"{slug}.html", attention,
     )  # fmt: skip
     _write(result, options)
     return result
+
+
+def _attention(graph: Graph, data: dict, model: HookedTransformer, transcoder, features: FeatureScan | None) -> dict:
+    """Head loadings into every link of `data`, in place, and what the page shows of attention, with
+    the labels of the features among its QK terms."""
+    annotate_links(data, graph, model, transcoder)
+    page = attention_page(model, transcoder, graph.tokens, data["links"], graph.config["attribution"]["dtype"])
+    sources = feature_sources(page) if features is not None else []
+    page["labels"] = {source: features.card(layer, feature)["label"] for source, layer, feature in sources}
+    page["tokens"] = graph.token_strs
+    return page
 
 
 def _concept_report(model: HookedTransformer, prompt: str, nodes: list[dict], options: TraceOptions) -> ConceptReport:
@@ -149,7 +161,10 @@ def _write(result: TraceResult, options: TraceOptions) -> None:
     write_json(result.json_path, result.data)
     figs = None if result.report is None else figures(result.report)
     info = page_info(result, options)
-    write_page(result.page_path, result.data, cards=result.cards, figures=figs, info=info, options=options.page)
+    write_page(
+        result.page_path, result.data, cards=result.cards, figures=figs, info=info, options=options.page,
+        attention=result.attention,
+    )  # fmt: skip
 
 
 def page_info(result: TraceResult, options: TraceOptions) -> PageInfo:

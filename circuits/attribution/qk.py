@@ -202,3 +202,61 @@ def _add_features(parts: ResidualParts, rep: Replacement, layer: int) -> None:
             total = sum(w if rep.mlp_post is None else _post(rep, s + j, w)[p] for j, w in enumerate(below))
             parts.names[p].append(f"{s}_{f}_{p}")
             parts.vectors[p].append(total)
+
+
+@torch.no_grad()
+def attention_page(
+    model: HookedTransformer,
+    transcoder: CrossLayerTranscoder,
+    tokens: torch.Tensor,
+    links: list[dict],
+    dtype: str = "float32",
+    n_heads: int = 6,
+    n_keys: int = 5,
+    n_terms: int = 8,
+) -> dict:
+    """What the page shows of attention, for the prompt's tokens [P] and the links of its graph JSON,
+    with their head loadings (`heads.annotate_links`): each link's loadings by "source|target"; and for
+    the `n_heads` heads
+    carrying the most |weight| over all links, their attention pattern [query][key] and, at every
+    query position where they carry a link, the top `n_terms` QK terms of the `n_keys` keys they
+    attend to most, each as {"score", "terms": [[query source, key source, value], ...]}."""
+    carried: dict[str, float] = {}
+    queries: dict[str, set[int]] = {}
+    for link in links:
+        query = int(link["target"].split("_")[-1])
+        for layer, parts in link.get("heads", {}).items():
+            for head, w in parts.items():
+                if head != "other":
+                    name = f"{layer}.{head}"
+                    carried[name] = carried.get(name, 0.0) + abs(w)
+                    queries.setdefault(name, set()).add(query)
+    top = sorted(carried, key=lambda name: -carried[name])[:n_heads]
+    rep = build_replacement(model, transcoder, tokens.to(model.W_U.device), getattr(torch, dtype))
+    heads = {}
+    for name in top:
+        layer, head = (int(x) for x in name.split("."))
+        parts = residual_parts(rep, layer)
+        pattern = rep.patterns[layer, head]  # [query, key]
+        qk = {}
+        for q in sorted(queries[name]):
+            keys = pattern[q, : q + 1].topk(min(n_keys, q + 1)).indices.tolist()
+            qk[str(q)] = {str(k): _terms_json(qk_terms(model, rep, parts, layer, head, q, k), n_terms) for k in keys}
+        heads[name] = {"carried": carried[name], "pattern": pattern.round(decimals=4).tolist(), "qk": qk}
+    loadings = {f"{link['source']}|{link['target']}": link["heads"] for link in links if "heads" in link}
+    return {"links": loadings, "heads": heads}
+
+
+def _terms_json(qk: QKAttribution, n: int) -> dict:
+    return {"score": qk.score, "terms": [[q, k, v] for q, k, v in qk.top(n)]}
+
+
+def feature_sources(page: dict) -> list[tuple[str, int, int]]:
+    """(id, layer, feature index) of every feature among the QK terms of `attention_page`'s result."""
+    ids = set()
+    for head in page["heads"].values():
+        for keys in head["qk"].values():
+            for qk in keys.values():
+                ids.update(source for q, k, _ in qk["terms"] for source in (q, k))
+    parts = [source.split("_") for source in sorted(ids)]
+    return [("_".join(p), int(p[0]), int(p[1])) for p in parts if len(p) == 3 and p[0].isdigit() and p[1] != "-1"]
