@@ -66,18 +66,22 @@ def head_loadings(
     if ((edges[:, 0] >= graph.error_slice.start) & (edges[:, 0] < graph.target_slice.start)).any():
         raise CircuitsError("an edge target is an error or embedding node (no inputs): pass (target, source) pairs")
     dtype = getattr(torch, graph.config.get("attribution", {}).get("dtype", "float32"))
-    device = model.W_U.device
-    rep = build_replacement(model, transcoder, graph.tokens.to(device), dtype)
+    rep = build_replacement(model, transcoder, graph.tokens.to(model.W_U.device), dtype)
+    targets, sources = _Targets(graph, rep, model), _Sources(graph, rep)
+    heads, other = _fill(rep, edges, targets, sources, work_floats)
+    return HeadLoadings(edges, heads.cpu(), other.cpu(), _on_way(edges, targets, sources, rep.n_layers).cpu())
+
+
+def _fill(rep: Replacement, edges: torch.Tensor, targets: _Targets, sources: _Sources, work_floats: int):
+    """The parts of edges [E, 2]: (heads [E, L, H], other [E, L]). Targets of one layer at a time, a
+    batch of them per backward walk, and for each batch its sources a batch per forward sweep."""
     L, H, P, d = rep.n_layers, rep.W_O.shape[1], rep.n_pos, rep.embed.shape[-1]
-    targets = _Targets(graph, rep, model)
-    sources = _Sources(graph, rep)
-    heads = rep.embed.new_zeros(len(edges), L, H)
-    other = rep.embed.new_zeros(len(edges), L)
+    heads, other = rep.embed.new_zeros(len(edges), L, H), rep.embed.new_zeros(len(edges), L)
     per_target = max(1, work_floats // (L * (H + 2) * P * d))
     per_source = max(1, work_floats // (L * P * d))
-    t_layer_of_edge = targets.layer[edges[:, 0]]
-    for t_layer in t_layer_of_edge.unique().tolist():
-        at_layer = (t_layer_of_edge == t_layer).nonzero()[:, 0]
+    layer_of_edge = targets.layer[edges[:, 0]]
+    for t_layer in layer_of_edge.unique().tolist():
+        at_layer = (layer_of_edge == t_layer).nonzero()[:, 0]
         nodes = edges[at_layer, 0].unique()
         for a in range(0, len(nodes), per_target):
             chunk = nodes[a : a + per_target]
@@ -92,8 +96,8 @@ def head_loadings(
                 )
                 embed, writes, pos = sources.injections(s_chunk)
                 F = _forward(rep, embed, writes, pos)
-                _contract(local.to(device), grads, (F, writes, pos), (heads, other), work_floats)
-    return HeadLoadings(edges, heads.cpu(), other.cpu(), _on_way(graph, edges, targets, sources, L).cpu())
+                _contract(local.to(heads.device), grads, (F, writes, pos), (heads, other), work_floats)
+    return heads, other
 
 
 class _Targets:
@@ -102,7 +106,6 @@ class _Targets:
 
     def __init__(self, graph: Graph, rep: Replacement, model: HookedTransformer):
         n, L, N = graph.n_features, rep.n_layers, len(graph.adjacency)
-        dev = rep.embed.device
         self.rep, self.graph, self.model = rep, graph, model
         self.layer = torch.full((N,), -1, dtype=torch.long)
         self.pos = torch.full((N,), -1, dtype=torch.long)
@@ -110,7 +113,7 @@ class _Targets:
         self.layer[graph.target_slice], self.pos[graph.target_slice] = L, rep.n_pos - 1
         weights = torch.stack([t.weights for t in self._logit_targets()])  # [T, d_vocab]
         directions = weights @ model.W_U.detach().to(weights.dtype).T  # [T, d] at the final norm's output
-        last = torch.full((len(directions),), rep.n_pos - 1, device=dev)
+        last = torch.full((len(directions),), rep.n_pos - 1, device=directions.device)
         self._logits = rep.ln_final.backward_at(directions, last)
 
     def _logit_targets(self):
@@ -256,7 +259,7 @@ def _contract(
         other[e] = torch.einsum("klx,klx->kl", grads.mid[i].flatten(-2), f) + late.flip(1).cumsum(1).flip(1)
 
 
-def _on_way(graph: Graph, edges: torch.Tensor, targets: _Targets, sources: _Sources, L: int) -> torch.Tensor:
+def _on_way(edges: torch.Tensor, targets: _Targets, sources: _Sources, L: int) -> torch.Tensor:
     """[E, L] bool: the attention layers each edge's source reaches its target through (from the
     first after the source's own writes to the target's own layer, or the last layer for logits)."""
     layers = torch.arange(L)
