@@ -50,7 +50,8 @@ def main() -> None:
     grid = patching_grid(model, args.prompt, counterfactual, kinds=("head",)).grids["head"]  # [L, H, pos]
     print(f"per-head patching against {counterfactual!r} (recovered fraction), at the last position and at {at}:")
     for l in range(graph.n_layers):
-        print(f"  layer {l}: " + "  ".join(f"H{h} {grid[l, h, last]:+.3f}/{grid[l, h, at]:+.3f}" for h in range(4)))
+        cells = (f"H{h} {grid[l, h, last]:+.3f}/{grid[l, h, at]:+.3f}" for h in range(grid.shape[1]))
+        print(f"  layer {l}: " + "  ".join(cells))
     rep = build_replacement(model, clt, graph.tokens)
     top = carried.flatten().abs().argsort(descending=True)[:2].tolist()
     H = carried.shape[1]
