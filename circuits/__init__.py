@@ -30,6 +30,8 @@ _EXPORTS = {
     "Graph": "circuits.attribution.graph",
     "validate": "circuits.attribution.interventions",
     "run_with_interventions": "circuits.attribution.interventions",
+    "head_loadings": "circuits.attribution.heads",
+    "qk_attribution": "circuits.attribution.qk",
     # concepts
     "concept_report": "circuits.concepts.report",
     # feature cards
@@ -40,7 +42,9 @@ _EXPORTS = {
 if TYPE_CHECKING:
     from circuits.attribution.attribute import AttributionConfig, attribute
     from circuits.attribution.graph import Graph
+    from circuits.attribution.heads import head_loadings
     from circuits.attribution.interventions import run_with_interventions, validate
+    from circuits.attribution.qk import qk_attribution
     from circuits.concepts.report import concept_report
     from circuits.errors import CircuitsError
     from circuits.features import load_features, scan_features
@@ -65,6 +69,8 @@ __all__ = [
     "Graph",
     "validate",
     "run_with_interventions",
+    "head_loadings",
+    "qk_attribution",
     "concept_report",
     "scan_features",
     "load_features",

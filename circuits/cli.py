@@ -76,7 +76,7 @@ def _cmd_trace(args: argparse.Namespace) -> None:
         inhibited=args.inhibited, device=args.device, node_threshold=args.node_threshold,
         edge_threshold=args.edge_threshold, prune=not args.no_prune, validate=args.validate,
         concept_traces=not args.no_concepts, concepts=args.concept, paths=[p.split(",") for p in args.path],
-        categories=_demo_categories(args.model),
+        categories=_demo_categories(args.model), heads=args.heads,
     )  # fmt: skip
     check_text("the prompt", args.prompt)
     from circuits.features import features_for, load_features, scan_dir
@@ -92,6 +92,26 @@ def _cmd_trace(args: argparse.Namespace) -> None:
         print("\n".join(result.validation.lines()))
     print(result.json_path)
     print(result.page_path)
+
+
+def _cmd_qk(args: argparse.Namespace) -> None:
+    from circuits.attribution.qk import qk_attribution
+    from circuits.fileio import write_json
+    from circuits.models import prompt_tokens
+    from circuits.pipeline import load_pair
+
+    model, clt = load_pair(args.model, args.transcoder, args.device, args.dtype)
+    qk = qk_attribution(model, clt, args.prompt, args.layer, args.head, args.query, args.key)
+    words = [model.tokenizer.decode([t]) for t in prompt_tokens(model, args.prompt)[0].tolist()]
+    print(
+        f"layer {qk.layer} head {qk.head}: query {qk.query} {words[qk.query]!r} -> key {qk.key} {words[qk.key]!r}, "
+        f"score {qk.score:.4f} = the sum of {qk.terms.numel()} terms ({qk.terms.sum().item():.4f})"
+    )
+    for query, key, value in qk.top(args.top):
+        print(f"  {value:+9.4f}  {query:>20} x {key}")
+    if args.json:
+        write_json(Path(args.json), qk.to_dict())
+        print(args.json)
 
 
 def _cmd_aggregate(args: argparse.Namespace) -> None:
@@ -238,7 +258,20 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concept", action="append", default=[], help="a concept to trace beside the graph; repeatable")
     p.add_argument("--path", action="append", default=[], help="a concept chain to score, e.g. Dallas,Texas,Austin")
     p.add_argument("--no-concepts", action="store_true", help="no concept-trace panels on the page")
+    p.add_argument("--heads", action="store_true", help="add each link's head loadings per attention layer to the JSON")
     p.set_defaults(func=_cmd_trace)
+
+    p = sub.add_parser("qk", help="QK attribution: why a head attends from a query position to a key position")
+    _model_options(p)
+    p.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT)
+    p.add_argument("--transcoder", default="demo", help="a transcoder, as --transcoder of `circuits trace`")
+    p.add_argument("--layer", type=int, required=True, help="the attention layer")
+    p.add_argument("--head", type=int, required=True, help="the head (a query head with grouped-query attention)")
+    p.add_argument("--query", type=int, default=-1, help="the query position (negative: from the end; default -1)")
+    p.add_argument("--key", type=int, required=True, help="the key position (<= the query)")
+    p.add_argument("--top", type=int, default=20, help="print this many terms, largest |value| first")
+    p.add_argument("--json", help="write every term to this JSON file")
+    p.set_defaults(func=_cmd_qk)
 
     p = sub.add_parser("aggregate", help="merge the graphs of many prompts into one graph of features")
     p.add_argument("graphs", nargs="+", help=".graph.safetensors files written by `circuits trace`")

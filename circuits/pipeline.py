@@ -74,6 +74,8 @@ class TraceOptions:
     categories: dict[str, list[str]] | None = None
     """Word categories for `@name` concepts, proposed counterfactuals and trajectory variants (e.g. the
     demo world's `circuits.demo.facts.CATEGORIES`); None: none are proposed."""
+    heads: bool = False
+    """Add each link's head loadings to the JSON (`circuits.attribution.heads`)."""
     page: PageOptions = field(default_factory=PageOptions)
 
     def __post_init__(self) -> None:
@@ -103,6 +105,7 @@ class TraceResult:
     json_path: Path
     graph_path: Path
     page_path: Path
+    attention: dict | None = None  # with options.heads: what the page shows of attention (`qk.attention_page`)
 
 
 def trace(
@@ -130,6 +133,7 @@ def trace(
     data = schema.to_dict(
         graph, slug, options.transcoder_name, options.node_threshold, options.edge_threshold, options.prune
     )
+    attention = _attention(graph, data, model, transcoder, features) if options.heads else None
     validation = validate(graph, model, transcoder) if options.validate else None
     report = _concept_report(model, prompt, data["nodes"], options) if options.concept_traces else None
     cards = feature_cards(data, features)
@@ -138,10 +142,24 @@ def trace(
     out = Path(options.out)
     result = TraceResult(
         graph, data, cards, validation, report,
-        out / f"{slug}.json", out / f"{slug}.graph.safetensors", out / f"{slug}.html",
+        out / f"{slug}.json", out / f"{slug}.graph.safetensors", out / f"{slug}.html", attention,
     )  # fmt: skip
     _write(result, options)
     return result
+
+
+def _attention(graph: Graph, data: dict, model: HookedTransformer, transcoder, features: FeatureScan | None) -> dict:
+    """Head loadings into every link of `data`, in place, and what the page shows of attention, with
+    the labels of the features among its QK terms."""
+    from circuits.attribution.heads import annotate_links
+    from circuits.attribution.qk import attention_page, feature_sources
+
+    annotate_links(data, graph, model, transcoder)
+    page = attention_page(model, transcoder, graph.tokens, data["links"], graph.config["attribution"]["dtype"])
+    sources = feature_sources(page) if features is not None else []
+    page["labels"] = {source: features.card(layer, feature)["label"] for source, layer, feature in sources}
+    page["tokens"] = graph.token_strs
+    return page
 
 
 def _concept_report(model: HookedTransformer, prompt: str, nodes: list[dict], options: TraceOptions) -> ConceptReport:
@@ -166,7 +184,7 @@ def _write(result: TraceResult, options: TraceOptions) -> None:
 
     figs = None if result.report is None else figures(result.report)
     page = render_page(result.data, cards=result.cards, figures=figs, info=page_info(result, options),
-                       options=options.page)  # fmt: skip
+                       options=options.page, attention=result.attention)  # fmt: skip
     with locked(options.out):
         result.graph.save(result.graph_path)
         write_json(result.json_path, result.data)

@@ -17,6 +17,11 @@ relative to the largest edge against circuit-tracer and against the autograd ref
 rows. circuit-tracer never attributes from position 0 (BOS): edges are compared on the nodes both
 graphs have.
 
+`--heads` instead times the head loadings of the pruned graph's links (`circuits trace --heads`) on the
+demo flagship and a 64-token prompt, as a ratio to the graph itself:
+
+    python scripts/bench_attribution.py --heads --threads 1 --repeat 3
+
 `--load` instead times loading a transcoder: a Gemma-shaped CLT stand-in (--load-shape, default 26 layers
 x 512 features x d 2304 = 1.78 GB of fp32 weights in circuit-tracer's CLT layout, written once into
 --load-dir) loaded by our `load_transcoder` and by circuit-tracer's `load_clt` (its defaults: lazy
@@ -308,6 +313,45 @@ def bench_load(args) -> None:
               f"| {peak['ours'] / peak['ct']:.2f}x | | |")  # fmt: skip
 
 
+def bench_heads(args) -> None:
+    """`--heads`: the head loadings of the pruned graph's links (what `circuits trace --heads` adds)
+    on the demo flagship and a 64-token prompt, best of --repeat after a warm-up, as a ratio to the
+    attribution of the graph itself, in this process."""
+    import torch
+
+    from circuits.attribution.attribute import attribute
+    from circuits.attribution.heads import head_loadings
+    from circuits.pipeline import load_pair
+
+    torch.set_num_threads(args.threads)
+    if args.fire_fraction:
+        args.transcoder = str(with_fire_fraction(args.transcoder, args.fire_fraction))
+    model, clt = load_pair("demo", args.transcoder)
+    prompts = {
+        "flagship": "Fact: Dallas is in the state whose capital is",
+        "64 tokens": " ".join((SENTENCES * 8).split()[:63]),
+    }
+    print(f"threads={args.threads} transcoder={args.transcoder} load average {os.getloadavg()[0]:.2f}")
+    print("| prompt | tokens | features | links | graph | head loadings | ratio |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, prompt in prompts.items():
+        graph_times, head_times = [], []
+        for _ in range(args.repeat + 1):
+            start = time.perf_counter()
+            graph = attribute(prompt, model, clt, batch_size=args.batch_size, progress=False)
+            graph_times.append(time.perf_counter() - start)
+            result = graph.prune()
+            edges = (result.edge_mask & (graph.adjacency != 0)).nonzero()
+            start = time.perf_counter()
+            head_loadings(graph, model, clt, edges)
+            head_times.append(time.perf_counter() - start)
+        g, h = min(graph_times[1:]), min(head_times[1:])
+        print(
+            f"| {name} | {graph.n_pos} | {graph.n_features:,} | {len(edges):,} | {g:.3f} s | {h:.3f} s | {h / g:.2f}x |"
+        )
+    print(f"load average {os.getloadavg()[0]:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--transcoder", default="demo")
@@ -336,6 +380,7 @@ def main() -> None:
     parser.add_argument("--load-dir", default=None, help="where the --load stand-in CLT is (written if absent)")
     parser.add_argument("--load-shape", type=int, nargs=3, default=[26, 512, 2304], metavar=("L", "F", "D"))
     parser.add_argument("--load-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--heads", action="store_true", help="benchmark head loadings against the graph instead")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--ct-batch-size", type=int, default=512, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
@@ -351,6 +396,8 @@ def main() -> None:
         return
     if args.load:
         return bench_load(args)
+    if args.heads:
+        return bench_heads(args)
 
     from circuits.models import DEMO_MODEL_DIR
     from circuits.transcoders.load import DEMO_CLT_DIR

@@ -11,13 +11,14 @@ from circuits.transcoders.clt import CrossLayerTranscoder
 
 
 def autograd_rows(
-    model: HookedTransformer, clt: CrossLayerTranscoder, tokens: torch.Tensor, targets: list
+    model: HookedTransformer, clt: CrossLayerTranscoder, tokens: torch.Tensor, targets: list, extra_hooks=()
 ) -> torch.Tensor:
     """The reference for edges: rows [n_targets, n_sources] (sources laid out as in attribution:
     active features, errors [L, P], tokens [P]) by autograd through the spliced model with attention
     patterns and norm scales frozen, one backward pass per target, the transcoder reading and
     writing at its own hooks. A target is (layer, pos, feature) for a feature's pre-activation, or a
-    vector [d_vocab] of logit weights."""
+    vector [d_vocab] of logit weights. `extra_hooks`: more (name, hook) pairs for the run, e.g. to
+    detach a head's output."""
     L = model.cfg.n_layers
     state = clean_state(model, clt, tokens)
     reads = [read_point(model, clt.cfg.input_hook, l) for l in range(L)]  # the transcoder's input hook
@@ -34,6 +35,7 @@ def autograd_rows(
     hooks += [("hook_embed", lambda x, hook: embed)]
     hooks += [(name, lambda x, hook, l=l, f=f: inputs.update({l: f(x)[0]})) for l, (name, f) in enumerate(reads)]
     hooks += [("ln_final.hook_normalized", lambda x, hook: inputs.update({"final": x[0, -1]}))]
+    hooks += list(extra_hooks)
     model.run_with_hooks(tokens[None], fwd_hooks=hooks)
     # the logits before any output soft cap: the graph's logit targets
     logits = norm_weights(model.ln_final, inputs["final"]) @ model.W_U + model.b_U

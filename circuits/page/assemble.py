@@ -76,10 +76,12 @@ def render_page(
     figures: dict | None = None,
     info: PageInfo | None = None,
     options: PageOptions | None = None,
+    attention: dict | None = None,
 ) -> str:
     """The page as one HTML string. `graph`: the graph JSON; `cards`: the feature cards of its
     features by node id (`feature_cards`); `figures`: {name: plotly Figure} of the concept traces
-    (see `circuits.page.panels`)."""
+    (see `circuits.page.panels`); `attention`: head loadings, patterns and QK terms
+    (`circuits.attribution.qk.attention_page`), shown by `heads.js` when an edge is clicked."""
     info, options, cards = info or PageInfo(), options or PageOptions(), cards or {}
     labels = {nid: card["label"] for nid, card in cards.items()}
     view = build_view(graph, labels, options.view)
@@ -116,8 +118,17 @@ def render_page(
         f"<style>{assets['css']}</style>\n<style>{page_css}</style>\n{_script(assets['js'])}\n{plotly}\n"
         f"</head>\n<body>\n{_header(graph, view, info)}\n{_main(specs, _count(view.nodes, 'inhibited'))}\n"
         f'<script type="application/json" id="circuits-data">{script_json(data)}</script>\n'
-        f"{_script(assets['draw'])}\n{_script(page_js)}\n</body>\n</html>\n"
+        f"{_script(assets['draw'])}\n{_script(page_js)}\n{_attention(attention)}</body>\n</html>\n"
     )
+
+
+def _attention(attention: dict | None) -> str:
+    """The attention view's data, styles and script (`heads.js`), or nothing without its data."""
+    if attention is None:
+        return ""
+    css, js = ((ASSETS / name).read_text(encoding="utf-8") for name in ("heads.css", "heads.js"))
+    data = f'<script type="application/json" id="circuits-attention">{script_json(attention)}</script>'
+    return f"<style>{css}</style>\n{data}\n{_script(js)}\n"
 
 
 def write_page(path: str | Path, graph: dict, **kwargs) -> Path:

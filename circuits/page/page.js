@@ -462,8 +462,13 @@
   canvasBox.addEventListener("pointerup", (e) => {
     if (!down || Math.hypot(e.clientX - down.x, e.clientY - down.y) > 5) return;
     const r = canvasBox.getBoundingClientRect();
-    const id = network.getNodeAt({ x: e.clientX - r.left, y: e.clientY - r.top });
+    const at = { x: e.clientX - r.left, y: e.clientY - r.top };
+    const id = network.getNodeAt(at);
     if (id !== undefined) showDetails(id);
+    // an edge click is announced for other views (heads.js): detail is the vis edge {from, to, weight}
+    else if (network.getEdgeAt(at) !== undefined) {
+      document.dispatchEvent(new CustomEvent("circuits:edge-click", { detail: edges.get(network.getEdgeAt(at)) }));
+    }
   }, { capture: true });
   // Hover highlights wait a moment, so moving across a large graph does not redraw it at every node.
   network.on("hoverNode", (params) => {
