@@ -223,7 +223,11 @@ def _build_parser() -> argparse.ArgumentParser:
         "--counterfactual",
         help="a prompt of the same token length for patching (default, --model demo: a same-category swap)",
     )
-    p.add_argument("--full-sequence", action="store_true", help="score multi-token words by their whole sequence")
+    p.add_argument(
+        "--full-sequence", action="store_true",
+        help="score every multi-token word by its whole token sequence (default: only words whose first token "
+        "is shared with another traced word or blank)",
+    )  # fmt: skip
     p.add_argument("--out", default="concepts_out", help="output directory")
     p.set_defaults(func=_cmd_concepts)
 

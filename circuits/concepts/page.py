@@ -40,6 +40,7 @@ def report_json(report: ConceptReport) -> dict:
         "trajectories": _trajectories_json(report.trajectories) if report.trajectories else None,
         "funnel": {k: _floats(v) for k, v in report.funnel.items()} if report.funnel else None,
         "graph_cells": {f"{r},{p}": ids for (r, p), ids in sorted(report.graph_cells.items())},
+        "notes": report.notes,
     }
 
 
@@ -62,6 +63,7 @@ td,th{{border:1px solid #ccc;padding:2px 8px}} code{{background:#f4f4f4}}</style
 <p>Prompt: <code>{html.escape(report.prompt)}</code> → prediction <b>{html.escape(report.prediction)}</b></p>
 <p>Tokens: {" ".join(f"<code>{html.escape(t)}</code>" for t in report.tokens)}</p>
 <p>Auto-proposed intermediate concepts: {html.escape(", ".join(report.proposals) or "none")}</p>
+{"".join(f'<p class="note">Note: {html.escape(n)}</p>' for n in report.notes)}
 {_paths_table(report.paths)}
 {_patching_line(report.patching)}
 {sections}
@@ -130,13 +132,14 @@ def _trace_json(t: ConceptTrace) -> dict:
         "words": list(t.concept.words),
         "token_ids": [list(ids) for ids in t.concept.token_ids],
         "peak": {"layer": layer, "position": pos, "anchored_in_prompt": t.anchor_position is not None},
+        "anchor": list(t.anchor) if t.anchor else None,
+        "scored_whole": list(t.whole),
         "prob": _floats(t.prob),
         "logprob": _floats(t.logprob),
         "rank": t.rank.tolist(),
         "logit": _floats(t.logit),
         "attn_direct": _floats(t.attn_direct),
         "mlp_direct": _floats(t.mlp_direct),
-        "sequence_logprob": _floats(t.sequence_logprob) if t.sequence_logprob is not None else None,
     }
 
 

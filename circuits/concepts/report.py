@@ -17,7 +17,15 @@ from transformer_lens import HookedTransformer
 from circuits.concepts import figures as cf
 from circuits.concepts.categories import Categories
 from circuits.concepts.cells import graph_nodes_by_cell
-from circuits.concepts.lens import Concept, ConceptTrace, logit_lens, make_concept, propose_intermediates, trace_concept
+from circuits.concepts.lens import (
+    Concept,
+    ConceptTrace,
+    logit_lens,
+    make_concept,
+    propose_intermediates,
+    trace_concept,
+    whole_words,
+)
 from circuits.concepts.patching import PatchingResult, category_variants, patching_grid, propose_counterfactuals
 from circuits.concepts.paths import PathScore, rank_paths
 from circuits.concepts.trajectories import Trajectories, funnel, trajectories
@@ -41,6 +49,7 @@ class ConceptReport:
     trajectories: Trajectories | None = None
     funnel: dict[str, torch.Tensor] | None = None
     graph_cells: dict[tuple[int, int], list[str]] = field(default_factory=dict)  # trace cell -> graph node ids
+    notes: list[str] = field(default_factory=list)  # warnings for the reader (e.g. words scored whole)
 
     def trace(self, name: str) -> ConceptTrace:
         return next(t for t in self.traces if t.concept.name == name)
@@ -75,7 +84,8 @@ def concept_report(
         specs += [proposals[0], prediction]
         paths.append([proposals[0], prediction])
     made, paths = resolve_concepts(model, specs, paths, categories)
-    traces = [trace_concept(model, tokens, lens, cache, c, full_sequence) for c in made.values()]
+    whole, notes = whole_words(list(made.values()), model, full_sequence)
+    traces = [trace_concept(model, tokens, lens, cache, c, whole) for c in made.values()]
     patching = patch_against(model, prompt, counterfactual, categories)
     followed, same_answer = follow_variants(model, prompt, trajectory_sets or {}, categories)
     return ConceptReport(
@@ -90,6 +100,7 @@ def concept_report(
         trajectories=followed,
         funnel=same_answer,
         graph_cells=graph_nodes_by_cell(graph_nodes or [], model.cfg.n_layers),
+        notes=notes,
     )
 
 

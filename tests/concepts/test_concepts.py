@@ -106,16 +106,18 @@ def test_direct_contributions_add_up_to_the_final_logits(demo_model, flagship_tr
     torch.testing.assert_close(components + bias, logits[0, :, austin], atol=1e-3, rtol=1e-4)
 
 
-def test_full_sequence_log_prob_of_a_multi_token_word(demo_model, flagship_traces):
-    traces, _ = flagship_traces
+def test_a_word_sharing_its_first_token_is_scored_by_its_whole_sequence(demo_model, flagship_traces):
+    traces, lens = flagship_traces
     seq = traces["Austin ."]
     assert seq.concept.token_ids[0] == tuple(demo_model.to_tokens(" Austin .", prepend_bos=False)[0].tolist())
-    assert len(seq.concept.token_ids[0]) == 2
+    assert seq.whole == (True,) and traces["Austin"].whole == (False,)
     tokens = demo_model.to_tokens(FLAGSHIP + " Austin")
-    logprobs = demo_model(tokens)[0].log_softmax(-1)
+    logprobs = demo_model(tokens)[0].log_softmax(-1).detach()
     expected = logprobs[-2, demo_model.to_single_token("Austin")] + logprobs[-1, demo_model.to_single_token(".")]
-    assert seq.sequence_logprob[-1].item() == pytest.approx(expected.item(), abs=1e-4)
-    torch.testing.assert_close(seq.logprob, traces["Austin"].logprob)  # first-token scores
+    assert seq.logprob[-1, -1].item() == pytest.approx(expected.item(), abs=1e-4)
+    # Every layer: the lens's first token, plus the same teacher-forced rest (the final model's).
+    rest = (seq.logprob - traces["Austin"].logprob)[:, -1]
+    torch.testing.assert_close(rest, torch.full_like(rest, float(logprobs[-1, demo_model.to_single_token(".")])))
 
 
 def test_path_scores_rank_the_true_path_first_and_halve_out_of_order_baselines(demo_model, flagship_traces):
