@@ -26,9 +26,10 @@ from circuits.concepts.lens import (
     trace_concept,
     whole_words,
 )
-from circuits.concepts.patching import PatchingResult, category_variants, patching_grid, propose_counterfactuals
+from circuits.concepts.patching import PatchingResult, patching_grid
 from circuits.concepts.paths import PathScore, rank_paths
 from circuits.concepts.trajectories import Trajectories, funnel, trajectories
+from circuits.concepts.variants import category_variants, propose_counterfactuals, slot_swaps
 from circuits.models import prompt_tokens
 
 MAX_TRAJECTORY_PROMPTS = 24
@@ -86,8 +87,9 @@ def concept_report(
     made, paths = resolve_concepts(model, specs, paths, categories)
     whole, notes = whole_words(list(made.values()), model, full_sequence)
     traces = [trace_concept(model, tokens, lens, cache, c, whole) for c in made.values()]
-    patching = patch_against(model, prompt, counterfactual, categories)
-    followed, same_answer = follow_variants(model, prompt, trajectory_sets or {}, categories)
+    anchors = [t.anchor_position for t in traces if t.anchor_position is not None]
+    patching = patch_against(model, prompt, counterfactual, categories, anchors)
+    followed, same_answer = follow_variants(model, prompt, trajectory_sets or {}, categories, anchors)
     return ConceptReport(
         prompt=prompt,
         tokens=model.to_str_tokens(tokens),
@@ -126,20 +128,25 @@ def _path_concept(model: HookedTransformer, made: dict[str, Concept], spec: str,
 
 
 def patch_against(
-    model: HookedTransformer, prompt: str, counterfactual: str | None, categories: Categories
+    model: HookedTransformer, prompt: str, counterfactual: str | None, categories: Categories, anchors: list[int]
 ) -> PatchingResult | None:
-    """The patching grid of the prompt against `counterfactual`, or else against the first same-category
-    variant whose answer differs; None when there is neither."""
-    counterfactuals = [counterfactual] if counterfactual else propose_counterfactuals(model, prompt, categories, n=1)
+    """The patching grid of the prompt against `counterfactual`, or else against the first proposed variant
+    (see `propose_counterfactuals`; slot swaps at the `anchors`, the traced words of the prompt, when there
+    are any) whose answer differs; None when there is neither."""
+    counterfactuals = (
+        [counterfactual] if counterfactual else propose_counterfactuals(model, prompt, categories, 1, anchors or None)
+    )
     return patching_grid(model, prompt, counterfactuals[0]) if counterfactuals else None
 
 
 def follow_variants(
-    model: HookedTransformer, prompt: str, extra_sets: dict[str, list[str]], categories: Categories
+    model: HookedTransformer, prompt: str, extra_sets: dict[str, list[str]], categories: Categories, anchors: list[int]
 ) -> tuple[Trajectories | None, dict[str, torch.Tensor] | None]:
-    """Trajectories of the prompt and its same-category variants (at most MAX_TRAJECTORY_PROMPTS), plus
-    `extra_sets`, and their funnel when some prompts share an answer; None for a lone prompt."""
-    variants = category_variants(model, prompt, categories)[: MAX_TRAJECTORY_PROMPTS - 1]
+    """Trajectories of the prompt and its variants (same-category swaps, or else the model's own slot swaps
+    at the `anchors`; at most MAX_TRAJECTORY_PROMPTS), plus `extra_sets`, and their funnel when some
+    prompts share an answer; None for a lone prompt."""
+    variants = category_variants(model, prompt, categories) or slot_swaps(model, prompt, anchors or None)
+    variants = variants[: MAX_TRAJECTORY_PROMPTS - 1]
     sets = {"prompt and variants": [prompt, *variants], **extra_sets}
     if sum(len(s) for s in sets.values()) <= 1:
         return None, None

@@ -18,22 +18,15 @@ from circuits.concepts.cells import graph_nodes_by_cell
 from circuits.concepts.figures import flow_gif
 from circuits.concepts.lens import make_concept, propose_intermediates, trace_concepts
 from circuits.concepts.page import render_concepts_html, report_json, write_concepts_page
-from circuits.concepts.patching import (
-    HOOKS,
-    Patch,
-    category_variants,
-    grid_patches,
-    patching_grid,
-    propose_counterfactuals,
-    run_patches,
-)
+from circuits.concepts.patching import HOOKS, Patch, grid_patches, patching_grid, run_patches
 from circuits.concepts.paths import rank_paths, score_path
 from circuits.concepts.report import concept_report, figures, flow_steps
 from circuits.concepts.trajectories import fit_pca, funnel, residual_states, spread, trajectories
+from circuits.concepts.variants import category_variants, propose_counterfactuals, slot_swaps
 from circuits.demo.facts import CATEGORIES
 from circuits.demo.two_hop import study, two_hop_cases
 from circuits.errors import CircuitsError
-from circuits.models import DEMO_MODEL_DIR, prompt_tokens
+from circuits.models import DEMO_MODEL_DIR, load_model, prompt_tokens
 
 FLAGSHIP = "Fact: Dallas is in the state whose capital is"
 COUNTERFACTUAL = "Fact: Chicago is in the state whose capital is"
@@ -397,21 +390,41 @@ def test_categories_are_inputs_to_concepts_and_counterfactuals(demo_model):
     swapped = [FLAGSHIP.replace("Dallas", town) for town in ("Chicago", "Moab")]
     assert category_variants(demo_model, FLAGSHIP, TOWNS) == swapped
     assert propose_counterfactuals(demo_model, FLAGSHIP, TOWNS) == swapped  # Springfield and Salt Lake City
-    assert category_variants(demo_model, FLAGSHIP, {}) == [] and propose_counterfactuals(demo_model, FLAGSHIP, {}) == []
+    assert category_variants(demo_model, FLAGSHIP, {}) == []
     assert member_swaps("in Dallas now", {"odd": ["Dallas", r"\1 & \g<0>"]}) == [r"in \1 & \g<0> now"]  # literal
 
 
-def test_without_categories_a_category_is_a_one_line_error_and_nothing_is_proposed(demo_model, tmp_path, capsys):
+def test_without_categories_a_category_is_a_one_line_error_and_the_model_proposes_swaps(demo_model, tmp_path, capsys):
     with pytest.raises(CircuitsError, match=r"unknown concept category @states \(known: none\): pass categories=") as e:
         make_concept(demo_model, "@states")
     assert len(str(e.value).splitlines()) == 1
-    report = concept_report(demo_model, FLAGSHIP, concepts=["Texas"])
-    assert report.patching is None and report.trajectories is None and report.funnel is None
+    # No categories: the counterfactual swaps the traced prompt word (Dallas) for another word the model itself
+    # ranks high in that slot, of the same token length, whose answer differs.
+    report = concept_report(demo_model, FLAGSHIP, concepts=["Dallas", "Texas"])
+    corrupt = report.patching.corrupt_prompt
+    new = demo_model.to_str_tokens(corrupt)[3]
+    assert corrupt == FLAGSHIP.replace("Dallas", new) and new != "Dallas"
+    tokens = prompt_tokens(demo_model, FLAGSHIP)
+    ranked = demo_model(tokens)[0, 2].topk(16).indices.tolist()
+    assert demo_model.to_single_token(new) in ranked
+    assert report.patching.foil.strip() != report.prediction
+    variants = report.trajectories.sets["prompt and variants"]
+    assert len(variants) == 9 and {prompt_tokens(demo_model, v).shape for v in variants} == {tokens.shape}
+    assert slot_swaps(demo_model, FLAGSHIP, [3], per_slot=3) == [FLAGSHIP.replace("Dallas", c) for c in _top_cities(3)]
     # The CLI passes the demo's categories for `--model demo` only: the same model from its directory has none.
     argv = ["concepts", FLAGSHIP, "--concept", "@states", "--model", str(DEMO_MODEL_DIR), "--out", str(tmp_path)]
+    capsys.readouterr()
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "known: none" in err
+
+
+def _top_cities(n: int) -> list[str]:
+    """The demo model's top-ranked capitalised words after "Fact:", by a plain loop over its ranking."""
+    model = load_model("demo")
+    logits = model(prompt_tokens(model, "Fact:"))[0, -1]
+    words = [model.to_single_str_token(i) for i in logits.argsort(descending=True).tolist()]
+    return [w for w in words if w[:1].isupper() and w != "Dallas"][:n]
 
 
 def _import_graph():
