@@ -27,6 +27,30 @@ def _demo_categories(model: str) -> dict[str, list[str]] | None:
     return CATEGORIES if model == "demo" else None
 
 
+def _categories(args: argparse.Namespace) -> dict[str, list[str]] | None:
+    """The named word groups of --vocabulary, then each --group; the demo world's when neither is given."""
+    from circuits.concepts.categories import parse_group, read_vocabulary
+
+    groups = read_vocabulary(Path(args.vocabulary)) if args.vocabulary else {}
+    groups.update(parse_group(spec) for spec in args.group)
+    return groups or _demo_categories(args.model)
+
+
+def _graph_nodes(args: argparse.Namespace):
+    """The model, and the pruned graph JSON's nodes of the prompt with --transcoder (None without)."""
+    from circuits.models import load_model
+
+    if not args.transcoder:
+        return load_model(args.model, device=args.device, dtype=args.dtype), None
+    from circuits.attribution import schema
+    from circuits.attribution.attribute import attribute
+    from circuits.pipeline import load_pair
+
+    model, clt = load_pair(args.model, args.transcoder, args.device, args.dtype)
+    graph = attribute(args.prompt, model, clt, device=args.device)
+    return model, schema.to_dict(graph, "concepts", args.transcoder)["nodes"]
+
+
 def _cmd_predict(args: argparse.Namespace) -> None:
     import torch
 
@@ -72,7 +96,7 @@ def _cmd_trace(args: argparse.Namespace) -> None:
         inhibited=args.inhibited, device=args.device, node_threshold=args.node_threshold,
         edge_threshold=args.edge_threshold, prune=not args.no_prune, validate=args.validate,
         concept_traces=not args.no_concepts, concepts=args.concept, paths=[p.split(",") for p in args.path],
-        categories=_demo_categories(args.model),
+        categories=_categories(args),
     )  # fmt: skip
     model, clt = load_pair(args.model, args.transcoder, args.device, args.dtype)
     features = load_features(args.features, clt) if args.features else features_for(args.transcoder, clt)
@@ -116,9 +140,9 @@ def _cmd_train(args: argparse.Namespace) -> None:
 def _cmd_concepts(args: argparse.Namespace) -> None:
     from circuits.concepts.page import write_concepts_page
     from circuits.concepts.report import concept_report
-    from circuits.models import load_model
 
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    categories = _categories(args)
+    model, nodes = _graph_nodes(args)
     report = concept_report(
         model,
         args.prompt,
@@ -127,7 +151,8 @@ def _cmd_concepts(args: argparse.Namespace) -> None:
         counterfactual=args.counterfactual,
         auto=args.auto,
         full_sequence=args.full_sequence,
-        categories=_demo_categories(args.model),
+        categories=categories,
+        graph_nodes=nodes,
     )
     for p in report.paths:
         print(f"path {' -> '.join(p.path)}: score {p.score:.3f} (baseline {p.baseline:.3f}), peaks {p.peaks}")
@@ -141,6 +166,18 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
         help="the weights of the model and the transcoder (attribution computes in float32)",
+    )  # fmt: skip
+
+
+def _group_options(p: argparse.ArgumentParser) -> None:
+    """--group and --vocabulary: named word groups for @NAME concepts and counterfactual swaps."""
+    p.add_argument(
+        "--group", action="append", default=[], metavar="NAME=w1|w2",
+        help="a named word group: @NAME as a concept, and its members swapped for counterfactuals; repeatable",
+    )  # fmt: skip
+    p.add_argument(
+        "--vocabulary", help="a file of named groups: a JSON object of word lists, or NAME=w1|w2 lines "
+        "(default with neither, --model demo: the demo world's @cities, @states, @capitals)",
     )  # fmt: skip
 
 
@@ -196,6 +233,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concept", action="append", default=[], help="a concept to trace beside the graph; repeatable")
     p.add_argument("--path", action="append", default=[], help="a concept chain to score, e.g. Dallas,Texas,Austin")
     p.add_argument("--no-concepts", action="store_true", help="no concept-trace panels on the page")
+    _group_options(p)
     p.set_defaults(func=_cmd_trace)
 
     p = sub.add_parser("aggregate", help="merge the graphs of many prompts into one graph of features")
@@ -215,19 +253,26 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT)
     p.add_argument(
         "--concept", action="append", default=[],
-        help="a word, NAME=w1|w2 (a group), or a category (--model demo: @cities, @states, @capitals); repeatable",
+        help="a word, NAME=w1|w2 (a group), or @NAME (a --group or --vocabulary group; --model demo: @cities, "
+        "@states, @capitals); repeatable",
     )  # fmt: skip
     p.add_argument("--path", action="append", default=[], help="a comma-separated chain, e.g. Dallas,Texas,Austin")
     p.add_argument("--auto", action="store_true", help="also trace the proposed intermediate concept")
     p.add_argument(
         "--counterfactual",
-        help="a prompt of the same token length for patching (default, --model demo: a same-category swap)",
+        help="a prompt of the same token length for patching (default: a swap within a group, or else of a "
+        "traced prompt word for one the model ranks high in that slot, that changes the answer)",
     )
     p.add_argument(
         "--full-sequence", action="store_true",
         help="score every multi-token word by its whole token sequence (default: only words whose first token "
         "is shared with another traced word or blank)",
     )  # fmt: skip
+    p.add_argument(
+        "--transcoder", help="also attribute the prompt with this transcoder (as `circuits trace`) and show "
+        "the graph's nodes at each trace cell",
+    )  # fmt: skip
+    _group_options(p)
     p.add_argument("--out", default="concepts_out", help="output directory")
     p.set_defaults(func=_cmd_concepts)
 

@@ -66,6 +66,7 @@ td,th{{border:1px solid #ccc;padding:2px 8px}} code{{background:#f4f4f4}}</style
 {"".join(f'<p class="note">Note: {html.escape(n)}</p>' for n in report.notes)}
 {_paths_table(report.paths)}
 {_patching_line(report.patching)}
+{_graph_nodes_table(report)}
 {sections}
 <script>
 const FIGURES = {_script_json(specs)};
@@ -109,6 +110,21 @@ def _paths_table(paths: list[PathScore]) -> str:
     )
     head = "<tr><th>path</th><th>score</th><th>baseline</th><th>peaks (layer, pos)</th>"
     return f"<table>{head}<th>pos order</th><th>layer order</th><th>complete</th></tr>{rows}</table>"
+
+
+def _graph_nodes_table(report: ConceptReport) -> str:
+    """The attribution graph's nodes at each concept's peak cell (when the report has graph nodes)."""
+    if not report.graph_cells:
+        return ""
+    rows = []
+    for t in report.traces:
+        row, pos = t.peak()
+        ids = report.graph_cells.get((row, pos), [])
+        shown = ", ".join(ids[:12]) + (f" and {len(ids) - 12} more" if len(ids) > 12 else "")
+        cells = [html.escape(t.concept.name), f"({row}, {pos})", html.escape(shown or "none")]
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    head = "<tr><th>concept</th><th>peak (layer, pos)</th><th>graph nodes there</th></tr>"
+    return f"<h2>Graph nodes at each peak</h2><table>{head}{''.join(rows)}</table>"
 
 
 def _patching_line(result: PatchingResult | None) -> str:

@@ -1,5 +1,6 @@
-"""Concept traces on a model with a byte-level BPE tokenizer (a tiny GPT-2 built offline): words of many
-tokens, words that share their first token (a bare space), prompt words spanning several tokens."""
+"""Concepts on any model: a byte-level BPE tokenizer (a tiny GPT-2 built offline) with words of many tokens,
+words that share their first token (a bare space), prompt words spanning several tokens; and groups, a
+vocabulary file and a transcoder's graph nodes as the CLI's inputs on a model that is not `demo`."""
 
 import json
 import logging
@@ -8,8 +9,10 @@ import pytest
 import torch
 
 from circuits.cli import main
+from circuits.concepts.categories import parse_group, read_vocabulary
 from circuits.concepts.lens import trace_concepts, word_anchor
-from circuits.models import load_model, prompt_tokens
+from circuits.errors import CircuitsError
+from circuits.models import DEMO_MODEL_DIR, load_model, prompt_tokens
 from tests.hf_models import hf_logits, write_tiny_hf_model
 
 PROMPT = "The capital of Pennsylvania is"
@@ -85,3 +88,34 @@ def test_cli_on_the_bpe_model_notes_the_whole_words(bpe, tmp_path, capsys):
     assert "Philadelphia" in data["notes"][0]
     assert data["concepts"][0]["logprob"] != data["concepts"][1]["logprob"]
     assert "first token" in (out / "concepts.html").read_text()
+
+
+def test_groups_and_vocabulary_files_are_inputs(tmp_path):
+    assert parse_group("towns = Dallas|Chicago| Moab") == ("towns", ["Dallas", "Chicago", "Moab"])
+    (tmp_path / "v.txt").write_text("# mine\ntowns=Dallas|Chicago\n\nbig=Texas\n")
+    assert read_vocabulary(tmp_path / "v.txt") == {"towns": ["Dallas", "Chicago"], "big": ["Texas"]}
+    (tmp_path / "v.json").write_text('{"towns": ["Dallas"]}')
+    assert read_vocabulary(tmp_path / "v.json") == {"towns": ["Dallas"]}
+    for bad in ("towns", "=a|b", "towns=|"):
+        with pytest.raises(CircuitsError, match="NAME=word1"):
+            parse_group(bad)
+    (tmp_path / "bad.json").write_text('{"towns": "Dallas"}')
+    with pytest.raises(CircuitsError, match="non-empty word lists"):
+        read_vocabulary(tmp_path / "bad.json")
+
+
+def test_cli_groups_and_the_transcoders_graph_nodes_beside_the_trace(tmp_path, capsys):
+    (tmp_path / "v.txt").write_text("towns=Dallas|Chicago|Moab\n")
+    out = tmp_path / "out"
+    argv = ["concepts", "Fact: Dallas is in the state whose capital is", "--model", str(DEMO_MODEL_DIR)]
+    argv += ["--vocabulary", str(tmp_path / "v.txt"), "--group", "big=Texas|California", "--concept", "@big"]
+    assert main([*argv, "--concept", "Austin", "--transcoder", "demo", "--out", str(out)]) == 0
+    data = json.loads((out / "concepts.json").read_text())
+    assert data["patching"]["corrupt_prompt"] == "Fact: Chicago is in the state whose capital is"  # from @towns
+    assert [c["words"] for c in data["concepts"]] == [["Texas", "California"], ["Austin"]]
+    austin = data["concepts"][1]["peak"]
+    n_layers = data["n_layers"]
+    # The logit node of Austin sits in the last row at the last position: beside Austin's peak.
+    assert (austin["layer"], austin["position"]) == (n_layers, 10)
+    assert any(i.startswith(f"{n_layers + 1}_") for i in data["graph_cells"][f"{n_layers},10"])
+    assert "Graph nodes at each peak" in (out / "concepts.html").read_text()
