@@ -103,13 +103,35 @@ def _paths_table(paths: list[PathScore]) -> str:
     if not paths:
         return "<p>No paths scored.</p>"
     rows = "".join(
-        f"<tr><td>{html.escape(' → '.join(p.path))}</td><td>{p.score:.3f}</td><td>{p.baseline:.3f}</td>"
-        f"<td>{html.escape(str(p.peaks))}</td><td>{p.ordered_by_position}</td><td>{p.ordered_by_layer}</td>"
-        f"<td>{p.completeness:.2f}</td></tr>"
+        f"<tr><td>{html.escape(' → '.join(p.path))}</td><td>{p.score:.3f}</td><td>{_causal(p.causal_score)}</td>"
+        f"<td>{p.baseline:.3f}</td><td>{_peak_cells(p)}</td><td>{p.ordered_by_position}</td>"
+        f"<td>{p.ordered_by_layer}</td><td>{p.completeness:.2f}</td></tr>"
         for p in paths
     )
-    head = "<tr><th>path</th><th>score</th><th>baseline</th><th>peaks (layer, pos)</th>"
-    return f"<table>{head}<th>pos order</th><th>layer order</th><th>complete</th></tr>{rows}</table>"
+    head = "<tr><th>path</th><th>lens score</th><th>causal score</th><th>baseline</th>"
+    head += "<th>peaks (layer, pos): patching recovery</th>"
+    note = (
+        "<p>Causal score = lens score × mean recovery (clipped to [0, 1]) when the clean residual stream at each "
+        "peak cell is patched into the counterfactual run. <mark>✗</mark> marks a peak cell where the two "
+        "disagree: the lens reads the concept there (rank ≤ 5) but the cell does not carry the answer "
+        "(recovery &lt; 0.5), or the reverse.</p>"
+    )
+    return f"<table>{head}<th>pos order</th><th>layer order</th><th>complete</th></tr>{rows}</table>{note}"
+
+
+def _causal(value: float | None) -> str:
+    return "no counterfactual" if value is None else f"{value:.3f}"
+
+
+def _peak_cells(p: PathScore) -> str:
+    """Each hop's peak cell, with its recovery and a mark where the lens and patching disagree."""
+    if p.recoveries is None:
+        return html.escape(", ".join(str(tuple(x)) for x in p.peaks))
+    cells = []
+    for (row, pos), recovery, agrees in zip(p.peaks, p.recoveries, p.agrees, strict=True):
+        cell = f"({row}, {pos}): {recovery:+.2f}"
+        cells.append(cell if agrees else f'<mark title="the lens and patching disagree">✗ {cell}</mark>')
+    return ", ".join(cells)
 
 
 def _graph_nodes_table(report: ConceptReport) -> str:
@@ -172,6 +194,9 @@ def _path_json(p: PathScore) -> dict:
         "baseline": p.baseline,
         "order_factor": p.order_factor,
         "score": p.score,
+        "recoveries": p.recoveries,
+        "causal_score": p.causal_score,
+        "agrees": p.agrees,
     }
 
 

@@ -96,7 +96,7 @@ def concept_report(
         n_layers=model.cfg.n_layers,
         prediction=prediction,
         traces=traces,
-        paths=rank_paths({t.concept.name: t for t in traces}, paths, model.cfg.n_layers),
+        paths=rank_paths({t.concept.name: t for t in traces}, paths, model.cfg.n_layers, patching),
         proposals=proposals,
         patching=patching,
         trajectories=followed,

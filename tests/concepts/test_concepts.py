@@ -450,3 +450,41 @@ def test_concepts_never_import_the_demo_and_sit_on_their_floors():
     floors = {name.rpartition(".")[2]: floor(name) for name in concepts}
     assert max(floors[m] for m in ("lens", "paths", "patching", "trajectories", "figures")) <= 3
     assert floors["report"] <= 4 and floors["page"] <= 5
+
+
+def _patched_recovery(model, hook_name: str, pos: int) -> float:
+    """Recovered fraction of logit(Austin) - logit(foil) when the clean activation at one hook and position is
+    written into the counterfactual run, by a plain hook (independent of run_patches)."""
+    clean, corrupt = prompt_tokens(model, FLAGSHIP), prompt_tokens(model, COUNTERFACTUAL)
+    with torch.no_grad():
+        clean_logits, cache = model.run_with_cache(clean)
+        corrupt_logits = model(corrupt)
+        answer, foil = int(clean_logits[0, -1].argmax()), int(corrupt_logits[0, -1].argmax())
+
+        def put(act, hook):
+            act[:, pos] = cache[hook_name][:, pos]
+            return act
+
+        patched = model.run_with_hooks(corrupt, fwd_hooks=[(hook_name, put)])
+    diff = [float(x[0, -1, answer] - x[0, -1, foil]) for x in (clean_logits, corrupt_logits, patched)]
+    return (diff[2] - diff[1]) / (diff[0] - diff[1])
+
+
+def test_causal_path_score_carries_the_recovery_at_each_peak(demo_model, flagship_report):
+    true = next(p for p in flagship_report.paths if p.path == ("Dallas", "Texas", "Austin"))
+    assert true.peaks == [(0, 3), (2, 5), (4, 10)]
+    expected = [
+        _patched_recovery(demo_model, "blocks.0.hook_resid_pre", 3),
+        _patched_recovery(demo_model, "blocks.2.hook_resid_pre", 5),
+        _patched_recovery(demo_model, "blocks.3.hook_resid_post", 10),  # row L: the final residual
+    ]
+    assert true.recoveries == pytest.approx(expected, abs=1e-4)
+    assert expected[0] > 0.9 and abs(expected[1]) < 0.05 and expected[2] == pytest.approx(1.0, abs=1e-4)
+    # Texas is read by the lens at "in" (rank 1) but that cell does not carry the answer: flagged.
+    assert true.agrees == [True, False, True]
+    clipped = [min(max(r, 0.0), 1.0) for r in expected]
+    assert true.causal_score == pytest.approx(true.score * sum(clipped) / 3, rel=1e-4)
+    data = report_json(flagship_report)["paths"]
+    assert {tuple(p["path"]): p["agrees"] for p in data}[("Dallas", "Texas", "Austin")] == [True, False, True]
+    page = render_concepts_html(flagship_report)
+    assert "causal score" in page and "<mark" in page
