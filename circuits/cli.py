@@ -153,6 +153,7 @@ def _cmd_concepts(args: argparse.Namespace) -> None:
         full_sequence=args.full_sequence,
         categories=categories,
         graph_nodes=nodes,
+        three_d=args.three_d,
     )
     for p in report.paths:
         print(f"path {' -> '.join(p.path)}: score {p.score:.3f} (baseline {p.baseline:.3f}), peaks {p.peaks}")
@@ -273,6 +274,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "the graph's nodes at each trace cell",
     )  # fmt: skip
     _group_options(p)
+    p.add_argument(
+        "--3d", dest="three_d", action="store_true", help="trajectories in 3 principal components, rotatable"
+    )
     p.add_argument("--out", default="concepts_out", help="output directory")
     p.set_defaults(func=_cmd_concepts)
 

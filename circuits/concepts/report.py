@@ -29,7 +29,7 @@ from circuits.concepts.lens import (
 from circuits.concepts.patching import PatchingResult, patching_grid
 from circuits.concepts.paths import PathScore, rank_paths
 from circuits.concepts.trajectories import Trajectories, funnel, trajectories
-from circuits.concepts.variants import category_variants, propose_counterfactuals, slot_swaps
+from circuits.concepts.variants import answer_groups, category_variants, propose_counterfactuals, slot_swaps
 from circuits.models import prompt_tokens
 
 MAX_TRAJECTORY_PROMPTS = 24
@@ -67,11 +67,13 @@ def concept_report(
     graph_nodes: list[dict] | None = None,
     trajectory_sets: dict[str, list[str]] | None = None,
     categories: Categories | None = None,
+    three_d: bool = False,
 ) -> ConceptReport:
     """Trace the concepts (specs as in `make_concept`, `@name` from `categories`; every element of a path
     is traced too), score the paths, patch against the counterfactual (default: a same-category variant
     that changes the answer) and follow the prompt and its same-category variants (plus any
-    `trajectory_sets`, e.g. one-hop prompts to overlay) through the layers.
+    `trajectory_sets`, e.g. one-hop prompts to overlay) through the layers, in 3 principal components
+    with `three_d` (a rotatable 3D figure), else 2.
 
     With `auto`, or with no concepts and no paths, the best middle-layer proposal and the model's
     prediction are traced and the path proposal -> prediction is scored."""
@@ -89,7 +91,9 @@ def concept_report(
     traces = [trace_concept(model, tokens, lens, cache, c, whole) for c in made.values()]
     anchors = [t.anchor_position for t in traces if t.anchor_position is not None]
     patching = patch_against(model, prompt, counterfactual, categories, anchors)
-    followed, same_answer = follow_variants(model, prompt, trajectory_sets or {}, categories, anchors)
+    followed, same_answer = follow_variants(
+        model, prompt, trajectory_sets or {}, categories, anchors, 3 if three_d else 2
+    )
     return ConceptReport(
         prompt=prompt,
         tokens=model.to_str_tokens(tokens),
@@ -140,17 +144,22 @@ def patch_against(
 
 
 def follow_variants(
-    model: HookedTransformer, prompt: str, extra_sets: dict[str, list[str]], categories: Categories, anchors: list[int]
+    model: HookedTransformer,
+    prompt: str,
+    extra_sets: dict[str, list[str]],
+    categories: Categories,
+    anchors: list[int],
+    k: int = 2,
 ) -> tuple[Trajectories | None, dict[str, torch.Tensor] | None]:
     """Trajectories of the prompt and its variants (same-category swaps, or else the model's own slot swaps
-    at the `anchors`; at most MAX_TRAJECTORY_PROMPTS), plus `extra_sets`, and their funnel when some
-    prompts share an answer; None for a lone prompt."""
+    at the `anchors`; at most MAX_TRAJECTORY_PROMPTS, grouped by answer, see `answer_groups`), plus
+    `extra_sets`, in `k` principal components, and their funnel when some prompts share an answer; None for
+    a lone prompt."""
     variants = category_variants(model, prompt, categories) or slot_swaps(model, prompt, anchors or None)
-    variants = variants[: MAX_TRAJECTORY_PROMPTS - 1]
-    sets = {"prompt and variants": [prompt, *variants], **extra_sets}
+    sets = {"prompt and variants": answer_groups(model, prompt, variants, MAX_TRAJECTORY_PROMPTS), **extra_sets}
     if sum(len(s) for s in sets.values()) <= 1:
         return None, None
-    followed = trajectories(model, sets)
+    followed = trajectories(model, sets, k=k)
     answers = [a for name in sets for a in followed.answers[name]]
     if len(set(answers)) == len(answers):
         return followed, None

@@ -116,3 +116,20 @@ def propose_counterfactuals(
     predicted = model(prompt_tokens(model, prompt))[0, -1].argmax()
     changed = model(model.to_tokens(variants))[:, -1].argmax(-1) != predicted  # variants share one length
     return [v for v, c in zip(variants, changed.tolist(), strict=True) if c][:n]
+
+
+@torch.no_grad()
+def answer_groups(model: HookedTransformer, prompt: str, variants: list[str], limit: int) -> list[str]:
+    """The prompt and at most `limit` - 1 of its same-length variants, chosen so that answers repeat (what a
+    funnel compares): the variants sharing the prompt's answer first, then the other answers shared by two
+    or more variants, largest first; variants whose answer no other prompt gives are left out."""
+    if not variants:
+        return [prompt]
+    prompts = [prompt, *variants]
+    answers = model(model.to_tokens(prompts))[:, -1].argmax(-1).tolist()  # variants share the prompt's length
+    groups: dict[int, list[str]] = {}
+    for p, a in zip(prompts, answers, strict=True):
+        groups.setdefault(a, []).append(p)
+    own = groups.pop(answers[0])
+    shared = sorted((g for g in groups.values() if len(g) >= 2), key=len, reverse=True)  # stable: first seen first
+    return [p for g in [own, *shared] for p in g][:limit]

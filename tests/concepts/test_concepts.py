@@ -488,3 +488,18 @@ def test_causal_path_score_carries_the_recovery_at_each_peak(demo_model, flagshi
     assert {tuple(p["path"]): p["agrees"] for p in data}[("Dallas", "Texas", "Austin")] == [True, False, True]
     page = render_concepts_html(flagship_report)
     assert "causal score" in page and "<mark" in page
+
+
+def test_the_default_funnel_groups_variants_by_answer_within_plus_between_is_total(demo_model):
+    report = concept_report(demo_model, FLAGSHIP, concepts=["Texas"], categories=CATEGORIES, three_d=True)
+    answers = report.trajectories.answers["prompt and variants"]
+    assert answers[:3] == ["Austin"] * 3 and len(answers) == 24  # the prompt's own answer has partners
+    assert all(answers.count(a) >= 2 for a in answers)
+    assert report.trajectories.coords["prompt and variants"].shape == (24, 5, 3)  # three_d: 3 components
+    f = report.funnel
+    torch.testing.assert_close(f["within"] + f["between"], f["total"], rtol=1e-4, atol=1e-3)
+    x = report.trajectories.states["prompt and variants"]  # [24, 5, d]: 8 answers of 3 prompts
+    centroids = x.reshape(8, 3, *x.shape[1:]).mean(1)  # [8, 5, d]
+    between = (centroids - x.mean(0)).pow(2).sum(-1).mean(0)
+    torch.testing.assert_close(f["between"], between, rtol=1e-4, atol=1e-3)
+    assert (f["between"][1:] > 3 * f["within"][1:]).all()  # answers part more than same-answer prompts spread
