@@ -160,6 +160,28 @@ def _cmd_concepts(args: argparse.Namespace) -> None:
     print(write_concepts_page(report, Path(args.out)))
 
 
+def _cmd_compare(args: argparse.Namespace) -> None:
+    from circuits.concepts.compare import compare_models
+    from circuits.concepts.compare_page import write_compare_page
+    from circuits.concepts.variants import answer_groups, category_variants, slot_swaps
+    from circuits.models import load_model
+
+    names = args.model or ["demo"]
+    if len(set(names)) != len(names):
+        raise CircuitsError(f"--model {names}: name each model once")
+    categories = _categories(argparse.Namespace(**{**vars(args), "model": names[0]})) or {}
+    models = {name: load_model(name, device=args.device, dtype=args.dtype) for name in names}
+    prompts = args.prompts or [DEFAULT_PROMPT]
+    if len(prompts) == 1:  # one prompt: its variants, grouped by the first model's answers
+        first = models[names[0]]
+        variants = category_variants(first, prompts[0], categories) or slot_swaps(first, prompts[0])
+        prompts = answer_groups(first, prompts[0], variants, args.max_prompts)
+    views = compare_models(models, prompts)
+    for v in views:
+        print(f"{v.name}: " + ", ".join(f"{k} {x:.3f}" for k, x in v.summary().items()))
+    print(write_compare_page(views, Path(args.out)))
+
+
 def _model_options(p: argparse.ArgumentParser) -> None:
     """--model, --device and --dtype: the options of every command that loads a model."""
     p.add_argument("--model", default="demo", help="'demo', a model dir or HF snapshot dir, or a TransformerLens name")
@@ -279,6 +301,16 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="concepts_out", help="output directory")
     p.set_defaults(func=_cmd_concepts)
+
+    p = sub.add_parser("compare", help="compare models' trajectories, funnels and thinking styles on the same prompts")
+    p.add_argument("prompts", nargs="*", help=f"prompts (default {DEFAULT_PROMPT!r}); one: it and its variants")
+    p.add_argument("--model", action="append", help="a model (as for `circuits predict`); pass two or more")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--max-prompts", type=int, default=24, help="variants of a single prompt: at most this many")
+    _group_options(p)
+    p.add_argument("--out", default="compare_out", help="output directory")
+    p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("demo", help="report the shipped demo model's accuracy on its facts")
     p.set_defaults(func=_cmd_demo)
