@@ -176,7 +176,7 @@ def _cmd_compare(args: argparse.Namespace) -> None:
         first = models[names[0]]
         variants = category_variants(first, prompts[0], categories) or slot_swaps(first, prompts[0])
         prompts = answer_groups(first, prompts[0], variants, args.max_prompts)
-    views = compare_models(models, prompts)
+    views = compare_models(models, prompts, split_answer=args.split)
     for v in views:
         print(f"{v.name}: " + ", ".join(f"{k} {x:.3f}" for k, x in v.summary().items()))
     print(write_compare_page(views, Path(args.out)))
@@ -184,7 +184,11 @@ def _cmd_compare(args: argparse.Namespace) -> None:
 
 def _model_options(p: argparse.ArgumentParser) -> None:
     """--model, --device and --dtype: the options of every command that loads a model."""
-    p.add_argument("--model", default="demo", help="'demo', a model dir or HF snapshot dir, or a TransformerLens name")
+    p.add_argument(
+        "--model",
+        default="demo",
+        help="'demo', 'demo-tuned', a model dir or HF snapshot dir, or a TransformerLens name",
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument(
         "--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
@@ -308,6 +312,10 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--max-prompts", type=int, default=24, help="variants of a single prompt: at most this many")
+    p.add_argument(
+        "--split", metavar="ANSWER",
+        help="follow the prompts any model answers with ANSWER (e.g. a refusal's first word) against the rest",
+    )  # fmt: skip
     _group_options(p)
     p.add_argument("--out", default="compare_out", help="output directory")
     p.set_defaults(func=_cmd_compare)

@@ -9,6 +9,11 @@ at the last position:
   compare;
 - ambiguity: the entropy (nats) of the lens distribution at each row;
 - commitment speed: the largest rise of the answer's lens probability over one block.
+
+With a split answer (e.g. the refusal `I` of a model tuned to refuse), the prompts that any model answers
+with it are followed against the rest in every model: per row the distance between the two groups'
+centroids over the sum of their RMS radii (> 1: the groups no longer overlap), and the row from which
+they stay apart: where a refusal parts from answering, and how far.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import torch
 from transformer_lens import HookedTransformer
 
 from circuits.concepts.lens import logit_lens
-from circuits.concepts.trajectories import Trajectories, funnel, trajectories
+from circuits.concepts.trajectories import Trajectories, funnel, spread, trajectories
 from circuits.errors import CircuitsError
 from circuits.models import prompt_tokens
 
@@ -46,6 +51,7 @@ class ModelView:
     trajectories: Trajectories  # the prompts in this model's own PCA space
     funnel: dict[str, torch.Tensor] | None  # None when no two prompts share an answer
     styles: list[ThinkingStyle]
+    split: dict[str, torch.Tensor | int | None] | None = None  # see `parting`
 
     def summary(self) -> dict[str, float]:
         """Means over the prompts: decision depth (rows, and as a fraction of the depth), commitment speed,
@@ -82,6 +88,23 @@ def thinking_style(model: HookedTransformer, prompt: str) -> ThinkingStyle:
     )
 
 
+def parting(states: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor | int | None]:
+    """How the prompts in `mask` [n] part from the others, per row of `states` [n, L+1, d]: `distance` between
+    the two centroids, `separation` = distance / (sum of the two groups' RMS radii), and `row`, the first row
+    from which the separation stays above 1 (None if it never does)."""
+    if mask.all() or not mask.any():
+        raise CircuitsError("the split needs prompts on both sides: some with the split answer, some without")
+    a, b = states[mask], states[~mask]
+    distance = (a.mean(0) - b.mean(0)).norm(dim=-1)  # [L+1]
+    radii = spread(a).sqrt() + spread(b).sqrt()
+    separation = distance / radii.clamp_min(torch.finfo(radii.dtype).tiny)
+    apart = (separation > 1).tolist()
+    row = len(apart)
+    while row > 0 and apart[row - 1]:
+        row -= 1
+    return {"distance": distance, "separation": separation, "row": row if row < len(apart) else None}
+
+
 def view_model(name: str, model: HookedTransformer, prompts: list[str], k: int = 3) -> ModelView:
     """One model's view of the prompts: trajectories in `k` components of its own PCA, funnel, styles."""
     styles = [thinking_style(model, p) for p in prompts]
@@ -98,10 +121,20 @@ def view_model(name: str, model: HookedTransformer, prompts: list[str], k: int =
     )
 
 
-def compare_models(models: dict[str, HookedTransformer], prompts: list[str], k: int = 3) -> list[ModelView]:
-    """Each model's view of the same prompts, in the order given."""
+def compare_models(
+    models: dict[str, HookedTransformer], prompts: list[str], k: int = 3, split_answer: str | None = None
+) -> list[ModelView]:
+    """Each model's view of the same prompts, in the order given; with `split_answer`, each view's `split`
+    follows the prompts that any model answers with it against the rest (see `parting`)."""
     if len(models) < 2:
         raise CircuitsError("compare needs at least two models: pass --model twice")
     if len(prompts) < 2:
         raise CircuitsError("compare needs at least two prompts: pass more, or one with variants to propose")
-    return [view_model(name, model, prompts, k) for name, model in models.items()]
+    views = [view_model(name, model, prompts, k) for name, model in models.items()]
+    if split_answer is not None:
+        mask = torch.tensor(
+            [any(v.styles[i].answer.strip() == split_answer for v in views) for i in range(len(prompts))]
+        )
+        for v in views:
+            v.split = parting(v.trajectories.states["prompts"], mask)
+    return views

@@ -41,7 +41,12 @@ def _view_json(v: ModelView) -> dict:
         "explained_variance": _floats(t.pca.explained),
         "funnel": {k: _floats(x) for k, x in v.funnel.items()} if v.funnel else None,
         "styles": [vars(s) for s in v.styles],
+        "split": _split_json(v.split) if v.split else None,
     }
+
+
+def _split_json(split: dict) -> dict:
+    return {k: x if x is None or isinstance(x, int) else _floats(x) for k, x in split.items()}
 
 
 def _floats(t: torch.Tensor) -> list:
@@ -105,6 +110,12 @@ def figures(views: list[ModelView], three_d: bool = True) -> dict[str, go.Figure
         "funnel: within-answer spread / total spread (lower: same answers together, different ones apart)",
         lambda v: v.funnel["ratio"].tolist() if v.funnel else None,
     )
+    if any(v.split for v in views):
+        out["split"] = per_depth_figure(
+            views,
+            "split: distance between the split-answer prompts' centroid and the others' / their radii (> 1: apart)",
+            lambda v: v.split["separation"].tolist() if v.split else None,
+        )
     out["ambiguity"] = per_depth_figure(
         views,
         "ambiguity: entropy of the logit-lens distribution at the last token (nats, mean over prompts)",
@@ -128,6 +139,18 @@ def _summary_table(views: list[ModelView]) -> str:
         for v in views
     )
     return f"<table>{head}{rows}</table>"
+
+
+def _split_table(views: list[ModelView]) -> str:
+    if not any(v.split for v in views):
+        return ""
+    rows = []
+    for v in views:
+        row = v.split["row"]
+        at = "never" if row is None else f"row {row} of {v.n_layers} (distance {float(v.split['distance'][row]):.2f})"
+        rows.append(f"<tr><td>{html.escape(v.name)}</td><td>{at}</td></tr>")
+    head = "<tr><th>model</th><th>split-answer prompts part from the rest for good at</th></tr>"
+    return f"<h2>Split</h2><table>{head}{''.join(rows)}</table>"
 
 
 def _prompts_table(views: list[ModelView]) -> str:
@@ -167,6 +190,7 @@ td,th{{border:1px solid #ccc;padding:2px 8px}}</style>
 final answer stays the logit lens's top token; commitment speed: the largest rise of the answer's
 probability over one block; ambiguity: entropy (nats) of the lens distribution at the last token.</p>
 {_summary_table(views)}
+{_split_table(views)}
 <h2>Prompts</h2>
 {_prompts_table(views)}
 {sections}
