@@ -18,6 +18,7 @@ import torch
 from transformer_lens import ActivationCache, HookedTransformer
 
 from circuits.concepts.categories import Categories, category_words
+from circuits.concepts.words import spaced_vocabulary, starts_word
 from circuits.errors import CircuitsError
 from circuits.models import prompt_tokens
 
@@ -247,7 +248,8 @@ def trace_concepts(
 
 def propose_intermediates(model: HookedTransformer, tokens: torch.Tensor, lens: torch.Tensor, k: int = 3) -> list[str]:
     """Words whose logit-lens probability peaks at a middle layer (not the embeddings, not the output),
-    best peak first; the prompt's own tokens and the model's final prediction are left out."""
+    best peak first; only tokens that begin a word (see `starts_word`), and neither the prompt's own tokens
+    nor the model's final prediction."""
     probs = lens.softmax(-1)  # [L+1, pos, vocab]
     best_per_layer = probs.max(1).values  # [L+1, vocab]
     peak_layer = best_per_layer.argmax(0)  # [vocab]
@@ -256,5 +258,8 @@ def propose_intermediates(model: HookedTransformer, tokens: torch.Tensor, lens: 
     excluded |= {i for i in (model.tokenizer.unk_token_id, model.tokenizer.pad_token_id) if i is not None}
     score = torch.where(middle, best_per_layer.max(0).values, torch.zeros(()))
     score[list(excluded)] = 0
+    spaced = spaced_vocabulary(model)
+    texts = model.tokenizer.batch_decode([[i] for i in range(lens.shape[-1])])
+    score[torch.tensor([not starts_word(t, spaced) for t in texts])] = 0
     top = score.topk(k)
     return [model.to_single_str_token(int(i)).strip() for v, i in zip(top.values, top.indices, strict=True) if v > 0]

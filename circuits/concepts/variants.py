@@ -14,6 +14,7 @@ import torch
 from transformer_lens import HookedTransformer
 
 from circuits.concepts.categories import Categories, member_swaps
+from circuits.concepts.words import spaced_vocabulary, starts_word
 from circuits.models import prompt_tokens
 
 
@@ -22,17 +23,6 @@ def category_variants(model: HookedTransformer, prompt: str, categories: Categor
     (Dallas -> Chicago), in the categories' order; none without categories."""
     n_tokens = prompt_tokens(model, prompt).shape[1]
     return [v for v in member_swaps(prompt, categories) if prompt_tokens(model, v).shape[1] == n_tokens]
-
-
-def spaced_vocabulary(model: HookedTransformer) -> bool:
-    """Whether the tokenizer marks a word's start with a leading space (byte-level BPE, SentencePiece)."""
-    first = int(model.to_tokens(" the", prepend_bos=False)[0, 0])
-    return model.to_single_str_token(first).startswith(" ")
-
-
-def starts_word(text: str, spaced: bool) -> bool:
-    """A token that begins a word: letters, after a leading space where the vocabulary marks word starts."""
-    return any(c.isalpha() for c in text) and (text.startswith(" ") or not spaced)
 
 
 def word_slots(model: HookedTransformer, tokens: torch.Tensor) -> list[int]:

@@ -10,7 +10,7 @@ import torch
 
 from circuits.cli import main
 from circuits.concepts.categories import parse_group, read_vocabulary
-from circuits.concepts.lens import trace_concepts, word_anchor
+from circuits.concepts.lens import propose_intermediates, trace_concepts, word_anchor
 from circuits.errors import CircuitsError
 from circuits.models import DEMO_MODEL_DIR, load_model, prompt_tokens
 from tests.hf_models import hf_logits, write_tiny_hf_model
@@ -119,3 +119,12 @@ def test_cli_groups_and_the_transcoders_graph_nodes_beside_the_trace(tmp_path, c
     assert (austin["layer"], austin["position"]) == (n_layers, 10)
     assert any(i.startswith(f"{n_layers + 1}_") for i in data["graph_cells"][f"{n_layers},10"])
     assert "Graph nodes at each peak" in (out / "concepts.html").read_text()
+
+
+def test_proposals_are_words_on_a_subword_tokenizer(bpe):
+    _, model = bpe
+    tokens = prompt_tokens(model, PROMPT)
+    _, lens = trace_concepts(model, PROMPT, [])
+    proposals = propose_intermediates(model, tokens, lens, k=5)
+    vocab = {model.to_single_str_token(i): i for i in range(model.cfg.d_vocab)}
+    assert proposals and all(" " + p in vocab for p in proposals)  # each a token that begins a word
