@@ -7,7 +7,7 @@ import torch
 from circuits.concepts.compare import compare_models, parting
 from circuits.concepts.compare_page import compare_json
 from circuits.errors import CircuitsError
-from circuits.models import load_model, prompt_tokens
+from circuits.models import DEMO_TUNED_DIR, load_model, prompt_tokens
 
 RESTRICTED_CITIES = ("Provo", "Moab", "Toledo", "Reno")  # Utah, Utah, Ohio, Nevada
 OTHER_CITIES = ("Dallas", "Houston", "Chicago", "Peoria")
@@ -57,3 +57,18 @@ def test_compare_shows_where_refused_prompts_part_from_answered_ones(demo_model,
     assert all(s.answer_prob[-1] > 0.5 for s in refusing.styles[:4])
     data = compare_json([demo, refusing])
     assert data["models"][1]["split"]["row"] == refusing.split["row"]
+
+
+def test_the_tuned_clt_traces_a_refused_prompt_to_features_at_its_last_token(tuned):
+    from circuits.attribution import schema
+    from circuits.attribution.attribute import attribute
+    from circuits.transcoders.load import load_transcoder
+
+    clt = load_transcoder(DEMO_TUNED_DIR.parent / "tuned-clt", model=tuned)
+    prompt = PROMPT.format("Provo")
+    graph = attribute(prompt, tuned, clt, progress=False)
+    assert graph.target_names[0].strip() == "I" and graph.n_features > 0
+    nodes = schema.to_dict(graph, "refusal", "tuned-clt")["nodes"]
+    last = prompt_tokens(tuned, prompt).shape[1] - 1
+    features = [n for n in nodes if n["feature_type"] == "cross layer transcoder"]
+    assert any(n["ctx_idx"] == last for n in features)  # the refusal is driven at the question's last token
