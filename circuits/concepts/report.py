@@ -70,8 +70,9 @@ def concept_report(
     three_d: bool = False,
 ) -> ConceptReport:
     """Trace the concepts (specs as in `make_concept`, `@name` from `categories`; every element of a path
-    is traced too), score the paths, patch against the counterfactual (default: a same-category variant
-    that changes the answer) and follow the prompt and its same-category variants (plus any
+    is traced too), score the paths (with a counterfactual, causally too), patch against the counterfactual
+    (default: a same-category variant, or else the model's own slot swap of a traced prompt word, that
+    changes the answer) and follow the prompt and its variants grouped by answer (plus any
     `trajectory_sets`, e.g. one-hop prompts to overlay) through the layers, in 3 principal components
     with `three_d` (a rotatable 3D figure), else 2.
 
