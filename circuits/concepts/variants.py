@@ -112,7 +112,8 @@ def propose_counterfactuals(
 def answer_groups(model: HookedTransformer, prompt: str, variants: list[str], limit: int) -> list[str]:
     """The prompt and at most `limit` - 1 of its same-length variants, chosen so that answers repeat (what a
     funnel compares): the variants sharing the prompt's answer first, then the other answers shared by two
-    or more variants, largest first; variants whose answer no other prompt gives are left out."""
+    or more variants, largest first; then, where room is left, variants whose answer no other prompt gives
+    (trajectories to follow, though the funnel leaves them out)."""
     if not variants:
         return [prompt]
     prompts = [prompt, *variants]
@@ -121,5 +122,5 @@ def answer_groups(model: HookedTransformer, prompt: str, variants: list[str], li
     for p, a in zip(prompts, answers, strict=True):
         groups.setdefault(a, []).append(p)
     own = groups.pop(answers[0])
-    shared = sorted((g for g in groups.values() if len(g) >= 2), key=len, reverse=True)  # stable: first seen first
-    return [p for g in [own, *shared] for p in g][:limit]
+    ranked = sorted(groups.values(), key=len, reverse=True)  # stable: first seen first; lone answers last
+    return [p for g in [own, *ranked] for p in g][:limit]
