@@ -29,6 +29,30 @@ def _demo_categories(model: str) -> dict[str, list[str]] | None:
     return CATEGORIES if model == "demo" else None
 
 
+def _categories(args: argparse.Namespace) -> dict[str, list[str]] | None:
+    """The named word groups of --vocabulary, then each --group; the demo world's when neither is given."""
+    from circuits.concepts.categories import parse_group, read_vocabulary
+
+    groups = read_vocabulary(Path(args.vocabulary)) if args.vocabulary else {}
+    groups.update(parse_group(spec) for spec in args.group)
+    return groups or _demo_categories(args.model)
+
+
+def _graph_nodes(args: argparse.Namespace):
+    """The model, and the pruned graph JSON's nodes of the prompt with --transcoder (None without)."""
+    from circuits.models import load_model
+
+    if not args.transcoder:
+        return load_model(args.model, device=args.device, dtype=args.dtype), None
+    from circuits.attribution import schema
+    from circuits.attribution.attribute import attribute
+    from circuits.pipeline import load_pair
+
+    model, clt = load_pair(args.model, args.transcoder, args.device, args.dtype)
+    graph = attribute(args.prompt, model, clt, device=args.device)
+    return model, schema.to_dict(graph, "concepts", args.transcoder)["nodes"]
+
+
 def _cmd_predict(args: argparse.Namespace) -> None:
     check_text("the prompt", args.prompt)
     check_range("--top-k", args.top_k, 1, integer=True)
@@ -76,7 +100,7 @@ def _cmd_trace(args: argparse.Namespace) -> None:
         inhibited=args.inhibited, device=args.device, node_threshold=args.node_threshold,
         edge_threshold=args.edge_threshold, prune=not args.no_prune, validate=args.validate,
         concept_traces=not args.no_concepts, concepts=args.concept, paths=[p.split(",") for p in args.path],
-        categories=_demo_categories(args.model), heads=args.heads,
+        categories=_categories(args), heads=args.heads,
     )  # fmt: skip
     check_text("the prompt", args.prompt)
     from circuits.features import features_for, load_features, scan_dir
@@ -165,12 +189,12 @@ def _cmd_activations(args: argparse.Namespace) -> None:
 def _cmd_concepts(args: argparse.Namespace) -> None:
     from circuits.concepts.page import write_concepts_page
     from circuits.concepts.report import concept_report
-    from circuits.models import load_model
 
     for text in [args.prompt, args.counterfactual or "", *args.concept, *args.path]:
         check_text("the prompt, a concept, a path or the counterfactual", text)
     check_output(Path(args.out))
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    categories = _categories(args)
+    model, nodes = _graph_nodes(args)
     report = concept_report(
         model,
         args.prompt,
@@ -179,16 +203,44 @@ def _cmd_concepts(args: argparse.Namespace) -> None:
         counterfactual=args.counterfactual,
         auto=args.auto,
         full_sequence=args.full_sequence,
-        categories=_demo_categories(args.model),
+        categories=categories,
+        graph_nodes=nodes,
+        three_d=args.three_d,
     )
     for p in report.paths:
         print(f"path {' -> '.join(p.path)}: score {p.score:.3f} (baseline {p.baseline:.3f}), peaks {p.peaks}")
     print(write_concepts_page(report, Path(args.out)))
 
 
+def _cmd_compare(args: argparse.Namespace) -> None:
+    from circuits.concepts.compare import compare_models
+    from circuits.concepts.compare_page import write_compare_page
+    from circuits.concepts.variants import answer_groups, category_variants, slot_swaps
+    from circuits.models import load_model
+
+    names = args.model or ["demo"]
+    if len(set(names)) != len(names):
+        raise CircuitsError(f"--model {names}: name each model once")
+    categories = _categories(argparse.Namespace(**{**vars(args), "model": names[0]})) or {}
+    models = {name: load_model(name, device=args.device, dtype=args.dtype) for name in names}
+    prompts = args.prompts or [DEFAULT_PROMPT]
+    if len(prompts) == 1:  # one prompt: its variants, grouped by the first model's answers
+        first = models[names[0]]
+        variants = category_variants(first, prompts[0], categories) or slot_swaps(first, prompts[0])
+        prompts = answer_groups(first, prompts[0], variants, args.max_prompts)
+    views = compare_models(models, prompts, split_answer=args.split)
+    for v in views:
+        print(f"{v.name}: " + ", ".join(f"{k} {x:.3f}" for k, x in v.summary().items()))
+    print(write_compare_page(views, Path(args.out)))
+
+
 def _model_options(p: argparse.ArgumentParser) -> None:
     """--model, --device and --dtype: the options of every command that loads a model."""
-    p.add_argument("--model", default="demo", help="'demo', a model dir or HF snapshot dir, or a TransformerLens name")
+    p.add_argument(
+        "--model",
+        default="demo",
+        help="'demo', 'demo-tuned', a model dir or HF snapshot dir, or a TransformerLens name",
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument(
         "--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
@@ -201,6 +253,16 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"circuits: error: {message} (see `{self.prog} --help`)\n")
+def _group_options(p: argparse.ArgumentParser) -> None:
+    """--group and --vocabulary: named word groups for @NAME concepts and counterfactual swaps."""
+    p.add_argument(
+        "--group", action="append", default=[], metavar="NAME=w1|w2",
+        help="a named word group: @NAME as a concept, and its members swapped for counterfactuals; repeatable",
+    )  # fmt: skip
+    p.add_argument(
+        "--vocabulary", help="a file of named groups: a JSON object of word lists, or NAME=w1|w2 lines "
+        "(default with neither, --model demo: the demo world's @cities, @states, @capitals)",
+    )  # fmt: skip
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -259,6 +321,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--path", action="append", default=[], help="a concept chain to score, e.g. Dallas,Texas,Austin")
     p.add_argument("--no-concepts", action="store_true", help="no concept-trace panels on the page")
     p.add_argument("--heads", action="store_true", help="add each link's head loadings per attention layer to the JSON")
+    _group_options(p)
     p.set_defaults(func=_cmd_trace)
 
     p = sub.add_parser("qk", help="QK attribution: why a head attends from a query position to a key position")
@@ -297,17 +360,45 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT)
     p.add_argument(
         "--concept", action="append", default=[],
-        help="a word, NAME=w1|w2 (a group), or a category (--model demo: @cities, @states, @capitals); repeatable",
+        help="a word, NAME=w1|w2 (a group), or @NAME (a --group or --vocabulary group; --model demo: @cities, "
+        "@states, @capitals); repeatable",
     )  # fmt: skip
     p.add_argument("--path", action="append", default=[], help="a comma-separated chain, e.g. Dallas,Texas,Austin")
     p.add_argument("--auto", action="store_true", help="also trace the proposed intermediate concept")
     p.add_argument(
         "--counterfactual",
-        help="a prompt of the same token length for patching (default, --model demo: a same-category swap)",
+        help="a prompt of the same token length for patching (default: a swap within a group, or else of a "
+        "traced prompt word for one the model ranks high in that slot, that changes the answer)",
     )
-    p.add_argument("--full-sequence", action="store_true", help="score multi-token words by their whole sequence")
+    p.add_argument(
+        "--full-sequence", action="store_true",
+        help="score every multi-token word by its whole token sequence (default: only words whose first token "
+        "is shared with another traced word or blank)",
+    )  # fmt: skip
+    p.add_argument(
+        "--transcoder", help="also attribute the prompt with this transcoder (as `circuits trace`) and show "
+        "the graph's nodes at each trace cell",
+    )  # fmt: skip
+    _group_options(p)
+    p.add_argument(
+        "--3d", dest="three_d", action="store_true", help="trajectories in 3 principal components, rotatable"
+    )
     p.add_argument("--out", default="concepts_out", help="output directory")
     p.set_defaults(func=_cmd_concepts)
+
+    p = sub.add_parser("compare", help="compare models' trajectories, funnels and thinking styles on the same prompts")
+    p.add_argument("prompts", nargs="*", help=f"prompts (default {DEFAULT_PROMPT!r}); one: it and its variants")
+    p.add_argument("--model", action="append", help="a model (as for `circuits predict`); pass two or more")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--max-prompts", type=int, default=24, help="variants of a single prompt: at most this many")
+    p.add_argument(
+        "--split", metavar="ANSWER",
+        help="follow the prompts any model answers with ANSWER (e.g. a refusal's first word) against the rest",
+    )  # fmt: skip
+    _group_options(p)
+    p.add_argument("--out", default="compare_out", help="output directory")
+    p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("demo", help="report the shipped demo model's accuracy on its facts")
     p.set_defaults(func=_cmd_demo)

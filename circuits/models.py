@@ -40,6 +40,7 @@ if TYPE_CHECKING:  # imported where they are used: `import circuits.models` stay
 log = logging.getLogger(__name__)
 
 DEMO_MODEL_DIR = Path(__file__).parent / "demo" / "model"
+DEMO_TUNED_DIR = DEMO_MODEL_DIR.parent / "tuned"  # the demo fine-tuned to refuse (scripts/build_demo_tuned.py)
 _SAVED_FIELDS = (
     "model_name", "n_layers", "d_model", "n_ctx", "d_head", "n_heads", "d_mlp", "d_vocab", "act_fn",
     "normalization_type", "positional_embedding_type", "default_prepend_bos", "seed",
@@ -67,6 +68,8 @@ def resolve_model_source(name: str) -> tuple[str, str]:
     """Which loader serves `name`: ("local", directory) or ("pretrained", official name)."""
     if name == "demo":
         return "local", str(DEMO_MODEL_DIR)
+    if name == "demo-tuned":
+        return "local", str(DEMO_TUNED_DIR)
     path = Path(name).expanduser()
     if path.is_dir():
         return "local", str(path)

@@ -2,25 +2,32 @@
 
 The logit lens reads the residual stream after `layer` blocks (row 0 = embeddings, row L = the
 final residual) through the final norm and the unembedding. A concept is a word or a group of
-words ("some state"); a group scores the probability that the next token is any of its words.
+words ("some state"); a group scores the probability that the next text is any of its words. A word
+of several tokens is scored by its first token, or where that token says nothing of it (shared with
+another traced word, or blank, as a bare space in byte-level BPE), by its whole token sequence: the
+first token through the lens, the rest teacher-forced through the model's own later positions.
 Named groups (`@states`) come from the caller's categories (`circuits.concepts.categories`).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 from transformer_lens import ActivationCache, HookedTransformer
 
 from circuits.concepts.categories import Categories, category_words
+from circuits.concepts.words import spaced_vocabulary, starts_word
 from circuits.errors import CircuitsError
 from circuits.models import prompt_tokens
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Concept:
-    """A word or a group of words; each word is a token sequence (scored by its first token)."""
+    """A word or a group of words; each word is a token sequence."""
 
     name: str
     words: tuple[str, ...]
@@ -86,20 +93,28 @@ def direct_logits(
 
 @dataclass
 class ConceptTrace:
-    """Scores of one concept at every (layer, position); layer rows 0..L as in `logit_lens`."""
+    """Scores of one concept at every (layer, position); layer rows 0..L as in `logit_lens`.
+
+    A word is scored by its first token through the lens, times, for a word scored whole (see
+    `whole_words`), the model's own probability of the rest of its tokens teacher-forced after it."""
 
     concept: Concept
     prob: torch.Tensor  # [L+1, pos]
     logprob: torch.Tensor  # [L+1, pos]
-    rank: torch.Tensor  # [L+1, pos], 1 = the top token (a group: its best word)
-    logit: torch.Tensor  # [L+1, pos], a group: logsumexp of its words' logits
-    attn_direct: torch.Tensor  # [L, pos] direct logit contribution of each layer's attention output
+    rank: torch.Tensor  # [L+1, pos], 1 = the top token (a group: its best word; see `scored_ranks`)
+    logit: torch.Tensor  # [L+1, pos], a group: logsumexp of its words' (whole-sequence) logits
+    attn_direct: torch.Tensor  # [L, pos] direct contribution of each layer's attention output to the first tokens
     mlp_direct: torch.Tensor  # [L, pos] ... and of each layer's MLP output
-    sequence_logprob: torch.Tensor | None = None  # [L+1] log P(all tokens of the word) at the last position
-    anchor_position: int | None = None  # where the concept is a token of the prompt (first occurrence)
+    whole: tuple[bool, ...] = ()  # per word: scored by its whole token sequence
+    anchor: tuple[int, int] | None = None  # first and last position of the word's tokens in the prompt
+
+    @property
+    def anchor_position(self) -> int | None:
+        """Where a word of the prompt is complete: its last token (None when the concept is not in the prompt)."""
+        return None if self.anchor is None else self.anchor[1]
 
     def peak(self) -> tuple[int, int]:
-        """(layer, position) of the highest probability; a prompt token is anchored at (0, its position)."""
+        """(layer, position) of the highest probability; a prompt word is anchored at (0, its last token)."""
         if self.anchor_position is not None:
             return 0, self.anchor_position
         flat = int(self.prob.flatten().argmax())
@@ -112,6 +127,65 @@ class ConceptTrace:
         return float(self.prob[layer, pos]), int(self.rank[layer, pos])
 
 
+def whole_words(
+    concepts: list[Concept], model: HookedTransformer, full_sequence: bool = False
+) -> tuple[set[tuple[int, ...]], list[str]]:
+    """The words (token sequences) to score whole: with `full_sequence` every multi-token word; else the
+    multi-token words whose first token says nothing of them, because another traced word starts with it
+    too or it is only spaces or punctuation. Also the warnings (logged too) naming such words and the fix."""
+    words = {ids for c in concepts for ids in c.token_ids}
+    starts: dict[int, list[tuple[int, ...]]] = {}
+    for ids in words:
+        starts.setdefault(ids[0], []).append(ids)
+    whole, notes = set(), []
+    for first, group in starts.items():
+        text = model.to_single_str_token(first)
+        blank = not any(ch.isalnum() for ch in text)
+        shared = [ids for ids in group if len(ids) > 1 and (full_sequence or blank or len(group) > 1)]
+        if shared and not full_sequence:
+            names = ", ".join(sorted(repr(model.tokenizer.decode(ids).strip()) for ids in shared))
+            why = "is shared" if len(group) > 1 else "is not a word"
+            notes.append(
+                f"{names}: the first token {text!r} {why}, so each is scored by its whole token sequence (the "
+                "first token by the lens, the rest teacher-forced); trace a distinguishing word instead, or pass "
+                "--full-sequence to score every multi-token word this way"
+            )
+            log.warning(notes[-1])
+        whole.update(shared)
+    return whole, notes
+
+
+@torch.no_grad()
+def rest_logprob(model: HookedTransformer, tokens: torch.Tensor, ids: tuple[int, ...]) -> torch.Tensor:
+    """log P(ids[1:] | the prompt up to p, then ids[0]) by the model itself, per position p: [pos].
+    One batch of prompt prefixes, each followed by the word and right-padded (causal: padding after a
+    position cannot change it)."""
+    n_pos, k = tokens.shape[1], len(ids)
+    if k == 1:
+        return torch.zeros(n_pos)
+    word = torch.tensor(ids, dtype=tokens.dtype, device=tokens.device)
+    batch = tokens.new_full((n_pos, n_pos + k - 1), int(ids[-1]))
+    for p in range(n_pos):
+        batch[p, : p + 1] = tokens[0, : p + 1]
+        batch[p, p + 1 : p + k] = word[:-1]
+    logprobs = model(batch).log_softmax(-1)  # [pos, pos + k - 1, vocab]
+    steps = torch.arange(n_pos)[:, None] + torch.arange(1, k)  # [pos, k - 1]: where ids[1:] are predicted
+    rows = torch.arange(n_pos)[:, None].expand(-1, k - 1)
+    return logprobs[rows, steps, word[1:].expand(n_pos, -1)].sum(-1).cpu()
+
+
+def word_anchor(model: HookedTransformer, tokens: torch.Tensor, word: str) -> tuple[int, int] | None:
+    """(first, last) position of the word's tokens in the prompt (after BOS; mid-sentence or at the start),
+    or None."""
+    seq = tokens[0].tolist()
+    for text in (" " + word, word):
+        ids = model.to_tokens(text, prepend_bos=False)[0].tolist()
+        for start in range(1, len(seq) - len(ids) + 1):
+            if seq[start : start + len(ids)] == ids:
+                return start, start + len(ids) - 1
+    return None
+
+
 @torch.no_grad()
 def trace_concept(
     model: HookedTransformer,
@@ -119,47 +193,42 @@ def trace_concept(
     lens: torch.Tensor,
     cache: ActivationCache,
     concept: Concept,
-    full_sequence: bool = False,
+    whole: set[tuple[int, ...]] | None = None,
 ) -> ConceptTrace:
-    """One concept's trace from the lens logits [L+1, pos, vocab] and cache of `tokens` [1, pos]."""
-    ids = torch.tensor(sorted(set(concept.first_tokens)))  # words sharing a first token count once
-    logprobs = lens.log_softmax(-1)  # [L+1, pos, vocab]
-    member_logits = lens[..., ids]  # [L+1, pos, words]
-    # rank = 1 + the number of logits above: from the count of logits at or below, by binary search.
-    at_or_below = torch.searchsorted(lens.sort(-1).values, member_logits.contiguous(), right=True)
-    ranks = lens.shape[-1] - at_or_below + 1  # [L+1, pos, words]
-    logprob = logprobs[..., ids].logsumexp(-1)
-    # A group's direct contribution: each word's, weighted by the gradient of logsumexp (its final share).
-    weights = logprobs[-1][:, ids].softmax(-1)  # [pos, words]
+    """One concept's trace from the lens logits [L+1, pos, vocab] and cache of `tokens` [1, pos]; the words
+    in `whole` (see `whole_words`) are scored by their whole token sequence."""
+    words = list(dict.fromkeys(concept.token_ids))  # a word listed twice counts once
+    whole = whole or set()
+    first = torch.tensor([ids[0] for ids in words])
+    # Each word's logit: its first token's, plus log P(rest) for a word scored whole. [L+1, pos, words]
+    rest = torch.stack([rest_logprob(model, tokens, ids if ids in whole else ids[:1]) for ids in words], -1)
+    word_logits = lens[..., first] + rest
+    logprob = (word_logits - lens.logsumexp(-1, keepdim=True)).logsumexp(-1)
     attn = torch.stack([cache[f"blocks.{l}.hook_attn_out"][0] for l in range(model.cfg.n_layers)])
     mlp = torch.stack([cache[f"blocks.{l}.hook_mlp_out"][0] for l in range(model.cfg.n_layers)])
-    after_bos = tokens[0, 1:].tolist()
-    single = concept.token_ids[0] if len(concept.token_ids) == 1 and len(concept.token_ids[0]) == 1 else None
-    anchor = after_bos.index(single[0]) + 1 if single and single[0] in after_bos else None
+    # A group's direct contribution: each word's, weighted by the gradient of logsumexp (its final share).
+    weights = word_logits[-1].softmax(-1)  # [pos, words]
+    single = len(concept.words) == 1
     return ConceptTrace(
         concept=concept,
         prob=logprob.exp(),
         logprob=logprob,
-        rank=ranks.min(-1).values,
-        logit=member_logits.logsumexp(-1),
-        attn_direct=(direct_logits(model, cache, attn, ids.tolist()) * weights).sum(-1),
-        mlp_direct=(direct_logits(model, cache, mlp, ids.tolist()) * weights).sum(-1),
-        sequence_logprob=sequence_logprob(model, tokens, concept) if full_sequence else None,
-        anchor_position=anchor,
+        rank=scored_ranks(lens, word_logits, first).min(-1).values,
+        logit=word_logits.logsumexp(-1),
+        attn_direct=(direct_logits(model, cache, attn, first.tolist()) * weights).sum(-1),
+        mlp_direct=(direct_logits(model, cache, mlp, first.tolist()) * weights).sum(-1),
+        whole=tuple(ids in whole for ids in concept.token_ids),
+        anchor=word_anchor(model, tokens, concept.words[0]) if single else None,
     )
 
 
-@torch.no_grad()
-def sequence_logprob(model: HookedTransformer, tokens: torch.Tensor, concept: Concept) -> torch.Tensor:
-    """Logit-lens log P(the whole word follows the prompt) per layer [L+1]; a group: logsumexp over words."""
-    per_word = []
-    for ids in concept.token_ids:
-        continuation = torch.tensor([ids[:-1]], dtype=tokens.dtype, device=tokens.device)
-        extended = torch.cat([tokens, continuation], dim=1)  # [1, pos + k - 1]
-        lens, _ = logit_lens(model, extended)
-        steps = lens[:, tokens.shape[1] - 1 :].log_softmax(-1)  # [L+1, k, vocab]
-        per_word.append(steps[:, torch.arange(len(ids)), torch.tensor(ids)].sum(-1))
-    return torch.stack(per_word).logsumexp(0)
+def scored_ranks(lens: torch.Tensor, word_logits: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """Rank [L+1, pos, words] of each word's logit among the lens's single tokens, its own first token left
+    out (for a one-token word: its token's rank, 1 = the top token)."""
+    # 1 + the number of logits above: from the count of logits at or below, by binary search.
+    at_or_below = torch.searchsorted(lens.sort(-1).values, word_logits.contiguous(), right=True)
+    above = lens.shape[-1] - at_or_below
+    return above + 1 - (lens[..., first] > word_logits).long()
 
 
 def trace_concepts(
@@ -173,12 +242,14 @@ def trace_concepts(
     tokens = prompt_tokens(model, prompt)
     lens, cache = logit_lens(model, tokens)
     made = [c if isinstance(c, Concept) else make_concept(model, c, categories) for c in concepts]
-    return [trace_concept(model, tokens, lens, cache, c, full_sequence) for c in made], lens
+    whole, _ = whole_words(made, model, full_sequence)
+    return [trace_concept(model, tokens, lens, cache, c, whole) for c in made], lens
 
 
 def propose_intermediates(model: HookedTransformer, tokens: torch.Tensor, lens: torch.Tensor, k: int = 3) -> list[str]:
     """Words whose logit-lens probability peaks at a middle layer (not the embeddings, not the output),
-    best peak first; the prompt's own tokens and the model's final prediction are left out."""
+    best peak first; only tokens that begin a word (see `starts_word`), and neither the prompt's own tokens
+    nor the model's final prediction."""
     probs = lens.softmax(-1)  # [L+1, pos, vocab]
     best_per_layer = probs.max(1).values  # [L+1, vocab]
     peak_layer = best_per_layer.argmax(0)  # [vocab]
@@ -187,5 +258,8 @@ def propose_intermediates(model: HookedTransformer, tokens: torch.Tensor, lens: 
     excluded |= {i for i in (model.tokenizer.unk_token_id, model.tokenizer.pad_token_id) if i is not None}
     score = torch.where(middle, best_per_layer.max(0).values, torch.zeros(()))
     score[list(excluded)] = 0
+    spaced = spaced_vocabulary(model)
+    texts = model.tokenizer.batch_decode([[i] for i in range(lens.shape[-1])])
+    score[torch.tensor([not starts_word(t, spaced) for t in texts])] = 0
     top = score.topk(k)
     return [model.to_single_str_token(int(i)).strip() for v, i in zip(top.values, top.indices, strict=True) if v > 0]

@@ -40,6 +40,7 @@ def report_json(report: ConceptReport) -> dict:
         "trajectories": _trajectories_json(report.trajectories) if report.trajectories else None,
         "funnel": {k: _floats(v) for k, v in report.funnel.items()} if report.funnel else None,
         "graph_cells": {f"{r},{p}": ids for (r, p), ids in sorted(report.graph_cells.items())},
+        "notes": report.notes,
     }
 
 
@@ -62,8 +63,10 @@ td,th{{border:1px solid #ccc;padding:2px 8px}} code{{background:#f4f4f4}}</style
 <p>Prompt: <code>{html.escape(report.prompt)}</code> → prediction <b>{html.escape(report.prediction)}</b></p>
 <p>Tokens: {" ".join(f"<code>{html.escape(t)}</code>" for t in report.tokens)}</p>
 <p>Auto-proposed intermediate concepts: {html.escape(", ".join(report.proposals) or "none")}</p>
+{"".join(f'<p class="note">Note: {html.escape(n)}</p>' for n in report.notes)}
 {_paths_table(report.paths)}
 {_patching_line(report.patching)}
+{_graph_nodes_table(report)}
 {sections}
 <script>
 const FIGURES = {_script_json(specs)};
@@ -100,13 +103,50 @@ def _paths_table(paths: list[PathScore]) -> str:
     if not paths:
         return "<p>No paths scored.</p>"
     rows = "".join(
-        f"<tr><td>{html.escape(' → '.join(p.path))}</td><td>{p.score:.3f}</td><td>{p.baseline:.3f}</td>"
-        f"<td>{html.escape(str(p.peaks))}</td><td>{p.ordered_by_position}</td><td>{p.ordered_by_layer}</td>"
-        f"<td>{p.completeness:.2f}</td></tr>"
+        f"<tr><td>{html.escape(' → '.join(p.path))}</td><td>{p.score:.3f}</td><td>{_causal(p.causal_score)}</td>"
+        f"<td>{p.baseline:.3f}</td><td>{_peak_cells(p)}</td><td>{p.ordered_by_position}</td>"
+        f"<td>{p.ordered_by_layer}</td><td>{p.completeness:.2f}</td></tr>"
         for p in paths
     )
-    head = "<tr><th>path</th><th>score</th><th>baseline</th><th>peaks (layer, pos)</th>"
-    return f"<table>{head}<th>pos order</th><th>layer order</th><th>complete</th></tr>{rows}</table>"
+    head = "<tr><th>path</th><th>lens score</th><th>causal score</th><th>baseline</th>"
+    head += "<th>peaks (layer, pos): patching recovery</th>"
+    note = (
+        "<p>Causal score = lens score × mean recovery (clipped to [0, 1]) when the clean residual stream at each "
+        "peak cell is patched into the counterfactual run. <mark>✗</mark> marks a peak cell where the two "
+        "disagree: the lens reads the concept there (rank ≤ 5) but the cell does not carry the answer "
+        "(recovery &lt; 0.5), or the reverse.</p>"
+    )
+    return f"<table>{head}<th>pos order</th><th>layer order</th><th>complete</th></tr>{rows}</table>{note}"
+
+
+def _causal(value: float | None) -> str:
+    return "no counterfactual" if value is None else f"{value:.3f}"
+
+
+def _peak_cells(p: PathScore) -> str:
+    """Each hop's peak cell, with its recovery and a mark where the lens and patching disagree."""
+    if p.recoveries is None:
+        return html.escape(", ".join(str(tuple(x)) for x in p.peaks))
+    cells = []
+    for (row, pos), recovery, agrees in zip(p.peaks, p.recoveries, p.agrees, strict=True):
+        cell = f"({row}, {pos}): {recovery:+.2f}"
+        cells.append(cell if agrees else f'<mark title="the lens and patching disagree">✗ {cell}</mark>')
+    return ", ".join(cells)
+
+
+def _graph_nodes_table(report: ConceptReport) -> str:
+    """The attribution graph's nodes at each concept's peak cell (when the report has graph nodes)."""
+    if not report.graph_cells:
+        return ""
+    rows = []
+    for t in report.traces:
+        row, pos = t.peak()
+        ids = report.graph_cells.get((row, pos), [])
+        shown = ", ".join(ids[:12]) + (f" and {len(ids) - 12} more" if len(ids) > 12 else "")
+        cells = [html.escape(t.concept.name), f"({row}, {pos})", html.escape(shown or "none")]
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    head = "<tr><th>concept</th><th>peak (layer, pos)</th><th>graph nodes there</th></tr>"
+    return f"<h2>Graph nodes at each peak</h2><table>{head}{''.join(rows)}</table>"
 
 
 def _patching_line(result: PatchingResult | None) -> str:
@@ -130,13 +170,14 @@ def _trace_json(t: ConceptTrace) -> dict:
         "words": list(t.concept.words),
         "token_ids": [list(ids) for ids in t.concept.token_ids],
         "peak": {"layer": layer, "position": pos, "anchored_in_prompt": t.anchor_position is not None},
+        "anchor": list(t.anchor) if t.anchor else None,
+        "scored_whole": list(t.whole),
         "prob": _floats(t.prob),
         "logprob": _floats(t.logprob),
         "rank": t.rank.tolist(),
         "logit": _floats(t.logit),
         "attn_direct": _floats(t.attn_direct),
         "mlp_direct": _floats(t.mlp_direct),
-        "sequence_logprob": _floats(t.sequence_logprob) if t.sequence_logprob is not None else None,
     }
 
 
@@ -153,6 +194,9 @@ def _path_json(p: PathScore) -> dict:
         "baseline": p.baseline,
         "order_factor": p.order_factor,
         "score": p.score,
+        "recoveries": p.recoveries,
+        "causal_score": p.causal_score,
+        "agrees": p.agrees,
     }
 
 

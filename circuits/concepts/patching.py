@@ -14,7 +14,6 @@ import torch
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from circuits.concepts.categories import Categories, member_swaps
 from circuits.errors import CircuitsError
 from circuits.models import prompt_tokens
 
@@ -149,21 +148,3 @@ def patching_grid(
         corrupt_diff=corrupt_diff,
         grids=grids,
     )
-
-
-def category_variants(model: HookedTransformer, prompt: str, categories: Categories) -> list[str]:
-    """Prompts with one member of a category swapped for another member of the same token length
-    (Dallas -> Chicago), in the categories' order; none without categories."""
-    n_tokens = prompt_tokens(model, prompt).shape[1]
-    return [v for v in member_swaps(prompt, categories) if prompt_tokens(model, v).shape[1] == n_tokens]
-
-
-@torch.no_grad()
-def propose_counterfactuals(model: HookedTransformer, prompt: str, categories: Categories, n: int = 3) -> list[str]:
-    """Up to n same-length same-category variants of the prompt whose top prediction differs from the prompt's."""
-    variants = category_variants(model, prompt, categories)
-    if not variants:
-        return []
-    predicted = model(prompt_tokens(model, prompt))[0, -1].argmax()
-    changed = model(model.to_tokens(variants))[:, -1].argmax(-1) != predicted  # variants share one length
-    return [v for v, c in zip(variants, changed.tolist(), strict=True) if c][:n]

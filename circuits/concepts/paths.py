@@ -1,5 +1,10 @@
 """Multi-hop path scores: how well a chain of concepts (Dallas -> Texas -> Austin) shows up in their
-traces, scored from each concept's peak cell (layer, position) and its order along the prompt."""
+traces, scored from each concept's peak cell (layer, position) and its order along the prompt.
+
+The logit lens says where a concept can be read; patching says whether that cell matters. With a
+patching result, each hop also carries the recovery at its peak cell, and the path a causal score:
+the lens score times the mean recovery (clipped to [0, 1]) of its hops. A hop where the two disagree
+(read by the lens, rank <= top_k, but recovering < CAUSAL_THRESHOLD, or the reverse) is flagged."""
 
 from __future__ import annotations
 
@@ -13,6 +18,9 @@ from circuits.errors import CircuitsError
 
 if TYPE_CHECKING:
     from circuits.concepts.lens import ConceptTrace
+    from circuits.concepts.patching import PatchingResult
+
+CAUSAL_THRESHOLD = 0.5  # a peak cell whose patch recovers at least this fraction of the answer is causal
 
 
 @dataclass
@@ -30,10 +38,41 @@ class PathScore:
     baseline: float  # strength * completeness, halved when out of order
     score: float  # continuous: rank-and-probability strength times a soft order factor
     order_factor: float = field(default=1.0)
+    top_k: int = 5
+    recoveries: list[float] | None = None  # per hop: patching recovery at its peak cell
+    causal_score: float | None = None  # score x mean clipped recovery
 
     @property
     def in_order(self) -> bool:
         return self.ordered_by_position and self.ordered_by_layer
+
+    @property
+    def agrees(self) -> list[bool] | None:
+        """Per hop: the lens (rank <= top_k at the peak) and patching (recovery >= CAUSAL_THRESHOLD) agree."""
+        if self.recoveries is None:
+            return None
+        return [
+            (r <= self.top_k) == (c >= CAUSAL_THRESHOLD) for r, c in zip(self.peak_ranks, self.recoveries, strict=True)
+        ]
+
+
+def cell_recovery(result: PatchingResult, row: int, pos: int) -> float:
+    """The recovered fraction when the clean residual stream at trace cell (row, pos) is patched in: row
+    r < L is block r's resid_pre (the grid); row L is the final residual, which feeds only the logits at
+    its own position, so patching it recovers all of the difference at the last position and none elsewhere."""
+    grid = result.grids.get("resid_pre")
+    if grid is None:
+        raise CircuitsError("the patching result has no resid_pre grid: patch with kinds including 'resid_pre'")
+    if row < grid.shape[0]:
+        return float(grid[row, pos])
+    return 1.0 if pos == grid.shape[1] - 1 else 0.0
+
+
+def with_causal(path: PathScore, patching: PatchingResult) -> PathScore:
+    """The path with each hop's recovery at its peak cell and the causal score filled in."""
+    path.recoveries = [cell_recovery(patching, row, pos) for row, pos in path.peaks]
+    path.causal_score = path.score * sum(min(max(r, 0.0), 1.0) for r in path.recoveries) / len(path.recoveries)
+    return path
 
 
 def score_path(
@@ -68,9 +107,15 @@ def score_path(
         baseline=strength * completeness * (1.0 if by_position and by_layer else 0.5),
         score=math.exp(sum(math.log(h) for h in hop_strength) / len(hop_strength)) * order_factor,
         order_factor=order_factor,
+        top_k=top_k,
     )
 
 
-def rank_paths(traces: dict[str, ConceptTrace], paths: list[list[str]], n_layers: int) -> list[PathScore]:
-    """Every path scored, best (highest continuous score) first."""
-    return sorted((score_path(traces, p, n_layers) for p in paths), key=lambda s: -s.score)
+def rank_paths(
+    traces: dict[str, ConceptTrace], paths: list[list[str]], n_layers: int, patching: PatchingResult | None = None
+) -> list[PathScore]:
+    """Every path scored (with a patching result, causally too), best (highest logit-lens score) first."""
+    scored = [score_path(traces, p, n_layers) for p in paths]
+    if patching is not None:
+        scored = [with_causal(s, patching) for s in scored]
+    return sorted(scored, key=lambda s: -s.score)

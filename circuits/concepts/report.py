@@ -17,10 +17,19 @@ from transformer_lens import HookedTransformer
 from circuits.concepts import figures as cf
 from circuits.concepts.categories import Categories
 from circuits.concepts.cells import graph_nodes_by_cell
-from circuits.concepts.lens import Concept, ConceptTrace, logit_lens, make_concept, propose_intermediates, trace_concept
-from circuits.concepts.patching import PatchingResult, category_variants, patching_grid, propose_counterfactuals
+from circuits.concepts.lens import (
+    Concept,
+    ConceptTrace,
+    logit_lens,
+    make_concept,
+    propose_intermediates,
+    trace_concept,
+    whole_words,
+)
+from circuits.concepts.patching import PatchingResult, patching_grid
 from circuits.concepts.paths import PathScore, rank_paths
 from circuits.concepts.trajectories import Trajectories, funnel, trajectories
+from circuits.concepts.variants import answer_groups, category_variants, propose_counterfactuals, slot_swaps
 from circuits.errors import CircuitsError
 from circuits.models import prompt_tokens
 
@@ -42,6 +51,7 @@ class ConceptReport:
     trajectories: Trajectories | None = None
     funnel: dict[str, torch.Tensor] | None = None
     graph_cells: dict[tuple[int, int], list[str]] = field(default_factory=dict)  # trace cell -> graph node ids
+    notes: list[str] = field(default_factory=list)  # warnings for the reader (e.g. words scored whole)
 
     def trace(self, name: str) -> ConceptTrace:
         return next(t for t in self.traces if t.concept.name == name)
@@ -58,11 +68,14 @@ def concept_report(
     graph_nodes: list[dict] | None = None,
     trajectory_sets: dict[str, list[str]] | None = None,
     categories: Categories | None = None,
+    three_d: bool = False,
 ) -> ConceptReport:
     """Trace the concepts (specs as in `make_concept`, `@name` from `categories`; every element of a path
-    is traced too), score the paths, patch against the counterfactual (default: a same-category variant
-    that changes the answer) and follow the prompt and its same-category variants (plus any
-    `trajectory_sets`, e.g. one-hop prompts to overlay) through the layers.
+    is traced too), score the paths (with a counterfactual, causally too), patch against the counterfactual
+    (default: a same-category variant, or else the model's own slot swap of a traced prompt word, that
+    changes the answer) and follow the prompt and its variants grouped by answer (plus any
+    `trajectory_sets`, e.g. one-hop prompts to overlay) through the layers, in 3 principal components
+    with `three_d` (a rotatable 3D figure), else 2.
 
     With `auto`, or with no concepts and no paths, the best middle-layer proposal and the model's
     prediction are traced and the path proposal -> prediction is scored."""
@@ -78,21 +91,26 @@ def concept_report(
         specs += [(proposals[0], [proposals[0]]), (prediction, [prediction])]  # words as they are, even with "="
         paths.append([proposals[0], prediction])
     made, paths = resolve_concepts(model, specs, paths, categories)
-    traces = [trace_concept(model, tokens, lens, cache, c, full_sequence) for c in made.values()]
-    patching = patch_against(model, prompt, counterfactual, categories)
-    followed, same_answer = follow_variants(model, prompt, trajectory_sets or {}, categories)
+    whole, notes = whole_words(list(made.values()), model, full_sequence)
+    traces = [trace_concept(model, tokens, lens, cache, c, whole) for c in made.values()]
+    anchors = [t.anchor_position for t in traces if t.anchor_position is not None]
+    patching = patch_against(model, prompt, counterfactual, categories, anchors)
+    followed, same_answer = follow_variants(
+        model, prompt, trajectory_sets or {}, categories, anchors, 3 if three_d else 2
+    )
     return ConceptReport(
         prompt=prompt,
         tokens=model.to_str_tokens(tokens),
         n_layers=model.cfg.n_layers,
         prediction=prediction,
         traces=traces,
-        paths=rank_paths({t.concept.name: t for t in traces}, paths, model.cfg.n_layers),
+        paths=rank_paths({t.concept.name: t for t in traces}, paths, model.cfg.n_layers, patching),
         proposals=proposals,
         patching=patching,
         trajectories=followed,
         funnel=same_answer,
         graph_cells=graph_nodes_by_cell(graph_nodes or [], model.cfg.n_layers),
+        notes=notes,
     )
 
 
@@ -122,24 +140,34 @@ def _path_concept(model: HookedTransformer, made: dict[str, Concept], spec: str,
 
 
 def patch_against(
-    model: HookedTransformer, prompt: str, counterfactual: str | None, categories: Categories
+    model: HookedTransformer, prompt: str, counterfactual: str | None, categories: Categories, anchors: list[int]
 ) -> PatchingResult | None:
-    """The patching grid of the prompt against `counterfactual`, or else against the first same-category
-    variant whose answer differs; None when there is neither."""
-    counterfactuals = [counterfactual] if counterfactual else propose_counterfactuals(model, prompt, categories, n=1)
+    """The patching grid of the prompt against `counterfactual`, or else against the first proposed variant
+    (see `propose_counterfactuals`; slot swaps at the `anchors`, the traced words of the prompt, when there
+    are any) whose answer differs; None when there is neither."""
+    counterfactuals = (
+        [counterfactual] if counterfactual else propose_counterfactuals(model, prompt, categories, 1, anchors or None)
+    )
     return patching_grid(model, prompt, counterfactuals[0]) if counterfactuals else None
 
 
 def follow_variants(
-    model: HookedTransformer, prompt: str, extra_sets: dict[str, list[str]], categories: Categories
+    model: HookedTransformer,
+    prompt: str,
+    extra_sets: dict[str, list[str]],
+    categories: Categories,
+    anchors: list[int],
+    k: int = 2,
 ) -> tuple[Trajectories | None, dict[str, torch.Tensor] | None]:
-    """Trajectories of the prompt and its same-category variants (at most MAX_TRAJECTORY_PROMPTS), plus
-    `extra_sets`, and their funnel when some prompts share an answer; None for a lone prompt."""
-    variants = category_variants(model, prompt, categories)[: MAX_TRAJECTORY_PROMPTS - 1]
-    sets = {"prompt and variants": [prompt, *variants], **extra_sets}
+    """Trajectories of the prompt and its variants (same-category swaps, or else the model's own slot swaps
+    at the `anchors`; at most MAX_TRAJECTORY_PROMPTS, grouped by answer, see `answer_groups`), plus
+    `extra_sets`, in `k` principal components, and their funnel when some prompts share an answer; None for
+    a lone prompt."""
+    variants = category_variants(model, prompt, categories) or slot_swaps(model, prompt, anchors or None)
+    sets = {"prompt and variants": answer_groups(model, prompt, variants, MAX_TRAJECTORY_PROMPTS), **extra_sets}
     if sum(len(s) for s in sets.values()) <= 1:
         return None, None
-    followed = trajectories(model, sets)
+    followed = trajectories(model, sets, k=k)
     answers = [a for name in sets for a in followed.answers[name]]
     if len(set(answers)) == len(answers):
         return followed, None

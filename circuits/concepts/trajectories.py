@@ -1,8 +1,7 @@
 """Hidden-state trajectories: the residual stream of many prompts, layer by layer, in a shared PCA plane.
 
-The "funnel" asks how fast prompts with the same answer converge: at each layer, the spread of
-the prompts that share an answer (mean squared distance to their centroid), relative to the
-spread of all prompts.
+The "funnel" asks how fast prompts with the same answer converge and different answers part: at each
+layer, the spread within each answer's prompts against the spread between the answers' centroids.
 """
 
 from __future__ import annotations
@@ -97,19 +96,25 @@ def top_predictions(model: HookedTransformer, prompts: list[str]) -> list[str]:
 
 
 def funnel(states: torch.Tensor, answers: list[str]) -> dict[str, torch.Tensor]:
-    """Per layer [L+1]: `within`, the mean over answers shared by >= 2 prompts of the mean squared
-    distance to their centroid; `total`, the same for all prompts; `ratio` = within / total, 0 where
-    all prompts coincide (the last token's embedding is often the same word for every prompt)."""
+    """Per layer [L+1], over the prompts whose answer is shared by >= 2 prompts (the others have no partner):
+    `within`, the mean squared distance of each prompt to its answer's centroid; `between`, of each prompt's
+    answer centroid to the centroid of all (within + between = `total`, their spread); `ratio` = within /
+    total, falling as prompts with the same answer converge and different answers part; 0 where all
+    prompts coincide (the last token's embedding is often the same word for every prompt)."""
     groups = [[i for i, a in enumerate(answers) if a == answer] for answer in sorted(set(answers))]
     groups = [g for g in groups if len(g) >= 2]
     if not groups:
         raise CircuitsError("the funnel needs at least two prompts with the same answer")
-    within = torch.stack([spread(states[g]) for g in groups]).mean(0)
-    total = spread(states)
+    kept = states[[i for g in groups for i in g]]  # [n, L+1, d]
+    sizes = torch.tensor([len(g) for g in groups], dtype=states.dtype)[:, None] / len(kept)  # [groups, 1]
+    within = (torch.stack([spread(states[g]) for g in groups]) * sizes).sum(0)
+    centroids = torch.stack([states[g].mean(0) for g in groups])  # [groups, L+1, d]
+    between = ((centroids - kept.mean(0)).pow(2).sum(-1) * sizes).sum(0)
+    total = spread(kept)
     # Identical states (every prompt ends in the same word) leave only rounding noise in `total`.
-    coincide = total <= 1e-8 * states.pow(2).sum(-1).mean(0)
+    coincide = total <= 1e-8 * kept.pow(2).sum(-1).mean(0)
     ratio = torch.where(coincide, 0.0, within / total.clamp_min(torch.finfo(total.dtype).tiny))
-    return {"within": within, "total": total, "ratio": ratio}
+    return {"within": within, "between": between, "total": total, "ratio": ratio}
 
 
 def spread(x: torch.Tensor) -> torch.Tensor:

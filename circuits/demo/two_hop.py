@@ -14,8 +14,9 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from circuits.concepts.lens import logit_lens, make_concept, trace_concept
-from circuits.concepts.patching import patching_grid, propose_counterfactuals
+from circuits.concepts.patching import patching_grid
 from circuits.concepts.paths import score_path
+from circuits.concepts.variants import propose_counterfactuals
 from circuits.demo.corpus import TWO_HOP_PROMPT
 from circuits.demo.facts import CATEGORIES, STATE_OF_CITY, STATES, held_out_cities, trained_two_hop_cities
 from circuits.models import prompt_tokens

@@ -18,22 +18,15 @@ from circuits.concepts.cells import graph_nodes_by_cell
 from circuits.concepts.figures import flow_gif
 from circuits.concepts.lens import make_concept, propose_intermediates, trace_concepts
 from circuits.concepts.page import render_concepts_html, report_json, write_concepts_page
-from circuits.concepts.patching import (
-    HOOKS,
-    Patch,
-    category_variants,
-    grid_patches,
-    patching_grid,
-    propose_counterfactuals,
-    run_patches,
-)
+from circuits.concepts.patching import HOOKS, Patch, grid_patches, patching_grid, run_patches
 from circuits.concepts.paths import rank_paths, score_path
 from circuits.concepts.report import concept_report, figures, flow_steps
 from circuits.concepts.trajectories import fit_pca, funnel, residual_states, spread, trajectories
+from circuits.concepts.variants import category_variants, propose_counterfactuals, slot_swaps
 from circuits.demo.facts import CATEGORIES
 from circuits.demo.two_hop import study, two_hop_cases
 from circuits.errors import CircuitsError
-from circuits.models import DEMO_MODEL_DIR, prompt_tokens
+from circuits.models import DEMO_MODEL_DIR, load_model, prompt_tokens
 
 FLAGSHIP = "Fact: Dallas is in the state whose capital is"
 COUNTERFACTUAL = "Fact: Chicago is in the state whose capital is"
@@ -106,16 +99,18 @@ def test_direct_contributions_add_up_to_the_final_logits(demo_model, flagship_tr
     torch.testing.assert_close(components + bias, logits[0, :, austin], atol=1e-3, rtol=1e-4)
 
 
-def test_full_sequence_log_prob_of_a_multi_token_word(demo_model, flagship_traces):
-    traces, _ = flagship_traces
+def test_a_word_sharing_its_first_token_is_scored_by_its_whole_sequence(demo_model, flagship_traces):
+    traces, lens = flagship_traces
     seq = traces["Austin ."]
     assert seq.concept.token_ids[0] == tuple(demo_model.to_tokens(" Austin .", prepend_bos=False)[0].tolist())
-    assert len(seq.concept.token_ids[0]) == 2
+    assert seq.whole == (True,) and traces["Austin"].whole == (False,)
     tokens = demo_model.to_tokens(FLAGSHIP + " Austin")
-    logprobs = demo_model(tokens)[0].log_softmax(-1)
+    logprobs = demo_model(tokens)[0].log_softmax(-1).detach()
     expected = logprobs[-2, demo_model.to_single_token("Austin")] + logprobs[-1, demo_model.to_single_token(".")]
-    assert seq.sequence_logprob[-1].item() == pytest.approx(expected.item(), abs=1e-4)
-    torch.testing.assert_close(seq.logprob, traces["Austin"].logprob)  # first-token scores
+    assert seq.logprob[-1, -1].item() == pytest.approx(expected.item(), abs=1e-4)
+    # Every layer: the lens's first token, plus the same teacher-forced rest (the final model's).
+    rest = (seq.logprob - traces["Austin"].logprob)[:, -1]
+    torch.testing.assert_close(rest, torch.full_like(rest, float(logprobs[-1, demo_model.to_single_token(".")])))
 
 
 def test_path_scores_rank_the_true_path_first_and_halve_out_of_order_baselines(demo_model, flagship_traces):
@@ -395,21 +390,41 @@ def test_categories_are_inputs_to_concepts_and_counterfactuals(demo_model):
     swapped = [FLAGSHIP.replace("Dallas", town) for town in ("Chicago", "Moab")]
     assert category_variants(demo_model, FLAGSHIP, TOWNS) == swapped
     assert propose_counterfactuals(demo_model, FLAGSHIP, TOWNS) == swapped  # Springfield and Salt Lake City
-    assert category_variants(demo_model, FLAGSHIP, {}) == [] and propose_counterfactuals(demo_model, FLAGSHIP, {}) == []
+    assert category_variants(demo_model, FLAGSHIP, {}) == []
     assert member_swaps("in Dallas now", {"odd": ["Dallas", r"\1 & \g<0>"]}) == [r"in \1 & \g<0> now"]  # literal
 
 
-def test_without_categories_a_category_is_a_one_line_error_and_nothing_is_proposed(demo_model, tmp_path, capsys):
+def test_without_categories_a_category_is_a_one_line_error_and_the_model_proposes_swaps(demo_model, tmp_path, capsys):
     with pytest.raises(CircuitsError, match=r"unknown concept category @states \(known: none\): pass categories=") as e:
         make_concept(demo_model, "@states")
     assert len(str(e.value).splitlines()) == 1
-    report = concept_report(demo_model, FLAGSHIP, concepts=["Texas"])
-    assert report.patching is None and report.trajectories is None and report.funnel is None
+    # No categories: the counterfactual swaps the traced prompt word (Dallas) for another word the model itself
+    # ranks high in that slot, of the same token length, whose answer differs.
+    report = concept_report(demo_model, FLAGSHIP, concepts=["Dallas", "Texas"])
+    corrupt = report.patching.corrupt_prompt
+    new = demo_model.to_str_tokens(corrupt)[3]
+    assert corrupt == FLAGSHIP.replace("Dallas", new) and new != "Dallas"
+    tokens = prompt_tokens(demo_model, FLAGSHIP)
+    ranked = demo_model(tokens)[0, 2].topk(16).indices.tolist()
+    assert demo_model.to_single_token(new) in ranked
+    assert report.patching.foil.strip() != report.prediction
+    variants = report.trajectories.sets["prompt and variants"]
+    assert len(variants) == 9 and {prompt_tokens(demo_model, v).shape for v in variants} == {tokens.shape}
+    assert slot_swaps(demo_model, FLAGSHIP, [3], per_slot=3) == [FLAGSHIP.replace("Dallas", c) for c in _top_cities(3)]
     # The CLI passes the demo's categories for `--model demo` only: the same model from its directory has none.
     argv = ["concepts", FLAGSHIP, "--concept", "@states", "--model", str(DEMO_MODEL_DIR), "--out", str(tmp_path)]
+    capsys.readouterr()
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "known: none" in err
+
+
+def _top_cities(n: int) -> list[str]:
+    """The demo model's top-ranked capitalised words after "Fact:", by a plain loop over its ranking."""
+    model = load_model("demo")
+    logits = model(prompt_tokens(model, "Fact:"))[0, -1]
+    words = [model.to_single_str_token(i) for i in logits.argsort(descending=True).tolist()]
+    return [w for w in words if w[:1].isupper() and w != "Dallas"][:n]
 
 
 def _import_graph():
@@ -435,3 +450,56 @@ def test_concepts_never_import_the_demo_and_sit_on_their_floors():
     floors = {name.rpartition(".")[2]: floor(name) for name in concepts}
     assert max(floors[m] for m in ("lens", "paths", "patching", "trajectories", "figures")) <= 3
     assert floors["report"] <= 4 and floors["page"] <= 5
+
+
+def _patched_recovery(model, hook_name: str, pos: int) -> float:
+    """Recovered fraction of logit(Austin) - logit(foil) when the clean activation at one hook and position is
+    written into the counterfactual run, by a plain hook (independent of run_patches)."""
+    clean, corrupt = prompt_tokens(model, FLAGSHIP), prompt_tokens(model, COUNTERFACTUAL)
+    with torch.no_grad():
+        clean_logits, cache = model.run_with_cache(clean)
+        corrupt_logits = model(corrupt)
+        answer, foil = int(clean_logits[0, -1].argmax()), int(corrupt_logits[0, -1].argmax())
+
+        def put(act, hook):
+            act[:, pos] = cache[hook_name][:, pos]
+            return act
+
+        patched = model.run_with_hooks(corrupt, fwd_hooks=[(hook_name, put)])
+    diff = [float(x[0, -1, answer] - x[0, -1, foil]) for x in (clean_logits, corrupt_logits, patched)]
+    return (diff[2] - diff[1]) / (diff[0] - diff[1])
+
+
+def test_causal_path_score_carries_the_recovery_at_each_peak(demo_model, flagship_report):
+    true = next(p for p in flagship_report.paths if p.path == ("Dallas", "Texas", "Austin"))
+    assert true.peaks == [(0, 3), (2, 5), (4, 10)]
+    expected = [
+        _patched_recovery(demo_model, "blocks.0.hook_resid_pre", 3),
+        _patched_recovery(demo_model, "blocks.2.hook_resid_pre", 5),
+        _patched_recovery(demo_model, "blocks.3.hook_resid_post", 10),  # row L: the final residual
+    ]
+    assert true.recoveries == pytest.approx(expected, abs=1e-4)
+    assert expected[0] > 0.9 and abs(expected[1]) < 0.05 and expected[2] == pytest.approx(1.0, abs=1e-4)
+    # Texas is read by the lens at "in" (rank 1) but that cell does not carry the answer: flagged.
+    assert true.agrees == [True, False, True]
+    clipped = [min(max(r, 0.0), 1.0) for r in expected]
+    assert true.causal_score == pytest.approx(true.score * sum(clipped) / 3, rel=1e-4)
+    data = report_json(flagship_report)["paths"]
+    assert {tuple(p["path"]): p["agrees"] for p in data}[("Dallas", "Texas", "Austin")] == [True, False, True]
+    page = render_concepts_html(flagship_report)
+    assert "causal score" in page and "<mark" in page
+
+
+def test_the_default_funnel_groups_variants_by_answer_within_plus_between_is_total(demo_model):
+    report = concept_report(demo_model, FLAGSHIP, concepts=["Texas"], categories=CATEGORIES, three_d=True)
+    answers = report.trajectories.answers["prompt and variants"]
+    assert answers[:3] == ["Austin"] * 3 and len(answers) == 24  # the prompt's own answer has partners
+    assert all(answers.count(a) >= 2 for a in answers)
+    assert report.trajectories.coords["prompt and variants"].shape == (24, 5, 3)  # three_d: 3 components
+    f = report.funnel
+    torch.testing.assert_close(f["within"] + f["between"], f["total"], rtol=1e-4, atol=1e-3)
+    x = report.trajectories.states["prompt and variants"]  # [24, 5, d]: 8 answers of 3 prompts
+    centroids = x.reshape(8, 3, *x.shape[1:]).mean(1)  # [8, 5, d]
+    between = (centroids - x.mean(0)).pow(2).sum(-1).mean(0)
+    torch.testing.assert_close(f["between"], between, rtol=1e-4, atol=1e-3)
+    assert (f["between"][1:] > 3 * f["within"][1:]).all()  # answers part more than same-answer prompts spread
