@@ -111,10 +111,11 @@ def render_page(
     page_css = (ASSETS / "page.css").read_text(encoding="utf-8")
     plotly = _script(plotly_js()) if specs else ""
     title = html.escape(graph["metadata"].get("prompt", ""))
+    header = _header(graph, view, info, labels, options.view.top_k_edges)
     return (
         f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{title}</title>\n'
         f"<style>{assets['css']}</style>\n<style>{page_css}</style>\n{_script(assets['js'])}\n{plotly}\n"
-        f"</head>\n<body>\n{_header(graph, view, info, labels, options.view.top_k_edges)}\n{_main(specs, _count(view.nodes, 'inhibited'))}\n"
+        f"</head>\n<body>\n{header}\n{_main(specs, _count(view.nodes, 'inhibited'))}\n"
         f'<script type="application/json" id="circuits-data">{script_json(data)}</script>\n'
         f"{_script(assets['draw'])}\n{_script(page_js)}\n</body>\n</html>\n"
     )
@@ -163,24 +164,51 @@ def _header(graph: dict, view, info: PageInfo, labels: dict[str, str], top_k: in
     facts = [
         ("model", info.model or "", "the model traced"),
         ("transcoder", info.transcoder or meta.get("scan", ""), "the transcoder whose features replace the MLPs"),
-        ("replacement score", _number(meta.get("replacement_score")),
-         "share of the influence on the logits that flows from the tokens through features, not error nodes (1: all)"),
-        ("completeness score", _number(meta.get("completeness_score")),
-         "share of the nodes' incoming attribution that comes from features and tokens, not error nodes (1: all)"),
-        *((f"validation r ({k})", _number(v),
-           f"correlation of the graph's predicted and the model's measured effects of ablating its features ({k})")
-          for k, v in info.validation.items()),
-        ("node threshold", _number(meta.get("node_threshold")),
-         "pruning kept the nodes that carry this share of the cumulative influence on the logits"),
-        ("edge threshold", _number(meta.get("edge_threshold")),
-         "pruning kept the edges that carry this share of the cumulative influence"),
-        ("pruned", "no (every node and nonzero edge)" if meta.get("pruned") is False else "", "the graph is not pruned"),
+        (
+            "replacement score",
+            _number(meta.get("replacement_score")),
+            "share of the influence on the logits flowing from the tokens through features, not error nodes (1: all)",
+        ),
+        (
+            "completeness score",
+            _number(meta.get("completeness_score")),
+            "share of the nodes' incoming attribution that comes from features and tokens, not error nodes (1: all)",
+        ),
+        *(
+            (
+                f"validation r ({k})",
+                _number(v),
+                f"correlation of the graph's predicted and the model's measured effects of ablating its features ({k})",
+            )
+            for k, v in info.validation.items()
+        ),
+        (
+            "node threshold",
+            _number(meta.get("node_threshold")),
+            "pruning kept the nodes that carry this share of the cumulative influence on the logits",
+        ),
+        (
+            "edge threshold",
+            _number(meta.get("edge_threshold")),
+            "pruning kept the edges that carry this share of the cumulative influence",
+        ),
+        (
+            "pruned",
+            "no (every node and nonzero edge)" if meta.get("pruned") is False else "",
+            "the graph is not pruned",
+        ),
         ("nodes", str(len(drawn)), f"nodes of the graph, all drawn: {kinds}"),
-        ("edges", f"{n_drawn_edges} drawn of {view.n_links}",
-         f"the graph has {view.n_links} edges; drawn: {kept}; the side panel lists them all"),
-        ("suppressed", f"{n_suppressed} hidden" if n_suppressed else "",
-         "inactive features the graph's features push down hardest (edges cannot show inhibition); "
-         "tick 'suppressed features' to draw them"),
+        (
+            "edges",
+            f"{n_drawn_edges} drawn of {view.n_links}",
+            f"the graph has {view.n_links} edges; drawn: {kept}; the side panel lists them all",
+        ),
+        (
+            "suppressed",
+            f"{n_suppressed} hidden" if n_suppressed else "",
+            "inactive features the graph's features push down hardest (edges cannot show inhibition); "
+            "tick 'suppressed features' to draw them",
+        ),
     ]
     rows = "".join(
         f'<div title="{html.escape(tip)}"><dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd></div>'
@@ -193,7 +221,9 @@ def _header(graph: dict, view, info: PageInfo, labels: dict[str, str], top_k: in
         "</span></li>"
         for r in meta.get("inhibited_features", [])
     )
-    suppressed = f'<div class="suppressed"><span class="caption">most suppressed</span><ul>{most}</ul></div>' if most else ""
+    suppressed = (
+        f'<div class="suppressed"><span class="caption">most suppressed</span><ul>{most}</ul></div>' if most else ""
+    )
     return (
         f'<header id="header"><h1 id="prompt">{html.escape(meta.get("prompt", ""))}</h1>'
         f'<div class="predictions" title="the model\'s most probable next tokens"><span class="caption">top predictions'

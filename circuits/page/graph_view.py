@@ -18,7 +18,6 @@ the inlined vis-network CSS/JS and the script that draws the network (globals `n
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import re
@@ -125,7 +124,11 @@ def _layout(
             x = centre if parsed[nid]["kind"] == "embedding" else _slot_x(centre, col, per_line, options)
             y = (top + bottom) / 2 + (line - (lines - 1) / 2) * options.slot_height
             out[nid] = (round(x, 1), round(y, 1))
-    geometry = {"columns": [list(c) for c in columns], "rows": [list(r) for r in rows], "slot_width": options.slot_width}
+    geometry = {
+        "columns": [list(c) for c in columns],
+        "rows": [list(r) for r in rows],
+        "slot_width": options.slot_width,
+    }
     return out, geometry
 
 

@@ -35,7 +35,7 @@
   const fullWidthWeight = magnitudes.length ? magnitudes[Math.floor(0.95 * (magnitudes.length - 1))] || 1e-12 : 1;
   window.circuitsPage = { ready: false, firstDrawn: null, started: performance.now() };
   const state = { threshold: 0, groups: new Map(), rep: new Map(), nextGroup: 1, hovered: [], hoverTimer: null,
-    showInhibited: false, labels: true, focus: null, pinned: new Set(), drawn: [] };
+    showInhibited: false, labels: true, focus: null, pinned: new Set(), drawn: [], order: null };
   const N_PATHS = 5;  // strongest paths shown from a clicked node
 
   function push(map, key, value) {
@@ -88,6 +88,7 @@
   }
 
   function setHidden(ids, hidden) {
+    state.order = null;
     nodes.update(ids.map((id) => ({ id, hidden })));
     ids.forEach((id) => (hidden ? hiddenIds.add(id) : hiddenIds.delete(id)));
   }
@@ -560,10 +561,8 @@
       const base = nodes.get(n).color;
       return { id: n, borderWidth: 3, color: { background: typeof base === "string" ? base : base.background, border: "#111" } };
     }));
-    const n = node(id);
-    const full = n && n.kind !== "supernode" && n.kind !== "embedding" ? `: ${labelText(n)}` : "";
-    document.getElementById("hover-info").textContent =
-      `${nodeName(id)}${full && !nodeName(id).includes(labelText(n)) ? full : ""}   (${connected.length} edges shown)`;
+    // the full label: the one drawn beside the node may be cut short
+    document.getElementById("hover-info").textContent = `${nodeName(id)}   (${connected.length} edges shown)`;
   }
 
   function matches(n, q) {
@@ -648,10 +647,14 @@
     }
   }
 
+  // Labelled nodes, most important first (logits by probability, then supernodes, then features by
+  // influence); kept until the nodes change (a group made or undone, suppressed features shown).
   function labelOrder() {
+    if (state.order) return state.order;
     const rank = { logit: 0, supernode: 1, feature: 2, inhibited: 2 };
-    return nodes.get({ filter: (n) => n.kind in rank }).sort((a, b) => rank[a.kind] - rank[b.kind] ||
+    state.order = nodes.get({ filter: (n) => n.kind in rank }).sort((a, b) => rank[a.kind] - rank[b.kind] ||
       (a.kind === "logit" ? b.prob - a.prob : (a.influence ?? 1) - (b.influence ?? 1))).map((n) => n.id);
+    return state.order;
   }
 
   network.on("beforeDrawing", (ctx) => {

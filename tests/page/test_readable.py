@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from circuits.page.assemble import write_page
-from tests.page.test_page import TOKENS, _click_node, _load, make_graph, open_page, with_inhibited  # noqa: F401
+from tests.page.test_page import TOKENS, _click_node, _load, make_graph, with_inhibited
 
 GALLERY = Path(__file__).parents[2] / "graphs"
 
@@ -40,7 +40,12 @@ def discs_overlap(page) -> list:
 
 def labels_overlap(labels: list[dict]) -> list:
     def hit(a, b):
-        return a["x"] < b["x"] + b["w"] and b["x"] < a["x"] + a["w"] and a["y"] < b["y"] + b["h"] and b["y"] < a["y"] + a["h"]
+        return (
+            a["x"] < b["x"] + b["w"]
+            and b["x"] < a["x"] + a["w"]
+            and a["y"] < b["y"] + b["h"]
+            and b["y"] < a["y"] + a["h"]
+        )
 
     return [(a["text"], b["text"]) for i, a in enumerate(labels) for b in labels[i + 1 :] if hit(a, b)]
 
@@ -148,7 +153,8 @@ def _ringed(page, ids: list[str]) -> list[bool]:
         return ids.map((id) => { const n = nodes.get(id); const p = network.canvasToDOM(network.getPositions([id])[id]);
           const r = Math.max(n.size * s * 1.6, 6) + 1.5;
           for (let k = 0; k < 16; k++) { const a = (k / 16) * 2 * Math.PI;
-            const d = ctx.getImageData(Math.round((p.x + r * Math.cos(a)) * ratio), Math.round((p.y + r * Math.sin(a)) * ratio), 1, 1).data;
+            const x = Math.round((p.x + r * Math.cos(a)) * ratio), y = Math.round((p.y + r * Math.sin(a)) * ratio);
+            const d = ctx.getImageData(x, y, 1, 1).data;
             if (d[0] > 200 && d[1] > 120 && d[1] < 190 && d[2] < 80) return true; }
           return false; }); }""",
         ids,
@@ -205,8 +211,8 @@ def test_pinned_paths_make_a_subgraph_with_supernodes_as_labelled_boxes(open_pag
         features = sorted(i for i in pinned if not i.startswith(("E_", "5_")))[:2]
     group = page.evaluate("(ids) => circuitsPage.group('my concept', ids)", features)
     units = page.evaluate(
-        "[...document.querySelectorAll('#subgraph g.unit')].map((g) => [g.dataset.id, g.classList.contains('supernode'),"
-        " g.querySelector('text').textContent])"
+        """[...document.querySelectorAll('#subgraph g.unit')].map((g) =>
+        [g.dataset.id, g.classList.contains('supernode'), g.querySelector('text').textContent])"""
     )
     assert {u[0] for u in units} == (pinned - set(features)) | {group}
     assert [u for u in units if u[1]] == [[group, True, "my concept (2)"]]
