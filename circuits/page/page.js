@@ -13,7 +13,7 @@
   // edges of the graph; the edges into suppressed features (kind "inhibited", hidden until asked for)
   // are drawn only: they are no links of the graph JSON
   const baseEdges = edges.get({ filter: (e) => !e.inhibited });
-  const nInhibitedEdges = edges.length - baseEdges.length;
+  const inhibitedEdges = edges.get({ filter: (e) => e.inhibited });
   const allLinks = baseEdges
     .map((e) => ({ source: e.from, target: e.to, weight: e.weight }))
     .concat(graph.links_not_shown.map(([source, target, weight]) => ({ source, target, weight })));
@@ -87,6 +87,16 @@
     return `${n.layer} (writes into the residual stream after block ${n.layer})`;
   }
 
+  // One redraw at the next frame, so that the side panel fills before a large graph is redrawn.
+  function requestRedraw() {
+    if (state.redrawPending) return;
+    state.redrawPending = true;
+    requestAnimationFrame(() => {
+      state.redrawPending = false;
+      network.redraw();
+    });
+  }
+
   function setHidden(ids, hidden) {
     state.order = null;
     nodes.update(ids.map((id) => ({ id, hidden })));
@@ -112,7 +122,7 @@
 
   function refreshEdges() {
     edgesView.refresh();
-    const shownInhibited = edgesView.get({ filter: (e) => e.inhibited }).length;
+    const shownInhibited = inhibitedEdges.filter(edgeVisible).length;
     const extra = shownInhibited ? ` + ${shownInhibited} to suppressed features` : "";
     document.getElementById("edge-count").textContent =
       `${edgesView.length - shownInhibited} of ${baseEdges.length} drawn edges${extra}`;
@@ -292,7 +302,7 @@
       for (let i = 0; i + 1 < p.ids.length; i++) links.push([p.ids[i + 1], p.ids[i], p.weights[i]]);
     }
     state.focus = { kind: "path", root: id, ids, links, paths };
-    network.redraw();
+    requestRedraw();
   }
 
   function showPaths(id) {
@@ -304,7 +314,7 @@
   function clearFocus() {
     state.focus = null;
     document.getElementById("search-results").replaceChildren();
-    network.redraw();
+    requestRedraw();
   }
 
   // ---- pins and the subgraph view -----------------------------------------------------------
@@ -337,13 +347,21 @@
     const perPos = positions.map((p) => Math.max(...rows.map((r) => (cells.get(`${r}:${p}`) || []).length)));
     const W = 170, H = 34, GX = 24, GY = 56;
     const xs = [];
-    let x = 10;
+    let x = 92;  // after the row names
     positions.forEach((p, i) => { xs.push(x); x += perPos[i] * (W + 8) + GX; });
     const at = new Map();
     rows.forEach((r, j) => positions.forEach((p, i) => (cells.get(`${r}:${p}`) || []).forEach((u, k) =>
       at.set(u, { x: xs[i] + k * (W + 8), y: 10 + j * (H + GY) }))));
     svg.setAttribute("width", x);
     svg.setAttribute("height", 20 + rows.length * (H + GY));
+    rows.forEach((r, j) => {
+      const name = document.createElementNS(ns, "text");
+      name.setAttribute("x", 4);
+      name.setAttribute("y", 10 + j * (H + GY) + H / 2 + 4);
+      name.setAttribute("class", "row-name");
+      name.textContent = r === 0 ? "embeddings" : r === nLayers + 1 ? "logits" : `layer ${r - 1}`;
+      svg.appendChild(name);
+    });
     const sums = new Map();
     for (const link of allLinks) {
       const a = unitOf(link.source);
@@ -588,7 +606,7 @@
       list.appendChild(el("li", {}, el("a", { text: nodeName(id), title: id, onclick: () => { select(id); centreOn([id]); } })));
     }
     if (hits.length > 200) list.appendChild(el("li", { text: `… and ${hits.length - 200} more` }));
-    network.redraw();
+    requestRedraw();
     return hits;
   }
 
@@ -947,9 +965,12 @@
   const labelsBox = document.getElementById("show-labels");
   labelsBox.addEventListener("change", (e) => {
     state.labels = e.target.checked;
-    network.redraw();
+    requestRedraw();
   });
   document.getElementById("fit").addEventListener("click", fitAll);
+  document.addEventListener("keydown", (e) => {
+    if (e.key === "Escape" && e.target.tagName !== "INPUT") clearFocus();
+  });
   const suppressedBox = document.getElementById("show-inhibited");
   if (suppressedBox) suppressedBox.addEventListener("change", (e) => showSuppressed(e.target.checked));
   document.getElementById("group-selected").addEventListener("click", () =>
@@ -960,9 +981,9 @@
   document.getElementById("panel-toggle").addEventListener("click", () => {
     const layout = document.getElementById("layout");
     layout.classList.toggle("panel-collapsed");
-    network.redraw();
+    requestRedraw();
   });
-  new ResizeObserver(() => network.redraw()).observe(canvasBox);
+  new ResizeObserver(() => requestRedraw()).observe(canvasBox);
   window.edgeFilter = edgeVisible;
   renderSuggestions();
   state.labels = labelsBox.checked;
@@ -974,7 +995,7 @@
     showPaths, clearFocus, centreOn, fitAll, pin, showSubgraph,
     focus: () => state.focus && { kind: state.focus.kind, root: state.focus.root, ids: [...state.focus.ids],
       paths: state.focus.paths || [] },
-    focusNodes: (ids) => { state.focus = { kind: "search", ids: new Set(ids), links: [] }; network.redraw(); },
+    focusNodes: (ids) => { state.focus = { kind: "search", ids: new Set(ids), links: [] }; requestRedraw(); },
     drawnLabels: () => state.drawn.map((b) => ({ ...b })) });
   network.once("afterDrawing", () => { window.circuitsPage.firstDrawn = performance.now(); });
   fitAll();

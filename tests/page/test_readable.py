@@ -80,6 +80,11 @@ def best_path_score(graph: dict, start: str) -> float:
     return best(start)
 
 
+def next_frames(page) -> None:
+    """Wait until the page has drawn the frames it asked for (redraws wait for the next frame)."""
+    page.evaluate("() => new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r)))")
+
+
 def check_readable(page, graph: dict, query: str) -> None:
     assert discs_overlap(page) == []
     labels = drawn_labels(page)
@@ -101,6 +106,7 @@ def check_readable(page, graph: dict, query: str) -> None:
     logits = [n for n in graph["nodes"] if n["feature_type"] == "logit"]
     top = max(logits, key=lambda n: n.get("token_prob") or 0.0)["node_id"]
     _click_node(page, top)
+    next_frames(page)
     focus = page.evaluate("circuitsPage.focus()")
     assert focus["kind"] == "path" and focus["root"] == top and focus["paths"]
     kinds = {n["node_id"]: n["feature_type"] for n in graph["nodes"]}
@@ -116,6 +122,7 @@ def check_readable(page, graph: dict, query: str) -> None:
     # search: every match highlighted and listed, all inside the view, axes still drawn
     page.locator("#search").fill(query)
     page.locator("#search").press("Enter")
+    next_frames(page)
     expected = {n["node_id"] for n in graph["nodes"] if _matches(n, graph, query)}
     hits = set(page.evaluate("circuitsPage.focus().ids"))
     assert hits == expected and expected
