@@ -795,7 +795,8 @@
       const [x, y] = dom(n.x, n.y);
       if (!inView(x, y)) continue;
       const r = n.size * s * (state.focus && state.focus.kind === "search" ? 1.6 : 1) + 4;
-      const max = Math.min(280, (geometry.slot_width - 20) * s - r - 4);
+      // inside its slot; a highlighted node's label may run on (few are drawn, and none over another)
+      const max = state.focus ? 280 : Math.min(280, (geometry.slot_width - 20) * s - r - 4);
       const text = fitText(ctx, labelText(n), max);
       if (!text || max < 36) continue;
       const w = textWidth(ctx, text) + 6;
