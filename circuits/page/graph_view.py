@@ -2,9 +2,12 @@
 through `circuits.attribution.schema`) laid out as a pyvis (vis-network) network with fixed positions.
 
 x = token position, y = layer: embeddings on the bottom row, features and error nodes of layer l
-on row l + 1, logits on top. Nodes sharing a (layer, position) cell are packed in a small grid
-inside it. Each node keeps its top-k edges by |weight| (an edge stays when it is among the top k
-of its source's outgoing or its target's incoming edges).
+on row l + 1, logits on top. Nodes sharing a (layer, position) cell sit in slots of a grid inside
+it (a node and room for its label to its right); a column is as wide as its widest cell and a row
+as tall as its tallest, so no two nodes overlap and empty columns stay narrow. The page draws the
+labels, tokens and layer names itself (page.js), so vis-network nodes carry none. Each node keeps
+its top-k edges by |weight| (an edge stays when it is among the top k of its source's outgoing or
+its target's incoming edges).
 
 The suppressed features of `metadata.inhibited_features` (inactive, so no node of the graph JSON)
 become hidden nodes of kind `inhibited` in their cells, after the cell's graph nodes, with an edge

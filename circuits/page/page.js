@@ -802,7 +802,7 @@
       const w = textWidth(ctx, text) + 6;
       const right = { x: x + r, y: y - 8, w, h: 16, owner: id };
       const left = { x: x - r - w, y: y - 8, w, h: 16, owner: id };
-      const box = [right, left].find((b) => !boxes.hits(b));
+      const box = [right, left].find((b) => b.x >= LEFT && b.x + b.w <= W && !boxes.hits(b));
       if (!box) continue;
       boxes.add(box);
       out.push({ ...box, text, kind: "label", font: LABEL_FONT, focus: Boolean(state.focus) });
