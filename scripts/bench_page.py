@@ -8,6 +8,8 @@ positions and 4 layers, every edge shown: --top-k 0), writes the page, opens it 
   panel_ms            pointer down on a node -> its side panel filled (in-page time)
   click_round_trip_ms Playwright's click -> the panel seen filled (includes the canvas redraws)
   slider_ms           edge threshold to 50% -> half the edges hidden (JS time, redraw excluded)
+  paths_ms            the 5 strongest paths from the first logit down to the tokens (JS time)
+  search_ms           a search matching about a tenth of the nodes, highlighted and listed (JS time)
 with the same numbers for a small reference page (the demo-sized graph: 60 nodes, 500 edges) in
 the same run, and the ratios.
 
@@ -83,6 +85,13 @@ def measure(open_page, path: Path, node_id: str) -> dict:
     slider = page.evaluate(
         "() => { const t = performance.now(); circuitsPage.setThreshold(0.5); return performance.now() - t; }"
     )
+    paths = page.evaluate(
+        """() => { const id = nodes.get({filter: (n) => n.kind === 'logit'})[0].id; const t = performance.now();
+        circuitsPage.topPaths(id); return performance.now() - t; }"""
+    )
+    search = page.evaluate(
+        "() => { const t = performance.now(); circuitsPage.search('_1'); return performance.now() - t; }"
+    )
     if opened.errors or opened.blocked:
         raise RuntimeError(f"the page logged errors {opened.errors[:3]} or made requests {opened.blocked[:3]}")
     page.context.close()
@@ -93,6 +102,8 @@ def measure(open_page, path: Path, node_id: str) -> dict:
         "panel_ms": panel,
         "click_round_trip_ms": click,
         "slider_ms": slider,
+        "paths_ms": paths,
+        "search_ms": search,
     }
 
 

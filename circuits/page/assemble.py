@@ -113,10 +113,11 @@ def render_page(
     page_css = (ASSETS / "page.css").read_text(encoding="utf-8")
     plotly = _script(plotly_js()) if specs else ""
     title = html.escape(graph["metadata"].get("prompt", ""))
+    header = _header(graph, view, info, labels, options.view.top_k_edges)
     return (
         f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{title}</title>\n'
         f"<style>{assets['css']}</style>\n<style>{page_css}</style>\n{_script(assets['js'])}\n{plotly}\n"
-        f"</head>\n<body>\n{_header(graph, view, info)}\n{_main(specs, _count(view.nodes, 'inhibited'))}\n"
+        f"</head>\n<body>\n{header}\n{_main(specs, _count(view.nodes, 'inhibited'))}\n"
         f'<script type="application/json" id="circuits-data">{script_json(data)}</script>\n'
         f"{_script(assets['draw'])}\n{_script(page_js)}\n{_attention(attention)}</body>\n</html>\n"
     )
@@ -159,35 +160,93 @@ def _script(js: str) -> str:
 # ---- markup ----------------------------------------------------------------------------------
 
 
-def _header(graph: dict, view, info: PageInfo) -> str:
+def _header(graph: dict, view, info: PageInfo, labels: dict[str, str], top_k: int | None) -> str:
     meta = graph["metadata"]
     predictions = info.top_predictions or [(n["token"], n["prob"]) for n in view.nodes if n["kind"] == "logit"]
     preds = "".join(
         f'<li><span class="tok">{html.escape(str(t))}</span> <span class="num">{p:.3f}</span></li>'
         for t, p in sorted(predictions, key=lambda tp: -tp[1])
     )
-    facts = {
-        "model": info.model or "",
-        "transcoder": info.transcoder or meta.get("scan", ""),
-        "replacement score": _number(meta.get("replacement_score")),
-        "completeness score": _number(meta.get("completeness_score")),
-        **{f"validation r ({k})": _number(v) for k, v in info.validation.items()},
-        "node threshold": _number(meta.get("node_threshold")),
-        "edge threshold": _number(meta.get("edge_threshold")),
-        "pruned": "no (every node and nonzero edge)" if meta.get("pruned") is False else "",
-        "nodes": str(len(view.nodes) - _count(view.nodes, "inhibited")),
-        "edges shown": f"{sum(not e.get('inhibited') for e in view.edges)} of {view.n_links}",
-        # inactive features the graph's features push down hardest (edges cannot show inhibition)
-        "most suppressed": ", ".join(
-            f"{r['node_id']} ({r['inhibition']:+.2f})" for r in meta.get("inhibited_features", [])
+    drawn = [n for n in view.nodes if n["kind"] != "inhibited"]
+    kinds = ", ".join(f"{_count(drawn, k)} {k}s" for k in ("feature", "error", "embedding", "logit"))
+    n_drawn_edges = sum(not e.get("inhibited") for e in view.edges)
+    kept = "every edge" if top_k is None else f"each node's {top_k} strongest edges by |weight| (in or out)"
+    n_suppressed = _count(view.nodes, "inhibited")
+    facts = [
+        ("model", info.model or "", "the model traced"),
+        ("transcoder", info.transcoder or meta.get("scan", ""), "the transcoder whose features replace the MLPs"),
+        (
+            "replacement score",
+            _number(meta.get("replacement_score")),
+            "share of the influence on the logits flowing from the tokens through features, not error nodes (1: all)",
         ),
-    }
-    rows = "".join(f"<div><dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd></div>" for k, v in facts.items() if v)
+        (
+            "completeness score",
+            _number(meta.get("completeness_score")),
+            "share of the nodes' incoming attribution that comes from features and tokens, not error nodes (1: all)",
+        ),
+        *(
+            (
+                f"validation r ({k})",
+                _number(v),
+                f"correlation of the graph's predicted and the model's measured effects of ablating its features ({k})",
+            )
+            for k, v in info.validation.items()
+        ),
+        (
+            "node threshold",
+            _number(meta.get("node_threshold")),
+            "pruning kept the nodes that carry this share of the cumulative influence on the logits",
+        ),
+        (
+            "edge threshold",
+            _number(meta.get("edge_threshold")),
+            "pruning kept the edges that carry this share of the cumulative influence",
+        ),
+        (
+            "pruned",
+            "no (every node and nonzero edge)" if meta.get("pruned") is False else "",
+            "the graph is not pruned",
+        ),
+        ("nodes", str(len(drawn)), f"nodes of the graph, all drawn: {kinds}"),
+        (
+            "edges",
+            f"{n_drawn_edges} drawn of {view.n_links}",
+            f"the graph has {view.n_links} edges; drawn: {kept}; the side panel lists them all",
+        ),
+        (
+            "suppressed",
+            f"{n_suppressed} hidden" if n_suppressed else "",
+            "inactive features the graph's features push down hardest (edges cannot show inhibition); "
+            "tick 'suppressed features' to draw them",
+        ),
+    ]
+    rows = "".join(
+        f'<div title="{html.escape(tip)}"><dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd></div>'
+        for k, v, tip in facts
+        if v
+    )
+    most = "".join(
+        f'<li title="{html.escape(r["node_id"])}: pushed down by {r["inhibition"]:+.2f} (summed weight of its '
+        f'inhibitors)">{html.escape(_feature_name(r["node_id"], labels))} <span class="num">{r["inhibition"]:+.2f}'
+        "</span></li>"
+        for r in meta.get("inhibited_features", [])
+    )
+    suppressed = (
+        f'<div class="suppressed"><span class="caption">most suppressed</span><ul>{most}</ul></div>' if most else ""
+    )
     return (
         f'<header id="header"><h1 id="prompt">{html.escape(meta.get("prompt", ""))}</h1>'
-        f'<div class="predictions"><span class="caption">top predictions</span><ol id="predictions">{preds}</ol></div>'
-        f'<dl id="facts">{rows}</dl></header>'
+        f'<div class="predictions" title="the model\'s most probable next tokens"><span class="caption">top predictions'
+        f'</span><ol id="predictions">{preds}</ol></div>'
+        f'<dl id="facts">{rows}</dl>{suppressed}</header>'
     )
+
+
+def _feature_name(node_id: str, labels: dict[str, str]) -> str:
+    """'L1 #308 "is" → Austin' from the id `1_308_10` and the feature's label."""
+    layer, feature, _ = node_id.split("_")
+    return f"L{layer} #{feature} {labels.get(node_id, '')}".strip()
 
 
 def _count(vis_nodes: list[dict], kind: str) -> int:
@@ -217,29 +276,37 @@ def _main(specs: list[dict], n_inhibited: int = 0) -> str:
     return f"""<main id="layout" class="{"with-concepts" if specs else ""}">
 <section id="graph-col">
   <div id="toolbar">
-    <label>edge |w| ≥ <input type="range" id="edge-threshold" min="0" max="100" step="1" value="0"></label>
+    <label title="hide the edges weaker than this |weight| (a quantile of the drawn edges)">edge |w| ≥
+      <input type="range" id="edge-threshold" min="0" max="100" step="1" value="0"></label>
     <span id="edge-threshold-value">0</span> <span id="edge-count"></span>
-    <input type="search" id="search" placeholder="search token, feature, label">
-    <span id="search-count"></span>
-    <label><input type="checkbox" id="show-labels"> labels</label>
+    <span class="search-box"><input type="search" id="search" placeholder="search token, feature, label"
+      title="highlights every match; Enter centres the view on them; Esc clears">
+      <span id="search-count"></span><ul id="search-results"></ul></span>
+    <label><input type="checkbox" id="show-labels" checked> labels</label>
     {suppressed}
+    <button type="button" id="subgraph-toggle" title="the pinned nodes alone, supernodes as labelled boxes"
+      >subgraph (0)</button>
     <button type="button" id="fit">fit</button>
+    <button type="button" id="panel-toggle" title="show or hide the side panel">panel</button>
     <span id="legend"><i class="lg feature"></i>feature <i class="lg error"></i>error <i class="lg embedding"></i>token
       <i class="lg logit"></i>logit <i class="lg supernode"></i>supernode {legend}<i class="lg pos"></i>+ edge
       <i class="lg neg"></i>− edge</span>
+    <span id="layer-note">rows: a feature of layer l writes into the residual stream after block l.
+      Click a node for its strongest paths to the tokens.</span>
   </div>
-  <div id="mynetwork"></div>
+  <div id="graph-area"><div id="mynetwork"></div><div id="subgraph" hidden></div></div>
   <div id="hover-info"></div>
 </section>
 <aside id="panel">
-  <section id="details"><p class="hint">Click a node for its details; ctrl-click to select several.</p></section>
+  <section id="details"><p class="hint">Click a node for its details and its strongest paths to the tokens;
+    ctrl-click to select several.</p></section>
   <section id="supernodes"><h2>Supernodes</h2>
     <div class="row"><input type="text" id="supernode-label" placeholder="label"
       ><button type="button" id="group-selected">group selected</button></div>
     <p id="supernode-message"></p>
     <ul id="supernode-list"></ul>
     <h3>Suggested</h3><ul id="suggestions"></ul>
-    <button type="button" id="export-json">download graph JSON (with supernodes)</button>
+    <button type="button" id="export-json">download graph JSON (with supernodes and pins)</button>
   </section>
 </aside>
 {concepts}

@@ -74,5 +74,5 @@ def _open(browser, path: Path, width: int, height: int) -> OfflinePage:
         d.dismiss()
 
     page.on("dialog", dialog)
-    page.goto(path.resolve().as_uri(), wait_until="load")
+    page.goto(path.resolve().as_uri(), wait_until="load", timeout=120_000)  # a 9 MB page on a busy machine
     return result

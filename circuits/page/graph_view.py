@@ -2,9 +2,12 @@
 through `circuits.attribution.schema`) laid out as a pyvis (vis-network) network with fixed positions.
 
 x = token position, y = layer: embeddings on the bottom row, features and error nodes of layer l
-on row l + 1, logits on top. Nodes sharing a (layer, position) cell are packed in a small grid
-inside it. Each node keeps its top-k edges by |weight| (an edge stays when it is among the top k
-of its source's outgoing or its target's incoming edges).
+on row l + 1, logits on top. Nodes sharing a (layer, position) cell sit in slots of a grid inside
+it (a node and room for its label to its right); a column is as wide as its widest cell and a row
+as tall as its tallest, so no two nodes overlap and empty columns stay narrow. The page draws the
+labels, tokens and layer names itself (page.js), so vis-network nodes carry none. Each node keeps
+its top-k edges by |weight| (an edge stays when it is among the top k of its source's outgoing or
+its target's incoming edges).
 
 The suppressed features of `metadata.inhibited_features` (inactive, so no node of the graph JSON)
 become hidden nodes of kind `inhibited` in their cells, after the cell's graph nodes, with an edge
@@ -18,7 +21,6 @@ the inlined vis-network CSS/JS and the script that draws the network (globals `n
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import re
@@ -36,7 +38,7 @@ COLORS = {
     "logit": "#f58518",
     "inhibited": {"background": "#fff5f5", "border": "#c53030"},  # hollow, red dashed border
 }
-SHAPES = {"feature": "dot", "error": "square", "embedding": "box", "logit": "box", "inhibited": "dot"}
+SHAPES = {"feature": "dot", "error": "square", "embedding": "square", "logit": "square", "inhibited": "dot"}
 EDGE_RGB = {True: "43,108,176", False: "197,48,48"}  # positive (blue), negative (red)
 
 
@@ -44,11 +46,15 @@ EDGE_RGB = {True: "43,108,176", False: "197,48,48"}  # positive (blue), negative
 class ViewOptions:
     top_k_edges: int | None = 10
     """Edges kept per node, by |weight| (None: every edge of the graph)."""
-    column_width: float = 170.0
-    row_height: float | None = None
-    """None: from the prompt's length, so that the grid is roughly as tall as it is wide (150 to 400)."""
-    node_pitch: float = 26.0
-    """Distance between nodes packed in one (layer, position) cell."""
+    slot_width: float = 170.0
+    """Width of one node's slot in a (layer, position) cell: the node and its label to its right."""
+    slot_height: float = 34.0
+    """Height of one node's slot (more than the largest node's diameter)."""
+    min_column_width: float = 40.0
+    """A column holding only its token (the token's label also widens it)."""
+    min_row_height: float = 72.0
+    gap: float = 20.0
+    """Space between neighbouring cells, on both axes."""
 
 
 @dataclass
@@ -58,7 +64,7 @@ class GraphView:
     n_layers: int
     n_links: int  # edges in the graph before the top-k selection
     tokens: list[str]
-    geometry: dict  # column_width, row_height: for the axes the page draws
+    geometry: dict  # columns [[left, right]] per position, rows [[top, bottom]] per row (canvas units)
 
 
 def build_view(graph: dict, labels: dict[str, str], options: ViewOptions) -> GraphView:
@@ -69,10 +75,7 @@ def build_view(graph: dict, labels: dict[str, str], options: ViewOptions) -> Gra
     parsed = {n["node_id"]: {**schema.parse_node(n, n_layers), "node": n} for n in graph["nodes"]}
     inhibited = schema.inhibited_features(graph, set(parsed))
     n_pos = max([len(tokens)] + [p["pos"] + 1 for p in parsed.values()])
-    if options.row_height is None:
-        auto = options.column_width * (n_pos + 1) / (n_layers + 2) * 0.8
-        options = dataclasses.replace(options, row_height=min(max(auto, 150.0), 400.0))
-    positions = _layout({**parsed, **inhibited}, options)
+    positions, geometry = _layout({**parsed, **inhibited}, tokens, n_pos, n_layers + 2, options)
     nodes = [_vis_node(nid, p, positions[nid], tokens, labels.get(nid, "")) for nid, p in parsed.items()]
     links = [link for link in graph["links"] if link["source"] in parsed and link["target"] in parsed]
     kept = _top_k(links, options.top_k_edges)
@@ -85,44 +88,83 @@ def build_view(graph: dict, labels: dict[str, str], options: ViewOptions) -> Gra
             if source["source"] in parsed:
                 link = {"source": source["source"], "target": nid, "weight": source["weight"]}
                 edges.append({**_vis_edge(len(edges), link, scale), "inhibited": True})
-    geometry = {"column_width": options.column_width, "row_height": options.row_height}
     return GraphView(nodes, edges, n_layers, len(links), tokens, geometry)
 
 
-def _layout(parsed: dict[str, dict], options: ViewOptions) -> dict[str, tuple[float, float]]:
-    """(x, y) per node: cell centre (position, row) plus a grid offset inside the cell; canvas y
-    grows downwards, so higher rows get smaller y."""
+def _layout(
+    parsed: dict[str, dict], tokens: list[str], n_pos: int, n_rows: int, options: ViewOptions
+) -> tuple[dict[str, tuple[float, float]], dict]:
+    """(x, y) per node and the grid's geometry. Each (row, position) cell packs its nodes in a grid
+    of slots (most influential first, errors and suppressed features last); a column is as wide as
+    its widest cell, a row as tall as its tallest, so no two nodes overlap. Canvas y grows
+    downwards: row 0 (embeddings) is at the bottom."""
     cells: dict[tuple[int, int], list[str]] = defaultdict(list)
     for nid, p in parsed.items():
         cells[(p["row"], p["pos"])].append(nid)
-    width, height, pitch = options.column_width * 0.85, options.row_height * 0.7, options.node_pitch
+    shape = {}  # (row, pos) -> (slots per line, lines)
+    for key, ids in cells.items():
+        ids.sort(key=lambda i: _order(parsed[i]))
+        per_line = math.ceil(math.sqrt(len(ids) / 5))  # taller than wide: rows are cheaper than columns
+        shape[key] = (per_line, math.ceil(len(ids) / per_line))
+    widths = [max(options.min_column_width, _text_width(tokens[p]) if p < len(tokens) else 0.0) for p in range(n_pos)]
+    heights = [options.min_row_height] * n_rows
+    for (row, pos), (per_line, lines) in shape.items():
+        if row > 0:  # a token's embedding has no label beside it: its token is written under the column
+            widths[pos] = max(widths[pos], per_line * options.slot_width)
+        heights[row] = max(heights[row], lines * options.slot_height)
+    columns = _spans([w + options.gap for w in widths])
+    rows = [(-bottom, -top) for top, bottom in _spans([h + options.gap for h in heights])]  # row 0 lowest
     out = {}
     for (row, pos), ids in cells.items():
-        # graph nodes first (errors last among them), then the hidden suppressed features
-        ids.sort(key=lambda i: (_SLOT[parsed[i]["kind"]], schema.influence(parsed[i]["node"]), i))
-        per_line = max(1, min(len(ids), int(width // pitch)))
-        lines = math.ceil(len(ids) / per_line)
-        dy = min(pitch, height / max(lines - 1, 1))
-        dx = min(pitch, width / max(per_line - 1, 1))
-        if parsed[ids[0]]["kind"] == "logit":  # labelled boxes in one line, as wide as their labels
-            ids.sort(key=lambda i: -float(parsed[i]["node"].get("token_prob") or 0.0))
-            per_line, lines, dy = len(ids), 1, 0.0
-            dx = max(_label_width(schema.logit_token(parsed[i]["node"])) for i in ids) + 16
+        per_line, lines = shape[(row, pos)]
+        left, right = columns[pos]
+        top, bottom = rows[row]
+        centre = (left + right) / 2
         for k, nid in enumerate(ids):
             line, col = divmod(k, per_line)
-            in_line = min(per_line, len(ids) - line * per_line)
-            x = pos * options.column_width + (col - (in_line - 1) / 2) * dx
-            y = -row * options.row_height + (line - (lines - 1) / 2) * dy
+            # a slot holds its node on the left and the node's label to its right; a token's label
+            # is drawn under its column instead, so an embedding sits in the middle
+            x = centre if parsed[nid]["kind"] == "embedding" else _slot_x(centre, col, per_line, options)
+            y = (top + bottom) / 2 + (line - (lines - 1) / 2) * options.slot_height
             out[nid] = (round(x, 1), round(y, 1))
+    geometry = {
+        "columns": [list(c) for c in columns],
+        "rows": [list(r) for r in rows],
+        "slot_width": options.slot_width,
+    }
+    return out, geometry
+
+
+def _slot_x(centre: float, col: int, per_line: int, options: ViewOptions) -> float:
+    """x of the node in slot `col` of a line of `per_line` slots centred on `centre`."""
+    return centre + (col - per_line / 2) * options.slot_width + options.slot_height / 2
+
+
+def _spans(sizes: list[float]) -> list[tuple[float, float]]:
+    """Consecutive [start, end] intervals of the given sizes, starting at 0."""
+    out, start = [], 0.0
+    for size in sizes:
+        out.append((start, start + size))
+        start += size
     return out
 
 
+def _order(p: dict) -> tuple:
+    """Graph nodes first (logits by probability, others by influence), errors after them, then the
+    hidden suppressed features."""
+    node = p["node"]
+    if p["kind"] == "logit":
+        return (0, -float(node.get("token_prob") or 0.0), node["node_id"])
+    return (_SLOT[p["kind"]], schema.influence(node), node["node_id"])
+
+
+def _text_width(text: str) -> float:
+    """Half the width of a token's label (12 px sans-serif) at scale 1: neighbouring tokens take
+    turns on two lines, so each has about two columns."""
+    return 3.5 * len(text) + 8
+
+
 _SLOT = {"feature": 0, "embedding": 0, "logit": 0, "error": 1, "inhibited": 2}
-
-
-def _label_width(text: str) -> float:
-    """Rough width of a label in canvas units (22 px font)."""
-    return 12.0 * max(len(line) for line in text.split("\n"))
 
 
 def _vis_node(nid: str, p: dict, xy: tuple[float, float], tokens: list[str], label: str) -> dict:
@@ -143,18 +185,25 @@ def _vis_node(nid: str, p: dict, xy: tuple[float, float], tokens: list[str], lab
         "activation": node.get("activation"),
         "influence": node.get("influence"),
         "clerp": node.get("clerp") or label,
+        "size": SIZES[kind](importance),
     }
-    if kind in ("feature", "error"):
-        out["size"] = round(5 + 13 * importance, 2)
-    elif kind == "embedding":
-        out["label"] = tokens[p["pos"]] if p["pos"] < len(tokens) else nid
-    else:
+    if kind == "embedding":
+        out["token"] = tokens[p["pos"]] if p["pos"] < len(tokens) else nid
+    elif kind == "logit":
         out["token"] = schema.logit_token(node)
         out["prob"] = float(node.get("token_prob") or 0.0)
-        out["label"] = f"{out['token']}\n{out['prob']:.3f}"
         if node.get("is_target_logit"):
             out["borderWidth"] = 3
     return out
+
+
+# node radius (dots) or half side (squares) by kind, from importance in [0, 1]; the largest fits a slot
+SIZES = {
+    "feature": lambda imp: round(6 + 6 * imp, 2),
+    "error": lambda imp: round(5 + 3 * imp, 2),
+    "embedding": lambda imp: 8.0,
+    "logit": lambda imp: 10.0,
+}
 
 
 def _inhibited_node(nid: str, p: dict, xy: tuple[float, float], label: str, strongest: float) -> dict:
@@ -228,7 +277,7 @@ def vis_options(n_edges: int) -> dict:
         "physics": {"enabled": False},
         "layout": {"improvedLayout": False},
         "edges": {"smooth": False, "arrows": {"to": {"enabled": n_edges <= 20_000, "scaleFactor": 0.35}}},
-        "nodes": {"font": {"size": 22, "face": "sans-serif"}, "borderWidth": 1},
+        "nodes": {"borderWidth": 1},  # no vis-network labels: the page draws its own (page.js)
         "interaction": {
             "hover": True,
             "multiselect": True,

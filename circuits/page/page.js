@@ -9,10 +9,11 @@
   const tokens = data.tokens;
   const geometry = data.geometry;
   const original = new Map(nodes.get().map((n) => [n.id, n]));
+  const hiddenIds = new Set(nodes.getIds({ filter: (n) => n.hidden }));
   // edges of the graph; the edges into suppressed features (kind "inhibited", hidden until asked for)
   // are drawn only: they are no links of the graph JSON
   const baseEdges = edges.get({ filter: (e) => !e.inhibited });
-  const nInhibitedEdges = edges.length - baseEdges.length;
+  const inhibitedEdges = edges.get({ filter: (e) => e.inhibited });
   const allLinks = baseEdges
     .map((e) => ({ source: e.from, target: e.to, weight: e.weight }))
     .concat(graph.links_not_shown.map(([source, target, weight]) => ({ source, target, weight })));
@@ -34,7 +35,8 @@
   const fullWidthWeight = magnitudes.length ? magnitudes[Math.floor(0.95 * (magnitudes.length - 1))] || 1e-12 : 1;
   window.circuitsPage = { ready: false, firstDrawn: null, started: performance.now() };
   const state = { threshold: 0, groups: new Map(), rep: new Map(), nextGroup: 1, hovered: [], hoverTimer: null,
-    showInhibited: false };
+    showInhibited: false, labels: true, focus: null, pinned: new Set(), drawn: [], order: null };
+  const N_PATHS = 5;  // strongest paths shown from a clicked node
 
   function push(map, key, value) {
     if (!map.has(key)) map.set(key, []);
@@ -61,15 +63,44 @@
     return pos < tokens.length ? tokens[pos] : "";
   }
 
+  function node(id) {
+    return original.get(id) || nodes.get(id);
+  }
+
   function nodeName(id) {
-    const n = nodes.get(id) || original.get(id);
+    const n = node(id);
     if (!n) return id;
     if (n.kind === "feature") return `L${n.layer} #${n.feature} ${n.clerp || ""}`.trim();
     if (n.kind === "error") return `error L${n.layer} @${n.pos} "${tokenAt(n.pos)}"`;
     if (n.kind === "embedding") return `token "${tokenAt(n.pos)}" @${n.pos}`;
     if (n.kind === "logit") return `logit "${n.token}" p=${fmt(n.prob)}`;
     if (n.kind === "inhibited") return `suppressed L${n.layer} #${n.feature} ${n.clerp || ""}`.trim();
-    return `supernode "${n.label}"`;
+    return `supernode "${n.name}"`;
+  }
+
+  // One numbering: node ids, rows and panels count layers from 0, and a feature of layer l writes
+  // into the residual stream after block l (the heatmaps' "after block l").
+  function layerText(n) {
+    if (n.kind === "embedding") return "embeddings (the residual stream before block 0)";
+    if (n.kind === "logit") return `output (reads the residual stream after block ${nLayers - 1})`;
+    if (n.kind === "error") return `${n.layer} (what the transcoder misses of block ${n.layer}'s MLP)`;
+    return `${n.layer} (writes into the residual stream after block ${n.layer})`;
+  }
+
+  // One redraw at the next frame, so that the side panel fills before a large graph is redrawn.
+  function requestRedraw() {
+    if (state.redrawPending) return;
+    state.redrawPending = true;
+    requestAnimationFrame(() => {
+      state.redrawPending = false;
+      network.redraw();
+    });
+  }
+
+  function setHidden(ids, hidden) {
+    state.order = null;
+    nodes.update(ids.map((id) => ({ id, hidden })));
+    ids.forEach((id) => (hidden ? hiddenIds.add(id) : hiddenIds.delete(id)));
   }
 
   // ---- edges: threshold, supernodes, visibility -------------------------------------------
@@ -91,8 +122,10 @@
 
   function refreshEdges() {
     edgesView.refresh();
-    const total = edges.length - (state.showInhibited ? 0 : nInhibitedEdges);
-    document.getElementById("edge-count").textContent = `${edgesView.length} of ${total} edges`;
+    const shownInhibited = inhibitedEdges.filter(edgeVisible).length;
+    const extra = shownInhibited ? ` + ${shownInhibited} to suppressed features` : "";
+    document.getElementById("edge-count").textContent =
+      `${edgesView.length - shownInhibited} of ${baseEdges.length} drawn edges${extra}`;
     return edgesView.length;
   }
 
@@ -105,7 +138,7 @@
 
   function showSuppressed(on) {
     state.showInhibited = on;
-    nodes.update(suppressedIds.map((id) => ({ id, hidden: !on })));
+    setHidden(suppressedIds, !on);
     if (!on) network.selectNodes(network.getSelectedNodes().filter((id) => !suppressedIds.includes(id)));
     const shown = document.getElementById("details").dataset.node;
     if (shown && nodes.get(shown)) showDetails(shown);  // a feature's panel lists what it suppresses when shown
@@ -140,19 +173,20 @@
       return null;
     }
     const id = `supernode:${state.nextGroup++}`;
-    const xs = members.map((m) => original.get(m).x);
-    const ys = members.map((m) => original.get(m).y);
-    const mean = (v) => v.reduce((a, b) => a + b, 0) / v.length;
+    // drawn in the slot of its most influential member (hidden now), so it covers no other node
+    const first = [...members].sort((a, b) => (original.get(a).influence ?? 1) - (original.get(b).influence ?? 1))[0];
     const text = label || `group ${state.nextGroup - 1}`;
-    nodes.add({ id, x: mean(xs), y: mean(ys), fixed: true, physics: false, shape: "hexagon", size: 16, color: "#9467bd",
-      label: text, kind: "supernode", members });
-    nodes.update(members.map((m) => ({ id: m, hidden: true })));
+    nodes.add({ id, x: original.get(first).x, y: original.get(first).y, fixed: true, physics: false, shape: "hexagon",
+      size: 12, color: "#9467bd", name: text, kind: "supernode", members, layer: original.get(first).layer,
+      pos: original.get(first).pos });
+    setHidden(members, true);
     state.groups.set(id, { label: text, members });
     members.forEach((m) => state.rep.set(m, id));
     rebuildSupernodeEdges();
     refreshEdges();
     renderGroups();
     message("");
+    renderSubgraph();
     return id;
   }
 
@@ -162,10 +196,11 @@
     state.groups.delete(id);
     g.members.forEach((m) => state.rep.delete(m));
     nodes.remove(id);
-    nodes.update(g.members.map((m) => ({ id: m, hidden: false })));
+    setHidden(g.members, false);
     rebuildSupernodeEdges();
     refreshEdges();
     renderGroups();
+    renderSubgraph();
   }
 
   function message(text) {
@@ -197,7 +232,8 @@
     });
     for (const [source, target, weight] of graph.links_not_shown) links.push({ source, target, weight });
     const supernodes = [...state.groups.values()].map((g) => [g.label, ...g.members]);
-    return { metadata: graph.metadata, qParams: { ...graph.qParams, supernodes }, nodes: graph.nodes, links };
+    const pinnedIds = [...state.pinned].flatMap((id) => (state.groups.has(id) ? state.groups.get(id).members : [id]));
+    return { metadata: graph.metadata, qParams: { ...graph.qParams, supernodes, pinnedIds }, nodes: graph.nodes, links };
   }
 
   function download() {
@@ -205,6 +241,171 @@
     const a = el("a", { href: URL.createObjectURL(blob), download: `${graph.metadata.slug || "graph"}.json` });
     a.click();
     URL.revokeObjectURL(a.href);
+  }
+
+  // ---- paths: the strongest routes from a node down to the token embeddings ----------------
+
+  function rowOf(id) {
+    const n = node(id);
+    if (!n || n.kind === "embedding") return 0;
+    return n.kind === "logit" ? nLayers + 1 : n.layer + 1;
+  }
+
+  // The top `k` paths from `start` down to an embedding, by the product along the path of each edge's
+  // |weight| over the summed |weight| of its target's incoming edges (the graph's links, drawn or not).
+  // Edges go to higher rows only, so one pass over the reachable nodes, highest row first, keeps the
+  // k best partial paths into each node.
+  function topPaths(start, k = N_PATHS) {
+    const seen = new Set([start]);
+    const stack = [start];
+    while (stack.length) {
+      for (const link of incoming.get(stack.pop()) || []) {
+        if (!seen.has(link.source)) {
+          seen.add(link.source);
+          stack.push(link.source);
+        }
+      }
+    }
+    const best = new Map([[start, [{ score: 1, id: start, up: null, weight: null }]]]);
+    const ends = [];
+    for (const id of [...seen].sort((a, b) => rowOf(b) - rowOf(a))) {
+      const here = (best.get(id) || []).sort((a, b) => b.score - a.score).slice(0, k);
+      if (!here.length) continue;
+      if (node(id) && node(id).kind === "embedding") {
+        ends.push(...here);
+        continue;
+      }
+      const links = (incoming.get(id) || []).filter((l) => rowOf(l.source) < rowOf(id));
+      const total = links.reduce((sum, l) => sum + Math.abs(l.weight), 0);
+      for (const l of links) {
+        for (const p of here) {
+          push(best, l.source, { score: (p.score * Math.abs(l.weight)) / total, id: l.source, up: p, weight: l.weight });
+        }
+      }
+    }
+    return ends.sort((a, b) => b.score - a.score).slice(0, k).map((end) => {
+      const ids = [];
+      const weights = [];
+      for (let p = end; p; p = p.up) {
+        ids.push(p.id);
+        if (p.up) weights.push(p.weight);
+      }
+      return { ids: ids.reverse(), weights: weights.reverse(), score: end.score };  // start first, token last
+    });
+  }
+
+  function focusPaths(id, paths) {
+    const ids = new Set([id]);
+    const links = [];
+    for (const p of paths) {
+      p.ids.forEach((n) => ids.add(n));
+      for (let i = 0; i + 1 < p.ids.length; i++) links.push([p.ids[i + 1], p.ids[i], p.weights[i]]);
+    }
+    state.focus = { kind: "path", root: id, ids, links, paths };
+    requestRedraw();
+  }
+
+  function showPaths(id) {
+    const n = node(id);
+    if (!n || n.kind === "supernode" || n.kind === "inhibited") return clearFocus();
+    focusPaths(id, topPaths(id));
+  }
+
+  function clearFocus() {
+    state.focus = null;
+    document.getElementById("search-results").replaceChildren();
+    requestRedraw();
+  }
+
+  // ---- pins and the subgraph view -----------------------------------------------------------
+
+  function pin(ids, on) {
+    ids.forEach((id) => (on ? state.pinned.add(id) : state.pinned.delete(id)));
+    document.getElementById("subgraph-toggle").textContent = `subgraph (${state.pinned.size})`;
+    renderSubgraph();
+  }
+
+  // The pinned nodes as labelled boxes (a pinned node of a supernode shows as the supernode's box),
+  // rows by layer, columns by position, with the summed weights of the links between boxes.
+  function renderSubgraph() {
+    const box = document.getElementById("subgraph");
+    if (box.hidden) return;
+    const ns = "http://www.w3.org/2000/svg";
+    const unitOf = (id) => state.rep.get(id) || id;
+    const units = [...new Set([...state.pinned].map(unitOf))].filter((u) => node(u));
+    const svg = document.createElementNS(ns, "svg");
+    box.replaceChildren(el("p", { class: "hint", text: units.length
+      ? "Pinned nodes; supernodes are purple boxes. Click a box for its details."
+      : "Nothing pinned: click a node, then \u201cpin\u201d or \u201cpin these paths\u201d in the side panel." }), svg);
+    if (!units.length) return;
+    const rowKey = (u) => rowOf(node(u).kind === "supernode" ? node(u).members[0] : u);
+    const posKey = (u) => node(u).pos;
+    const rows = [...new Set(units.map(rowKey))].sort((a, b) => b - a);
+    const cells = new Map();
+    for (const u of units) push(cells, `${rowKey(u)}:${posKey(u)}`, u);
+    const positions = [...new Set(units.map(posKey))].sort((a, b) => a - b);
+    const perPos = positions.map((p) => Math.max(...rows.map((r) => (cells.get(`${r}:${p}`) || []).length)));
+    const W = 170, H = 34, GX = 24, GY = 56;
+    const xs = [];
+    let x = 92;  // after the row names
+    positions.forEach((p, i) => { xs.push(x); x += perPos[i] * (W + 8) + GX; });
+    const at = new Map();
+    rows.forEach((r, j) => positions.forEach((p, i) => (cells.get(`${r}:${p}`) || []).forEach((u, k) =>
+      at.set(u, { x: xs[i] + k * (W + 8), y: 10 + j * (H + GY) }))));
+    svg.setAttribute("width", x);
+    svg.setAttribute("height", 20 + rows.length * (H + GY));
+    rows.forEach((r, j) => {
+      const name = document.createElementNS(ns, "text");
+      name.setAttribute("x", 4);
+      name.setAttribute("y", 10 + j * (H + GY) + H / 2 + 4);
+      name.setAttribute("class", "row-name");
+      name.textContent = r === 0 ? "embeddings" : r === nLayers + 1 ? "logits" : `layer ${r - 1}`;
+      svg.appendChild(name);
+    });
+    const sums = new Map();
+    for (const link of allLinks) {
+      const a = unitOf(link.source);
+      const b = unitOf(link.target);
+      if (a !== b && at.has(a) && at.has(b)) sums.set(`${a}\u0000${b}`, (sums.get(`${a}\u0000${b}`) || 0) + link.weight);
+    }
+    const strongest = Math.max(1e-12, ...[...sums.values()].map(Math.abs));
+    for (const [key, weight] of sums) {
+      const [a, b] = key.split("\u0000").map((u) => at.get(u));
+      const line = document.createElementNS(ns, "line");
+      const rel = Math.abs(weight) / strongest;
+      for (const [k, v] of Object.entries({ x1: a.x + W / 2, y1: a.y, x2: b.x + W / 2, y2: b.y + H,
+        stroke: `rgba(${rgb(weight)},${(0.35 + 0.6 * rel).toFixed(2)})`, "stroke-width": (1 + 5 * rel).toFixed(2) })) {
+        line.setAttribute(k, v);
+      }
+      line.appendChild(document.createElementNS(ns, "title")).textContent = `${fmt(weight)}`;
+      svg.appendChild(line);
+    }
+    for (const [u, p] of at) {
+      const n = node(u);
+      const g = document.createElementNS(ns, "g");
+      g.setAttribute("class", `unit ${n.kind}`);
+      g.setAttribute("data-id", u);
+      const rect = document.createElementNS(ns, "rect");
+      for (const [k, v] of Object.entries({ x: p.x, y: p.y, width: W, height: H, rx: 5 })) rect.setAttribute(k, v);
+      const text = document.createElementNS(ns, "text");
+      text.setAttribute("x", p.x + 6);
+      text.setAttribute("y", p.y + H / 2 + 4);
+      const full = labelText(n);
+      text.textContent = full.length > 26 ? `${full.slice(0, 25)}\u2026` : full;
+      g.appendChild(document.createElementNS(ns, "title")).textContent = `${nodeName(u)}\n${layerText(n.kind === "supernode" ? node(n.members[0]) : n)}`;
+      g.append(rect, text);
+      g.addEventListener("click", () => {
+        network.selectNodes([u]);
+        showDetails(u);
+      });
+      svg.appendChild(g);
+    }
+  }
+
+  function showSubgraph(on) {
+    document.getElementById("subgraph").hidden = !on;
+    document.getElementById("subgraph-toggle").classList.toggle("active", on);
+    renderSubgraph();
   }
 
   // ---- side panel ---------------------------------------------------------------------------
@@ -220,6 +421,26 @@
     }
     if (!top.length) list.appendChild(el("li", { text: "none" }));
     return list;
+  }
+
+  function pathList(id, paths) {
+    const list = el("ol", { class: "paths" });
+    paths.forEach((p) => {
+      const names = p.ids.map((n) => (node(n).kind === "embedding" ? `"${tokenAt(node(n).pos)}"` : shortName(n)));
+      list.appendChild(el("li", { title: p.ids.map(nodeName).join("\n\u2190 ") },
+        el("a", { text: names.join(" \u2190 "), onclick: () => focusPaths(id, [p]) }),
+        el("span", { class: "num", text: fmt(p.score, 2) })));
+    });
+    if (!paths.length) list.appendChild(el("li", { text: "no path to a token in this graph" }));
+    return list;
+  }
+
+  function shortName(id) {
+    const n = node(id);
+    if (n.kind === "logit") return n.token;
+    if (n.kind === "error") return `error L${n.layer}`;
+    const text = labelText(n);
+    return text.length > 24 ? `${text.slice(0, 23)}\u2026` : text;
   }
 
   function histogram(counts) {
@@ -261,6 +482,18 @@
     return list;
   }
 
+  function pinButtons(id) {
+    const pinned = state.pinned.has(id);
+    const row = el("div", { class: "row" },
+      el("button", { type: "button", class: "pin", text: pinned ? "unpin" : "pin",
+        onclick: () => { pin([id], !pinned); showDetails(id); } }));
+    if (state.focus && state.focus.kind === "path" && state.focus.root === id) {
+      row.appendChild(el("button", { type: "button", class: "pin-paths", text: "pin these paths",
+        onclick: () => { pin([...state.focus.ids], true); showDetails(id); } }));
+    }
+    return row;
+  }
+
   function showDetails(id) {
     const n = nodes.get(id);
     const box = document.getElementById("details");
@@ -268,15 +501,15 @@
     if (!n) return;
     box.dataset.node = id;
     if (n.kind === "supernode") {
-      box.appendChild(el("h2", { text: `Supernode: ${n.label}` }));
+      box.appendChild(el("h2", { text: `Supernode: ${n.name}` }));
       const list = el("ul", { class: "edges" });
       n.members.forEach((m) => list.appendChild(el("li", {}, el("a", { text: nodeName(m), title: m }))));
-      box.append(el("h3", { text: "members" }), list,
+      box.append(pinButtons(id), el("h3", { text: "members" }), list,
         el("button", { type: "button", text: "ungroup", onclick: () => ungroup(id) }));
       return;
     }
     const rows = [["id", n.id], ["kind", n.kind === "inhibited" ? "suppressed (inactive) feature" : n.kind],
-      ["layer", n.layer === null ? "embedding" : n.layer], ["position", `${n.pos} "${tokenAt(n.pos)}"`]];
+      ["layer", layerText(n)], ["position", `${n.pos} "${tokenAt(n.pos)}"`]];
     if (n.kind === "feature") rows.push(["feature", n.feature], ["activation", fmt(n.activation)]);
     if (n.kind === "inhibited") {
       rows.push(["feature", n.feature], ["pre-activation", fmt(n.pre_activation)],
@@ -286,7 +519,11 @@
     if (n.kind !== "inhibited") rows.push(["influence (cumulative)", fmt(n.influence)]);
     const table = el("table", { class: "kv" });
     for (const [k, v] of rows) table.appendChild(el("tr", {}, el("td", { text: k }), el("td", { text: String(v) })));
-    box.append(el("h2", { text: nodeName(id) }), table);
+    box.append(el("h2", { text: nodeName(id) }), table, pinButtons(id));
+    if (state.focus && state.focus.kind === "path" && state.focus.root === id && n.kind !== "embedding") {
+      box.append(el("h3", { text: "strongest paths to the tokens (product of normalised |weights|)" }),
+        pathList(id, state.focus.paths));
+    }
     const card = cards[id];
     if (card) {
       box.append(el("h3", { text: "feature card" }), el("div", { class: "label", text: card.label }),
@@ -313,10 +550,11 @@
   function select(id) {
     if (!nodes.get(id)) return;
     network.selectNodes([id]);
+    showPaths(id);
     showDetails(id);
   }
 
-  // ---- hover, search, labels ---------------------------------------------------------------
+  // ---- hover, search --------------------------------------------------------------------------
 
   function unhighlight() {
     const restoreEdges = state.hovered.filter((h) => h.edge && edges.get(h.id)).map((h) => h.saved);
@@ -333,76 +571,310 @@
     neighbours.add(id);
     state.hovered = connected.map((e) => ({ edge: true, id: e.id, saved: { id: e.id, width: e.width, color: e.color } }))
       .concat([...neighbours].map((n) => {
-        const node = nodes.get(n);
-        return { edge: false, id: n, saved: { id: n, borderWidth: node.borderWidth || 1, color: node.color } };
+        const nd = nodes.get(n);
+        return { edge: false, id: n, saved: { id: n, borderWidth: nd.borderWidth || 1, color: nd.color } };
       }));
     edges.update(connected.map((e) => ({ id: e.id, width: e.width + 1.5, color: `rgba(${rgb(e.weight)},1)` })));
     nodes.update([...neighbours].map((n) => {
       const base = nodes.get(n).color;
       return { id: n, borderWidth: 3, color: { background: typeof base === "string" ? base : base.background, border: "#111" } };
     }));
+    // the full label: the one drawn beside the node may be cut short
     document.getElementById("hover-info").textContent = `${nodeName(id)}   (${connected.length} edges shown)`;
+  }
+
+  function matches(n, q) {
+    const names = [n.id, n.clerp, n.token, n.name, n.kind === "logit" ? labelText(n) : "",
+      ["feature", "inhibited"].includes(n.kind) ? `L${n.layer}#${n.feature}` : "", n.pos !== undefined ? tokenAt(n.pos) : ""];
+    return names.some((s) => s && String(s).toLowerCase().includes(q));
   }
 
   function search(query) {
     const q = query.trim().toLowerCase();
     const out = document.getElementById("search-count");
+    const list = document.getElementById("search-results");
+    list.replaceChildren();
     if (!q) {
-      network.unselectAll();
       out.textContent = "";
+      if (state.focus && state.focus.kind === "search") clearFocus();
       return [];
     }
-    const hits = nodes.getIds({ filter: (n) => !n.hidden &&
-      [n.id, n.label, n.clerp, n.token, ["feature", "inhibited"].includes(n.kind) ? `L${n.layer}#${n.feature}` : "",
-        n.pos !== undefined ? tokenAt(n.pos) : ""].some((s) => s && String(s).toLowerCase().includes(q)) });
-    network.selectNodes(hits);
+    const hits = nodes.getIds({ filter: (n) => !n.hidden && matches(n, q) });
     out.textContent = `${hits.length} found`;
+    state.focus = hits.length ? { kind: "search", ids: new Set(hits), links: [] } : null;
+    for (const id of hits.slice(0, 200)) {
+      list.appendChild(el("li", {}, el("a", { text: nodeName(id), title: id, onclick: () => { select(id); centreOn([id]); } })));
+    }
+    if (hits.length > 200) list.appendChild(el("li", { text: `… and ${hits.length - 200} more` }));
+    requestRedraw();
     return hits;
   }
 
-  function showLabels(on) {
-    nodes.update(nodes.get({ filter: (n) => n.kind === "feature" || n.kind === "inhibited" }).map((n) => ({
-      id: n.id, label: on ? (n.clerp || `L${n.layer}#${n.feature}`).slice(0, 28) : "" })));
+  // ---- drawing: rows, axes, labels and the focus (paths, search hits) on the canvas --------
+
+  const LEFT = 86;  // px: the layer axis, pinned to the left edge of the graph
+  const BOTTOM = 42;  // px: the token axis, pinned to the bottom edge (two staggered lines)
+  const TOKEN_FONT = "12px sans-serif";
+  const LABEL_FONT = "11px sans-serif";
+  const widths = new Map();
+
+  function textWidth(ctx, text) {
+    const key = `${ctx.font}\u0000${text}`;
+    if (!widths.has(key)) widths.set(key, ctx.measureText(text).width);
+    return widths.get(key);
   }
 
-  // ---- canvas axes: layer rows and tokens along the bottom ----------------------------------
+  function fitText(ctx, text, max) {
+    if (textWidth(ctx, text) <= max) return text;
+    let lo = 0;
+    let hi = text.length;
+    while (lo < hi) {
+      const mid = Math.ceil((lo + hi) / 2);
+      if (textWidth(ctx, `${text.slice(0, mid)}\u2026`) <= max) lo = mid;
+      else hi = mid - 1;
+    }
+    return lo ? `${text.slice(0, lo)}\u2026` : "";
+  }
+
+  function labelText(n) {
+    if (n.kind === "logit") return `${n.token} ${fmt(n.prob)}`;
+    if (n.kind === "supernode") return `${n.name} (${n.members.length})`;
+    if (n.kind === "error") return `error L${n.layer}`;
+    if (n.kind === "embedding") return `"${tokenAt(n.pos)}" @${n.pos}`;
+    const text = n.clerp || `L${n.layer} #${n.feature}`;
+    return n.kind === "inhibited" ? `suppressed: ${text}` : text;
+  }
+
+  // Axis-aligned boxes in a grid of buckets, to find collisions fast.
+  class Boxes {
+    constructor() { this.cells = new Map(); }
+    keys(b, fn) {
+      for (let i = Math.floor(b.x / 64); i <= Math.floor((b.x + b.w) / 64); i++) {
+        for (let j = Math.floor(b.y / 32); j <= Math.floor((b.y + b.h) / 32); j++) fn(`${i},${j}`);
+      }
+    }
+    add(b) { this.keys(b, (k) => push(this.cells, k, b)); }
+    hits(b) {
+      let hit = false;
+      this.keys(b, (k) => {
+        for (const o of this.cells.get(k) || []) {
+          if (o.owner !== b.owner && o.x < b.x + b.w && b.x < o.x + o.w && o.y < b.y + b.h && b.y < o.y + o.h) hit = true;
+        }
+      });
+      return hit;
+    }
+  }
+
+  // Labelled nodes, most important first (logits by probability, then supernodes, then features by
+  // influence); kept until the nodes change (a group made or undone, suppressed features shown).
+  function labelOrder() {
+    if (state.order) return state.order;
+    const rank = { logit: 0, supernode: 1, feature: 2, inhibited: 2 };
+    state.order = nodes.get({ filter: (n) => n.kind in rank }).sort((a, b) => rank[a.kind] - rank[b.kind] ||
+      (a.kind === "logit" ? b.prob - a.prob : (a.influence ?? 1) - (b.influence ?? 1))).map((n) => n.id);
+    return state.order;
+  }
 
   network.on("beforeDrawing", (ctx) => {
-    const w = geometry.column_width;
-    const h = geometry.row_height;
-    const right = (Math.max(tokens.length, 1) - 0.5) * w;
+    // rows by layer (every other one shaded) and the columns' borders, in canvas units
+    const cols = geometry.columns;
+    const left = cols[0][0];
+    const right = cols[cols.length - 1][1];
     ctx.save();
-    ctx.font = "22px sans-serif";
-    ctx.textBaseline = "middle";
-    for (let row = 0; row <= nLayers + 1; row++) {
-      const y = -row * h;
-      ctx.strokeStyle = "#eeeeee";
+    geometry.rows.forEach(([top, bottom], row) => {
+      ctx.fillStyle = row % 2 ? "#f7f8fa" : "#ffffff";
+      ctx.fillRect(left, top, right - left, bottom - top);
+    });
+    ctx.strokeStyle = "#eceef1";
+    ctx.lineWidth = 1 / network.getScale();
+    const top = geometry.rows[geometry.rows.length - 1][0];
+    const bottom = geometry.rows[0][1];
+    for (const [x] of cols.concat([[right]])) {
       ctx.beginPath();
-      ctx.moveTo(-0.5 * w, y);
-      ctx.lineTo(right, y);
+      ctx.moveTo(x, top);
+      ctx.lineTo(x, bottom);
       ctx.stroke();
-      ctx.fillStyle = "#888888";
-      ctx.textAlign = "right";
-      ctx.fillText(row === 0 ? "embeddings" : row === nLayers + 1 ? "logits" : `layer ${row - 1}`, -0.6 * w, y);
     }
-    ctx.textAlign = "center";
-    ctx.fillStyle = "#333333";
-    tokens.forEach((t, p) => ctx.fillText(`${p}: ${t}`.slice(0, 24), p * w, 0.5 * h));
     ctx.restore();
   });
 
-  function fitAll() {
-    // the whole grid, axis labels included (network.fit() would frame the nodes only)
-    const w = geometry.column_width;
-    const h = geometry.row_height;
-    const xs = [...original.values()].map((n) => n.x);
-    const left = Math.min(-1.6 * w, Math.min(...xs) - 60);
-    const right = Math.max((Math.max(tokens.length, 1) - 0.4) * w, Math.max(...xs) + 80);
-    const top = -(nLayers + 1.4) * h;
-    const bottom = 0.75 * h;
+  network.on("afterDrawing", (ctx) => {
+    const canvas = ctx.canvas;
+    const W = canvas.clientWidth;
+    const H = canvas.clientHeight;
+    const s = network.getScale();
+    const o = network.canvasToDOM({ x: 0, y: 0 });
+    const dom = (x, y) => [x * s + o.x, y * s + o.y];
+    ctx.save();
+    ctx.setTransform(canvas.width / W, 0, 0, canvas.height / H, 0, 0);
+    const boxes = new Boxes();
+    const drawn = [];
+    if (state.focus) drawFocus(ctx, W, H, s, dom);
+    const axes = axisLabels(ctx, W, H, s, dom);
+    axes.forEach((b) => boxes.add(b));
+    boxes.add({ x: 0, y: 0, w: LEFT, h: H, owner: "axis" });
+    boxes.add({ x: 0, y: H - BOTTOM, w: W, h: BOTTOM, owner: "axis" });
+    const labels = placeLabels(ctx, W, H, s, dom, boxes);
+    ctx.font = LABEL_FONT;
+    ctx.textBaseline = "middle";
+    for (const b of labels) {
+      ctx.fillStyle = "rgba(255,255,255,0.88)";
+      ctx.fillRect(b.x, b.y, b.w, b.h);
+      ctx.fillStyle = b.focus ? "#111111" : "#2d3748";
+      ctx.fillText(b.text, b.x + 3, b.y + b.h / 2 + 0.5);
+    }
+    ctx.fillStyle = "rgba(255,255,255,0.94)";
+    ctx.fillRect(0, 0, LEFT, H);
+    ctx.fillRect(0, H - BOTTOM, W, BOTTOM);
+    ctx.strokeStyle = "#dddddd";
+    ctx.beginPath();
+    ctx.moveTo(LEFT, 0);
+    ctx.lineTo(LEFT, H - BOTTOM);
+    ctx.lineTo(W, H - BOTTOM);
+    ctx.stroke();
+    ctx.textBaseline = "middle";
+    for (const b of axes) {
+      ctx.font = b.font;
+      ctx.fillStyle = b.kind === "token" ? "#1a202c" : "#555555";
+      ctx.fillText(b.text, b.x + 2, b.y + b.h / 2 + 0.5);
+    }
+    ctx.restore();
+    state.drawn = axes.concat(labels).map(({ x, y, w, h, text, kind, font, owner }) => ({ x, y, w, h, text, kind, font, id: owner }));
+  });
+
+  // Layer names along the left edge, tokens along the bottom (second line where a token would
+  // touch its left neighbour, cut with "…" where both lines are taken): boxes in DOM px.
+  function axisLabels(ctx, W, H, s, dom) {
+    const out = [];
+    ctx.font = TOKEN_FONT;
+    geometry.rows.forEach(([top, bottom], row) => {
+      const y = dom(0, (top + bottom) / 2)[1];
+      if (y < 8 || y > H - BOTTOM - 8) return;
+      const text = row === 0 ? "embeddings" : row === nLayers + 1 ? "logits" : `layer ${row - 1}`;
+      const w = textWidth(ctx, text) + 4;
+      out.push({ x: LEFT - 6 - w, y: y - 8, w, h: 16, text, kind: "axis", font: TOKEN_FONT, owner: `row:${row}` });
+    });
+    const ends = [LEFT, LEFT];  // right end of the last label on each line
+    geometry.columns.forEach(([a, b], pos) => {
+      const centre = dom((a + b) / 2, 0)[0];
+      if (pos >= tokens.length || centre < LEFT || centre > W) return;
+      const full = tokens[pos].trim() ? tokens[pos] : "\u2423";
+      let line = ends.findIndex((end) => end + 4 <= centre - (textWidth(ctx, full) + 4) / 2);
+      let text = full;
+      if (line < 0) {
+        line = ends[0] <= ends[1] ? 0 : 1;
+        const room = 2 * (centre - ends[line] - 4) - 4;
+        text = fitText(ctx, full, room);
+        if (!text) return;
+      }
+      const w = textWidth(ctx, text) + 4;
+      const x = Math.max(centre - w / 2, ends[line] + 4);
+      ends[line] = x + w;
+      out.push({ x, y: H - BOTTOM + 4 + line * 18, w, h: 16, text, kind: "token", font: TOKEN_FONT, owner: `token:${pos}` });
+    });
+    return out;
+  }
+
+  // Node labels, most influential first: right of the node inside its slot, else left of it, else
+  // not drawn; never over another label, a node or an axis. With a focus, only its nodes.
+  function placeLabels(ctx, W, H, s, dom, boxes) {
+    ctx.font = LABEL_FONT;
+    const inView = (x, y) => x > LEFT && x < W && y > 0 && y < H - BOTTOM;
+    for (const [id, n] of original) {
+      if (hiddenIds.has(id)) continue;
+      const [x, y] = dom(n.x, n.y);
+      const r = Math.max(n.size * s, 2) + 1;
+      if (inView(x, y)) boxes.add({ x: x - r, y: y - r, w: 2 * r, h: 2 * r, owner: id });
+    }
+    const ids = state.focus ? [...state.focus.ids].map((id) => state.rep.get(id) || id)
+      : state.labels ? labelOrder() : [];
+    const out = [];
+    for (const id of ids) {
+      const n = nodes.get(id);
+      if (!n || n.hidden || n.kind === "embedding" || out.length >= 400) continue;
+      const [x, y] = dom(n.x, n.y);
+      if (!inView(x, y)) continue;
+      const r = n.size * s * (state.focus && state.focus.kind === "search" ? 1.6 : 1) + 4;
+      // inside its slot; a highlighted node's label may run on (few are drawn, and none over another)
+      const max = state.focus ? 280 : Math.min(280, (geometry.slot_width - 20) * s - r - 4);
+      const text = fitText(ctx, labelText(n), max);
+      if (!text || max < 36) continue;
+      const w = textWidth(ctx, text) + 6;
+      const right = { x: x + r, y: y - 8, w, h: 16, owner: id };
+      const left = { x: x - r - w, y: y - 8, w, h: 16, owner: id };
+      const box = [right, left].find((b) => b.x >= LEFT && b.x + b.w <= W && !boxes.hits(b));
+      if (!box) continue;
+      boxes.add(box);
+      out.push({ ...box, text, kind: "label", font: LABEL_FONT, focus: Boolean(state.focus) });
+    }
+    return out;
+  }
+
+  function drawFocus(ctx, W, H, s, dom) {
+    ctx.fillStyle = "rgba(255,255,255,0.82)";
+    ctx.fillRect(0, 0, W, H);
+    const shown = (id) => nodes.get(state.rep.get(id) || id);
+    for (const [a, b, weight] of state.focus.links) {
+      const p = shown(a);
+      const q = shown(b);
+      if (!p || !q || p.id === q.id) continue;
+      const rel = Math.min(Math.abs(weight) / fullWidthWeight, 1);
+      ctx.strokeStyle = `rgba(${rgb(weight)},0.95)`;
+      ctx.lineWidth = 2 + 3 * rel;
+      ctx.beginPath();
+      ctx.moveTo(...dom(p.x, p.y));
+      ctx.lineTo(...dom(q.x, q.y));
+      ctx.stroke();
+    }
+    const search = state.focus.kind === "search";
+    for (const id of state.focus.ids) {
+      const n = shown(id);
+      if (!n || n.hidden) continue;
+      const [x, y] = dom(n.x, n.y);
+      const r = Math.max(n.size * s * (search ? 1.6 : 1), search ? 6 : 3);
+      const fill = typeof n.color === "string" ? n.color : n.color.background;
+      ctx.fillStyle = fill;
+      ctx.beginPath();
+      if (n.shape === "square") ctx.rect(x - r, y - r, 2 * r, 2 * r);
+      else ctx.arc(x, y, r, 0, 2 * Math.PI);
+      ctx.fill();
+      ctx.lineWidth = search ? 3 : 2;
+      ctx.strokeStyle = search ? "#f59e0b" : id === state.focus.root ? "#111111" : "#444444";
+      ctx.beginPath();
+      if (n.shape === "square") ctx.rect(x - r - 1.5, y - r - 1.5, 2 * r + 3, 2 * r + 3);
+      else ctx.arc(x, y, r + 1.5, 0, 2 * Math.PI);
+      ctx.stroke();
+    }
+  }
+
+  // ---- view: fit the grid (or some nodes) into the area the axes leave ---------------------
+
+  function fitBounds(x0, x1, y0, y1, maxScale) {
     const frame = network.canvas.frame;
-    const scale = Math.min(frame.clientWidth / (right - left), frame.clientHeight / (bottom - top));
-    network.moveTo({ position: { x: (left + right) / 2, y: (top + bottom) / 2 }, scale, animation: false });
+    const W = frame.clientWidth;
+    const H = frame.clientHeight;
+    const availW = Math.max(W - LEFT - 16, 50);
+    const availH = Math.max(H - BOTTOM - 16, 50);
+    const scale = Math.min(availW / Math.max(x1 - x0, 1), availH / Math.max(y1 - y0, 1), maxScale);
+    const cx = LEFT + 8 + availW / 2;
+    const cy = 8 + availH / 2;
+    const position = { x: (x0 + x1) / 2 + (W / 2 - cx) / scale, y: (y0 + y1) / 2 + (H / 2 - cy) / scale };
+    network.moveTo({ position, scale, animation: false });
+  }
+
+  function fitAll() {
+    const cols = geometry.columns;
+    const rows = geometry.rows;
+    fitBounds(cols[0][0], cols[cols.length - 1][1], rows[rows.length - 1][0], rows[0][1], 1.5);
+  }
+
+  function centreOn(ids) {
+    const shown = ids.map((id) => nodes.get(id)).filter((n) => n);
+    if (!shown.length) return;
+    const xs = shown.map((n) => n.x);
+    const ys = shown.map((n) => n.y);
+    const pad = geometry.slot_width;
+    fitBounds(Math.min(...xs) - pad / 2, Math.max(...xs) + pad, Math.min(...ys) - pad / 2, Math.max(...ys) + pad / 2, 1.5);
   }
 
   // ---- concept-trace figures ---------------------------------------------------------------
@@ -464,11 +936,16 @@
     const r = canvasBox.getBoundingClientRect();
     const at = { x: e.clientX - r.left, y: e.clientY - r.top };
     const id = network.getNodeAt(at);
-    if (id !== undefined) showDetails(id);
-    // an edge click is announced for other views (heads.js): detail is the vis edge {from, to, weight}
-    else if (network.getEdgeAt(at) !== undefined) {
-      document.dispatchEvent(new CustomEvent("circuits:edge-click", { detail: edges.get(network.getEdgeAt(at)) }));
+    if (id === undefined) {
+      // an edge click is announced for other views (heads.js): detail is the vis edge {from, to, weight}
+      const edge = network.getEdgeAt(at);
+      if (edge !== undefined) {
+        document.dispatchEvent(new CustomEvent("circuits:edge-click", { detail: edges.get(edge) }));
+      } else if (!e.ctrlKey && !e.metaKey) clearFocus();
+      return;
     }
+    if (!e.ctrlKey && !e.metaKey) showPaths(id);
+    showDetails(id);
   }, { capture: true });
   // Hover highlights wait a moment, so moving across a large graph does not redraw it at every node.
   network.on("hoverNode", (params) => {
@@ -483,27 +960,49 @@
   document.getElementById("edge-threshold").addEventListener("input", (e) => setThreshold(e.target.value / 100));
   document.getElementById("search").addEventListener("input", (e) => search(e.target.value));
   document.getElementById("search").addEventListener("keydown", (e) => {
+    if (e.key === "Escape") {
+      e.target.value = "";
+      search("");
+    }
     if (e.key !== "Enter") return;
     const hits = search(e.target.value);
-    if (hits.length) {
-      network.focus(hits[0], { scale: 1.2 });
-      showDetails(hits[0]);
-    }
+    if (hits.length) centreOn(hits);
   });
-  document.getElementById("show-labels").addEventListener("change", (e) => showLabels(e.target.checked));
+  const labelsBox = document.getElementById("show-labels");
+  labelsBox.addEventListener("change", (e) => {
+    state.labels = e.target.checked;
+    requestRedraw();
+  });
   document.getElementById("fit").addEventListener("click", fitAll);
+  document.addEventListener("keydown", (e) => {
+    if (e.key === "Escape" && e.target.tagName !== "INPUT") clearFocus();
+  });
   const suppressedBox = document.getElementById("show-inhibited");
   if (suppressedBox) suppressedBox.addEventListener("change", (e) => showSuppressed(e.target.checked));
   document.getElementById("group-selected").addEventListener("click", () =>
     group(document.getElementById("supernode-label").value.trim(), network.getSelectedNodes()));
   document.getElementById("export-json").addEventListener("click", download);
+  document.getElementById("subgraph-toggle").addEventListener("click", () =>
+    showSubgraph(document.getElementById("subgraph").hidden));
+  document.getElementById("panel-toggle").addEventListener("click", () => {
+    const layout = document.getElementById("layout");
+    layout.classList.toggle("panel-collapsed");
+    requestRedraw();
+  });
+  new ResizeObserver(() => requestRedraw()).observe(canvasBox);
   window.edgeFilter = edgeVisible;
   renderSuggestions();
+  state.labels = labelsBox.checked;
   if (suppressedBox && suppressedBox.checked) showSuppressed(true);  // a checkbox the browser restored
   else refreshEdges();
   if (data.figures.length) drawFigures();
   Object.assign(window.circuitsPage, { network, nodes, edges, showDetails, select, setThreshold, group, ungroup,
-    visibleEdgeCount: () => edgesView.length, exportGraph, highlightCell, search, showSuppressed });
+    visibleEdgeCount: () => edgesView.length, exportGraph, highlightCell, search, showSuppressed, topPaths,
+    showPaths, clearFocus, centreOn, fitAll, pin, showSubgraph,
+    focus: () => state.focus && { kind: state.focus.kind, root: state.focus.root, ids: [...state.focus.ids],
+      paths: state.focus.paths || [] },
+    focusNodes: (ids) => { state.focus = { kind: "search", ids: new Set(ids), links: [] }; requestRedraw(); },
+    drawnLabels: () => state.drawn.map((b) => ({ ...b })) });
   network.once("afterDrawing", () => { window.circuitsPage.firstDrawn = performance.now(); });
   fitAll();
   network.redraw();

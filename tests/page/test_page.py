@@ -18,7 +18,6 @@ from circuits.attribution.schema import annotate
 from circuits.errors import CircuitsError
 from circuits.features import FeatureScanConfig, scan_features
 from circuits.page.assemble import PageInfo, feature_cards, render_page, write_page
-from circuits.page.browser import find_chromium, offline_browser
 from circuits.page.graph_view import ViewOptions, build_view
 from circuits.page.supernodes import suggest_supernodes
 
@@ -108,31 +107,30 @@ def test_top_k_edges_are_the_union_of_each_nodes_strongest():
 
 
 def test_layout_puts_tokens_at_the_bottom_logits_on_top_and_each_node_in_its_cell():
-    graph = make_graph(TOKENS, per_cell=5)
-    opts = ViewOptions(row_height=150.0)
-    view = build_view(graph, {}, opts)
-    rows = {"embedding": lambda n: 0, "logit": lambda n: N_LAYERS + 1, "feature": lambda n: n["layer"] + 1}
-    rows["error"] = rows["feature"]
-    seen = set()
+    graph = with_inhibited(make_graph(TOKENS, per_cell=5))
+    view = build_view(graph, {}, ViewOptions())
+    columns, rows = view.geometry["columns"], view.geometry["rows"]
+    row_of = {"embedding": lambda n: 0, "logit": lambda n: N_LAYERS + 1}
     for n in view.nodes:
-        row = rows[n["kind"]](n)
-        if n["kind"] != "logit":  # logits: one line of labelled boxes, checked below
-            assert abs(n["x"] - n["pos"] * opts.column_width) < opts.column_width / 2
-        assert abs(n["y"] + row * opts.row_height) < opts.row_height / 2
-        seen.add((n["x"], n["y"]))
-    assert len(seen) == len(view.nodes)  # no two nodes on top of each other
-    logits = sorted((n["x"], n["token"]) for n in view.nodes if n["kind"] == "logit")
-    assert [t for _, t in logits] == ["Austin", "Dallas"]  # most probable first
-    assert logits[1][0] - logits[0][0] >= 12 * len("Austin")  # boxes side by side, not overlapping
-    ys = {n["kind"]: n["y"] for n in view.nodes}
-    assert ys["embedding"] > ys["feature"] > ys["logit"]
+        row = row_of.get(n["kind"], lambda n: n["layer"] + 1)(n)
+        left, right = columns[n["pos"]]
+        top, bottom = rows[row]
+        assert left + n["size"] <= n["x"] <= right - n["size"] and top + n["size"] <= n["y"] <= bottom - n["size"]
+    radius = {n["id"]: n["size"] * (math.sqrt(2) if n["shape"] == "square" else 1) for n in view.nodes}
+    for i, a in enumerate(view.nodes):  # no two discs overlap, suppressed features (hidden) included
+        for b in view.nodes[i + 1 :]:
+            assert math.hypot(a["x"] - b["x"], a["y"] - b["y"]) >= radius[a["id"]] + radius[b["id"]]
+    logits = sorted((n["y"], n["x"], n["token"]) for n in view.nodes if n["kind"] == "logit")
+    assert [t for *_, t in logits] == ["Austin", "Dallas"]  # most probable first
+    assert rows[0][0] > rows[1][0] > rows[-1][0]  # embeddings lowest, logits on top (canvas y grows down)
 
 
 def test_suppressed_features_are_hidden_nodes_in_their_cells_with_edges_from_their_inhibitors(scan):
     graph = with_inhibited(make_graph(TOKENS, per_cell=3))
     records = {r["node_id"]: r for r in graph["metadata"]["inhibited_features"]}
-    opts = ViewOptions(row_height=150.0)
+    opts = ViewOptions()
     view = build_view(graph, {}, opts)
+    columns, rows = view.geometry["columns"], view.geometry["rows"]
     suppressed = {n["id"]: n for n in view.nodes if n["kind"] == "inhibited"}
     assert set(suppressed) == set(records)
     feature_ys = {n["layer"]: n["y"] for n in view.nodes if n["kind"] == "feature"}
@@ -140,9 +138,9 @@ def test_suppressed_features_are_hidden_nodes_in_their_cells_with_edges_from_the
         layer, feature, pos = (int(x) for x in nid.split("_"))
         assert n["hidden"] is True and (n["layer"], n["feature"], n["pos"]) == (layer, feature, pos)
         assert n["pre_activation"] == records[nid]["pre_activation"] and n["inhibition"] == records[nid]["inhibition"]
-        assert abs(n["x"] - pos * opts.column_width) < opts.column_width / 2  # its cell
-        assert abs(n["y"] + (layer + 1) * opts.row_height) < opts.row_height / 2  # the row of its layer's features
-        assert abs(n["y"] - feature_ys[layer]) < opts.row_height / 2
+        assert columns[pos][0] < n["x"] < columns[pos][1]  # its cell
+        assert rows[layer + 1][0] < n["y"] < rows[layer + 1][1]  # the row of its layer's features
+        assert rows[layer + 1][0] < feature_ys[layer] < rows[layer + 1][1]
         assert n["shapeProperties"]["borderDashes"]  # drawn apart from the active features
     assert len({(n["x"], n["y"]) for n in view.nodes}) == len(view.nodes)  # on top of nothing
     graph_ids = {n["node_id"] for n in graph["nodes"]}
@@ -255,17 +253,6 @@ def _figures() -> dict:
 # ---- in the browser ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def open_page():
-    if find_chromium() is None:
-        if os.environ.get("CIRCUITS_REQUIRE_BROWSER"):
-            pytest.fail("chromium is required here (CIRCUITS_REQUIRE_BROWSER is set) but not installed")
-        pytest.skip("chromium is not installed")
-    pytest.importorskip("playwright")
-    with offline_browser() as open_:
-        yield open_
-
-
 def _load(open_page, path):
     opened = open_page(path)
     opened.page.wait_for_function("window.circuitsPage && window.circuitsPage.ready && window.circuitsPage.firstDrawn")
@@ -358,7 +345,7 @@ def test_suppressed_features_toggle_with_their_edges_and_open_their_details(open
     hidden = "(ids) => ids.map((i) => nodes.get(i).hidden)"
     assert all(page.evaluate(hidden, list(records)))
     assert page.evaluate("circuitsPage.visibleEdgeCount()") == n_shown
-    assert page.inner_text("#edge-count") == f"{n_shown} of {n_shown} edges"
+    assert page.inner_text("#edge-count") == f"{n_shown} of {n_shown} drawn edges"
     target = next(iter(records))
     assert page.evaluate("(q) => circuitsPage.search(q)", target) == []  # hidden: not found
     page.locator("#show-inhibited").check()
@@ -433,7 +420,7 @@ def test_supernodes_group_with_summed_edges_export_and_ungroup(open_page, tmp_pa
     page.locator("#supernode-label").fill("my group")
     page.locator("#group-selected").click()
     group = page.evaluate("nodes.get({filter: (n) => n.kind === 'supernode'})")
-    assert len(group) == 1 and group[0]["label"] == "my group" and group[0]["members"] == members
+    assert len(group) == 1 and group[0]["name"] == "my group" and group[0]["members"] == members
     assert all(page.evaluate("(ids) => ids.map((i) => nodes.get(i).hidden)", members))
     summed = {}
     for link in graph["links"]:
