@@ -528,7 +528,7 @@ def test_trace_command_writes_the_page_next_to_the_json_and_prints_its_path_last
     assert main(["trace", "--transcoder", clt, "--out", str(out), "--validate", "--path", "Dallas,Texas,Austin"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     page = out / "fact-dallas-is-in-the-state-whose-capital-is.html"
-    assert lines[-1] == str(page) and lines[-2] == str(page.with_suffix(".json"))
+    assert lines[-3:] == [str(page.with_suffix(x)) for x in (".json", ".graph.safetensors", ".html")]  # every file
     graph = json.loads(page.with_suffix(".json").read_text())
     features = [n for n in graph["nodes"] if n["feature_type"] == "cross layer transcoder"]
     assert features and all(n["clerp"] for n in features)  # labels from the feature scan
@@ -544,14 +544,12 @@ def test_trace_command_writes_the_page_next_to_the_json_and_prints_its_path_last
 
 @pytest.mark.browser
 def test_committed_gallery_pages_load_offline_without_errors(open_page):
+    # the pages the index lists: a user's own trace written into graphs/ is no gallery page
     gallery = Path(__file__).parents[2] / "graphs"
     index = (gallery / "index.html").read_text(encoding="utf-8")
-    pages = sorted(gallery.glob("*.html"))
-    assert len(pages) >= 7  # six pages and the index
+    pages = [gallery / name for name in dict.fromkeys(re.findall(r'href="([^"/]+\.html)"', index))]
+    assert len(pages) >= 6
     for page in pages:
-        if page.name == "index.html":
-            continue
-        assert f'href="{page.name}"' in index
         opened = _load(open_page, page)
         graph = json.loads(page.with_suffix(".json").read_text())
         assert opened.errors == [] and opened.blocked == [] and opened.dialogs == []
