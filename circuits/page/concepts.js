@@ -26,30 +26,34 @@
     return panel.cells[fig.link][`${key},${col}`] || [];
   }
 
-  function nodesAtPosition(pos) {
-    return Object.entries(panel.cells.residual).filter(([k]) => Number(k.split(",")[1]) === pos).flatMap(([, ids]) => ids);
+  function rowsAtPosition(pos) {
+    // the residual rows holding graph nodes at `pos`
+    return Object.keys(panel.cells.residual).map((k) => k.split(",").map(Number)).filter(([, p]) => p === pos)
+      .map(([row]) => row);
   }
 
   function focus() {
     const f = panel.focus;
-    return f ? `; the graph's features sit at position ${tokenAt(f.position)} (${f.count} of ${f.total})` : "";
+    return f ? `: the graph does its work at position ${tokenAt(f.position)} (${f.count} of its ${f.total} features are there)` : "";
   }
 
   function whyEmpty(fig, row, col) {
     const key = fig.rows[row];
     if (fig.link === "residual" && key === 0) {
-      return `no graph node at the embeddings, position ${tokenAt(col)}: the token's embedding was pruned (too little influence on the logits)`;
+      return `no graph node at the embeddings, position ${tokenAt(col)}: the token's embedding was pruned (too little influence on the logits).`;
     }
     const layer = fig.link === "residual" ? key - 1 : key;
-    const text = `no graph node at layer ${layer}, position ${tokenAt(col)}: no feature or error node of layer ${layer} there passed pruning`;
+    const text = `no graph node at layer ${layer}, position ${tokenAt(col)}: no feature or error node of layer ${layer} there passed pruning.`;
     const route = panel.routes[String(col)];
     if (route) {
       const target = route.layer === "logit" ? "the logits" : `layer ${route.layer} nodes`;
-      return `${text}; the graph routes position ${col} through attention to position ${tokenAt(route.to)} (to ${target} there)`;
+      return `${text} The graph routes position ${col} through attention to position ${tokenAt(route.to)} (to ${target} there).`;
     }
-    const kept = nodesAtPosition(col).length;
-    const what = kept ? `position ${col} keeps ${kept} node(s) but no edge from it passed pruning` : `nothing at position ${col} passed pruning`;
-    return `${text}; ${what}${focus()}`;
+    const rows = rowsAtPosition(col);
+    const kept = !rows.length ? `Nothing at position ${col} passed pruning`
+      : rows.every((r) => r === 0) ? `Position ${col} keeps only its token embedding, and none of its edges passed pruning`
+        : `Position ${col} keeps nodes of other layers, and none of their edges to other positions passed pruning`;
+    return `${text} ${kept}${focus()}.`;
   }
 
   function cellMessage(fig, row, col) {
