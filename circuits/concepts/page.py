@@ -33,7 +33,7 @@ def report_json(report: ConceptReport) -> dict:
         "prompt": report.prompt,
         "tokens": report.tokens,
         "n_layers": report.n_layers,
-        "rows": "row r = residual stream after r blocks (0 = embeddings)",
+        "rows": "row r = the residual stream after block r-1, where layer r-1's features write (row 0: embeddings)",
         "prediction": report.prediction,
         "proposals": report.proposals,
         "concepts": [_trace_json(t) for t in report.traces],
@@ -112,7 +112,7 @@ def _paths_table(paths: list[PathScore]) -> str:
         f"<td>{p.completeness:.2f}</td></tr>"
         for p in paths
     )
-    head = "<tr><th>path</th><th>score</th><th>baseline</th><th>peaks (layer, pos)</th>"
+    head = "<tr><th>path</th><th>score</th><th>baseline</th><th>peaks (row, position)</th>"
     return f"<table>{head}<th>pos order</th><th>layer order</th><th>complete</th></tr>{rows}</table>"
 
 
