@@ -115,8 +115,8 @@
   }
 
   function xLabels(svg, labels, x0, colW, y, maxWidth) {
-    // rotated token labels, thinned so that neighbours never overlap
-    const step = Math.max(1, Math.ceil(13 / colW));
+    // token labels at -45 degrees, thinned so that neighbours stay a line height apart (16 px along x)
+    const step = Math.max(1, Math.ceil(16 / colW));
     labels.forEach((label, c) => {
       if (c % step) return;
       const x = x0 + (c + 0.5) * colW;
@@ -138,7 +138,7 @@
     const left = labelSpace(spec.y, 120) + 10;
     const right = 58;
     const colW = (width - left - right) / nCols;
-    const rowH = Math.max(11, Math.min(26, colW * 0.9, 320 / nRows));
+    const rowH = Math.max(11, Math.min(26, Math.max(18, colW * 0.9), 360 / nRows));
     const xLabelW = labelSpace(spec.x, 90);
     const bottom = xLabelW * 0.72 + 14;
     const gridTop = [];

@@ -1,13 +1,11 @@
 """The concept panel of the flagship page, in headless Chromium (network cut off): the page's size,
 its tabs, charts that fit their panel, and cells that select graph nodes or say why there are none."""
 
-import os
 import re
 
 import pytest
 
 from circuits.demo.facts import CATEGORIES
-from circuits.page.browser import find_chromium, offline_browser
 from circuits.page.panels import attention_routes, panel_data
 
 FLAGSHIP = "Fact: Dallas is in the state whose capital is"
@@ -25,17 +23,6 @@ def flagship(demo_model, demo_clt, tmp_path_factory):
         categories=CATEGORIES,
     )  # fmt: skip
     return trace(FLAGSHIP, demo_model, demo_clt, options, features_for("demo", demo_clt))
-
-
-@pytest.fixture(scope="module")
-def open_page():
-    if find_chromium() is None:
-        if os.environ.get("CIRCUITS_REQUIRE_BROWSER"):
-            pytest.fail("chromium is required here (CIRCUITS_REQUIRE_BROWSER is set) but not installed")
-        pytest.skip("chromium is not installed")
-    pytest.importorskip("playwright")
-    with offline_browser(1600, 1000) as open_:
-        yield open_
 
 
 @pytest.fixture(scope="module")

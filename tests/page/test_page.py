@@ -18,7 +18,6 @@ from circuits.concepts.figures import residual_labels
 from circuits.errors import CircuitsError
 from circuits.features import FeatureScanConfig, scan_features
 from circuits.page.assemble import PageInfo, feature_cards, render_page, write_page
-from circuits.page.browser import find_chromium, offline_browser
 from circuits.page.graph_view import ViewOptions, build_view
 from circuits.page.supernodes import suggest_supernodes
 
@@ -256,17 +255,6 @@ def _figures() -> dict:
 
 
 # ---- in the browser ---------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def open_page():
-    if find_chromium() is None:
-        if os.environ.get("CIRCUITS_REQUIRE_BROWSER"):
-            pytest.fail("chromium is required here (CIRCUITS_REQUIRE_BROWSER is set) but not installed")
-        pytest.skip("chromium is not installed")
-    pytest.importorskip("playwright")
-    with offline_browser() as open_:
-        yield open_
 
 
 def _load(open_page, path):
