@@ -115,6 +115,7 @@ def _cmd_trace(args: argparse.Namespace) -> None:
     if result.validation is not None:
         print("\n".join(result.validation.lines()))
     print(result.json_path)
+    print(result.graph_path)
     print(result.page_path)
 
 
@@ -297,7 +298,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="'demo', a preset (gemma, llama, clt-gemma-2-2b-426k, ...), hf:ORG/REPO[/FOLDER][@REV], "
         "saelens:RELEASE:ID, or a directory of any published layout",
     )  # fmt: skip
-    p.add_argument("--out", default="graphs", help="output directory")
+    p.add_argument("--out", default="traces", help="output directory (graphs/ holds the committed gallery)")
     p.add_argument("--slug", default=None, help="file name stem (default: from the prompt)")
     p.add_argument("--node-threshold", type=float, default=0.8, help="cumulative influence of kept nodes")
     p.add_argument("--edge-threshold", type=float, default=0.98, help="cumulative influence of kept edges")
@@ -338,7 +339,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("aggregate", help="merge the graphs of many prompts into one graph of features")
     p.add_argument("graphs", nargs="+", help=".graph.safetensors files written by `circuits trace`")
-    p.add_argument("--out", default="graphs/aggregate.json")
+    p.add_argument("--out", default="traces/aggregate.json")
     p.add_argument("--min-prompts", type=int, default=1, help="keep nodes and links seen in at least this many")
     p.set_defaults(func=_cmd_aggregate)
 

@@ -38,8 +38,8 @@ if TYPE_CHECKING:
 class TraceOptions:
     """What `trace` computes and where it writes it (the flags of `circuits trace`)."""
 
-    out: Path = Path("graphs")
-    """Output directory."""
+    out: Path = Path("traces")
+    """Output directory (not `graphs/`: that is the committed gallery)."""
     slug: str | None = None
     """File name stem (default: from the prompt)."""
     model_name: str = "demo"

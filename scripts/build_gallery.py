@@ -109,7 +109,7 @@ def screenshot(open_page, page: Path, target: Path) -> None:
         """() => { const f = nodes.get({filter: (n) => n.kind === 'feature'});
         f.sort((a, b) => a.influence - b.influence); if (f.length) circuitsPage.select(f[0].id); }"""
     )
-    opened.page.wait_for_timeout(1500)  # plotly figures finish drawing
+    opened.page.wait_for_timeout(500)  # the concept charts finish drawing
     if opened.errors or opened.blocked or opened.dialogs:
         raise RuntimeError(
             f"{page}: errors {opened.errors[:3]}, requests {opened.blocked[:3]}, dialogs {opened.dialogs}"

@@ -1,19 +1,29 @@
-"""Figures of the concept traces: plotly figures for the page and the reasoning-flow GIF (Pillow).
+"""Figures of the concept traces: chart specs for the pages and the reasoning-flow GIF (Pillow).
 
-Every string that comes from a prompt or a concept is escaped (`_text`) before it reaches plotly,
-which renders a subset of HTML in labels.
+A chart spec is plain JSON that `circuits/concepts/charts.js` draws as SVG sized to its box (a few
+kilobytes of script instead of a 4.8 MB plotting library). Kinds:
+  heatmap  x (column labels), y (row labels, row 0 drawn at the bottom), grids [{title, z [row][col]}]
+           sharing one colour scale ("viridis" from zmin, or "diverging" around 0), optional per-cell
+           `hover` arrays and `marks` [{row, col, text}]
+  bars     categories, series [{name, values}] (horizontal grouped bars), max
+  lines    x, series [{name, values}], ylabel
+  scatter  series [{name, color, x, y, (z), text, width, legend}], points (a label per point), xlabel,
+           ylabel, (zlabel: three dimensions, drawn as a projection the reader rotates by dragging)
+  flow     x, y, steps [{concept, row, col, prob}]: bubbles appearing in order, with arrows
+Strings are raw: the script writes them with textContent, never as markup.
+
+Rows of residual-stream figures are the states the logit lens reads: row 0 the embeddings, row r the
+stream after block r - 1 ("after block r-1"), where the MLP outputs of block r - 1, and so the
+transcoder features of layer r - 1, have been added (the graph's numbering).
 """
 
 from __future__ import annotations
 
-import html
 import io
 import math
 from typing import TYPE_CHECKING
 
-import plotly.graph_objects as go
 import torch
-from plotly.subplots import make_subplots
 
 if TYPE_CHECKING:
     from circuits.concepts.lens import ConceptTrace
@@ -21,142 +31,135 @@ if TYPE_CHECKING:
     from circuits.concepts.paths import PathScore
     from circuits.concepts.trajectories import Trajectories
 
-
-def _text(s: str) -> str:
-    """`s` for a plotly label: &, < and > escaped; quotes kept, as plotly shows &quot; literally."""
-    return html.escape(s, quote=False)
+# 12 answers before a colour repeats
+PALETTE = "#1f77b4 #d62728 #2ca02c #9467bd #ff7f0e #8c564b #e377c2 #17becf #bcbd22 #7f7f7f #393b79 #e7969c".split()
 
 
 def token_labels(tokens: list[str]) -> list[str]:
-    """Unique, escaped x-axis labels: "3 Dallas"."""
-    return [f"{i} {_text(t)}" for i, t in enumerate(tokens)]
+    """Unique x-axis labels: "3 Dallas"."""
+    return [f"{i} {t}" for i, t in enumerate(tokens)]
 
 
-def layer_labels(n_rows: int) -> list[str]:
-    return ["embed", *(f"after {l}" for l in range(1, n_rows))]
+def residual_labels(n_rows: int) -> list[str]:
+    """Row labels of residual-stream states: "embed", "after block 0", ..., "after block n_rows-2"."""
+    return ["embed", *(f"after block {b}" for b in range(n_rows - 1))]
 
 
-def trace_figure(trace: ConceptTrace, tokens: list[str], graph_cells: dict | None = None) -> go.Figure:
-    """Heatmap of a concept's logit-lens probability, layer x position; hover shows log-prob, rank, logit
-    and the graph nodes at the cell."""
-    rows, cols = trace.prob.shape
-    cells = graph_cells or {}
-    custom = [
-        [
-            [float(trace.logprob[l, p]), int(trace.rank[l, p]), float(trace.logit[l, p]), len(cells.get((l, p), []))]
-            for p in range(cols)
-        ]
-        for l in range(rows)
-    ]
-    fig = go.Figure(
-        go.Heatmap(
-            z=trace.prob.tolist(),
-            x=token_labels(tokens),
-            y=layer_labels(rows),
-            customdata=custom,
-            colorscale="Viridis",
-            zmin=0,
-            zmax=1,
-            colorbar={"title": "prob"},
-            hovertemplate="%{y}, %{x}<br>p=%{z:.3f} logp=%{customdata[0]:.2f} rank=%{customdata[1]}"
-            "<br>logit=%{customdata[2]:.2f} graph nodes=%{customdata[3]}<extra></extra>",
-        )
-    )
+def trace_figure(trace: ConceptTrace, tokens: list[str]) -> dict:
+    """Heatmap of a concept's logit-lens probability, residual row x position, its peak starred; hover
+    shows log-prob, rank and logit."""
+    rows = trace.prob.shape[0]
     layer, pos = trace.peak()
-    star = {"symbol": "star", "size": 16, "color": "red"}
-    x, y = [token_labels(tokens)[pos]], [layer_labels(rows)[layer]]
-    fig.add_trace(go.Scatter(x=x, y=y, mode="markers", marker=star, name="peak", hoverinfo="skip"))
-    name = _text(trace.concept.name)
-    fig.update_layout(title=f"logit lens: P({name}) by layer and position", showlegend=False, height=360)
-    return fig
+    anchored = " (a word of the prompt: anchored at its token)" if trace.anchor_position is not None else ""
+    return {
+        "type": "heatmap",
+        "title": f"P({trace.concept.name}) by the logit lens{anchored}",
+        "x": token_labels(tokens),
+        "y": residual_labels(rows),
+        "grids": [{"title": "", "z": _rounded(trace.prob)}],
+        "scale": "viridis",
+        "zmin": 0,
+        "zmax": 1,
+        "value": "p",
+        "hover": {"logp": _rounded(trace.logprob), "rank": trace.rank.tolist(), "logit": _rounded(trace.logit)},
+        "marks": [{"row": layer, "col": pos, "text": "peak"}],
+    }
 
 
-def writers_figure(trace: ConceptTrace, tokens: list[str]) -> go.Figure:
-    """Direct logit contribution to the concept of each layer's attention and MLP output."""
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("attention output", "MLP output"), shared_yaxes=True)
+def writers_figure(trace: ConceptTrace, tokens: list[str]) -> dict:
+    """Direct logit contribution to the concept of each block's attention and MLP output."""
     limit = float(max(trace.attn_direct.abs().max(), trace.mlp_direct.abs().max(), 1e-6))
-    y = [f"layer {l}" for l in range(trace.attn_direct.shape[0])]
-    for col, z in ((1, trace.attn_direct), (2, trace.mlp_direct)):
-        fig.add_trace(
-            go.Heatmap(z=z.tolist(), x=token_labels(tokens), y=y, colorscale="RdBu", zmid=0, zmin=-limit, zmax=limit,
-                       showscale=col == 2, hovertemplate="%{y}, %{x}: %{z:.2f}<extra></extra>"),
-            row=1, col=col,
-        )  # fmt: skip
-    name = _text(trace.concept.name)
-    fig.update_layout(title=f"which component writes {name} (direct logit contribution)", height=320)
-    return fig
+    return {
+        "type": "heatmap",
+        "title": f"which block writes {trace.concept.name} (direct logit contribution)",
+        "x": token_labels(tokens),
+        "y": [f"block {b}" for b in range(trace.attn_direct.shape[0])],
+        "grids": [
+            {"title": "attention output", "z": _rounded(trace.attn_direct)},
+            {"title": "MLP output (the transcoder features of that layer)", "z": _rounded(trace.mlp_direct)},
+        ],
+        "scale": "diverging",
+        "zmin": -limit,
+        "zmax": limit,
+        "value": "logit",
+    }
 
 
-def paths_figure(paths: list[PathScore]) -> go.Figure:
-    labels = [_text(" → ".join(p.path)) for p in paths]
-    fig = go.Figure(
-        [
-            go.Bar(name="continuous score", x=labels, y=[p.score for p in paths]),
-            go.Bar(name="baseline (×0.5 out of order)", x=labels, y=[p.baseline for p in paths]),
-        ]
-    )
-    fig.update_layout(title="multi-hop path scores", barmode="group", yaxis={"range": [0, 1]}, height=340)
-    return fig
+def paths_figure(paths: list[PathScore]) -> dict:
+    return {
+        "type": "bars",
+        "title": "multi-hop path scores",
+        "categories": [" → ".join(p.path) for p in paths],
+        "series": [
+            {"name": "continuous score", "values": [round(p.score, 4) for p in paths]},
+            {"name": "baseline (×0.5 out of order)", "values": [round(p.baseline, 4) for p in paths]},
+        ],
+        "max": 1,
+    }
 
 
-def patching_figure(result: PatchingResult, kind: str, tokens: list[str]) -> go.Figure:
+def patching_figure(result: PatchingResult, kind: str, tokens: list[str]) -> dict:
+    """Recovered logit difference per (row, position). resid_pre rows are residual-stream states (the
+    input of block l is the stream after block l - 1); the others are blocks, or (block, head)."""
     grid = result.grids[kind]
     if kind == "head":
-        y = [f"L{l}H{h}" for l in range(grid.shape[0]) for h in range(grid.shape[1])]
+        y = [f"block {b} head {h}" for b in range(grid.shape[0]) for h in range(grid.shape[1])]
         grid = grid.flatten(0, 1)
+    elif kind == "resid_pre":
+        y = residual_labels(grid.shape[0] + 1)[:-1]
     else:
-        y = [f"layer {l}" for l in range(grid.shape[0])]
-    fig = go.Figure(
-        go.Heatmap(z=grid.tolist(), x=token_labels(tokens), y=y, colorscale="RdBu", zmid=0, zmin=-1, zmax=1,
-                   hovertemplate="%{y}, %{x}: %{z:.3f}<extra></extra>")
-    )  # fmt: skip
-    answer, foil = _text(result.answer), _text(result.foil)
-    fig.update_layout(title=f"patching {kind}: recovered logit diff {answer} − {foil}", height=260 + 12 * len(y))
-    return fig
+        y = [f"block {b}" for b in range(grid.shape[0])]
+    return {
+        "type": "heatmap",
+        "title": f"patching {kind}: recovered logit diff {result.answer} − {result.foil}",
+        "x": token_labels(tokens),
+        "y": y,
+        "grids": [{"title": "", "z": _rounded(grid)}],
+        "scale": "diverging",
+        "zmin": -1,
+        "zmax": 1,
+        "value": "recovered",
+    }
 
 
-def trajectories_figure(traj: Trajectories) -> go.Figure:
-    """Each prompt's path through the first two (or three) principal components, one marker per layer."""
-    fig = go.Figure()
-    palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
-    symbols = ["circle", "diamond", "square", "cross"]
+def trajectories_figure(traj: Trajectories, n_rows: int) -> dict:
+    """Each prompt's path through the first two (or three: drawn rotatable) principal components, one
+    point per residual row; colour by answer, the page's own prompt (the first) drawn thick."""
     answers = sorted({a for v in traj.answers.values() for a in v})
     three_d = traj.pca.components.shape[0] >= 3
-    in_legend = set()
+    series, in_legend = [], set()
     for s, (name, coords) in enumerate(traj.coords.items()):
         for i, prompt in enumerate(traj.sets[name]):
             answer = traj.answers[name][i]
-            style = {
-                "mode": "lines+markers",
-                "marker": {"symbol": symbols[s % len(symbols)], "color": palette[answers.index(answer) % len(palette)]},
-                "line": {"width": 4 if s == i == 0 else 1.5},  # the first prompt (the page's own) stands out
-                "name": _text(f"{name}: {answer}"),
-                "showlegend": (name, answer) not in in_legend,
-                "text": [_text(prompt)] * coords.shape[1],
-                "hovertemplate": "%{text}<br>layer %{pointNumber}<extra></extra>",
-                "legendgroup": _text(answer),
-            }
+            series.append({
+                "name": f"{name}: {answer}" if len(traj.coords) > 1 else answer,
+                "color": PALETTE[answers.index(answer) % len(PALETTE)],
+                "x": _rounded(coords[i, :, 0]), "y": _rounded(coords[i, :, 1]),
+                **({"z": _rounded(coords[i, :, 2])} if three_d else {}),
+                "text": prompt, "width": 3.5 if s == i == 0 else 1.2, "legend": (name, answer) not in in_legend,
+            })  # fmt: skip
             in_legend.add((name, answer))
-            xyz = {"x": coords[i, :, 0].tolist(), "y": coords[i, :, 1].tolist()}
-            if three_d:
-                fig.add_trace(go.Scatter3d(**xyz, z=coords[i, :, 2].tolist(), **style))
-            else:
-                fig.add_trace(go.Scatter(**xyz, **style))
-    ev = [f"PC{j + 1} ({v:.0%})" for j, v in enumerate(traj.pca.explained.tolist())]
-    axes = {"xaxis_title": ev[0], "yaxis_title": ev[1]}
-    fig.update_layout(
-        title="residual-stream trajectories (PCA fitted on all prompts and layers)",
-        height=480,
-        **({"scene": {"xaxis_title": ev[0], "yaxis_title": ev[1], "zaxis_title": ev[2]}} if three_d else axes),
-    )
-    return fig
+    pc = [f"PC{j + 1} ({v:.0%})" for j, v in enumerate(traj.pca.explained.tolist())]
+    return {
+        "type": "scatter",
+        "title": "residual-stream trajectories of the prompt (thick) and its variants, by answer",
+        "series": series,
+        "points": residual_labels(n_rows),
+        "xlabel": pc[0],
+        "ylabel": pc[1],
+        **({"zlabel": pc[2]} if three_d else {}),
+    }
 
 
-def funnel_figure(funnel: dict[str, torch.Tensor]) -> go.Figure:
-    ratio = funnel["ratio"].tolist()
-    fig = go.Figure(go.Scatter(x=layer_labels(len(ratio)), y=ratio, mode="lines+markers"))
-    fig.update_layout(title="funnel: spread of same-answer prompts / spread of all prompts", height=300)
-    return fig
+def funnel_figure(funnel: dict[str, torch.Tensor]) -> dict:
+    ratio = funnel["ratio"]
+    return {
+        "type": "lines",
+        "title": "funnel: spread of same-answer prompts / spread of all prompts",
+        "x": residual_labels(ratio.shape[0]),
+        "series": [{"name": "ratio", "values": _rounded(ratio)}],
+        "ylabel": "ratio",
+    }
 
 
 def flow_steps(path: PathScore, traces: dict[str, ConceptTrace]) -> list[dict]:
@@ -167,44 +170,24 @@ def flow_steps(path: PathScore, traces: dict[str, ConceptTrace]) -> list[dict]:
     ]
 
 
-def flow_figure(steps: list[dict], tokens: list[str], n_layers: int) -> go.Figure:
-    """Animated reasoning flow: bubbles at each concept's peak appear in path order, with arrows."""
-    labels = token_labels(tokens)
+def flow_figure(steps: list[dict], tokens: list[str], n_layers: int) -> dict:
+    """Animated reasoning flow: bubbles at each concept's peak (residual row, position) appear in path
+    order, with arrows."""
+    return {
+        "type": "flow",
+        "title": "reasoning flow: " + " → ".join(s["concept"] for s in steps),
+        "x": token_labels(tokens),
+        "y": residual_labels(n_layers + 1),
+        "steps": [
+            {"concept": s["concept"], "row": s["layer"], "col": s["position"], "prob": round(s["prob"], 4)}
+            for s in steps
+        ],
+    }
 
-    def frame_data(k: int) -> tuple[go.Scatter, list[dict]]:
-        shown = steps[:k]
-        bubbles = go.Scatter(
-            x=[s["position"] for s in shown], y=[s["layer"] for s in shown], mode="markers+text",
-            text=[_text(s["concept"]) for s in shown], textposition="top center",
-            marker={"size": [18 + 40 * math.sqrt(s["prob"]) for s in shown], "color": "#ff7f0e", "opacity": 0.8},
-            hovertemplate="%{text}: p=%{customdata:.3f}<extra></extra>", customdata=[s["prob"] for s in shown],
-        )  # fmt: skip
-        arrows = [
-            {"x": b["position"], "y": b["layer"], "ax": a["position"], "ay": a["layer"], "xref": "x", "yref": "y",
-             "axref": "x", "ayref": "y", "showarrow": True, "arrowhead": 3, "arrowwidth": 2, "text": ""}
-            for a, b in zip(shown, shown[1:], strict=False)
-        ]  # fmt: skip
-        return bubbles, arrows
 
-    frames = []
-    for k in range(1, len(steps) + 1):
-        bubbles, arrows = frame_data(k)
-        frames.append(go.Frame(data=[bubbles], layout={"annotations": arrows}, name=str(k)))
-    first, _ = frame_data(1)
-    fig = go.Figure(data=[first], frames=frames)
-    play = {"label": "▶ play", "method": "animate",
-            "args": [None, {"frame": {"duration": 900, "redraw": True}, "fromcurrent": False}]}  # fmt: skip
-    fig.update_layout(
-        title="reasoning flow: " + _text(" → ".join(s["concept"] for s in steps)),
-        xaxis={"tickvals": list(range(len(labels))), "ticktext": labels, "range": [-0.5, len(labels) - 0.5]},
-        yaxis={"title": "layer", "range": [-0.5, n_layers + 0.7], "dtick": 1},
-        updatemenus=[{"type": "buttons", "buttons": [play], "x": 0, "y": 1.15, "showactive": False}],
-        sliders=[{"steps": [{"label": _text(s["concept"]), "method": "animate",
-                             "args": [[str(k + 1)], {"mode": "immediate", "frame": {"redraw": True}}]}
-                            for k, s in enumerate(steps)]}],
-        height=420,
-    )  # fmt: skip
-    return fig
+def _rounded(t: torch.Tensor) -> list:
+    """Nested lists of floats with 4 decimals: what a chart shows, at a fraction of the bytes."""
+    return torch.round(t.float(), decimals=4).tolist()
 
 
 def flow_gif(steps: list[dict], tokens: list[str], n_layers: int, size: tuple[int, int] = (760, 420)) -> bytes:
@@ -212,8 +195,9 @@ def flow_gif(steps: list[dict], tokens: list[str], n_layers: int, size: tuple[in
     from PIL import Image, ImageDraw, ImageFont
 
     width, height = size
-    left, right, top, bottom = 60, 20, 30, 90
+    left, right, top, bottom = 100, 20, 30, 90
     font = ImageFont.load_default(size=12)
+    rows = residual_labels(n_layers + 1)
 
     def xy(pos: int, layer: int) -> tuple[float, float]:
         x = left + (pos + 0.5) * (width - left - right) / len(tokens)
@@ -224,8 +208,8 @@ def flow_gif(steps: list[dict], tokens: list[str], n_layers: int, size: tuple[in
     for k in range(1, len(steps) + 1):
         img = Image.new("RGB", size, "white")
         draw = ImageDraw.Draw(img)
-        for layer in range(n_layers + 1):
-            draw.text((8, xy(0, layer)[1] - 6), "embed" if layer == 0 else f"L{layer}", fill="gray", font=font)
+        for layer, label in enumerate(rows):
+            draw.text((8, xy(0, layer)[1] - 6), label, fill="gray", font=font)
         for pos, token in enumerate(tokens):
             x, _ = xy(pos, 0)
             draw.line([(x, top), (x, height - bottom)], fill="#eeeeee")

@@ -1,5 +1,6 @@
-"""The standalone concept page of one report: concepts.html (plotly.js inlined, every text escaped, no
-network request), concepts.json (every number, plain JSON types) and flow.gif (the reasoning flow)."""
+"""The standalone concept page of one report: concepts.html (the charts' script inlined, every text
+escaped, no network request), concepts.json (every number, plain JSON types) and flow.gif (the
+reasoning flow)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import plotly.offline
 import torch
 
 from circuits.concepts.figures import flow_gif
@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+ASSETS = Path(__file__).parent
+
 
 def report_json(report: ConceptReport) -> dict:
     """The report's numbers in plain JSON types only: lists of floats, ints and strings."""
@@ -31,7 +33,7 @@ def report_json(report: ConceptReport) -> dict:
         "prompt": report.prompt,
         "tokens": report.tokens,
         "n_layers": report.n_layers,
-        "rows": "row r = residual stream after r blocks (0 = embeddings)",
+        "rows": "row r = the residual stream after block r-1, where layer r-1's features write (row 0: embeddings)",
         "prediction": report.prediction,
         "proposals": report.proposals,
         "concepts": [_trace_json(t) for t in report.traces],
@@ -45,35 +47,40 @@ def report_json(report: ConceptReport) -> dict:
 
 
 def render_concepts_html(report: ConceptReport) -> str:
-    """One self-contained page: plotly.js inlined, every text escaped, no external resource."""
+    """One self-contained page: the charts' script (`charts.js`) inlined, every text escaped, no external
+    resource."""
     figs = figures(report)
-    specs = [{"id": f"fig{i}", "figure": json.loads(fig.to_json())} for i, fig in enumerate(figs.values())]
     sections = "\n".join(
         f'<section><h2>{html.escape(name)}</h2><div id="fig{i}" class="fig"></div></section>'
         for i, name in enumerate(figs)
     )
+    charts_js = (ASSETS / "charts.js").read_text(encoding="utf-8")
+    charts_css = (ASSETS / "charts.css").read_text(encoding="utf-8")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <title>concept traces: {html.escape(report.prompt)}</title>
-<style>body{{font-family:sans-serif;margin:1.5em;max-width:1100px}} table{{border-collapse:collapse}}
+<style>body{{font-family:sans-serif;margin:1.5em;max-width:900px}} table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:2px 8px}} code{{background:#f4f4f4}}</style>
-<script>{plotly.offline.get_plotlyjs()}</script>
+<style>{charts_css}</style>
+<script>{charts_js}</script>
 </head><body>
 <h1>Concept traces</h1>
 <p>Prompt: <code>{html.escape(report.prompt)}</code> → prediction <b>{html.escape(report.prediction)}</b></p>
 <p>Tokens: {" ".join(f"<code>{html.escape(t)}</code>" for t in report.tokens)}</p>
 <p>Auto-proposed intermediate concepts: {html.escape(", ".join(report.proposals) or "none")}</p>
 {"".join(f'<p class="note">Note: {html.escape(n)}</p>' for n in report.notes)}
+<p>Rows: the residual stream the logit lens reads, from the embeddings to "after block {report.n_layers - 1}" (the
+transcoder features of layer l write into the stream after block l).</p>
 {_paths_table(report.paths)}
 {_patching_line(report.patching)}
 {_graph_nodes_table(report)}
 {sections}
+<script type="application/json" id="figures">{_script_json(list(figs.values()))}</script>
 <script>
-const FIGURES = {_script_json(specs)};
-for (const f of FIGURES) {{
-  Plotly.newPlot(f.id, {{data: f.figure.data, layout: f.figure.layout, frames: f.figure.frames || [],
-                        config: {{displaylogo: false, responsive: true}}}});
-}}
+const FIGURES = JSON.parse(document.getElementById("figures").textContent);
+const drawAll = () => FIGURES.forEach((f, i) => CircuitsCharts.draw(document.getElementById(`fig${{i}}`), f));
+drawAll();
+window.addEventListener("resize", drawAll);
 </script>
 </body></html>
 """

@@ -2,15 +2,15 @@
 
 `concept_report` resolves the concept specs, traces them, scores the paths, patches against a
 counterfactual and follows the prompt's same-category variants through the layers; `figures` turns
-a report into plotly figures (the trace page embeds these; `circuits.concepts.page` writes a page of
-its own). Categories and counterfactuals are inputs: with no categories, none are proposed.
+a report into chart specs (`circuits.concepts.figures`; the trace page embeds these,
+`circuits.concepts.page` writes a page of its own). Categories and counterfactuals are inputs: with
+no categories, none are proposed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import plotly.graph_objects as go
 import torch
 from transformer_lens import HookedTransformer
 
@@ -174,24 +174,40 @@ def follow_variants(
     return followed, funnel(torch.cat(list(followed.states.values())), answers)
 
 
-def figures(report: ConceptReport) -> dict[str, go.Figure]:
-    """Every figure of the report, keyed by a stable name ("trace:Texas", "patching:head", "flow", ...)."""
+def figures(report: ConceptReport) -> dict[str, dict]:
+    """Every chart spec of the report, keyed by a stable name ("trace:Texas", "patching:head", "flow",
+    ...), in reading order: the concepts by `panel_order` (the intermediate first), then the path, the
+    patching grids and the trajectories."""
     tokens = report.tokens
-    out: dict[str, go.Figure] = {}
-    for t in report.traces:
-        out[f"trace:{t.concept.name}"] = cf.trace_figure(t, tokens, report.graph_cells)
+    out: dict[str, dict] = {}
+    for t in panel_order(report):
+        out[f"trace:{t.concept.name}"] = cf.trace_figure(t, tokens)
         out[f"writers:{t.concept.name}"] = cf.writers_figure(t, tokens)
     if report.paths:
-        out["paths"] = cf.paths_figure(report.paths)
         out["flow"] = cf.flow_figure(flow_steps(report), tokens, report.n_layers)
+        out["paths"] = cf.paths_figure(report.paths)
     if report.patching:
         for kind in report.patching.grids:
             out[f"patching:{kind}"] = cf.patching_figure(report.patching, kind, tokens)
     if report.trajectories:
-        out["trajectories"] = cf.trajectories_figure(report.trajectories)
+        out["trajectories"] = cf.trajectories_figure(report.trajectories, report.n_layers + 1)
     if report.funnel:
         out["funnel"] = cf.funnel_figure(report.funnel)
     return out
+
+
+def panel_order(report: ConceptReport) -> list[ConceptTrace]:
+    """The traces in the order a reader wants them: the best path's intermediate concepts first, then
+    the other concepts the prompt does not contain (the answer), then the prompt's own words (their
+    traces are anchored at their tokens and say little)."""
+    middle = set(report.paths[0].path[1:-1]) if report.paths else set()
+
+    def role(t: ConceptTrace) -> int:
+        if t.anchor_position is not None:
+            return 2
+        return 0 if t.concept.name in middle else 1
+
+    return sorted(report.traces, key=role)
 
 
 def flow_steps(report: ConceptReport) -> list[dict]:

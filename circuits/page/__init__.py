@@ -1,1 +1,1 @@
-"""The HTML page for one prompt: graph view (pyvis), plotly panels, assembly into one offline file."""
+"""The HTML page for one prompt: graph view (pyvis), the concept panel, assembly into one offline file."""

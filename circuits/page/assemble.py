@@ -3,7 +3,8 @@
 
 Input is a graph in the circuit-tracer / Neuronpedia JSON schema (`circuits.attribution.schema`),
 optionally with the feature cards of its features (`feature_cards`, from the feature scan of its
-transcoder, `circuits.features`) and plotly figures of the concept traces. Every script and style
+transcoder, `circuits.features`) and the chart specs of the concept traces (`circuits.concepts.figures`,
+drawn in the concept panel: `circuits.page.panels`, `concepts.js`). Every script and style
 is inlined; no tag loads anything. Strings from the model or the user reach the page in two ways
 only: through `html.escape` into markup, or as JSON inside `<script type="application/json">` with
 `<`, `>` and `&` written as \\u escapes (and, in pyvis's drawing script, through Jinja's `tojson`,
@@ -24,13 +25,14 @@ from circuits.attribution.schema import transcoder_features
 from circuits.errors import CircuitsError
 from circuits.fileio import atomic_file
 from circuits.page.graph_view import ViewOptions, build_view, network_assets
-from circuits.page.panels import figure_specs, plotly_js
+from circuits.page.panels import panel_data, panel_html
 from circuits.page.supernodes import suggest_supernodes
 
 if TYPE_CHECKING:
     from circuits.features import FeatureScan
 
 ASSETS = Path(__file__).parent
+CHARTS = Path(__file__).parent.parent / "concepts"  # charts.js, charts.css
 
 
 @dataclass
@@ -79,15 +81,15 @@ def render_page(
     attention: dict | None = None,
 ) -> str:
     """The page as one HTML string. `graph`: the graph JSON; `cards`: the feature cards of its
-    features by node id (`feature_cards`); `figures`: {name: plotly Figure} of the concept traces
-    (see `circuits.page.panels`); `attention`: head loadings, patterns and QK terms
-    (`circuits.attribution.qk.attention_page`), shown by `heads.js` when an edge is clicked."""
+    features by node id (`feature_cards`); `figures`: {name: chart spec} of the concept traces
+    (`circuits.concepts.report.figures`, shown in tabs in that order); `attention`: head loadings, patterns
+    and QK terms (`circuits.attribution.qk.attention_page`), shown by `heads.js` when an edge is clicked."""
     info, options, cards = info or PageInfo(), options or PageOptions(), cards or {}
     labels = {nid: card["label"] for nid, card in cards.items()}
     view = build_view(graph, labels, options.view)
     assets = network_assets(view)
     shown = {(e["from"], e["to"]) for e in view.edges}
-    specs = figure_specs(figures or {})
+    panel = panel_data(figures, graph, view.n_layers) if figures else None
     suggestions = (graph.get("qParams") or {}).get("supernodes") or suggest_supernodes(
         graph, options.supernode_threshold, labels
     )
@@ -104,22 +106,21 @@ def render_page(
         },
         "cards": cards,
         "suggestions": suggestions,
-        "figures": specs,
         "n_layers": view.n_layers,
         "tokens": view.tokens,
         "geometry": view.geometry,
     }
     page_js = (ASSETS / "page.js").read_text(encoding="utf-8")
     page_css = (ASSETS / "page.css").read_text(encoding="utf-8")
-    plotly = _script(plotly_js()) if specs else ""
+    concepts = _concept_assets(panel) if panel else {"css": "", "html": "", "js": ""}
     title = html.escape(graph["metadata"].get("prompt", ""))
     header = _header(graph, view, info, labels, options.view.top_k_edges)
     return (
         f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{title}</title>\n'
-        f"<style>{assets['css']}</style>\n<style>{page_css}</style>\n{_script(assets['js'])}\n{plotly}\n"
-        f"</head>\n<body>\n{header}\n{_main(specs, _count(view.nodes, 'inhibited'))}\n"
+        f"<style>{assets['css']}</style>\n<style>{page_css}</style>\n{concepts['css']}\n{_script(assets['js'])}\n"
+        f"</head>\n<body>\n{header}\n{_main(concepts['html'], _count(view.nodes, 'inhibited'))}\n"
         f'<script type="application/json" id="circuits-data">{script_json(data)}</script>\n'
-        f"{_script(assets['draw'])}\n{_script(page_js)}\n{_attention(attention)}</body>\n</html>\n"
+        f"{_script(assets['draw'])}\n{_script(page_js)}\n{concepts['js']}\n{_attention(attention)}</body>\n</html>\n"
     )
 
 
@@ -155,6 +156,17 @@ def _script(js: str) -> str:
     if re.search(r"</script", js, flags=re.I):
         raise RuntimeError("an inlined script contains '</script': it cannot be embedded as is")
     return f"<script>{js}</script>"
+
+
+def _concept_assets(panel: dict) -> dict[str, str]:
+    """The concept panel's styles, markup and scripts (its data, the charts, the panel's behaviour)."""
+    css, js = (CHARTS / "charts.css", ASSETS / "concepts.css"), (CHARTS / "charts.js", ASSETS / "concepts.js")
+    return {
+        "css": "\n".join(f"<style>{path.read_text(encoding='utf-8')}</style>" for path in css),
+        "html": panel_html(panel),
+        "js": f'<script type="application/json" id="concepts-data">{script_json(panel)}</script>\n'
+        + "\n".join(_script(path.read_text(encoding="utf-8")) for path in js),
+    }
 
 
 # ---- markup ----------------------------------------------------------------------------------
@@ -257,9 +269,9 @@ def _number(value) -> str:
     return "" if value is None else f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
-def _main(specs: list[dict], n_inhibited: int = 0) -> str:
-    """The graph column, side panel and concept traces; the "suppressed features" switch only when
-    the graph lists some."""
+def _main(concepts: str, n_inhibited: int = 0) -> str:
+    """The graph column, side panel and the concept panel's markup (`concepts`, may be empty); the
+    "suppressed features" switch only when the graph lists some."""
     suppressed = (
         f'<label title="{n_inhibited} inactive features the graph pushes down hardest, with their inhibitors">'
         '<input type="checkbox" id="show-inhibited"> suppressed features</label>'
@@ -267,13 +279,7 @@ def _main(specs: list[dict], n_inhibited: int = 0) -> str:
         else ""
     )
     legend = '<i class="lg inhibited"></i>suppressed ' if n_inhibited else ""
-    figures = "".join(
-        f'<div class="figure-box"><h3>{html.escape(s["name"])}</h3>'
-        f'<div class="figure" id="figure-{i}"></div><p class="cell-info" id="cell-info-{i}"></p></div>'
-        for i, s in enumerate(specs)
-    )
-    concepts = f'<section id="concepts"><h2>Concept traces</h2>{figures}</section>' if specs else ""
-    return f"""<main id="layout" class="{"with-concepts" if specs else ""}">
+    return f"""<main id="layout" class="{"with-concepts" if concepts else ""}">
 <section id="graph-col">
   <div id="toolbar">
     <label title="hide the edges weaker than this |weight| (a quantile of the drawn edges)">edge |w| ≥

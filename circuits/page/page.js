@@ -877,50 +877,6 @@
     fitBounds(Math.min(...xs) - pad / 2, Math.max(...xs) + pad, Math.min(...ys) - pad / 2, Math.max(...ys) + pad / 2, 1.5);
   }
 
-  // ---- concept-trace figures ---------------------------------------------------------------
-
-  function residualRow(n) {
-    if (n.kind === "embedding") return 0;
-    if (n.kind === "logit") return nLayers;
-    return Math.min(n.layer + 1, nLayers);
-  }
-
-  function nodesAtCell(link, row, nRows, pos) {
-    const layer = link === "layer" ? Math.floor((row * nLayers) / Math.max(nRows, nLayers)) : null;
-    return nodes.getIds({ filter: (n) => n.pos === pos && !n.hidden && !["supernode", "inhibited"].includes(n.kind) &&
-      (link === "residual" ? residualRow(n) === row : n.layer === layer && (n.kind === "feature" || n.kind === "error")) });
-  }
-
-  function highlightCell(index, row, pos) {
-    const spec = data.figures[index];
-    const heat = spec.figure.data.find((t) => t.type === "heatmap");
-    const nRows = heat && heat.z ? heat.z.length : nLayers + 1;
-    const ids = nodesAtCell(spec.link, row, nRows, pos);
-    network.selectNodes(ids);
-    const where = spec.link === "residual" ? (row === 0 ? "embeddings" : `after layer ${row - 1}`)
-      : `layer ${Math.floor((row * nLayers) / Math.max(nRows, nLayers))}`;
-    document.getElementById(`cell-info-${index}`).textContent =
-      `${ids.length} graph node(s) at ${where}, position ${pos} "${tokenAt(pos)}"`;
-    return ids;
-  }
-
-  function drawFigures() {
-    data.figures.forEach((spec, i) => {
-      const div = document.getElementById(`figure-${i}`);
-      const fig = spec.figure;
-      const layout = { ...fig.layout, autosize: true, margin: { l: 60, r: 20, t: 40, b: 60 } };
-      Plotly.newPlot(div, fig.data, layout, { displaylogo: false, responsive: true }).then(() => {
-        if (fig.frames && fig.frames.length) Plotly.addFrames(div, fig.frames);
-      });
-      if (!spec.link) return;
-      div.on("plotly_click", (ev) => {
-        const pt = ev.points[0];
-        if (pt.data.type === "heatmap" && Array.isArray(pt.pointIndex)) highlightCell(i, pt.pointIndex[0], pt.pointIndex[1]);
-        else if (typeof pt.x === "number" && typeof pt.y === "number") highlightCell(i, Math.round(pt.y), Math.round(pt.x));
-      });
-    });
-  }
-
   // ---- wiring -------------------------------------------------------------------------------
 
   // Clicks are read from pointer events, not vis-network's tap gesture: on a large graph a redraw can
@@ -995,9 +951,8 @@
   state.labels = labelsBox.checked;
   if (suppressedBox && suppressedBox.checked) showSuppressed(true);  // a checkbox the browser restored
   else refreshEdges();
-  if (data.figures.length) drawFigures();
   Object.assign(window.circuitsPage, { network, nodes, edges, showDetails, select, setThreshold, group, ungroup,
-    visibleEdgeCount: () => edgesView.length, exportGraph, highlightCell, search, showSuppressed, topPaths,
+    visibleEdgeCount: () => edgesView.length, exportGraph, search, showSuppressed, topPaths,
     showPaths, clearFocus, centreOn, fitAll, pin, showSubgraph,
     focus: () => state.focus && { kind: state.focus.kind, root: state.focus.root, ids: [...state.focus.ids],
       paths: state.focus.paths || [] },

@@ -425,7 +425,8 @@ def test_trace_cli_writes_the_graph_files(clt_dir, tmp_path, capsys):
     out = tmp_path / "graphs"
     assert main(["trace", FLAGSHIP, "--transcoder", str(clt_dir), "--out", str(out), "--slug", "dallas"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[-2:] == [str(out / "dallas.json"), str(out / "dallas.html")]  # the page's path last
+    written = [str(out / f"dallas{suffix}") for suffix in (".json", ".graph.safetensors", ".html")]
+    assert lines[-3:] == written  # every file written, the page's path last
     assert "replacement score" in lines[1]
     data = json.loads((out / "dallas.json").read_text())
     assert data["metadata"]["slug"] == "dallas" and data["links"]

@@ -266,7 +266,20 @@ def test_report_json_and_figures(flagship_report):
     assert texas["peak"]["position"] == 5 and len(texas["prob"]) == 5
     figs = figures(flagship_report)
     assert {"trace:Texas", "writers:Texas", "paths", "flow", "patching:head", "trajectories", "funnel"} <= set(figs)
-    assert len(figs["flow"].frames) == 3
+    assert json.loads(json.dumps(figs)) == figs  # plain JSON chart specs
+    traces = [name for name in figs if name.startswith("trace:")]
+    assert traces[0] == "trace:Texas" and traces[-1] == "trace:Dallas"  # the intermediate first, prompt words last
+    trace = figs["trace:Texas"]
+    prob = flagship_report.trace("Texas").prob
+    torch.testing.assert_close(torch.tensor(trace["grids"][0]["z"]), prob.float(), atol=6e-5, rtol=0)
+    assert trace["marks"] == [{"row": 2, "col": 5, "text": "peak"}]
+    # one numbering: residual row r is the stream after block r - 1, where layer r - 1's features write
+    assert trace["y"] == ["embed", "after block 0", "after block 1", "after block 2", "after block 3"]
+    assert figs["patching:resid_pre"]["y"] == trace["y"][:-1] and figs["funnel"]["x"] == trace["y"]
+    assert figs["writers:Texas"]["y"] == ["block 0", "block 1", "block 2", "block 3"]
+    flow = figs["flow"]
+    assert flow["y"] == trace["y"] and [s["concept"] for s in flow["steps"]] == ["Dallas", "Texas", "Austin"]
+    assert [(s["row"], s["col"]) for s in flow["steps"]] == [tuple(p) for p in data["paths"][0]["peaks"]]
 
 
 def test_flow_gif_has_one_frame_per_hop(flagship_report):
@@ -282,7 +295,8 @@ def test_html_is_offline_and_escapes_hostile_strings(demo_model, tmp_path):
     page = render_concepts_html(report)
     assert not re.search(r"<(script|link|img|iframe)[^>]*(src|href)\s*=\s*[\"']?(https?:)?//", page, re.I)
     assert "<img src=x" not in page and '<script>alert("x")' not in page
-    assert page.count("<script>") == 2  # plotly.js and the figures, nothing else
+    assert page.count("<script>") == 2  # the charts' script and the drawing loop, nothing else
+    assert len(page) < 100_000  # no plotting library inlined
     assert "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;" in page
     path = write_concepts_page(report, tmp_path / "out")
     assert path.read_text(encoding="utf-8") == page
@@ -342,8 +356,9 @@ def test_trajectories_overlay_two_models_in_one_space(demo_model):
     torch.testing.assert_close(traj.states["other"], residual_states(other, prompts))
     torch.testing.assert_close(traj.states["demo"][:, :2], traj.states["other"][:, :2])  # same until block 1 writes
     assert not torch.allclose(traj.states["demo"][:, 2:], traj.states["other"][:, 2:])
-    fig = trajectories_figure(traj)
-    assert len(fig.data) == 6 and fig.data[0].type == "scatter3d"
+    fig = trajectories_figure(traj, demo_model.cfg.n_layers + 1)
+    assert len(fig["series"]) == 6 and fig["zlabel"].startswith("PC3")  # drawn rotatable
+    torch.testing.assert_close(torch.tensor(fig["series"][4]["z"]), traj.coords["other"][1, :, 2], atol=6e-5, rtol=0)
     cfg = HookedTransformerConfig(
         n_layers=1, d_model=64, n_ctx=32, d_head=16, n_heads=4, d_vocab=demo_model.cfg.d_vocab, act_fn="gelu",
         tokenizer_name=str(DEMO_MODEL_DIR / "tokenizer"),

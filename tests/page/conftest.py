@@ -1,3 +1,5 @@
+"""The browser the page tests share: Debian's Chromium through Playwright, network cut off."""
+
 import os
 
 import pytest
@@ -7,7 +9,8 @@ from circuits.page.browser import find_chromium, offline_browser
 
 @pytest.fixture(scope="module")
 def open_page():
-    """Opens a page file in headless Chromium with the network cut off (`OfflinePage`)."""
+    """A factory opening a page offline at 1600x1000 (`circuits.page.browser.offline_browser`); skips
+    without Chromium unless CIRCUITS_REQUIRE_BROWSER is set."""
     if find_chromium() is None:
         if os.environ.get("CIRCUITS_REQUIRE_BROWSER"):
             pytest.fail("chromium is required here (CIRCUITS_REQUIRE_BROWSER is set) but not installed")

@@ -11,10 +11,10 @@ import re
 from pathlib import Path
 
 import numpy as np
-import plotly.graph_objects as go
 import pytest
 
 from circuits.attribution.schema import annotate
+from circuits.concepts.figures import residual_labels
 from circuits.errors import CircuitsError
 from circuits.features import FeatureScanConfig, scan_features
 from circuits.page.assemble import PageInfo, feature_cards, render_page, write_page
@@ -244,10 +244,13 @@ def _hostile_graph() -> dict:
 
 
 def _figures() -> dict:
+    """Chart specs as `circuits.concepts.figures` makes them: a residual-row heatmap and a bar chart."""
     z = [[(r + 1) * (p + 1) / 100 for p in range(len(TOKENS))] for r in range(N_LAYERS + 1)]
-    heat = go.Figure(go.Heatmap(z=z, x=[f"{i} {t}" for i, t in enumerate(TOKENS)], y=list(range(N_LAYERS + 1))))
-    heat.update_layout(title=f"trace {HOSTILE_IMG}", height=300, width=520)
-    return {"trace:Texas": heat, "paths": go.Figure(go.Bar(x=["a"], y=[1]))}
+    heat = {"type": "heatmap", "title": f"trace {HOSTILE_IMG}", "x": [f"{i} {t}" for i, t in enumerate(TOKENS)],
+            "y": residual_labels(N_LAYERS + 1), "grids": [{"title": "", "z": z}], "scale": "viridis", "zmin": 0,
+            "zmax": 1, "value": "p"}  # fmt: skip
+    bars = {"type": "bars", "title": "paths", "categories": ["a"], "series": [{"name": "s", "values": [1]}], "max": 1}
+    return {"trace:Texas": heat, "paths": bars}
 
 
 # ---- in the browser ---------------------------------------------------------------------------
@@ -407,7 +410,9 @@ def test_hostile_strings_show_as_text_and_run_nothing(open_page, scan, tmp_path)
     assert f"label {HOSTILE} {HOSTILE_IMG}" in page.inner_text("#details h2")
     assert f"group {HOSTILE_IMG}" in page.inner_text("#supernode-list")
     assert page.evaluate("document.querySelectorAll('img').length") == 0
-    assert page.evaluate("document.querySelectorAll('script').length") == 5
+    assert page.inner_text("#figure-0 .chart-title") == f"trace {HOSTILE_IMG}"  # a chart title, as text
+    # vis-network, the page data, the drawing, page.js; the concept panel's data, charts.js, concepts.js
+    assert page.evaluate("document.querySelectorAll('script').length") == 7
 
 
 @pytest.mark.browser
@@ -443,17 +448,13 @@ def test_clicking_a_trace_heatmap_cell_selects_the_graph_nodes_there(open_page, 
     graph = make_graph(TOKENS)
     path = write_page(tmp_path / "page.html", graph, figures=_figures())
     page = _load(open_page, path).page
-    row, pos = 3, 9  # residual row 3 = output of layer 2
-    x, y = page.evaluate(
-        """([row, pos]) => { const div = document.getElementById('figure-0'); const fl = div._fullLayout;
-        const r = div.querySelector('.nsewdrag').getBoundingClientRect();
-        return [r.left + fl.xaxis.l2p(pos), r.top + fl.yaxis.l2p(row)]; }""",
-        [row, pos],
-    )
-    page.mouse.click(x, y)
+    row, pos = 3, 9  # residual row 3: the stream after block 2, where the features of layer 2 write
+    page.locator(f'#figure-0 rect.cell[data-row="{row}"][data-col="{pos}"]').click()
     expected = {n["node_id"] for n in graph["nodes"] if n["layer"] == "2" and n["ctx_idx"] == pos}
     assert set(page.evaluate("network.getSelectedNodes()")) == expected
-    assert page.inner_text("#cell-info-0").startswith(f"{len(expected)} graph node(s) at after layer 2, position 9")
+    assert page.inner_text("#cell-info-0").startswith(
+        f'{len(expected)} graph node(s) at after block 2 (layer 2 features), position 9 "capital"'
+    )
 
 
 # ---- `circuits trace` end to end --------------------------------------------------------------
@@ -514,7 +515,7 @@ def test_trace_command_writes_the_page_next_to_the_json_and_prints_its_path_last
     assert main(["trace", "--transcoder", clt, "--out", str(out), "--validate", "--path", "Dallas,Texas,Austin"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     page = out / "fact-dallas-is-in-the-state-whose-capital-is.html"
-    assert lines[-1] == str(page) and lines[-2] == str(page.with_suffix(".json"))
+    assert lines[-3:] == [str(page.with_suffix(x)) for x in (".json", ".graph.safetensors", ".html")]  # every file
     graph = json.loads(page.with_suffix(".json").read_text())
     features = [n for n in graph["nodes"] if n["feature_type"] == "cross layer transcoder"]
     assert features and all(n["clerp"] for n in features)  # labels from the feature scan
@@ -530,14 +531,12 @@ def test_trace_command_writes_the_page_next_to_the_json_and_prints_its_path_last
 
 @pytest.mark.browser
 def test_committed_gallery_pages_load_offline_without_errors(open_page):
+    # the pages the index lists: a user's own trace written into graphs/ is no gallery page
     gallery = Path(__file__).parents[2] / "graphs"
     index = (gallery / "index.html").read_text(encoding="utf-8")
-    pages = sorted(gallery.glob("*.html"))
-    assert len(pages) >= 7  # six pages and the index
+    pages = [gallery / name for name in dict.fromkeys(re.findall(r'href="([^"/]+\.html)"', index))]
+    assert len(pages) >= 6
     for page in pages:
-        if page.name == "index.html":
-            continue
-        assert f'href="{page.name}"' in index
         opened = _load(open_page, page)
         graph = json.loads(page.with_suffix(".json").read_text())
         assert opened.errors == [] and opened.blocked == [] and opened.dialogs == []
