@@ -254,6 +254,8 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"circuits: error: {message} (see `{self.prog} --help`)\n")
+
+
 def _group_options(p: argparse.ArgumentParser) -> None:
     """--group and --vocabulary: named word groups for @NAME concepts and counterfactual swaps."""
     p.add_argument(
