@@ -81,17 +81,27 @@ def load_checkpoint(
     return meta["step"], (tensors["scales.inp"], tensors["scales.out"]), last_fired
 
 
+FIELDS = ("step", "config", "opt_param_groups")  # state.json: what resuming restores
+FIXED_TENSORS = ("last_fired", "scales.inp", "scales.out", "rng.torch")  # state.safetensors, beside clt.* and opt.*
+
+
+def _missing(meta: object, keys: set[str] | dict, tensors: list[str]) -> list[str]:
+    """The fields of state.json and the tensors of state.safetensors that a checkpoint lacks."""
+    return [f for f in FIELDS if not isinstance(meta, dict) or f not in meta] + [k for k in tensors if k not in keys]
+
+
+def _refuse_incomplete(path: Path, missing: list[str]) -> None:
+    raise CircuitsError(
+        f"checkpoint {path} lacks {missing[:4]} (written by another version, or edited): delete it and retrain"
+    )
+
+
 def _check_complete(path: Path, meta: object, tensors: dict[str, torch.Tensor], names: list[str]) -> None:
     """Refuse a checkpoint whose state lacks a field or tensor that resuming restores."""
-    fields = ("step", "config", "opt_param_groups")
     keys = [f"clt.{k}" for k in names] + [f"opt.{m}.{k}" for k in names for m in ("step", "exp_avg", "exp_avg_sq")]
-    keys += ["last_fired", "scales.inp", "scales.out", "rng.torch"]
-    missing = [f for f in fields if not isinstance(meta, dict) or f not in meta] + [k for k in keys if k not in tensors]
+    missing = _missing(meta, tensors, keys + list(FIXED_TENSORS))
     if missing or not isinstance(meta["config"], dict):
-        raise CircuitsError(
-            f"checkpoint {path} lacks {missing[:4] or ['config']} (written by another version, or edited): "
-            "delete it and retrain"
-        )
+        _refuse_incomplete(path, missing or ["config"])
 
 
 def _check_hooks(path: Path, saved: dict, clt: CrossLayerTranscoder) -> None:
@@ -116,14 +126,10 @@ def checkpoint_step(path: Path) -> int:
             keys = set(f.keys())
     except (OSError, ValueError, SafetensorError) as e:
         raise CircuitsError(f"checkpoint {path} is corrupt or truncated ({e}): delete it and retrain") from None
-    fields = ("step", "config", "opt_param_groups")
-    missing = [f for f in fields if not isinstance(meta, dict) or f not in meta]
-    missing += [k for k in ("last_fired", "scales.inp", "scales.out", "rng.torch") if k not in keys]
+    missing = _missing(meta, keys, list(FIXED_TENSORS))
     missing += [] if any(k.startswith("clt.") for k in keys) else ["clt.*"]
     if missing:  # the full check, tensor by tensor, comes when the checkpoint is loaded
-        raise CircuitsError(
-            f"checkpoint {path} lacks {missing[:4]} (written by another version, or edited): delete it and retrain"
-        )
+        _refuse_incomplete(path, missing)
     return meta["step"]
 
 
