@@ -417,4 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     except CircuitsError as e:
         print(f"circuits: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the disk or the system refused a read or write (full, read-only, too large)
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"circuits: error: {e.strerror or e}{where}: free space or choose another place", file=sys.stderr)
+        return 2
     return 0

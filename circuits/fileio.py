@@ -30,8 +30,10 @@ def atomic_directory(directory: Path) -> Iterator[Path]:
     tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the result should look like any new directory
     try:
         yield tmp
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and not e.filename:  # a failed write names no file: name what was being written
+            raise OSError(e.errno, e.strerror, str(directory)) from e
         raise
     old = None
     if directory.exists():
@@ -63,9 +65,11 @@ def atomic_file(path: Path, mode: str = "w") -> Iterator:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and not e.filename:  # a failed write names no file: name the one being written
+            raise OSError(e.errno, e.strerror, str(path)) from e
         raise
 
 

@@ -403,3 +403,29 @@ def test_features_by_default_write_to_the_user_cache_not_the_package(tmp_path, m
     clt = load_transcoder("demo")
     assert features_for("demo", clt).config.n_documents == 8  # the user's scan, not the shipped one
     assert load_features("demo", clt).config.n_documents != 8  # 'demo' still names the shipped cards
+
+
+def test_a_write_the_system_refuses_is_one_line_and_leaves_nothing(tmp_path):
+    """A file-size limit (the stand-in for a full disk: the write fails with EFBIG) mid-way through
+    writing a trace: one line, exit 2, no temporary file left in --out."""
+    import subprocess
+    import sys
+
+    code = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+        "from circuits.cli import main\n"
+        f"sys.exit(main(['trace', {PROMPT!r}, '--out', {str(tmp_path / 'out')!r}, '--no-concepts']))\n"
+    )
+    env = {
+        "PYTHONPATH": str(PACKAGE.parent),
+        "PATH": "/usr/bin:/bin",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }  # fmt: skip  (the limit would truncate the .pyc files it writes)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
+    errors = [line for line in out.stderr.splitlines() if line.strip() and "attribution:" not in line]
+    assert out.returncode == 2 and len(errors) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert errors[0].startswith("circuits: error: File too large (") and "free space or choose" in errors[0]
+    assert not list((tmp_path / "out").glob("*")) and not list((tmp_path / "out").glob(".*"))
