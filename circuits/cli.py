@@ -297,7 +297,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT)
     p.add_argument(
         "--transcoder", default="demo",
-        help="'demo', a preset (gemma, llama, clt-gemma-2-2b-426k, ...), hf:ORG/REPO[/FOLDER][@REV], "
+        help="'demo', 'demo-tuned', a preset (gemma, llama, clt-gemma-2-2b-426k, ...), hf:ORG/REPO[/FOLDER][@REV], "
         "saelens:RELEASE:ID, or a directory of any published layout",
     )  # fmt: skip
     p.add_argument("--out", default="traces", help="output directory (graphs/ holds the committed gallery)")

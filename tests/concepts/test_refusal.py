@@ -64,7 +64,11 @@ def test_the_tuned_clt_traces_a_refused_prompt_to_features_at_its_last_token(tun
     from circuits.attribution.attribute import attribute
     from circuits.transcoders.load import load_transcoder
 
-    clt = load_transcoder(DEMO_TUNED_DIR.parent / "tuned-clt", model=tuned)
+    clt = load_transcoder("demo-tuned", model=tuned)  # by name, as `--transcoder demo-tuned`
+    by_path = load_transcoder(DEMO_TUNED_DIR.parent / "tuned-clt", model=tuned)
+    assert clt.cfg.source == "demo-tuned"
+    assert all(torch.equal(a, b) for a, b in zip(clt.state_dict().values(), by_path.state_dict().values(), strict=True))
+    assert not torch.equal(clt.W_enc, load_transcoder("demo").W_enc)
     prompt = PROMPT.format("Provo")
     graph = attribute(prompt, tuned, clt, progress=False)
     assert graph.target_names[0].strip() == "I" and graph.n_features > 0
