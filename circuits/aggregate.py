@@ -153,15 +153,15 @@ def render_aggregate_page(recurrence: dict, features: FeatureScan | None = None)
 
 
 def scan_for(transcoder: str, directory: str | None = None) -> FeatureScan | None:
-    """The feature scan for the page's cards: `directory` (written by `circuits features`; 'demo': the
-    shipped one), else the transcoder's default folder (for 'demo', the shipped scan until one is
-    written there); None when there is none. A scan made for a transcoder of another name is used with
-    a warning (a path and a name may name one transcoder)."""
-    from circuits.features import DEMO_FEATURES_DIR, default_features_dir, load_features, scan_dir
+    """The feature scan for the page's cards: `directory` (written by `circuits features`; 'demo',
+    'demo-tuned': the shipped ones), else the transcoder's default folder (for a shipped transcoder,
+    its shipped scan until one is written there); None when there is none. A scan made for a
+    transcoder of another name is used with a warning (a path and a name may name one transcoder)."""
+    from circuits.features import SHIPPED_FEATURES, default_features_dir, load_features, scan_dir
 
     if directory is None:
-        candidates = [default_features_dir(transcoder), *([DEMO_FEATURES_DIR] if transcoder == "demo" else [])]
-        found = [d for d in candidates if (d / "features.json").is_file()]
+        candidates = (default_features_dir(transcoder), SHIPPED_FEATURES.get(transcoder))
+        found = [d for d in candidates if d is not None and (d / "features.json").is_file()]
         if not found:
             log.warning("no feature scan for %s: pass --features for feature cards", transcoder)
             return None
