@@ -127,31 +127,24 @@ def render_page(
     title = html.escape(graph["metadata"].get("prompt", ""))
     header = _header(graph, view, info, labels, options.view.top_k_edges)
     main = _main(concepts["html"], _count(view.nodes, "inhibited"), recurrence is not None)
+    views = _view(attention, "attention", "heads") + _view(recurrence, "recurrence", "recurrence")
     return (
         f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{title}</title>\n'
         f"<style>{assets['css']}</style>\n<style>{page_css}</style>\n{concepts['css']}\n{_script(assets['js'])}\n"
         f"</head>\n<body>\n{header}\n{main}\n"
         f'<script type="application/json" id="circuits-data">{script_json(data)}</script>\n'
-        f"{_script(assets['draw'])}\n{_script(page_js)}\n{concepts['js']}\n{_attention(attention)}{_recurrence(recurrence)}</body>\n</html>\n"
+        f"{_script(assets['draw'])}\n{_script(page_js)}\n{concepts['js']}\n{views}</body>\n</html>\n"
     )
 
 
-def _attention(attention: dict | None) -> str:
-    """The attention view's data, styles and script (`heads.js`), or nothing without its data."""
-    if attention is None:
+def _view(data: dict | None, name: str, stem: str) -> str:
+    """A view on top of page.js: its data (JSON in `script#circuits-{name}`), `{stem}.css` and `{stem}.js`
+    (the attention view: heads.js; a global circuit's: recurrence.js), or nothing without its data."""
+    if data is None:
         return ""
-    css, js = ((ASSETS / name).read_text(encoding="utf-8") for name in ("heads.css", "heads.js"))
-    data = f'<script type="application/json" id="circuits-attention">{script_json(attention)}</script>'
-    return f"<style>{css}</style>\n{data}\n{_script(js)}\n"
-
-
-def _recurrence(recurrence: dict | None) -> str:
-    """The recurrence view's data, styles and script (`recurrence.js`), or nothing without its data."""
-    if recurrence is None:
-        return ""
-    css, js = ((ASSETS / name).read_text(encoding="utf-8") for name in ("recurrence.css", "recurrence.js"))
-    data = f'<script type="application/json" id="circuits-recurrence">{script_json(recurrence)}</script>'
-    return f"<style>{css}</style>\n{data}\n{_script(js)}\n"
+    css, js = ((ASSETS / f"{stem}.{ext}").read_text(encoding="utf-8") for ext in ("css", "js"))
+    element = f'<script type="application/json" id="circuits-{name}">{script_json(data)}</script>'
+    return f"<style>{css}</style>\n{element}\n{_script(js)}\n"
 
 
 def write_page(path: str | Path, graph: dict, **kwargs) -> Path:

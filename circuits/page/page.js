@@ -963,7 +963,7 @@
   state.labels = labelsBox.checked;
   if (suppressedBox && suppressedBox.checked) showSuppressed(true);  // a checkbox the browser restored
   else refreshEdges();
-  Object.assign(window.circuitsPage, { network, nodes, edges, showDetails, select, setThreshold, group, ungroup,
+  Object.assign(window.circuitsPage, { network, nodes, edges, el, showDetails, select, setThreshold, group, ungroup,
     visibleEdgeCount: () => edgesView.length, exportGraph, search, showSuppressed, topPaths,
     showPaths, clearFocus, centreOn, fitAll, pin, showSubgraph,
     focus: () => state.focus && { kind: state.focus.kind, root: state.focus.root, ids: [...state.focus.ids],

@@ -5,21 +5,10 @@
   "use strict";
   const data = JSON.parse(document.getElementById("circuits-recurrence").textContent);
   const page = window.circuitsPage;
+  const el = page.el;  // page.js's element builder: text through textContent only
   const n = data.prompts.length;
   const kept = data.prompts.map(() => []);  // prompt index -> node ids it keeps
   for (const [id, node] of Object.entries(data.nodes)) node.prompts.forEach((p) => kept[p].push(id));
-
-  function el(tag, props, ...children) {
-    const node = document.createElement(tag);
-    for (const [k, v] of Object.entries(props || {})) {
-      if (k === "text") node.textContent = v;
-      else if (k === "class") node.className = v;
-      else if (k === "onclick") node.addEventListener("click", v);
-      else node.setAttribute(k, v);
-    }
-    for (const child of children) if (child) node.appendChild(child);
-    return node;
-  }
 
   function promptItem(p) {
     return el("li", { "data-prompt": String(p) },
