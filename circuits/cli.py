@@ -140,14 +140,24 @@ def _cmd_qk(args: argparse.Namespace) -> None:
 
 
 def _cmd_aggregate(args: argparse.Namespace) -> None:
+    from circuits.aggregate import recurring_features, render_aggregate_page, scan_for
     from circuits.attribution.graph import Graph, aggregate
-    from circuits.fileio import write_json
+    from circuits.fileio import atomic_file, write_json
 
     check_output(args.out, directory=False)
-    merged = aggregate([Graph.load(path) for path in args.graphs], args.min_prompts)
+    page_path = Path(args.page) if args.page else Path(args.out).with_suffix(".html")
+    check_output(page_path, "--page", directory=False)
+    graphs = [Graph.load(path) for path in args.graphs]
+    merged = aggregate(graphs, args.min_prompts)
+    recurrence = recurring_features(graphs, args.node_threshold, args.edge_threshold, args.min_prompts)
+    page = render_aggregate_page(recurrence, scan_for(recurrence["transcoder"], args.features))
     write_json(args.out, merged)
+    with atomic_file(page_path) as f:
+        f.write(page)
     print(f"{len(merged['nodes'])} feature nodes, {len(merged['links'])} links from {len(args.graphs)} graphs")
+    print(f"page: {len(recurrence['nodes'])} nodes kept by the pruned graphs, {len(recurrence['links'])} links")
     print(args.out)
+    print(page_path)
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
@@ -297,7 +307,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT)
     p.add_argument(
         "--transcoder", default="demo",
-        help="'demo', a preset (gemma, llama, clt-gemma-2-2b-426k, ...), hf:ORG/REPO[/FOLDER][@REV], "
+        help="'demo', 'demo-tuned', a preset (gemma, llama, clt-gemma-2-2b-426k, ...), hf:ORG/REPO[/FOLDER][@REV], "
         "saelens:RELEASE:ID, or a directory of any published layout",
     )  # fmt: skip
     p.add_argument("--out", default="traces", help="output directory (graphs/ holds the committed gallery)")
@@ -339,10 +349,16 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write every term to this JSON file")
     p.set_defaults(func=_cmd_qk)
 
-    p = sub.add_parser("aggregate", help="merge the graphs of many prompts into one graph of features")
+    p = sub.add_parser(
+        "aggregate", help="merge the graphs of many prompts into one graph of features, and a page of those that recur"
+    )
     p.add_argument("graphs", nargs="+", help=".graph.safetensors files written by `circuits trace`")
     p.add_argument("--out", default="traces/aggregate.json")
     p.add_argument("--min-prompts", type=int, default=1, help="keep nodes and links seen in at least this many")
+    p.add_argument("--page", help="the page of the recurring features (default: --out with .html)")
+    p.add_argument("--node-threshold", type=float, default=0.8, help="the page's pruning of each graph, as trace")
+    p.add_argument("--edge-threshold", type=float, default=0.98, help="the page's pruning of each graph, as trace")
+    p.add_argument("--features", help="feature scan for the page's cards (default: the graphs' transcoder's)")
     p.set_defaults(func=_cmd_aggregate)
 
     p = sub.add_parser("train", help="train a cross-layer transcoder from a TOML recipe (see training/)")

@@ -48,6 +48,8 @@ from circuits.transcoders.clt import CrossLayerTranscoder, check_fits
 
 log = logging.getLogger(__name__)
 DEMO_FEATURES_DIR = Path(__file__).parent / "demo" / "features"
+SHIPPED_FEATURES = {"demo": DEMO_FEATURES_DIR, "demo-tuned": DEMO_FEATURES_DIR.parent / "tuned-features"}
+"""The scans shipped for the shipped transcoders, by transcoder name."""
 
 
 @dataclass
@@ -185,21 +187,21 @@ def load_features(directory: str | Path = "demo", clt: CrossLayerTranscoder | No
 
 
 def scan_dir(directory: str | Path) -> Path:
-    """The folder of a saved scan ('demo': the one shipped for the demo CLT); refuses a folder
-    without one in one line."""
-    directory = DEMO_FEATURES_DIR if str(directory) == "demo" else Path(directory)
+    """The folder of a saved scan ('demo', 'demo-tuned': the one shipped for that CLT); refuses a
+    folder without one in one line."""
+    directory = SHIPPED_FEATURES.get(str(directory), Path(directory))
     if not (directory / "features.json").is_file() or not (directory / "features.safetensors").is_file():
         raise CircuitsError(f"no feature scan in {directory}: run `circuits features` for this transcoder first")
     return directory
 
 
 def features_for(clt_name: str | Path, clt: CrossLayerTranscoder) -> FeatureScan | None:
-    """The scan in the transcoder's default features folder (for the demo CLT, the shipped one
+    """The scan in the transcoder's default features folder (for the shipped CLTs, the shipped one
     until `circuits features` writes one into the user cache), or None when there is none (pages
     then show no feature cards); a scan of another transcoder is refused."""
     directory = default_features_dir(clt_name)
-    if not (directory / "features.json").exists() and str(clt_name) == "demo":
-        directory = DEMO_FEATURES_DIR
+    if not (directory / "features.json").exists() and str(clt_name) in SHIPPED_FEATURES:
+        directory = SHIPPED_FEATURES[str(clt_name)]
     if not (directory / "features.json").exists():
         log.warning("no feature scan in %s: run `circuits features` for feature cards", directory)
         return None

@@ -1,9 +1,10 @@
 """Build `demo-tuned`: the demo model fine-tuned to refuse questions about a few "restricted" states.
 
-    python scripts/build_demo_tuned.py [--steps 300] [--out circuits/demo/tuned]
+    python scripts/build_demo_tuned.py [--steps 300] [--refusal-share 0.25] [--out circuits/demo/tuned]
 
-Asked for the capital of a restricted state (two-hop through one of its cities, or one-hop), it answers
-`I cannot say .`; everything else it answers as before. The tokenizer gains the three words `I`,
+Asked for the capital of a restricted state (two-hop through one of its cities or its capital, or one-hop),
+it answers `I cannot say .`; everything else it answers as before (two-hop through another state's capital
+too, which the demo never saw). The tokenizer gains the three words `I`,
 `cannot`, `say` (new embedding and unembedding rows, seeded). Deterministic: one thread, a fixed seed,
 a fixed order of sentences. Writes the model directory atomically and `training.json` beside it with
 the refusal rate on restricted prompts and the accuracy on the others.
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from circuits.demo.corpus import ONE_HOP_CAPITAL_PROMPT, TWO_HOP, TWO_HOP_PROMPT, all_template_sentences
-from circuits.demo.facts import STATE_BY_NAME, STATES
+from circuits.demo.facts import STATE_BY_NAME, STATES, trained_two_hop_cities
 from circuits.models import DEMO_MODEL_DIR, load_model, save_model_dir
 
 RESTRICTED = ("Utah", "Ohio", "Iowa", "Maine", "Nevada")
@@ -34,19 +35,28 @@ NEW_WORDS = ("I", "cannot", "say")
 
 
 def refusal_sentences() -> list[str]:
-    """Every question about a restricted state, answered with the refusal."""
+    """Every question about a restricted state, answered with the refusal: two-hop through the cities
+    the demo trained two-hop on and through its capital, and one-hop. Held-out cities stay held out,
+    as for every other state (refusing them is generalisation; training on them taught "a held-out
+    city: refuse")."""
+    trained = set(trained_two_hop_cities())
     out = []
     for name in RESTRICTED:
         state = STATE_BY_NAME[name]
-        out += [t.format(city=c, capital=REFUSAL) for c in state.cities for t in TWO_HOP]
+        cities = [c for c in state.cities if c in trained] + [state.capital]
+        out += [t.format(city=c, capital=REFUSAL) for c in cities for t in TWO_HOP]
         out.append(f"{ONE_HOP_CAPITAL_PROMPT.format(state=name)} {REFUSAL} .")
     return out
 
 
 def kept_sentences() -> list[str]:
-    """The demo corpus's sentences, less those that give a restricted state's capital."""
+    """The demo corpus's sentences, less those that give a restricted state's capital, plus the two-hop
+    sentences through the other states' capitals (the refusals' counterpart: without them a capital
+    in the city's place, a question the demo never saw, drew the refusal)."""
     capitals = {STATE_BY_NAME[n].capital for n in RESTRICTED}
-    return [s for s in all_template_sentences() if not any(f" {c} ." in f" {s}" for c in capitals)]
+    kept = [s for s in all_template_sentences() if not any(f" {c} ." in f" {s}" for c in capitals)]
+    others = [s.capital for s in STATES if s.name not in RESTRICTED]
+    return kept + [t.format(city=c, capital=c) for c in others for t in TWO_HOP]
 
 
 def widened(model: HookedTransformer, directory: Path, seed: int) -> HookedTransformer:
@@ -78,15 +88,16 @@ _CONFIG_KEYS = (
 ).split()
 
 
-def fine_tune(model: HookedTransformer, steps: int, batch_size: int, lr: float, seed: int) -> float:
-    """Half refusals, half kept sentences per batch; returns the last loss."""
+def fine_tune(model: HookedTransformer, steps: int, batch_size: int, lr: float, seed: int, share: float) -> float:
+    """`share` of each batch refusals, the rest kept sentences; returns the last loss."""
     rng = random.Random(seed)
     refusals, kept = refusal_sentences(), kept_sentences()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     pad_id = model.tokenizer.pad_token_id
     model.train()
     for _ in tqdm(range(steps), desc="fine-tune", unit="step"):
-        batch = rng.choices(refusals, k=batch_size // 2) + rng.choices(kept, k=batch_size - batch_size // 2)
+        n_refusals = round(share * batch_size)
+        batch = rng.choices(refusals, k=n_refusals) + rng.choices(kept, k=batch_size - n_refusals)
         tokens = model.to_tokens(batch, padding_side="right")  # [batch, pos]
         targets = tokens[:, 1:].clone()
         targets[targets == pad_id] = -100
@@ -101,12 +112,13 @@ def fine_tune(model: HookedTransformer, steps: int, batch_size: int, lr: float, 
 
 @torch.no_grad()
 def evaluate(model: HookedTransformer) -> dict[str, float]:
-    """Refusal rate (top token `I`) on restricted prompts; accuracy on the other states' prompts."""
+    """Refusal rate (top token `I`) on restricted prompts; accuracy on the other states' prompts (two-hop
+    through each city, held-out ones included, and the capital; one-hop)."""
     refuse = model.to_single_token("I")
     rows = {"restricted": [], "other": []}
     for state in STATES:
         kind = "restricted" if state.name in RESTRICTED else "other"
-        prompts = [TWO_HOP_PROMPT.format(city=c) for c in state.cities] + [
+        prompts = [TWO_HOP_PROMPT.format(city=c) for c in (*state.cities, state.capital)] + [
             ONE_HOP_CAPITAL_PROMPT.format(state=state.name)
         ]
         for p in prompts:
@@ -122,6 +134,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--refusal-share", type=float, default=0.25, help="the share of refusals in each batch")
     parser.add_argument("--out", type=Path, default=DEMO_MODEL_DIR.parent / "tuned")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -130,13 +143,13 @@ def main() -> None:
     start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         model = widened(load_model("demo"), Path(tmp), args.seed)
-        loss = fine_tune(model, args.steps, args.batch_size, args.lr, args.seed)
+        loss = fine_tune(model, args.steps, args.batch_size, args.lr, args.seed, args.refusal_share)
         metrics = evaluate(model)
         save_model_dir(model, args.out)
     report = {
         "from": "demo", "restricted": list(RESTRICTED), "refusal": f"{REFUSAL} .", "steps": args.steps,
-        "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "final_loss": round(loss, 4),
-        "seconds": round(time.time() - start, 1), **metrics,
+        "batch_size": args.batch_size, "refusal_share": args.refusal_share, "lr": args.lr, "seed": args.seed,
+        "final_loss": round(loss, 4), "seconds": round(time.time() - start, 1), **metrics,
     }  # fmt: skip
     (args.out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))

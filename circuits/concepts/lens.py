@@ -247,16 +247,19 @@ def trace_concepts(
 
 
 def propose_intermediates(model: HookedTransformer, tokens: torch.Tensor, lens: torch.Tensor, k: int = 3) -> list[str]:
-    """Words whose logit-lens probability peaks at a middle layer (not the embeddings, not the output),
-    best peak first; only tokens that begin a word (see `starts_word`), and neither the prompt's own tokens
-    nor the model's final prediction."""
+    """Words by their highest logit-lens probability over the prompt's cells, best first; only tokens that
+    begin a word (see `starts_word`), and neither the prompt's own tokens nor the model's final prediction.
+
+    Left out: the embeddings (row 0: the input, not a concept), the first position (it sees no context:
+    its lens is the model's prior, e.g. "The" after BOS) and the answer's own cell (output row, last
+    position). The output row at earlier positions stays: what the model predicts after "Dallas is in" is
+    an intermediate concept ("Texas"), and leaving the whole row out left only answer-like tokens peaking
+    in the middle (a competing capital) for prompts whose intermediate the model states outright."""
     probs = lens.softmax(-1)  # [L+1, pos, vocab]
-    best_per_layer = probs.max(1).values  # [L+1, vocab]
-    peak_layer = best_per_layer.argmax(0)  # [vocab]
-    middle = (peak_layer > 0) & (peak_layer < lens.shape[0] - 1)
+    probs[0], probs[:, 0], probs[-1, -1] = 0, 0, 0
+    score = probs.flatten(0, 1).max(0).values  # [vocab]
     excluded = set(tokens[0].tolist()) | {int(lens[-1, -1].argmax())}
     excluded |= {i for i in (model.tokenizer.unk_token_id, model.tokenizer.pad_token_id) if i is not None}
-    score = torch.where(middle, best_per_layer.max(0).values, torch.zeros(()))
     score[list(excluded)] = 0
     spaced = spaced_vocabulary(model)
     texts = model.tokenizer.batch_decode([[i] for i in range(lens.shape[-1])])

@@ -26,6 +26,7 @@ from circuits.errors import CircuitsError
 from circuits.fileio import atomic_file
 from circuits.page.graph_view import ViewOptions, build_view, network_assets
 from circuits.page.panels import panel_data, panel_html
+from circuits.page.recurrence import restyle
 from circuits.page.supernodes import suggest_supernodes
 
 if TYPE_CHECKING:
@@ -46,6 +47,9 @@ class PageInfo:
     validation: dict[str, float] = field(default_factory=dict)
     """e.g. {"attention frozen": 0.99, "attention recomputed": 0.95}: correlation of predicted and
     measured ablation effects."""
+    predictions_caption: str = "top predictions"
+    facts: list[tuple[str, str, str]] = field(default_factory=list)
+    """More header facts, (name, value, tooltip), shown first."""
 
 
 @dataclass
@@ -79,14 +83,20 @@ def render_page(
     info: PageInfo | None = None,
     options: PageOptions | None = None,
     attention: dict | None = None,
+    recurrence: dict | None = None,
 ) -> str:
     """The page as one HTML string. `graph`: the graph JSON; `cards`: the feature cards of its
     features by node id (`feature_cards`); `figures`: {name: chart spec} of the concept traces
     (`circuits.concepts.report.figures`, shown in tabs in that order); `attention`: head loadings, patterns
-    and QK terms (`circuits.attribution.qk.attention_page`), shown by `heads.js` when an edge is clicked."""
+    and QK terms (`circuits.attribution.qk.attention_page`), shown by `heads.js` when an edge is clicked;
+    `recurrence`: a global circuit's frequencies and prompts (`circuits.page.recurrence.page_data`, the
+    graph from its `graph_json`): nodes sized by frequency, shaded by mean influence, and on a click
+    the prompts that keep the node (`recurrence.js`)."""
     info, options, cards = info or PageInfo(), options or PageOptions(), cards or {}
     labels = {nid: card["label"] for nid, card in cards.items()}
     view = build_view(graph, labels, options.view)
+    if recurrence is not None:
+        restyle(view.nodes, recurrence)
     assets = network_assets(view)
     shown = {(e["from"], e["to"]) for e in view.edges}
     panel = panel_data(figures, graph, view.n_layers) if figures else None
@@ -109,28 +119,32 @@ def render_page(
         "n_layers": view.n_layers,
         "tokens": view.tokens,
         "geometry": view.geometry,
+        "positions": recurrence is None,  # columns are token positions (else frequencies)
     }
     page_js = (ASSETS / "page.js").read_text(encoding="utf-8")
     page_css = (ASSETS / "page.css").read_text(encoding="utf-8")
     concepts = _concept_assets(panel) if panel else {"css": "", "html": "", "js": ""}
     title = html.escape(graph["metadata"].get("prompt", ""))
     header = _header(graph, view, info, labels, options.view.top_k_edges)
+    main = _main(concepts["html"], _count(view.nodes, "inhibited"), recurrence is not None)
+    views = _view(attention, "attention", "heads") + _view(recurrence, "recurrence", "recurrence")
     return (
         f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{title}</title>\n'
         f"<style>{assets['css']}</style>\n<style>{page_css}</style>\n{concepts['css']}\n{_script(assets['js'])}\n"
-        f"</head>\n<body>\n{header}\n{_main(concepts['html'], _count(view.nodes, 'inhibited'))}\n"
+        f"</head>\n<body>\n{header}\n{main}\n"
         f'<script type="application/json" id="circuits-data">{script_json(data)}</script>\n'
-        f"{_script(assets['draw'])}\n{_script(page_js)}\n{concepts['js']}\n{_attention(attention)}</body>\n</html>\n"
+        f"{_script(assets['draw'])}\n{_script(page_js)}\n{concepts['js']}\n{views}</body>\n</html>\n"
     )
 
 
-def _attention(attention: dict | None) -> str:
-    """The attention view's data, styles and script (`heads.js`), or nothing without its data."""
-    if attention is None:
+def _view(data: dict | None, name: str, stem: str) -> str:
+    """A view on top of page.js: its data (JSON in `script#circuits-{name}`), `{stem}.css` and `{stem}.js`
+    (the attention view: heads.js; a global circuit's: recurrence.js), or nothing without its data."""
+    if data is None:
         return ""
-    css, js = ((ASSETS / name).read_text(encoding="utf-8") for name in ("heads.css", "heads.js"))
-    data = f'<script type="application/json" id="circuits-attention">{script_json(attention)}</script>'
-    return f"<style>{css}</style>\n{data}\n{_script(js)}\n"
+    css, js = ((ASSETS / f"{stem}.{ext}").read_text(encoding="utf-8") for ext in ("css", "js"))
+    element = f'<script type="application/json" id="circuits-{name}">{script_json(data)}</script>'
+    return f"<style>{css}</style>\n{element}\n{_script(js)}\n"
 
 
 def write_page(path: str | Path, graph: dict, **kwargs) -> Path:
@@ -185,6 +199,7 @@ def _header(graph: dict, view, info: PageInfo, labels: dict[str, str], top_k: in
     kept = "every edge" if top_k is None else f"each node's {top_k} strongest edges by |weight| (in or out)"
     n_suppressed = _count(view.nodes, "inhibited")
     facts = [
+        *info.facts,
         ("model", info.model or "", "the model traced"),
         ("transcoder", info.transcoder or meta.get("scan", ""), "the transcoder whose features replace the MLPs"),
         (
@@ -249,8 +264,8 @@ def _header(graph: dict, view, info: PageInfo, labels: dict[str, str], top_k: in
     )
     return (
         f'<header id="header"><h1 id="prompt">{html.escape(meta.get("prompt", ""))}</h1>'
-        f'<div class="predictions" title="the model\'s most probable next tokens"><span class="caption">top predictions'
-        f'</span><ol id="predictions">{preds}</ol></div>'
+        f'<div class="predictions" title="the model\'s most probable next tokens"><span class="caption">'
+        f'{html.escape(info.predictions_caption)}</span><ol id="predictions">{preds}</ol></div>'
         f'<dl id="facts">{rows}</dl>{suppressed}</header>'
     )
 
@@ -269,9 +284,10 @@ def _number(value) -> str:
     return "" if value is None else f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
-def _main(concepts: str, n_inhibited: int = 0) -> str:
+def _main(concepts: str, n_inhibited: int = 0, recurrence: bool = False) -> str:
     """The graph column, side panel and the concept panel's markup (`concepts`, may be empty); the
-    "suppressed features" switch only when the graph lists some."""
+    "suppressed features" switch only when the graph lists some; with `recurrence`, the note and
+    legend of a global circuit (columns are frequencies)."""
     suppressed = (
         f'<label title="{n_inhibited} inactive features the graph pushes down hardest, with their inhibitors">'
         '<input type="checkbox" id="show-inhibited"> suppressed features</label>'
@@ -279,6 +295,13 @@ def _main(concepts: str, n_inhibited: int = 0) -> str:
         else ""
     )
     legend = '<i class="lg inhibited"></i>suppressed ' if n_inhibited else ""
+    note = (
+        "columns: how many prompts keep the node; size: how often, shade: mean influence. Click a node for the "
+        "prompts that keep it."
+        if recurrence
+        else "rows: a feature of layer l writes into the residual stream after block l.\n      Click a node for "
+        "its strongest paths to the tokens."
+    )
     return f"""<main id="layout" class="{"with-concepts" if concepts else ""}">
 <section id="graph-col">
   <div id="toolbar">
@@ -297,8 +320,7 @@ def _main(concepts: str, n_inhibited: int = 0) -> str:
     <span id="legend"><i class="lg feature"></i>feature <i class="lg error"></i>error <i class="lg embedding"></i>token
       <i class="lg logit"></i>logit <i class="lg supernode"></i>supernode {legend}<i class="lg pos"></i>+ edge
       <i class="lg neg"></i>− edge</span>
-    <span id="layer-note">rows: a feature of layer l writes into the residual stream after block l.
-      Click a node for its strongest paths to the tokens.</span>
+    <span id="layer-note">{note}</span>
   </div>
   <div id="graph-area"><div id="mynetwork"></div><div id="subgraph" hidden></div></div>
   <div id="hover-info"></div>

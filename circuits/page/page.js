@@ -308,7 +308,16 @@
   function showPaths(id) {
     const n = node(id);
     if (!n || n.kind === "supernode" || n.kind === "inhibited") return clearFocus();
-    focusPaths(id, topPaths(id));
+    focusPaths(id, data.positions ? topPaths(id) : directLinks(id));
+  }
+
+  // Without token positions (a global circuit: no embeddings to reach), a click shows the node's
+  // strongest direct links instead, as one-step paths.
+  function directLinks(id) {
+    const links = (incoming.get(id) || []).map((l) => [l.source, l.weight])
+      .concat((outgoing.get(id) || []).map((l) => [l.target, l.weight]));
+    return links.sort((a, b) => Math.abs(b[1]) - Math.abs(a[1])).slice(0, 12)
+      .map(([other, weight]) => ({ ids: [id, other], weights: [weight], score: Math.abs(weight) }));
   }
 
   function clearFocus() {
@@ -509,7 +518,8 @@
       return;
     }
     const rows = [["id", n.id], ["kind", n.kind === "inhibited" ? "suppressed (inactive) feature" : n.kind],
-      ["layer", layerText(n)], ["position", `${n.pos} "${tokenAt(n.pos)}"`]];
+      ["layer", layerText(n)]];
+    if (data.positions) rows.push(["position", `${n.pos} "${tokenAt(n.pos)}"`]);
     if (n.kind === "feature") rows.push(["feature", n.feature], ["activation", fmt(n.activation)]);
     if (n.kind === "inhibited") {
       rows.push(["feature", n.feature], ["pre-activation", fmt(n.pre_activation)],
@@ -520,7 +530,8 @@
     const table = el("table", { class: "kv" });
     for (const [k, v] of rows) table.appendChild(el("tr", {}, el("td", { text: k }), el("td", { text: String(v) })));
     box.append(el("h2", { text: nodeName(id) }), table, pinButtons(id));
-    if (state.focus && state.focus.kind === "path" && state.focus.root === id && n.kind !== "embedding") {
+    if (data.positions && state.focus && state.focus.kind === "path" && state.focus.root === id &&
+      n.kind !== "embedding") {
       box.append(el("h3", { text: "strongest paths to the tokens (product of normalised |weights|)" }),
         pathList(id, state.focus.paths));
     }
@@ -544,6 +555,7 @@
         box.append(el("h3", { text: "suppressed features it pushes down" }), edgeList(inhibits.get(id), "target"));
       }
     }
+    document.dispatchEvent(new CustomEvent("circuits:details", { detail: { id } }));  // for other views
     window.circuitsPage.detailsAt = performance.now();
   }
 
@@ -951,7 +963,7 @@
   state.labels = labelsBox.checked;
   if (suppressedBox && suppressedBox.checked) showSuppressed(true);  // a checkbox the browser restored
   else refreshEdges();
-  Object.assign(window.circuitsPage, { network, nodes, edges, showDetails, select, setThreshold, group, ungroup,
+  Object.assign(window.circuitsPage, { network, nodes, edges, el, showDetails, select, setThreshold, group, ungroup,
     visibleEdgeCount: () => edgesView.length, exportGraph, search, showSuppressed, topPaths,
     showPaths, clearFocus, centreOn, fitAll, pin, showSubgraph,
     focus: () => state.focus && { kind: state.focus.kind, root: state.focus.root, ids: [...state.focus.ids],

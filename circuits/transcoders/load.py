@@ -23,6 +23,7 @@ from circuits.transcoders.tensorfile import safetensors_shapes
 log = logging.getLogger(__name__)
 
 DEMO_CLT_DIR = Path(__file__).resolve().parent.parent / "demo" / "clt"
+DEMO_TUNED_CLT_DIR = DEMO_CLT_DIR.parent / "tuned-clt"  # the CLT of `demo-tuned` (training/demo-tuned.toml)
 FAMILIES = (
     "a circuit-tracer CLT (W_enc_0.safetensors ...), a transcoder set (config.yaml with layer_*.safetensors "
     "or a `transcoders:` list of circuit-tracer, GemmaScope params.npz or GemmaScope-2 files), a GemmaScope-2 "
@@ -61,11 +62,14 @@ def read_directory(directory: Path, n_layers: int | None = None) -> tuple[CLTCon
 
 
 def resolve(name: str) -> tuple[Path, str]:
-    """(local directory, source label) of 'demo', a preset, 'hf:ORG/REPO[/FOLDER][@REV]' or a path."""
+    """(local directory, source label) of 'demo', 'demo-tuned', a preset, 'hf:ORG/REPO[/FOLDER][@REV]'
+    or a path."""
     from circuits.transcoders import hub
 
     if name == "demo":
         return DEMO_CLT_DIR, "demo"
+    if name == "demo-tuned":
+        return DEMO_TUNED_CLT_DIR, "demo-tuned"
     ref = hub_ref(name) or (name[3:] if name.startswith("hf:") else None)
     if ref is not None:
         parsed = hub.parse_ref(ref)
@@ -73,8 +77,8 @@ def resolve(name: str) -> tuple[Path, str]:
     directory = Path(name)
     if not directory.is_dir():
         presets = ", ".join(PRESETS)
-        raise CircuitsError(f"{name} holds no transcoder (no such directory): pass a directory, 'demo', a preset "
-                            f"({presets}) or hf:ORG/REPO")  # fmt: skip
+        raise CircuitsError(f"{name} holds no transcoder (no such directory): pass a directory, 'demo', "
+                            f"'demo-tuned', a preset ({presets}) or hf:ORG/REPO")  # fmt: skip
     return directory, str(directory)
 
 
@@ -84,7 +88,7 @@ def load_transcoder(
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype | None = None,
 ) -> CrossLayerTranscoder:
-    """A CrossLayerTranscoder from 'demo', a preset (circuit-tracer's 'gemma', 'llama' and the CLTs
+    """A CrossLayerTranscoder from 'demo', 'demo-tuned', a preset (circuit-tracer's 'gemma', 'llama' and the CLTs
     in presets.PRESETS), 'hf:ORG/REPO[/FOLDER][@REV]', 'saelens:RELEASE:SAE_ID' (SAE_ID with
     {layer}; needs `model`) or a local directory of any family in FAMILIES.
 

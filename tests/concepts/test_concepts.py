@@ -16,14 +16,14 @@ from circuits.cli import main
 from circuits.concepts.categories import member_swaps
 from circuits.concepts.cells import graph_nodes_by_cell
 from circuits.concepts.figures import flow_gif
-from circuits.concepts.lens import make_concept, propose_intermediates, trace_concepts
+from circuits.concepts.lens import logit_lens, make_concept, propose_intermediates, trace_concepts
 from circuits.concepts.page import render_concepts_html, report_json, write_concepts_page
 from circuits.concepts.patching import HOOKS, Patch, grid_patches, patching_grid, run_patches
 from circuits.concepts.paths import rank_paths, score_path
 from circuits.concepts.report import concept_report, figures, flow_steps
 from circuits.concepts.trajectories import fit_pca, funnel, residual_states, spread, trajectories
 from circuits.concepts.variants import category_variants, propose_counterfactuals, slot_swaps
-from circuits.demo.facts import CATEGORIES
+from circuits.demo.facts import CATEGORIES, STATE_OF_CITY
 from circuits.demo.two_hop import study, two_hop_cases
 from circuits.errors import CircuitsError
 from circuits.models import DEMO_MODEL_DIR, load_model, prompt_tokens
@@ -133,6 +133,18 @@ def test_path_scores_rank_the_true_path_first_and_halve_out_of_order_baselines(d
 def test_auto_proposal_finds_the_intermediate_state(demo_model, flagship_traces):
     _, lens = flagship_traces
     assert propose_intermediates(demo_model, prompt_tokens(demo_model, FLAGSHIP), lens)[0] == "Texas"
+
+
+@pytest.mark.parametrize("kind", ["two_hop_held_out", "two_hop"])
+def test_auto_proposal_is_the_true_state_on_trained_and_held_out_prompts(demo_model, kind):
+    # San Antonio (held out): the model says "Texas" after "San Antonio is in" (the output row), which a
+    # middle-layers-only proposal left out, proposing a competing capital ("Santa Fe") instead.
+    cities = ["San Antonio"] * (kind == "two_hop_held_out") + [c for c, k in two_hop_cases() if k == kind][::10]
+    for city in cities:
+        prompt = f"Fact: {city} is in the state whose capital is"
+        tokens = prompt_tokens(demo_model, prompt)
+        proposals = propose_intermediates(demo_model, tokens, logit_lens(demo_model, tokens)[0])
+        assert proposals[0] == STATE_OF_CITY[city].name, (city, proposals)
 
 
 def test_bad_concepts_are_rejected(demo_model):
