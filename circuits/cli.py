@@ -177,7 +177,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slug", default=None, help="file name stem (default: from the prompt)")
     p.add_argument("--node-threshold", type=float, default=0.8, help="cumulative influence of kept nodes")
     p.add_argument("--edge-threshold", type=float, default=0.98, help="cumulative influence of kept edges")
-    p.add_argument("--max-feature-nodes", type=int, default=None, help="keep only this many feature nodes")
+    p.add_argument("--max-feature-nodes", type=int, default=8192,
+                   help="keep only this many feature nodes, the most influential (default 8192: bounds memory)")
     p.add_argument(
         "--inhibited", type=int, default=5, help="list this many inactive features the graph suppresses most"
     )

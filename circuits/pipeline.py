@@ -47,8 +47,8 @@ class TraceOptions:
     """Target tokens, or A-B for a logit difference (default: the top predictions)."""
     batch_size: int | None = None
     """Targets per backward pass (default: as many as 16 MB of gradients hold)."""
-    max_feature_nodes: int | None = None
-    """Keep only this many feature nodes."""
+    max_feature_nodes: int | None = 8192
+    """Keep only this many feature nodes, the most influential (None: every active feature)."""
     inhibited: int = 5
     """List this many inactive features the graph suppresses most."""
     device: str = "cpu"
