@@ -74,7 +74,19 @@ def _cmd_trace(args: argparse.Namespace) -> None:
         concept_traces=not args.no_concepts, concepts=args.concept, paths=[p.split(",") for p in args.path],
         categories=_demo_categories(args.model),
     )  # fmt: skip
+    if args.max_memory is not None:
+        from circuits.attribution.estimate import parse_size
+
+        options.max_memory = parse_size(args.max_memory)
     model, clt = load_pair(args.model, args.transcoder, args.device, args.dtype)
+    if args.estimate:
+        from circuits.attribution.estimate import check_memory
+        from circuits.pipeline import estimate_trace
+
+        est = estimate_trace(args.prompt, model, clt, options)
+        print(est.line())
+        check_memory(est, options.max_memory)
+        return
     features = load_features(args.features, clt) if args.features else features_for(args.transcoder, clt)
     result = trace(args.prompt, model, clt, options, features)
     meta = result.data["metadata"]
@@ -191,6 +203,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--target", nargs="+", default=None, metavar="TOKEN", help="target tokens, or A-B for a logit difference"
     )
+    p.add_argument("--estimate", action="store_true", help="print the predicted peak memory and time; attribute nothing")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="refuse a prompt predicted to need more, e.g. 8GB (default: the memory available)")
     p.add_argument("--no-prune", action="store_true", help="JSON of the full graph: every node and nonzero edge")
     p.add_argument("--validate", action="store_true", help="ablate the top features and compare with the graph")
     p.add_argument("--features", help="feature scan for the cards (default: the transcoder's, see `circuits features`)")

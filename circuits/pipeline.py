@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from circuits.attribution import schema
 from circuits.attribution.attribute import attribute
+from circuits.attribution.estimate import Estimate, check_memory, estimate
 from circuits.attribution.interventions import validate
 from circuits.concepts.report import concept_report, figures
 from circuits.errors import CircuitsError
@@ -51,6 +52,9 @@ class TraceOptions:
     """Keep only this many feature nodes, the most influential (None: every active feature)."""
     inhibited: int = 5
     """List this many inactive features the graph suppresses most."""
+    max_memory: int | None = None
+    """Refuse, before any work, an attribution predicted to peak above this many bytes (None: above
+    the memory available)."""
     device: str = "cpu"
     node_threshold: float = 0.8
     """Cumulative influence of the nodes kept in the JSON."""
@@ -103,10 +107,8 @@ def trace(
     into `options.out`; `features` is the feature scan of `transcoder` for the feature cards."""
     options = options or TraceOptions()
     slug = slugify(prompt) if options.slug is None else options.slug
-    graph = attribute(
-        prompt, model, transcoder, targets=options.targets, batch_size=options.batch_size,
-        max_feature_nodes=options.max_feature_nodes, device=options.device, inhibited=options.inhibited,
-    )  # fmt: skip
+    check_memory(estimate_trace(prompt, model, transcoder, options), options.max_memory)
+    graph = attribute(prompt, model, transcoder, **_attribution_options(options))
     graph.config["transcoder"]["name"] = options.transcoder_name
     data = schema.to_dict(
         graph, slug, options.transcoder_name, options.node_threshold, options.edge_threshold, options.prune
@@ -123,6 +125,20 @@ def trace(
     )  # fmt: skip
     _write(result, options)
     return result
+
+
+def estimate_trace(
+    prompt: str, model: HookedTransformer, transcoder: CrossLayerTranscoder, options: TraceOptions | None = None
+) -> Estimate:
+    """The predicted peak memory and time of `trace`'s attribution (one forward pass, no attribution)."""
+    return estimate(prompt, model, transcoder, **_attribution_options(options or TraceOptions()))
+
+
+def _attribution_options(options: TraceOptions) -> dict:
+    return dict(
+        targets=options.targets, batch_size=options.batch_size, max_feature_nodes=options.max_feature_nodes,
+        device=options.device, inhibited=options.inhibited,
+    )  # fmt: skip
 
 
 def _concept_report(model: HookedTransformer, prompt: str, nodes: list[dict], options: TraceOptions) -> ConceptReport:

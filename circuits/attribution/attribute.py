@@ -22,9 +22,10 @@ input is exactly the sum of its incoming edges plus its bias (the constant terms
 from __future__ import annotations
 
 import logging
+import math
+import mmap
 from dataclasses import asdict, dataclass, field, replace
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
@@ -62,7 +63,10 @@ class AttributionConfig:
     push down hardest (`Graph.inhibited`)."""
     work_floats: int = 2**22
     """The gradients of one backward pass hold about this many numbers (16 MB in float32): the batch
-    size when `batch_size` is None."""
+    size when `batch_size` is None..."""
+    min_batch: int = 32
+    """...but at least this many: every batch reads all the sources' writes once (800 MB on 4,096
+    tokens), so batches of one row on long prompts would be bound by that reading."""
     merge_below: int = 32
     """With fewer active features per (layer, position) on average, the contraction takes one product per
     position over the features of every layer there (wasting the zeros below each feature's layer: up
@@ -72,6 +76,9 @@ class AttributionConfig:
     backward_terms: bool = True
     """Carry gradients as short sums of terms while that is cheaper (`Replacement.terms_are_cheaper`);
     False: the dense attention backward everywhere (the same edges, the slower reference path)."""
+    selection_rounds: int = 16
+    """With a cap, the influence estimate is renewed after each batch, or at most this many times
+    (then each round computes several batches): on long prompts each renewal reads every kept edge."""
     dense_floats: int = 2**26
     """The graph is built dense while the rows it computes over every source, (kept features +
     targets) x sources, hold at most this many numbers (256 MB in float32; then it is faster); beyond,
@@ -234,12 +241,15 @@ def _skip_terms(rep: Replacement, layer: int, terms: torch.Tensor | None, weight
 
 
 def untouched_zeros(*shape: int, dtype: torch.dtype, device: str | torch.device = "cpu") -> torch.Tensor:
-    """A zero tensor; on the CPU one whose memory the OS maps on first write (calloc, through numpy):
-    no time is spent filling it, and entries never written (sources after a target's position) take
-    no memory. torch.zeros would write every page: 0.1 s and all of N^2 floats for a 5,600-node graph."""
+    """A zero tensor; on the CPU one in fresh anonymous memory that the OS maps on first write, a
+    small page at a time: no time is spent filling it, and entries never written (sources after a
+    target's position, rows never computed) take no memory. torch.zeros would write every page (0.1 s
+    and all of N^2 floats for a 5,600-node graph); numpy's zeros asks for huge pages, so that each
+    scattered row written takes 2 MB."""
     if torch.device(device).type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
-    return torch.from_numpy(np.zeros(shape, dtype=torch.empty(0, dtype=dtype).numpy().dtype))
+    size = max(1, math.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
+    return torch.frombuffer(mmap.mmap(-1, size), dtype=dtype)[: math.prod(shape)].view(shape)
 
 
 def logit_vectors(rep: Replacement, W_U: torch.Tensor, targets: list[LogitTarget]) -> torch.Tensor:
@@ -303,7 +313,7 @@ def attribute(
     if cap < n:
         log.info("keeping the %d most influential of %d active features (max_feature_nodes)", cap, n)
     vectors, last = logit_vectors(rep, W_U, logit_targets), torch.full((T,), P - 1, device=device)
-    if (cap + T) * sources.n > cfg.dense_floats:
+    if sparse_graph(cap, T, sources.n, cfg):
         log.info("sparse graph: each feature row keeps its %d largest edges (edges_per_row)", cfg.edges_per_row)
         store: DenseRows | SparseRows = SparseRows(sources, cfg.edges_per_row)
         logit_rows = sources.rows(L, last, vectors)  # [T, sources]
@@ -386,11 +396,19 @@ def inhibited_features(sources: Sources, selected: torch.Tensor, k: int, batch: 
     return sorted(candidates, key=lambda c: c["inhibition"])[:k]
 
 
+def sparse_graph(kept: int, n_targets: int, n_sources: int, cfg: AttributionConfig) -> bool:
+    """Whether the graph is built sparse: when the rows it computes, (kept + targets) x sources, hold
+    more than `cfg.dense_floats` numbers, or its N x N matrix (reserved, touched where written) more
+    than 16 times that."""
+    N = n_sources + n_targets
+    return (kept + n_targets) * n_sources > cfg.dense_floats or N * N > 16 * cfg.dense_floats
+
+
 def batch_size(sources: Sources, cfg: AttributionConfig, layer: int) -> int:
     """Targets per backward pass into `layer`: `cfg.batch_size`, or as many as `work_floats` of
     gradients hold."""
     d = sources.rep.embed.shape[-1]
-    return cfg.batch_size or max(1, cfg.work_floats // (sources.P * (layer + 2) * d))
+    return cfg.batch_size or max(cfg.min_batch, cfg.work_floats // (sources.P * (layer + 2) * d))
 
 
 class DenseRows:
@@ -427,7 +445,10 @@ class DenseRows:
         if len(selected) == n:
             return self.adjacency.cpu()
         keep = torch.cat([selected, torch.arange(n, N, device=selected.device)])
-        return self.adjacency[keep][:, keep].cpu()
+        out = self.adjacency.new_zeros(len(keep), len(keep))  # only the feature and logit rows hold edges
+        out[: len(selected)] = self.adjacency[selected][:, keep]
+        out[-len(logit_rows) :] = self.adjacency[-len(logit_rows) :][:, keep]
+        return out.cpu()
 
 
 class SparseRows:
@@ -508,22 +529,21 @@ def _feature_rows(
     W_enc = rep.clt.W_enc.detach()
 
     def compute(batch: torch.Tensor) -> None:
-        """The rows of the features `batch` [k] (ascending), one backward pass per layer among them."""
+        """The rows of the features `batch` [k] (ascending), backward passes of at most `step` rows
+        per layer among them."""
         for l in layer[batch].unique().tolist():
-            at = batch[layer[batch] == l]
-            start, stop = int(at[0]), int(at[-1]) + 1
-            vec = rep.encoder_vectors(l, pos[at], W_enc[l, feature[at]])  # [k, d] at resid_mid
-            out = store.out(start, stop) if stop - start == len(at) else None  # a contiguous run: in place
-            store.add(at, sources.rows(l, pos[at], vec, out=out))
-            bar.update(len(at))
+            for at in batch[layer[batch] == l].split(step):
+                start, stop = int(at[0]), int(at[-1]) + 1
+                vec = rep.encoder_vectors(l, pos[at], W_enc[l, feature[at]])  # [k, d] at resid_mid
+                out = store.out(start, stop) if stop - start == len(at) else None  # a contiguous run: in place
+                store.add(at, sources.rows(l, pos[at], vec, out=out))
+                bar.update(len(at))
 
     bar = tqdm(total=cap, desc="attribution", unit="feature", disable=not progress)
     if cap == n:  # one layer per batch, in (layer, position) order: the batch sees few positions
         for l in range(sources.L):
-            idx = (layer == l).nonzero()[:, 0]
             step = batch_size(sources, cfg, l)
-            for a in range(0, len(idx), step):
-                compute(idx[a : a + step])
+            compute((layer == l).nonzero()[:, 0])
         bar.close()
         return torch.arange(n, device=layer.device)
     # the influence estimate: the targets' direct shares, then through the computed rows
@@ -531,10 +551,11 @@ def _feature_rows(
     direct = probs @ normalize_matrix(logit_rows)[:, :n]  # [n]
     done = torch.empty(0, dtype=torch.long, device=layer.device)
     step = batch_size(sources, cfg, sources.L - 1)
+    chosen = max(step, -(-cap // cfg.selection_rounds))  # features chosen per estimate
     while len(done) < cap:
         influence = store.influence(direct)
         influence[done] = -1
-        batch = influence.topk(min(step, cap - len(done))).indices.sort().values
+        batch = influence.topk(min(chosen, cap - len(done))).indices.sort().values
         compute(batch)
         done = torch.cat([done, batch])
     bar.close()

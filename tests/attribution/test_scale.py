@@ -98,3 +98,40 @@ def test_the_sparse_layout_round_trips(demo_model, demo_clt, tmp_path):
     back = Graph.load(tmp_path / "g.graph.safetensors")
     assert back.adjacency.is_sparse and torch.equal(back.dense_adjacency(), graph.dense_adjacency())
     assert back.to_dict("g") == graph.to_dict("g")
+
+
+MEASURE = """
+import json, sys
+from pathlib import Path
+import torch
+sys.path.insert(0, {tests!r})
+from test_scale import long_pair, prompt_of, random_tokens
+from circuits.attribution.attribute import attribute
+from circuits.attribution.estimate import estimate, resident_bytes
+torch.set_num_threads(1)
+model, clt = long_pair({n}, n_features=64)
+prompt = prompt_of(model, random_tokens(model, {n}))
+kwargs = dict(max_feature_nodes={cap}, inhibited=2)
+est = estimate(prompt, model, clt, **kwargs)
+Path("/proc/self/clear_refs").write_text("5")  # the peak from here on
+before = resident_bytes()
+graph = attribute(prompt, model, clt, progress=False, **kwargs)
+peak = [int(l.split()[1]) * 1024 for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM")]
+print(json.dumps({{"predicted": est.memory_bytes, "measured": peak[0] - before, "sparse": est.sparse,
+                  "graph_sparse": graph.adjacency.is_sparse}}))
+"""
+
+
+@pytest.mark.parametrize("n, cap", [(1024, 200), (1536, 400), (2048, 400)])
+def test_the_estimate_is_within_30_percent_of_the_measured_peak(n, cap):
+    """The predicted growth of peak RSS against the measured one (a fresh process per size)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = MEASURE.format(tests=str(Path(__file__).parent), n=n, cap=cap)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["sparse"] == result["graph_sparse"]
+    assert abs(result["predicted"] - result["measured"]) <= 0.3 * result["measured"], result
