@@ -504,8 +504,10 @@ def bench_long(args) -> None:
           f"max_feature_nodes {args.long_features}; {args.threads} thread(s), {os.cpu_count()} CPUs; "
           f"each run capped at {args.memory_cap:g} GB (RLIMIT_AS) and {args.long_timeout / 60:.0f} min; "
           f"circuit-tracer batch {args.ct_long_batch}")  # fmt: skip
-    print("| tokens | active features | ours: time / peak RSS | circuit-tracer: time / peak RSS | memory ratio "
-          "| edge diff (ct's edges / ours stored) | load average |")
+    print(
+        "| tokens | active features | ours: time / peak RSS | circuit-tracer: time / peak RSS | memory ratio "
+        "| edge diff (ct's edges / ours stored) | load average |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---|")
     for n in args.long_lengths:
         tokens = json.dumps(long_tokens(model, n).tolist())

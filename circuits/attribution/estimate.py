@@ -8,7 +8,8 @@ backward pass):
   P^2 d when built, the features' decoder writes n * (mean layers written) * d, ~16 L P d of
   activations; while it is built, the pre-activations and activations 2 P L F;
 - the sources' per-position copy of the writes n L d (thin features on short prompts only);
-- one backward pass: gradients B P (L + 8) d, a copy of one layer's patterns H P^2 and, on the sparse path, the rows B S twice;
+- one backward pass: gradients B P (L + 8) d, a copy of one layer's patterns H P^2 and, on the
+  sparse path, the rows B S twice;
 - the rows: dense, the touched rows (k + T) S, the normalised estimate k n and, with a cap, the kept
   graph (k + L P + P + T) (S + k); sparse, (k + T) * edges_per_row edges of 8 bytes, about 7 times
   over while the graph is assembled (index arrays, masks, the coalesced copy).
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 from transformer_lens import HookedTransformer
 
-from circuits.attribution.attribute import AttributionConfig, sparse_graph
+from circuits.attribution.config import AttributionConfig, sparse_graph
 from circuits.attribution.replacement import record_forward
 from circuits.errors import CircuitsError
 from circuits.models import prompt_tokens

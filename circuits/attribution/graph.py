@@ -237,7 +237,9 @@ class Graph:
             if torch.equal(new_mask, node_mask):
                 break
             node_mask = new_mask
-        kept = sparse_adjacency(targets[edge_mask], sources[edge_mask], torch.ones(int(edge_mask.sum()), dtype=torch.bool), N)
+        kept = sparse_adjacency(
+            targets[edge_mask], sources[edge_mask], torch.ones(int(edge_mask.sum()), dtype=torch.bool), N
+        )
         return PruneResult(node_mask, kept, _cumulative(influence))
 
     def unpruned(self) -> PruneResult:
@@ -246,7 +248,9 @@ class Graph:
         if self.adjacency.is_sparse:
             targets, sources, values = edge_list(self.adjacency)
             keep = values != 0
-            edges = sparse_adjacency(targets[keep], sources[keep], torch.ones(int(keep.sum()), dtype=torch.bool), self.n_nodes)
+            edges = sparse_adjacency(
+                targets[keep], sources[keep], torch.ones(int(keep.sum()), dtype=torch.bool), self.n_nodes
+            )
             return PruneResult(everything, edges, _cumulative(self.influence()))
         return PruneResult(everything, self.adjacency != 0, _cumulative(self.influence()))
 
@@ -343,7 +347,11 @@ class Graph:
         if "adjacency_indices" in tensors:  # the sparse layout (long prompts); else the dense matrix
             (targets, sources), values = tensors.pop("adjacency_indices"), tensors.pop("adjacency_values")
             fields = json.loads(meta["graph"])
-            N = len(tensors["features"]) + (fields["n_layers"] + 1) * len(tensors["tokens"]) + len(tensors["target_tokens"])
+            N = (
+                len(tensors["features"])
+                + (fields["n_layers"] + 1) * len(tensors["tokens"])
+                + len(tensors["target_tokens"])
+            )
             tensors["adjacency"] = sparse_adjacency(targets, sources, values, N)
         return cls(**tensors, **json.loads(meta["graph"]))
 
@@ -380,7 +388,9 @@ def aggregate(graphs: list[Graph], min_prompts: int = 1) -> dict:
         summed: dict[tuple[str, str], float] = {}
         targets, sources, weights = graph.edges()
         between = sources < graph.n_features  # rows of errors and tokens are empty: every target is a row
-        for t, s, w in zip(targets[between].tolist(), sources[between].tolist(), weights[between].tolist(), strict=True):
+        for t, s, w in zip(
+            targets[between].tolist(), sources[between].tolist(), weights[between].tolist(), strict=True
+        ):
             pair = (keys[s], keys[row_of[t]])
             summed[pair] = summed.get(pair, 0.0) + w
         for pair, w in summed.items():

@@ -135,3 +135,16 @@ def test_the_estimate_is_within_30_percent_of_the_measured_peak(n, cap):
     result = json.loads(out.strip().splitlines()[-1])
     assert result["sparse"] == result["graph_sparse"]
     assert abs(result["predicted"] - result["measured"]) <= 0.3 * result["measured"], result
+
+
+def test_a_prompt_over_the_memory_limit_is_refused_in_one_line(tmp_path, capsys):
+    from circuits.cli import main
+
+    assert main(["trace", FLAGSHIP, "--out", str(tmp_path), "--estimate"]) == 0
+    assert "predicted peak memory" in capsys.readouterr().out
+    assert main(["trace", FLAGSHIP, "--out", str(tmp_path), "--max-memory", "1MB", "--no-concepts"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "over the limit of 0.0 GB" in err and "--max-memory" in err
+    assert not list(tmp_path.iterdir())
+    assert main(["trace", FLAGSHIP, "--out", str(tmp_path), "--max-memory", "lots"]) == 2
+    assert "not a size" in capsys.readouterr().err
