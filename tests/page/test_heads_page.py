@@ -10,7 +10,7 @@ import pytest
 
 from circuits.features import features_for
 from circuits.pipeline import TraceOptions, trace
-from tests.page.test_page import _load, open_page  # noqa: F401 (a fixture)
+from tests.page.test_page import _load
 
 FLAGSHIP = "Fact: Dallas is in the state whose capital is"
 
