@@ -167,6 +167,20 @@ def _attribution_options(options: TraceOptions) -> dict:
     )  # fmt: skip
 
 
+def _attention(graph: Graph, data: dict, model: HookedTransformer, transcoder, features: FeatureScan | None) -> dict:
+    """Head loadings into every link of `data`, in place, and what the page shows of attention, with
+    the labels of the features among its QK terms."""
+    from circuits.attribution.heads import annotate_links
+    from circuits.attribution.qk import attention_page, feature_sources
+
+    annotate_links(data, graph, model, transcoder)
+    page = attention_page(model, transcoder, graph.tokens, data["links"], graph.config["attribution"]["dtype"])
+    sources = feature_sources(page) if features is not None else []
+    page["labels"] = {source: features.card(layer, feature)["label"] for source, layer, feature in sources}
+    page["tokens"] = graph.token_strs
+    return page
+
+
 def _concept_report(model: HookedTransformer, prompt: str, nodes: list[dict], options: TraceOptions) -> ConceptReport:
     """The concept report of `prompt`, its cells linked to the graph JSON's `nodes`."""
     from circuits.concepts.report import concept_report
