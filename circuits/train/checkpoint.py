@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from circuits.errors import CircuitsError
@@ -107,10 +107,24 @@ def _check_hooks(path: Path, saved: dict, clt: CrossLayerTranscoder) -> None:
 
 def checkpoint_step(path: Path) -> int:
     """The step a checkpoint was saved at (what `--resume` continues from)."""
-    state = surviving_directory(path) / "state.json"
-    if not state.exists():
+    path = surviving_directory(path)
+    if not (path / "state.json").exists() or not (path / "state.safetensors").exists():
         raise CircuitsError(f"no checkpoint in {path}: train without --resume first")
-    return json.loads(state.read_text())["step"]
+    try:
+        meta = json.loads((path / "state.json").read_text())
+        with safe_open(str(path / "state.safetensors"), "pt") as f:
+            keys = set(f.keys())
+    except (OSError, ValueError, SafetensorError) as e:
+        raise CircuitsError(f"checkpoint {path} is corrupt or truncated ({e}): delete it and retrain") from None
+    fields = ("step", "config", "opt_param_groups")
+    missing = [f for f in fields if not isinstance(meta, dict) or f not in meta]
+    missing += [k for k in ("last_fired", "scales.inp", "scales.out", "rng.torch") if k not in keys]
+    missing += [] if any(k.startswith("clt.") for k in keys) else ["clt.*"]
+    if missing:  # the full check, tensor by tensor, comes when the checkpoint is loaded
+        raise CircuitsError(
+            f"checkpoint {path} lacks {missing[:4]} (written by another version, or edited): delete it and retrain"
+        )
+    return meta["step"]
 
 
 def remove_stale_temporaries(path: Path) -> None:

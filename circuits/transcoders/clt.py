@@ -165,44 +165,6 @@ class JumpReLU(torch.autograd.Function):
         return grad_pre, grad_threshold, None
 
 
-class SparseEncode(torch.autograd.Function):
-    """The pre-activations of one layer's supported features, token-major: (values [nnz],
-    token [nnz], feature [nnz]). The forward is one dense matmul; the backward touches only the
-    encoder rows of supported features (an index_add over nnz rows, not a dense [n, F] product).
-
-    Support: the top `k` features of each token (k > 0), else every feature whose pre-activation
-    exceeds `cutoff` [F]."""
-
-    @staticmethod
-    def forward(ctx, x, W, b, cutoff, k: int):
-        with torch.no_grad():
-            pre = torch.addmm(b, x, W.T)  # [n, F]
-            if k:
-                pre_s, feature = pre.topk(k, dim=-1)  # [n, k]
-                token = torch.arange(len(x), device=x.device).repeat_interleave(k)
-                pre_s, feature = pre_s.flatten(), feature.flatten()
-            else:
-                mask = pre > cutoff
-                pre_s = pre.masked_select(mask)  # row-major, the order of nonzero()
-                token, feature = mask.nonzero(as_tuple=True)
-        ctx.save_for_backward(x, token, feature)
-        ctx.n_features = W.shape[0]
-        ctx.mark_non_differentiable(token, feature)
-        return pre_s, token, feature
-
-    @staticmethod
-    def backward(ctx, grad_pre, _grad_token, _grad_feature):
-        x, token, feature = ctx.saved_tensors
-        # grad_W[f] = sum over the tokens t where f is supported of grad_pre * x[t]: one bag per feature.
-        feature_sorted, order = feature.sort(stable=True)
-        counts = torch.bincount(feature_sorted, minlength=ctx.n_features)
-        grad_W = nn.functional.embedding_bag(
-            token[order], x, counts.cumsum(0) - counts, mode="sum", per_sample_weights=grad_pre[order]
-        )
-        grad_b = grad_pre.new_zeros(ctx.n_features).index_add_(0, feature, grad_pre)
-        return None, grad_W, grad_b, None, None
-
-
 @dataclass
 class SparseActs:
     """One source layer's supported features in a batch of n tokens, token-major: every active
@@ -302,40 +264,6 @@ class CrossLayerTranscoder(nn.Module):
         acts [..., L, F])."""
         acts = self.encode(x)
         return self.decode(acts) + self.skip_out(x), acts
-
-    # ---- sparse training path ------------------------------------------------------------------
-
-    def encode_sparse(self, x: torch.Tensor, layer: int) -> SparseActs:
-        """One layer's inputs x [n, d] -> its supported features (see `SparseActs`); the same
-        activations and gradients as `encode_layer`, without dense [n, F] work in the backward."""
-        cfg = self.cfg
-        if cfg.activation == "topk":
-            pre, token, feature = SparseEncode.apply(x, self.W_enc[layer], self.b_enc[layer], None, cfg.topk)
-            return SparseActs(token, feature, torch.relu(pre), len(x))
-        if cfg.activation == "relu":
-            cutoff = torch.zeros_like(self.threshold[layer])
-            pre, token, feature = SparseEncode.apply(x, self.W_enc[layer], self.b_enc[layer], cutoff, 0)
-            return SparseActs(token, feature, pre, len(x))
-        cutoff = self.threshold[layer].detach() - cfg.bandwidth / 2
-        pre, token, feature = SparseEncode.apply(x, self.W_enc[layer], self.b_enc[layer], cutoff, 0)
-        values = JumpReLU.apply(pre, self.threshold[layer][feature], cfg.bandwidth)
-        return SparseActs(token, feature, values, len(x))
-
-    def decode_sparse(self, acts: list[SparseActs], bias: bool = True) -> torch.Tensor:
-        """Same as `decode` from each source layer's sparse activations: reconstruction [n, L, d]
-        (b_dec included unless `bias` is False, skip path excluded). Gathers decoder rows of
-        supported features only."""
-        n, L, d = acts[0].n_tokens, self.cfg.n_layers, self.cfg.d_model
-        outs = [self.b_dec[t].expand(n, d) if bias else self.b_dec.new_zeros(n, d) for t in range(L)]
-        for s, a in enumerate(acts):
-            W = self.W_dec[s]  # [F, T, d]
-            out = nn.functional.embedding_bag(
-                a.feature, W.flatten(1), a.offsets(), mode="sum", per_sample_weights=a.values
-            ).view(n, W.shape[1], d)
-            for k in range(W.shape[1]):
-                t = s + k if self.cfg.cross_layer else s
-                outs[t] = outs[t] + out[:, k]
-        return torch.stack(outs, dim=-2)
 
     @torch.no_grad()
     def active_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -134,8 +134,8 @@ def test_shipped_recipes_load_without_warnings(caplog):
     recipes = sorted((Path(__file__).parents[2] / "training").glob("*.toml"))
     with caplog.at_level(logging.WARNING):
         configs = [load_recipe(path) for path in recipes]
-    assert len(configs) == 4 and not caplog.records
-    assert [c.transcoder.n_features for c in configs] == [1024, 16384, 8192, 8192]
+    assert len(configs) == 5 and not caplog.records
+    assert [c.transcoder.n_features for c in configs] == [256, 1024, 16384, 8192, 8192]
 
 
 def _manual_replacement_logits(model, clt, tokens):
