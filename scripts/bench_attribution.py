@@ -388,7 +388,8 @@ def write_long_pair(directory: Path, fire: int = 20) -> tuple[Path, Path]:
     model_dir.mkdir(parents=True, exist_ok=True)
     shutil.copytree(DEMO_MODEL_DIR / "tokenizer", model_dir / "tokenizer", dirs_exist_ok=True)
     model = HookedTransformer(HookedTransformerConfig(**fields, tokenizer_name=str(model_dir / "tokenizer"))).eval()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(model_dir / "model.safetensors"))
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if not k.endswith(("IGNORE", ".mask"))}
+    save_file(state, str(model_dir / "model.safetensors"))  # the buffers are rebuilt from the config
     (model_dir / "config.json").write_text(json.dumps(fields, indent=2))
     L, d, F = shape["n_layers"], shape["d_model"], LONG_SHAPE["d_features"]
     clt = CrossLayerTranscoder(CLTConfig(n_layers=L, d_model=d, n_features=F)).eval()

@@ -25,6 +25,7 @@ import logging
 import math
 import mmap
 from dataclasses import asdict, replace
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -49,7 +50,7 @@ class Sources:
     def __init__(self, rep: Replacement, cfg: AttributionConfig):
         L, P, d = rep.n_layers, rep.n_pos, rep.embed.shape[-1]
         self.rep, self.L, self.P = rep, L, P
-        self.backward_terms = cfg.backward_terms
+        self.backward_terms, self.work_floats = cfg.backward_terms, cfg.work_floats
         self.n_features = len(rep.features)
         self.n = self.n_features + L * P + P
         self.errors = rep.errors.transpose(0, 1).contiguous()  # [P, L, d]: laid out like the gradients
@@ -61,15 +62,11 @@ class Sources:
         self.by_layer = [] if merged else self._by_layer(rep)
         self.by_position = self._by_position(rep) if merged else []
 
-    def _by_layer(self, rep: Replacement) -> list[list[tuple[int, int, torch.Tensor]]]:
-        """[s][p] -> (start, stop, D [T * d, n_sp]): the node range of the features of layer s at
-        position p and their writes, one contraction product each."""
+    def _by_layer(self, rep: Replacement) -> list[LayerBlocks]:
+        """[s] -> the features of source layer s cut into blocks of one position (`LayerBlocks`)."""
         pos, out, start = rep.features[:, 1], [], 0
         for writes in rep.writes:
-            D = writes.flatten(1).T  # [T*d, n_s]
-            bounds = torch.searchsorted(pos[start : start + len(writes)], torch.arange(self.P + 1, device=pos.device))
-            bounds = bounds.tolist()
-            out.append([(start + a, start + b, D[:, a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
+            out.append(LayerBlocks.of(writes, pos[start : start + len(writes)], start, self.P))
             start += len(writes)
         return out
 
@@ -156,11 +153,7 @@ class Sources:
         first = torch.searchsorted(pos, torch.arange(Pp, device=pos.device)).tolist()  # targets from first[p] on see p
         cross = self.rep.clt.cfg.cross_layer
         for s, blocks in enumerate(self.by_layer[:t]):
-            stop = t if cross else s + 1
-            for p, (a, b, D) in enumerate(blocks[:Pp]):
-                f = first[p]
-                if b > a:
-                    torch.matmul(g_post[f:, p, s:stop].flatten(1), D[: (stop - s) * d], out=out[f:, a:b])
+            blocks.contract(g_post[:, :, s : t if cross else s + 1], self.work_floats, out)
         for p, (writes, below, runs) in enumerate(self.by_position[:Pp]):
             f, n = first[p], below[t]  # the features at p below layer t: the first n
             if n and f < B:
@@ -177,6 +170,52 @@ class Sources:
             tokens.copy_((g * self.rep.embed[:Pp]).sum(-1))
         else:
             torch.matmul(g.view(B, Pp * d), self.embed_images[:Pp, : Pp * d].T, out=tokens)
+
+
+class LayerBlocks(NamedTuple):
+    """The features of one source layer cut into blocks of at most `width` features of one position,
+    their writes zero-padded, so that the contraction of a batch's gradients with all of them is a
+    few batched products (one product per (layer, position) costs more in calls than in arithmetic
+    on long prompts)."""
+
+    start: int  # the layer's first feature node
+    positions: torch.Tensor  # [n_s] each feature's position, ascending
+    block_pos: torch.Tensor  # [n_blocks] each block's position, ascending
+    writes: torch.Tensor  # [n_blocks, width, T_s * d] the features' writes, zero rows as padding
+    slot: torch.Tensor  # [n_s] each feature's row in writes.view(n_blocks * width, -1)
+
+    @classmethod
+    def of(cls, writes: torch.Tensor, positions: torch.Tensor, start: int, P: int) -> LayerBlocks:
+        """Blocks of the features with writes [n_s, T_s, d] at positions [n_s] (ascending), nodes from
+        `start` on; the width is the mean number per position, rounded up to a multiple of 8 (8..64)."""
+        counts = torch.bincount(positions, minlength=P)  # [P]
+        width = int(min(64, max(8, 8 * math.ceil(len(positions) / P / 8))))
+        rank = torch.arange(len(positions), device=positions.device) - (counts.cumsum(0) - counts)[positions]
+        per_position = (counts + width - 1) // width  # [P] blocks per position
+        block = (per_position.cumsum(0) - per_position)[positions] + rank // width
+        n_blocks = int(per_position.sum())
+        slot = block * width + rank % width
+        padded = writes.new_zeros(n_blocks * width, writes.shape[1] * writes.shape[2])
+        padded[slot] = writes.flatten(1)
+        block_pos = torch.repeat_interleave(torch.arange(P, device=positions.device), per_position)
+        return cls(start, positions, block_pos, padded.view(n_blocks, width, -1), slot)
+
+    def contract(self, g: torch.Tensor, work_floats: int, out: torch.Tensor) -> None:
+        """The edges from these features into a batch of targets, from the targets' gradients g
+        [B, P', T, d] at the T layers they write to below the targets: into out[:, their nodes]. Rows
+        of targets before a feature's position get its exact zero (g is zero after a target)."""
+        B, Pp, T, d = g.shape
+        n = int(torch.searchsorted(self.positions, Pp))  # the features the batch sees
+        n_blocks = int(torch.searchsorted(self.block_pos, Pp))
+        width = self.writes.shape[1]
+        edges = g.new_empty(n_blocks, width, B)
+        by_position = g.transpose(0, 1)  # [P', B, T, d]
+        step = max(1, work_floats // (B * T * d))  # blocks per product: their gradients gathered
+        for a in range(0, n_blocks, step):
+            b = min(a + step, n_blocks)
+            gathered = by_position[self.block_pos[a:b]].flatten(2)  # [k, B, T * d]
+            torch.bmm(self.writes[a:b, :, : T * d], gathered.transpose(1, 2), out=edges[a:b])
+        out[:, self.start : self.start + n] = edges.view(n_blocks * width, B)[self.slot[:n]].T
 
 
 def _skip_terms(rep: Replacement, layer: int, terms: torch.Tensor | None, weights: torch.Tensor | None):
@@ -266,7 +305,7 @@ def attribute(
     vectors, last = logit_vectors(rep, W_U, logit_targets), torch.full((T,), P - 1, device=device)
     if sparse_graph(cap, T, sources.n, cfg):
         log.info("sparse graph: each feature row keeps its %d largest edges (edges_per_row)", cfg.edges_per_row)
-        store: DenseRows | SparseRows = SparseRows(sources, cfg.edges_per_row)
+        store: DenseRows | SparseRows = SparseRows(sources, cfg.edges_per_row, cap)
         logit_rows = sources.rows(L, last, vectors)  # [T, sources]
     else:
         store = DenseRows(untouched_zeros(N, N, dtype=torch_dtype, device=device), sources, cap)
@@ -396,44 +435,41 @@ class DenseRows:
 
 class SparseRows:
     """The feature rows reduced as they come: each keeps its `keep` largest edges (exact values)
-    and its total absolute input, so memory grows with the rows kept, not with N^2."""
+    and its total absolute input, so memory grows with the rows kept, not with N^2. The edges of
+    at most `capacity` rows go into buffers reserved once, so that each renewal of the influence
+    estimate reads them where they lie (no concatenation, no re-normalisation)."""
 
-    def __init__(self, sources: Sources, keep: int):
+    def __init__(self, sources: Sources, keep: int, capacity: int):
         self.sources, self.keep = sources, min(keep, sources.n)
-        self.ids: list[torch.Tensor] = []  # [k] per batch
-        self.cols: list[torch.Tensor] = []  # [k, keep] int32: source columns
-        self.values: list[torch.Tensor] = []  # [k, keep]
-        self.totals: list[torch.Tensor] = []  # [k] sum of |row|
-        self.kept_mass: list[torch.Tensor] = []  # [k] the share of |row| kept
+        size, device = capacity * self.keep, sources.rep.embed.device
+        self.ids = torch.empty(capacity, dtype=torch.long, device=device)  # the rows' feature nodes
+        self.cols = torch.empty(size, dtype=torch.int32, device=device)  # each edge's source column
+        self.values = torch.empty(size, dtype=sources.rep.embed.dtype, device=device)
+        self.shares = torch.empty_like(self.values)  # |value| / the row's total; 0 from non-features
+        self.filled = 0  # rows
+        self.kept_mass: list[torch.Tensor] = []  # [k] per batch: the share of |row| kept
 
     def out(self, start: int, stop: int) -> None:
         return None
 
     def add(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
         magnitude = rows.abs()
-        top = magnitude.topk(self.keep, dim=1)
-        totals = magnitude.sum(1)
-        self.ids.append(ids)
-        self.cols.append(top.indices.int())
-        self.values.append(rows.gather(1, top.indices))
-        self.totals.append(totals)
-        self.kept_mass.append(top.values.sum(1) / totals.clamp(min=1e-30))
-
-    def _edges(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(row ids, columns, values, row totals), flat [nnz] (totals per edge)."""
-        ids, cols = torch.cat(self.ids), torch.cat(self.cols)
-        rows = ids[:, None].expand(-1, self.keep)
-        totals = torch.cat(self.totals)[:, None].expand(-1, self.keep)
-        return rows.flatten(), cols.flatten().long(), torch.cat(self.values).flatten(), totals.flatten()
+        top = magnitude.topk(self.keep, dim=1)  # [k, keep]
+        totals = magnitude.sum(1, keepdim=True).clamp(min=1e-10)  # as normalize_matrix
+        self.ids[self.filled : self.filled + len(ids)] = ids
+        span = slice(self.filled * self.keep, (self.filled + len(ids)) * self.keep)
+        self.filled += len(ids)
+        self.cols[span] = top.indices.flatten()
+        self.values[span] = rows.gather(1, top.indices).flatten()
+        self.shares[span] = (top.values / totals * (top.indices < self.sources.n_features)).flatten()
+        self.kept_mass.append(top.values.sum(1) / totals[:, 0])
 
     def influence(self, direct: torch.Tensor) -> torch.Tensor:
         """`DenseRows.influence` on the kept edges, each normalised by its row's whole input."""
-        if not self.ids:
-            return direct.clone()
-        rows, cols, values, totals = self._edges()
-        features = cols < self.sources.n_features
-        A = values[features].abs() / totals[features].clamp(min=1e-10)
-        return direct + edge_influence(rows[features], cols[features], A, direct)
+        n, edges = len(direct), slice(0, self.filled * self.keep)
+        weights = torch.cat([direct, direct.new_zeros(self.sources.n - n)])  # edges reach every source column
+        rows = self.ids[: self.filled].repeat_interleave(self.keep)
+        return direct + edge_influence(rows, self.cols[edges], self.shares[edges], weights)[:n]
 
     def graph_adjacency(self, selected: torch.Tensor, logit_rows: torch.Tensor) -> torch.Tensor:
         """The sparse adjacency of the graph over the selected features and every other node: the
@@ -445,7 +481,9 @@ class SparseRows:
         position = torch.full((n_sources,), -1, dtype=torch.long, device=selected.device)
         position[selected] = torch.arange(k, device=selected.device)
         position[n:] = torch.arange(k, k + n_sources - n, device=selected.device)
-        rows, cols, values, _ = self._edges()
+        edges = slice(0, self.filled * self.keep)
+        rows = self.ids[: self.filled].repeat_interleave(self.keep)
+        cols, values = self.cols[edges].long(), self.values[edges]
         logit_targets, logit_sources = logit_rows.nonzero(as_tuple=True)
         targets = torch.cat([position[rows], k + n_sources - n + logit_targets])
         sources = torch.cat([position[cols], position[logit_sources]])
