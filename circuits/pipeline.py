@@ -57,7 +57,7 @@ class TraceOptions:
     """List this many inactive features the graph suppresses most."""
     max_memory: int | None = None
     """Refuse, before any work, an attribution predicted to peak above this many bytes (None: above
-    the memory available)."""
+    the memory available, estimated on prompts of `ESTIMATE_FROM_TOKENS` tokens or more only)."""
     device: str = "cpu"
     node_threshold: float = 0.8
     """Cumulative influence of the nodes kept in the JSON."""
@@ -122,15 +122,17 @@ def trace(
     """Attribute `prompt`, trace its concepts, and write the graph JSON, the full graph and the page
     into `options.out`; `features` is the feature scan of `transcoder` for the feature cards."""
     from circuits.attribution.attribute import attribute
-    from circuits.attribution.estimate import check_memory
+    from circuits.attribution.estimate import ESTIMATE_FROM_TOKENS, check_memory
     from circuits.attribution.interventions import validate
     from circuits.concepts.report import resolve_concepts
+    from circuits.models import prompt_tokens
 
     options = options or TraceOptions()
     check_text("the prompt", prompt)
     slug = slugify(prompt) if options.slug is None else options.slug
     resolve_concepts(model, options.concepts, options.paths, options.categories or {})  # unknown words: before any work
-    check_memory(estimate_trace(prompt, model, transcoder, options), options.max_memory)
+    if options.max_memory is not None or len(prompt_tokens(model, prompt)[0]) >= ESTIMATE_FROM_TOKENS:
+        check_memory(estimate_trace(prompt, model, transcoder, options), options.max_memory)
     graph = attribute(prompt, model, transcoder, **_attribution_options(options))
     graph.config["transcoder"]["name"] = options.transcoder_name
     data = schema.to_dict(

@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from circuits.attribution.config import AttributionConfig, sparse_graph
+from circuits.attribution.config import AttributionConfig, block_width, sparse_graph
 from circuits.attribution.graph import Graph, compute_influence, edge_influence, normalize_matrix, sparse_adjacency
 from circuits.attribution.replacement import Replacement, build_replacement
 from circuits.attribution.targets import LogitTarget, resolve_targets
@@ -187,9 +187,9 @@ class LayerBlocks(NamedTuple):
     @classmethod
     def of(cls, writes: torch.Tensor, positions: torch.Tensor, start: int, P: int) -> LayerBlocks:
         """Blocks of the features with writes [n_s, T_s, d] at positions [n_s] (ascending), nodes from
-        `start` on; the width is the mean number per position, rounded up to a multiple of 8 (8..64)."""
+        `start` on, `block_width` wide."""
         counts = torch.bincount(positions, minlength=P)  # [P]
-        width = int(min(64, max(8, 8 * math.ceil(len(positions) / P / 8))))
+        width, _ = block_width(counts)
         rank = torch.arange(len(positions), device=positions.device) - (counts.cumsum(0) - counts)[positions]
         per_position = (counts + width - 1) // width  # [P] blocks per position
         block = (per_position.cumsum(0) - per_position)[positions] + rank // width
@@ -295,6 +295,8 @@ def attribute(
     logits = rep.logits if cap <= 0 else cap * torch.tanh(rep.logits / cap)
     logit_targets = resolve_targets(model, logits, cfg.targets, cfg.target_probability, cfg.max_targets)
     sources = Sources(rep, cfg)
+    if sources.by_layer:
+        rep.writes = []  # the sources hold them in blocks from here on (1 GB on 4,096 tokens)
     n, L, P = sources.n_features, rep.n_layers, rep.n_pos
     log.info("%d tokens, %d active features, %d targets", P, n, len(logit_targets))
 
@@ -481,16 +483,28 @@ class SparseRows:
         position = torch.full((n_sources,), -1, dtype=torch.long, device=selected.device)
         position[selected] = torch.arange(k, device=selected.device)
         position[n:] = torch.arange(k, k + n_sources - n, device=selected.device)
-        edges = slice(0, self.filled * self.keep)
-        rows = self.ids[: self.filled].repeat_interleave(self.keep)
-        cols, values = self.cols[edges].long(), self.values[edges]
-        logit_targets, logit_sources = logit_rows.nonzero(as_tuple=True)
-        targets = torch.cat([position[rows], k + n_sources - n + logit_targets])
-        sources = torch.cat([position[cols], position[logit_sources]])
-        values = torch.cat([values, logit_rows[logit_targets, logit_sources]])
-        keep = (targets >= 0) & (sources >= 0) & (values != 0)
+        # in the order of a coalesced matrix, by target then source (no copy to sort them afterwards)
+        r = self.filled
+        cols, order = position[self.cols[: r * self.keep].view(r, self.keep)].sort(dim=1)  # [r, keep] -1: dropped
+        values = self.values[: r * self.keep].view(r, self.keep).gather(1, order)
+        del order
+        rows = position[self.ids[:r]]  # every computed row is a selected feature
+        by_target = rows.argsort()
+        rows, cols, values = rows[by_target], cols[by_target], values[by_target]
+        keep = (cols >= 0) & (values != 0)
+        targets, sources, values = rows[:, None].expand_as(cols)[keep], cols[keep], values[keep]
+        del cols, keep
+        logit_targets, logit_sources = logit_rows.nonzero(as_tuple=True)  # by target then source
+        logit_values, logit_sources = logit_rows[logit_targets, logit_sources], position[logit_sources]
+        logit_keep = (logit_sources >= 0) & (logit_values != 0)
         N = k + n_sources - n + len(logit_rows)
-        return sparse_adjacency(targets[keep].cpu(), sources[keep].cpu(), values[keep].cpu(), N)
+        return sparse_adjacency(
+            torch.cat([targets, k + n_sources - n + logit_targets[logit_keep]]).cpu(),
+            torch.cat([sources, logit_sources[logit_keep]]).cpu(),
+            torch.cat([values, logit_values[logit_keep]]).cpu(),
+            N,
+            ordered=True,
+        )
 
 
 def _feature_rows(
@@ -511,9 +525,9 @@ def _feature_rows(
 
     def compute(batch: torch.Tensor) -> None:
         """The rows of the features `batch` [k] (ascending), backward passes of at most `step` rows
-        per layer among them."""
+        per layer and band of positions among them (`position_bands`)."""
         for l in layer[batch].unique().tolist():
-            for at in batch[layer[batch] == l].split(step):
+            for at in position_bands(batch[layer[batch] == l], pos, sources.P, step):
                 start, stop = int(at[0]), int(at[-1]) + 1
                 vec = rep.encoder_vectors(l, pos[at], W_enc[l, feature[at]])  # [k, d] at resid_mid
                 out = store.out(start, stop) if stop - start == len(at) else None  # a contiguous run: in place
@@ -541,6 +555,15 @@ def _feature_rows(
         done = torch.cat([done, batch])
     bar.close()
     return done.sort().values
+
+
+def position_bands(rows: torch.Tensor, pos: torch.Tensor, P: int, step: int) -> list[torch.Tensor]:
+    """Features `rows` [k] sorted by position cut into batches of at most `step` within bands of
+    positions [P/2, P), [P/4, P/2), ..., [0, P/16): a backward pass costs about rows x (its last
+    position)^2 in the attention layers, so that rows early in the prompt do not pay for late ones."""
+    band = torch.log2(P / (pos[rows] + 1)).floor().clamp(max=4).long()  # descending with position
+    sizes = torch.bincount(band.max() - band).tolist() if len(rows) else []
+    return [batch for group in rows.split(sizes) for batch in group.split(step) if len(batch)]
 
 
 def _feature_influence(direct: torch.Tensor, normalized: torch.Tensor, done: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,11 @@
-"""`AttributionConfig`: the options of an attribution, and the rule choosing a dense or sparse graph
-(`attribute` and `estimate` both follow it)."""
+"""`AttributionConfig`: the options of an attribution, and the rules choosing a dense or sparse graph
+and the contraction's blocks (`attribute` and `estimate` both follow them)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+import torch
 
 
 @dataclass
@@ -62,3 +64,17 @@ def sparse_graph(kept: int, n_targets: int, n_sources: int, cfg: AttributionConf
     than 16 times that."""
     N = n_sources + n_targets
     return (kept + n_targets) * n_sources > cfg.dense_floats or N * N > 16 * cfg.dense_floats
+
+
+def block_width(counts: torch.Tensor) -> tuple[int, int]:
+    """The width of the blocks one source layer's features are cut into for the contraction (at most
+    `width` features of one position each, zero-padded; `attribute.LayerBlocks`), from the number of
+    features at each position, counts [P]: the widest of 8, 16, ..., 64 that pads them by at most a
+    fifth (wider blocks make faster products, padding costs memory and work). Returns (width, padded
+    number of rows)."""
+    n = int(counts.sum())
+    for width in range(64, 8, -8):
+        padded = int(((counts + width - 1) // width).sum()) * width
+        if padded <= 1.2 * n:
+            return width, padded
+    return 8, int(((counts + 7) // 8).sum()) * 8

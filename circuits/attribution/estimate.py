@@ -30,6 +30,11 @@ from circuits.errors import CircuitsError
 from circuits.models import prompt_tokens
 from circuits.transcoders.clt import CrossLayerTranscoder
 
+ESTIMATE_FROM_TOKENS = 512
+"""`circuits trace` estimates prompts from this many tokens on before attributing them (shorter ones
+only under --max-memory): the estimate's forward pass is paid again by the attribution, and below
+this the attribution's memory is small next to the model's."""
+
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12}
 _UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 

@@ -52,9 +52,14 @@ def edge_list(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return targets, sources, A[targets, sources]
 
 
-def sparse_adjacency(targets: torch.Tensor, sources: torch.Tensor, values: torch.Tensor, N: int) -> torch.Tensor:
-    """A coalesced sparse COO adjacency [N, N] from its edges."""
+def sparse_adjacency(
+    targets: torch.Tensor, sources: torch.Tensor, values: torch.Tensor, N: int, ordered: bool = False
+) -> torch.Tensor:
+    """A coalesced sparse COO adjacency [N, N] from its edges; `ordered`: they are already sorted by
+    target, then source, without repeats (no sorted copy is made)."""
     indices = torch.stack([targets.long(), sources.long()])
+    if ordered:
+        return torch.sparse_coo_tensor(indices, values, (N, N), check_invariants=False, is_coalesced=True)
     return torch.sparse_coo_tensor(indices, values, (N, N), check_invariants=False).coalesce()
 
 
