@@ -525,9 +525,9 @@ def _feature_rows(
 
     def compute(batch: torch.Tensor) -> None:
         """The rows of the features `batch` [k] (ascending), backward passes of at most `step` rows
-        per layer and band of positions among them (`position_bands`)."""
+        per layer among them."""
         for l in layer[batch].unique().tolist():
-            for at in position_bands(batch[layer[batch] == l], pos, sources.P, step):
+            for at in batch[layer[batch] == l].split(step):
                 start, stop = int(at[0]), int(at[-1]) + 1
                 vec = rep.encoder_vectors(l, pos[at], W_enc[l, feature[at]])  # [k, d] at resid_mid
                 out = store.out(start, stop) if stop - start == len(at) else None  # a contiguous run: in place
@@ -555,15 +555,6 @@ def _feature_rows(
         done = torch.cat([done, batch])
     bar.close()
     return done.sort().values
-
-
-def position_bands(rows: torch.Tensor, pos: torch.Tensor, P: int, step: int) -> list[torch.Tensor]:
-    """Features `rows` [k] sorted by position cut into batches of at most `step` within bands of
-    positions [P/2, P), [P/4, P/2), ..., [0, P/16): a backward pass costs about rows x (its last
-    position)^2 in the attention layers, so that rows early in the prompt do not pay for late ones."""
-    band = torch.log2(P / (pos[rows] + 1)).floor().clamp(max=4).long()  # descending with position
-    sizes = torch.bincount(band.max() - band).tolist() if len(rows) else []
-    return [batch for group in rows.split(sizes) for batch in group.split(step) if len(batch)]
 
 
 def _feature_influence(direct: torch.Tensor, normalized: torch.Tensor, done: torch.Tensor) -> torch.Tensor:

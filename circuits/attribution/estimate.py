@@ -1,18 +1,24 @@
 """The memory and time an attribution will take, predicted before any of its work: one forward pass
-counts the active features, and the sizes of what `attribute` holds follow from the shapes.
+counts the active features at each layer and position, and the sizes of what `attribute` holds
+follow from the shapes.
 
 What the prediction adds up (numbers of float32s unless said; P tokens, L layers, H heads, d =
 d_model, F features per layer, n active, k kept, T targets, S = n + (L + 1) P sources, B rows per
-backward pass):
-- the frozen prompt: attention patterns and their transposed copy 2 L H P^2, the embedding images
-  P^2 d when built, the features' decoder writes n * (mean layers written) * d, ~16 L P d of
-  activations; while it is built, the pre-activations and activations 2 P L F;
-- the sources' per-position copy of the writes n L d (thin features on short prompts only);
-- one backward pass: gradients B P (L + 8) d, a copy of one layer's patterns H P^2 and, on the
-  sparse path, the rows B S twice;
-- the rows: dense, the touched rows (k + T) S, the normalised estimate k n and, with a cap, the kept
-  graph (k + L P + P + T) (S + k); sparse, (k + T) * edges_per_row edges of 8 bytes, about 7 times
-  over while the graph is assembled (index arrays, masks, the coalesced copy).
+backward pass, E = k * edges_per_row kept edges), the largest of four phases on top of what is held
+throughout (attention patterns and their transposed copy 2 L H P^2, the embedding images P^2 d when
+built, ~16 L P d of activations):
+- freezing the prompt: the patterns stacked L H P^2, attention scores 4 H P^2, the pre-activations
+  and activations 2 P L F;
+- laying out the sources: the features' decoder writes (n times the layers each writes to, times
+  d) and their copy, per position over every layer (n L d, thin features on short prompts) or in
+  zero-padded blocks of one position (`block_width`; the writes are then dropped);
+- the rows, one backward pass at a time: its gradients B P (L - 1) d at the transcoder outputs and
+  ~4 B P d while walking down, a copy of one layer's patterns H P^2, the rows B S (twice on the
+  sparse path), the blocks' products; and the rows kept: dense, the touched rows (k + T) S and the
+  normalised estimate k n; sparse, E edges of 3 numbers;
+- assembling the graph: dense, its kept part (k + L P + P + T)^2 and the rows of the kept features
+  k (S + k + L P + P); sparse, about 17 numbers an edge (the edges sorted by target and source,
+  masks, the index arrays of the COO matrix).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from pathlib import Path
 import torch
 from transformer_lens import HookedTransformer
 
-from circuits.attribution.config import AttributionConfig, sparse_graph
+from circuits.attribution.config import AttributionConfig, block_width, sparse_graph
 from circuits.attribution.replacement import record_forward
 from circuits.errors import CircuitsError
 from circuits.models import prompt_tokens
@@ -95,13 +101,13 @@ def resident_bytes() -> int:
 
 
 @torch.no_grad()
-def count_active(model: HookedTransformer, transcoder: CrossLayerTranscoder, tokens: torch.Tensor) -> int:
-    """The active features of the prompt tokens [P]: one forward pass, encoded layer by layer."""
+def count_active(model: HookedTransformer, transcoder: CrossLayerTranscoder, tokens: torch.Tensor) -> torch.Tensor:
+    """The active features of the prompt tokens [P] at each layer and position, [L, P]: one forward
+    pass, encoded layer by layer."""
     x = record_forward(model, tokens).at(transcoder.cfg.input_hook)  # [L, P, d]
     W_enc = transcoder.W_enc
-    return sum(
-        int((transcoder.encode_layer(x[l].to(W_enc.dtype), l) != 0).sum()) for l in range(transcoder.cfg.n_layers)
-    )
+    L = transcoder.cfg.n_layers
+    return torch.stack([(transcoder.encode_layer(x[l].to(W_enc.dtype), l) != 0).sum(-1) for l in range(L)]).cpu()
 
 
 def estimate(
@@ -115,32 +121,36 @@ def estimate(
     from one forward pass (no attribution)."""
     cfg = replace(config or AttributionConfig(), **overrides)
     tokens = prompt_tokens(model, prompt)[0].to(model.W_U.device)
-    n = count_active(model, transcoder, tokens)
+    counts = count_active(model, transcoder, tokens)  # [L, P]
+    n = int(counts.sum())
     m, c = model.cfg, transcoder.cfg
     P, L, H, d, dh, F = len(tokens), m.n_layers, m.n_heads, m.d_model, m.d_head, c.n_features
     k = n if cfg.max_feature_nodes is None else min(cfg.max_feature_nodes, n)
     T, S = cfg.max_targets, n + (L + 1) * P
     sparse = sparse_graph(k, T, S, cfg)
-    written = (L + 1) / 2 if c.cross_layer else 1  # mean layers a feature writes to
-    # held throughout: the patterns and their transposed copy, the writes, the activations
-    held = 2 * L * H * P * P + n * written * d + 16 * L * P * d
-    held += P * P * d if P * P * d <= cfg.embedding_image_floats else 0
-    if n < cfg.merge_below * L * P and n * L * d <= cfg.dense_floats:
-        held += n * L * d  # the per-position copy of the writes
-    # while the prompt is frozen: the patterns stacked, the attention scores, pre-activations and activations
-    build = L * H * P * P + 4 * H * P * P + 2 * P * L * F
+    written = [L - s if c.cross_layer else 1 for s in range(L)]  # the layers each source layer writes to
+    writes = sum(int(counts[s].sum()) * written[s] for s in range(L)) * d
+    merged = n < cfg.merge_below * L * P and n * L * d <= cfg.dense_floats
+    padded = [block_width(counts[s])[1] for s in range(L)]
+    layout = n * L * d if merged else sum(p * w for p, w in zip(padded, written, strict=True)) * d
+    held = 2 * L * H * P * P + 16 * L * P * d + (P * P * d if P * P * d <= cfg.embedding_image_floats else 0)
+    sources = layout + (writes if merged else 0)  # held from the layout on
+    freeze = L * H * P * P + 4 * H * P * P + 2 * P * L * F
     B = cfg.batch_size or max(cfg.min_batch, cfg.work_floats // (P * (L + 1) * d))
-    backward = B * P * (L + 8) * d + H * P * P + (2 * B * S if sparse else 0)  # g_post, g, temporaries
+    backward = B * P * (L + 3) * d + H * P * P + B * S * (2 if sparse else 1)
+    backward += 0 if merged else max(padded) * B + cfg.work_floats
+    E = k * min(cfg.edges_per_row, S)
     if sparse:
-        rows = (k + T) * min(cfg.edges_per_row, S) * 2 * 7
+        rows, assemble = 3 * E, 17 * E
     else:
         N_kept = k + (L + 1) * P + T
-        rows = (k + T) * S + (k * n + k * N_kept + N_kept**2 if k < n else 0)
-    floats = held + max(build, backward + rows)
+        rows = (k + T) * S + (k * n if k < n else 0)
+        assemble = rows + (N_kept**2 + k * (S + N_kept) if k < n else 0)
+    floats = held + max(freeze, writes + layout, sources + backward + rows, sources + assemble)
     size = torch.empty(0, dtype=getattr(torch, cfg.dtype)).element_size()
     # time: multiply-adds per row (the attention backward below the row's layer at every position,
     # and the contraction with the sources) at the rate of a matrix product of this machine
-    per_row = L * (4 * P * d * H * dh + 2 * H * P * P * dh) + 2 * n * written * d
+    per_row = L * (4 * P * d * H * dh + 2 * H * P * P * dh) + 2 * writes
     seconds = (k + T) * per_row / _flops_per_second(d)
     return Estimate(P, n, k, sparse, int(floats * size), resident_bytes(), seconds)
 
