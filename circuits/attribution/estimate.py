@@ -5,20 +5,20 @@ follow from the shapes.
 What the prediction adds up (numbers of float32s unless said; P tokens, L layers, H heads, d =
 d_model, F features per layer, n active, k kept, T targets, S = n + (L + 1) P sources, B rows per
 backward pass, E = k * edges_per_row kept edges), the largest of four phases on top of what is held
-throughout (attention patterns and their transposed copy 2 L H P^2, the embedding images P^2 d when
-built, ~16 L P d of activations):
-- freezing the prompt: the patterns stacked L H P^2, attention scores 4 H P^2, the pre-activations
-  and activations 2 P L F;
+throughout (the embedding images P^2 d when built, ~16 L P d of activations):
+- freezing the prompt: the attention patterns and their stacked copy 2 L H P^2, or the last layer's
+  scores and pattern with the others', or the patterns and the pre-activations and activations
+  3 P L F; from here on the patterns and their transposed copy 2 L H P^2 are held;
 - laying out the sources: the features' decoder writes (n times the layers each writes to, times
   d) and their copy, per position over every layer (n L d, thin features on short prompts) or in
   zero-padded blocks of one position (`block_width`; the writes are then dropped);
 - the rows, one backward pass at a time: its gradients B P (L - 1) d at the transcoder outputs and
-  ~4 B P d while walking down, a copy of one layer's patterns H P^2, the rows B S (twice on the
-  sparse path), the blocks' products; and the rows kept: dense, the touched rows (k + T) S and the
+  ~2 B P d while walking down, the rows B S (twice on the sparse path), the blocks' products and
+  the gradients gathered for them; and the rows kept: dense, the touched rows (k + T) S and the
   normalised estimate k n; sparse, E edges of 3 numbers;
 - assembling the graph: dense, its kept part (k + L P + P + T)^2 and the rows of the kept features
   k (S + k + L P + P); sparse, about 17 numbers an edge (the edges sorted by target and source,
-  masks, the index arrays of the COO matrix).
+  masks, the index arrays of the COO matrix); then, with `inhibited`, one more backward pass.
 """
 
 from __future__ import annotations
@@ -131,14 +131,18 @@ def estimate(
     written = [L - s if c.cross_layer else 1 for s in range(L)]  # the layers each source layer writes to
     writes = sum(int(counts[s].sum()) * written[s] for s in range(L)) * d
     merged = n < cfg.merge_below * L * P and n * L * d <= cfg.dense_floats
-    padded = [block_width(counts[s])[1] for s in range(L)]
+    widths, padded = zip(*(block_width(counts[s]) for s in range(L)), strict=True)
     layout = n * L * d if merged else sum(p * w for p, w in zip(padded, written, strict=True)) * d
-    held = 2 * L * H * P * P + 16 * L * P * d + (P * P * d if P * P * d <= cfg.embedding_image_floats else 0)
+    held = 16 * L * P * d + (P * P * d if P * P * d <= cfg.embedding_image_floats else 0)
+    patterns = 2 * L * H * P * P  # and their transposed copy, from the end of the freeze on
     sources = layout + (writes if merged else 0)  # held from the layout on
-    freeze = L * H * P * P + 4 * H * P * P + 2 * P * L * F
+    freeze = max(patterns, (L + 2) * H * P * P, L * H * P * P + 3 * P * L * F)
     B = cfg.batch_size or max(cfg.min_batch, cfg.work_floats // (P * (L + 1) * d))
-    backward = B * P * (L + 3) * d + H * P * P + B * S * (2 if sparse else 1)
-    backward += 0 if merged else max(padded) * B + cfg.work_floats
+    backward = B * P * (L + 1) * d + B * S * (2 if sparse else 1)
+    if not merged:  # the blocks' products, and the gradients gathered for them (at most work_floats)
+        backward += max(
+            p * B + min(cfg.work_floats, p // w * B * t * d) for p, w, t in zip(padded, widths, written, strict=True)
+        )
     E = k * min(cfg.edges_per_row, S)
     if sparse:
         rows, assemble = 3 * E, 17 * E
@@ -146,7 +150,10 @@ def estimate(
         N_kept = k + (L + 1) * P + T
         rows = (k + T) * S + (k * n if k < n else 0)
         assemble = rows + (N_kept**2 + k * (S + N_kept) if k < n else 0)
-    floats = held + max(freeze, writes + layout, sources + backward + rows, sources + assemble)
+    assemble += backward if cfg.inhibited else 0  # the inhibited features' backward passes come after it
+    floats = held + max(
+        freeze, patterns + writes + layout, patterns + sources + backward + rows, patterns + sources + assemble
+    )
     size = torch.empty(0, dtype=getattr(torch, cfg.dtype)).element_size()
     # time: multiply-adds per row (the attention backward below the row's layer at every position,
     # and the contraction with the sources) at the rate of a matrix product of this machine
