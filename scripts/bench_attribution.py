@@ -140,12 +140,13 @@ def worker_autograd(args) -> dict:
     return {"seconds_per_row": seconds / len(targets), "rows": len(targets), "max_rel_diff": diff}
 
 
-def worker_ct(args) -> dict:
+def ct_model(args):
+    """circuit-tracer's replacement model of --model-dir and --transcoder-dir (our weights mapped onto
+    its names), in eval mode, on --threads threads."""
     import torch
-    from circuit_tracer import attribute
     from circuit_tracer.replacement_model.replacement_model_transformerlens import TransformerLensReplacementModel
     from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
     from transformer_lens import HookedTransformerConfig
 
     torch.set_num_threads(args.threads)
@@ -160,7 +161,15 @@ def worker_ct(args) -> dict:
     model.load_state_dict({k: state[v] for k, v in names.items() if v in state}, strict=False)
     unused = set(state) - set(names.values())
     assert not unused, f"weights not loaded into circuit-tracer's model: {sorted(unused)[:5]}"
-    model.eval()
+    return model.eval()
+
+
+def worker_ct(args) -> dict:
+    import torch
+    from circuit_tracer import attribute
+    from safetensors.torch import save_file
+
+    model = ct_model(args)
     tokens = torch.tensor(json.loads(args.tokens))
     graph, timing = _timed(lambda: attribute(tokens, model, batch_size=args.ct_batch_size, max_feature_nodes=None),
                            args)  # fmt: skip
@@ -452,21 +461,8 @@ def worker_long_ours(args) -> dict:
 def worker_long_ct(args) -> dict:
     import torch
     from circuit_tracer import attribute
-    from circuit_tracer.replacement_model.replacement_model_transformerlens import TransformerLensReplacementModel
-    from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
-    from safetensors.torch import load_file
-    from transformer_lens import HookedTransformerConfig
 
-    torch.set_num_threads(args.threads)
-    model_dir = Path(args.model_dir)
-    fields = json.loads((model_dir / "config.json").read_text())
-    cfg = HookedTransformerConfig(**fields, tokenizer_name=str(model_dir / "tokenizer"), device="cpu")
-    clt = load_clt(str(args.transcoder_dir), device=torch.device("cpu"), dtype=torch.float32, lazy_decoder=False)
-    model = TransformerLensReplacementModel.from_config(cfg, clt)
-    state = load_file(str(model_dir / "model.safetensors"))
-    names = {k: k.replace(".old_mlp", "").replace("old_unembed.", "") for k in model.state_dict()}
-    model.load_state_dict({k: state[v] for k, v in names.items() if v in state}, strict=False)
-    model.eval()
+    model = ct_model(args)
     tokens = torch.tensor(json.loads(args.tokens))
     t0 = time.perf_counter()
     graph = attribute(tokens, model, batch_size=args.ct_batch_size, max_feature_nodes=args.long_features)

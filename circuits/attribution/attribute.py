@@ -12,9 +12,10 @@ Phases:
    terms while that is cheaper, and record the gradient at every transcoder output below (through
    the frozen post-MLP norm for mlp.hook_out). Positions after a batch's last target are never
    touched.
-4. Contract the recorded gradients with the sources: one matrix product per (source layer, position)
-   over the targets that see the position (per position over every layer's features when they are
-   few, see `AttributionConfig.merge_below`); the embeddings through their images at resid_mid[0].
+4. Contract the recorded gradients with the sources: a few batched products per source layer over
+   blocks of its features at one position (`LayerBlocks`; per position over every layer's features
+   when they are few, see `AttributionConfig.merge_below`); the embeddings through their images at
+   resid_mid[0].
 The edge s -> t is a_s * d(input_t)/d(a_s): its value's share of the target's input, so every node's
 input is exactly the sum of its incoming edges plus its bias (the constant terms).
 """
@@ -144,10 +145,10 @@ class Sources:
         return g_post, g
 
     def _contract(self, t: int, pos: torch.Tensor, g_post: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> None:
-        """Write the edges from the gradients of `_walk_down` into out [B, n_sources]: one product per
-        (source layer, position) block, or per position (see `AttributionConfig.merge_below`), over the targets that see
-        the position; the errors; and the embeddings (through their images at resid_mid[0], or
-        directly at resid_pre[0])."""
+        """Write the edges from the gradients of `_walk_down` into out [B, n_sources]: per source layer
+        over its blocks (`LayerBlocks.contract`), or one product per position over the targets that see
+        it (see `AttributionConfig.merge_below`); the errors; and the embeddings (through their images
+        at resid_mid[0], or directly at resid_pre[0])."""
         B, Pp, d = g.shape
         L, P = self.L, self.P
         first = torch.searchsorted(pos, torch.arange(Pp, device=pos.device)).tolist()  # targets from first[p] on see p
