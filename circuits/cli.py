@@ -103,10 +103,22 @@ def _cmd_trace(args: argparse.Namespace) -> None:
         categories=_categories(args), heads=args.heads,
     )  # fmt: skip
     check_text("the prompt", args.prompt)
+    if args.max_memory is not None:
+        from circuits.attribution.estimate import parse_size
+
+        options.max_memory = parse_size(args.max_memory)
     from circuits.features import features_for, load_features, scan_dir
 
     scan = scan_dir(args.features) if args.features else None  # before any loading
     model, clt = load_pair(args.model, args.transcoder, args.device, args.dtype)
+    if args.estimate:
+        from circuits.attribution.estimate import check_memory
+        from circuits.pipeline import estimate_trace
+
+        est = estimate_trace(args.prompt, model, clt, options)
+        print(est.line())
+        check_memory(est, options.max_memory)
+        return
     features = load_features(scan, clt) if scan else features_for(args.transcoder, clt)
     result = trace(args.prompt, model, clt, options, features)
     meta = result.data["metadata"]
@@ -314,7 +326,12 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slug", default=None, help="file name stem (default: from the prompt)")
     p.add_argument("--node-threshold", type=float, default=0.8, help="cumulative influence of kept nodes")
     p.add_argument("--edge-threshold", type=float, default=0.98, help="cumulative influence of kept edges")
-    p.add_argument("--max-feature-nodes", type=int, default=None, help="keep only this many feature nodes")
+    p.add_argument(
+        "--max-feature-nodes",
+        type=int,
+        default=8192,
+        help="keep only this many feature nodes, the most influential (default 8192: bounds memory)",
+    )
     p.add_argument(
         "--inhibited", type=int, default=5, help="list this many inactive features the graph suppresses most"
     )
@@ -326,6 +343,15 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--target", nargs="+", default=None, metavar="TOKEN", help="target tokens, or A-B for a logit difference"
+    )
+    p.add_argument(
+        "--estimate", action="store_true", help="print the predicted peak memory and time; attribute nothing"
+    )
+    p.add_argument(
+        "--max-memory",
+        default=None,
+        metavar="SIZE",
+        help="refuse a prompt predicted to need more, e.g. 8GB (default: the memory available)",
     )
     p.add_argument("--no-prune", action="store_true", help="JSON of the full graph: every node and nonzero edge")
     p.add_argument("--validate", action="store_true", help="ablate the top features and compare with the graph")

@@ -27,6 +27,7 @@ from circuits.page.supernodes import suggest_supernodes
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
+    from circuits.attribution.estimate import Estimate
     from circuits.attribution.graph import Graph
     from circuits.attribution.interventions import ValidationReport
     from circuits.concepts.report import ConceptReport
@@ -50,10 +51,13 @@ class TraceOptions:
     """Target tokens, or A-B for a logit difference (default: the top predictions)."""
     batch_size: int | None = None
     """Targets per backward pass (default: as many as 16 MB of gradients hold)."""
-    max_feature_nodes: int | None = None
-    """Keep only this many feature nodes."""
+    max_feature_nodes: int | None = 8192
+    """Keep only this many feature nodes, the most influential (None: every active feature)."""
     inhibited: int = 5
     """List this many inactive features the graph suppresses most."""
+    max_memory: int | None = None
+    """Refuse, before any work, an attribution predicted to peak above this many bytes (None: above
+    the memory available, estimated on prompts of `ESTIMATE_FROM_TOKENS` tokens or more only)."""
     device: str = "cpu"
     node_threshold: float = 0.8
     """Cumulative influence of the nodes kept in the JSON."""
@@ -118,17 +122,18 @@ def trace(
     """Attribute `prompt`, trace its concepts, and write the graph JSON, the full graph and the page
     into `options.out`; `features` is the feature scan of `transcoder` for the feature cards."""
     from circuits.attribution.attribute import attribute
+    from circuits.attribution.estimate import ESTIMATE_FROM_TOKENS, check_memory
     from circuits.attribution.interventions import validate
     from circuits.concepts.report import resolve_concepts
+    from circuits.models import prompt_tokens
 
     options = options or TraceOptions()
     check_text("the prompt", prompt)
     slug = slugify(prompt) if options.slug is None else options.slug
     resolve_concepts(model, options.concepts, options.paths, options.categories or {})  # unknown words: before any work
-    graph = attribute(
-        prompt, model, transcoder, targets=options.targets, batch_size=options.batch_size,
-        max_feature_nodes=options.max_feature_nodes, device=options.device, inhibited=options.inhibited,
-    )  # fmt: skip
+    if options.max_memory is not None or len(prompt_tokens(model, prompt)[0]) >= ESTIMATE_FROM_TOKENS:
+        check_memory(estimate_trace(prompt, model, transcoder, options), options.max_memory)
+    graph = attribute(prompt, model, transcoder, **_attribution_options(options))
     graph.config["transcoder"]["name"] = options.transcoder_name
     data = schema.to_dict(
         graph, slug, options.transcoder_name, options.node_threshold, options.edge_threshold, options.prune
@@ -146,6 +151,22 @@ def trace(
     )  # fmt: skip
     _write(result, options)
     return result
+
+
+def estimate_trace(
+    prompt: str, model: HookedTransformer, transcoder: CrossLayerTranscoder, options: TraceOptions | None = None
+) -> Estimate:
+    """The predicted peak memory and time of `trace`'s attribution (one forward pass, no attribution)."""
+    from circuits.attribution.estimate import estimate
+
+    return estimate(prompt, model, transcoder, **_attribution_options(options or TraceOptions()))
+
+
+def _attribution_options(options: TraceOptions) -> dict:
+    return dict(
+        targets=options.targets, batch_size=options.batch_size, max_feature_nodes=options.max_feature_nodes,
+        device=options.device, inhibited=options.inhibited,
+    )  # fmt: skip
 
 
 def _attention(graph: Graph, data: dict, model: HookedTransformer, transcoder, features: FeatureScan | None) -> dict:

@@ -30,6 +30,16 @@ best time and the peak RSS growth over the process's baseline after imports (the
 /proc/self/clear_refs), both as a ratio, with the machine's load average:
 
     python scripts/bench_attribution.py --load --repeat 3 --ct-python /work/ct-venv/bin/python
+
+`--long` instead attributes long prompts on a random model sized for a CPU machine (4 layers,
+d_model 256, 4 heads, n_ctx 4,096, written once into --long-dir with a CLT of 4 x 4,096 features
+whose thresholds let about 20 fire per layer and position), random words of --long-lengths tokens,
+`max_feature_nodes` --long-features for both tools. Each run is a subprocess under a hard address-space
+cap (--memory-cap GB, RLIMIT_AS) and a time limit: a failure is reported as "out of memory at N GB"
+instead of taking the machine down. Prints tokens, active features, time and peak RSS of each tool,
+and the edge agreement on the nodes both graphs kept:
+
+    python scripts/bench_attribution.py --long --threads 2 --long-lengths 512 1024 2048 4096
 """
 
 from __future__ import annotations
@@ -130,12 +140,13 @@ def worker_autograd(args) -> dict:
     return {"seconds_per_row": seconds / len(targets), "rows": len(targets), "max_rel_diff": diff}
 
 
-def worker_ct(args) -> dict:
+def ct_model(args):
+    """circuit-tracer's replacement model of --model-dir and --transcoder-dir (our weights mapped onto
+    its names), in eval mode, on --threads threads."""
     import torch
-    from circuit_tracer import attribute
     from circuit_tracer.replacement_model.replacement_model_transformerlens import TransformerLensReplacementModel
     from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
     from transformer_lens import HookedTransformerConfig
 
     torch.set_num_threads(args.threads)
@@ -150,7 +161,15 @@ def worker_ct(args) -> dict:
     model.load_state_dict({k: state[v] for k, v in names.items() if v in state}, strict=False)
     unused = set(state) - set(names.values())
     assert not unused, f"weights not loaded into circuit-tracer's model: {sorted(unused)[:5]}"
-    model.eval()
+    return model.eval()
+
+
+def worker_ct(args) -> dict:
+    import torch
+    from circuit_tracer import attribute
+    from safetensors.torch import save_file
+
+    model = ct_model(args)
     tokens = torch.tensor(json.loads(args.tokens))
     graph, timing = _timed(lambda: attribute(tokens, model, batch_size=args.ct_batch_size, max_feature_nodes=None),
                            args)  # fmt: skip
@@ -352,6 +371,206 @@ def bench_heads(args) -> None:
     print(f"load average {os.getloadavg()[0]:.2f}")
 
 
+LONG_SHAPE = dict(n_layers=4, d_model=256, n_heads=4, d_head=64, d_mlp=1024, n_ctx=4096, d_features=4096)
+
+
+def write_long_pair(directory: Path, fire: int = 20) -> tuple[Path, Path]:
+    """A random model directory (our layout, which circuit-tracer's worker reads too) and a random
+    CLT (circuit-tracer's layout) whose per-feature thresholds let about `fire` features fire per
+    layer and position on random words; written once."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from circuits.models import DEMO_MODEL_DIR
+    from circuits.transcoders.circuit_tracer import save_transcoder
+    from circuits.transcoders.clt import CLTConfig, CrossLayerTranscoder
+
+    model_dir, clt_dir = directory / "model", directory / "clt"
+    if (clt_dir / "config.yaml").exists():
+        return model_dir, clt_dir
+    shape = {k: v for k, v in LONG_SHAPE.items() if k != "d_features"}
+    fields = dict(model_name="bench-long", **shape, d_vocab=269, act_fn="gelu", normalization_type="LN",
+                  positional_embedding_type="standard", default_prepend_bos=True, seed=0)  # fmt: skip
+    model_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(DEMO_MODEL_DIR / "tokenizer", model_dir / "tokenizer", dirs_exist_ok=True)
+    model = HookedTransformer(HookedTransformerConfig(**fields, tokenizer_name=str(model_dir / "tokenizer"))).eval()
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if not k.endswith(("IGNORE", ".mask"))}
+    save_file(state, str(model_dir / "model.safetensors"))  # the buffers are rebuilt from the config
+    (model_dir / "config.json").write_text(json.dumps(fields, indent=2))
+    L, d, F = shape["n_layers"], shape["d_model"], LONG_SHAPE["d_features"]
+    clt = CrossLayerTranscoder(CLTConfig(n_layers=L, d_model=d, n_features=F)).eval()
+    gen = torch.Generator().manual_seed(0)
+    tokens = long_tokens(model, shape["n_ctx"], seed=99)  # every position: the resid statistics vary with it
+    _, cache = model.run_with_cache(tokens[None], names_filter=lambda n: n.endswith("hook_resid_mid"))
+    with torch.no_grad():
+        clt.W_enc.copy_(torch.randn(clt.W_enc.shape, generator=gen) / d**0.5)
+        clt.b_enc.zero_()
+        for w in clt.W_dec:
+            w.copy_(torch.randn(w.shape, generator=gen) / (L * d) ** 0.5)
+        for l in range(L):
+            pre = cache[f"blocks.{l}.hook_resid_mid"][0] @ clt.W_enc[l].T  # [pos, F]
+            rank = len(pre) - len(pre) * fire // F  # each feature fires on fire / F of the positions
+            clt.threshold[l] = pre.kthvalue(rank, dim=0).values.clamp(min=1e-3) + 1e-4
+    save_transcoder(clt, clt_dir)
+    return model_dir, clt_dir
+
+
+def long_tokens(model, n: int, seed: int = 0):
+    """BOS and n - 1 random words of the model's vocabulary (no special tokens)."""
+    import torch
+
+    words = [i for i in range(model.cfg.d_vocab) if not model.tokenizer.convert_ids_to_tokens(i).startswith("<")]
+    pick = torch.randint(len(words), (n - 1,), generator=torch.Generator().manual_seed(seed))
+    return torch.tensor([model.tokenizer.bos_token_id] + [words[i] for i in pick.tolist()])
+
+
+def _save_edges(path: str, features, rows, n_nodes: int) -> None:
+    """The feature and logit rows of a graph as edges (target, source, weight), node indices in its
+    own order, with its features [k, 3] and node count."""
+    import torch
+    from safetensors.torch import save_file
+
+    targets, sources, weights = rows
+    save_file({"targets": targets.int().contiguous(), "sources": sources.int().contiguous(),
+               "weights": weights.float().contiguous(), "features": features.contiguous(),
+               "n_nodes": torch.tensor([n_nodes])}, path)  # fmt: skip
+
+
+def worker_long_ours(args) -> dict:
+    import torch
+
+    from circuits.attribution.attribute import attribute
+    from circuits.pipeline import load_pair
+
+    torch.set_num_threads(args.threads)
+    model, clt = load_pair(args.model_dir, args.transcoder_dir)
+    tokens = torch.tensor(json.loads(args.tokens))
+    prompt = model.tokenizer.decode(tokens[1:].tolist())
+    assert torch.equal(model.to_tokens(prompt)[0], tokens)
+    t0 = time.perf_counter()
+    graph = attribute(prompt, model, clt, max_feature_nodes=args.long_features, progress=False)
+    seconds = time.perf_counter() - t0
+    _save_edges(args.out, graph.features, graph.edges(), graph.n_nodes)
+    return {"seconds": seconds, "peak_mb": _rss_mb(), "n_active": graph.config["n_active_features"],
+            "sparse": graph.adjacency.is_sparse}  # fmt: skip
+
+
+def worker_long_ct(args) -> dict:
+    import torch
+    from circuit_tracer import attribute
+
+    model = ct_model(args)
+    tokens = torch.tensor(json.loads(args.tokens))
+    t0 = time.perf_counter()
+    graph = attribute(tokens, model, batch_size=args.ct_batch_size, max_feature_nodes=args.long_features)
+    seconds = time.perf_counter() - t0
+    A = graph.adjacency_matrix
+    k = len(graph.selected_features)
+    rows = torch.cat([torch.arange(k), torch.arange(len(A) - len(graph.logit_targets), len(A))])
+    sub = A[rows]
+    t, src = sub.nonzero(as_tuple=True)
+    _save_edges(args.out, graph.active_features[graph.selected_features], (rows[t], src, sub[t, src]), len(A))
+    return {"seconds": seconds, "peak_mb": _rss_mb(), "n_active": len(graph.active_features)}
+
+
+def _run_capped(python: str, worker: str, extra: list[str], env: dict, cap_gb: float, timeout: float):
+    """`_run` in a subprocess whose address space is capped at `cap_gb` (RLIMIT_AS) and whose time is
+    limited: (result, edges file) or (a one-line failure, None)."""
+    out = Path(tempfile.mkdtemp(prefix="bench_long_")) / f"{worker}.safetensors"
+    cmd = [python, __file__, "--worker", worker, "--out", str(out), *extra]
+    cap = int(cap_gb * 1e9)
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, preexec_fn=limit, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"stopped after {timeout / 60:.0f} min", None
+    if proc.returncode != 0:
+        memory = ("can't allocate memory", "MemoryError", "out of memory", "std::bad_alloc", "Cannot allocate")
+        if any(m in proc.stderr for m in memory) or proc.returncode in (-9, 137):
+            return f"out of memory at {cap_gb:g} GB", None
+        return "failed: " + proc.stderr.strip().splitlines()[-1][:200], None
+    return json.loads(proc.stdout.strip().splitlines()[-1]), out
+
+
+def long_agreement(ours_path: Path, ct_path: Path, n_layers: int, n_pos: int) -> tuple[float, float, int]:
+    """Edge agreement on the nodes both graphs kept (features both selected, errors and tokens at
+    positions >= 1, logits): (largest |difference| / largest |edge| over circuit-tracer's edges
+    between them, the same over the edges ours stores, the number of common features)."""
+    import torch
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(ours_path)), load_file(str(ct_path))
+    keys = {}
+    for name, g in (("a", a), ("b", b)):
+        k = len(g["features"])
+        n = int(g["n_nodes"][0])
+        ids = [("f", *f) for f in g["features"].tolist()]
+        ids += [("e", l, p) for l in range(n_layers) for p in range(n_pos)] + [("t", p) for p in range(n_pos)]
+        ids += [("l", i) for i in range(n - k - (n_layers + 1) * n_pos)]
+        keys[name] = ids
+    common = set(keys["a"]) & set(keys["b"])
+    common = {c for c in common if not (c[0] in "et" and c[-1] == 0) and not (c[0] == "f" and c[2] == 0)}
+
+    def edges(g, ids):
+        pairs = {}
+        for t, s, w in zip(g["targets"].tolist(), g["sources"].tolist(), g["weights"].tolist(), strict=True):
+            if ids[t] in common and ids[s] in common:
+                pairs[(ids[t], ids[s])] = w
+        return pairs
+
+    ours, theirs = edges(a, keys["a"]), edges(b, keys["b"])
+    largest = max(abs(w) for w in theirs.values())
+    everywhere = max(abs(ours.get(p, 0.0) - w) for p, w in theirs.items()) / largest
+    stored = max((abs(w - theirs.get(p, 0.0)) for p, w in ours.items()), default=0.0) / largest
+    n_common = sum(1 for c in common if c[0] == "f")
+    del torch
+    return everywhere, stored, n_common
+
+
+def bench_long(args) -> None:
+    directory = Path(args.long_dir or Path(tempfile.gettempdir()) / "bench_long_pair")
+    model_dir, clt_dir = write_long_pair(directory)
+    from circuits.pipeline import load_pair
+
+    model, _ = load_pair(str(model_dir), str(clt_dir))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "HF_HUB_OFFLINE": "1"}
+    ct_env = {k: v for k, v in env.items() if k != "PYTHONPATH"}
+    print(f"random model {LONG_SHAPE}, CLT thresholds for ~20 active per layer and position; "
+          f"max_feature_nodes {args.long_features}; {args.threads} thread(s), {os.cpu_count()} CPUs; "
+          f"each run capped at {args.memory_cap:g} GB (RLIMIT_AS) and {args.long_timeout / 60:.0f} min; "
+          f"circuit-tracer batch {args.ct_long_batch}")  # fmt: skip
+    print(
+        "| tokens | active features | ours: time / peak RSS | circuit-tracer: time / peak RSS | memory ratio "
+        "| edge diff (ct's edges / ours stored) | load average |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---|")
+    for n in args.long_lengths:
+        tokens = json.dumps(long_tokens(model, n).tolist())
+        common = ["--model-dir", str(model_dir), "--transcoder-dir", str(clt_dir), "--tokens", tokens,
+                  "--threads", str(args.threads), "--long-features", str(args.long_features)]  # fmt: skip
+        ours, ours_path = _run_capped(sys.executable, "long-ours", common, env, args.memory_cap, args.long_timeout)
+        ct, ct_path = (None, None)
+        if args.ct_python:
+            ct_args = common + ["--ct-batch-size", str(args.ct_long_batch)]
+            ct, ct_path = _run_capped(args.ct_python, "long-ct", ct_args, ct_env, args.memory_cap, args.long_timeout)
+        features = next((r["n_active"] for r in (ours, ct) if isinstance(r, dict)), "-")
+        cell = {k: f"{r['seconds']:.1f} s / {r['peak_mb'] / 1e3:.2f} GB" if isinstance(r, dict) else (r or "-")
+                for k, r in (("ours", ours), ("ct", ct))}  # fmt: skip
+        ratio, agreement = "-", "-"
+        if isinstance(ours, dict) and isinstance(ct, dict):
+            ratio = f"{ct['peak_mb'] / ours['peak_mb']:.1f}x"
+            everywhere, stored, k = long_agreement(ours_path, ct_path, LONG_SHAPE["n_layers"], n)
+            agreement = f"{everywhere:.1e} / {stored:.1e} ({k} common features)"
+        load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+        print(f"| {n:,} | {features:,} | {cell['ours']} | {cell['ct']} | {ratio} | {agreement} | {load} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--transcoder", default="demo")
@@ -381,6 +600,13 @@ def main() -> None:
     parser.add_argument("--load-shape", type=int, nargs=3, default=[26, 512, 2304], metavar=("L", "F", "D"))
     parser.add_argument("--load-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--heads", action="store_true", help="benchmark head loadings against the graph instead")
+    parser.add_argument("--long", action="store_true", help="benchmark long prompts instead (see above)")
+    parser.add_argument("--long-lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096])
+    parser.add_argument("--long-features", type=int, default=2000, help="max_feature_nodes of both tools")
+    parser.add_argument("--long-dir", default=None, help="where the --long model and CLT are (written if absent)")
+    parser.add_argument("--memory-cap", type=float, default=10.0, help="GB of address space per --long run")
+    parser.add_argument("--long-timeout", type=float, default=1800.0, help="seconds per --long run")
+    parser.add_argument("--ct-long-batch", type=int, default=64, help="circuit-tracer's batch size in --long")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--ct-batch-size", type=int, default=512, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
@@ -391,13 +617,15 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         workers = {"ours": worker_ours, "autograd": worker_autograd, "ct": worker_ct, "load-ours": worker_load_ours,
-                   "load-ct": worker_load_ct}  # fmt: skip
+                   "load-ct": worker_load_ct, "long-ours": worker_long_ours, "long-ct": worker_long_ct}  # fmt: skip
         print(json.dumps(workers[args.worker](args)))
         return
     if args.load:
         return bench_load(args)
     if args.heads:
         return bench_heads(args)
+    if args.long:
+        return bench_long(args)
 
     from circuits.models import DEMO_MODEL_DIR
     from circuits.transcoders.load import DEMO_CLT_DIR

@@ -12,9 +12,10 @@ Phases:
    terms while that is cheaper, and record the gradient at every transcoder output below (through
    the frozen post-MLP norm for mlp.hook_out). Positions after a batch's last target are never
    touched.
-4. Contract the recorded gradients with the sources: one matrix product per (source layer, position)
-   over the targets that see the position (per position over every layer's features when they are
-   few, see `AttributionConfig.merge_below`); the embeddings through their images at resid_mid[0].
+4. Contract the recorded gradients with the sources: a few batched products per source layer over
+   blocks of its features at one position (`LayerBlocks`; per position over every layer's features
+   when they are few, see `AttributionConfig.merge_below`); the embeddings through their images at
+   resid_mid[0].
 The edge s -> t is a_s * d(input_t)/d(a_s): its value's share of the target's input, so every node's
 input is exactly the sum of its incoming edges plus its bias (the constant terms).
 """
@@ -22,14 +23,17 @@ input is exactly the sum of its incoming edges plus its bias (the constant terms
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field, replace
+import math
+import mmap
+from dataclasses import asdict, replace
+from typing import NamedTuple
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from circuits.attribution.graph import Graph, compute_influence, normalize_matrix
+from circuits.attribution.config import AttributionConfig, block_width, sparse_graph
+from circuits.attribution.graph import Graph, compute_influence, edge_influence, normalize_matrix, sparse_adjacency
 from circuits.attribution.replacement import Replacement, build_replacement
 from circuits.attribution.targets import LogitTarget, resolve_targets
 from circuits.errors import CircuitsError
@@ -40,40 +44,6 @@ from circuits.transcoders.clt import CLTConfig, CrossLayerTranscoder, check_fits
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class AttributionConfig:
-    batch_size: int | None = None
-    """Targets per backward pass (None: as many as fit in `work_floats` of gradients)."""
-    max_feature_nodes: int | None = None
-    """Keep at most this many feature nodes, the most influential ones (None: all active features)."""
-    target_probability: float = 0.95
-    """Default targets: the top logits covering this much probability..."""
-    max_targets: int = 10
-    """...but at most this many."""
-    dtype: str = "float32"
-    device: str = "cpu"
-    targets: list[str] = field(default_factory=list)
-    """Named targets: tokens, or 'A-B' for the logit difference of tokens A and B (empty: default)."""
-    inhibited: int = 0
-    """Also report this many inactive features at the last position that the graph's feature nodes
-    push down hardest (`Graph.inhibited`)."""
-    work_floats: int = 2**22
-    """The gradients of one backward pass hold about this many numbers (16 MB in float32): the batch
-    size when `batch_size` is None."""
-    merge_below: int = 32
-    """With fewer active features per (layer, position) on average, the contraction takes one product per
-    position over the features of every layer there (wasting the zeros below each feature's layer: up
-    to half the work) instead of one per (layer, position): products that thin run at half speed, and
-    there are L times fewer calls (64 tokens, 21 features: 10 against 15 ms a batch; 12 tokens, 77
-    features: 17 against 10.5 ms)."""
-    backward_terms: bool = True
-    """Carry gradients as short sums of terms while that is cheaper (`Replacement.terms_are_cheaper`);
-    False: the dense attention backward everywhere (the same edges, the slower reference path)."""
-    embedding_image_floats: int = 2**24
-    """Largest P * P * d_model for which `Replacement.embedding_images` is built (64 MB in float32);
-    longer prompts pass every gradient through layer 0 instead."""
-
-
 class Sources:
     """The source nodes of a replacement, laid out for the contraction: features in their sorted
     order (one block per source layer and position), then errors [L, P], then tokens [P]."""
@@ -81,25 +51,23 @@ class Sources:
     def __init__(self, rep: Replacement, cfg: AttributionConfig):
         L, P, d = rep.n_layers, rep.n_pos, rep.embed.shape[-1]
         self.rep, self.L, self.P = rep, L, P
-        self.backward_terms = cfg.backward_terms
+        self.backward_terms, self.work_floats = cfg.backward_terms, cfg.work_floats
         self.n_features = len(rep.features)
         self.n = self.n_features + L * P + P
         self.errors = rep.errors.transpose(0, 1).contiguous()  # [P, L, d]: laid out like the gradients
         # the embedding edges from the gradient at resid_mid[0], when the images fit (P^2 d floats)
         self.embed_images = rep.embedding_images() if P * P * d <= cfg.embedding_image_floats else None
-        dense = self.n_features >= cfg.merge_below * L * P  # features per (layer, position) on average
-        self.by_layer = self._by_layer(rep) if dense else []
-        self.by_position = [] if dense else self._by_position(rep)
+        thick = self.n_features >= cfg.merge_below * L * P  # features per (layer, position) on average
+        # merged per position only while its zero-padded copy of the writes ([n, L, d]) stays small
+        merged = not thick and self.n_features * L * d <= cfg.dense_floats
+        self.by_layer = [] if merged else self._by_layer(rep)
+        self.by_position = self._by_position(rep) if merged else []
 
-    def _by_layer(self, rep: Replacement) -> list[list[tuple[int, int, torch.Tensor]]]:
-        """[s][p] -> (start, stop, D [T * d, n_sp]): the node range of the features of layer s at
-        position p and their writes, one contraction product each."""
+    def _by_layer(self, rep: Replacement) -> list[LayerBlocks]:
+        """[s] -> the features of source layer s cut into blocks of one position (`LayerBlocks`)."""
         pos, out, start = rep.features[:, 1], [], 0
         for writes in rep.writes:
-            D = writes.flatten(1).T  # [T*d, n_s]
-            bounds = torch.searchsorted(pos[start : start + len(writes)], torch.arange(self.P + 1, device=pos.device))
-            bounds = bounds.tolist()
-            out.append([(start + a, start + b, D[:, a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
+            out.append(LayerBlocks.of(writes, pos[start : start + len(writes)], start, self.P))
             start += len(writes)
         return out
 
@@ -110,13 +78,15 @@ class Sources:
         features at p are one run of nodes. One contraction product per position."""
         L, d = self.L, rep.embed.shape[-1]
         layer, pos = rep.features[:, 0], rep.features[:, 1]
-        slots = rep.embed.new_zeros(self.n_features, L, d)
+        order = torch.argsort(pos * L + layer, stable=True)
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(len(order), device=order.device)
+        slots = rep.embed.new_zeros(self.n_features, L, d)  # in position order: filled once, never copied
         start = 0
         for s, writes in enumerate(rep.writes):
-            slots[start : start + len(writes), s : s + writes.shape[1]] = writes
+            slots[rank[start : start + len(writes)], s : s + writes.shape[1]] = writes
             start += len(writes)
-        order = torch.argsort(pos * L + layer, stable=True)
-        slots = slots[order].flatten(1)
+        slots = slots.flatten(1)
         bounds = torch.searchsorted(pos[order], torch.arange(self.P + 1, device=pos.device)).tolist()
         out = []
         for a, b in zip(bounds[:-1], bounds[1:], strict=True):
@@ -175,20 +145,16 @@ class Sources:
         return g_post, g
 
     def _contract(self, t: int, pos: torch.Tensor, g_post: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> None:
-        """Write the edges from the gradients of `_walk_down` into out [B, n_sources]: one product per
-        (source layer, position) block, or per position (see `AttributionConfig.merge_below`), over the targets that see
-        the position; the errors; and the embeddings (through their images at resid_mid[0], or
-        directly at resid_pre[0])."""
+        """Write the edges from the gradients of `_walk_down` into out [B, n_sources]: per source layer
+        over its blocks (`LayerBlocks.contract`), or one product per position over the targets that see
+        it (see `AttributionConfig.merge_below`); the errors; and the embeddings (through their images
+        at resid_mid[0], or directly at resid_pre[0])."""
         B, Pp, d = g.shape
         L, P = self.L, self.P
         first = torch.searchsorted(pos, torch.arange(Pp, device=pos.device)).tolist()  # targets from first[p] on see p
         cross = self.rep.clt.cfg.cross_layer
         for s, blocks in enumerate(self.by_layer[:t]):
-            stop = t if cross else s + 1
-            for p, (a, b, D) in enumerate(blocks[:Pp]):
-                f = first[p]
-                if b > a:
-                    torch.matmul(g_post[f:, p, s:stop].flatten(1), D[: (stop - s) * d], out=out[f:, a:b])
+            blocks.contract(g_post[:, :, s : t if cross else s + 1], self.work_floats, out)
         for p, (writes, below, runs) in enumerate(self.by_position[:Pp]):
             f, n = first[p], below[t]  # the features at p below layer t: the first n
             if n and f < B:
@@ -207,6 +173,52 @@ class Sources:
             torch.matmul(g.view(B, Pp * d), self.embed_images[:Pp, : Pp * d].T, out=tokens)
 
 
+class LayerBlocks(NamedTuple):
+    """The features of one source layer cut into blocks of at most `width` features of one position,
+    their writes zero-padded, so that the contraction of a batch's gradients with all of them is a
+    few batched products (one product per (layer, position) costs more in calls than in arithmetic
+    on long prompts)."""
+
+    start: int  # the layer's first feature node
+    positions: torch.Tensor  # [n_s] each feature's position, ascending
+    block_pos: torch.Tensor  # [n_blocks] each block's position, ascending
+    writes: torch.Tensor  # [n_blocks, width, T_s * d] the features' writes, zero rows as padding
+    slot: torch.Tensor  # [n_s] each feature's row in writes.view(n_blocks * width, -1)
+
+    @classmethod
+    def of(cls, writes: torch.Tensor, positions: torch.Tensor, start: int, P: int) -> LayerBlocks:
+        """Blocks of the features with writes [n_s, T_s, d] at positions [n_s] (ascending), nodes from
+        `start` on, `block_width` wide."""
+        counts = torch.bincount(positions, minlength=P)  # [P]
+        width, _ = block_width(counts)
+        rank = torch.arange(len(positions), device=positions.device) - (counts.cumsum(0) - counts)[positions]
+        per_position = (counts + width - 1) // width  # [P] blocks per position
+        block = (per_position.cumsum(0) - per_position)[positions] + rank // width
+        n_blocks = int(per_position.sum())
+        slot = block * width + rank % width
+        padded = writes.new_zeros(n_blocks * width, writes.shape[1] * writes.shape[2])
+        padded[slot] = writes.flatten(1)
+        block_pos = torch.repeat_interleave(torch.arange(P, device=positions.device), per_position)
+        return cls(start, positions, block_pos, padded.view(n_blocks, width, -1), slot)
+
+    def contract(self, g: torch.Tensor, work_floats: int, out: torch.Tensor) -> None:
+        """The edges from these features into a batch of targets, from the targets' gradients g
+        [B, P', T, d] at the T layers they write to below the targets: into out[:, their nodes]. Rows
+        of targets before a feature's position get its exact zero (g is zero after a target)."""
+        B, Pp, T, d = g.shape
+        n = int(torch.searchsorted(self.positions, Pp))  # the features the batch sees
+        n_blocks = int(torch.searchsorted(self.block_pos, Pp))
+        width = self.writes.shape[1]
+        edges = g.new_empty(n_blocks, width, B)
+        by_position = g.transpose(0, 1)  # [P', B, T, d]
+        step = max(1, work_floats // (B * T * d))  # blocks per product: their gradients gathered
+        for a in range(0, n_blocks, step):
+            b = min(a + step, n_blocks)
+            gathered = by_position[self.block_pos[a:b]].flatten(2)  # [k, B, T * d]
+            torch.bmm(self.writes[a:b, :, : T * d], gathered.transpose(1, 2), out=edges[a:b])
+        out[:, self.start : self.start + n] = edges.view(n_blocks * width, B)[self.slot[:n]].T
+
+
 def _skip_terms(rep: Replacement, layer: int, terms: torch.Tensor | None, weights: torch.Tensor | None):
     """A gradient kept as terms [n, J, d] with weights [n, P', J], plus what it sends through the
     skip path of `layer` (`Replacement.skip_backward_terms`): each term's image is added to it, or,
@@ -220,15 +232,15 @@ def _skip_terms(rep: Replacement, layer: int, terms: torch.Tensor | None, weight
 
 
 def untouched_zeros(*shape: int, dtype: torch.dtype, device: str | torch.device = "cpu") -> torch.Tensor:
-    """A zero tensor; on the CPU one whose memory the OS maps on first write (calloc, through numpy):
-    no time is spent filling it, and entries never written (sources after a target's position) take
-    no memory. torch.zeros would write every page: 0.1 s and all of N^2 floats for a 5,600-node graph."""
+    """A zero tensor; on the CPU one in fresh anonymous memory that the OS maps on first write, a
+    small page at a time: no time is spent filling it, and entries never written (sources after a
+    target's position, rows never computed) take no memory. torch.zeros would write every page (0.1 s
+    and all of N^2 floats for a 5,600-node graph); numpy's zeros asks for huge pages, so that each
+    scattered row written takes 2 MB."""
     if torch.device(device).type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
-    # integers of the same width, viewed as `dtype` (numpy has no bfloat16; all-zero bits are 0.0)
-    width = torch.empty(0, dtype=dtype).element_size()
-    same_width = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}[width]
-    return torch.from_numpy(np.zeros(shape, dtype=same_width)).view(dtype)
+    size = max(1, math.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
+    return torch.frombuffer(mmap.mmap(-1, size), dtype=dtype)[: math.prod(shape)].view(shape)
 
 
 def logit_vectors(rep: Replacement, W_U: torch.Tensor, targets: list[LogitTarget]) -> torch.Tensor:
@@ -284,18 +296,26 @@ def attribute(
     logits = rep.logits if cap <= 0 else cap * torch.tanh(rep.logits / cap)
     logit_targets = resolve_targets(model, logits, cfg.targets, cfg.target_probability, cfg.max_targets)
     sources = Sources(rep, cfg)
+    if sources.by_layer:
+        rep.writes = []  # the sources hold them in blocks from here on (1 GB on 4,096 tokens)
     n, L, P = sources.n_features, rep.n_layers, rep.n_pos
     log.info("%d tokens, %d active features, %d targets", P, n, len(logit_targets))
 
     T, N = len(logit_targets), sources.n + len(logit_targets)
-    adjacency = untouched_zeros(N, N, dtype=torch_dtype, device=device)  # rows are written in place
-    vectors = logit_vectors(rep, W_U, logit_targets)
-    sources.rows(L, torch.full((T,), P - 1, device=device), vectors, out=adjacency[sources.n :, : sources.n])
-    selected = _feature_rows(sources, adjacency, logit_targets, cfg, progress)
+    cap = n if cfg.max_feature_nodes is None else min(cfg.max_feature_nodes, n)
+    if cap < n:
+        log.info("keeping the %d most influential of %d active features (max_feature_nodes)", cap, n)
+    vectors, last = logit_vectors(rep, W_U, logit_targets), torch.full((T,), P - 1, device=device)
+    if sparse_graph(cap, T, sources.n, cfg):
+        log.info("sparse graph: each feature row keeps its %d largest edges (edges_per_row)", cfg.edges_per_row)
+        store: DenseRows | SparseRows = SparseRows(sources, cfg.edges_per_row, cap)
+        logit_rows = sources.rows(L, last, vectors)  # [T, sources]
+    else:
+        store = DenseRows(untouched_zeros(N, N, dtype=torch_dtype, device=device), sources, cap)
+        logit_rows = sources.rows(L, last, vectors, out=store.adjacency[sources.n :, : sources.n])
+    selected = _feature_rows(sources, store, logit_rows, logit_targets, cap, cfg, progress)
+    adjacency = store.graph_adjacency(selected, logit_rows)
     inputs, bias = node_inputs_and_bias(rep, W_U, b_U, logit_targets)
-    if len(selected) < n:
-        keep = torch.cat([selected, torch.arange(n, N, device=device)])
-        adjacency = adjacency[keep][:, keep]
     return Graph(
         prompt=prompt,
         tokens=tokens.cpu(),
@@ -316,7 +336,9 @@ def attribute(
             "model_processing": weight_processing(model),
             "transcoder": _transcoder_record(transcoder.cfg),
         },  # fmt: skip
-        inhibited=inhibited_features(sources, selected, cfg.inhibited) if cfg.inhibited else [],
+        inhibited=inhibited_features(sources, selected, cfg.inhibited, batch_size(sources, cfg, L))
+        if cfg.inhibited
+        else [],
     )
 
 
@@ -329,12 +351,13 @@ def _transcoder_record(cfg: CLTConfig) -> dict:
     }  # fmt: skip
 
 
-def inhibited_features(sources: Sources, selected: torch.Tensor, k: int) -> list[dict]:
+def inhibited_features(sources: Sources, selected: torch.Tensor, k: int, batch: int | None = None) -> list[dict]:
     """The k inactive features at the last position with the most negative pre-activation
     contribution from the selected feature nodes (inhibition the graph's edges cannot show, since
     an inactive feature is no node). Each record: layer, pos, feature, pre_activation, bias,
     inhibition (the selected features' summed contribution), contributions (from every source
-    node, in the graph's column order, summing with bias to pre_activation) and the top inhibitors."""
+    node, in the graph's column order, summing with bias to pre_activation) and the top inhibitors.
+    `batch`: input components per backward pass (None: all d at once)."""
     rep, L, P = sources.rep, sources.L, sources.P
     d = rep.embed.shape[-1]
     mid0, _ = rep.linear_forward(with_sources=False)
@@ -344,7 +367,9 @@ def inhibited_features(sources: Sources, selected: torch.Tensor, k: int) -> list
     for l in range(L):
         last = torch.full((d,), P - 1, device=dev)
         basis = rep.encoder_vectors(l, last, torch.eye(d, dtype=rep.embed.dtype, device=dev))  # each input component
-        J = sources.rows(l, last, basis)[:, keep]  # [d, sources]: the transcoder's input at (l, P-1)
+        step = batch or d
+        J = torch.cat([sources.rows(l, last[a : a + step], basis[a : a + step])[:, keep] for a in range(0, d, step)])
+        # J [d, sources]: the transcoder's input at (l, P-1)
         W_enc, b_enc = rep.clt.W_enc[l].detach(), rep.clt.b_enc[l].detach()
         pre = rep.clt_in[l, P - 1] @ W_enc.T + b_enc  # [F]
         in0 = rep.clt_input(l, mid0[l])[P - 1]  # [d] the input's constant part
@@ -364,51 +389,170 @@ def inhibited_features(sources: Sources, selected: torch.Tensor, k: int) -> list
     return sorted(candidates, key=lambda c: c["inhibition"])[:k]
 
 
-def _feature_rows(sources: Sources, adjacency: torch.Tensor, targets, cfg: AttributionConfig, progress: bool):
-    """Write the rows of the feature nodes into adjacency [N, N] (its logit rows already written):
-    all of them, or with `max_feature_nodes` the most influential ones, chosen batch by batch from
-    the influence estimated on the rows computed so far. Returns the computed features [k], sorted."""
+def batch_size(sources: Sources, cfg: AttributionConfig, layer: int) -> int:
+    """Targets per backward pass into `layer`: `cfg.batch_size`, or as many as `work_floats` of
+    gradients hold."""
+    d = sources.rep.embed.shape[-1]
+    return cfg.batch_size or max(cfg.min_batch, cfg.work_floats // (sources.P * (layer + 2) * d))
+
+
+class DenseRows:
+    """The feature rows written in place into the dense adjacency [N, N]; with a cap, their
+    normalised feature columns in the order computed, for the influence estimate."""
+
+    def __init__(self, adjacency: torch.Tensor, sources: Sources, cap: int):
+        self.adjacency, self.sources = adjacency, sources
+        self.rows = adjacency[: sources.n_features, : sources.n]
+        capped = cap < sources.n_features
+        self.normalized = adjacency.new_empty(cap, sources.n_features) if capped else None
+        self.ids: list[torch.Tensor] = []
+
+    def out(self, start: int, stop: int) -> torch.Tensor:
+        return self.rows[start:stop]
+
+    def add(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
+        """Rows [k, sources] of the features `ids` [k] (already in place when they are `out`'s)."""
+        if rows.data_ptr() != self.rows[ids[0]].data_ptr():
+            self.rows[ids] = rows
+        if self.normalized is not None:
+            k = sum(len(i) for i in self.ids)
+            self.normalized[k : k + len(ids)] = normalize_matrix(rows)[:, : self.sources.n_features]
+        self.ids.append(ids)
+
+    def influence(self, direct: torch.Tensor) -> torch.Tensor:
+        """`_feature_influence` through the rows added so far."""
+        done = torch.cat(self.ids) if self.ids else direct.new_empty(0, dtype=torch.long)
+        return _feature_influence(direct, self.normalized[: len(done)], done)
+
+    def graph_adjacency(self, selected: torch.Tensor, logit_rows: torch.Tensor) -> torch.Tensor:
+        """The adjacency of the graph [N', N'] over the selected features and every other node."""
+        n, N = self.sources.n_features, len(self.adjacency)
+        if len(selected) == n:
+            return self.adjacency.cpu()
+        keep = torch.cat([selected, torch.arange(n, N, device=selected.device)])
+        out = self.adjacency.new_zeros(len(keep), len(keep))  # only the feature and logit rows hold edges
+        out[: len(selected)] = self.adjacency[selected][:, keep]
+        out[-len(logit_rows) :] = self.adjacency[-len(logit_rows) :][:, keep]
+        return out.cpu()
+
+
+class SparseRows:
+    """The feature rows reduced as they come: each keeps its `keep` largest edges (exact values)
+    and its total absolute input, so memory grows with the rows kept, not with N^2. The edges of
+    at most `capacity` rows go into buffers reserved once, so that each renewal of the influence
+    estimate reads them where they lie (no concatenation, no re-normalisation)."""
+
+    def __init__(self, sources: Sources, keep: int, capacity: int):
+        self.sources, self.keep = sources, min(keep, sources.n)
+        size, device = capacity * self.keep, sources.rep.embed.device
+        self.ids = torch.empty(capacity, dtype=torch.long, device=device)  # the rows' feature nodes
+        self.cols = torch.empty(size, dtype=torch.int32, device=device)  # each edge's source column
+        self.values = torch.empty(size, dtype=sources.rep.embed.dtype, device=device)
+        self.shares = torch.empty_like(self.values)  # |value| / the row's total; 0 from non-features
+        self.filled = 0  # rows
+        self.kept_mass: list[torch.Tensor] = []  # [k] per batch: the share of |row| kept
+
+    def out(self, start: int, stop: int) -> None:
+        return None
+
+    def add(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
+        magnitude = rows.abs()
+        top = magnitude.topk(self.keep, dim=1)  # [k, keep]
+        totals = magnitude.sum(1, keepdim=True).clamp(min=1e-10)  # as normalize_matrix
+        self.ids[self.filled : self.filled + len(ids)] = ids
+        span = slice(self.filled * self.keep, (self.filled + len(ids)) * self.keep)
+        self.filled += len(ids)
+        self.cols[span] = top.indices.flatten()
+        self.values[span] = rows.gather(1, top.indices).flatten()
+        self.shares[span] = (top.values / totals * (top.indices < self.sources.n_features)).flatten()
+        self.kept_mass.append(top.values.sum(1) / totals[:, 0])
+
+    def influence(self, direct: torch.Tensor) -> torch.Tensor:
+        """`DenseRows.influence` on the kept edges, each normalised by its row's whole input."""
+        n, edges = len(direct), slice(0, self.filled * self.keep)
+        weights = torch.cat([direct, direct.new_zeros(self.sources.n - n)])  # edges reach every source column
+        rows = self.ids[: self.filled].repeat_interleave(self.keep)
+        return direct + edge_influence(rows, self.cols[edges], self.shares[edges], weights)[:n]
+
+    def graph_adjacency(self, selected: torch.Tensor, logit_rows: torch.Tensor) -> torch.Tensor:
+        """The sparse adjacency of the graph over the selected features and every other node: the
+        kept edges of the feature rows, every nonzero edge of the logit rows."""
+        n, n_sources, k = self.sources.n_features, self.sources.n, len(selected)
+        kept_mass = torch.cat(self.kept_mass)
+        log.info("feature rows keep %.1f%% of their absolute input on average (least %.1f%%)",
+                 100 * kept_mass.mean().item(), 100 * kept_mass.min().item())  # fmt: skip
+        position = torch.full((n_sources,), -1, dtype=torch.long, device=selected.device)
+        position[selected] = torch.arange(k, device=selected.device)
+        position[n:] = torch.arange(k, k + n_sources - n, device=selected.device)
+        # in the order of a coalesced matrix, by target then source (no copy to sort them afterwards)
+        r = self.filled
+        cols, order = position[self.cols[: r * self.keep].view(r, self.keep)].sort(dim=1)  # [r, keep] -1: dropped
+        values = self.values[: r * self.keep].view(r, self.keep).gather(1, order)
+        del order
+        rows = position[self.ids[:r]]  # every computed row is a selected feature
+        by_target = rows.argsort()
+        rows, cols, values = rows[by_target], cols[by_target], values[by_target]
+        keep = (cols >= 0) & (values != 0)
+        targets, sources, values = rows[:, None].expand_as(cols)[keep], cols[keep], values[keep]
+        del cols, keep
+        logit_targets, logit_sources = logit_rows.nonzero(as_tuple=True)  # by target then source
+        logit_values, logit_sources = logit_rows[logit_targets, logit_sources], position[logit_sources]
+        logit_keep = (logit_sources >= 0) & (logit_values != 0)
+        N = k + n_sources - n + len(logit_rows)
+        return sparse_adjacency(
+            torch.cat([targets, k + n_sources - n + logit_targets[logit_keep]]).cpu(),
+            torch.cat([sources, logit_sources[logit_keep]]).cpu(),
+            torch.cat([values, logit_values[logit_keep]]).cpu(),
+            N,
+            ordered=True,
+        )
+
+
+def _feature_rows(
+    sources: Sources,
+    store: DenseRows | SparseRows,
+    logit_rows: torch.Tensor,
+    targets: list[LogitTarget],
+    cap: int,
+    cfg: AttributionConfig,
+    progress: bool,
+) -> torch.Tensor:
+    """Compute the rows of the feature nodes into `store` (`logit_rows` [T, sources]: the targets'):
+    all of them, or the `cap` most influential ones, chosen batch by batch from the influence
+    estimated on the rows computed so far. Returns the computed features [cap], sorted."""
     rep, n = sources.rep, sources.n_features
-    cap = n if cfg.max_feature_nodes is None else min(cfg.max_feature_nodes, n)
-    rows = adjacency[:n, : sources.n]
     layer, pos, feature = rep.features.T
     W_enc = rep.clt.W_enc.detach()
-    d = W_enc.shape[-1]
-
-    def batch_size(l: int) -> int:
-        return cfg.batch_size or max(1, cfg.work_floats // (sources.P * (l + 2) * d))
 
     def compute(batch: torch.Tensor) -> None:
-        """The rows of the features `batch` [k] (ascending), one backward pass per layer among them."""
+        """The rows of the features `batch` [k] (ascending), backward passes of at most `step` rows
+        per layer among them."""
         for l in layer[batch].unique().tolist():
-            at = batch[layer[batch] == l]
-            start, stop = int(at[0]), int(at[-1]) + 1
-            vec = rep.encoder_vectors(l, pos[at], W_enc[l, feature[at]])  # [k, d] at resid_mid
-            if stop - start == len(at):  # a contiguous run: written in place
-                sources.rows(l, pos[start:stop], vec, out=rows[start:stop])
-            else:
-                rows[at] = sources.rows(l, pos[at], vec)
-            bar.update(len(at))
+            for at in batch[layer[batch] == l].split(step):
+                start, stop = int(at[0]), int(at[-1]) + 1
+                vec = rep.encoder_vectors(l, pos[at], W_enc[l, feature[at]])  # [k, d] at resid_mid
+                out = store.out(start, stop) if stop - start == len(at) else None  # a contiguous run: in place
+                store.add(at, sources.rows(l, pos[at], vec, out=out))
+                bar.update(len(at))
 
     bar = tqdm(total=cap, desc="attribution", unit="feature", disable=not progress)
     if cap == n:  # one layer per batch, in (layer, position) order: the batch sees few positions
         for l in range(sources.L):
-            idx = (layer == l).nonzero()[:, 0]
-            for a in range(0, len(idx), batch_size(l)):
-                compute(idx[a : a + batch_size(l)])
+            step = batch_size(sources, cfg, l)
+            compute((layer == l).nonzero()[:, 0])
         bar.close()
         return torch.arange(n, device=layer.device)
-    # the influence estimate: the targets' direct shares, then through the computed rows, kept
-    # normalised (feature columns only) in the order computed, each normalised once
-    probs = torch.tensor([t.prob for t in targets], dtype=adjacency.dtype, device=adjacency.device)
-    direct = probs @ normalize_matrix(adjacency[sources.n :, : sources.n])[:, :n]  # [n]
-    normalized, done = adjacency.new_empty(cap, n), torch.empty(0, dtype=torch.long, device=layer.device)
+    # the influence estimate: the targets' direct shares, then through the computed rows
+    probs = torch.tensor([t.prob for t in targets], dtype=logit_rows.dtype, device=logit_rows.device)
+    direct = probs @ normalize_matrix(logit_rows)[:, :n]  # [n]
+    done = torch.empty(0, dtype=torch.long, device=layer.device)
+    step = batch_size(sources, cfg, sources.L - 1)
+    chosen = max(step, -(-cap // cfg.selection_rounds))  # features chosen per estimate
     while len(done) < cap:
-        influence = _feature_influence(direct, normalized[: len(done)], done)
+        influence = store.influence(direct)
         influence[done] = -1
-        batch = influence.topk(min(batch_size(sources.L - 1), cap - len(done))).indices.sort().values
+        batch = influence.topk(min(chosen, cap - len(done))).indices.sort().values
         compute(batch)
-        normalized[len(done) : len(done) + len(batch)] = normalize_matrix(adjacency[batch, : sources.n])[:, :n]
         done = torch.cat([done, batch])
     bar.close()
     return done.sort().values

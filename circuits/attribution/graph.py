@@ -4,6 +4,8 @@ JSON itself is `circuits.attribution.schema`'s).
 Node order (as circuit-tracer): features [n] (sorted by layer, position, feature), error nodes
 [L * P] (layer-major), token embeddings [P], logit targets [T]. `adjacency[target, source]` holds
 the direct effect of source on target; rows of errors and tokens, and columns of logits, are zero.
+A graph of a long prompt holds it as a sparse COO tensor (`attribution` writes one when the dense
+matrix would be large); influence, pruning, scores and the files work on either without densifying.
 """
 
 from __future__ import annotations
@@ -36,6 +38,45 @@ def compute_influence(A: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor
         if not term.any():
             return influence
         term = (term if rows is None else term[rows]) @ A
+        influence += term
+    raise CircuitsError("the adjacency matrix has a cycle: influence does not converge")
+
+
+def edge_list(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The stored edges of an adjacency, dense or sparse COO [N, N]: (targets, sources, values) [nnz],
+    by target then source (a dense matrix: its nonzero entries)."""
+    if A.is_sparse:
+        A = A.coalesce()
+        return A.indices()[0], A.indices()[1], A.values()
+    targets, sources = A.nonzero(as_tuple=True)
+    return targets, sources, A[targets, sources]
+
+
+def sparse_adjacency(
+    targets: torch.Tensor, sources: torch.Tensor, values: torch.Tensor, N: int, ordered: bool = False
+) -> torch.Tensor:
+    """A coalesced sparse COO adjacency [N, N] from its edges; `ordered`: they are already sorted by
+    target, then source, without repeats (no sorted copy is made)."""
+    indices = torch.stack([targets.long(), sources.long()])
+    if ordered:
+        return torch.sparse_coo_tensor(indices, values, (N, N), check_invariants=False, is_coalesced=True)
+    return torch.sparse_coo_tensor(indices, values, (N, N), check_invariants=False).coalesce()
+
+
+def normalize_edges(targets: torch.Tensor, values: torch.Tensor, N: int) -> torch.Tensor:
+    """`normalize_matrix` on edges: |value| / the target's total absolute input, [nnz]."""
+    totals = values.new_zeros(N).index_add_(0, targets, values.abs())
+    return values.abs() / totals.clamp(min=1e-10)[targets]
+
+
+def edge_influence(targets: torch.Tensor, sources: torch.Tensor, A: torch.Tensor, weights: torch.Tensor):
+    """`compute_influence` on edges: weights [N] @ (A + A^2 + ...) for the normalised edge values A
+    [nnz] of a DAG, in O(nnz) per term: [N]."""
+    term, influence = weights, torch.zeros_like(weights)
+    for _ in range(len(weights)):
+        term = torch.zeros_like(weights).index_add_(0, sources, A * term[targets])
+        if not term.any():
+            return influence
         influence += term
     raise CircuitsError("the adjacency matrix has a cycle: influence does not converge")
 
@@ -108,15 +149,42 @@ class Graph:
         start = self.token_slice.stop
         return slice(start, start + self.n_targets)
 
+    @property
+    def n_nodes(self) -> int:
+        return self.adjacency.shape[0]
+
     def target_weights(self) -> torch.Tensor:
         """[N]: each target's probability, zero elsewhere (the weights of influence)."""
-        w = torch.zeros(len(self.adjacency), dtype=self.adjacency.dtype)
+        w = torch.zeros(self.n_nodes, dtype=self.adjacency.dtype)
         w[self.target_slice] = self.target_probs.to(w.dtype)
         return w
 
     def influence(self) -> torch.Tensor:
         """Each node's influence on the targets through the row-normalised |adjacency|: [N]."""
+        if self.adjacency.is_sparse:
+            targets, sources, values = edge_list(self.adjacency)
+            A = normalize_edges(targets, values, self.n_nodes)
+            return edge_influence(targets, sources, A, self.target_weights())
         return compute_influence(normalize_matrix(self.adjacency), self.target_weights())
+
+    def dense_adjacency(self) -> torch.Tensor:
+        """The adjacency as a dense [N, N] matrix (N^2 numbers: for small graphs)."""
+        return self.adjacency.to_dense() if self.adjacency.is_sparse else self.adjacency
+
+    def edges(self, result: PruneResult | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(targets, sources, weights) [n_edges] of the nonzero edges, or of those `result` keeps
+        between the nodes it keeps; by target, then source."""
+        targets, sources, values = edge_list(self.adjacency)
+        keep = values != 0
+        if result is not None:
+            keep &= result.node_mask[targets] & result.node_mask[sources]
+            if result.edge_mask.is_sparse:
+                kept_targets, kept_sources, _ = edge_list(result.edge_mask)
+                N = self.n_nodes
+                keep &= torch.isin(targets * N + sources, kept_targets * N + kept_sources)
+            else:
+                keep &= result.edge_mask[targets, sources]
+        return targets[keep], sources[keep], values[keep]
 
     # ---- pruning and scores ------------------------------------------------------------------
 
@@ -128,6 +196,8 @@ class Graph:
         for name, value in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
             if not 0.0 <= value <= 1.0:
                 raise CircuitsError(f"{name} is {value}: pass a fraction between 0 and 1")
+        if self.adjacency.is_sparse:
+            return self._prune_sparse(node_threshold, edge_threshold)
         weights = self.target_weights()
         influence = compute_influence(normalize_matrix(self.adjacency), weights)
         node_mask = influence >= _cutoff(influence, node_threshold)
@@ -149,21 +219,57 @@ class Graph:
             node_mask = new_mask
         return PruneResult(node_mask, edge_mask, _cumulative(influence))
 
+    def _prune_sparse(self, node_threshold: float, edge_threshold: float) -> PruneResult:
+        """`prune` on a sparse adjacency, the same steps on its edges; the edge mask is a sparse
+        boolean COO tensor [N, N]."""
+        N, weights = self.n_nodes, self.target_weights()
+        targets, sources, values = edge_list(self.adjacency)
+        influence = edge_influence(targets, sources, normalize_edges(targets, values, N), weights)
+        node_mask = influence >= _cutoff(influence, node_threshold)
+        node_mask[self.token_slice.start :] = True
+        values = values * (node_mask[targets] & node_mask[sources])
+        A = normalize_edges(targets, values, N)
+        scores = A * (edge_influence(targets, sources, A, weights) + weights)[targets]
+        edge_mask = scores >= _cutoff(scores, edge_threshold)
+        inner, n = self.token_slice.start, self.n_features
+        while True:
+            edge_mask &= node_mask[targets] & node_mask[sources]
+            sends, receives = torch.zeros(N, dtype=torch.bool), torch.zeros(N, dtype=torch.bool)
+            sends[sources[edge_mask]], receives[targets[edge_mask]] = True, True
+            new_mask = node_mask.clone()
+            new_mask[:inner] &= sends[:inner]
+            new_mask[:n] &= receives[:n]
+            if torch.equal(new_mask, node_mask):
+                break
+            node_mask = new_mask
+        kept = sparse_adjacency(
+            targets[edge_mask], sources[edge_mask], torch.ones(int(edge_mask.sum()), dtype=torch.bool), N
+        )
+        return PruneResult(node_mask, kept, _cumulative(influence))
+
     def unpruned(self) -> PruneResult:
         """Every node and every nonzero edge, with the cumulative influence scores `prune` gives."""
-        everything = torch.ones(len(self.adjacency), dtype=torch.bool)
+        everything = torch.ones(self.n_nodes, dtype=torch.bool)
+        if self.adjacency.is_sparse:
+            targets, sources, values = edge_list(self.adjacency)
+            keep = values != 0
+            edges = sparse_adjacency(
+                targets[keep], sources[keep], torch.ones(int(keep.sum()), dtype=torch.bool), self.n_nodes
+            )
+            return PruneResult(everything, edges, _cumulative(self.influence()))
         return PruneResult(everything, self.adjacency != 0, _cumulative(self.influence()))
 
     def scores(self) -> tuple[float, float]:
         """(replacement score, completeness score), as circuit-tracer computes them: the share of
         the tokens' and errors' influence on the targets that comes from tokens, and the
         influence-weighted share of every node's normalised input that does not come from errors."""
-        A = normalize_matrix(self.adjacency)
-        weights = self.target_weights()
-        influence = compute_influence(A, weights)
+        weights, influence = self.target_weights(), self.influence()
         token, error = influence[self.token_slice].sum(), influence[self.error_slice].sum()
         replacement = token / (token + error)
-        non_error = 1 - A[:, self.error_slice].sum(1)
+        targets, sources, values = edge_list(self.adjacency)
+        from_errors = (sources >= self.error_slice.start) & (sources < self.error_slice.stop)
+        A = normalize_edges(targets, values, self.n_nodes) * from_errors
+        non_error = 1 - torch.zeros_like(weights).index_add_(0, targets, A)
         output = influence + weights
         completeness = (non_error * output).sum() / output.sum()
         return replacement.item(), completeness.item()
@@ -200,13 +306,11 @@ class Graph:
 
         nodes = self.nodes()
         node_mask = torch.ones(len(nodes), dtype=torch.bool) if result is None else result.node_mask
-        edge_mask = self.adjacency != 0 if result is None else result.edge_mask & (self.adjacency != 0)
         g = nx.DiGraph(prompt=self.prompt)
         for i in node_mask.nonzero()[:, 0].tolist():
             g.add_node(nodes[i]["id"], **nodes[i])
-        targets, sources = (edge_mask & node_mask[:, None] & node_mask[None, :]).nonzero(as_tuple=True)
-        weights = self.adjacency[targets, sources].tolist()
-        for t, s, w in zip(targets.tolist(), sources.tolist(), weights, strict=True):
+        targets, sources, weights = self.edges(result)
+        for t, s, w in zip(targets.tolist(), sources.tolist(), weights.tolist(), strict=True):
             g.add_edge(nodes[s]["id"], nodes[t]["id"], weight=w)
         return g
 
@@ -216,7 +320,13 @@ class Graph:
         """One safetensors file: the tensors, and everything else as JSON in its metadata."""
         from safetensors.torch import save
 
-        tensors = {k: getattr(self, k).contiguous() for k in _TENSORS}
+        tensors = {k: getattr(self, k).contiguous() for k in _TENSORS if k != "adjacency"}
+        if self.adjacency.is_sparse:  # the sparse layout: the edges, by target then source
+            targets, sources, values = edge_list(self.adjacency)
+            tensors["adjacency_indices"] = torch.stack([targets, sources]).int().contiguous()
+            tensors["adjacency_values"] = values.contiguous()
+        else:
+            tensors["adjacency"] = self.adjacency.contiguous()
         meta = {k: getattr(self, k) for k in _FIELDS}
         with atomic_file(Path(path), "wb") as f:
             f.write(save(tensors, metadata={"graph": json.dumps(meta), "schema_version": str(schema.SCHEMA_VERSION)}))
@@ -242,12 +352,23 @@ class Graph:
             raise CircuitsError(f"{path} has unreadable graph metadata ({e}): re-run `circuits trace`") from None
         if not isinstance(fields, dict):
             raise CircuitsError(f"{path} has graph metadata that is not an object: re-run `circuits trace`")
-        missing = sorted((set(_TENSORS) - set(tensors)) | (set(_FIELDS) - {"config", "inhibited"} - set(fields)))
-        unknown = sorted((set(tensors) - set(_TENSORS)) | (set(fields) - set(_FIELDS)))
+        sparse = {"adjacency_indices", "adjacency_values"}
+        if sparse <= set(tensors):  # the sparse layout (long prompts); else the dense matrix
+            present = set(tensors) - sparse | {"adjacency"}
+        else:
+            present = set(tensors)
+        missing = sorted((set(_TENSORS) - present) | (set(_FIELDS) - {"config", "inhibited"} - set(fields)))
+        unknown = sorted((present - set(_TENSORS)) | (set(fields) - set(_FIELDS)))
         if missing or unknown:
             raise CircuitsError(f"{path} is not a graph of this version (missing {missing}, unknown {unknown}): "
                                 "re-run `circuits trace`")  # fmt: skip
-        graph = cls(**tensors, **fields)
+        if "adjacency" not in tensors:
+            (targets, sources), values = tensors.pop("adjacency_indices"), tensors.pop("adjacency_values")
+            tensors["adjacency"] = torch.empty(0)  # the sparse matrix, once the graph knows its size
+            graph = cls(**tensors, **fields)
+            graph.adjacency = sparse_adjacency(targets, sources, values, graph.target_slice.stop)
+        else:
+            graph = cls(**tensors, **fields)
         if graph.adjacency.shape != (graph.target_slice.stop,) * 2:
             shape = tuple(graph.adjacency.shape)
             raise CircuitsError(
@@ -296,11 +417,14 @@ def aggregate(graphs: list[Graph], min_prompts: int = 1) -> dict:
             node = nodes.setdefault(key, {"id": key, "prompts": 0, "activation_sum": 0.0})
             node["prompts"] += 1
             node["activation_sum"] += act
-        sub = graph.adjacency[rows][:, : graph.n_features]  # [features + targets, features]
+        row_of = {node: i for i, node in enumerate(rows)}
         summed: dict[tuple[str, str], float] = {}
-        targets, sources = sub.nonzero(as_tuple=True)
-        for t, s, w in zip(targets.tolist(), sources.tolist(), sub[targets, sources].tolist(), strict=True):
-            pair = (keys[s], keys[t])
+        targets, sources, weights = graph.edges()
+        between = sources < graph.n_features  # rows of errors and tokens are empty: every target is a row
+        for t, s, w in zip(
+            targets[between].tolist(), sources[between].tolist(), weights[between].tolist(), strict=True
+        ):
+            pair = (keys[s], keys[row_of[t]])
             summed[pair] = summed.get(pair, 0.0) + w
         for pair, w in summed.items():
             links.setdefault(pair, []).append(w)

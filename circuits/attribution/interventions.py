@@ -84,7 +84,7 @@ def predicted_ablation_effects(graph) -> torch.Tensor:
     layers, so M's feature block M_ff is strictly lower triangular in node order, and the targets'
     rows are A_T + y A_f with y (I - M_ff) = M_Tf: one triangular solve with T right-hand sides."""
     n, T = graph.n_features, graph.n_targets
-    A = graph.adjacency.double()
+    A = graph.dense_adjacency().double()
     per_unit = A[:, :n] / graph.activations.double()  # [N, n]: M's feature columns
     # (I - M_ff)^T y^T = M_Tf^T; unitriangular: the solve takes the diagonal as 1 and reads -M_ff above it
     y = torch.linalg.solve_triangular(-per_unit[:n].T, per_unit[-T:].T, upper=True, unitriangular=True).T

@@ -83,8 +83,8 @@ def node_json(graph: Graph, record: dict, index: int, influence: float) -> dict:
 
 def links_json(graph: Graph, result: PruneResult, ids: dict[int, str]) -> list[dict]:
     """The kept edges between kept nodes (`ids`: node index -> node id), by target, then source."""
-    targets, sources = result.edge_mask.nonzero(as_tuple=True)
-    weights = graph.adjacency[targets, sources].tolist()
+    targets, sources, weights = graph.edges(result)
+    weights = weights.tolist()
     return [
         {"source": ids[s], "target": ids[t], "weight": w}
         for t, s, w in zip(targets.tolist(), sources.tolist(), weights, strict=True)

@@ -1,0 +1,80 @@
+"""`AttributionConfig`: the options of an attribution, and the rules choosing a dense or sparse graph
+and the contraction's blocks (`attribute` and `estimate` both follow them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class AttributionConfig:
+    batch_size: int | None = None
+    """Targets per backward pass (None: as many as fit in `work_floats` of gradients)."""
+    max_feature_nodes: int | None = 8192
+    """Keep at most this many feature nodes, the most influential ones, chosen as the rows are computed
+    (None: every active feature). The default bounds time and memory on long prompts, where the active
+    features run into the hundreds of thousands (330k on 4,096 tokens at 20 per layer and position);
+    the log says when it caps."""
+    target_probability: float = 0.95
+    """Default targets: the top logits covering this much probability..."""
+    max_targets: int = 10
+    """...but at most this many."""
+    dtype: str = "float32"
+    device: str = "cpu"
+    targets: list[str] = field(default_factory=list)
+    """Named targets: tokens, or 'A-B' for the logit difference of tokens A and B (empty: default)."""
+    inhibited: int = 0
+    """Also report this many inactive features at the last position that the graph's feature nodes
+    push down hardest (`Graph.inhibited`)."""
+    work_floats: int = 2**22
+    """The gradients of one backward pass hold about this many numbers (16 MB in float32): the batch
+    size when `batch_size` is None..."""
+    min_batch: int = 32
+    """...but at least this many: every batch reads all the sources' writes once (800 MB on 4,096
+    tokens), so batches of one row on long prompts would be bound by that reading."""
+    merge_below: int = 32
+    """With fewer active features per (layer, position) on average, the contraction takes one product per
+    position over the features of every layer there (wasting the zeros below each feature's layer: up
+    to half the work) instead of batched products per layer over blocks of one position (measured
+    against one product per (layer, position), before the blocks: 64 tokens, 21 features: 10 against
+    15 ms a batch; 12 tokens, 77 features: 17 against 10.5 ms)."""
+    backward_terms: bool = True
+    """Carry gradients as short sums of terms while that is cheaper (`Replacement.terms_are_cheaper`);
+    False: the dense attention backward everywhere (the same edges, the slower reference path)."""
+    selection_rounds: int = 16
+    """With a cap, the influence estimate is renewed after each batch, or at most this many times
+    (then each round computes several batches): on long prompts each renewal reads every kept edge."""
+    dense_floats: int = 2**26
+    """The graph is built dense while the rows it computes over every source, (kept features +
+    targets) x sources, hold at most this many numbers (256 MB in float32; then it is faster); beyond,
+    each row is reduced to its `edges_per_row` largest edges as it comes and the graph is sparse."""
+    edges_per_row: int = 8192
+    """Sparse graphs: the edges each feature row keeps, its largest by |weight| (the logit rows keep
+    all). Rows are normalised by their whole absolute input, so influence is not inflated by the cut."""
+    embedding_image_floats: int = 2**24
+    """Largest P * P * d_model for which `Replacement.embedding_images` is built (64 MB in float32);
+    longer prompts pass every gradient through layer 0 instead."""
+
+
+def sparse_graph(kept: int, n_targets: int, n_sources: int, cfg: AttributionConfig) -> bool:
+    """Whether the graph is built sparse: when the rows it computes, (kept + targets) x sources, hold
+    more than `cfg.dense_floats` numbers, or its N x N matrix (reserved, touched where written) more
+    than 16 times that."""
+    N = n_sources + n_targets
+    return (kept + n_targets) * n_sources > cfg.dense_floats or N * N > 16 * cfg.dense_floats
+
+
+def block_width(counts: torch.Tensor) -> tuple[int, int]:
+    """The width of the blocks one source layer's features are cut into for the contraction (at most
+    `width` features of one position each, zero-padded; `attribute.LayerBlocks`), from the number of
+    features at each position, counts [P]: the widest of 8, 16, ..., 64 that pads them by at most a
+    fifth (wider blocks make faster products, padding costs memory and work). Returns (width, padded
+    number of rows)."""
+    n = int(counts.sum())
+    for width in range(64, 8, -8):
+        padded = int(((counts + width - 1) // width).sum()) * width
+        if padded <= 1.2 * n:
+            return width, padded
+    return 8, int(((counts + 7) // 8).sum()) * 8
