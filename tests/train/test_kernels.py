@@ -1,5 +1,5 @@
 """The training step's contractions give the dense reference's loss and gradients whichever way
-`circuits.train.kernels` picks for them (gathers below DENSE_ABOVE, dense matmuls above)."""
+`circuits.train.kernels` picks for them (sparse products below DENSE_ABOVE, dense matmuls above)."""
 
 import pytest
 import torch
@@ -11,7 +11,7 @@ from circuits.transcoders.clt import CLTConfig, CrossLayerTranscoder
 
 
 @pytest.mark.parametrize("activation", ["jumprelu", "relu", "topk"])
-@pytest.mark.parametrize("dense_above", [0.0, 1.0])  # always dense matmuls; always gathers
+@pytest.mark.parametrize("dense_above", [0.0, 1.0])  # always dense matmuls; always sparse products
 def test_either_contraction_equals_the_dense_reference(activation, dense_above, monkeypatch):
     monkeypatch.setattr(kernels, "DENSE_ABOVE", dense_above)
     torch.manual_seed(0)
