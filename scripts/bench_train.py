@@ -205,7 +205,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", type=Path, required=True, help="an activation store (`circuits activations`)")
     parser.add_argument("--features", type=int, nargs="+", default=[1024, 8192])
-    parser.add_argument("--l0", type=float, nargs="+", default=[90.0, 200.0])
+    parser.add_argument("--l0", type=float, nargs="*", default=[90.0, 200.0], help="L0 of the JumpReLU rows")
     parser.add_argument("--topk", type=int, nargs="*", default=[32], help="k of the TopK rows (none: no such rows)")
     parser.add_argument("--steps", type=int, default=100, help="optimiser steps of 1,024 tokens per run")
     parser.add_argument("--lr", type=float, default=1e-3)

@@ -44,10 +44,14 @@ class Support:
     @classmethod
     def of(cls, supported: torch.Tensor) -> Support:
         """The pairs of a boolean [F, n]."""
-        feature, token = supported.nonzero(as_tuple=True)
-        crow = feature.new_zeros(len(supported) + 1)
-        crow[1:] = torch.bincount(feature, minlength=len(supported)).cumsum(0)
-        return cls(feature, token, crow, supported.shape[1])
+        return cls.of_pairs(*supported.nonzero(as_tuple=True), *supported.shape)
+
+    @classmethod
+    def of_pairs(cls, feature: torch.Tensor, token: torch.Tensor, n_features: int, n_tokens: int) -> Support:
+        """The pairs (feature [nnz], token [nnz]), already sorted by feature, then token."""
+        crow = feature.new_zeros(n_features + 1)
+        crow[1:] = torch.bincount(feature, minlength=n_features).cumsum(0)
+        return cls(feature, token, crow, n_tokens)
 
     def csr(self, values: torch.Tensor) -> torch.Tensor:
         """The sparse CSR [F, n] matrix with `values` [nnz] at the pairs."""
@@ -119,41 +123,46 @@ class _Encode(torch.autograd.Function):
 def encode(clt, x: torch.Tensor) -> list[LayerActs]:
     """Every layer's inputs x [n, L, d] -> its activations, dense or at their support, with the
     values and gradients of the dense `CrossLayerTranscoder.encode_layer` at those features."""
-    L = x.shape[1]
     with torch.no_grad():
-        pre = [torch.addmm(clt.b_enc[l, :, None], clt.W_enc[l], x[:, l].T) for l in range(L)]  # [F, n] each
-        supported = [_supported(clt, p, l) for l, p in enumerate(pre)]  # [F, n] bool each
-        dense = [s.count_nonzero().item() > DENSE_ABOVE * s.numel() for s in supported]
-        supports = [None if d else Support.of(s) for d, s in zip(dense, supported, strict=True)]
+        pre = [torch.addmm(clt.b_enc[l, :, None], clt.W_enc[l], x[:, l].T) for l in range(x.shape[1])]  # [F, n]
+        supports = [_support(clt, p, l) for l, p in enumerate(pre)]
     values = _Encode.apply(clt.W_enc, clt.b_enc, x, pre, supports)
-    return [_activate(clt, l, v, supported[l], supports[l]) for l, v in enumerate(values)]
+    return [_activate(clt, l, v, s) for l, (v, s) in enumerate(zip(values, supports, strict=True))]
 
 
-def _supported(clt, pre: torch.Tensor, layer: int) -> torch.Tensor:
-    """[F, n] bool: each token's top k (TopK), pre > 0 (ReLU), or pre inside or above the JumpReLU
-    threshold's straight-through window."""
-    cfg = clt.cfg
+def _support(clt, pre: torch.Tensor, layer: int) -> Support | None:
+    """The supported pairs of one layer's pre-activations [F, n]: each token's top k (TopK), pre > 0
+    (ReLU), or pre inside or above the JumpReLU threshold's straight-through window; None where they
+    are over DENSE_ABOVE of [F, n] (the layer is then dense)."""
+    cfg, (F, n) = clt.cfg, pre.shape
     if cfg.activation == "topk":
-        supported = torch.zeros_like(pre, dtype=torch.bool)
-        top = pre.T.contiguous().topk(cfg.topk, dim=1).indices  # [n, k] (contiguous: ~10x faster)
-        supported.T.scatter_(1, top, True)
-        return supported
+        if cfg.topk > DENSE_ABOVE * F:
+            return None
+        top = pre.T.contiguous().topk(cfg.topk, dim=1).indices.flatten()  # [n * k] (contiguous: ~10x faster)
+        token = torch.arange(n, device=pre.device).repeat_interleave(cfg.topk)
+        order = (top * n + token).argsort()
+        return Support.of_pairs(top[order], token[order], F, n)
     if cfg.activation == "relu":
-        return pre > 0
-    return pre > (clt.threshold[layer].detach() - cfg.bandwidth / 2)[:, None]
+        supported = pre > 0
+    else:
+        supported = pre > (clt.threshold[layer].detach() - cfg.bandwidth / 2)[:, None]
+    return None if supported.count_nonzero().item() > DENSE_ABOVE * supported.numel() else Support.of(supported)
 
 
-def _activate(clt, layer: int, pre: torch.Tensor, supported: torch.Tensor, support: Support | None) -> LayerActs:
+def _activate(clt, layer: int, pre: torch.Tensor, support: Support | None) -> LayerActs:
     """The activations of one layer's pre-activations: dense [n, F] (support None) or at the support."""
-    cfg = clt.cfg
+    cfg, F = clt.cfg, clt.W_enc.shape[1]
     if cfg.activation == "topk":
-        values = torch.relu(pre) if support is not None else torch.relu(pre) * supported.T
+        values = torch.relu(pre)
+        if support is None:
+            top = pre.detach().topk(cfg.topk, dim=1).indices  # [n, k]
+            values = values * torch.zeros_like(pre, dtype=torch.bool).scatter_(1, top, True)
     elif cfg.activation == "relu":
         values = torch.relu(pre)
     else:
         threshold = clt.threshold[layer] if support is None else clt.threshold[layer][support.feature]
         values = JumpReLU.apply(pre, threshold, cfg.bandwidth)
-    return LayerActs(values, support, len(supported))
+    return LayerActs(values, support, F)
 
 
 class _SparseDecode(torch.autograd.Function):
