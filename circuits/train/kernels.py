@@ -11,11 +11,14 @@ support on the batch (picked per layer and step from the support alone, so resum
   only) and a sparse [F, n] x [n, T * d] product (the decoder's gradient).
 
 Feature-major pairs keep a feature's decoder row and the batch's [n, T * d] gradient in cache in
-the backward. Profiled on one CPU thread (`scripts/bench_train.py`): the token-major gathers this
-replaced (`embedding_bag`, its backward and a sort of the support by feature) took ~60% of a step
-at F 8,192; these products take ~5x less time than the dense ones at 1-3% support, and ~4x more
-at 20% (F 1,024, L0 200), where the layer is dense. The support of a JumpReLU layer includes the
-threshold's straight-through window, so it is larger than L0.
+the backward. Profiled on one CPU thread (torch.profiler, `scripts/bench_train.py`'s shapes): the
+token-major gathers this replaced (`embedding_bag`, its backward and a sort of the support by
+feature) took about half of a step at F 8,192 and L0 90; alone, these products take 5-9x less time
+than the dense ones at 1-3% support (F 8,192) and ~4x more at 20% (F 1,024), and whole steps with
+either path forced were close at 12-24% (F 1,024, L0 90 and 200): hence DENSE_ABOVE. The support of
+a JumpReLU layer includes the threshold's straight-through window: at F 8,192 and L0 90 it is
+3.5-6.6% of [n, F], three to five times L0's 1.2%. Operands are passed to torch.sparse detached:
+it takes a ~3x slower path for tensors that require grad, even under no_grad.
 """
 
 from __future__ import annotations
@@ -172,7 +175,6 @@ class _SparseDecode(torch.autograd.Function):
     def forward(ctx, values, W, support: Support):
         ctx.save_for_backward(values, W)
         ctx.support = support
-        # detached: torch.sparse.mm takes a slower path (x3 at F 8,192) for operands that require grad
         out = torch.sparse.mm(support.rows(values.detach()), W.detach().flatten(1))
         return out.view(support.n_tokens, *W.shape[1:])
 
