@@ -123,8 +123,9 @@ def losses(
     sparse: bool = True, comm: Comm | None = None, coef: torch.Tensor | None = None,
 ) -> StepLoss:  # fmt: skip
     """The training objective on this rank's normalised x, y [n, L, d]; `dead` [L, F] marks the
-    features that get the pre-activation loss. `sparse` touches only supported features (same
-    values and gradients as the dense reference, which runs in a single process only). Every term
+    features that get the pre-activation loss. `sparse` runs `train.kernels` (each layer dense or
+    only at its supported features, by density; the same values and gradients as the dense
+    reference, which runs in a single process only). Every term
     is normalised by the global batch size, so the ranks' losses sum to the single-process loss.
     `coef` [L] is lambda_S of each layer (default: the recipe's ramp at `step`)."""
     comm = comm or Comm()
