@@ -1,17 +1,28 @@
-"""Training throughput on stored activations at realistic L0: ours against decode-clt (JumpReLU CLT)
-in the same script, one thread each, the same batches of an activation store.
+"""Training speed and quality on stored activations at realistic L0: ours against decode-clt (JumpReLU
+CLT) and sparsify (TopK per-layer transcoders) in the same script, one thread each, the same batches
+of an activation store.
 
-    circuits activations training/demo.toml --out /tmp/store --tokens 40000
-    python scripts/bench_train.py --store /tmp/store [--features 1024 8192] [--l0 90 200] [--steps 4]
-        [--peer-python /work/peer-train-venv/bin/python]
+    circuits activations training/demo.toml --out /tmp/store --tokens 60000
+    python scripts/bench_train.py --store /tmp/store [--features 1024 8192] [--l0 90 200] [--steps 100]
+        [--topk 32] [--peer-python /work/peer-train-venv/bin/python]
 
-Each (system, F, L0) runs in a fresh subprocess: a CLT over the store's layers, initialised so that
-about L0 features fire per layer and token (ours: `initialise`; decode-clt: its JumpReLU thresholds
-set to each feature's quantile on the first batch), trained with a learning rate of ~0 so that L0
-stays there; tokens/s of whole optimiser steps (encode, decode, loss, backward, clipping, Adam)
-after one warm-up step. decode-clt runs with the Python given by --peer-python (a scratch venv with
-decode-clt==0.0.1; never a project dependency) and is skipped without it. Prints a table with
-our / decode-clt ratios and the load average before and after.
+Each (system, F, L0) runs in a fresh subprocess with one thread: a transcoder over the store's layers,
+initialised so that about L0 features fire per layer and token, then trained for --steps optimiser
+steps of 1,024 tokens at learning rate --lr (constant; the same batches for every system, the
+store's shards in order). tok/s: whole optimiser steps (encode, decode, loss, backward, clipping,
+Adam), all but the first (warm-up). Then, on the first --eval-tokens held-out tokens: NMSE (squared
+error over squared deviation from the mean, per layer, averaged over layers) and L0 per layer.
+
+- JumpReLU rows (F x L0): ours steers each layer's L0 towards L0 (`target_l0`, as a recipe can);
+  decode-clt 0.0.1 has its thresholds set to each feature's quantile on the first batch and trains
+  with its own loss (sparsity lambda ramped over the run, as its trainer does), so its L0 drifts.
+- TopK rows (F x k, with --topk): per-layer transcoders, ours (`cross_layer = false`, `activation =
+  "topk"`) against sparsify 1.3.3 (`transcode=True`, Adam at the same lr, decoder kept at unit norm
+  as its trainer does; no AuxK loss).
+
+The peers run with the Python given by --peer-python (a scratch venv with decode-clt==0.0.1 and
+eai-sparsify==1.3.3; never project dependencies) and are skipped without it. Prints a table with
+our / peer ratios and the load average before and after.
 """
 
 from __future__ import annotations
@@ -30,51 +41,85 @@ from safetensors.torch import load_file
 BATCH = 1024
 
 
-def _batches(store: Path, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The first n batches [BATCH, L, d] of the store's first shard, normalised to E||x|| = sqrt(d)
-    per layer by the store's statistics (read without circuits, so that a peer's venv can run this)."""
+def _normalised(store: Path, tensors: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, y [n, L, d] scaled to E||x|| = sqrt(d) per layer by the store's statistics (read without
+    circuits, so that a peer's venv can run this)."""
     manifest = json.loads((store / "manifest.json").read_text())
     stats, d = manifest["statistics"], manifest["d_model"]
     inp, out = d**0.5 / torch.tensor(stats["x_mean_norm"]), d**0.5 / torch.tensor(stats["y_mean_norm"])
-    shard = load_file(str(store / manifest["shards"][0]["file"]))
-    x, y = shard["x"].float() * inp[:, None], shard["y"].float() * out[:, None]
-    return [(x[i * BATCH : (i + 1) * BATCH], y[i * BATCH : (i + 1) * BATCH]) for i in range(n)]
+    return tensors["x"].float() * inp[:, None], tensors["y"].float() * out[:, None]
 
 
-def ours(store: Path, F: int, l0: float, steps: int) -> dict:
+def _batches(store: Path, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first n batches [BATCH, L, d] of the store's shards, in order (a shard's tail left out)."""
+    manifest, batches = json.loads((store / "manifest.json").read_text()), []
+    while len(batches) < n:
+        for shard in manifest["shards"]:
+            x, y = _normalised(store, load_file(str(store / shard["file"])))
+            batches += [(x[i : i + BATCH], y[i : i + BATCH]) for i in range(0, len(x) - BATCH + 1, BATCH)]
+    return batches[:n]
+
+
+def _held_out(store: Path, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    manifest = json.loads((store / "manifest.json").read_text())
+    x, y = _normalised(store, load_file(str(store / manifest["held_out"]["file"])))
+    return x[:n], y[:n]
+
+
+def _quality(recon: torch.Tensor, y: torch.Tensor, l0: float) -> dict:
+    """Held-out NMSE of recon against y [n, L, d], averaged over layers, and L0 per layer."""
+    nmse = (recon - y).square().sum((0, 2)) / (y - y.mean(0)).square().sum((0, 2))
+    return {"nmse": nmse.mean().item(), "l0": l0}
+
+
+def ours(args, batches, held) -> dict:
     from circuits.train.config import TrainConfig, TranscoderConfig
-    from circuits.train.objective import initialise, losses
+    from circuits.train.loop import optimiser
+    from circuits.train.objective import SparsityControl, initialise, losses
     from circuits.train.store import ActivationStore
     from circuits.transcoders.clt import CrossLayerTranscoder
 
-    batches = _batches(store, steps + 1)
-    cfg = TrainConfig(transcoder=TranscoderConfig(n_features=F), target_fire_fraction=l0 / F, lr=1e-7)
-    clt = CrossLayerTranscoder(ActivationStore(store).clt_config(cfg.transcoder))
+    F, l0 = args.features[0], args.l0[0]
+    if args.one_topk:
+        transcoder = TranscoderConfig(n_features=F, cross_layer=False, activation="topk", topk=int(l0))
+        cfg = TrainConfig(transcoder=transcoder, lr=args.lr, sparsity_coef=0.0, steps=args.steps)
+    else:
+        transcoder = TranscoderConfig(n_features=F)
+        cfg = TrainConfig(
+            transcoder=transcoder, target_fire_fraction=l0 / F, lr=args.lr, target_l0=l0, steps=args.steps
+        )
+    clt = CrossLayerTranscoder(ActivationStore(args.store).clt_config(cfg.transcoder))
     initialise(clt, batches[0][0], cfg)
-    opt = torch.optim.Adam(clt.parameters(), lr=cfg.lr)
+    opt, sparsity = optimiser(clt, cfg), SparsityControl.start(clt.cfg.n_layers)
     dead = torch.zeros(clt.cfg.n_layers, F, dtype=torch.bool)
 
-    def step(i: int, x: torch.Tensor, y: torch.Tensor) -> float:
-        result = losses(clt, x, y, step=i, cfg=cfg, dead=dead)
+    def step(i: int, x: torch.Tensor, y: torch.Tensor) -> None:  # as `circuits.train.loop._step`, one process
+        result = losses(clt, x, y, step=i, cfg=cfg, dead=dead, coef=sparsity.at(i, cfg))
         opt.zero_grad(set_to_none=True)
         result.total.backward()
         torch.nn.utils.clip_grad_norm_(clt.parameters(), cfg.grad_clip)
         opt.step()
-        return result.l0.mean().item()
+        with torch.no_grad():
+            clt.threshold.clamp_(min=0.0)
+        if cfg.target_l0:
+            sparsity.update(result.l0, cfg, clt)
 
-    return _timed(step, batches)
+    speed = _timed(step, batches)
+    with torch.no_grad():
+        recon, acts = clt(held[0])
+    return speed | _quality(recon, held[1], (acts > 0).sum(-1).float().mean().item())
 
 
-def decode_clt(store: Path, F: int, l0: float, steps: int) -> dict:
+def decode_clt(args, batches, held) -> dict:
     from clt.config import CLTConfig, TrainingConfig
     from clt.models.clt import CrossLayerTranscoder
     from clt.training.losses import LossManager
 
-    batches = _batches(store, steps + 1)
+    F, l0 = args.features[0], args.l0[0]
     L, d = batches[0][0].shape[1:]
     config = CLTConfig(num_features=F, num_layers=L, d_model=d, activation_fn="jumprelu")
     training = TrainingConfig(
-        learning_rate=1e-7, training_steps=1000, train_batch_size_tokens=BATCH, activation_path=str(store)
+        learning_rate=args.lr, training_steps=args.steps, train_batch_size_tokens=BATCH, activation_path=str(args.store)
     )
     model = CrossLayerTranscoder(config, process_group=None, device=torch.device("cpu"))
     with torch.no_grad():  # each feature fires on about l0 / F of the first batch
@@ -85,68 +130,110 @@ def decode_clt(store: Path, F: int, l0: float, steps: int) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=training.learning_rate)
     dead = torch.zeros(L, F, dtype=torch.bool)
 
-    def step(i: int, x: torch.Tensor, y: torch.Tensor) -> float:
+    def step(i: int, x: torch.Tensor, y: torch.Tensor) -> None:
         inputs, targets = {l: x[:, l] for l in range(L)}, {l: y[:, l] for l in range(L)}
         opt.zero_grad(set_to_none=True)
         acts = model.get_feature_activations(inputs)  # as its trainer's step: then the loss, which decodes
         loss, _ = loss_manager.compute_total_loss(
-            model, inputs, targets, i, 1000, precomputed_activations=acts, dead_neuron_mask=dead
+            model, inputs, targets, i, args.steps, precomputed_activations=acts, dead_neuron_mask=dead
         )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         model.decoder_module._cached_decoder_norms = None  # as its trainer does after each step
-        return sum((a > 0).float().sum(-1).mean().item() for a in acts.values()) / L
 
-    return _timed(step, batches)
+    speed = _timed(step, batches)
+    with torch.no_grad():
+        inputs = {l: held[0][:, l] for l in range(L)}
+        recon = model(inputs)
+        active = sum((a > 0).float().sum(-1).mean().item() for a in model.get_feature_activations(inputs).values())
+    return speed | _quality(torch.stack([recon[l] for l in range(L)], 1), held[1], active / L)
+
+
+def sparsify(args, batches, held) -> dict:
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    F, k = args.features[0], int(args.l0[0])
+    L, d = batches[0][0].shape[1:]
+    coders = [SparseCoder(d, SparseCoderConfig(num_latents=F, k=k, transcode=True)) for _ in range(L)]
+    params = [p for c in coders for p in c.parameters()]
+    opt = torch.optim.Adam(params, lr=args.lr)
+
+    def step(i: int, x: torch.Tensor, y: torch.Tensor) -> None:  # as its trainer's step with Adam, no AuxK
+        loss = sum(c(x[:, l], y[:, l]).fvu for l, c in enumerate(coders))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for c in coders:
+            c.remove_gradient_parallel_to_decoder_directions()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        for c in coders:
+            c.set_decoder_norm_to_unit_norm()
+
+    speed = _timed(step, batches)
+    with torch.no_grad():
+        recon = torch.stack([c(held[0][:, l], held[1][:, l]).sae_out for l, c in enumerate(coders)], 1)
+    return speed | _quality(recon, held[1], float(k))
 
 
 def _timed(step, batches: list) -> dict:
     step(0, *batches[0])  # warm-up
     start = time.perf_counter()
-    l0s = [step(i, x, y) for i, (x, y) in enumerate(batches[1:], 1)]
-    seconds = time.perf_counter() - start
-    return {"tokens_per_s": BATCH * len(l0s) / seconds, "l0": sum(l0s) / len(l0s)}
+    for i, (x, y) in enumerate(batches[1:], 1):
+        step(i, x, y)
+    return {"tokens_per_s": BATCH * (len(batches) - 1) / (time.perf_counter() - start)}
 
 
-SYSTEMS = {"ours": ours, "decode-clt": decode_clt}
+SYSTEMS = {"ours": ours, "decode-clt": decode_clt, "sparsify": sparsify}
 
 
-def _run(python: str, system: str, store: Path, F: int, l0: float, steps: int) -> dict:
-    cmd = [python, __file__, "--one", system, "--store", str(store), "--features", str(F), "--l0", str(l0)]
+def _run(python: str, system: str, args, F: int, l0: float, topk: bool) -> dict:
+    cmd = [python, __file__, "--one", system, "--store", str(args.store), "--features", str(F), "--l0", str(l0)]
+    cmd += ["--steps", str(args.steps), "--lr", str(args.lr), "--eval-tokens", str(args.eval_tokens)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    out = subprocess.run([*cmd, "--steps", str(steps)], capture_output=True, text=True, env=env)
+    out = subprocess.run([*cmd, *(["--one-topk"] if topk else [])], capture_output=True, text=True, env=env)
     if out.returncode:
         raise RuntimeError(f"{system} F {F} L0 {l0} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _cells(result: dict) -> str:
+    return f"{result['tokens_per_s']:>7.0f} {result['nmse']:>6.3f} {result['l0']:>6.1f}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", type=Path, required=True, help="an activation store (`circuits activations`)")
     parser.add_argument("--features", type=int, nargs="+", default=[1024, 8192])
-    parser.add_argument("--l0", type=float, nargs="+", default=[90.0, 200.0])
-    parser.add_argument("--steps", type=int, default=4, help="timed steps of 1,024 tokens per run")
-    parser.add_argument("--peer-python", default="/work/peer-train-venv/bin/python", help="a venv with decode-clt")
+    parser.add_argument("--l0", type=float, nargs="*", default=[90.0, 200.0], help="L0 of the JumpReLU rows")
+    parser.add_argument("--topk", type=int, nargs="*", default=[32], help="k of the TopK rows (none: no such rows)")
+    parser.add_argument("--steps", type=int, default=100, help="optimiser steps of 1,024 tokens per run")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--eval-tokens", type=int, default=2048, help="held-out tokens for NMSE and L0")
+    parser.add_argument("--peer-python", default="/work/peer-train-venv/bin/python", help="a venv with the peers")
     parser.add_argument("--one", choices=SYSTEMS, help=argparse.SUPPRESS)  # internal: one run in this process
+    parser.add_argument("--one-topk", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         torch.set_num_threads(1)
         torch.manual_seed(0)
-        print(json.dumps(SYSTEMS[args.one](args.store, args.features[0], args.l0[0], args.steps)))
+        batches, held = _batches(args.store, args.steps), _held_out(args.store, args.eval_tokens)
+        print(json.dumps(SYSTEMS[args.one](args, batches, held)))
         return
     peer = Path(args.peer_python).exists()
     print(f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
-    print(f"{'F':>6} {'L0 asked':>8} | {'ours tok/s':>10} {'L0':>6} | {'decode-clt tok/s':>16} {'L0':>6} | ratio")
-    for F in args.features:
-        for l0 in args.l0:
-            mine = _run(sys.executable, "ours", args.store, F, l0, args.steps)
-            theirs = _run(args.peer_python, "decode-clt", args.store, F, l0, args.steps) if peer else None
-            row = f"{F:>6} {l0:>8.0f} | {mine['tokens_per_s']:>10.0f} {mine['l0']:>6.1f} |"
-            if theirs:
-                ratio = mine["tokens_per_s"] / theirs["tokens_per_s"]
-                row += f" {theirs['tokens_per_s']:>16.0f} {theirs['l0']:>6.1f} | {ratio:.2f}"
-            print(row, flush=True)
+    print(f"{args.steps} steps of {BATCH} tokens, lr {args.lr}; NMSE, L0/layer: {args.eval_tokens} held-out tokens")
+    cells = f"{'tok/s':>7} {'NMSE':>6} {'L0':>6}"
+    print(f"{'F':>6} {'L0':>5} | ours: {cells} | {'peer':>10}: {cells} | ratio")
+    rows = [(F, l0, False, "decode-clt") for F in args.features for l0 in args.l0]
+    rows += [(F, k, True, "sparsify") for F in args.features for k in args.topk]
+    for F, l0, topk, peer_name in rows:
+        mine = _run(sys.executable, "ours", args, F, l0, topk)
+        row = f"{F:>6} {('k ' if topk else '') + f'{l0:.0f}':>5} | ours: {_cells(mine)} |"
+        if peer:
+            theirs = _run(args.peer_python, peer_name, args, F, l0, topk)
+            row += f" {peer_name:>10}: {_cells(theirs)} | {mine['tokens_per_s'] / theirs['tokens_per_s']:.2f}"
+        print(row, flush=True)
     print(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 

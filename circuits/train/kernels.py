@@ -1,91 +1,194 @@
-"""The two contractions of a training step, each done sparse or dense by the density of the batch's
-support (picked per layer and step, from the support alone, so resume stays exact):
+"""The two contractions of a training step, each layer done dense or sparse by the density of its
+support on the batch (picked per layer and step from the support alone, so resume stays exact):
 
-- `encode`: one layer's supported features (token, feature, pre-activation), the forward one dense
-  matmul; the encoder's gradient either gathered over the supported (token, feature) pairs
-  (`embedding_bag`, which sorts them by feature) or one dense [F, n] x [n, d] product of the
-  gradient scattered into [n, F];
-- `decode`: a source layer's contribution to every layer it writes, either gathered rows of its
-  decoders (`embedding_bag` over the support) or the activations scattered into [n, F] times the
-  decoder [F, T * d].
+- `encode`: one layer's pre-activations [F, n] by one dense matmul (every feature's is needed to
+  know which are supported), then either the whole layer as dense activations [n, F] (gradients
+  by dense matmuls), or only its supported (feature, token) pairs, feature-major (`Support`),
+  whose encoder gradient is one sparse [F, n] x [n, d] product;
+- `decode`: a source layer's contribution to every layer it writes: dense [n, F] x [F, T * d], or
+  `_SparseDecode`, which touches only the supported pairs: the forward a sparse [n, F] x [F, T * d]
+  product, the backward a sampled dense-dense product (the activations' gradient, at the support
+  only) and a sparse [F, n] x [n, T * d] product (the decoder's gradient).
 
-Profiled on one CPU thread at L0 200 (F 1,024): the gather path spent its time sorting the support
-by feature and in `embedding_bag`'s backward (about 60% together), the encoder's matmul about 2%.
-At F 8,192 and L0 90 (support ~2%) the dense products still won, 91 against 38 tokens/s in
-`scripts/bench_train.py` (a loaded machine); hence the low `DENSE_ABOVE`. The support of a JumpReLU
-layer includes the threshold's straight-through window, so it is larger than L0.
+Feature-major pairs keep a feature's decoder row and the batch's [n, T * d] gradient in cache in
+the backward. Profiled on one CPU thread (torch.profiler, `scripts/bench_train.py`'s shapes): the
+token-major gathers this replaced (`embedding_bag`, its backward and a sort of the support by
+feature) took about half of a step at F 8,192 and L0 90; alone, these products take 5-9x less time
+than the dense ones at 1-3% support (F 8,192) and ~4x more at 20% (F 1,024), and whole steps with
+either path forced were close at 12-24% (F 1,024, L0 90 and 200): hence DENSE_ABOVE. The support of
+a JumpReLU layer includes the threshold's straight-through window: at F 8,192 and L0 90 it is
+3.5-6.6% of [n, F], three to five times L0's 1.2%. Operands are passed to torch.sparse detached:
+it takes a ~3x slower path for tensors that require grad, even under no_grad.
 """
 
 from __future__ import annotations
 
+import warnings
+from dataclasses import dataclass
+
 import torch
-from torch import nn
 
-from circuits.transcoders.clt import JumpReLU, SparseActs
+from circuits.transcoders.clt import JumpReLU
 
-DENSE_ABOVE = 0.01
+DENSE_ABOVE = 0.15
 """Supported fraction of [n, F] above which a layer's contractions are dense matmuls."""
 
 
+@dataclass
+class Support:
+    """One layer's supported (feature, token) pairs in a batch of n tokens, sorted by feature, then
+    token: the pattern of a sparse CSR [F, n] matrix."""
+
+    feature: torch.Tensor  # [nnz] long
+    token: torch.Tensor  # [nnz] long
+    crow: torch.Tensor  # [F + 1] long: where each feature's run starts
+    n_tokens: int
+
+    @classmethod
+    def of(cls, supported: torch.Tensor) -> Support:
+        """The pairs of a boolean [F, n]."""
+        return cls.of_pairs(*supported.nonzero(as_tuple=True), *supported.shape)
+
+    @classmethod
+    def of_pairs(cls, feature: torch.Tensor, token: torch.Tensor, n_features: int, n_tokens: int) -> Support:
+        """The pairs (feature [nnz], token [nnz]), already sorted by feature, then token."""
+        crow = feature.new_zeros(n_features + 1)
+        crow[1:] = torch.bincount(feature, minlength=n_features).cumsum(0)
+        return cls(feature, token, crow, n_tokens)
+
+    def csr(self, values: torch.Tensor) -> torch.Tensor:
+        """The sparse CSR [F, n] matrix with `values` [nnz] at the pairs."""
+        shape = (len(self.crow) - 1, self.n_tokens)
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": the three products used here are not
+            warnings.simplefilter("ignore")
+            return torch.sparse_csr_tensor(self.crow, self.token, values, shape, check_invariants=False)
+
+    def rows(self, values: torch.Tensor) -> torch.Tensor:
+        """The sparse COO [n, F] matrix with `values` [nnz] at the pairs."""
+        indices = torch.stack([self.token, self.feature])
+        return torch.sparse_coo_tensor(indices, values, (self.n_tokens, len(self.crow) - 1), check_invariants=False)
+
+
+@dataclass
+class LayerActs:
+    """One source layer's activations on a batch of n tokens: dense `values` [n, F] (support None),
+    or `values` [nnz] at `support`: every active feature plus, for JumpReLU, the inactive ones inside
+    the threshold's straight-through window (activation 0, the threshold's gradient is read there)."""
+
+    values: torch.Tensor
+    support: Support | None
+    n_features: int
+
+    def penalty(self, norms: torch.Tensor, c: float) -> torch.Tensor:
+        """sum over tokens and features of tanh(c * a * ||W_dec||), given the norms [F]."""
+        scale = norms if self.support is None else norms[self.support.feature]
+        return torch.tanh(c * self.values * scale).sum()
+
+    def fired(self) -> torch.Tensor:
+        """[F] bool: features active on some token."""
+        if self.support is None:
+            return (self.values > 0).any(0)
+        fired = torch.zeros(self.n_features, dtype=torch.bool, device=self.values.device)
+        fired[self.support.feature[self.values > 0]] = True
+        return fired
+
+    def n_active(self) -> torch.Tensor:
+        """Active (token, feature) pairs: a scalar."""
+        return (self.values > 0).count_nonzero()
+
+
 class _Encode(torch.autograd.Function):
-    """Pre-activations at the support of one layer: (values [nnz], token [nnz], feature [nnz]),
-    token-major. Support: each token's top k (k > 0), else pre > cutoff [F]."""
+    """Every layer's pre-activations pre[l] [F, n] (computed without autograd) as a function of the
+    encoders W [L, F, d] and b [L, F] on inputs x [n, L, d]: per layer all of them as [n, F] (support
+    None), or those at its support [nnz]. One function for all layers, so that the backward writes
+    each layer's slice of the gradients (a slice per layer would allocate [L, F, d] per layer)."""
 
     @staticmethod
-    def forward(ctx, x, W, b, cutoff, k: int):
-        with torch.no_grad():
-            pre = torch.addmm(b, x, W.T)  # [n, F]
-            if k:
-                values, feature = pre.topk(k, dim=-1)  # [n, k]
-                token = torch.arange(len(x), device=x.device).repeat_interleave(k)
-                values, feature = values.flatten(), feature.flatten()
+    def forward(ctx, W, b, x, pre: list[torch.Tensor], supports: list[Support | None]):
+        ctx.save_for_backward(x)
+        ctx.supports, ctx.shape = supports, W.shape
+        return tuple(p.T if s is None else p[s.feature, s.token] for p, s in zip(pre, supports, strict=True))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        (x,) = ctx.saved_tensors
+        grad_W, grad_b = x.new_empty(ctx.shape), x.new_zeros(ctx.shape[:2])
+        for l, (grad, s) in enumerate(zip(grads, ctx.supports, strict=True)):
+            if s is None:  # grad [n, F]
+                torch.mm(grad.T, x[:, l], out=grad_W[l])
+                grad_b[l] = grad.sum(0)
             else:
-                token, feature = (pre > cutoff).nonzero(as_tuple=True)
-                values = pre[token, feature]
-        ctx.save_for_backward(x, token, feature)
-        ctx.shape = pre.shape
-        ctx.dense = len(token) > DENSE_ABOVE * pre.numel()
-        ctx.mark_non_differentiable(token, feature)
-        return values, token, feature
+                grad_W[l] = s.csr(grad) @ x[:, l]
+                grad_b[l].index_add_(0, s.feature, grad)
+        return grad_W, grad_b, None, None, None
+
+
+def encode(clt, x: torch.Tensor) -> list[LayerActs]:
+    """Every layer's inputs x [n, L, d] -> its activations, dense or at their support, with the
+    values and gradients of the dense `CrossLayerTranscoder.encode_layer` at those features."""
+    with torch.no_grad():
+        pre = [torch.addmm(clt.b_enc[l, :, None], clt.W_enc[l], x[:, l].T) for l in range(x.shape[1])]  # [F, n]
+        supports = [_support(clt, p, l) for l, p in enumerate(pre)]
+    values = _Encode.apply(clt.W_enc, clt.b_enc, x, pre, supports)
+    return [_activate(clt, l, v, s) for l, (v, s) in enumerate(zip(values, supports, strict=True))]
+
+
+def _support(clt, pre: torch.Tensor, layer: int) -> Support | None:
+    """The supported pairs of one layer's pre-activations [F, n]: each token's top k (TopK), pre > 0
+    (ReLU), or pre inside or above the JumpReLU threshold's straight-through window; None where they
+    are over DENSE_ABOVE of [F, n] (the layer is then dense)."""
+    cfg, (F, n) = clt.cfg, pre.shape
+    if cfg.activation == "topk":
+        if cfg.topk > DENSE_ABOVE * F:
+            return None
+        top = pre.T.contiguous().topk(cfg.topk, dim=1).indices.flatten()  # [n * k] (contiguous: ~10x faster)
+        token = torch.arange(n, device=pre.device).repeat_interleave(cfg.topk)
+        order = (top * n + token).argsort()
+        return Support.of_pairs(top[order], token[order], F, n)
+    if cfg.activation == "relu":
+        supported = pre > 0
+    else:
+        supported = pre > (clt.threshold[layer].detach() - cfg.bandwidth / 2)[:, None]
+    return None if supported.count_nonzero().item() > DENSE_ABOVE * supported.numel() else Support.of(supported)
+
+
+def _activate(clt, layer: int, pre: torch.Tensor, support: Support | None) -> LayerActs:
+    """The activations of one layer's pre-activations: dense [n, F] (support None) or at the support."""
+    cfg, F = clt.cfg, clt.W_enc.shape[1]
+    if cfg.activation == "topk":
+        values = torch.relu(pre)
+        if support is None:
+            top = pre.detach().topk(cfg.topk, dim=1).indices  # [n, k]
+            values = values * torch.zeros_like(pre, dtype=torch.bool).scatter_(1, top, True)
+    elif cfg.activation == "relu":
+        values = torch.relu(pre)
+    else:
+        threshold = clt.threshold[layer] if support is None else clt.threshold[layer][support.feature]
+        values = JumpReLU.apply(pre, threshold, cfg.bandwidth)
+    return LayerActs(values, support, F)
+
+
+class _SparseDecode(torch.autograd.Function):
+    """values [nnz] at a support, decoders W [F, T, d] -> the contribution [n, T, d]."""
 
     @staticmethod
-    def backward(ctx, grad, _grad_token, _grad_feature):
-        x, token, feature = ctx.saved_tensors
-        n, F = ctx.shape
-        if ctx.dense:
-            scattered = grad.new_zeros(n, F).index_put_((token, feature), grad)
-            return None, scattered.T @ x, scattered.sum(0), None, None
-        # grad_W[f] = sum over the tokens t where f is supported of grad * x[t]: one bag per feature
-        feature_sorted, order = feature.sort(stable=True)
-        counts = torch.bincount(feature_sorted, minlength=F)
-        grad_W = nn.functional.embedding_bag(
-            token[order], x, counts.cumsum(0) - counts, mode="sum", per_sample_weights=grad[order]
-        )
-        return None, grad_W, grad.new_zeros(F).index_add_(0, feature, grad), None, None
+    def forward(ctx, values, W, support: Support):
+        ctx.save_for_backward(values, W)
+        ctx.support = support
+        out = torch.sparse.mm(support.rows(values.detach()), W.detach().flatten(1))
+        return out.view(support.n_tokens, *W.shape[1:])
+
+    @staticmethod
+    def backward(ctx, grad):
+        values, W = ctx.saved_tensors
+        s, flat = ctx.support, grad.reshape(grad.shape[0], -1)  # [n, T * d]
+        pattern = s.csr(values)
+        grad_values = torch.sparse.sampled_addmm(pattern, W.detach().flatten(1), flat.T, beta=0).values()
+        return grad_values, (pattern @ flat).view_as(W), None
 
 
-def encode(clt, x: torch.Tensor, layer: int) -> SparseActs:
-    """One layer's inputs x [n, d] -> its supported features: the active ones, plus for JumpReLU the
-    inactive ones inside the threshold's straight-through window (activation 0). The same values
-    and gradients as the dense `CrossLayerTranscoder.encode_layer` at those features."""
-    cfg, W, b = clt.cfg, clt.W_enc[layer], clt.b_enc[layer]
-    if cfg.activation == "topk":
-        pre, token, feature = _Encode.apply(x, W, b, None, cfg.topk)
-        return SparseActs(token, feature, torch.relu(pre), len(x))
-    if cfg.activation == "relu":
-        pre, token, feature = _Encode.apply(x, W, b, torch.zeros_like(clt.threshold[layer]), 0)
-        return SparseActs(token, feature, pre, len(x))
-    pre, token, feature = _Encode.apply(x, W, b, clt.threshold[layer].detach() - cfg.bandwidth / 2, 0)
-    return SparseActs(token, feature, JumpReLU.apply(pre, clt.threshold[layer][feature], cfg.bandwidth), len(x))
-
-
-def decode(acts: SparseActs, W: torch.Tensor) -> torch.Tensor:
-    """One source layer's decoders W [F, T, d] applied to its supported features: [n, T, d]."""
-    n, F = acts.n_tokens, W.shape[0]
-    if len(acts.feature) > DENSE_ABOVE * n * F:
-        dense = acts.values.new_zeros(n, F).index_put((acts.token, acts.feature), acts.values)
-        return (dense @ W.flatten(1)).view(n, *W.shape[1:])
-    out = nn.functional.embedding_bag(
-        acts.feature, W.flatten(1), acts.offsets(), mode="sum", per_sample_weights=acts.values
-    )
-    return out.view(n, *W.shape[1:])
+def decode(acts: LayerActs, W: torch.Tensor) -> torch.Tensor:
+    """One source layer's decoders W [F, T, d] applied to its activations: [n, T, d]."""
+    if acts.support is None:
+        return (acts.values @ W.flatten(1)).view(len(acts.values), *W.shape[1:])
+    return _SparseDecode.apply(acts.values, W, acts.support)

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from circuits.train.kernels import decode, encode
+from circuits.train.kernels import LayerActs, decode, encode
 from circuits.train.parallel import Comm
-from circuits.transcoders.clt import CrossLayerTranscoder, SparseActs
+from circuits.transcoders.clt import CrossLayerTranscoder
 
 if TYPE_CHECKING:  # in annotations only
     from circuits.train.config import TrainConfig
@@ -106,7 +106,7 @@ def initialise(clt: CrossLayerTranscoder, x: torch.Tensor, cfg: TrainConfig) -> 
 
 def decoder_norms(clt: CrossLayerTranscoder) -> torch.Tensor:
     """||W_dec_f|| over each feature's concatenated decoders: [L, F]."""
-    return torch.stack([w.square().sum(dim=(1, 2)).sqrt() for w in clt.W_dec])
+    return torch.stack([torch.linalg.vector_norm(w, dim=(1, 2)) for w in clt.W_dec])
 
 
 @dataclass
@@ -123,8 +123,9 @@ def losses(
     sparse: bool = True, comm: Comm | None = None, coef: torch.Tensor | None = None,
 ) -> StepLoss:  # fmt: skip
     """The training objective on this rank's normalised x, y [n, L, d]; `dead` [L, F] marks the
-    features that get the pre-activation loss. `sparse` touches only supported features (same
-    values and gradients as the dense reference, which runs in a single process only). Every term
+    features that get the pre-activation loss. `sparse` runs `train.kernels` (each layer dense or
+    only at its supported features, by density; the same values and gradients as the dense
+    reference, which runs in a single process only). Every term
     is normalised by the global batch size, so the ranks' losses sum to the single-process loss.
     `coef` [L] is lambda_S of each layer (default: the recipe's ramp at `step`)."""
     comm = comm or Comm()
@@ -135,15 +136,11 @@ def losses(
     norms = decoder_norms(clt)  # [L, F]
     if sparse:
         x_enc = comm.gather_rows(x)  # the tokens this rank's features encode
-        acts = [encode(clt, x_enc[:, l], l) for l in range(L)]
-        recon = comm.reduce_rows(_decode(clt, acts)) + clt.b_dec + clt.skip_out(x)
-        sparsity = torch.stack(
-            [torch.tanh(cfg.sparsity_c * a.values * norms[l, a.feature]).sum() for l, a in enumerate(acts)]
-        )  # [L]
-        fired = torch.zeros_like(dead)
-        for l, a in enumerate(acts):
-            fired[l, a.feature[a.values > 0]] = True
-        l0 = torch.stack([(a.values > 0).sum() for a in acts]) / len(x_enc)
+        acts = encode(clt, x_enc)
+        recon = comm.reduce_rows(_decode(clt, acts, len(x_enc))) + clt.b_dec + clt.skip_out(x)
+        sparsity = torch.stack([a.penalty(norms[l], cfg.sparsity_c) for l, a in enumerate(acts)])  # [L]
+        fired = torch.stack([a.fired() for a in acts])
+        l0 = torch.stack([a.n_active() for a in acts]) / len(x_enc)
     else:
         x_enc = x
         dense = clt.encode(x)  # [n, L, F]
@@ -176,9 +173,9 @@ class Objective(torch.nn.Module):
         return losses(self.clt, x, y, step, self.cfg, dead, coef=coef)
 
 
-def _decode(clt: CrossLayerTranscoder, acts: list[SparseActs]) -> torch.Tensor:
-    """The reconstruction [n, L, d] from every source layer's supported features (no b_dec, no skip)."""
-    recon = acts[0].values.new_zeros(acts[0].n_tokens, clt.cfg.n_layers, clt.cfg.d_model)
+def _decode(clt: CrossLayerTranscoder, acts: list[LayerActs], n: int) -> torch.Tensor:
+    """The reconstruction [n, L, d] from every source layer's activations (no b_dec, no skip)."""
+    recon = acts[0].values.new_zeros(n, clt.cfg.n_layers, clt.cfg.d_model)
     for s, a in enumerate(acts):
         out = decode(a, clt.W_dec[s])  # [n, T, d]: layers s.. (cross-layer) or s alone
         recon[:, s : s + out.shape[1]] += out

@@ -165,23 +165,6 @@ class JumpReLU(torch.autograd.Function):
         return grad_pre, grad_threshold, None
 
 
-@dataclass
-class SparseActs:
-    """One source layer's supported features in a batch of n tokens, token-major: every active
-    feature plus, for JumpReLU, the inactive ones inside the threshold's straight-through window
-    (activation 0, but the threshold's gradient is read there)."""
-
-    token: torch.Tensor  # [nnz] long, sorted
-    feature: torch.Tensor  # [nnz] long
-    values: torch.Tensor  # [nnz] activations
-    n_tokens: int
-
-    def offsets(self) -> torch.Tensor:
-        """Start of each token's run in `feature` [n] (the embedding_bag layout)."""
-        counts = torch.bincount(self.token, minlength=self.n_tokens)
-        return counts.cumsum(0) - counts
-
-
 class CrossLayerTranscoder(nn.Module):
     def __init__(self, cfg: CLTConfig):
         super().__init__()

@@ -1,5 +1,5 @@
 """The training step's contractions give the dense reference's loss and gradients whichever way
-`circuits.train.kernels` picks for them (gathers below DENSE_ABOVE, dense matmuls above)."""
+`circuits.train.kernels` picks for them (sparse products below DENSE_ABOVE, dense matmuls above)."""
 
 import pytest
 import torch
@@ -11,7 +11,7 @@ from circuits.transcoders.clt import CLTConfig, CrossLayerTranscoder
 
 
 @pytest.mark.parametrize("activation", ["jumprelu", "relu", "topk"])
-@pytest.mark.parametrize("dense_above", [0.0, 1.0])  # always dense matmuls; always gathers
+@pytest.mark.parametrize("dense_above", [0.0, 0.3, 1.0])  # always dense; layer 1 dense, the rest sparse; always sparse
 def test_either_contraction_equals_the_dense_reference(activation, dense_above, monkeypatch):
     monkeypatch.setattr(kernels, "DENSE_ABOVE", dense_above)
     torch.manual_seed(0)
@@ -19,6 +19,11 @@ def test_either_contraction_equals_the_dense_reference(activation, dense_above, 
     clt = clt.double()
     x, y = torch.randn(50, 3, 16, dtype=torch.float64), torch.randn(50, 3, 16, dtype=torch.float64)
     initialise(clt, x, TrainConfig(target_fire_fraction=0.1))
+    with torch.no_grad():
+        clt.b_enc[1] += 1.0  # layer 1 fires on most tokens
+    if dense_above == 0.3:
+        dense = [a.support is None for a in kernels.encode(clt, x)]
+        assert dense == ([False, False, False] if activation == "topk" else [False, True, False])
     cfg, dead = TrainConfig(sparsity_coef=0.1, preact_coef=0.01), torch.rand(3, 64) < 0.3
     results = []
     for sparse in (True, False):
