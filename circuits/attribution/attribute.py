@@ -33,6 +33,7 @@ from transformer_lens import HookedTransformer
 from circuits.attribution.config import AttributionConfig, sparse_graph
 from circuits.attribution.graph import Graph, compute_influence, edge_influence, normalize_matrix, sparse_adjacency
 from circuits.attribution.replacement import Replacement, build_replacement
+from circuits.attribution.single_pass import every_row
 from circuits.attribution.targets import LogitTarget, resolve_targets
 from circuits.errors import CircuitsError
 from circuits.models import prompt_tokens
@@ -264,14 +265,22 @@ def attribute(
     if cap < n:
         log.info("keeping the %d most influential of %d active features (max_feature_nodes)", cap, n)
     vectors, last = logit_vectors(rep, W_U, logit_targets), torch.full((T,), P - 1, device=device)
-    if sparse_graph(cap, T, sources.n, cfg):
+    sparse = sparse_graph(cap, T, sources.n, cfg)
+    one_pass = not sparse and cap == n and cfg.batch_size is None and (n + T) * P * vectors.shape[-1] <= cfg.single_pass_floats
+    if sparse:
         log.info("sparse graph: each feature row keeps its %d largest edges (edges_per_row)", cfg.edges_per_row)
         store: DenseRows | SparseRows = SparseRows(sources, cfg.edges_per_row)
         logit_rows = sources.rows(L, last, vectors)  # [T, sources]
     else:
         store = DenseRows(untouched_zeros(N, N, dtype=torch_dtype, device=device), sources, cap)
-        logit_rows = sources.rows(L, last, vectors, out=store.adjacency[sources.n :, : sources.n])
-    selected = _feature_rows(sources, store, logit_rows, logit_targets, cap, cfg, progress)
+        logit_rows = store.adjacency[sources.n :, : sources.n]
+        if not one_pass:
+            sources.rows(L, last, vectors, out=logit_rows)
+    if one_pass:  # every row in one walk (fewer, larger operations)
+        every_row(rep, vectors, [store.adjacency[:n, : sources.n], logit_rows], sources.embed_images, cfg.backward_terms)
+        selected = torch.arange(n, device=device)
+    else:
+        selected = _feature_rows(sources, store, logit_rows, logit_targets, cap, cfg, progress)
     adjacency = store.graph_adjacency(selected, logit_rows)
     inputs, bias = node_inputs_and_bias(rep, W_U, b_U, logit_targets)
     return Graph(

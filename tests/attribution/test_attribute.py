@@ -75,7 +75,9 @@ def _random_clt(model, cross_layer=True, skip=False, n_features=64, seed=0, **co
 
 
 def _check_against_autograd(model, clt, prompt, n_features=6):
-    graph = attribute(prompt, model, clt, batch_size=32, progress=False)
+    graph = attribute(prompt, model, clt, progress=False)  # every row in one walk (`single_pass`)
+    batched = attribute(prompt, model, clt, batch_size=32, progress=False)
+    assert torch.allclose(batched.adjacency, graph.adjacency, atol=1e-6 * graph.adjacency.abs().max())
     assert graph.n_features > n_features
     gen = torch.Generator().manual_seed(1)
     rows = torch.randperm(graph.n_features, generator=gen)[:n_features].tolist()
