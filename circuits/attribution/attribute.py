@@ -25,6 +25,7 @@ import logging
 import math
 import mmap
 from dataclasses import asdict, replace
+from functools import cached_property
 
 import torch
 from tqdm.auto import tqdm
@@ -58,9 +59,15 @@ class Sources:
         self.embed_images = rep.embedding_images() if P * P * d <= cfg.embedding_image_floats else None
         thick = self.n_features >= cfg.merge_below * L * P  # features per (layer, position) on average
         # merged per position only while its zero-padded copy of the writes ([n, L, d]) stays small
-        merged = not thick and self.n_features * L * d <= cfg.dense_floats
-        self.by_layer = [] if merged else self._by_layer(rep)
-        self.by_position = self._by_position(rep) if merged else []
+        self.merged = not thick and self.n_features * L * d <= cfg.dense_floats
+
+    @cached_property
+    def by_layer(self) -> list[list[tuple[int, int, torch.Tensor]]]:
+        return [] if self.merged else self._by_layer(self.rep)
+
+    @cached_property
+    def by_position(self) -> list[tuple[torch.Tensor, list[int], list[tuple[int, int, int]]]]:
+        return self._by_position(self.rep) if self.merged else []
 
     def _by_layer(self, rep: Replacement) -> list[list[tuple[int, int, torch.Tensor]]]:
         """[s][p] -> (start, stop, D [T * d, n_sp]): the node range of the features of layer s at
@@ -277,7 +284,8 @@ def attribute(
         if not one_pass:
             sources.rows(L, last, vectors, out=logit_rows)
     if one_pass:  # every row in one walk (fewer, larger operations)
-        every_row(rep, vectors, [store.adjacency[:n, : sources.n], logit_rows], sources.embed_images, cfg.backward_terms)
+        rows = [store.adjacency[:n, : sources.n], logit_rows]
+        every_row(rep, vectors, rows, sources.embed_images, cfg.backward_terms, cfg.work_floats)
         selected = torch.arange(n, device=device)
     else:
         selected = _feature_rows(sources, store, logit_rows, logit_targets, cap, cfg, progress)

@@ -110,6 +110,7 @@ class Replacement:
         images = torch.bmm(u, self.back_V[layer].view(H, dh, d))  # [H, n * J, d]
         images = images.view(H, n, J, d).transpose(0, 1).reshape(n, H * J, d)
         mixed = torch.einsum("hkq,nqj->nkhj", self.back_mix[layer, :, :Pp, :Pp], weights).reshape(n, Pp, H * J)
+        mixed = mixed.contiguous()  # bmm copies a strided operand matrix by matrix
         return torch.bmm(mixed, images), images, mixed
 
     def terms_are_cheaper(self, J: int, Pp: int) -> bool:

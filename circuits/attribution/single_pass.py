@@ -26,61 +26,60 @@ import torch
 from circuits.attribution.replacement import Replacement
 
 
-class SlotLayout:
-    """Where the sources of each slot (transcoder output layer) sit in the edges [R, P, C]: per
-    position, a block of width `widths[s]` per source layer s holding its features at that
-    position (in node order), then its error node. Slot l reads the first `stop[l]` columns, and
-    `writes[l]` [P, stop[l], d] holds each source's vector there (decoder row times activation, or
-    the error; zero in padding and for features that do not write to l)."""
+class SlotSources:
+    """The sources writing to each slot (transcoder output layer) l, ordered by position: the
+    features of layers <= l that write to l and the error nodes of layer l. `vectors[l]` [k_l, d]
+    what each writes there (decoder row times activation, or the error), `nodes[l]` [k_l] its node
+    index (features, then errors n + l * P + p), `bounds[l]` [P + 1] where each position's run starts."""
 
     def __init__(self, rep: Replacement):
-        L, P, d = rep.n_layers, rep.n_pos, rep.embed.shape[-1]
+        L, P = rep.n_layers, rep.n_pos
         n, device = len(rep.features), rep.embed.device
         layer, pos = rep.features[:, 0], rep.features[:, 1]
-        counts = torch.zeros(L * P, dtype=torch.long, device=device)
-        counts.index_add_(0, layer * P + pos, torch.ones_like(layer))  # features per (layer, position)
-        widths = (counts.view(L, P).amax(1) + 1).tolist()  # + 1: the error node
-        ends = torch.tensor(widths, device=device).cumsum(0)  # [L] each layer's block ends here
-        self.stop, self.C = ends.tolist(), int(ends[-1])
-        # node order is (layer, position, feature): a feature's rank in its (layer, position) run
-        rank = torch.arange(n, device=device) - (counts.cumsum(0) - counts)[layer * P + pos]
-        column = (ends - torch.tensor(widths, device=device))[layer] + rank  # [n]
-        node = torch.full((P, self.C), -1, dtype=torch.long, device=device)
-        node[pos, column] = torch.arange(n, device=device)
-        node[:, ends - 1] = n + torch.arange(L * P, device=device).view(L, P).T  # error (l, p): n + l * P + p
-        flat = node.flatten()
-        valid = (flat >= 0).nonzero()[:, 0]
-        self.gather = valid[flat[valid].argsort()]  # [n + L * P]: the column of each node in [P * C]
         starts = [0] + torch.tensor([len(w) for w in rep.writes]).cumsum(0).tolist()
-        self.writes = []
+        positions = torch.arange(P, device=device)
+        self.vectors, self.nodes, self.bounds = [], [], []
         for l in range(L):
-            W = rep.embed.new_zeros(P, self.stop[l], d)
-            for s in range(l + 1):
-                if l - s < rep.writes[s].shape[1]:  # a per-layer transcoder writes only to its own layer
-                    at = slice(starts[s], starts[s + 1])
-                    W[pos[at], column[at]] = rep.writes[s][:, l - s]
-            W[:, self.stop[l] - 1] = rep.errors[l]
-            self.writes.append(W.transpose(1, 2))  # [P, d, stop[l]]
+            writing = [s for s in range(l + 1) if l - s < rep.writes[s].shape[1]]  # per-layer: s == l only
+            vectors = torch.cat([rep.writes[s][:, l - s] for s in writing] + [rep.errors[l]])
+            nodes = [torch.arange(starts[s], starts[s + 1], device=device) for s in writing]
+            nodes = torch.cat(nodes + [n + l * P + positions])
+            where = torch.cat([pos[nodes[:-P]], positions])
+            order = where.argsort(stable=True)
+            self.vectors.append(vectors[order])
+            self.nodes.append(nodes[order])
+            self.bounds.append(torch.searchsorted(where[order], torch.arange(P + 1, device=device)).tolist())
 
 
 def every_row(
-    rep: Replacement, logit_vectors: torch.Tensor, out: list[torch.Tensor], embed_images: torch.Tensor | None,
+    rep: Replacement,
+    logit_vectors: torch.Tensor,
+    out: list[torch.Tensor],
+    embed_images: torch.Tensor | None,
     backward_terms: bool = True,
+    work_floats: int = 2**22,
 ) -> None:
     """The rows of every feature and logit target: `logit_vectors` [T, d] the logits' gradients at
     the final residual stream (last position); written into out[0] [n, n_sources] (the features')
-    and out[1] [T, n_sources] (the logits'), in the graph's column order (features, errors, tokens)."""
-    L, P = rep.n_layers, rep.n_pos
+    and out[1] [T, n_sources] (the logits'), in the graph's column order (features, errors, tokens).
+    The rows walk in runs whose gradients hold about `work_floats` numbers: buffers that the heap
+    reuses from run to run rather than fresh memory the OS must map on every call."""
+    L, P, d = rep.n_layers, rep.n_pos, rep.embed.shape[-1]
     layer, pos = rep.features[:, 0], rep.features[:, 1]
-    T, device = len(logit_vectors), logit_vectors.device
+    n, T, device = len(layer), len(logit_vectors), logit_vectors.device
     vectors = torch.cat([feature_vectors(rep), logit_vectors])  # [R, d]
     layers = torch.cat([layer, torch.full((T,), L, device=device)])
     pos = torch.cat([pos, torch.full((T,), P - 1, device=device)])
-    edges, tokens = _walk(rep, vectors, layers, pos, embed_images, backward_terms)
-    n, k = len(layer), edges.shape[1]
-    for rows, dest in ((slice(0, n), out[0]), (slice(n, n + T), out[1])):
-        dest[:, :k] = edges[rows]
-        dest[:, k:] = tokens[rows]
+    slots, step = SlotSources(rep), max(1, work_floats // (P * d))
+    for a in range(0, n + T, step):
+        b = min(a + step, n + T)
+        edges, tokens = _walk(rep, slots, vectors[a:b], layers[a:b], pos[a:b], embed_images, backward_terms)
+        k = edges.shape[1]
+        for dest, first in ((out[0], 0), (out[1], n)):  # its rows first, first + 1, ... of R
+            lo, hi = max(a, first), min(b, first + len(dest))
+            if hi > lo:
+                dest[lo - first : hi - first, :k] = edges[lo - a : hi - a]
+                dest[lo - first : hi - first, k:] = tokens[lo - a : hi - a]
 
 
 def feature_vectors(rep: Replacement) -> torch.Tensor:
@@ -95,6 +94,7 @@ def feature_vectors(rep: Replacement) -> torch.Tensor:
 
 def _walk(
     rep: Replacement,
+    slots: SlotSources,
     vectors: torch.Tensor,
     layers: torch.Tensor,
     pos: torch.Tensor,
@@ -107,8 +107,7 @@ def _walk(
     L, P, d = rep.n_layers, rep.n_pos, rep.embed.shape[-1]
     R, rows = len(vectors), torch.arange(len(vectors), device=vectors.device)
     start = torch.searchsorted(layers, torch.arange(L + 2, device=layers.device)).tolist()  # rows of layer t: start[t]:start[t + 1]
-    layout = SlotLayout(rep)
-    edges = vectors.new_zeros(R, P, layout.C)
+    edges = vectors.new_zeros(R, len(rep.features) + L * P)  # from the features and errors
     g = vectors.new_zeros(R, P, d)  # the gradient at the residual stream, walking down
     seen = torch.arange(P, device=pos.device) <= pos[:, None]  # [R, P]: the positions each row sees
     terms: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # rows of layer t -> their gradient as terms
@@ -116,15 +115,16 @@ def _walk(
         if l < L:  # slot l: the rows with t > l meet the sources writing to mlp_out[l]
             below = start[l + 1]
             out = g[below:] if rep.mlp_post is None else rep.mlp_post[l].backward(g[below:])
-            edges[below:, :, : layout.stop[l]].transpose(0, 1).baddbmm_(out.transpose(0, 1), layout.writes[l])
+            _contract(slots, l, out, edges[below:])
             if rep.clt.W_skip is not None:
                 g[below:] += rep.skip_backward(l, g[below:])
                 terms = {t: _skip(rep, l, *tw) for t, tw in terms.items()}
         fresh = slice(start[l], start[l + 1])
-        g[rows[fresh], pos[fresh]] = vectors[fresh]
-        weights = torch.zeros(len(vectors[fresh]), P, 1, dtype=g.dtype, device=g.device)
-        weights[rows[fresh] - start[l], pos[fresh]] = 1.0
-        terms[l] = (vectors[fresh, None], weights)
+        if start[l + 1] > start[l]:
+            g[rows[fresh], pos[fresh]] = vectors[fresh]
+            weights = torch.zeros(start[l + 1] - start[l], P, 1, dtype=g.dtype, device=g.device)
+            weights[rows[fresh] - start[l], pos[fresh]] = 1.0
+            terms[l] = (vectors[fresh, None], weights)
         if l == L or (l == 0 and embed_images is not None):
             continue
         dense = start[l]  # the rows from here on pass densely; below, a group at a time as terms
@@ -133,8 +133,11 @@ def _walk(
             if backward_terms and dense == start[t] and rep.terms_are_cheaper(terms[t][0].shape[1], P):
                 through, images, mixed = rep.attention_backward_terms(l, *terms[t])
                 g[t_rows] += through
-                terms[t] = (torch.cat([terms[t][0], images], 1), torch.cat([terms[t][1], mixed], 2))
                 dense = start[t + 1]
+                if rep.terms_are_cheaper(terms[t][0].shape[1] + images.shape[1], P):
+                    terms[t] = (torch.cat([terms[t][0], images], 1), torch.cat([terms[t][1], mixed], 2))
+                else:
+                    del terms[t]
             else:
                 del terms[t]
         if dense < R:
@@ -142,12 +145,14 @@ def _walk(
             at = sees.nonzero()[:, 0] if sees.float().mean() < 0.8 else None
             g[dense:] += rep.attention_backward(l, g[dense:], at)
     tokens = (g * rep.embed).sum(-1) if embed_images is None else g.view(R, P * d) @ embed_images.T
-    return edges.view(R, P * layout.C).index_select(1, layout.gather), tokens
+    return edges, tokens
 
 
-def _skip(rep: Replacement, layer: int, terms: torch.Tensor, weights: torch.Tensor):
-    """Terms and weights of a gradient plus what it sends through the skip path of `layer`."""
-    images, factor = rep.skip_backward_terms(layer, terms)
-    if factor is None:
-        return terms + images, weights
-    return torch.cat([terms, images], 1), torch.cat([weights, weights * factor[:, None]], 2)
+def _contract(slots: SlotSources, l: int, g: torch.Tensor, edges: torch.Tensor) -> None:
+    """Add the edges from the sources of slot l to rows whose gradient at its output is g [R', P, d]
+    into edges [R', n + L * P]: one product per position, g[:, p] @ W[sources at p].T."""
+    W, bounds = slots.vectors[l], slots.bounds[l]
+    out = g.new_empty(len(g), len(W))
+    for p, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        torch.mm(g[:, p], W[a:b].T, out=out[:, a:b])
+    edges.index_add_(1, slots.nodes[l], out)
