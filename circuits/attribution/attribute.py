@@ -33,7 +33,7 @@ from transformer_lens import HookedTransformer
 
 from circuits.attribution.config import AttributionConfig, sparse_graph
 from circuits.attribution.graph import Graph, compute_influence, edge_influence, normalize_matrix, sparse_adjacency
-from circuits.attribution.replacement import Replacement, build_replacement
+from circuits.attribution.replacement import Replacement, build_replacement, skip_terms
 from circuits.attribution.single_pass import every_row
 from circuits.attribution.targets import LogitTarget, resolve_targets
 from circuits.errors import CircuitsError
@@ -137,7 +137,7 @@ class Sources:
                 g_post[:, :, l] = g if rep.mlp_post is None else rep.mlp_post[l].backward(g)
                 if rep.clt.W_skip is not None:  # and at resid_mid[l]
                     g = g + rep.skip_backward(l, g)
-                    terms, weights = _skip_terms(rep, l, terms, weights)
+                    terms, weights = skip_terms(rep, l, terms, weights)
             if l == 0 and self.embed_images is not None:
                 break
             if terms is not None and rep.terms_are_cheaper(terms.shape[1], Pp):
@@ -185,18 +185,6 @@ class Sources:
             tokens.copy_((g * self.rep.embed[:Pp]).sum(-1))
         else:
             torch.matmul(g.view(B, Pp * d), self.embed_images[:Pp, : Pp * d].T, out=tokens)
-
-
-def _skip_terms(rep: Replacement, layer: int, terms: torch.Tensor | None, weights: torch.Tensor | None):
-    """A gradient kept as terms [n, J, d] with weights [n, P', J], plus what it sends through the
-    skip path of `layer` (`Replacement.skip_backward_terms`): each term's image is added to it, or,
-    where frozen norms scale it by position, appended as J more terms with rescaled weights."""
-    if terms is None:
-        return None, None
-    images, factor = rep.skip_backward_terms(layer, terms)
-    if factor is None:
-        return terms + images, weights
-    return torch.cat([terms, images], 1), torch.cat([weights, weights * factor[: weights.shape[1], None]], 2)
 
 
 def untouched_zeros(*shape: int, dtype: torch.dtype, device: str | torch.device = "cpu") -> torch.Tensor:

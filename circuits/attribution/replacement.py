@@ -207,6 +207,18 @@ class Replacement:
         return torch.stack(mids), resid
 
 
+def skip_terms(rep: Replacement, layer: int, terms: torch.Tensor | None, weights: torch.Tensor | None):
+    """A gradient kept as terms [n, J, d] with weights [n, P', J], plus what it sends through the
+    skip path of `layer` (`Replacement.skip_backward_terms`): each term's image is added to it, or,
+    where frozen norms scale it by position, appended as J more terms with rescaled weights."""
+    if terms is None:
+        return None, None
+    images, factor = rep.skip_backward_terms(layer, terms)
+    if factor is None:
+        return terms + images, weights
+    return torch.cat([terms, images], 1), torch.cat([weights, weights * factor[: weights.shape[1], None]], 2)
+
+
 def _rows_matmul(x: torch.Tensor, W: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     """x [n, a] @ W [a, b], computed for `rows` of x only (the others are zero in x and in the result)."""
     if rows is None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from circuits.attribution.replacement import Replacement
+from circuits.attribution.replacement import Replacement, skip_terms
 
 
 class SlotSources:
@@ -118,7 +118,7 @@ def _walk(
             _contract(slots, l, out, edges[below:])
             if rep.clt.W_skip is not None:
                 g[below:] += rep.skip_backward(l, g[below:])
-                terms = {t: _skip(rep, l, *tw) for t, tw in terms.items()}
+                terms = {t: skip_terms(rep, l, *tw) for t, tw in terms.items()}
         fresh = slice(start[l], start[l + 1])
         if start[l + 1] > start[l]:
             g[rows[fresh], pos[fresh]] = vectors[fresh]
@@ -156,3 +156,4 @@ def _contract(slots: SlotSources, l: int, g: torch.Tensor, edges: torch.Tensor) 
     for p, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
         torch.mm(g[:, p], W[a:b].T, out=out[:, a:b])
     edges.index_add_(1, slots.nodes[l], out)
+
