@@ -28,27 +28,32 @@ from circuits.attribution.replacement import Replacement, skip_terms
 
 class SlotSources:
     """The sources writing to each slot (transcoder output layer) l, ordered by position: the
-    features of layers <= l that write to l and the error nodes of layer l. `vectors[l]` [k_l, d]
-    what each writes there (decoder row times activation, or the error), `nodes[l]` [k_l] its node
-    index (features, then errors n + l * P + p), `bounds[l]` [P + 1] where each position's run starts."""
+    features of layers <= l that write to l and the error nodes of layer l. `vectors[l][p]` [d, k_p]
+    what those at position p write there (decoder row times activation, or the error), `nodes[l]`
+    [k_l] their node indices (features, then errors n + l * P + p) in that order. With the
+    embeddings' images (`Replacement.embedding_images`), `images[q]` [d, q + 1] what each token
+    k <= q adds at resid_mid[0] of position q, `keys` their token indices in that order."""
 
-    def __init__(self, rep: Replacement):
+    def __init__(self, rep: Replacement, embed_images: torch.Tensor | None):
         L, P = rep.n_layers, rep.n_pos
         n, device = len(rep.features), rep.embed.device
         layer, pos = rep.features[:, 0], rep.features[:, 1]
         starts = [0] + torch.tensor([len(w) for w in rep.writes]).cumsum(0).tolist()
         positions = torch.arange(P, device=device)
-        self.vectors, self.nodes, self.bounds = [], [], []
+        self.vectors: list[list[torch.Tensor]] = []
+        self.nodes: list[torch.Tensor] = []
         for l in range(L):
             writing = [s for s in range(l + 1) if l - s < rep.writes[s].shape[1]]  # per-layer: s == l only
             vectors = torch.cat([rep.writes[s][:, l - s] for s in writing] + [rep.errors[l]])
             nodes = [torch.arange(starts[s], starts[s + 1], device=device) for s in writing]
             nodes = torch.cat(nodes + [n + l * P + positions])
             where = torch.cat([pos[nodes[:-P]], positions])
-            order = where.argsort(stable=True)
-            self.vectors.append(vectors[order])
+            order, sizes = where.argsort(stable=True), torch.bincount(where, minlength=P).tolist()
+            self.vectors.append(list(vectors[order].T.split(sizes, 1)))
             self.nodes.append(nodes[order])
-            self.bounds.append(torch.searchsorted(where[order], torch.arange(P + 1, device=device)).tolist())
+        # the embeddings' images at resid_mid[0] by query position: [d, q + 1] for the keys k <= q
+        self.images = None if embed_images is None else [embed_images.view(P, P, -1)[: q + 1, q].T for q in range(P)]
+        self.keys = torch.cat([positions[: q + 1] for q in range(P)])
 
 
 def every_row(
@@ -70,10 +75,10 @@ def every_row(
     vectors = torch.cat([feature_vectors(rep), logit_vectors])  # [R, d]
     layers = torch.cat([layer, torch.full((T,), L, device=device)])
     pos = torch.cat([pos, torch.full((T,), P - 1, device=device)])
-    slots, step = SlotSources(rep), max(1, work_floats // (P * d))
+    slots, step = SlotSources(rep, embed_images), max(1, work_floats // (P * d))
     for a in range(0, n + T, step):
         b = min(a + step, n + T)
-        edges, tokens = _walk(rep, slots, vectors[a:b], layers[a:b], pos[a:b], embed_images, backward_terms)
+        edges, tokens = _walk(rep, slots, vectors[a:b], layers[a:b], pos[a:b], backward_terms)
         k = edges.shape[1]
         for dest, first in ((out[0], 0), (out[1], n)):  # its rows first, first + 1, ... of R
             lo, hi = max(a, first), min(b, first + len(dest))
@@ -98,7 +103,6 @@ def _walk(
     vectors: torch.Tensor,
     layers: torch.Tensor,
     pos: torch.Tensor,
-    embed_images: torch.Tensor | None,
     backward_terms: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The edges into R targets: `vectors` [R, d] each one's gradient where it starts, at `pos` [R]
@@ -125,7 +129,7 @@ def _walk(
             weights = torch.zeros(start[l + 1] - start[l], P, 1, dtype=g.dtype, device=g.device)
             weights[rows[fresh] - start[l], pos[fresh]] = 1.0
             terms[l] = (vectors[fresh, None], weights)
-        if l == L or (l == 0 and embed_images is not None):
+        if l == L or (l == 0 and slots.images is not None):
             continue
         dense = start[l]  # the rows from here on pass densely; below, a group at a time as terms
         for t in sorted(terms):
@@ -144,16 +148,14 @@ def _walk(
             sees = seen[dense:].flatten()
             at = sees.nonzero()[:, 0] if sees.float().mean() < 0.8 else None
             g[dense:] += rep.attention_backward(l, g[dense:], at)
-    tokens = (g * rep.embed).sum(-1) if embed_images is None else g.view(R, P * d) @ embed_images.T
+    if slots.images is None:
+        tokens = (g * rep.embed).sum(-1)
+    else:  # one product per position q with the images of the tokens k <= q
+        tokens = g.new_zeros(R, P).index_add_(1, slots.keys, torch.cat([g[:, q] @ I for q, I in enumerate(slots.images)], 1))
     return edges, tokens
 
 
 def _contract(slots: SlotSources, l: int, g: torch.Tensor, edges: torch.Tensor) -> None:
     """Add the edges from the sources of slot l to rows whose gradient at its output is g [R', P, d]
-    into edges [R', n + L * P]: one product per position, g[:, p] @ W[sources at p].T."""
-    W, bounds = slots.vectors[l], slots.bounds[l]
-    out = g.new_empty(len(g), len(W))
-    for p, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-        torch.mm(g[:, p], W[a:b].T, out=out[:, a:b])
-    edges.index_add_(1, slots.nodes[l], out)
-
+    into edges [R', n + L * P]: one product per position, g[:, p] @ W_p [d, k_p]."""
+    edges.index_add_(1, slots.nodes[l], torch.cat([g[:, p] @ W for p, W in enumerate(slots.vectors[l])], 1))
