@@ -33,7 +33,7 @@ from transformer_lens import HookedTransformer
 
 from circuits.attribution.config import AttributionConfig, sparse_graph
 from circuits.attribution.graph import Graph, compute_influence, edge_influence, normalize_matrix, sparse_adjacency
-from circuits.attribution.replacement import Replacement, build_replacement, skip_terms
+from circuits.attribution.replacement import Replacement, build_replacement
 from circuits.attribution.single_pass import every_row
 from circuits.attribution.targets import LogitTarget, resolve_targets
 from circuits.errors import CircuitsError
@@ -137,7 +137,7 @@ class Sources:
                 g_post[:, :, l] = g if rep.mlp_post is None else rep.mlp_post[l].backward(g)
                 if rep.clt.W_skip is not None:  # and at resid_mid[l]
                     g = g + rep.skip_backward(l, g)
-                    terms, weights = skip_terms(rep, l, terms, weights)
+                    terms, weights = rep.skip_terms(l, terms, weights)
             if l == 0 and self.embed_images is not None:
                 break
             if terms is not None and rep.terms_are_cheaper(terms.shape[1], Pp):

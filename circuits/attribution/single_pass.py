@@ -21,9 +21,12 @@ them the gradient passes layer 0 too and meets the embeddings at resid_pre[0]). 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from circuits.attribution.replacement import Replacement, skip_terms
+if TYPE_CHECKING:
+    from circuits.attribution.replacement import Replacement
 
 
 class SlotSources:
@@ -122,7 +125,7 @@ def _walk(
             _contract(slots, l, out, edges[below:])
             if rep.clt.W_skip is not None:
                 g[below:] += rep.skip_backward(l, g[below:])
-                terms = {t: skip_terms(rep, l, *tw) for t, tw in terms.items()}
+                terms = {t: rep.skip_terms(l, *tw) for t, tw in terms.items()}
         fresh = slice(start[l], start[l + 1])
         if start[l + 1] > start[l]:
             g[rows[fresh], pos[fresh]] = vectors[fresh]
