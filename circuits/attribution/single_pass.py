@@ -137,11 +137,12 @@ def _walk(
         dense = start[l]  # the rows from here on pass densely; below, a group at a time as terms
         for t in sorted(terms):
             t_rows = slice(start[t], start[t + 1])
-            if backward_terms and dense == start[t] and rep.terms_are_cheaper(terms[t][0].shape[1], P):
+            seen_t = int(seen[t_rows].sum(1).float().mean().ceil())  # the dense pass's positions per row
+            if backward_terms and dense == start[t] and rep.terms_are_cheaper(terms[t][0].shape[1], seen_t):
                 through, images, mixed = rep.attention_backward_terms(l, *terms[t])
                 g[t_rows] += through
                 dense = start[t + 1]
-                if rep.terms_are_cheaper(terms[t][0].shape[1] + images.shape[1], P):
+                if rep.terms_are_cheaper(terms[t][0].shape[1] + images.shape[1], seen_t):
                     terms[t] = (torch.cat([terms[t][0], images], 1), torch.cat([terms[t][1], mixed], 2))
                 else:
                     del terms[t]
