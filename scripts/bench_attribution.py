@@ -603,12 +603,14 @@ def bench_short(args) -> None:
         ours, ours_path = _run(sys.executable, "ours", common + ["--length", str(n)], env)
         ct_args = common + ["--tokens", json.dumps(ours["tokens"]), "--model-dir", str(DEMO_MODEL_DIR),
                             "--transcoder-dir", str(transcoder_dir)]  # fmt: skip
-        runs = {b: _run(args.ct_python, "ct", ct_args + ["--ct-batch-size", str(b)], ct_env) for b in args.ct_batch_sizes}
+        runs = {b: _run(args.ct_python, "ct", [*ct_args, "--ct-batch-size", str(b)], ct_env)
+                for b in args.ct_batch_sizes}  # fmt: skip
         best = min(runs, key=lambda b: runs[b][0]["seconds"])
         ct, diff = runs[best][0], compare(ours_path, runs[best][1], ours["n_layers"], n)
         cpu_best = min(r["cpu_seconds"] for r, _ in runs.values())
         load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-        print(f"| {n} | {ours['n_features']:,} | {ours['seconds'] * 1e3:.1f} ms | {ct['seconds'] * 1e3:.0f} ms ({best}) "
+        print(f"| {n} | {ours['n_features']:,} | {ours['seconds'] * 1e3:.1f} ms "
+              f"| {ct['seconds'] * 1e3:.0f} ms ({best}) "
               f"| {ct['seconds'] / ours['seconds']:.1f}x | {ours['cpu_seconds'] * 1e3:.1f} / {cpu_best * 1e3:.0f} ms "
               f"| {cpu_best / ours['cpu_seconds']:.1f}x | {diff:.1e} | {load} |", flush=True)  # fmt: skip
 

@@ -261,7 +261,8 @@ def attribute(
         log.info("keeping the %d most influential of %d active features (max_feature_nodes)", cap, n)
     vectors, last = logit_vectors(rep, W_U, logit_targets), torch.full((T,), P - 1, device=device)
     sparse = sparse_graph(cap, T, sources.n, cfg)
-    one_pass = not sparse and cap == n and cfg.batch_size is None and (n + T) * P * vectors.shape[-1] <= cfg.single_pass_floats
+    small = (n + T) * P * vectors.shape[-1] <= cfg.single_pass_floats
+    one_pass = small and not sparse and cap == n and cfg.batch_size is None
     if sparse:
         log.info("sparse graph: each feature row keeps its %d largest edges (edges_per_row)", cfg.edges_per_row)
         store: DenseRows | SparseRows = SparseRows(sources, cfg.edges_per_row)

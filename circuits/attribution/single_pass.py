@@ -1,22 +1,20 @@
 """Every row of a small graph in one walk down the layers: the feature and logit targets together,
-with fewer, larger operations than `Sources.rows` takes batch by batch (short prompts are bound by
-the number of torch operations, not by arithmetic).
+with fewer, larger operations than `Sources.rows` takes batch by batch.
 
 The rows R = [features (by layer), logits] are ordered by the layer t where each one's gradient
 starts (a feature's own layer, L for the logits), so that below layer l the rows still walking are
 a suffix. Walking down from the top, at each layer l:
-1. the gradient at mlp_out[l] of the rows with t > l meets the sources writing there (slot l): the
-   features of layers <= l and the error nodes of layer l, laid out per position in blocks of fixed
-   width per source layer (`SlotLayout`), one product batched over positions, accumulated into
-   edges [R, P, C];
+1. the gradient at mlp_out[l] of the rows with t > l meets the sources writing there (slot l: the
+   features of layers <= l that write to l and the error nodes of layer l, `SlotSources`): one
+   product per position over the sources there, added into the rows' edges by node index;
 2. the skip path of layer l (if any), then the rows of layer l start, each at its position;
 3. the frozen attention of layer l sends the gradient of the rows with t >= l to resid_pre[l]: the
    rows whose gradient is still a short sum of terms (`Replacement.attention_backward_terms`; rows
-   that start at layer l are one term) a group at a time, the others in one dense pass over the
-   positions each row sees.
-At resid_mid[0] the embedding edges are one product with `Replacement.embedding_images` (without
-them the gradient passes layer 0 too and meets the embeddings at resid_pre[0]). One gather from
-[R, P, C] into node order gives the rows' edges from features and errors.
+   that start at layer l are one term) a group at a time while that is cheaper, the others in one
+   dense pass over the positions each row sees.
+At resid_mid[0] the embedding edges are one product per position with the images of the tokens it
+sees (`Replacement.embedding_images`; without them the gradient passes layer 0 too and meets the
+embeddings at resid_pre[0]). Rows walk in runs of `AttributionConfig.work_floats` gradients.
 """
 
 from __future__ import annotations
@@ -40,7 +38,7 @@ class SlotSources:
     def __init__(self, rep: Replacement, embed_images: torch.Tensor | None):
         L, P = rep.n_layers, rep.n_pos
         n, device = len(rep.features), rep.embed.device
-        layer, pos = rep.features[:, 0], rep.features[:, 1]
+        pos = rep.features[:, 1]
         starts = [0] + torch.tensor([len(w) for w in rep.writes]).cumsum(0).tolist()
         positions = torch.arange(P, device=device)
         self.vectors: list[list[torch.Tensor]] = []
@@ -113,7 +111,7 @@ def _walk(
     edges from features and errors [R, n + L * P] and from the tokens [R, P]."""
     L, P, d = rep.n_layers, rep.n_pos, rep.embed.shape[-1]
     R, rows = len(vectors), torch.arange(len(vectors), device=vectors.device)
-    start = torch.searchsorted(layers, torch.arange(L + 2, device=layers.device)).tolist()  # rows of layer t: start[t]:start[t + 1]
+    start = torch.searchsorted(layers, torch.arange(L + 2, device=layers.device)).tolist()  # t: start[t]:start[t + 1]
     edges = vectors.new_zeros(R, len(rep.features) + L * P)  # from the features and errors
     g = vectors.new_zeros(R, P, d)  # the gradient at the residual stream, walking down
     seen = torch.arange(P, device=pos.device) <= pos[:, None]  # [R, P]: the positions each row sees
@@ -134,29 +132,44 @@ def _walk(
             terms[l] = (vectors[fresh, None], weights)
         if l == L or (l == 0 and slots.images is not None):
             continue
-        dense = start[l]  # the rows from here on pass densely; below, a group at a time as terms
-        for t in sorted(terms):
-            t_rows = slice(start[t], start[t + 1])
-            seen_t = int(seen[t_rows].sum(1).float().mean().ceil())  # the dense pass's positions per row
-            if backward_terms and dense == start[t] and rep.terms_are_cheaper(terms[t][0].shape[1], seen_t):
-                through, images, mixed = rep.attention_backward_terms(l, *terms[t])
-                g[t_rows] += through
-                dense = start[t + 1]
-                if rep.terms_are_cheaper(terms[t][0].shape[1] + images.shape[1], seen_t):
-                    terms[t] = (torch.cat([terms[t][0], images], 1), torch.cat([terms[t][1], mixed], 2))
-                else:
-                    del terms[t]
-            else:
-                del terms[t]
-        if dense < R:
-            sees = seen[dense:].flatten()
-            at = sees.nonzero()[:, 0] if sees.float().mean() < 0.8 else None
-            g[dense:] += rep.attention_backward(l, g[dense:], at)
+        _attention(rep, l, g, terms, start, seen, backward_terms)
     if slots.images is None:
         tokens = (g * rep.embed).sum(-1)
     else:  # one product per position q with the images of the tokens k <= q
-        tokens = g.new_zeros(R, P).index_add_(1, slots.keys, torch.cat([g[:, q] @ I for q, I in enumerate(slots.images)], 1))
+        products = torch.cat([g[:, q] @ images for q, images in enumerate(slots.images)], 1)
+        tokens = g.new_zeros(R, P).index_add_(1, slots.keys, products)
     return edges, tokens
+
+
+def _attention(
+    rep: Replacement,
+    l: int,
+    g: torch.Tensor,
+    terms: dict[int, tuple[torch.Tensor, torch.Tensor]],
+    start: list[int],
+    seen: torch.Tensor,
+    backward_terms: bool,
+) -> None:
+    """Add to g [R, P, d] (the gradient at resid_mid[l] of the rows from start[l] on) what passes back
+    through the frozen attention of layer l: as terms for the groups in `terms` (rows of layer t,
+    lowest t first) while that is cheaper than the dense pass over the positions their rows see
+    (`seen` [R, P]), updating or dropping their terms; densely for the rest."""
+    dense = start[l]  # the rows from here on pass densely
+    for t in sorted(terms):
+        rows = slice(start[t], start[t + 1])
+        positions = int(seen[rows].sum(1).float().mean().ceil())  # per row in the dense pass
+        if backward_terms and dense == start[t] and rep.terms_are_cheaper(terms[t][0].shape[1], positions):
+            through, images, mixed = rep.attention_backward_terms(l, *terms[t])
+            g[rows] += through
+            dense = start[t + 1]
+            if rep.terms_are_cheaper(terms[t][0].shape[1] + images.shape[1], positions):
+                terms[t] = (torch.cat([terms[t][0], images], 1), torch.cat([terms[t][1], mixed], 2))
+                continue
+        del terms[t]
+    if dense < len(g):
+        sees = seen[dense:].flatten()
+        at = sees.nonzero()[:, 0] if sees.float().mean() < 0.8 else None
+        g[dense:] += rep.attention_backward(l, g[dense:], at)
 
 
 def _contract(slots: SlotSources, l: int, g: torch.Tensor, edges: torch.Tensor) -> None:
