@@ -31,6 +31,12 @@ best time and the peak RSS growth over the process's baseline after imports (the
 
     python scripts/bench_attribution.py --load --repeat 3 --ct-python /work/ct-venv/bin/python
 
+`--short` instead prints only the time against circuit-tracer at its best batch size, wall and process CPU
+time (on a shared machine the CPU time leaves out the waits for a core), with the load average:
+
+    python scripts/bench_attribution.py --short --fire-fraction 0.02 --lengths 8 16 32 --repeat 5 \
+        --ct-batch-sizes 8 16 32 64 128
+
 `--long` instead attributes long prompts on a random model sized for a CPU machine (4 layers,
 d_model 256, 4 heads, n_ctx 4,096, written once into --long-dir with a CLT of 4 x 4,096 features
 whose thresholds let about 20 fire per layer and position), random words of --long-lengths tokens,
@@ -81,14 +87,16 @@ def _rss_mb() -> float:
 def _timed(run, args) -> tuple:
     """(the graph, timing): `run()` once cold (its peak RSS: one attribution's memory) and
     --repeat times warm (the best time), one graph alive at a time."""
-    base, seconds, peak, graph = _rss_mb(), [], 0.0, None
+    base, seconds, cpu, peak, graph = _rss_mb(), [], [], 0.0, None
     for _ in range(args.repeat + 1):
         graph = None
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         graph = run()
         seconds.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
         peak = peak or _rss_mb()
-    return graph, {"seconds": min(seconds[1:]), "first": seconds[0], "peak_mb": peak, "growth_mb": peak - base}
+    return graph, {"seconds": min(seconds[1:]), "cpu_seconds": min(cpu[1:]), "first": seconds[0], "peak_mb": peak,
+                   "growth_mb": peak - base}  # fmt: skip
 
 
 def worker_ours(args) -> dict:
@@ -571,6 +579,39 @@ def bench_long(args) -> None:
         print(f"| {n:,} | {features:,} | {cell['ours']} | {cell['ct']} | {ratio} | {agreement} | {load} |", flush=True)
 
 
+def bench_short(args) -> None:
+    """`--short`: our time against circuit-tracer's at its best batch size, per prompt length: wall
+    time (best of --repeat warm runs) and process CPU time (best likewise; on a shared machine it
+    leaves out the time spent waiting for a core), with the load average at each row."""
+    from circuits.models import DEMO_MODEL_DIR
+    from circuits.transcoders.load import DEMO_CLT_DIR
+
+    if args.fire_fraction:
+        args.transcoder = str(with_fire_fraction(args.transcoder, args.fire_fraction))
+    transcoder_dir = DEMO_CLT_DIR if args.transcoder == "demo" else Path(args.transcoder).resolve()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "HF_HUB_OFFLINE": "1"}
+    ct_env = {k: v for k, v in env.items() if k != "PYTHONPATH"}
+    common = ["--transcoder", str(args.transcoder), "--threads", str(args.threads)]
+    print(f"threads={args.threads}, best of {args.repeat} warm runs, circuit-tracer batch sizes {args.ct_batch_sizes}")
+    print("| tokens | active features | ours | circuit-tracer best (batch) | ratio | CPU time: ours / circuit-tracer "
+          "| ratio | edge diff | load average |")  # fmt: skip
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for n in args.lengths:
+        ours, ours_path = _run(sys.executable, "ours", common + ["--length", str(n)], env)
+        ct_args = common + ["--tokens", json.dumps(ours["tokens"]), "--model-dir", str(DEMO_MODEL_DIR),
+                            "--transcoder-dir", str(transcoder_dir)]  # fmt: skip
+        runs = {b: _run(args.ct_python, "ct", [*ct_args, "--ct-batch-size", str(b)], ct_env)
+                for b in args.ct_batch_sizes}  # fmt: skip
+        best = min(runs, key=lambda b: runs[b][0]["seconds"])
+        ct, diff = runs[best][0], compare(ours_path, runs[best][1], ours["n_layers"], n)
+        cpu_best = min(r["cpu_seconds"] for r, _ in runs.values())
+        load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+        print(f"| {n} | {ours['n_features']:,} | {ours['seconds'] * 1e3:.1f} ms "
+              f"| {ct['seconds'] * 1e3:.0f} ms ({best}) "
+              f"| {ct['seconds'] / ours['seconds']:.1f}x | {ours['cpu_seconds'] * 1e3:.1f} / {cpu_best * 1e3:.0f} ms "
+              f"| {cpu_best / ours['cpu_seconds']:.1f}x | {diff:.1e} | {load} |", flush=True)  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--transcoder", default="demo")
@@ -601,6 +642,7 @@ def main() -> None:
     parser.add_argument("--load-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--heads", action="store_true", help="benchmark head loadings against the graph instead")
     parser.add_argument("--long", action="store_true", help="benchmark long prompts instead (see above)")
+    parser.add_argument("--short", action="store_true", help="only the time against circuit-tracer (see above)")
     parser.add_argument("--long-lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096])
     parser.add_argument("--long-features", type=int, default=2000, help="max_feature_nodes of both tools")
     parser.add_argument("--long-dir", default=None, help="where the --long model and CLT are (written if absent)")
@@ -626,6 +668,8 @@ def main() -> None:
         return bench_heads(args)
     if args.long:
         return bench_long(args)
+    if args.short:
+        return bench_short(args)
 
     from circuits.models import DEMO_MODEL_DIR
     from circuits.transcoders.load import DEMO_CLT_DIR

@@ -26,6 +26,7 @@ import logging
 import math
 import mmap
 from dataclasses import asdict, replace
+from functools import cached_property
 from typing import NamedTuple
 
 import torch
@@ -35,6 +36,7 @@ from transformer_lens import HookedTransformer
 from circuits.attribution.config import AttributionConfig, block_width, sparse_graph
 from circuits.attribution.graph import Graph, compute_influence, edge_influence, normalize_matrix, sparse_adjacency
 from circuits.attribution.replacement import Replacement, build_replacement
+from circuits.attribution.single_pass import every_row
 from circuits.attribution.targets import LogitTarget, resolve_targets
 from circuits.errors import CircuitsError
 from circuits.models import prompt_tokens
@@ -59,9 +61,15 @@ class Sources:
         self.embed_images = rep.embedding_images() if P * P * d <= cfg.embedding_image_floats else None
         thick = self.n_features >= cfg.merge_below * L * P  # features per (layer, position) on average
         # merged per position only while its zero-padded copy of the writes ([n, L, d]) stays small
-        merged = not thick and self.n_features * L * d <= cfg.dense_floats
-        self.by_layer = [] if merged else self._by_layer(rep)
-        self.by_position = self._by_position(rep) if merged else []
+        self.merged = not thick and self.n_features * L * d <= cfg.dense_floats
+
+    @cached_property
+    def by_layer(self) -> list[LayerBlocks]:
+        return [] if self.merged else self._by_layer(self.rep)
+
+    @cached_property
+    def by_position(self) -> list[tuple[torch.Tensor, list[int], list[tuple[int, int, int]]]]:
+        return self._by_position(self.rep) if self.merged else []
 
     def _by_layer(self, rep: Replacement) -> list[LayerBlocks]:
         """[s] -> the features of source layer s cut into blocks of one position (`LayerBlocks`)."""
@@ -127,7 +135,7 @@ class Sources:
                 g_post[:, :, l] = g if rep.mlp_post is None else rep.mlp_post[l].backward(g)
                 if rep.clt.W_skip is not None:  # and at resid_mid[l]
                     g = g + rep.skip_backward(l, g)
-                    terms, weights = _skip_terms(rep, l, terms, weights)
+                    terms, weights = rep.skip_terms(l, terms, weights)
             if l == 0 and self.embed_images is not None:
                 break
             if terms is not None and rep.terms_are_cheaper(terms.shape[1], Pp):
@@ -219,18 +227,6 @@ class LayerBlocks(NamedTuple):
         out[:, self.start : self.start + n] = edges.view(n_blocks * width, B)[self.slot[:n]].T
 
 
-def _skip_terms(rep: Replacement, layer: int, terms: torch.Tensor | None, weights: torch.Tensor | None):
-    """A gradient kept as terms [n, J, d] with weights [n, P', J], plus what it sends through the
-    skip path of `layer` (`Replacement.skip_backward_terms`): each term's image is added to it, or,
-    where frozen norms scale it by position, appended as J more terms with rescaled weights."""
-    if terms is None:
-        return None, None
-    images, factor = rep.skip_backward_terms(layer, terms)
-    if factor is None:
-        return terms + images, weights
-    return torch.cat([terms, images], 1), torch.cat([weights, weights * factor[: weights.shape[1], None]], 2)
-
-
 def untouched_zeros(*shape: int, dtype: torch.dtype, device: str | torch.device = "cpu") -> torch.Tensor:
     """A zero tensor; on the CPU one in fresh anonymous memory that the OS maps on first write, a
     small page at a time: no time is spent filling it, and entries never written (sources after a
@@ -296,8 +292,6 @@ def attribute(
     logits = rep.logits if cap <= 0 else cap * torch.tanh(rep.logits / cap)
     logit_targets = resolve_targets(model, logits, cfg.targets, cfg.target_probability, cfg.max_targets)
     sources = Sources(rep, cfg)
-    if sources.by_layer:
-        rep.writes = []  # the sources hold them in blocks from here on (1 GB on 4,096 tokens)
     n, L, P = sources.n_features, rep.n_layers, rep.n_pos
     log.info("%d tokens, %d active features, %d targets", P, n, len(logit_targets))
 
@@ -306,14 +300,26 @@ def attribute(
     if cap < n:
         log.info("keeping the %d most influential of %d active features (max_feature_nodes)", cap, n)
     vectors, last = logit_vectors(rep, W_U, logit_targets), torch.full((T,), P - 1, device=device)
-    if sparse_graph(cap, T, sources.n, cfg):
+    sparse = sparse_graph(cap, T, sources.n, cfg)
+    small = (n + T) * P * vectors.shape[-1] <= cfg.single_pass_floats
+    one_pass = small and not sparse and cap == n and cfg.batch_size is None
+    if not one_pass and sources.by_layer:
+        rep.writes = []  # the sources hold them in blocks from here on (1 GB on 4,096 tokens)
+    if sparse:
         log.info("sparse graph: each feature row keeps its %d largest edges (edges_per_row)", cfg.edges_per_row)
         store: DenseRows | SparseRows = SparseRows(sources, cfg.edges_per_row, cap)
         logit_rows = sources.rows(L, last, vectors)  # [T, sources]
     else:
         store = DenseRows(untouched_zeros(N, N, dtype=torch_dtype, device=device), sources, cap)
-        logit_rows = sources.rows(L, last, vectors, out=store.adjacency[sources.n :, : sources.n])
-    selected = _feature_rows(sources, store, logit_rows, logit_targets, cap, cfg, progress)
+        logit_rows = store.adjacency[sources.n :, : sources.n]
+        if not one_pass:
+            sources.rows(L, last, vectors, out=logit_rows)
+    if one_pass:  # every row in one walk (fewer, larger operations)
+        rows = [store.adjacency[:n, : sources.n], logit_rows]
+        every_row(rep, vectors, rows, sources.embed_images, cfg.backward_terms, cfg.work_floats)
+        selected = torch.arange(n, device=device)
+    else:
+        selected = _feature_rows(sources, store, logit_rows, logit_targets, cap, cfg, progress)
     adjacency = store.graph_adjacency(selected, logit_rows)
     inputs, bias = node_inputs_and_bias(rep, W_U, b_U, logit_targets)
     return Graph(

@@ -53,6 +53,11 @@ class AttributionConfig:
     edges_per_row: int = 8192
     """Sparse graphs: the edges each feature row keeps, its largest by |weight| (the logit rows keep
     all). Rows are normalised by their whole absolute input, so influence is not inflated by the cut."""
+    single_pass_floats: int = 2**24
+    """With every feature kept, `batch_size` None and a dense graph, all rows are computed in one walk
+    down the layers (`circuits.attribution.single_pass`) while its gradients, rows x positions x
+    d_model, hold at most this many numbers (64 MB in float32; in runs of `work_floats`); beyond, in
+    batches per layer."""
     embedding_image_floats: int = 2**24
     """Largest P * P * d_model for which `Replacement.embedding_images` is built (64 MB in float32);
     longer prompts pass every gradient through layer 0 instead."""

@@ -188,6 +188,17 @@ class Replacement:
             factor = 1 / self.mlp_in[layer].scale[:, 0] * (1 if factor is None else factor)
         return terms, factor
 
+    def skip_terms(self, layer: int, terms: torch.Tensor | None, weights: torch.Tensor | None):
+        """A gradient kept as terms [n, J, d] with weights [n, P', J], plus what it sends through the
+        skip path of `layer` (`skip_backward_terms`): each term's image is added to it, or, where
+        frozen norms scale it by position, appended as J more terms with rescaled weights."""
+        if terms is None:
+            return None, None
+        images, factor = self.skip_backward_terms(layer, terms)
+        if factor is None:
+            return terms + images, weights
+        return torch.cat([terms, images], 1), torch.cat([weights, weights * factor[: weights.shape[1], None]], 2)
+
     def linear_forward(self, with_sources: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the frozen linear model: (resid_mid [L, P, d], resid_final [P, d]). With all sources it
         reproduces the real model; without (embeddings, features and errors zeroed) it gives the

@@ -75,7 +75,9 @@ def _random_clt(model, cross_layer=True, skip=False, n_features=64, seed=0, **co
 
 
 def _check_against_autograd(model, clt, prompt, n_features=6):
-    graph = attribute(prompt, model, clt, batch_size=32, progress=False)
+    graph = attribute(prompt, model, clt, progress=False)  # every row in one walk (`single_pass`)
+    batched = attribute(prompt, model, clt, batch_size=32, progress=False)
+    assert torch.allclose(batched.adjacency, graph.adjacency, atol=1e-6 * graph.adjacency.abs().max())
     assert graph.n_features > n_features
     gen = torch.Generator().manual_seed(1)
     rows = torch.randperm(graph.n_features, generator=gen)[:n_features].tolist()
@@ -254,18 +256,22 @@ def test_identity_holds_for_per_layer_and_skip_transcoders(default_paths):
 
 @pytest.mark.parametrize("batch_size", [1, 7])
 def test_every_way_through_the_backward_pass_gives_the_same_graph(demo_model, demo_clt, batch_size):
-    """Small batches see few positions (the dense attention backward on every row); whole-layer
-    batches skip the rows a target cannot see; the contraction by position or by (layer, position);
-    without the embedding images every gradient passes layer 0. Same edges every way."""
+    """Every row in one walk (the default here), or in batches: small batches see few positions (the
+    dense attention backward on every row); the contraction by position or by (layer, position);
+    without the embedding images every gradient passes layer 0. The walk in runs of a few rows
+    (crossing from feature to logit rows), densely, through layer 0. Same edges every way."""
     reference = attribute(FLAGSHIP, demo_model, demo_clt, progress=False)
-    assert torch.allclose(attribute(FLAGSHIP, demo_model, demo_clt, batch_size=batch_size, progress=False).adjacency,
-                          reference.adjacency, atol=1e-5)  # fmt: skip
-    # one contraction product per (layer, position)
-    by_layer = attribute(FLAGSHIP, demo_model, demo_clt, progress=False, merge_below=0)
-    assert torch.allclose(by_layer.adjacency, reference.adjacency, atol=1e-5)
-    through_layer_0 = attribute(FLAGSHIP, demo_model, demo_clt, progress=False, merge_below=0, embedding_image_floats=0)
-    assert torch.allclose(through_layer_0.adjacency, reference.adjacency, atol=1e-5)
-    assert _identity_error(through_layer_0).max() <= 1e-5
+
+    def same(**overrides):
+        graph = attribute(FLAGSHIP, demo_model, demo_clt, progress=False, **overrides)
+        assert torch.allclose(graph.adjacency, reference.adjacency, atol=1e-5)
+        return graph
+
+    same(batch_size=batch_size)
+    same(batch_size=batch_size, merge_below=0)  # one contraction product per (layer, position)
+    assert _identity_error(same(batch_size=batch_size, merge_below=0, embedding_image_floats=0)).max() <= 1e-5
+    same(work_floats=2**15)
+    assert _identity_error(same(backward_terms=False, embedding_image_floats=0)).max() <= 1e-5
 
 
 def test_named_and_difference_targets(demo_model, demo_clt):
