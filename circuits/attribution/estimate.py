@@ -80,24 +80,26 @@ def parse_size(text: str) -> int:
         raise CircuitsError(f"memory size {text!r} is not a size: write e.g. 8GB, 512MB or 2GiB") from None
 
 
+def _proc_kib(path: str, field: str) -> int | None:
+    """A `field:  N kB` line of a /proc file, in bytes (None where there is no /proc)."""
+    if Path(path).exists():
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
 def available_bytes() -> int:
     """What this process may still take: MemAvailable of /proc/meminfo (or physical memory)."""
-    meminfo = Path("/proc/meminfo")
-    if meminfo.exists():
-        for line in meminfo.read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+    available = _proc_kib("/proc/meminfo", "MemAvailable")
+    if available is not None:
+        return available
     return torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else 2**62
 
 
 def resident_bytes() -> int:
     """This process's resident memory now."""
-    status = Path("/proc/self/status")
-    if status.exists():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return _proc_kib("/proc/self/status", "VmRSS") or 0
 
 
 @torch.no_grad()
