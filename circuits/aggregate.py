@@ -10,12 +10,11 @@ and a logit target, keyed by its token) sums its kept edges over all positions.
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import TYPE_CHECKING
 
 from circuits.attribution import schema
-from circuits.attribution.graph import Graph
+from circuits.attribution.graph import Graph, check_one_source
 from circuits.errors import CircuitsError, check_range
 
 if TYPE_CHECKING:
@@ -40,7 +39,7 @@ def recurring_features(
     if not graphs:
         raise CircuitsError("no graphs to aggregate: pass .graph.safetensors files written by `circuits trace`")
     check_range("min_prompts", min_prompts, 1, len(graphs), integer=True)
-    _check_one_source(graphs)
+    check_one_source(graphs)
     nodes: dict[str, dict] = {}
     links: dict[tuple[str, str], dict] = {}
     for index, graph in enumerate(graphs):
@@ -76,16 +75,6 @@ def recurring_features(
         "nodes": node_list,
         "links": link_list,
     }
-
-
-def _check_one_source(graphs: list[Graph]) -> None:
-    """Refuse graphs of different models or transcoders: one feature id would name different features."""
-    sources = {json.dumps([g.config.get("model"), g.config.get("transcoder")], sort_keys=True) for g in graphs}
-    if len(sources) > 1:
-        raise CircuitsError(
-            f"the graphs come from {len(sources)} different model and transcoder pairs (their feature ids name "
-            "different features): aggregate graphs traced with one model and one transcoder"
-        )
 
 
 def _kept(graph: Graph, node_threshold: float, edge_threshold: float) -> tuple[dict[str, dict], dict]:

@@ -390,6 +390,16 @@ _TENSORS = ("tokens", "features", "activations", "adjacency", "target_tokens", "
 _FIELDS = ("prompt", "token_strs", "target_names", "n_layers", "config", "inhibited")
 
 
+def check_one_source(graphs: list[Graph]) -> None:
+    """Refuse graphs of different models or transcoders: one feature id would name different features."""
+    sources = {json.dumps([g.config.get("model"), g.config.get("transcoder")], sort_keys=True) for g in graphs}
+    if len(sources) > 1:
+        raise CircuitsError(
+            f"the graphs come from {len(sources)} different model and transcoder pairs (their feature ids name "
+            "different features): aggregate graphs traced with one model and one transcoder"
+        )
+
+
 def aggregate(graphs: list[Graph], min_prompts: int = 1) -> dict:
     """Merge graphs of many prompts into one graph of features (position-free: a node is
     (layer, feature), or a target token). Within a prompt, a pair's edges over all positions are
@@ -399,12 +409,7 @@ def aggregate(graphs: list[Graph], min_prompts: int = 1) -> dict:
     `min_prompts` prompts are left out. Graphs of different models or transcoders are refused: the
     same feature id would name different features."""
     check_range("min_prompts", min_prompts, 1, len(graphs), integer=True)
-    sources = {json.dumps([g.config.get("model"), g.config.get("transcoder")], sort_keys=True) for g in graphs}
-    if len(sources) > 1:
-        raise CircuitsError(
-            f"the graphs come from {len(sources)} different model and transcoder pairs (their feature ids name "
-            "different features): aggregate graphs traced with one model and one transcoder"
-        )
+    check_one_source(graphs)
     nodes: dict[str, dict] = {}
     links: dict[tuple[str, str], list[float]] = {}
     for graph in graphs:
