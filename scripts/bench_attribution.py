@@ -43,7 +43,8 @@ whose thresholds let about 20 fire per layer and position), random words of --lo
 `max_feature_nodes` --long-features for both tools. Each run is a subprocess under a hard address-space
 cap (--memory-cap GB, RLIMIT_AS) and a time limit: a failure is reported as "out of memory at N GB"
 instead of taking the machine down. Prints tokens, active features, time and peak RSS of each tool,
-and the edge agreement on the nodes both graphs kept:
+what our `--estimate` predicted for both (in the same process, before the attribution), and the edge
+agreement on the nodes both graphs kept:
 
     python scripts/bench_attribution.py --long --threads 2 --long-lengths 512 1024 2048 4096
 """
@@ -451,6 +452,7 @@ def worker_long_ours(args) -> dict:
     import torch
 
     from circuits.attribution.attribute import attribute
+    from circuits.attribution.estimate import estimate
     from circuits.pipeline import load_pair
 
     torch.set_num_threads(args.threads)
@@ -458,12 +460,14 @@ def worker_long_ours(args) -> dict:
     tokens = torch.tensor(json.loads(args.tokens))
     prompt = model.tokenizer.decode(tokens[1:].tolist())
     assert torch.equal(model.to_tokens(prompt)[0], tokens)
+    predicted = estimate(prompt, model, clt, max_feature_nodes=args.long_features)  # its forward pass: small
     t0 = time.perf_counter()
     graph = attribute(prompt, model, clt, max_feature_nodes=args.long_features, progress=False)
     seconds = time.perf_counter() - t0
     _save_edges(args.out, graph.features, graph.edges(), graph.n_nodes)
     return {"seconds": seconds, "peak_mb": _rss_mb(), "n_active": graph.config["n_active_features"],
-            "sparse": graph.adjacency.is_sparse}  # fmt: skip
+            "sparse": graph.adjacency.is_sparse, "estimate_seconds": predicted.seconds,
+            "estimate_mb": predicted.peak_bytes / 1e6}  # fmt: skip
 
 
 def worker_long_ct(args) -> dict:
@@ -554,10 +558,10 @@ def bench_long(args) -> None:
           f"each run capped at {args.memory_cap:g} GB (RLIMIT_AS) and {args.long_timeout / 60:.0f} min; "
           f"circuit-tracer batch {args.ct_long_batch}")  # fmt: skip
     print(
-        "| tokens | active features | ours: time / peak RSS | circuit-tracer: time / peak RSS | memory ratio "
-        "| edge diff (ct's edges / ours stored) | load average |"
+        "| tokens | active features | ours: time / peak RSS | `--estimate`: time / peak | circuit-tracer: time / peak "
+        "RSS | memory ratio | edge diff (ct's edges / ours stored) | load average |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---|")
     for n in args.long_lengths:
         tokens = json.dumps(long_tokens(model, n).tolist())
         common = ["--model-dir", str(model_dir), "--transcoder-dir", str(clt_dir), "--tokens", tokens,
@@ -575,8 +579,12 @@ def bench_long(args) -> None:
             ratio = f"{ct['peak_mb'] / ours['peak_mb']:.1f}x"
             everywhere, stored, k = long_agreement(ours_path, ct_path, LONG_SHAPE["n_layers"], n)
             agreement = f"{everywhere:.1e} / {stored:.1e} ({k} common features)"
+        predicted = "-"
+        if isinstance(ours, dict):
+            predicted = f"{ours['estimate_seconds']:.0f} s / {ours['estimate_mb'] / 1e3:.2f} GB"
         load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-        print(f"| {n:,} | {features:,} | {cell['ours']} | {cell['ct']} | {ratio} | {agreement} | {load} |", flush=True)
+        print(f"| {n:,} | {features:,} | {cell['ours']} | {predicted} | {cell['ct']} | {ratio} | {agreement} "
+              f"| {load} |", flush=True)  # fmt: skip
 
 
 def bench_short(args) -> None:

@@ -19,6 +19,12 @@ throughout (the embedding images P^2 d when built, ~16 L P d of activations):
 - assembling the graph: dense, its kept part (k + L P + P + T)^2 and the rows of the kept features
   k (S + k + L P + P); sparse, about 17 numbers an edge (the edges sorted by target and source,
   masks, the index arrays of the COO matrix); then, with `inhibited`, one more backward pass.
+
+The time (`Work`) follows the same choices phase by phase: the multiply-adds of the freeze, of each
+backward pass's walk (terms or dense attention, as `attention_backward_cost` decides) and of its
+contraction with the blocks, at the rate of a matrix product measured now; the rest (gathering,
+finding each sparse row's largest edges, renewing the influence estimate, assembling the graph) at
+seconds per unit fitted on this project's machine (`SECONDS_PER`), scaled by the same rate.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import torch
 from transformer_lens import HookedTransformer
 
 from circuits.attribution.config import AttributionConfig, block_width, sparse_graph
-from circuits.attribution.replacement import record_forward
+from circuits.attribution.replacement import attention_backward_cost, record_forward
 from circuits.errors import CircuitsError
 from circuits.models import prompt_tokens
 from circuits.transcoders.clt import CrossLayerTranscoder
@@ -157,22 +163,160 @@ def estimate(
         freeze, patterns + writes + layout, patterns + sources + backward + rows, patterns + sources + assemble
     )
     size = torch.empty(0, dtype=getattr(torch, cfg.dtype)).element_size()
-    # time: multiply-adds per row (the attention backward below the row's layer at every position,
-    # and the contraction with the sources) at the rate of a matrix product of this machine
-    per_row = L * (4 * P * d * H * dh + 2 * H * P * P * dh) + 2 * writes
-    seconds = (k + T) * per_row / _flops_per_second(d)
-    return Estimate(P, n, k, sparse, int(floats * size), resident_bytes(), seconds)
+    work = Work(counts, d, H, dh, m.d_mlp, F, c.cross_layer, k, T, sparse, cfg)
+    return Estimate(P, n, k, sparse, int(floats * size), resident_bytes(), work.seconds(flops_per_second()))
 
 
-def _flops_per_second(d: int) -> float:
-    """The rate of a [256, d] x [d, 4d] product on this machine now (best of three; about 10 ms)."""
-    a, b = torch.randn(256, d), torch.randn(d, 4 * d)
-    best = float("inf")
-    for _ in range(3):
+SECONDS_PER = {
+    "gathered float": 1.3e-9,  # the gradients gathered by position for the contraction's products
+    "searched float": 15e-9,  # a sparse row's largest edges found (topk, totals, gather), per source
+    "influence edge": 10e-9,  # one term of the influence series over one kept edge
+    "assembled edge": 90e-9,  # a kept edge into the graph (sorted, gathered, masked, logit rows)
+    "stored float": 1.3e-9,  # a dense row written, or the dense graph's kept part copied
+    "active feature": 15e-6,  # its decoder writes laid out, by position and layer
+    "token": 1e-3,  # the constant terms and the graph's assembly per token
+}
+"""Seconds per unit of the work that is not a matrix product: fitted to cProfile's time per phase of
+attributions of 512, 1,024 and 2,048 tokens on the random model of `scripts/bench_attribution.py
+--long` (one thread of this project's 2-core machine, 95 GFLOP/s in matrix products), and scaled by
+this machine's matrix-product rate now."""
+REFERENCE_FLOPS = 95e9
+WALK_SHARE = 0.6
+"""The walk's products run faster than its multiply-adds at that rate predict (measured 0.5-1.2x)."""
+
+
+def flops_per_second() -> float:
+    """The rate of a [1024, 256] x [256, 1024] product on this machine now (the median of seven after
+    one: on a shared machine it shares the cores as the attribution will)."""
+    a, b = torch.randn(1024, 256), torch.randn(256, 1024)
+    a @ b
+    seconds = []
+    for _ in range(7):
         t0 = time.perf_counter()
         a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * 256 * d * 4 * d / max(best, 1e-9)
+        seconds.append(time.perf_counter() - t0)
+    return 2 * 1024 * 256 * 1024 / max(sorted(seconds)[3], 1e-9)
+
+
+@dataclass
+class Work:
+    """The work of an attribution as counts of multiply-adds, floats moved, searched and sorted and
+    influence edges, phase by phase, following the choices `attribute` makes (batch sizes, the walk's
+    terms or dense attention, the blocks of the contraction); kept rows are assumed spread over the
+    layers like the active features and, with a cap, to reach the last position. `counts` [L, P]:
+    the active features at each layer and position."""
+
+    counts: torch.Tensor
+    d: int
+    H: int
+    dh: int
+    d_mlp: int
+    F: int
+    cross_layer: bool
+    kept: int
+    T: int
+    sparse: bool
+    cfg: AttributionConfig
+
+    def seconds(self, flops: float) -> float:
+        """At `flops` per second in matrix products (the rest scaled to it from `SECONDS_PER`)."""
+        L, P = self.counts.shape
+        d, n, c = self.d, int(self.counts.sum()), SECONDS_PER
+        freeze = 2 * P * L * (4 * d * self.H * self.dh + 2 * d * self.d_mlp + 2 * d * self.F)
+        freeze += 4 * L * self.H * P * P * self.dh
+        macs = gathered = 0
+        for t, B, Pp in self.batches():
+            contract, floats = self.contract_work(t, B, Pp)
+            macs, gathered = macs + WALK_SHARE * B * self.walk_macs(t, Pp) + contract, gathered + floats
+        rows = (self.kept + self.T) * (n + (L + 1) * P)
+        rest = (
+            gathered * c["gathered float"]
+            + rows * c["searched float" if self.sparse else "stored float"]
+            + self.influence_edges() * c["influence edge"]
+            + self.assembled() * c["assembled edge" if self.sparse else "stored float"]
+            + n * c["active feature"]
+            + P * c["token"]
+        )
+        return (freeze + 2 * macs) / flops + rest * REFERENCE_FLOPS / flops
+
+    def steps(self) -> tuple[int, int]:
+        """Rows per backward pass (with a cap) and rows chosen per renewal of the influence estimate."""
+        L, P = self.counts.shape
+        cfg = self.cfg
+        step = cfg.batch_size or max(cfg.min_batch, cfg.work_floats // (P * (L + 1) * self.d))
+        return step, max(step, -(-self.kept // cfg.selection_rounds))
+
+    def batches(self) -> list[tuple[int, int, int]]:
+        """(layer, rows, positions seen) of every backward pass, the logits' last."""
+        L, P = self.counts.shape
+        cfg, n, out = self.cfg, int(self.counts.sum()), []
+        if self.kept == n:  # a layer at a time in position order: a pass sees up to its last row's position
+            for t in range(L):
+                step = cfg.batch_size or max(cfg.min_batch, cfg.work_floats // (P * (t + 2) * self.d))
+                ends = self.counts[t].cumsum(0)  # [P]
+                total = int(ends[-1])
+                for a in range(0, total, step):
+                    last = min(a + step, total) - 1
+                    out.append((t, min(step, total - a), int(torch.searchsorted(ends, last, right=True)) + 1))
+        else:  # rounds of `chosen` rows, split by layer into passes of `step` rows
+            step, chosen = self.steps()
+            share = (self.counts.sum(1) / n).tolist()  # [L]
+            for a in range(0, self.kept, chosen):
+                for t in range(L):
+                    rows = round(min(chosen, self.kept - a) * share[t])
+                    out += [(t, min(step, rows - b), P) for b in range(0, rows, step)]
+        return out + [(L, self.T, P)]
+
+    def walk_macs(self, t: int, Pp: int) -> int:
+        """Multiply-adds per row of `Sources._walk_down` from layer t over P' positions: the attention
+        backward of each layer below, as a sum of terms while that is cheaper (J grows (H + 1)-fold),
+        then dense (its projections on the positions the rows see, about half)."""
+        L = len(self.counts)
+        macs, J = 0, 1 if self.cfg.backward_terms else None
+        images = Pp * Pp * self.d <= self.cfg.embedding_image_floats
+        for _ in range(min(t, L - 1) + (0 if images else 1)):  # layer 0 too without the embeddings' images
+            terms, dense = attention_backward_cost(J or 1, Pp, self.H, self.dh, self.d)
+            if J is not None and terms < dense:
+                macs, J = macs + terms, J * (self.H + 1)
+                J = J if attention_backward_cost(J, Pp, self.H, self.dh, self.d)[0] < dense else None
+            else:
+                macs, J = macs + dense - Pp * self.d * self.H * self.dh, None
+        return macs
+
+    def contract_work(self, t: int, B: int, Pp: int) -> tuple[int, int]:
+        """Multiply-adds and floats gathered of `Sources._contract` for B rows of layer t over P'
+        positions: each lower layer's blocks (zero-padded features of one position, `block_width`)
+        against the gradients gathered for them; the errors; the embeddings."""
+        macs = floats = 0
+        for s in range(t):
+            counts = self.counts[s, :Pp]
+            width, padded = block_width(self.counts[s])
+            blocks = int(((counts + width - 1) // width).sum())
+            written = t - s if self.cross_layer else 1
+            macs += blocks * width * B * written * self.d
+            floats += blocks * B * written * self.d
+        images = Pp * Pp * self.d <= self.cfg.embedding_image_floats
+        return macs + B * t * Pp * self.d + B * Pp * self.d * (Pp if images else 1), floats
+
+    def influence_edges(self) -> int:
+        """Edges through which the renewals of the influence estimate pass (with a cap): those of the
+        rows computed so far, once per term of the series (at most a term per layer) and once more to
+        lay them out."""
+        L, P = self.counts.shape
+        n = int(self.counts.sum())
+        if self.kept == n:
+            return 0
+        _, chosen = self.steps()
+        done = sum(range(0, self.kept, chosen))  # rows computed before each renewal, summed
+        per_row = min(self.cfg.edges_per_row, n + (L + 1) * P) if self.sparse else n
+        return done * per_row * (L + 2)
+
+    def assembled(self) -> int:
+        """What assembling the graph handles: sparse, the kept edges; dense, the kept part's floats."""
+        L, P = self.counts.shape
+        if self.sparse:
+            return self.kept * min(self.cfg.edges_per_row, int(self.counts.sum()) + (L + 1) * P)
+        return (self.kept + (L + 1) * P + self.T) ** 2
 
 
 def check_memory(est: Estimate, limit: int | None = None) -> None:

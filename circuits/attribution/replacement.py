@@ -115,10 +115,8 @@ class Replacement:
     def terms_are_cheaper(self, J: int, Pp: int) -> bool:
         """Whether `attention_backward_terms` on J terms takes fewer multiply-adds than
         `attention_backward` at P' positions (per target)."""
-        H, dh = self.W_O.shape[1], self.W_O.shape[2]
-        d = self.embed.shape[-1]
-        terms = 2 * J * d * H * dh + Pp * Pp * H * J + Pp * H * J * d
-        return terms < 2 * Pp * d * H * dh + Pp * Pp * H * dh
+        terms, dense = attention_backward_cost(J, Pp, self.W_O.shape[1], self.W_O.shape[2], self.embed.shape[-1])
+        return terms < dense
 
     def embedding_images(self) -> torch.Tensor:
         """What each embedding node adds to resid_mid of layer 0, where every target's gradient
@@ -215,6 +213,12 @@ class Replacement:
             mids.append(mid)
             resid = mid + (mlp if self.mlp_post is None else self.mlp_post[l].forward(mlp))
         return torch.stack(mids), resid
+
+
+def attention_backward_cost(J: int, Pp: int, H: int, dh: int, d: int) -> tuple[int, int]:
+    """Multiply-adds per target of `Replacement.attention_backward_terms` on J terms and of
+    `attention_backward` at P' positions (the estimate follows the same choice)."""
+    return 2 * J * d * H * dh + Pp * Pp * H * J + Pp * H * J * d, 2 * Pp * d * H * dh + Pp * Pp * H * dh
 
 
 def _causal_mix(back_mix: torch.Tensor, weights: torch.Tensor, chunk: int = 1024) -> torch.Tensor:

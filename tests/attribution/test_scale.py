@@ -157,3 +157,39 @@ def test_a_prompt_over_the_memory_limit_is_refused_in_one_line(tmp_path, capsys)
     assert not list(tmp_path.iterdir())
     assert main(["trace", FLAGSHIP, "--out", str(tmp_path), "--max-memory", "lots"]) == 2
     assert "not a size" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cap", [None, 40])
+def test_the_time_estimate_counts_the_backward_passes_attribute_runs(monkeypatch, cap):
+    """The estimate's model of the work (`Work.batches`): every backward pass `attribute` runs, by
+    layer, rows and positions seen, recorded from `Sources.rows` (every feature kept: in the same
+    order; with a cap: the same rows in all, as many passes within one per round of the selection)."""
+    from circuits.attribution import attribute as attribution
+    from circuits.attribution.config import AttributionConfig, sparse_graph
+    from circuits.attribution.estimate import Work, count_active
+    from circuits.models import prompt_tokens
+
+    model, clt = long_pair(96, n_features=64)
+    prompt = prompt_of(model, random_tokens(model, 96))
+    cfg = AttributionConfig(max_feature_nodes=cap, batch_size=16, merge_below=0, inhibited=0)
+    passes, rows = [], attribution.Sources.rows
+
+    def recording(self, layer, pos, vec, out=None):
+        passes.append((layer, len(pos), int(pos[-1]) + 1))
+        return rows(self, layer, pos, vec, out)
+
+    monkeypatch.setattr(attribution.Sources, "rows", recording)
+    graph = attribute(prompt, model, clt, cfg, progress=False)
+    counts = count_active(model, clt, prompt_tokens(model, prompt)[0])
+    n, T = int(counts.sum()), len(graph.target_tokens)
+    kept = n if cap is None else cap
+    S = n + 3 * counts.shape[1]
+    work = Work(counts, 32, 2, 16, 64, 64, True, kept, T, sparse_graph(kept, T, S, cfg), cfg)
+    predicted = work.batches()
+    logits = [p for p in passes if p[0] == 2]
+    assert predicted[-1] == logits[0] and sum(p[1] for p in predicted) == kept + T
+    if cap is None:
+        assert predicted[:-1] == [p for p in passes if p[0] < 2]
+    else:  # which layers the chosen rows come from is known only as they are chosen
+        rounds = -(-cap // work.steps()[1])
+        assert abs(len(predicted) - len(passes)) <= rounds, (predicted, passes)
