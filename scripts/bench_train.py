@@ -4,7 +4,7 @@ of an activation store.
 
     circuits activations training/demo.toml --out /tmp/store --tokens 60000
     python scripts/bench_train.py --store /tmp/store [--features 1024 8192] [--l0 90 200] [--steps 100]
-        [--topk 32] [--peer-python /work/peer-train-venv/bin/python] [--peer-lambda 1.5e-6 0]
+        [--topk 32] [--peer-python /work/peer-train-venv/bin/python] [--peer-lambda 1e-6 0]
 
 Each (system, F, L0) runs in a fresh subprocess with one thread: a transcoder over the store's layers,
 initialised so that about L0 features fire per layer and token, then trained for --steps optimiser
@@ -230,7 +230,7 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=2048, help="held-out tokens for NMSE and L0")
     parser.add_argument("--peer-python", default="/work/peer-train-venv/bin/python", help="a venv with the peers")
     parser.add_argument(
-        "--peer-lambda", type=float, nargs="+", default=[1.5e-6, 0.0], help="decode-clt's sparsity_lambda per --l0"
+        "--peer-lambda", type=float, nargs="+", default=[1e-6, 0.0], help="decode-clt's sparsity_lambda per --l0"
     )
     parser.add_argument("--one", choices=SYSTEMS, help=argparse.SUPPRESS)  # internal: one run in this process
     parser.add_argument("--one-topk", action="store_true", help=argparse.SUPPRESS)
