@@ -146,8 +146,8 @@ class JumpReLU(torch.autograd.Function):
     (Rajamanoharan et al., 2024): -(threshold / bandwidth) * sum of grad_out where |pre - threshold|
     < bandwidth / 2. SAELens computes relu(pre) * (pre > t), which is this function with the
     threshold max(t, 0): its readers and writers convert (transcoders/saelens.py). The backward
-    reuses the forward's mask and sums before scaling: 6 passes over `pre` instead of 11 (the
-    training step's dense layers spend a fifth of their time here)."""
+    reuses the forward's mask and sums before scaling: 6 passes over `pre` instead of 11 (a dense
+    training step at F 1,024 spent a sixth of its time in the 11)."""
 
     @staticmethod
     def forward(ctx, pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
