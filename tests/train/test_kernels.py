@@ -7,7 +7,7 @@ import torch
 from circuits.train import kernels
 from circuits.train.config import TrainConfig
 from circuits.train.objective import initialise, losses
-from circuits.transcoders.clt import CLTConfig, CrossLayerTranscoder
+from circuits.transcoders.clt import CLTConfig, CrossLayerTranscoder, JumpReLU
 
 
 @pytest.mark.parametrize("activation", ["jumprelu", "relu", "topk"])
@@ -37,3 +37,24 @@ def test_either_contraction_equals_the_dense_reference(activation, dense_above, 
     for k in gs:
         torch.testing.assert_close(gs[k], gd[k], rtol=1e-10, atol=1e-12, msg=k)
     assert torch.equal(rs.fired, rd.fired) and 0 < rs.l0.mean() < 64
+
+
+@pytest.mark.parametrize("shape", [(40, 64), (30, 3, 64)])  # a layer's [n, F]; the reference's [n, L, F] with [L, F]
+def test_jumprelu_gradients_are_the_straight_through_estimator(shape):
+    """pre's gradient passes where a feature is on; the threshold's is -(threshold / bandwidth) times the
+    sum of grad_out over the tokens where (pre - threshold) / bandwidth lies in the rectangle (-1/2, 1/2)."""
+    torch.manual_seed(0)
+    bandwidth = 0.3
+    pre = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    threshold = (torch.rand(shape[1:], dtype=torch.float64) * 0.5).requires_grad_()
+    grad_out = torch.randn(shape, dtype=torch.float64)
+    acts = JumpReLU.apply(pre, threshold, bandwidth)
+    acts.backward(grad_out)
+    on = pre.detach() > threshold.detach()
+    torch.testing.assert_close(acts, pre.detach() * on, rtol=0, atol=0)
+    torch.testing.assert_close(pre.grad, grad_out * on, rtol=0, atol=0)
+    u = (pre.detach() - threshold.detach()) / bandwidth
+    rectangle = ((u > -0.5) & (u < 0.5)).double()
+    expected = (-(threshold.detach() / bandwidth) * rectangle * grad_out).sum(0)
+    assert rectangle.sum() > 10
+    torch.testing.assert_close(threshold.grad, expected, rtol=1e-12, atol=1e-14)
