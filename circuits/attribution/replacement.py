@@ -312,10 +312,11 @@ def computes_from_weights(model: HookedTransformer) -> bool:
     norms included) and its plain and gated MLPs, as checked against `run_with_cache` on the random
     and Hugging Face test models. Any other block runs through TransformerLens's own components."""
     cfg = model.cfg
+    blocks = model.blocks
+    plain = all(type(b.attn) in (Attention, GroupedQueryAttention) and type(b.mlp) in (MLP, GatedMLP) for b in blocks)
     return (
-        cfg.attention_dir == "causal" and not cfg.load_in_4bit and not cfg.is_layer_norm_activation()
+        plain and cfg.attention_dir == "causal" and not cfg.load_in_4bit and not cfg.is_layer_norm_activation()
         and cfg.original_architecture not in _OWN_QK_NORM
-        and all(type(b.attn) in (Attention, GroupedQueryAttention) and type(b.mlp) in (MLP, GatedMLP) for b in model.blocks)
     )  # fmt: skip
 
 
@@ -324,7 +325,8 @@ def _attention(attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     P(key)], output [P, d]), every head in one product per step (no einops, no hooks)."""
     grouped = isinstance(attn, GroupedQueryAttention) and not attn.cfg.ungroup_grouped_query_attention
     # the key and value heads of grouped-query attention once each, repeated after the products
-    W_K, b_K, W_V, b_V = (attn._W_K, attn._b_K, attn._W_V, attn._b_V) if grouped else (attn.W_K, attn.b_K, attn.W_V, attn.b_V)
+    kv = (attn._W_K, attn._b_K, attn._W_V, attn._b_V) if grouped else (attn.W_K, attn.b_K, attn.W_V, attn.b_V)
+    W_K, b_K, W_V, b_V = kv
     q = x @ attn.W_Q + attn.b_Q[:, None]  # [H, P, d_head]
     k, v = x @ W_K + b_K[:, None], x @ W_V + b_V[:, None]  # [H_kv, P, d_head]
     if attn.cfg.use_qk_norm:

@@ -9,6 +9,7 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens.components import LayerNorm
 
+from circuits.attribution import replacement
 from circuits.attribution.attribute import AttributionConfig, _feature_influence, attribute
 from circuits.attribution.graph import Graph, compute_influence, normalize_matrix
 from circuits.attribution.interventions import (
@@ -17,7 +18,6 @@ from circuits.attribution.interventions import (
     run_with_interventions,
     validate,
 )
-from circuits.attribution import replacement
 from circuits.attribution.replacement import build_replacement, record_forward
 from circuits.attribution.targets import resolve_targets
 from circuits.cli import main
