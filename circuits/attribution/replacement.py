@@ -79,9 +79,9 @@ class Replacement:
     def attention_forward(self, layer: int, resid: torch.Tensor) -> torch.Tensor:
         """The frozen attention of `layer`: resid_pre [P, d] -> attention output [P, d] (biases included)."""
         x = self.ln1[layer].forward(resid)
-        v = torch.einsum("pd,hde->hpe", x, self.W_V[layer]) + self.b_V[layer][:, None]
-        z = self.patterns[layer] @ v  # [H, P, d_head]
-        out = torch.einsum("hpe,hed->pd", z, self.W_O[layer]) + self.b_O[layer]
+        v = x @ self.W_V[layer] + self.b_V[layer][:, None]  # [H, P, d_head]
+        z = (self.patterns[layer] @ v).transpose(0, 1).flatten(1)  # [P, H * d_head]
+        out = torch.addmm(self.b_O[layer], z, self.W_O[layer].flatten(0, 1))
         return out if self.ln1_post is None else self.ln1_post[layer].forward(out)
 
     def attention_backward(self, layer: int, g: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -205,12 +205,11 @@ class Replacement:
         reproduces the real model; without (embeddings, features and errors zeroed) it gives the
         constant terms of every node's input."""
         clt, L = self.clt, self.n_layers
-        on = 1.0 if with_sources else 0.0
-        resid = on * self.embed + self.pos_embed
+        resid = self.embed + self.pos_embed if with_sources else self.pos_embed
         mids = []
         for l in range(L):
             mid = resid + self.attention_forward(l, resid)
-            mlp = clt.b_dec[l] + on * (self.decoded[l] + self.errors[l])
+            mlp = clt.b_dec[l] + (self.decoded[l] + self.errors[l]) if with_sources else clt.b_dec[l].expand_as(mid)
             if clt.W_skip is not None:
                 mlp = mlp + self.clt_input(l, mid) @ clt.W_skip[l]
             mids.append(mid)
