@@ -79,7 +79,8 @@ class Replacement:
     def attention_forward(self, layer: int, resid: torch.Tensor) -> torch.Tensor:
         """The frozen attention of `layer`: resid_pre [P, d] -> attention output [P, d] (biases included)."""
         x = self.ln1[layer].forward(resid)
-        v = x @ self.W_V[layer] + self.b_V[layer][:, None]  # [H, P, d_head]
+        W_V = self.W_V[layer]  # [H, d, d_head]
+        v = torch.baddbmm(self.b_V[layer][:, None], x.expand(len(W_V), *x.shape), W_V)  # [H, P, d_head]
         z = (self.patterns[layer] @ v).transpose(0, 1).flatten(1)  # [P, H * d_head]
         out = torch.addmm(self.b_O[layer], z, self.W_O[layer].flatten(0, 1))
         return out if self.ln1_post is None else self.ln1_post[layer].forward(out)
@@ -326,8 +327,9 @@ def _attention(attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     # the key and value heads of grouped-query attention once each, repeated after the products
     kv = (attn._W_K, attn._b_K, attn._W_V, attn._b_V) if grouped else (attn.W_K, attn.b_K, attn.W_V, attn.b_V)
     W_K, b_K, W_V, b_V = kv
-    q = x @ attn.W_Q + attn.b_Q[:, None]  # [H, P, d_head]
-    k, v = x @ W_K + b_K[:, None], x @ W_V + b_V[:, None]  # [H_kv, P, d_head]
+    q = torch.baddbmm(attn.b_Q[:, None], x.expand(len(attn.W_Q), *x.shape), attn.W_Q)  # [H, P, d_head]
+    x = x.expand(len(W_K), *x.shape)
+    k, v = torch.baddbmm(b_K[:, None], x, W_K), torch.baddbmm(b_V[:, None], x, W_V)  # [H_kv, P, d_head]
     if attn.cfg.use_qk_norm:
         q, k = normalise(attn.q_norm, q)[0], normalise(attn.k_norm, k)[0]
     if attn.cfg.positional_embedding_type == "rotary":  # TransformerLens's [batch, pos, head, d_head]
@@ -435,6 +437,7 @@ def _require_finite(t: torch.Tensor, what: str, culprit: str) -> None:
         raise CircuitsError(f"{what} are not finite (NaN or inf): {culprit} hold non-finite values; fix or re-train it")
 
 
+@torch.no_grad()
 def build_replacement(
     model: HookedTransformer, clt: CrossLayerTranscoder, tokens: torch.Tensor, dtype: torch.dtype = torch.float32
 ) -> Replacement:
@@ -445,16 +448,17 @@ def build_replacement(
     run = record_forward(model, tokens)
     if clt.W_enc.dtype != dtype:
         clt = copy.deepcopy(clt).to(dtype)
-    clt_in = run.at(clt.cfg.input_hook).to(dtype)
-    x = clt_in.transpose(0, 1)  # [P, L, d]
-    pre = clt.pre_activations(x)  # [P, L, F]
-    acts = clt.activation(pre)
+    clt_in = run.at(clt.cfg.input_hook).to(dtype)  # [L, P, d]
+    pre = torch.baddbmm(clt.b_enc[:, None], clt_in, clt.W_enc.transpose(1, 2))  # [L, P, F]: every layer in one product
+    acts = clt.activation(pre.transpose(0, 1)).transpose(0, 1)  # (it takes [P, L, F])
     _require_finite(acts, "the transcoder's activations", "its encoder or the model's activations")
-    pre, acts = pre.transpose(0, 1), acts.transpose(0, 1)  # [L, P, F]
     features = acts.nonzero()  # [n, 3] (layer, pos, feature), row-major order
-    writes = feature_writes(clt, features, acts[tuple(features.T)])
+    activations = acts[tuple(features.T)]
+    writes = feature_writes(clt, features, activations)
     decoded = sum_writes(writes, features[:, 1], len(tokens))
-    recon = decoded + clt.b_dec[:, None] + clt.skip_out(x).transpose(0, 1)  # [L, P, d]
+    recon = decoded + clt.b_dec[:, None]  # [L, P, d]
+    if clt.W_skip is not None:
+        recon = recon + clt_in @ clt.W_skip
     _require_finite(recon, "the transcoder's reconstruction", "its decoder rows, b_dec or skip")
     mlp_in, mlp_post = _mlp_norms(model, clt.cfg, run, dtype)
     blocks = model.blocks
@@ -474,7 +478,7 @@ def build_replacement(
         resid_final=run.resid_final.to(dtype),
         logits=run.logits.to(dtype),
         features=features,
-        activations=acts[tuple(features.T)],
+        activations=activations,
         pre_activations=pre[tuple(features.T)],
         errors=run.at(clt.cfg.output_hook).to(dtype) - recon,
         writes=writes,
