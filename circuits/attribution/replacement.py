@@ -432,8 +432,9 @@ def _mlp_norms(model: HookedTransformer, cfg: CLTConfig, run: ForwardRecord, dty
 @torch.no_grad()
 def _require_finite(t: torch.Tensor, what: str, culprit: str) -> None:
     """Stop before any work that grows with the number of active features: a NaN activation counts
-    as active, so a non-finite transcoder would make every feature a node."""
-    if not torch.isfinite(t).all():
+    as active, so a non-finite transcoder would make every feature a node. The sum first (one pass):
+    it is finite unless some value is not, or it overflows."""
+    if not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
         raise CircuitsError(f"{what} are not finite (NaN or inf): {culprit} hold non-finite values; fix or re-train it")
 
 
