@@ -543,6 +543,19 @@ ARCHITECTURES = {
 }
 
 
+def token_strings(tokenizer, ids: list[int]) -> list[str]:
+    """Each token's text, as `tokenizer.decode([id])` gives it: one call for every token with a fast
+    (Rust) tokenizer that decodes as transformers' own, one call per token otherwise."""
+    from transformers import PreTrainedTokenizerFast
+
+    kind = type(tokenizer)
+    own = kind.decode is PreTrainedTokenizerFast.decode and kind._decode is PreTrainedTokenizerFast._decode
+    if not (isinstance(tokenizer, PreTrainedTokenizerFast) and own):
+        return [tokenizer.decode([t]) for t in ids]
+    texts = tokenizer.backend_tokenizer.decode_batch([[t] for t in ids], skip_special_tokens=False)
+    return [tokenizer.clean_up_tokenization(t) for t in texts] if tokenizer.clean_up_tokenization_spaces else texts
+
+
 def prompt_tokens(model: HookedTransformer, prompt: str) -> torch.Tensor:
     """Tokens [1, pos] of a prompt, with BOS; rejects empty and over-long prompts."""
     check_text("the prompt", prompt)

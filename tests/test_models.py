@@ -18,9 +18,17 @@ from transformers import Gemma2Config, Gemma3TextConfig, LlamaConfig
 
 from circuits.cli import main
 from circuits.errors import CircuitsError
-from circuits.models import ARCHITECTURES, hooked_config, load_model, save_model_dir
+from circuits.models import ARCHITECTURES, hooked_config, load_model, save_model_dir, token_strings
 from circuits.processing import weight_processing
-from tests.hf_models import PROMPT, TINY_CONFIGS, VOCAB, hf_logits, write_hub_cache, write_tiny_hf_model
+from tests.hf_models import (
+    PROMPT,
+    TINY_CONFIGS,
+    VOCAB,
+    hf_logits,
+    tiny_tokenizer,
+    write_hub_cache,
+    write_tiny_hf_model,
+)
 
 KINDS = [k for k in TINY_CONFIGS if TINY_CONFIGS[k][0].__name__ in ARCHITECTURES]
 REPO = Path(__file__).resolve().parents[1]
@@ -69,6 +77,19 @@ def test_snapshot_logits_equal_transformers(kind, snapshot):
     assert weight_processing(model) == "none"
     assert model.cfg.original_architecture == TINY_CONFIGS[kind][0].__name__
     assert model.cfg.d_vocab == VOCAB and model.cfg.tokenizer_name == str(directory.resolve())
+
+
+@pytest.mark.parametrize("clean_up", [False, True])
+def test_token_strings_are_each_tokens_own_decode(clean_up):
+    """Every token decoded in one call (`token_strings`) as `decode([id])` decodes it, with the
+    tokenizer's clean-up of spaces before punctuation or without."""
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_tokens([" .", " 's"])
+    tokenizer.clean_up_tokenization_spaces = clean_up
+    ids = list(range(len(tokenizer)))
+    texts = token_strings(tokenizer, ids)
+    assert texts == [tokenizer.decode([t]) for t in ids]
+    assert (" ." in texts) != clean_up
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "gemma2"])

@@ -39,7 +39,7 @@ from circuits.attribution.replacement import Replacement, build_replacement
 from circuits.attribution.single_pass import every_row
 from circuits.attribution.targets import LogitTarget, resolve_targets
 from circuits.errors import CircuitsError
-from circuits.models import prompt_tokens
+from circuits.models import prompt_tokens, token_strings
 from circuits.processing import transcoder_processing, weight_processing
 from circuits.transcoders.clt import CLTConfig, CrossLayerTranscoder, check_fits
 
@@ -325,7 +325,7 @@ def attribute(
     return Graph(
         prompt=prompt,
         tokens=tokens.cpu(),
-        token_strs=[model.tokenizer.decode([t]) for t in tokens.tolist()],
+        token_strs=token_strings(model.tokenizer, tokens.tolist()),
         features=rep.features[selected].cpu(),
         activations=rep.activations[selected].cpu(),
         adjacency=adjacency.cpu(),

@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 
 import torch
 from transformer_lens import HookedTransformer
+from transformer_lens.components import MLP, Attention, GatedMLP, GroupedQueryAttention
 
 from circuits.attribution.norms import FrozenNorm, frozen_norm, has_post_norm, hook_normalized, norm_weights, normalise
 from circuits.errors import CircuitsError
@@ -78,9 +79,10 @@ class Replacement:
     def attention_forward(self, layer: int, resid: torch.Tensor) -> torch.Tensor:
         """The frozen attention of `layer`: resid_pre [P, d] -> attention output [P, d] (biases included)."""
         x = self.ln1[layer].forward(resid)
-        v = torch.einsum("pd,hde->hpe", x, self.W_V[layer]) + self.b_V[layer][:, None]
-        z = self.patterns[layer] @ v  # [H, P, d_head]
-        out = torch.einsum("hpe,hed->pd", z, self.W_O[layer]) + self.b_O[layer]
+        W_V = self.W_V[layer]  # [H, d, d_head]
+        v = torch.baddbmm(self.b_V[layer][:, None], x.expand(len(W_V), *x.shape), W_V)  # [H, P, d_head]
+        z = (self.patterns[layer] @ v).transpose(0, 1).flatten(1)  # [P, H * d_head]
+        out = torch.addmm(self.b_O[layer], z, self.W_O[layer].flatten(0, 1))
         return out if self.ln1_post is None else self.ln1_post[layer].forward(out)
 
     def attention_backward(self, layer: int, g: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -202,12 +204,11 @@ class Replacement:
         reproduces the real model; without (embeddings, features and errors zeroed) it gives the
         constant terms of every node's input."""
         clt, L = self.clt, self.n_layers
-        on = 1.0 if with_sources else 0.0
-        resid = on * self.embed + self.pos_embed
+        resid = self.embed + self.pos_embed if with_sources else self.pos_embed
         mids = []
         for l in range(L):
             mid = resid + self.attention_forward(l, resid)
-            mlp = clt.b_dec[l] + on * (self.decoded[l] + self.errors[l])
+            mlp = clt.b_dec[l] + (self.decoded[l] + self.errors[l]) if with_sources else clt.b_dec[l].expand_as(mid)
             if clt.W_skip is not None:
                 mlp = mlp + self.clt_input(l, mid) @ clt.W_skip[l]
             mids.append(mid)
@@ -245,22 +246,22 @@ def _rows_matmul(x: torch.Tensor, W: torch.Tensor, rows: torch.Tensor | None) ->
 def feature_writes(clt: CrossLayerTranscoder, features: torch.Tensor, acts: torch.Tensor) -> list[torch.Tensor]:
     """What the active features (features [n, 3] sorted, acts [n]) write: per source layer s, their
     decoder rows times activation [n_s, T_s, d] (T_s: the layers s writes to), touching only their rows."""
-    layer, feature = features[:, 0], features[:, 2]
+    counts = torch.bincount(features[:, 0], minlength=clt.cfg.n_layers).tolist()  # sorted: one run per layer
     return [
-        clt.W_dec[s][feature[layer == s]] * acts[layer == s, None, None] for s in range(clt.cfg.n_layers)
-    ]  # fmt: skip
+        W.detach().index_select(0, f).mul_(a[:, None, None])
+        for W, f, a in zip(clt.W_dec, features[:, 2].split(counts), acts.split(counts), strict=True)
+    ]
 
 
 def sum_writes(writes: list[torch.Tensor], pos: torch.Tensor, P: int) -> torch.Tensor:
     """The features' writes summed per target layer and position (pos [n]: the features'
     positions, in the same order): [L, P, d]."""
     L, d = len(writes), writes[0].shape[-1]
-    out = writes[0].new_zeros(P, L, d)
-    start = 0
-    for s, w in enumerate(writes):
-        out[:, s : s + w.shape[1]].index_add_(0, pos[start : start + len(w)], w)
-        start += len(w)
-    return out.transpose(0, 1)
+    out = writes[0].new_zeros(L, P, d)
+    for s, (w, p) in enumerate(zip(writes, pos.split([len(w) for w in writes]), strict=True)):
+        T = w.shape[1]  # summed per position where the rows lie contiguous, then added to each target layer
+        out[s : s + T] += w.new_zeros(P, T * d).index_add_(0, p, w.view(len(w), T * d)).view(P, T, d).transpose(0, 1)
+    return out
 
 
 def check_supported(model: HookedTransformer) -> None:
@@ -306,52 +307,112 @@ class ForwardRecord:
         }[hook]  # fmt: skip
 
 
+_OWN_QK_NORM = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")  # q/k norms in TransformerLens's forward
+
+
+def computes_from_weights(model: HookedTransformer) -> bool:
+    """Whether `record_forward` computes the blocks from their weights directly: TransformerLens's
+    plain and grouped-query attention (causal, unquantised; rotary, soft caps, sliding windows and q/k
+    norms included) and its plain and gated MLPs, as checked against `run_with_cache` on the random
+    and Hugging Face test models. Any other block runs through TransformerLens's own components."""
+    cfg = model.cfg
+    blocks = model.blocks
+    plain = all(type(b.attn) in (Attention, GroupedQueryAttention) and type(b.mlp) in (MLP, GatedMLP) for b in blocks)
+    return (
+        plain and cfg.attention_dir == "causal" and not cfg.load_in_4bit and not cfg.is_layer_norm_activation()
+        and cfg.original_architecture not in _OWN_QK_NORM
+    )  # fmt: skip
+
+
+def _attention(attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """TransformerLens's attention from its weights: ln1's output x [P, d] -> (pattern [H, P(query),
+    P(key)], output [P, d]), every head in one product per step (no einops, no hooks)."""
+    grouped = isinstance(attn, GroupedQueryAttention) and not attn.cfg.ungroup_grouped_query_attention
+    # the key and value heads of grouped-query attention once each, repeated after the products
+    kv = (attn._W_K, attn._b_K, attn._W_V, attn._b_V) if grouped else (attn.W_K, attn.b_K, attn.W_V, attn.b_V)
+    W_K, b_K, W_V, b_V = kv
+    q = torch.baddbmm(attn.b_Q[:, None], x.expand(len(attn.W_Q), *x.shape), attn.W_Q)  # [H, P, d_head]
+    x = x.expand(len(W_K), *x.shape)
+    k, v = torch.baddbmm(b_K[:, None], x, W_K), torch.baddbmm(b_V[:, None], x, W_V)  # [H_kv, P, d_head]
+    if attn.cfg.use_qk_norm:
+        q, k = normalise(attn.q_norm, q)[0], normalise(attn.k_norm, k)[0]
+    if attn.cfg.positional_embedding_type == "rotary":  # TransformerLens's [batch, pos, head, d_head]
+        q, k = (attn.apply_rotary(t.transpose(0, 1)[None])[0].transpose(0, 1) for t in (q, k))
+    if grouped:
+        k, v = k.repeat_interleave(attn.repeat_kv_heads, 0), v.repeat_interleave(attn.repeat_kv_heads, 0)
+    scores = q @ k.transpose(1, 2) / attn.attn_scale  # [H, P, P]
+    cap = attn.cfg.attn_scores_soft_cap
+    if cap > 0:
+        scores = cap * torch.tanh(scores / cap)
+    pattern = attn.apply_causal_mask(scores[None])[0].softmax(-1).to(v.dtype)  # its mask: causal, or a window
+    z = (pattern @ v).transpose(0, 1).flatten(1)  # [P, H * d_head]
+    return pattern, torch.addmm(attn.b_O, z, attn.W_O.flatten(0, 1))
+
+
+def _mlp(mlp: MLP | GatedMLP, x: torch.Tensor) -> torch.Tensor:
+    """TransformerLens's MLP or gated MLP from its weights: x [P, d] -> [P, d]."""
+    if isinstance(mlp, GatedMLP):
+        post = mlp.act_fn(x @ mlp.W_gate) * (x @ mlp.W_in) + mlp.b_in
+    else:
+        post = mlp.act_fn(torch.addmm(mlp.b_in, x, mlp.W_in))  # [P, d_mlp]
+    return torch.addmm(mlp.b_out, post, mlp.W_out)
+
+
+def _components_attention(attn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_attention` through TransformerLens's own components (QKV, rotary, scores and mask, z)."""
+    q, k, v = attn.calculate_qkv_matrices(x[None], x[None], x[None])
+    if attn.cfg.positional_embedding_type == "rotary":
+        q, k = attn.apply_rotary(q, 0, None), attn.apply_rotary(k, 0, None)
+    pattern = attn.apply_causal_mask(attn.calculate_attention_scores(q, k), 0, None).softmax(-1)
+    z = attn.calculate_z_scores(v, pattern)  # [1, P, H, d_head]
+    return pattern[0], (torch.einsum("bphe,hed->bpd", z, attn.W_O) + attn.b_O)[0]
+
+
+def _components_mlp(mlp, x: torch.Tensor) -> torch.Tensor:
+    return mlp(x[None])[0]
+
+
 @torch.no_grad()
 def record_forward(model: HookedTransformer, tokens: torch.Tensor) -> ForwardRecord:
-    """The real model's forward pass on tokens [P], block by block with TransformerLens's own
-    components (embeddings, QKV, rotary, scores and mask, MLPs, unembedding), keeping what the
-    replacement freezes. The loop is written out because on a short prompt `run_with_cache` costs
-    several times the arithmetic; `tests/test_attribution.py` checks every record against it."""
+    """The real model's forward pass on tokens [P], block by block, keeping what the replacement
+    freezes: the blocks from their weights where `computes_from_weights`, else with TransformerLens's
+    own components. Written out because on a short prompt `run_with_cache` (hooks, einops) costs
+    several times the arithmetic; `tests/attribution/test_attribute.py` checks every record against it."""
     cfg, x = model.cfg, tokens[None]
     post_norms = cfg.use_normalization_before_and_after
-    embed = model.embed(x)  # [1, P, d]
-    pos_embed = model.pos_embed(x) if cfg.positional_embedding_type == "standard" else torch.zeros_like(embed)
+    attention, mlp = (_attention, _mlp) if computes_from_weights(model) else (_components_attention, _components_mlp)
+    embed = model.embed(x)[0]  # [P, d]
+    pos_embed = model.pos_embed(x)[0] if cfg.positional_embedding_type == "standard" else torch.zeros_like(embed)
     resid = embed + pos_embed
     keep: dict[str, list[torch.Tensor]] = {}
     for block in model.blocks:
-        attn = block.attn
         normed, scale = normalise(block.ln1, resid)
-        q, k, v = attn.calculate_qkv_matrices(normed, normed, normed)
-        if cfg.positional_embedding_type == "rotary":
-            q, k = attn.apply_rotary(q, 0, None), attn.apply_rotary(k, 0, None)
-        pattern = attn.apply_causal_mask(attn.calculate_attention_scores(q, k), 0, None).softmax(-1)
-        z = attn.calculate_z_scores(v, pattern)  # [1, P, H, d_head]
-        attn_out = torch.einsum("bphe,hed->bpd", z, attn.W_O) + attn.b_O
+        pattern, attn_out = attention(block.attn, normed)
         step = {"patterns": pattern, "ln1_scales": scale}
         if post_norms:
             attn_out, step["attn_post_scales"] = normalise(block.ln1_post, attn_out)
         mid = resid + attn_out
         normalized, step["ln2_scales"] = hook_normalized(block.ln2, mid)
         mlp_in = norm_weights(block.ln2, normalized)
-        raw = block.mlp(mlp_in)
+        raw = mlp(block.mlp, mlp_in)
         out = raw
         if post_norms:
             out, step["mlp_post_scales"] = normalise(block.ln2_post, raw)
         resid = mid + out
         step.update(resid_mid=mid, mlp_normalized=normalized, mlp_in=mlp_in, mlp_raw=raw, mlp_out=out)
         for name, value in step.items():
-            keep.setdefault(name, []).append(value[0])
+            keep.setdefault(name, []).append(value)
     normed, final_scale = normalise(model.ln_final, resid)
     stacked = {name: torch.stack(values) for name, values in keep.items()}
     return ForwardRecord(
-        embed=embed[0],
-        pos_embed=pos_embed[0],
+        embed=embed,
+        pos_embed=pos_embed,
         attn_post_scales=stacked.pop("attn_post_scales", None),
         mlp_post_scales=stacked.pop("mlp_post_scales", None),
         **stacked,
-        resid_final=resid[0],
-        final_scale=final_scale[0],
-        logits=model.unembed(normed[:, -1:])[0, -1],
+        resid_final=resid,
+        final_scale=final_scale,
+        logits=model.unembed(normed[-1:])[0],
     )
 
 
@@ -375,11 +436,13 @@ def _mlp_norms(model: HookedTransformer, cfg: CLTConfig, run: ForwardRecord, dty
 @torch.no_grad()
 def _require_finite(t: torch.Tensor, what: str, culprit: str) -> None:
     """Stop before any work that grows with the number of active features: a NaN activation counts
-    as active, so a non-finite transcoder would make every feature a node."""
-    if not torch.isfinite(t).all():
+    as active, so a non-finite transcoder would make every feature a node. The sum first (one pass):
+    it is finite unless some value is not, or it overflows."""
+    if not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
         raise CircuitsError(f"{what} are not finite (NaN or inf): {culprit} hold non-finite values; fix or re-train it")
 
 
+@torch.no_grad()
 def build_replacement(
     model: HookedTransformer, clt: CrossLayerTranscoder, tokens: torch.Tensor, dtype: torch.dtype = torch.float32
 ) -> Replacement:
@@ -390,16 +453,17 @@ def build_replacement(
     run = record_forward(model, tokens)
     if clt.W_enc.dtype != dtype:
         clt = copy.deepcopy(clt).to(dtype)
-    clt_in = run.at(clt.cfg.input_hook).to(dtype)
-    x = clt_in.transpose(0, 1)  # [P, L, d]
-    pre = clt.pre_activations(x)  # [P, L, F]
-    acts = clt.activation(pre)
+    clt_in = run.at(clt.cfg.input_hook).to(dtype)  # [L, P, d]
+    pre = torch.baddbmm(clt.b_enc[:, None], clt_in, clt.W_enc.transpose(1, 2))  # [L, P, F]: every layer in one product
+    acts = clt.activation(pre.transpose(0, 1)).transpose(0, 1)  # (it takes [P, L, F])
     _require_finite(acts, "the transcoder's activations", "its encoder or the model's activations")
-    pre, acts = pre.transpose(0, 1), acts.transpose(0, 1)  # [L, P, F]
     features = acts.nonzero()  # [n, 3] (layer, pos, feature), row-major order
-    writes = feature_writes(clt, features, acts[tuple(features.T)])
+    activations = acts[tuple(features.T)]
+    writes = feature_writes(clt, features, activations)
     decoded = sum_writes(writes, features[:, 1], len(tokens))
-    recon = decoded + clt.b_dec[:, None] + clt.skip_out(x).transpose(0, 1)  # [L, P, d]
+    recon = decoded + clt.b_dec[:, None]  # [L, P, d]
+    if clt.W_skip is not None:
+        recon = recon + clt_in @ clt.W_skip
     _require_finite(recon, "the transcoder's reconstruction", "its decoder rows, b_dec or skip")
     mlp_in, mlp_post = _mlp_norms(model, clt.cfg, run, dtype)
     blocks = model.blocks
@@ -419,7 +483,7 @@ def build_replacement(
         resid_final=run.resid_final.to(dtype),
         logits=run.logits.to(dtype),
         features=features,
-        activations=acts[tuple(features.T)],
+        activations=activations,
         pre_activations=pre[tuple(features.T)],
         errors=run.at(clt.cfg.output_hook).to(dtype) - recon,
         writes=writes,

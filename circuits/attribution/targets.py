@@ -8,6 +8,7 @@ import torch
 from transformer_lens import HookedTransformer
 
 from circuits.errors import CircuitsError
+from circuits.models import token_strings
 
 
 @dataclass
@@ -45,13 +46,15 @@ def resolve_targets(
         w[t] += 1.0
         return w
 
-    def single(t: int) -> LogitTarget:
-        return LogitTarget(model.tokenizer.decode([t]), t, one_hot(t, -1.0 / V), probs[t].item())
+    def single(t: int, name: str | None = None) -> LogitTarget:
+        name = model.tokenizer.decode([t]) if name is None else name
+        return LogitTarget(name, t, one_hot(t, -1.0 / V), probs[t].item())
 
     if not names:
         top = probs.topk(min(max_targets, V))
         n = int((top.values.cumsum(0) < target_probability).sum()) + 1
-        return [single(t) for t in top.indices[: min(n, max_targets)].tolist()]
+        ids = top.indices[: min(n, max_targets)].tolist()
+        return [single(t, name) for t, name in zip(ids, token_strings(model.tokenizer, ids), strict=True)]
     targets = []
     for name in names:
         if "-" in name.strip("-") and not _is_token(model, name):

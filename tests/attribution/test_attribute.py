@@ -9,6 +9,7 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens.components import LayerNorm
 
+from circuits.attribution import replacement
 from circuits.attribution.attribute import AttributionConfig, _feature_influence, attribute
 from circuits.attribution.graph import Graph, compute_influence, normalize_matrix
 from circuits.attribution.interventions import (
@@ -21,12 +22,15 @@ from circuits.attribution.replacement import build_replacement, record_forward
 from circuits.attribution.targets import resolve_targets
 from circuits.cli import main
 from circuits.errors import CircuitsError
-from circuits.models import DEMO_MODEL_DIR
+from circuits.models import ARCHITECTURES, DEMO_MODEL_DIR, load_model
 from circuits.transcoders.circuit_tracer import save_transcoder
 from circuits.transcoders.clt import CLTConfig, CrossLayerTranscoder
+from tests.hf_models import PROMPT as HF_PROMPT
+from tests.hf_models import TINY_CONFIGS, write_tiny_hf_model
 from tests.reference import autograd_rows, rows_against_autograd
 
 FLAGSHIP = "Fact: Dallas is in the state whose capital is"
+MODEL_KINDS = [k for k in TINY_CONFIGS if TINY_CONFIGS[k][0].__name__ in ARCHITECTURES]
 PROMPTS = [FLAGSHIP, "The capital of Texas is", "Fact : Boston is a city in"]
 
 
@@ -203,9 +207,27 @@ def test_replacement_reproduces_the_real_model(demo_model, demo_clt):
         GEMMA_LIKE,
     ],
 )  # fmt: skip
-def test_the_recorded_forward_pass_is_transformer_lens_own(config):
+@pytest.mark.parametrize("from_weights", [True, False])
+def test_the_recorded_forward_pass_is_transformer_lens_own(config, from_weights, monkeypatch):
+    """Both ways of recording: the blocks from their weights, and through TransformerLens's components."""
     model = _random_model(**config)
-    tokens = model.to_tokens("Fact : Dallas is in the state whose capital is")[0]
+    assert replacement.computes_from_weights(model)
+    if not from_weights:
+        monkeypatch.setattr(replacement, "computes_from_weights", lambda model: False)
+    _check_record(model, model.to_tokens("Fact : Dallas is in the state whose capital is")[0])
+
+
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+def test_the_recorded_forward_pass_of_each_architecture_is_transformer_lens_own(kind, tmp_path):
+    """The tiny Hugging Face models of every supported architecture (GQA, rope scaling, sliding
+    windows, q/k norms, soft caps, post-norms), recorded from their weights."""
+    model = load_model(str(write_tiny_hf_model(kind, tmp_path / kind)))
+    assert replacement.computes_from_weights(model)
+    _check_record(model, model.to_tokens(HF_PROMPT)[0])
+
+
+def _check_record(model: HookedTransformer, tokens: torch.Tensor) -> None:
+    """Every tensor `record_forward` keeps against `run_with_cache` (and forward hooks on the MLPs)."""
     run = record_forward(model, tokens)
     L = model.cfg.n_layers
     mlp_args, mlp_outs = [], []  # what circuit-tracer's mlp.hook_in / mlp.hook_out see: the MLP's argument and output

@@ -16,6 +16,7 @@ from circuits.attribution.interventions import (
     run_with_interventions,
     validate,
 )
+from circuits.attribution.replacement import _require_finite
 from circuits.attribution.splice import clean_state, io_names, splice_hooks, transcoder_inputs, transcoder_outputs
 from circuits.errors import CircuitsError
 from circuits.transcoders.circuit_tracer import save_transcoder
@@ -219,6 +220,14 @@ def test_a_transcoder_loaded_without_the_model_is_still_read_at_its_hooks(tmp_pa
     assert (loaded.cfg.input_hook, loaded.cfg.output_hook) == ("ln2.hook_normalized", "mlp.hook_out")
     graph, expected = (attribute(PROMPT, model, c, progress=False) for c in (loaded, clt))
     assert torch.equal(graph.adjacency, expected.adjacency)
+
+
+def test_finite_values_whose_sum_overflows_are_finite():
+    """The check sums first (one pass) and looks at each value only when the sum is not finite."""
+    _require_finite(torch.full((4,), 3e38), "the values", "nothing")  # their sum is inf
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(CircuitsError, match="not finite"):
+            _require_finite(torch.tensor([3e38, 3e38, bad]), "the values", "one")
 
 
 @pytest.mark.parametrize("where", ["W_enc", "b_enc", "W_dec"])
