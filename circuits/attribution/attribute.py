@@ -316,7 +316,7 @@ def attribute(
             sources.rows(L, last, vectors, out=logit_rows)
     if one_pass:  # every row in one walk (fewer, larger operations)
         rows = [store.adjacency[:n, : sources.n], logit_rows]
-        every_row(rep, vectors, rows, sources.embed_images, cfg.backward_terms, cfg.work_floats)
+        every_row(rep, vectors, rows, sources.embed_images, cfg.backward_terms, cfg.work_floats, cfg.single_pass_span)
         selected = torch.arange(n, device=device)
     else:
         selected = _feature_rows(sources, store, logit_rows, logit_targets, cap, cfg, progress)

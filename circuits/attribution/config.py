@@ -60,6 +60,9 @@ class AttributionConfig:
     batches per layer. Measured on the demo CLT at ~21 features per layer and token, one thread: the
     walk is faster at 8 and 16 tokens (38 vs 41 ms, 100 vs 107 ms; 0.7M and 3.2M floats) and slower at
     32 (233 vs 162 ms; 11M floats), where it also computes the zero edges from later positions."""
+    single_pass_span: int = 8
+    """The one walk takes the rows in runs of this many positions: a run below position P' carries
+    gradients over P' positions, so that the zeros after each row's own position cost at most a span."""
     embedding_image_floats: int = 2**24
     """Largest P * P * d_model for which `Replacement.embedding_images` is built (64 MB in float32);
     longer prompts pass every gradient through layer 0 instead."""
