@@ -137,19 +137,19 @@ def _walk(
     start = torch.searchsorted(layers, torch.arange(L + 2, device=layers.device)).tolist()  # t: start[t]:start[t + 1]
     below = sources.starts[Pp]  # the cells of the sources below Pp; then the tokens, a zero cell
     cells = vectors.new_zeros(R, below + Pp + 1)  # the edges in cell layout
-    g = vectors.new_zeros(R, Pp, d)  # the gradient at the residual stream, walking down
+    g = vectors.new_zeros(Pp, R, d)  # the gradient at the residual stream, walking down, by position
     terms: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # rows of layer t -> their gradient as terms
     for l in range(L, -1, -1):
         if l < L and start[l + 1] < R:  # slot l: the rows with t > l meet the sources writing to mlp_out[l]
-            above = start[l + 1]
-            at_out = g[above:] if rep.mlp_post is None else rep.mlp_post[l].backward(g[above:])
-            _contract(sources.writes[l][:Pp], at_out, cells[above:])
+            above = g[:, start[l + 1] :].transpose(0, 1)  # [R', P', d] (a view)
+            at_out = above if rep.mlp_post is None else rep.mlp_post[l].backward(above)
+            _contract(sources.writes[l][:Pp], at_out.transpose(0, 1), cells[start[l + 1] :])
             if rep.clt.W_skip is not None:
-                g[above:] += rep.skip_backward(l, g[above:])
+                above += rep.skip_backward(l, above)
                 terms = {t: _skip_terms(rep, l, *tw) for t, tw in terms.items()}
         if start[l + 1] > start[l]:
             fresh = slice(start[l], start[l + 1])
-            g[rows[fresh], pos[fresh]] = vectors[fresh]
+            g[pos[fresh], rows[fresh]] = vectors[fresh]
             weights = vectors.new_zeros(1, start[l + 1] - start[l], Pp)
             weights[0, rows[fresh] - start[l], pos[fresh]] = 1.0
             terms[l] = (vectors[None, fresh], weights)
@@ -158,18 +158,19 @@ def _walk(
         _attention(rep, l, g, terms, start, backward_terms)
     tokens = cells[:, below : below + Pp]
     if embed_images is None:
-        tokens.copy_(torch.linalg.vecdot(g, rep.embed[:Pp]))
+        tokens.copy_(torch.linalg.vecdot(g, rep.embed[:Pp, None]).T)
     else:  # the images of the tokens k < Pp at resid_mid[0] of the positions q < Pp
-        torch.mm(g.view(R, Pp * d), embed_images[:Pp, : Pp * d].T, out=tokens)
+        images = embed_images[:Pp, : Pp * d].view(Pp, Pp, d).permute(1, 2, 0)  # [P'(query), d, P'(key)]
+        torch.sum(torch.bmm(g, images), 0, out=tokens)
     return cells.index_select(1, sources.columns(Pp))
 
 
 def _contract(writes: list[tuple[int, int, torch.Tensor]], g: torch.Tensor, cells: torch.Tensor) -> None:
     """Add the edges from the sources writing to one slot into the cells [R', n_cells] of rows whose
-    gradient there is g [R', P', d]: one product per position p, g[:, p] @ W_p, added in place
+    gradient there is g [P', R', d]: one product per position p, g[p] @ W_p, added in place
     (`SlotSources.writes`)."""
     for p, (a, b, W) in enumerate(writes):
-        cells[:, a:b].addmm_(g[:, p], W)
+        cells[:, a:b].addmm_(g[p], W)
 
 
 def _attention(
@@ -180,23 +181,35 @@ def _attention(
     start: list[int],
     backward_terms: bool,
 ) -> None:
-    """Add to g [R, P', d] (the gradient at resid_mid[l] of the rows from start[l] on) what passes back
+    """Add to g [P', R, d] (the gradient at resid_mid[l] of the rows from start[l] on) what passes back
     through the frozen attention of layer l: as terms for the groups in `terms` (rows of layer t,
     lowest t first) while that is cheaper than the dense pass, updating or dropping their terms;
     densely for the rest."""
-    Pp, dense = g.shape[1], start[l]  # the rows from `dense` on pass densely
+    Pp, dense = g.shape[0], start[l]  # the rows from `dense` on pass densely
     for t in sorted(terms):
         rows, J = slice(start[t], start[t + 1]), len(terms[t][0])
         if backward_terms and dense == start[t] and rep.terms_are_cheaper(J, Pp):
             images, mixed = _terms_backward(rep, l, *terms[t])
-            g[rows].baddbmm_(mixed.permute(1, 2, 0), images.transpose(0, 1))
+            g[:, rows].transpose(0, 1).baddbmm_(mixed.permute(1, 2, 0), images.transpose(0, 1))
             dense = start[t + 1]
             if rep.terms_are_cheaper(J + len(images), Pp):
                 terms[t] = (torch.cat([terms[t][0], images]), torch.cat([terms[t][1], mixed]))
                 continue
         del terms[t]
-    if dense < len(g):
-        g[dense:] += rep.attention_backward(l, g[dense:])
+    if dense < g.shape[1]:
+        _dense_backward(rep, l, g[:, dense:])
+
+
+def _dense_backward(rep: Replacement, l: int, g: torch.Tensor) -> None:
+    """Add to g [P', R', d] (by position, a view of rows R' of a larger gradient) what passes back
+    through the frozen attention of layer l: the projections batched over positions, the images per
+    head [H, P', R', d] (contiguous), then their mixing over (head, query) as one product."""
+    Pp, R, d = g.shape
+    H, dh = rep.W_O.shape[1], rep.W_O.shape[2]
+    u = torch.bmm(g, rep.back_O[l].expand(Pp, d, H * dh))  # [P', R', H * d_head]
+    images = torch.bmm(u.view(Pp * R, H, dh).transpose(0, 1), rep.back_V[l].view(H, dh, d))  # [H, P' * R', d]
+    mix = rep.back_mix[l, :, :Pp, :Pp].transpose(0, 1).reshape(Pp, H * Pp)  # [P'(key), H * P'(query)]
+    g.view(Pp, R * d).addmm_(mix, images.view(H * Pp, R * d))
 
 
 def _terms_backward(
