@@ -301,8 +301,7 @@ def attribute(
         log.info("keeping the %d most influential of %d active features (max_feature_nodes)", cap, n)
     vectors, last = logit_vectors(rep, W_U, logit_targets), torch.full((T,), P - 1, device=device)
     sparse = sparse_graph(cap, T, sources.n, cfg)
-    small = (n + T) * P * vectors.shape[-1] <= cfg.single_pass_floats
-    one_pass = small and not sparse and cap == n and cfg.batch_size is None
+    one_pass = not sparse and cap == n and cfg.batch_size is None
     if not one_pass and sources.by_layer:
         rep.writes = []  # the sources hold them in blocks from here on (1 GB on 4,096 tokens)
     if sparse:
