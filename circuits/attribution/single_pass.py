@@ -190,7 +190,7 @@ def _attention(
         rows, J = slice(start[t], start[t + 1]), len(terms[t][0])
         if backward_terms and dense == start[t] and rep.terms_are_cheaper(J, Pp):
             images, mixed = _terms_backward(rep, l, *terms[t])
-            g[:, rows].transpose(0, 1).baddbmm_(mixed.permute(1, 2, 0), images.transpose(0, 1))
+            g[:, rows] += torch.bmm(mixed.permute(1, 2, 0), images.transpose(0, 1)).transpose(0, 1)
             dense = start[t + 1]
             if rep.terms_are_cheaper(J + len(images), Pp):
                 terms[t] = (torch.cat([terms[t][0], images]), torch.cat([terms[t][1], mixed]))
