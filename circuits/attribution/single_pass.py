@@ -30,10 +30,10 @@ if TYPE_CHECKING:
 
 class SlotSources:
     """The sources in cell layout, by position: at position p, for each source layer s its features
-    at p (in node order), then the error node of layer s at p; the cells below position P' are the
-    first `below(P')`. `writes[l][p]` = (a, b, W [d, b - a]): what the cells a:b of position p write
-    to slot (transcoder output layer) l, the ones there that write to l and the few between them
-    that do not (the errors of layers < l: zero columns)."""
+    at p (in node order), then the error node of layer s at p. `writes[l][p]` = (a, b, W [d, b - a]):
+    what the cells a:b of position p write to slot (transcoder output layer) l: the ones there that
+    write to l and the few between them that do not (the errors of layers < l: zero columns). The
+    cells below position P' are the first `starts[P']`."""
 
     def __init__(self, rep: Replacement):
         L, P, d = rep.n_layers, rep.n_pos, rep.embed.shape[-1]
@@ -44,10 +44,11 @@ class SlotSources:
         first = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])  # [P * L + 1] the first cell of each (p, s)
         self.starts = first[::L].tolist()  # [P + 1] the first cell of each position
         by_layer = counts.T.flatten()  # nodes are sorted by (layer, position)
-        rank = torch.arange(len(self.layer), device=counts.device) - (by_layer.cumsum(0) - by_layer)[self.layer * P + self.pos]
+        node = torch.arange(len(self.layer), device=counts.device)
+        rank = node - (by_layer.cumsum(0) - by_layer)[self.layer * P + self.pos]  # [n] among those at its (s, p)
         self.feature_cell = first[self.pos * L + self.layer] + rank  # [n]
         self.error_cell = (first[:-1] + counts.flatten()).view(P, L).T.flatten()  # [L * P] as the error nodes
-        first, counts = first[:-1].view(P, L), counts
+        first = first[:-1].view(P, L)
         self.writes: list[list[tuple[int, int, torch.Tensor]]] = []
         start = torch.tensor([0] + [len(w) for w in rep.writes]).cumsum(0).tolist()
         for l in range(L):
