@@ -301,8 +301,7 @@ def attribute(
         log.info("keeping the %d most influential of %d active features (max_feature_nodes)", cap, n)
     vectors, last = logit_vectors(rep, W_U, logit_targets), torch.full((T,), P - 1, device=device)
     sparse = sparse_graph(cap, T, sources.n, cfg)
-    small = (n + T) * P * vectors.shape[-1] <= cfg.single_pass_floats
-    one_pass = small and not sparse and cap == n and cfg.batch_size is None
+    one_pass = not sparse and cap == n and cfg.batch_size is None
     if not one_pass and sources.by_layer:
         rep.writes = []  # the sources hold them in blocks from here on (1 GB on 4,096 tokens)
     if sparse:
@@ -316,7 +315,7 @@ def attribute(
             sources.rows(L, last, vectors, out=logit_rows)
     if one_pass:  # every row in one walk (fewer, larger operations)
         rows = [store.adjacency[:n, : sources.n], logit_rows]
-        every_row(rep, vectors, rows, sources.embed_images, cfg.backward_terms, cfg.work_floats)
+        every_row(rep, vectors, rows, sources.embed_images, cfg.backward_terms, cfg.work_floats, cfg.single_pass_span)
         selected = torch.arange(n, device=device)
     else:
         selected = _feature_rows(sources, store, logit_rows, logit_targets, cap, cfg, progress)

@@ -53,13 +53,13 @@ class AttributionConfig:
     edges_per_row: int = 8192
     """Sparse graphs: the edges each feature row keeps, its largest by |weight| (the logit rows keep
     all). Rows are normalised by their whole absolute input, so influence is not inflated by the cut."""
-    single_pass_floats: int = 2**22
+    single_pass_span: int = 8
     """With every feature kept, `batch_size` None and a dense graph, all rows are computed in one walk
-    down the layers (`circuits.attribution.single_pass`) while its gradients, rows x positions x
-    d_model, hold at most this many numbers (16 MB in float32; in runs of `work_floats`); beyond, in
-    batches per layer. Measured on the demo CLT at ~21 features per layer and token, one thread: the
-    walk is faster at 8 and 16 tokens (38 vs 41 ms, 100 vs 107 ms; 0.7M and 3.2M floats) and slower at
-    32 (233 vs 162 ms; 11M floats), where it also computes the zero edges from later positions."""
+    down the layers (`circuits.attribution.single_pass`), in runs of the rows at this many positions (a
+    run below position P' carries gradients over P' positions: the zeros after each row's own position
+    cost at most a span; each run in pieces of `work_floats`). Measured on the demo CLT at ~21 features
+    per layer and token, one thread, against the batched path: faster from 8 to 96 tokens (168 vs 174 ms
+    at 32, 493 vs 650 ms at 64, 980 vs 1,516 ms at 96), and no slower for spans 8 or 16 at 32 tokens."""
     embedding_image_floats: int = 2**24
     """Largest P * P * d_model for which `Replacement.embedding_images` is built (64 MB in float32);
     longer prompts pass every gradient through layer 0 instead."""

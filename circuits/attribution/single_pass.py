@@ -1,20 +1,21 @@
 """Every row of a small graph in one walk down the layers: the feature and logit targets together,
-with fewer, larger operations than `Sources.rows` takes batch by batch.
+with few, large operations (their number grows with the layers, not with the positions).
 
-The rows R = [features (by layer), logits] are ordered by the layer t where each one's gradient
-starts (a feature's own layer, L for the logits), so that below layer l the rows still walking are
-a suffix. Walking down from the top, at each layer l:
-1. the gradient at mlp_out[l] of the rows with t > l meets the sources writing there (slot l: the
-   features of layers <= l that write to l and the error nodes of layer l, `SlotSources`): one
-   product per position over the sources there, added into the rows' edges by node index;
+The rows R = [features (by layer, position), logits] walk in runs: the rows at positions in one span
+of `span` positions, so that a run below P' carries gradients [rows, P', d] and wastes little on the
+zeros after each row's own position. In a run the rows are ordered by the layer t where each one's
+gradient starts (a feature's own layer, L for the logits), so that below layer l the rows still
+walking are a suffix. Walking down from the top, at each layer l:
+1. the gradient at mlp_out[l] of the rows with t > l meets the sources writing there: per source
+   layer s <= l one product batched over positions with their writes (`SlotSources`), added into the
+   run's edges in cell layout, which are read out in the graph's column order at the end;
 2. the skip path of layer l (if any), then the rows of layer l start, each at its position;
 3. the frozen attention of layer l sends the gradient of the rows with t >= l to resid_pre[l]: the
-   rows whose gradient is still a short sum of terms (`Replacement.attention_backward_terms`; rows
-   that start at layer l are one term) a group at a time while that is cheaper, the others in one
-   dense pass over the positions each row sees.
-At resid_mid[0] the embedding edges are one product per position with the images of the tokens it
-sees (`Replacement.embedding_images`; without them the gradient passes layer 0 too and meets the
-embeddings at resid_pre[0]). Rows walk in runs of `AttributionConfig.work_floats` gradients.
+   rows whose gradient is still a short sum of terms (`_terms_backward`; rows that start at layer l
+   are one term) a group at a time while that is cheaper, the others in one dense pass.
+At resid_mid[0] the embedding edges are one product with the images of the tokens
+(`Replacement.embedding_images`; without them the gradient passes layer 0 too and meets the
+embeddings at resid_pre[0]).
 """
 
 from __future__ import annotations
@@ -28,33 +29,46 @@ if TYPE_CHECKING:
 
 
 class SlotSources:
-    """The sources writing to each slot (transcoder output layer) l, ordered by position: the
-    features of layers <= l that write to l and the error nodes of layer l. `vectors[l][p]` [d, k_p]
-    what those at position p write there (decoder row times activation, or the error), `nodes[l]`
-    [k_l] their node indices (features, then errors n + l * P + p) in that order. With the
-    embeddings' images (`Replacement.embedding_images`), `images[q]` [d, q + 1] what each token
-    k <= q adds at resid_mid[0] of position q, `keys` their token indices in that order."""
+    """The sources in cell layout, by position: at position p, for each source layer s its features
+    at p (in node order), then the error node of layer s at p. `writes[l][p]` = (a, b, W [d, b - a]):
+    what the cells a:b of position p write to slot (transcoder output layer) l: the ones there that
+    write to l and the few between them that do not (the errors of layers < l: zero columns). The
+    cells below position P' are the first `starts[P']`."""
 
-    def __init__(self, rep: Replacement, embed_images: torch.Tensor | None):
-        L, P = rep.n_layers, rep.n_pos
-        n, device = len(rep.features), rep.embed.device
-        pos = rep.features[:, 1]
-        starts = [0] + torch.tensor([len(w) for w in rep.writes]).cumsum(0).tolist()
-        positions = torch.arange(P, device=device)
-        self.vectors: list[list[torch.Tensor]] = []
-        self.nodes: list[torch.Tensor] = []
+    def __init__(self, rep: Replacement):
+        L, P, d = rep.n_layers, rep.n_pos, rep.embed.shape[-1]
+        self.L, self.P = L, P
+        self.layer, self.pos = rep.features[:, 0], rep.features[:, 1]
+        counts = torch.bincount(self.pos * L + self.layer, minlength=P * L).view(P, L)  # features per (p, s)
+        sizes = (counts + 1).flatten()
+        first = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])  # [P * L + 1] the first cell of each (p, s)
+        self.starts = first[::L].tolist()  # [P + 1] the first cell of each position
+        by_layer = counts.T.flatten()  # nodes are sorted by (layer, position)
+        node = torch.arange(len(self.layer), device=counts.device)
+        rank = node - (by_layer.cumsum(0) - by_layer)[self.layer * P + self.pos]  # [n] among those at its (s, p)
+        self.feature_cell = first[self.pos * L + self.layer] + rank  # [n]
+        self.error_cell = (first[:-1] + counts.flatten()).view(P, L).T.flatten()  # [L * P] as the error nodes
+        first = first[:-1].view(P, L)
+        self.writes: list[list[tuple[int, int, torch.Tensor]]] = []
+        start = torch.tensor([0] + [len(w) for w in rep.writes]).cumsum(0).tolist()
         for l in range(L):
             writing = [s for s in range(l + 1) if l - s < rep.writes[s].shape[1]]  # per-layer: s == l only
-            vectors = torch.cat([rep.writes[s][:, l - s] for s in writing] + [rep.errors[l]])
-            nodes = [torch.arange(starts[s], starts[s + 1], device=device) for s in writing]
-            nodes = torch.cat(nodes + [n + l * P + positions])
-            where = torch.cat([pos[nodes[:-P]], positions])
-            order, sizes = where.argsort(stable=True), torch.bincount(where, minlength=P).tolist()
-            self.vectors.append(list(vectors[order].T.split(sizes, 1)))
-            self.nodes.append(nodes[order])
-        # the embeddings' images at resid_mid[0] by query position: [d, q + 1] for the keys k <= q
-        self.images = None if embed_images is None else [embed_images.view(P, P, -1)[: q + 1, q].T for q in range(P)]
-        self.keys = torch.cat([positions[: q + 1] for q in range(P)])
+            W = rep.embed.new_zeros(self.starts[-1], d)
+            for s in writing:
+                W[self.feature_cell[start[s] : start[s + 1]]] = rep.writes[s][:, l - s]
+            W[self.error_cell[l * P : (l + 1) * P]] = rep.errors[l]
+            a, b = first[:, writing[0]].tolist(), (first[:, l] + counts[:, l] + 1).tolist()
+            self.writes.append([(a[p], b[p], W[a[p] : b[p]].T) for p in range(P)])
+
+    def columns(self, Pp: int) -> torch.Tensor:
+        """The cell of each of the graph's source columns (features, errors [L, P], tokens [P]) in a
+        run below position Pp, whose cells are those of the sources below Pp, then the tokens' [Pp],
+        then one zero cell: the cell of the sources at positions >= Pp."""
+        L, P, below = self.L, self.P, self.starts[Pp]
+        positions = torch.arange(P, device=self.pos.device)
+        cell = torch.cat([self.feature_cell, self.error_cell, below + positions])
+        seen = torch.cat([self.pos, positions.repeat(L), positions]) < Pp
+        return torch.where(seen, cell, below + Pp)
 
 
 def every_row(
@@ -64,28 +78,36 @@ def every_row(
     embed_images: torch.Tensor | None,
     backward_terms: bool = True,
     work_floats: int = 2**22,
+    span: int = 8,
 ) -> None:
     """The rows of every feature and logit target: `logit_vectors` [T, d] the logits' gradients at
     the final residual stream (last position); written into out[0] [n, n_sources] (the features')
     and out[1] [T, n_sources] (the logits'), in the graph's column order (features, errors, tokens).
-    The rows walk in runs whose gradients hold about `work_floats` numbers: buffers that the heap
-    reuses from run to run rather than fresh memory the OS must map on every call."""
+    A run holds the rows at positions [a, a + span), in pieces whose gradients hold about
+    `work_floats` numbers."""
     L, P, d = rep.n_layers, rep.n_pos, rep.embed.shape[-1]
-    layer, pos = rep.features[:, 0], rep.features[:, 1]
-    n, T, device = len(layer), len(logit_vectors), logit_vectors.device
+    n, T, device = len(rep.features), len(logit_vectors), logit_vectors.device
     vectors = torch.cat([feature_vectors(rep), logit_vectors])  # [R, d]
-    layers = torch.cat([layer, torch.full((T,), L, device=device)])
-    pos = torch.cat([pos, torch.full((T,), P - 1, device=device)])
-    slots, step = SlotSources(rep, embed_images), max(1, work_floats // (P * d))
-    for a in range(0, n + T, step):
-        b = min(a + step, n + T)
-        edges, tokens = _walk(rep, slots, vectors[a:b], layers[a:b], pos[a:b], backward_terms)
-        k = edges.shape[1]
-        for dest, first in ((out[0], 0), (out[1], n)):  # its rows first, first + 1, ... of R
-            lo, hi = max(a, first), min(b, first + len(dest))
-            if hi > lo:
-                dest[lo - first : hi - first, :k] = edges[lo - a : hi - a]
-                dest[lo - first : hi - first, k:] = tokens[lo - a : hi - a]
+    layers = torch.cat([rep.features[:, 0], torch.full((T,), L, device=device)])
+    pos = torch.cat([rep.features[:, 1], torch.full((T,), P - 1, device=device)])
+    sources = SlotSources(rep)
+    for a in range(0, P, span):
+        Pp = min(a + span, P)
+        rows = ((pos >= a) & (pos < Pp)).nonzero()[:, 0]  # in (layer, position) order
+        for piece in rows.split(max(1, work_floats // (Pp * d))):
+            edges = _walk(rep, sources, vectors[piece], layers[piece], pos[piece], Pp, embed_images, backward_terms)
+            _write(out, n, piece, edges)
+
+
+def _write(out: list[torch.Tensor], n: int, rows: torch.Tensor, edges: torch.Tensor) -> None:
+    """Copy the edges [k, n_sources] of rows [k] (ascending; < n: features, out[0], then logits,
+    out[1]) into place, a run of consecutive rows at a time."""
+    breaks = ((rows.diff() != 1) | (rows[1:] == n)).nonzero()[:, 0] + 1
+    bounds = [0] + breaks.tolist() + [len(rows)]
+    for i, j in zip(bounds[:-1], bounds[1:], strict=True):
+        first = int(rows[i])
+        dest, first = (out[0], first) if first < n else (out[1], first - n)
+        dest[first : first + j - i] = edges[i:j]
 
 
 def feature_vectors(rep: Replacement) -> torch.Tensor:
@@ -100,45 +122,56 @@ def feature_vectors(rep: Replacement) -> torch.Tensor:
 
 def _walk(
     rep: Replacement,
-    slots: SlotSources,
+    sources: SlotSources,
     vectors: torch.Tensor,
     layers: torch.Tensor,
     pos: torch.Tensor,
+    Pp: int,
+    embed_images: torch.Tensor | None,
     backward_terms: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     """The edges into R targets: `vectors` [R, d] each one's gradient where it starts, at `pos` [R]
-    of resid_mid of `layers` [R] (L: the final residual stream), rows ordered by layer. Returns the
-    edges from features and errors [R, n + L * P] and from the tokens [R, P]."""
-    L, P, d = rep.n_layers, rep.n_pos, rep.embed.shape[-1]
+    (< Pp) of resid_mid of `layers` [R] (L: the final residual stream), rows ordered by layer.
+    Returns the edges from every source [R, n_sources]."""
+    L, d = rep.n_layers, vectors.shape[-1]
     R, rows = len(vectors), torch.arange(len(vectors), device=vectors.device)
     start = torch.searchsorted(layers, torch.arange(L + 2, device=layers.device)).tolist()  # t: start[t]:start[t + 1]
-    edges = vectors.new_zeros(R, len(rep.features) + L * P)  # from the features and errors
-    g = vectors.new_zeros(R, P, d)  # the gradient at the residual stream, walking down
-    seen = torch.arange(P, device=pos.device) <= pos[:, None]  # [R, P]: the positions each row sees
+    below = sources.starts[Pp]  # the cells of the sources below Pp; then the tokens, a zero cell
+    cells = vectors.new_zeros(R, below + Pp + 1)  # the edges in cell layout
+    g = vectors.new_zeros(Pp, R, d)  # the gradient at the residual stream, walking down, by position
     terms: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # rows of layer t -> their gradient as terms
     for l in range(L, -1, -1):
-        if l < L:  # slot l: the rows with t > l meet the sources writing to mlp_out[l]
-            below = start[l + 1]
-            out = g[below:] if rep.mlp_post is None else rep.mlp_post[l].backward(g[below:])
-            _contract(slots, l, out, edges[below:])
+        if l < L and start[l + 1] < R:  # slot l: the rows with t > l meet the sources writing to mlp_out[l]
+            above = g[:, start[l + 1] :].transpose(0, 1)  # [R', P', d] (a view)
+            at_out = above if rep.mlp_post is None else rep.mlp_post[l].backward(above)
+            _contract(sources.writes[l][:Pp], at_out.transpose(0, 1), cells[start[l + 1] :])
             if rep.clt.W_skip is not None:
-                g[below:] += rep.skip_backward(l, g[below:])
-                terms = {t: rep.skip_terms(l, *tw) for t, tw in terms.items()}
-        fresh = slice(start[l], start[l + 1])
+                above += rep.skip_backward(l, above)
+                terms = {t: _skip_terms(rep, l, *tw) for t, tw in terms.items()}
         if start[l + 1] > start[l]:
-            g[rows[fresh], pos[fresh]] = vectors[fresh]
-            weights = torch.zeros(start[l + 1] - start[l], P, 1, dtype=g.dtype, device=g.device)
-            weights[rows[fresh] - start[l], pos[fresh]] = 1.0
-            terms[l] = (vectors[fresh, None], weights)
-        if l == L or (l == 0 and slots.images is not None):
+            fresh = slice(start[l], start[l + 1])
+            g[pos[fresh], rows[fresh]] = vectors[fresh]
+            weights = vectors.new_zeros(1, start[l + 1] - start[l], Pp)
+            weights[0, rows[fresh] - start[l], pos[fresh]] = 1.0
+            terms[l] = (vectors[None, fresh], weights)
+        if l == L or (l == 0 and embed_images is not None):
             continue
-        _attention(rep, l, g, terms, start, seen, backward_terms)
-    if slots.images is None:
-        tokens = (g * rep.embed).sum(-1)
-    else:  # one product per position q with the images of the tokens k <= q
-        products = torch.cat([g[:, q] @ images for q, images in enumerate(slots.images)], 1)
-        tokens = g.new_zeros(R, P).index_add_(1, slots.keys, products)
-    return edges, tokens
+        _attention(rep, l, g, terms, start, backward_terms)
+    tokens = cells[:, below : below + Pp]
+    if embed_images is None:
+        tokens.copy_(torch.linalg.vecdot(g, rep.embed[:Pp, None]).T)
+    else:  # the images of the tokens k < Pp at resid_mid[0] of the positions q < Pp
+        images = embed_images[:Pp, : Pp * d].view(Pp, Pp, d).permute(1, 2, 0)  # [P'(query), d, P'(key)]
+        torch.sum(torch.bmm(g, images), 0, out=tokens)
+    return cells.index_select(1, sources.columns(Pp))
+
+
+def _contract(writes: list[tuple[int, int, torch.Tensor]], g: torch.Tensor, cells: torch.Tensor) -> None:
+    """Add the edges from the sources writing to one slot into the cells [R', n_cells] of rows whose
+    gradient there is g [P', R', d]: one product per position p, g[p] @ W_p, added in place
+    (`SlotSources.writes`)."""
+    for p, (a, b, W) in enumerate(writes):
+        cells[:, a:b].addmm_(g[p], W)
 
 
 def _attention(
@@ -147,32 +180,62 @@ def _attention(
     g: torch.Tensor,
     terms: dict[int, tuple[torch.Tensor, torch.Tensor]],
     start: list[int],
-    seen: torch.Tensor,
     backward_terms: bool,
 ) -> None:
-    """Add to g [R, P, d] (the gradient at resid_mid[l] of the rows from start[l] on) what passes back
+    """Add to g [P', R, d] (the gradient at resid_mid[l] of the rows from start[l] on) what passes back
     through the frozen attention of layer l: as terms for the groups in `terms` (rows of layer t,
-    lowest t first) while that is cheaper than the dense pass over the positions their rows see
-    (`seen` [R, P]), updating or dropping their terms; densely for the rest."""
-    dense = start[l]  # the rows from here on pass densely
+    lowest t first) while that is cheaper than the dense pass, updating or dropping their terms;
+    densely for the rest."""
+    Pp, dense = g.shape[0], start[l]  # the rows from `dense` on pass densely
     for t in sorted(terms):
-        rows = slice(start[t], start[t + 1])
-        positions = int(seen[rows].sum(1).float().mean().ceil())  # per row in the dense pass
-        if backward_terms and dense == start[t] and rep.terms_are_cheaper(terms[t][0].shape[1], positions):
-            through, images, mixed = rep.attention_backward_terms(l, *terms[t])
-            g[rows] += through
+        rows, J = slice(start[t], start[t + 1]), len(terms[t][0])
+        if backward_terms and dense == start[t] and rep.terms_are_cheaper(J, Pp):
+            images, mixed = _terms_backward(rep, l, *terms[t])
+            g[:, rows] += torch.bmm(mixed.permute(1, 2, 0), images.transpose(0, 1)).transpose(0, 1)
             dense = start[t + 1]
-            if rep.terms_are_cheaper(terms[t][0].shape[1] + images.shape[1], positions):
-                terms[t] = (torch.cat([terms[t][0], images], 1), torch.cat([terms[t][1], mixed], 2))
+            if rep.terms_are_cheaper(J + len(images), Pp):
+                terms[t] = (torch.cat([terms[t][0], images]), torch.cat([terms[t][1], mixed]))
                 continue
         del terms[t]
-    if dense < len(g):
-        sees = seen[dense:].flatten()
-        at = sees.nonzero()[:, 0] if sees.float().mean() < 0.8 else None
-        g[dense:] += rep.attention_backward(l, g[dense:], at)
+    if dense < g.shape[1]:
+        _dense_backward(rep, l, g[:, dense:])
 
 
-def _contract(slots: SlotSources, l: int, g: torch.Tensor, edges: torch.Tensor) -> None:
-    """Add the edges from the sources of slot l to rows whose gradient at its output is g [R', P, d]
-    into edges [R', n + L * P]: one product per position, g[:, p] @ W_p [d, k_p]."""
-    edges.index_add_(1, slots.nodes[l], torch.cat([g[:, p] @ W for p, W in enumerate(slots.vectors[l])], 1))
+def _dense_backward(rep: Replacement, l: int, g: torch.Tensor) -> None:
+    """Add to g [P', R', d] (by position, a view of rows R' of a larger gradient) what passes back
+    through the frozen attention of layer l: the projections batched over positions, the images per
+    head [H, P', R', d] (contiguous), then their mixing over (head, query) as one product."""
+    Pp, R, d = g.shape
+    H, dh = rep.W_O.shape[1], rep.W_O.shape[2]
+    u = torch.bmm(g, rep.back_O[l].expand(Pp, d, H * dh))  # [P', R', H * d_head]
+    images = torch.bmm(u.view(Pp * R, H, dh).transpose(0, 1), rep.back_V[l].view(H, dh, d))  # [H, P' * R', d]
+    mix = rep.back_mix[l, :, :Pp, :Pp].transpose(0, 1).reshape(Pp, H * Pp)  # [P'(key), H * P'(query)]
+    g.view(Pp, R * d).addmm_(mix, images.view(H * Pp, R * d))
+
+
+def _terms_backward(
+    rep: Replacement, l: int, terms: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention backward of layer l for gradients kept as short sums g[i, p] = sum_j
+    weights[j, i, p] * terms[j, i] (terms [J, n, d], weights [J, n, P']): the projections act on the
+    J terms, the mixing over positions on their weights. Returns what passes back as the same kind of
+    sum, each term through each head: terms [H * J, n, d] and weights [H * J, n, P']."""
+    J, n, d = terms.shape
+    H, dh, Pp = rep.W_O.shape[1], rep.W_O.shape[2], weights.shape[-1]
+    u = (terms.view(J * n, d) @ rep.back_O[l]).view(J * n, H, dh).transpose(0, 1)  # [H, J * n, d_head]
+    images = torch.bmm(u, rep.back_V[l].view(H, dh, d))  # [H, J * n, d]
+    mix = rep.back_mix[l, :, :Pp, :Pp].transpose(1, 2)  # [H, P'(query), P'(key)]
+    mixed = torch.bmm(weights.view(1, J * n, Pp).expand(H, J * n, Pp), mix)  # [H, J * n, P'(key)]
+    return images.view(H * J, n, d), mixed.view(H * J, n, Pp)
+
+
+def _skip_terms(
+    rep: Replacement, l: int, terms: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients kept as terms [J, n, d] with weights [J, n, P'] (`_terms_backward`), plus what they
+    send through the skip path of layer l (`Replacement.skip_backward_terms`): each term's image added
+    to it, or, where frozen norms scale it by position, appended as J more terms, rescaled weights."""
+    images, factor = rep.skip_backward_terms(l, terms)
+    if factor is None:
+        return terms + images, weights
+    return torch.cat([terms, images]), torch.cat([weights, weights * factor[: weights.shape[-1]]])
