@@ -33,7 +33,14 @@ import torch
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from circuits.attribution.config import AttributionConfig, block_width, sparse_graph
+from circuits.attribution.config import (
+    AttributionConfig,
+    block_width,
+    has_embedding_images,
+    rows_per_pass,
+    rows_per_renewal,
+    sparse_graph,
+)
 from circuits.attribution.graph import Graph, compute_influence, edge_influence, normalize_matrix, sparse_adjacency
 from circuits.attribution.replacement import Replacement, build_replacement
 from circuits.attribution.single_pass import every_row
@@ -58,7 +65,7 @@ class Sources:
         self.n = self.n_features + L * P + P
         self.errors = rep.errors.transpose(0, 1).contiguous()  # [P, L, d]: laid out like the gradients
         # the embedding edges from the gradient at resid_mid[0], when the images fit (P^2 d floats)
-        self.embed_images = rep.embedding_images() if P * P * d <= cfg.embedding_image_floats else None
+        self.embed_images = rep.embedding_images() if has_embedding_images(cfg, P, d) else None
         thick = self.n_features >= cfg.merge_below * L * P  # features per (layer, position) on average
         # merged per position only while its zero-padded copy of the writes ([n, L, d]) stays small
         self.merged = not thick and self.n_features * L * d <= cfg.dense_floats
@@ -395,10 +402,8 @@ def inhibited_features(sources: Sources, selected: torch.Tensor, k: int, batch: 
 
 
 def batch_size(sources: Sources, cfg: AttributionConfig, layer: int) -> int:
-    """Targets per backward pass into `layer`: `cfg.batch_size`, or as many as `work_floats` of
-    gradients hold."""
-    d = sources.rep.embed.shape[-1]
-    return cfg.batch_size or max(cfg.min_batch, cfg.work_floats // (sources.P * (layer + 2) * d))
+    """`rows_per_pass` for this prompt."""
+    return rows_per_pass(cfg, sources.P, sources.rep.embed.shape[-1], layer)
 
 
 class DenseRows:
@@ -552,7 +557,7 @@ def _feature_rows(
     direct = probs @ normalize_matrix(logit_rows)[:, :n]  # [n]
     done = torch.empty(0, dtype=torch.long, device=layer.device)
     step = batch_size(sources, cfg, sources.L - 1)
-    chosen = max(step, -(-cap // cfg.selection_rounds))  # features chosen per estimate
+    chosen = rows_per_renewal(cfg, step, cap)  # features chosen per estimate
     while len(done) < cap:
         influence = store.influence(direct)
         influence[done] = -1

@@ -65,6 +65,23 @@ class AttributionConfig:
     longer prompts pass every gradient through layer 0 instead."""
 
 
+def rows_per_pass(cfg: AttributionConfig, n_pos: int, d_model: int, layer: int) -> int:
+    """Targets per backward pass into `layer`: `cfg.batch_size`, or as many as `work_floats` of
+    gradients hold."""
+    return cfg.batch_size or max(cfg.min_batch, cfg.work_floats // (n_pos * (layer + 2) * d_model))
+
+
+def rows_per_renewal(cfg: AttributionConfig, step: int, kept: int) -> int:
+    """With a cap of `kept` features: the features chosen per renewal of the influence estimate (at
+    least a pass of `step` rows, at most `selection_rounds` renewals)."""
+    return max(step, -(-kept // cfg.selection_rounds))
+
+
+def has_embedding_images(cfg: AttributionConfig, n_pos: int, d_model: int) -> bool:
+    """Whether `Replacement.embedding_images` is built for a prompt of `n_pos` tokens."""
+    return n_pos * n_pos * d_model <= cfg.embedding_image_floats
+
+
 def sparse_graph(kept: int, n_targets: int, n_sources: int, cfg: AttributionConfig) -> bool:
     """Whether the graph is built sparse: when the rows it computes, (kept + targets) x sources, hold
     more than `cfg.dense_floats` numbers, or its N x N matrix (reserved, touched where written) more

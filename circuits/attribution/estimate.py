@@ -36,7 +36,14 @@ from pathlib import Path
 import torch
 from transformer_lens import HookedTransformer
 
-from circuits.attribution.config import AttributionConfig, block_width, sparse_graph
+from circuits.attribution.config import (
+    AttributionConfig,
+    block_width,
+    has_embedding_images,
+    rows_per_pass,
+    rows_per_renewal,
+    sparse_graph,
+)
 from circuits.attribution.replacement import attention_backward_cost, record_forward
 from circuits.errors import CircuitsError
 from circuits.models import prompt_tokens
@@ -141,11 +148,11 @@ def estimate(
     merged = n < cfg.merge_below * L * P and n * L * d <= cfg.dense_floats
     widths, padded = zip(*(block_width(counts[s]) for s in range(L)), strict=True)
     layout = n * L * d if merged else sum(p * w for p, w in zip(padded, written, strict=True)) * d
-    held = 16 * L * P * d + (P * P * d if P * P * d <= cfg.embedding_image_floats else 0)
+    held = 16 * L * P * d + (P * P * d if has_embedding_images(cfg, P, d) else 0)
     patterns = 2 * L * H * P * P  # and their transposed copy, from the end of the freeze on
     sources = layout + (writes if merged else 0)  # held from the layout on
     freeze = max(patterns, (L + 2) * H * P * P, L * H * P * P + 3 * P * L * F)
-    B = cfg.batch_size or max(cfg.min_batch, cfg.work_floats // (P * (L + 1) * d))
+    B = rows_per_pass(cfg, P, d, L - 1)
     backward = B * P * (L + 1) * d + B * S * (2 if sparse else 1)
     if not merged:  # the blocks' products, and the gradients gathered for them (at most work_floats)
         backward += max(
@@ -242,9 +249,8 @@ class Work:
     def steps(self) -> tuple[int, int]:
         """Rows per backward pass (with a cap) and rows chosen per renewal of the influence estimate."""
         L, P = self.counts.shape
-        cfg = self.cfg
-        step = cfg.batch_size or max(cfg.min_batch, cfg.work_floats // (P * (L + 1) * self.d))
-        return step, max(step, -(-self.kept // cfg.selection_rounds))
+        step = rows_per_pass(self.cfg, P, self.d, L - 1)
+        return step, rows_per_renewal(self.cfg, step, self.kept)
 
     def batches(self) -> list[tuple[int, int, int]]:
         """(layer, rows, positions seen) of every backward pass, the logits' last."""
@@ -252,7 +258,7 @@ class Work:
         cfg, n, out = self.cfg, int(self.counts.sum()), []
         if self.kept == n:  # a layer at a time in position order: a pass sees up to its last row's position
             for t in range(L):
-                step = cfg.batch_size or max(cfg.min_batch, cfg.work_floats // (P * (t + 2) * self.d))
+                step = rows_per_pass(cfg, P, self.d, t)
                 ends = self.counts[t].cumsum(0)  # [P]
                 total = int(ends[-1])
                 for a in range(0, total, step):
