@@ -279,7 +279,7 @@ class Work:
         then dense (its projections on the positions the rows see, about half)."""
         L = len(self.counts)
         macs, J = 0, 1 if self.cfg.backward_terms else None
-        images = Pp * Pp * self.d <= self.cfg.embedding_image_floats
+        images = has_embedding_images(self.cfg, self.counts.shape[1], self.d)  # built for the whole prompt
         for _ in range(min(t, L - 1) + (0 if images else 1)):  # layer 0 too without the embeddings' images
             terms, dense = attention_backward_cost(J or 1, Pp, self.H, self.dh, self.d)
             if J is not None and terms < dense:
@@ -296,12 +296,12 @@ class Work:
         macs = floats = 0
         for s in range(t):
             counts = self.counts[s, :Pp]
-            width, padded = block_width(self.counts[s])
+            width, _ = block_width(self.counts[s])
             blocks = int(((counts + width - 1) // width).sum())
             written = t - s if self.cross_layer else 1
             macs += blocks * width * B * written * self.d
             floats += blocks * B * written * self.d
-        images = Pp * Pp * self.d <= self.cfg.embedding_image_floats
+        images = has_embedding_images(self.cfg, self.counts.shape[1], self.d)
         return macs + B * t * Pp * self.d + B * Pp * self.d * (Pp if images else 1), floats
 
     def influence_edges(self) -> int:
