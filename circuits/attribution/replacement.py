@@ -454,7 +454,7 @@ def build_replacement(
     if clt.W_enc.dtype != dtype:
         clt = copy.deepcopy(clt).to(dtype)
     clt_in = run.at(clt.cfg.input_hook).to(dtype)  # [L, P, d]
-    pre = torch.baddbmm(clt.b_enc[:, None], clt_in, clt.W_enc.transpose(1, 2))  # [L, P, F]: every layer in one product
+    pre = clt.layer_major_pre_activations(clt_in)  # [L, P, F]
     acts = clt.activation(pre.transpose(0, 1)).transpose(0, 1)  # (it takes [P, L, F])
     _require_finite(acts, "the transcoder's activations", "its encoder or the model's activations")
     features = acts.nonzero()  # [n, 3] (layer, pos, feature), row-major order

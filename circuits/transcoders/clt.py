@@ -190,6 +190,11 @@ class CrossLayerTranscoder(nn.Module):
         """x [..., L, d] (each layer's resid_mid) -> pre-activations [..., L, F]."""
         return torch.einsum("...ld,lfd->...lf", x, self.W_enc) + self.b_enc
 
+    def layer_major_pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """`pre_activations` with the layers first: x [L, n, d] -> [L, n, F], every layer in one
+        batched product."""
+        return torch.baddbmm(self.b_enc[:, None], x, self.W_enc.transpose(1, 2))
+
     def activation(self, pre: torch.Tensor, layer: int | None = None) -> torch.Tensor:
         """Pre-activations [..., L, F] (or [..., F] of one `layer`) -> activations, same shape."""
         kind = self.cfg.activation
