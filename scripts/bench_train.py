@@ -33,6 +33,7 @@ our / peer ratios and the load average before and after.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -93,6 +94,7 @@ def ours(args, batches, held) -> dict:
         cfg = TrainConfig(
             transcoder=transcoder, target_fire_fraction=l0 / F, lr=args.lr, target_l0=l0, steps=args.steps
         )
+    cfg = dataclasses.replace(cfg, precision=args.precision[0])
     clt = CrossLayerTranscoder(ActivationStore(args.store).clt_config(cfg.transcoder))
     initialise(clt, batches[0][0], cfg)
     opt, sparsity = optimiser(clt, cfg), SparsityControl.start(clt.cfg.n_layers)
@@ -197,10 +199,12 @@ def _timed(step, batches: list) -> dict:
 SYSTEMS = {"ours": ours, "decode-clt": decode_clt, "sparsify": sparsify}
 
 
-def _run(python: str, system: str, args, F: int, l0: float, topk: bool, peer_lambda: float = 0.0) -> dict:
+def _run(
+    python: str, system: str, args, F: int, l0: float, topk: bool, peer_lambda: float = 0.0, precision: str = "fp32"
+) -> dict:  # fmt: skip
     cmd = [python, __file__, "--one", system, "--store", str(args.store), "--features", str(F), "--l0", str(l0)]
     cmd += ["--steps", str(args.steps), "--lr", str(args.lr), "--eval-tokens", str(args.eval_tokens)]
-    cmd += ["--peer-lambda", str(peer_lambda)]
+    cmd += ["--peer-lambda", str(peer_lambda), "--precision", precision]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     out = subprocess.run([*cmd, *(["--one-topk"] if topk else [])], capture_output=True, text=True, env=env)
     if out.returncode:
@@ -231,6 +235,13 @@ def main() -> None:
     parser.add_argument("--peer-python", default="/work/peer-train-venv/bin/python", help="a venv with the peers")
     parser.add_argument(
         "--peer-lambda", type=float, nargs="+", default=[1e-6, 0.0], help="decode-clt's sparsity_lambda per --l0"
+    )
+    parser.add_argument(
+        "--precision",
+        nargs="+",
+        default=["fp32", "bf16-mixed"],
+        choices=["fp32", "bf16-mixed"],
+        help="our precisions (a row of ours for each; the peers run fp32 on CPU)",
     )
     parser.add_argument("--one", choices=SYSTEMS, help=argparse.SUPPRESS)  # internal: one run in this process
     parser.add_argument("--one-topk", action="store_true", help=argparse.SUPPRESS)

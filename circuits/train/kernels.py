@@ -31,7 +31,9 @@ import torch
 from circuits.transcoders.clt import JumpReLU
 
 DENSE_ABOVE = 0.15
-"""Supported fraction of [n, F] above which a layer's contractions are dense matmuls."""
+"""Supported fraction of [n, F] above which a layer's contractions are dense matmuls (float32)."""
+DENSE_ABOVE_BF16 = 0.15
+"""The same with the dense matmuls in bfloat16 (`precision = "bf16-mixed"`)."""
 
 
 @dataclass
@@ -95,48 +97,62 @@ class LayerActs:
 
 
 class _Encode(torch.autograd.Function):
-    """Every layer's pre-activations pre[l] [F, n] (computed without autograd) as a function of the
-    encoders W [L, F, d] and b [L, F] on inputs x [n, L, d]: per layer all of them as [n, F] (support
-    None), or those at its support [nnz]. One function for all layers, so that the backward writes
-    each layer's slice of the gradients (a slice per layer would allocate [L, F, d] per layer)."""
+    """Every layer's pre-activations pre[l] [F, n] (computed without autograd, in the matmul dtype)
+    as a function of the encoders W [L, F, d] and b [L, F] on inputs x [n, L, d]: per layer all of
+    them as [n, F] (support None), or those at its support [nnz], in W's dtype. One function for
+    all layers, so that the backward writes each layer's slice of the gradients (a slice per layer
+    would allocate [L, F, d] per layer). A dense layer's gradient product runs in the matmul dtype;
+    a sparse layer's in W's (torch.sparse's bfloat16 products are slower or missing on CPU)."""
 
     @staticmethod
     def forward(ctx, W, b, x, pre: list[torch.Tensor], supports: list[Support | None]):
         ctx.save_for_backward(x)
-        ctx.supports, ctx.shape = supports, W.shape
-        return tuple(p.T if s is None else p[s.feature, s.token] for p, s in zip(pre, supports, strict=True))
+        ctx.supports, ctx.shape, ctx.mm_dtype = supports, W.shape, pre[0].dtype
+        values = (p.T if s is None else p[s.feature, s.token] for p, s in zip(pre, supports, strict=True))
+        return tuple(v.to(W.dtype) for v in values)
 
     @staticmethod
     def backward(ctx, *grads):
         (x,) = ctx.saved_tensors
         grad_W, grad_b = x.new_empty(ctx.shape), x.new_zeros(ctx.shape[:2])
         for l, (grad, s) in enumerate(zip(grads, ctx.supports, strict=True)):
-            if s is None:  # grad [n, F]
-                torch.mm(grad.T, x[:, l], out=grad_W[l])
-                grad_b[l] = grad.sum(0)
-            else:
+            if s is not None:
                 grad_W[l] = s.csr(grad) @ x[:, l]
                 grad_b[l].index_add_(0, s.feature, grad)
+                continue
+            grad_b[l] = grad.sum(0)  # grad [n, F]
+            if ctx.mm_dtype == x.dtype:
+                torch.mm(grad.T, x[:, l], out=grad_W[l])
+            else:
+                grad_W[l] = grad.T.to(ctx.mm_dtype) @ x[:, l].to(ctx.mm_dtype)
         return grad_W, grad_b, None, None, None
 
 
-def encode(clt, x: torch.Tensor) -> list[LayerActs]:
+def encode(clt, x: torch.Tensor, dtype: torch.dtype | None = None) -> list[LayerActs]:
     """Every layer's inputs x [n, L, d] -> its activations, dense or at their support, with the
-    values and gradients of the dense `CrossLayerTranscoder.encode_layer` at those features."""
+    values and gradients of the dense `CrossLayerTranscoder.encode_layer` at those features. The
+    encoder's matmuls run in `dtype` (default: the parameters'), the activations in the parameters'."""
+    dtype = dtype or clt.W_enc.dtype
     with torch.no_grad():
-        pre = [torch.addmm(clt.b_enc[l, :, None], clt.W_enc[l], x[:, l].T) for l in range(x.shape[1])]  # [F, n]
-        supports = [_support(clt, p, l) for l, p in enumerate(pre)]
+        x_mm, W_mm, b_mm = x.to(dtype), clt.W_enc.to(dtype), clt.b_enc.to(dtype)
+        pre = [torch.addmm(b_mm[l, :, None], W_mm[l], x_mm[:, l].T) for l in range(x.shape[1])]  # [F, n]
+        supports = [_support(clt, p, l, dense_above(dtype)) for l, p in enumerate(pre)]
     values = _Encode.apply(clt.W_enc, clt.b_enc, x, pre, supports)
     return [_activate(clt, l, v, s) for l, (v, s) in enumerate(zip(values, supports, strict=True))]
 
 
-def _support(clt, pre: torch.Tensor, layer: int) -> Support | None:
+def dense_above(dtype: torch.dtype) -> float:
+    """The supported fraction of [n, F] above which a layer is dense, for matmuls in `dtype`."""
+    return DENSE_ABOVE_BF16 if dtype == torch.bfloat16 else DENSE_ABOVE
+
+
+def _support(clt, pre: torch.Tensor, layer: int, dense_above: float) -> Support | None:
     """The supported pairs of one layer's pre-activations [F, n]: each token's top k (TopK), pre > 0
     (ReLU), or pre inside or above the JumpReLU threshold's straight-through window; None where they
-    are over DENSE_ABOVE of [F, n] (the layer is then dense)."""
+    are over `dense_above` of [F, n] (the layer is then dense)."""
     cfg, (F, n) = clt.cfg, pre.shape
     if cfg.activation == "topk":
-        if cfg.topk > DENSE_ABOVE * F:
+        if cfg.topk > dense_above * F:
             return None
         top = pre.T.contiguous().topk(cfg.topk, dim=1).indices.flatten()  # [n * k] (contiguous: ~10x faster)
         token = torch.arange(n, device=pre.device).repeat_interleave(cfg.topk)
@@ -146,7 +162,7 @@ def _support(clt, pre: torch.Tensor, layer: int) -> Support | None:
         supported = pre > 0
     else:
         supported = pre > (clt.threshold[layer].detach() - cfg.bandwidth / 2)[:, None]
-    return None if supported.count_nonzero().item() > DENSE_ABOVE * supported.numel() else Support.of(supported)
+    return None if supported.count_nonzero().item() > dense_above * supported.numel() else Support.of(supported)
 
 
 def _activate(clt, layer: int, pre: torch.Tensor, support: Support | None) -> LayerActs:
@@ -184,8 +200,11 @@ class _SparseDecode(torch.autograd.Function):
         return grad_values, (pattern @ flat).view_as(W), None
 
 
-def decode(acts: LayerActs, W: torch.Tensor) -> torch.Tensor:
-    """One source layer's decoders W [F, T, d] applied to its activations: [n, T, d]."""
+def decode(acts: LayerActs, W: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """One source layer's decoders W [F, T, d] applied to its activations: [n, T, d] in W's dtype. A
+    dense layer's products (forward and backward) run in `dtype` (default W's); a sparse layer's in
+    W's (torch.sparse's bfloat16 products are 3-5x slower than its float32 ones on CPU, or missing)."""
     if acts.support is None:
-        return (acts.values @ W.flatten(1)).view(len(acts.values), *W.shape[1:])
+        out = acts.values.to(dtype or W.dtype) @ W.flatten(1).to(dtype or W.dtype)
+        return out.to(W.dtype).view(len(acts.values), *W.shape[1:])
     return _SparseDecode.apply(acts.values, W, acts.support)

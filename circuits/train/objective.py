@@ -25,6 +25,11 @@ if TYPE_CHECKING:  # in annotations only
     from circuits.train.config import TrainConfig
 
 
+MATMUL_DTYPES = {"fp32": None, "bf16-mixed": torch.bfloat16}
+"""`TrainConfig.precision` -> the dtype of the step's encoder and decoder matmuls (None: the
+parameters' own)."""
+
+
 def lr_factor(step: int, cfg: TrainConfig) -> float:
     """The learning rate at `step` as a fraction of cfg.lr."""
     warmup, decay_start = cfg.warmup_fraction * cfg.steps, (1 - cfg.decay_fraction) * cfg.steps
@@ -48,21 +53,24 @@ TARGET_GAIN = 0.05
 class SparsityControl:
     """lambda_S of each layer: the recipe's linear ramp, or with `cfg.target_l0`, steered by
     feedback from each batch's L0: u[l] += TARGET_GAIN * log(L0[l] / target) (clamped to [-1, 1])
-    and lambda_S[l] = max(sparsity_coef, 0.01) * sinh(u[l]) / sinh(u_0), which starts at the
-    recipe's coefficient, moves in proportion (log-like) while large, and turns negative (rewards
-    firing) where a layer fires less than the target even without a penalty. A deterministic
-    function of the run's state, checkpointed, so resume stays exact."""
+    and lambda_S[l] = max(sparsity_coef, 0.01) * sinh(u[l]) / sinh(1), which starts at 0 (the
+    initial thresholds already give the target L0), moves in proportion (log-like) while large, and
+    turns negative (rewards firing) where a layer fires less than the target even without a
+    penalty. JumpReLU thresholds, scaled at once by the same error, do the fast steering: started at
+    the recipe's coefficient instead, lambda_S pulled L0 down while it was still at the target and the
+    two loops oscillated (L0 200 asked at F 1,024: 80 to 420 within 100 steps, ending at 114). A
+    deterministic function of the run's state, checkpointed, so resume stays exact."""
 
     u: torch.Tensor  # [L] the steering variable (with target_l0)
 
     @classmethod
     def start(cls, n_layers: int) -> SparsityControl:
-        return cls(torch.full((n_layers,), _U0))
+        return cls(torch.zeros(n_layers))
 
     def at(self, step: int, cfg: TrainConfig) -> torch.Tensor:
         """lambda_S [L] for `step`."""
         if cfg.target_l0:
-            return max(cfg.sparsity_coef, 0.01) * torch.sinh(self.u) / math.sinh(_U0)
+            return max(cfg.sparsity_coef, 0.01) * torch.sinh(self.u) / math.sinh(1.0)
         return torch.full_like(self.u, cfg.sparsity_coef * sparsity_factor(step, cfg))
 
     def update(self, l0: torch.Tensor, cfg: TrainConfig, clt: CrossLayerTranscoder) -> None:
@@ -75,8 +83,7 @@ class SparsityControl:
                 clt.threshold.mul_(torch.exp(THRESHOLD_GAIN * error).to(clt.threshold.device)[:, None])
 
 
-_U0 = 1.0
-THRESHOLD_GAIN = 0.1
+THRESHOLD_GAIN = 0.3
 """With `target_l0` and JumpReLU: how far log(threshold) moves per step, per unit of log(L0 / target)."""
 
 
@@ -125,7 +132,9 @@ def losses(
     """The training objective on this rank's normalised x, y [n, L, d]; `dead` [L, F] marks the
     features that get the pre-activation loss. `sparse` runs `train.kernels` (each layer dense or
     only at its supported features, by density; the same values and gradients as the dense
-    reference, which runs in a single process only). Every term
+    reference, which runs in a single process only, always in the parameters' dtype; with
+    cfg.precision "bf16-mixed" the kernels' encoder and decoder matmuls run in bfloat16, the
+    rest, the loss and its sums in the parameters' dtype). Every term
     is normalised by the global batch size, so the ranks' losses sum to the single-process loss.
     `coef` [L] is lambda_S of each layer (default: the recipe's ramp at `step`)."""
     comm = comm or Comm()
@@ -136,8 +145,9 @@ def losses(
     norms = decoder_norms(clt)  # [L, F]
     if sparse:
         x_enc = comm.gather_rows(x)  # the tokens this rank's features encode
-        acts = encode(clt, x_enc)
-        recon = comm.reduce_rows(_decode(clt, acts, len(x_enc))) + clt.b_dec + clt.skip_out(x)
+        dtype = MATMUL_DTYPES[cfg.precision] or clt.W_enc.dtype
+        acts = encode(clt, x_enc, dtype)
+        recon = comm.reduce_rows(_decode(clt, acts, len(x_enc), dtype)) + clt.b_dec + clt.skip_out(x)
         sparsity = torch.stack([a.penalty(norms[l], cfg.sparsity_c) for l, a in enumerate(acts)])  # [L]
         fired, active = (torch.stack(t) for t in zip(*(a.activity() for a in acts), strict=True))
         l0 = active / len(x_enc)
@@ -173,11 +183,12 @@ class Objective(torch.nn.Module):
         return losses(self.clt, x, y, step, self.cfg, dead, coef=coef)
 
 
-def _decode(clt: CrossLayerTranscoder, acts: list[LayerActs], n: int) -> torch.Tensor:
-    """The reconstruction [n, L, d] from every source layer's activations (no b_dec, no skip)."""
+def _decode(clt: CrossLayerTranscoder, acts: list[LayerActs], n: int, dtype: torch.dtype) -> torch.Tensor:
+    """The reconstruction [n, L, d] from every source layer's activations (no b_dec, no skip), the
+    dense products in `dtype`."""
     recon = acts[0].values.new_zeros(n, clt.cfg.n_layers, clt.cfg.d_model)
     for s, a in enumerate(acts):
-        out = decode(a, clt.W_dec[s])  # [n, T, d]: layers s.. (cross-layer) or s alone
+        out = decode(a, clt.W_dec[s], dtype)  # [n, T, d]: layers s.. (cross-layer) or s alone
         recon[:, s : s + out.shape[1]] += out
     return recon
 

@@ -1,6 +1,8 @@
 """The training step's contractions give the dense reference's loss and gradients whichever way
 `circuits.train.kernels` picks for them (sparse products below DENSE_ABOVE, dense matmuls above)."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -58,3 +60,48 @@ def test_jumprelu_gradients_are_the_straight_through_estimator(shape):
     expected = (-(threshold.detach() / bandwidth) * rectangle * grad_out).sum(0)
     assert rectangle.sum() > 10
     torch.testing.assert_close(threshold.grad, expected, rtol=1e-12, atol=1e-14)
+
+
+def _rounded(t: torch.Tensor) -> torch.Tensor:
+    """t rounded to bfloat16 in the forward, in float64; the gradient passes unchanged."""
+    t = t.double()
+    return t + (t.detach().bfloat16().double() - t.detach())
+
+
+def _bf16_mixed_emulated(clt, x, y, coef: float, c: float, dense: bool) -> torch.Tensor:
+    """The bf16-mixed objective in float64 with explicit roundings where its products round: operands
+    and outputs of the encoder matmul, and of each source layer's decoder product when the layer is
+    dense (a sparse layer's decoder runs in float32)."""
+    pre = _rounded(torch.einsum("nld,lfd->nlf", _rounded(x), _rounded(clt.W_enc)) + _rounded(clt.b_enc))
+    acts = JumpReLU.apply(pre, clt.threshold.double(), clt.cfg.bandwidth)  # [n, L, F]
+    recon = clt.b_dec.double().expand(len(x), -1, -1).clone()
+    for s, W in enumerate(clt.W_dec):
+        W = _rounded(W) if dense else W.double()
+        out = (_rounded(acts[:, s]) if dense else acts[:, s]) @ W.flatten(1)  # [n, T * d]
+        recon[:, s:] = recon[:, s:] + (_rounded(out) if dense else out).view(len(x), -1, W.shape[-1])
+    norms = torch.stack([torch.linalg.vector_norm(w.double(), dim=(1, 2)) for w in clt.W_dec])  # [L, F]
+    sparsity = torch.tanh(c * acts * norms).sum()
+    return (((recon - y.double()) ** 2).sum() + coef * sparsity) / len(x)
+
+
+@pytest.mark.parametrize("dense_above", [0.0, 1.0])  # every layer dense (bfloat16 products); sparse (float32)
+def test_bf16_mixed_is_the_objective_with_its_products_rounded_to_bfloat16(dense_above, monkeypatch):
+    monkeypatch.setattr(kernels, "DENSE_ABOVE_BF16", dense_above)
+    torch.manual_seed(0)
+    clt = CrossLayerTranscoder(CLTConfig(n_layers=3, d_model=16, n_features=64))
+    x = torch.randn(50, 3, 16)
+    initialise(clt, x, TrainConfig(target_fire_fraction=0.1))
+    y = clt(x)[0].detach() + 0.01 * torch.randn(50, 3, 16)  # close: the loss is then mostly the roundings' error
+    cfg, dead = TrainConfig(sparsity_coef=0.01, precision="bf16-mixed"), torch.zeros(3, 64, dtype=torch.bool)
+    r = losses(clt, x, y, step=cfg.steps - 1, cfg=cfg, dead=dead)
+    r.total.backward()
+    ours = {k: p.grad.clone() for k, p in clt.named_parameters()}
+    clt.zero_grad()
+    reference = _bf16_mixed_emulated(clt, x, y, cfg.sparsity_coef, cfg.sparsity_c, dense=dense_above == 0.0)
+    reference.backward()
+    torch.testing.assert_close(r.total.double(), reference.detach(), rtol=1e-5, atol=0)
+    fp32 = losses(clt, x, y, step=cfg.steps - 1, cfg=dataclasses.replace(cfg, precision="fp32"), dead=dead).total
+    assert abs(fp32 - r.total) > 1e-4 * fp32  # the products did run in bfloat16
+    for k, p in clt.named_parameters():  # ours also rounds the backward's products: ~0.4% an element
+        assert ours[k].dtype == torch.float32, k
+        assert (ours[k] - p.grad).norm() < 2e-2 * p.grad.norm(), k
