@@ -166,9 +166,11 @@ def sparsify(args, batches, held) -> dict:
     coders = [SparseCoder(d, SparseCoderConfig(num_latents=F, k=k, transcode=True)) for _ in range(L)]
     params = [p for c in coders for p in c.parameters()]
     opt = torch.optim.Adam(params, lr=args.lr)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision[0] == "bf16-mixed")
 
     def step(i: int, x: torch.Tensor, y: torch.Tensor) -> None:  # as its trainer's step with Adam, no AuxK
-        loss = sum(c(x[:, l], y[:, l]).fvu for l, c in enumerate(coders))
+        with autocast:  # its forward autocasts on CUDA only; this gives it bf16-mixed on the CPU
+            loss = sum(c(x[:, l], y[:, l]).fvu for l, c in enumerate(coders))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         for c in coders:
@@ -258,17 +260,24 @@ def main() -> None:
     print(f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print(f"{args.steps} steps of {BATCH} tokens, lr {args.lr}; NMSE, L0/layer: {args.eval_tokens} held-out tokens")
     cells = f"{'tok/s':>7} {'cpu':>7} {'NMSE':>6} {'L0':>6}"
-    print(f"{'F':>6} {'L0':>5} | ours: {cells} | {'peer':>10}: {cells} | ratio (tok/s, cpu)")
+    print(f"{'F':>6} {'L0':>5} {'precision':>10} | ours: {cells} | {'peer':>16}: {cells} | ratio (tok/s, cpu)")
     lambdas = dict(zip(args.l0, args.peer_lambda, strict=True))
     rows = [(F, l0, False, "decode-clt", lambdas[l0]) for F in args.features for l0 in args.l0]
     rows += [(F, k, True, "sparsify", 0.0) for F in args.features for k in args.topk]
     for F, l0, topk, peer_name, peer_lambda in rows:
-        mine = _run(sys.executable, "ours", args, F, l0, topk)
-        row = f"{F:>6} {('k ' if topk else '') + f'{l0:.0f}':>5} | ours: {_cells(mine)} |"
-        if peer:
-            theirs = _run(args.peer_python, peer_name, args, F, l0, topk, peer_lambda)
-            row += f" {peer_name:>10}: {_cells(theirs)} | {_ratios(mine, theirs)}"
-        print(row, flush=True)
+        theirs = {}
+        for precision in args.precision:
+            mine = _run(sys.executable, "ours", args, F, l0, topk, precision=precision)
+            row = f"{F:>6} {('k ' if topk else '') + f'{l0:.0f}':>5} {precision:>10} | ours: {_cells(mine)} |"
+            if peer:  # decode-clt autocasts on CUDA and MPS only: fp32 here; sparsify is given ours
+                peer_precision = precision if peer_name == "sparsify" else "fp32"
+                if peer_precision not in theirs:
+                    theirs[peer_precision] = _run(
+                        args.peer_python, peer_name, args, F, l0, topk, peer_lambda, peer_precision
+                    )  # fmt: skip
+                label = f"{peer_name} {peer_precision}"
+                row += f" {label:>16}: {_cells(theirs[peer_precision])} | {_ratios(mine, theirs[peer_precision])}"
+            print(row, flush=True)
     print(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 

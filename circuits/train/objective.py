@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from circuits.train.kernels import LayerActs, decode, encode
+from circuits.train.kernels import LayerTerms, encode
 from circuits.train.parallel import Comm
 from circuits.transcoders.clt import CrossLayerTranscoder
 
@@ -147,10 +147,10 @@ def losses(
         x_enc = comm.gather_rows(x)  # the tokens this rank's features encode
         dtype = MATMUL_DTYPES[cfg.precision] or clt.W_enc.dtype
         acts = encode(clt, x_enc, dtype)
-        recon = comm.reduce_rows(_decode(clt, acts, len(x_enc), dtype)) + clt.b_dec + clt.skip_out(x)
-        sparsity = torch.stack([a.penalty(norms[l], cfg.sparsity_c) for l, a in enumerate(acts)])  # [L]
-        fired, active = (torch.stack(t) for t in zip(*(a.activity() for a in acts), strict=True))
-        l0 = active / len(x_enc)
+        terms = [a.terms(clt.W_dec[l], norms[l], cfg.sparsity_c, dtype) for l, a in enumerate(acts)]
+        recon = comm.reduce_rows(_reconstruction(clt, terms, len(x_enc))) + clt.b_dec + clt.skip_out(x)
+        sparsity = torch.stack([t.penalty for t in terms])  # [L]
+        fired, l0 = torch.stack([t.fired for t in terms]), torch.stack([t.active for t in terms]) / len(x_enc)
     else:
         x_enc = x
         dense = clt.encode(x)  # [n, L, F]
@@ -183,13 +183,11 @@ class Objective(torch.nn.Module):
         return losses(self.clt, x, y, step, self.cfg, dead, coef=coef)
 
 
-def _decode(clt: CrossLayerTranscoder, acts: list[LayerActs], n: int, dtype: torch.dtype) -> torch.Tensor:
-    """The reconstruction [n, L, d] from every source layer's activations (no b_dec, no skip), the
-    dense products in `dtype`."""
-    recon = acts[0].values.new_zeros(n, clt.cfg.n_layers, clt.cfg.d_model)
-    for s, a in enumerate(acts):
-        out = decode(a, clt.W_dec[s], dtype)  # [n, T, d]: layers s.. (cross-layer) or s alone
-        recon[:, s : s + out.shape[1]] += out
+def _reconstruction(clt: CrossLayerTranscoder, terms: list[LayerTerms], n: int) -> torch.Tensor:
+    """The reconstruction [n, L, d] from every source layer's contribution (no b_dec, no skip)."""
+    recon = terms[0].out.new_zeros(n, clt.cfg.n_layers, clt.cfg.d_model)
+    for s, t in enumerate(terms):  # t.out [n, T, d]: layers s.. (cross-layer) or s alone
+        recon[:, s : s + t.out.shape[1]] += t.out
     return recon
 
 

@@ -24,7 +24,7 @@ def test_either_contraction_equals_the_dense_reference(activation, dense_above, 
     with torch.no_grad():
         clt.b_enc[1] += 1.0  # layer 1 fires on most tokens
     if dense_above == 0.3:
-        dense = [a.support is None for a in kernels.encode(clt, x)]
+        dense = [getattr(a, "support", None) is None for a in kernels.encode(clt, x)]  # DenseJumpReLU: dense
         assert dense == ([False, False, False] if activation == "topk" else [False, True, False])
     cfg, dead = TrainConfig(sparsity_coef=0.1, preact_coef=0.01), torch.rand(3, 64) < 0.3
     results = []
@@ -105,3 +105,12 @@ def test_bf16_mixed_is_the_objective_with_its_products_rounded_to_bfloat16(dense
     for k, p in clt.named_parameters():  # ours also rounds the backward's products: ~0.4% an element
         assert ours[k].dtype == torch.float32, k
         assert (ours[k] - p.grad).norm() < 2e-2 * p.grad.norm(), k
+
+
+def test_a_bfloat16_bound_compares_as_the_float32_one():
+    """The support of bfloat16 pre-activations is found against bounds rounded down to bfloat16."""
+    torch.manual_seed(0)
+    bound = torch.randn(200) * 0.3
+    pre = (bound[:, None] + torch.randn(200, 300) * 0.01).bfloat16()  # [F, n], many within a bfloat16 step
+    assert torch.equal(pre > kernels._at_most(bound, torch.bfloat16), pre.float() > bound[:, None])
+    assert kernels._at_most(bound, torch.bfloat16).dtype == torch.bfloat16
