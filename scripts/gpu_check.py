@@ -1,5 +1,6 @@
 """The GPU check: the GPU tests, attribution on a Gemma-2-2B-shaped slice in float32 and bfloat16, and
-CLT training throughput of the same shape, on one NVIDIA GPU, into one JSON. Run it through
+CLT training throughput of the same shape in fp32 and bf16-mixed precision (`training`, `training_bf16`),
+on one NVIDIA GPU, into one JSON. Run it through
 `scripts/gpu_check.sh` (which prints the commands it runs and installs carried wheels first):
 
     scripts/gpu_check.sh                 # one GPU, under 8 minutes; writes ${OUT:-.}/gpu_check.json
@@ -203,15 +204,16 @@ def attribution_bench(model, clt, shape: Shape, repeat: int, device: str, deadli
     return results
 
 
-def training_bench(model, shape: Shape, device: str) -> dict:
+def training_bench(model, shape: Shape, device: str, precision: str = "fp32") -> dict:
     """Training steps of the objective (`circuits.train.objective.losses`, backward, gradient clipping,
     Adam, the threshold clamp: what `circuits.train.loop` runs per step) on the model's own
-    activations, pre-collected (their collection timed apart). lr is tiny so L0 stays where
-    `initialise` put it (about --l0 per layer and token): a step's cost depends on L0, not on lr."""
+    activations, pre-collected (their collection timed apart), in `precision` (a recipe's: fp32 or
+    bf16-mixed). lr is tiny so L0 stays where `initialise` put it (about --l0 per layer and token): a
+    step's cost depends on L0, not on lr."""
     cfg = TrainConfig(
         transcoder=TranscoderConfig(n_features=shape.n_features), target_fire_fraction=shape.l0 / shape.n_features,
         lr=1e-7, batch_tokens=shape.batch_tokens, docs_per_chunk=shape.docs_per_chunk,
-        steps=shape.warmup_steps + shape.train_steps + 1, device=device,
+        steps=shape.warmup_steps + shape.train_steps + 1, device=device, precision=precision,
     )  # fmt: skip
     torch.manual_seed(0)
     clt = CrossLayerTranscoder(cfg.clt_config(model)).to(device)
@@ -242,7 +244,7 @@ def training_bench(model, shape: Shape, device: str) -> dict:
     l0s, seconds, peak = timed(lambda: [step(i) for i in range(start, start + shape.train_steps)], device)
     tokens = shape.train_steps * cfg.batch_tokens
     return {
-        "dtype": "float32", "n_features": shape.n_features, "batch_tokens": cfg.batch_tokens,
+        "dtype": "float32", "precision": precision, "n_features": shape.n_features, "batch_tokens": cfg.batch_tokens,
         "warmup_steps": shape.warmup_steps, "steps": shape.train_steps, "seconds": seconds,
         "tokens_per_s": tokens / seconds, "flops_per_step": flops,
         "tflops_per_s": flops * shape.train_steps / seconds / 1e12,
@@ -329,7 +331,9 @@ def main() -> int:
     if "training" in args.parts:
         record["training"] = training_bench(model, shape, device)
         report()
-        print(json.dumps(record["training"]), flush=True)
+        record["training_bf16"] = training_bench(model, shape, device, "bf16-mixed")  # matmuls in bfloat16
+        report()
+        print(json.dumps(record["training"]), json.dumps(record["training_bf16"]), sep="\n", flush=True)
     if "attribution" in args.parts:
         clt = random_clt(model, shape)
         record["transcoder"] = {"parameters": sum(p.numel() for p in clt.parameters())}

@@ -1,24 +1,28 @@
 """The two contractions of a training step, each layer done dense or sparse by the density of its
-support on the batch (picked per layer and step from the support alone, so resume stays exact):
+support on the batch (picked per layer and step from the pre-activations alone, so resume stays
+exact), and in the matmul dtype of the run's precision (float32, or bfloat16 with `precision =
+"bf16-mixed"`; activations, penalty, loss and gradients stay in the parameters' dtype):
 
 - `encode`: one layer's pre-activations [F, n] by one dense matmul (every feature's is needed to
-  know which are supported), then either the whole layer as dense activations [n, F] (gradients
-  by dense matmuls), or only its supported (feature, token) pairs, feature-major (`Support`),
-  whose encoder gradient is one sparse [F, n] x [n, d] product;
-- `decode`: a source layer's contribution to every layer it writes: dense [n, F] x [F, T * d], or
-  `_SparseDecode`, which touches only the supported pairs: the forward a sparse [n, F] x [F, T * d]
+  know which are supported), then either the whole layer dense, or only its supported (feature,
+  token) pairs, feature-major (`Support`), whose encoder gradient is one sparse [F, n] x [n, d]
+  product;
+- a dense JumpReLU layer (`DenseJumpReLU`) computes its activations, penalty, decoding [n, F] x
+  [F, T * d] and their gradients in one function on feature-major [F, n] tensors (`_DenseJumpReLU`);
+  other dense layers decode through autograd;
+- `_SparseDecode` touches only the supported pairs: the forward a sparse [n, F] x [F, T * d]
   product, the backward a sampled dense-dense product (the activations' gradient, at the support
-  only) and a sparse [F, n] x [n, T * d] product (the decoder's gradient).
+  only) and a sparse [F, n] x [n, T * d] product (the decoder's gradient). torch.sparse stays in
+  float32: its bfloat16 products are 3-5x slower on CPU, or missing (sampled_addmm, CSR @ dense).
 
 Feature-major pairs keep a feature's decoder row and the batch's [n, T * d] gradient in cache in
-the backward. Profiled on one CPU thread (torch.profiler, `scripts/bench_train.py`'s shapes): the
-token-major gathers this replaced (`embedding_bag`, its backward and a sort of the support by
-feature) took about half of a step at F 8,192 and L0 90; alone, these products take 5-9x less time
-than the dense ones at 1-3% support (F 8,192) and ~4x more at 20% (F 1,024), and whole steps with
-either path forced were close at 12-24% (F 1,024, L0 90 and 200): hence DENSE_ABOVE. The support of
-a JumpReLU layer includes the threshold's straight-through window: at F 8,192 and L0 90 it is
-3.5-6.6% of [n, F], three to five times L0's 1.2%. Operands are passed to torch.sparse detached:
-it takes a ~3x slower path for tensors that require grad, even under no_grad.
+the backward. Operands are passed to torch.sparse detached: it takes a ~3x slower path for tensors
+that require grad, even under no_grad. Where the dense and sparse steps cross (whole steps with
+either path forced, one CPU thread, `scripts/bench_train.py`'s shapes, 2026-12): at 11-13% support
+(F 1,024, L0 90) dense was 1.07x faster in float32 and 1.65x in bf16-mixed; at 2.7% (F 8,192, L0
+200) sparse was 1.9x and 1.6x faster: hence DENSE_ABOVE and DENSE_ABOVE_BF16. The support of a
+JumpReLU layer includes the threshold's straight-through window (5-15% more pairs than L0 once
+`target_l0` has settled the thresholds).
 """
 
 from __future__ import annotations

@@ -113,7 +113,23 @@ def initialise(clt: CrossLayerTranscoder, x: torch.Tensor, cfg: TrainConfig) -> 
 
 def decoder_norms(clt: CrossLayerTranscoder) -> torch.Tensor:
     """||W_dec_f|| over each feature's concatenated decoders: [L, F]."""
-    return torch.stack([torch.linalg.vector_norm(w, dim=(1, 2)) for w in clt.W_dec])
+    return torch.stack([_Norms.apply(w) for w in clt.W_dec])
+
+
+class _Norms(torch.autograd.Function):
+    """W [F, T, d] -> ||W_f|| [F]; the backward is W * (grad / norm) in one pass over W (autograd's
+    vector_norm backward makes three and a masked fill: ~7% of a step at F 8,192)."""
+
+    @staticmethod
+    def forward(ctx, W: torch.Tensor) -> torch.Tensor:
+        norms = torch.linalg.vector_norm(W, dim=(1, 2))
+        ctx.save_for_backward(W, norms)
+        return norms
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        W, norms = ctx.saved_tensors
+        return W * torch.where(norms > 0, grad / norms, 0.0)[:, None, None]  # a zero row's norm: gradient 0
 
 
 @dataclass

@@ -8,7 +8,7 @@ import torch
 
 from circuits.train import kernels
 from circuits.train.config import TrainConfig
-from circuits.train.objective import initialise, losses
+from circuits.train.objective import decoder_norms, initialise, losses
 from circuits.transcoders.clt import CLTConfig, CrossLayerTranscoder, JumpReLU
 
 
@@ -114,3 +114,18 @@ def test_a_bfloat16_bound_compares_as_the_float32_one():
     pre = (bound[:, None] + torch.randn(200, 300) * 0.01).bfloat16()  # [F, n], many within a bfloat16 step
     assert torch.equal(pre > kernels._at_most(bound, torch.bfloat16), pre.float() > bound[:, None])
     assert kernels._at_most(bound, torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_decoder_norms_have_autograds_gradient():
+    torch.manual_seed(0)
+    clt = CrossLayerTranscoder(CLTConfig(n_layers=3, d_model=8, n_features=16)).double()
+    with torch.no_grad():
+        clt.W_dec[1][3] = 0.0  # a zero row: gradient 0, as autograd's masked fill gives
+    weights = torch.randn(3, 16, dtype=torch.float64)
+    (decoder_norms(clt) * weights).sum().backward()
+    ours = [w.grad.clone() for w in clt.W_dec]
+    reference = torch.stack([torch.linalg.vector_norm(w, dim=(1, 2)) for w in clt.W_dec])
+    grads = torch.autograd.grad((reference * weights).sum(), list(clt.W_dec))
+    for a, b in zip(ours, grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+    assert torch.equal(ours[1][3], torch.zeros_like(ours[1][3]))

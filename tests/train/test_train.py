@@ -125,6 +125,7 @@ def test_recipes_nest_the_transcoder_and_still_read_flat_keys(tmp_path, caplog, 
         ({"transcoder": {"n_features": "many"}}, "recipe key 'transcoder.n_features' must be int, not 'many'"),
         ({"transcoder": 3}, "recipe key 'transcoder' must be a table"),
         ({"n_features": 3, "transcoder": {"n_features": 4}}, "recipe keys ['n_features'] are set both at the top"),
+        ({"precision": "bf16"}, "precision is 'bf16': use 'fp32' or 'bf16-mixed'"),
     ]:
         with pytest.raises(CircuitsError, match=re.escape(message)):
             TrainConfig.from_dict(fields)
@@ -183,8 +184,9 @@ def _step(state: Path) -> int:
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_reaches_the_same_weights(tmp_path):
-    recipe = _recipe(tmp_path, steps=40, every=5)
+@pytest.mark.parametrize("precision", ["fp32", "bf16-mixed"])
+def test_resume_after_sigkill_reaches_the_same_weights(tmp_path, precision):
+    recipe = _recipe(tmp_path, steps=40, every=5, extra=f'precision = "{precision}"\n')
     assert _circuits("train", recipe, "--out", tmp_path / "full", timeout=600).returncode == 0
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
