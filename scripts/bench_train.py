@@ -5,6 +5,7 @@ of an activation store.
     circuits activations training/demo.toml --out /tmp/store --tokens 60000
     python scripts/bench_train.py --store /tmp/store [--features 1024 8192] [--l0 90 200] [--steps 100]
         [--topk 32] [--peer-python /work/peer-train-venv/bin/python] [--peer-lambda 1e-6 0]
+        [--precision fp32 bf16-mixed]
 
 Each (system, F, L0) runs in a fresh subprocess with one thread: a transcoder over the store's layers,
 initialised so that about L0 features fire per layer and token, then trained for --steps optimiser
@@ -24,6 +25,10 @@ per layer, averaged over layers) and L0 per layer.
 - TopK rows (F x k, with --topk): per-layer transcoders, ours (`cross_layer = false`, `activation =
   "topk"`) against sparsify 1.3.3 (`transcode=True`, Adam at the same lr, decoder kept at unit norm
   as its trainer does; no AuxK loss).
+- Precision (--precision): ours runs once per precision, `fp32` and `bf16-mixed` (the recipe field:
+  matmuls in bfloat16, float32 weights and Adam). decode-clt 0.0.1 enables autocast on CUDA and MPS
+  only (clt/training/trainer.py), so on a CPU it runs fp32 in every row; sparsify's forward
+  autocasts on CUDA only, and here runs under torch.autocast("cpu", bfloat16) in its bf16-mixed rows.
 
 The peers run with the Python given by --peer-python (a scratch venv with decode-clt==0.0.1 and
 eai-sparsify==1.3.3; never project dependencies) and are skipped without it. Prints a table with

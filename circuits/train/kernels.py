@@ -165,11 +165,12 @@ class _DenseJumpReLU(torch.autograd.Function):
         threshold, values, values_mm, active, window, t, W_mm, scale = ctx.saved_tensors
         g = grad_out.reshape(grad_out.shape[0], -1).to(W_mm.dtype)  # [n, T * d]
         grad_W = (values_mm @ g).to(grad_out.dtype).view(ctx.shape)
-        sech2 = torch.addcmul(t.new_ones(()), t, t, value=-1, out=t)  # 1 - tanh^2, in place (t is used once)
-        grad_norms = grad_penalty * ctx.c * torch.linalg.vecdot(sech2, values, dim=1)
-        grad_values = values.copy_(torch.mm(W_mm, g.T, out=values_mm))  # [F, n], into the spent buffers
+        # in place wherever a buffer is spent: a fresh [F, n] costs its page faults, ~1 ms at F 1,024
+        sech2 = torch.addcmul(t.new_ones(()), t, t, value=-1, out=t)  # 1 - tanh^2
+        grad_norms = grad_penalty * ctx.c * values.mul_(sech2).sum(1)
+        grad_values = values.copy_(torch.mm(W_mm, g.T, out=values_mm))  # [F, n]
         grad_values.addcmul_(sech2, scale * grad_penalty)
-        grad_threshold = torch.linalg.vecdot(grad_values, window, dim=1) * (-threshold[:, 0] / ctx.bandwidth)
+        grad_threshold = window.mul_(grad_values).sum(1) * (-threshold[:, 0] / ctx.bandwidth)
         return grad_values.mul_(active), grad_threshold, grad_norms, grad_W, None, None
 
 
