@@ -139,8 +139,9 @@ class _DenseJumpReLU(torch.autograd.Function):
     gradient's when computed as W @ grad.T), with the masks as 0/1 floats written by the comparisons
     themselves: on one CPU thread an operation that reads a bool tensor or mixes two dtypes takes
     4-10x as long as a float one (a * mask 5.2 ms, a * float_mask 0.8 ms, torch.where 7 ms at
-    [1,024, 1,024]). Autograd through JumpReLU and the penalty made ~30 passes over [n, F] a layer,
-    with transposed copies between the two layouts; this makes 16, four of them casts in bf16-mixed."""
+    [1,024, 1,024]). Autograd through JumpReLU, the penalty and `any` made about as many passes over
+    [n, F] (~20 a layer) but half of them of those slow kinds, on [n, F] views of [F, n] data; this
+    makes 17 plain float ones (four more, casts, in bf16-mixed) and reuses spent buffers."""
 
     @staticmethod
     def forward(ctx, pre, threshold, norms, W, c: float, bandwidth: float):
