@@ -203,14 +203,16 @@ def _attention(
 
 def _dense_backward(rep: Replacement, l: int, g: torch.Tensor) -> None:
     """Add to g [P', R', d] (by position, a view of rows R' of a larger gradient) what passes back
-    through the frozen attention of layer l: the projections batched over positions, the images per
-    head [H, P', R', d] (contiguous), then their mixing over (head, query) as one product."""
+    through the frozen attention of layer l: the projection onto every head as one product, the
+    mixing over positions per head at d_head (H times fewer multiply-adds than at d), the value
+    projection summing the heads (45 against 22 ms at 32 positions and 600 rows on one thread)."""
     Pp, R, d = g.shape
     H, dh = rep.W_O.shape[1], rep.W_O.shape[2]
-    u = torch.bmm(g, rep.back_O[l].expand(Pp, d, H * dh))  # [P', R', H * d_head]
-    images = torch.bmm(u.view(Pp * R, H, dh).transpose(0, 1), rep.back_V[l].view(H, dh, d))  # [H, P' * R', d]
-    mix = rep.back_mix[l, :, :Pp, :Pp].transpose(0, 1).reshape(Pp, H * Pp)  # [P'(key), H * P'(query)]
-    g.view(Pp, R * d).addmm_(mix, images.view(H * Pp, R * d))
+    u = (g.reshape(Pp * R, d) @ rep.back_O[l]).view(Pp, R, H, dh)  # [P'(query), R', H, d_head]
+    u = u.permute(2, 0, 1, 3).reshape(H, Pp, R * dh)
+    mixed = torch.bmm(rep.back_mix[l, :, :Pp, :Pp], u)  # [H, P'(key), R' * d_head]
+    mixed = mixed.view(H, Pp, R, dh).permute(1, 2, 0, 3).reshape(Pp * R, H * dh)
+    g += (mixed @ rep.back_V[l]).view(Pp, R, d)
 
 
 def _terms_backward(
