@@ -332,7 +332,7 @@ def attribute(
         if not one_pass:
             sources.rows(L, last, vectors, out=logit_rows)
     if one_pass:  # every row in one walk (fewer, larger operations)
-        rows = [store.adjacency[:n, : sources.n], logit_rows]
+        rows = [store.adjacency[:n], store.adjacency[sources.n :]]  # whole rows: contiguous
         every_row(rep, vectors, rows, sources.embed_images, cfg.backward_terms, cfg.work_floats, cfg.single_pass_span)
         selected = torch.arange(n, device=device)
     else:
