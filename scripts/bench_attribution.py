@@ -629,7 +629,8 @@ def bench_short(args) -> None:
         print(f"| {n} | {ours['n_features']:,} | {ours['seconds'] * 1e3:.1f} ms "
               f"| {ct['seconds'] * 1e3:.0f} ms ({best}) "
               f"| {ct['seconds'] / ours['seconds']:.1f}x | {ours['cpu_seconds'] * 1e3:.1f} / {cpu_best * 1e3:.0f} ms "
-              f"| {cpu_best / ours['cpu_seconds']:.1f}x | {ours['flops'] / 1e9:.2f}, {ours['flops'] / ours['cpu_seconds'] / 1e9:.0f} "
+              f"| {cpu_best / ours['cpu_seconds']:.1f}x "
+              f"| {ours['flops'] / 1e9:.2f}, {ours['flops'] / ours['cpu_seconds'] / 1e9:.0f} "
               f"| {args.threads} | {diff:.1e} | {load} |", flush=True)  # fmt: skip
 
 
