@@ -32,7 +32,9 @@ best time and the peak RSS growth over the process's baseline after imports (the
     python scripts/bench_attribution.py --load --repeat 3 --ct-python /work/ct-venv/bin/python
 
 `--short` instead prints only the time against circuit-tracer at its best batch size, wall and process CPU
-time (on a shared machine the CPU time leaves out the waits for a core), with the load average:
+time (on a shared machine the CPU time leaves out the waits for a core), our FLOPs (torch's FlopCounterMode:
+the products) and their rate over our CPU time (far below the ~90 GFLOP/s one core reaches on large products:
+the rest is fixed costs and memory traffic), with the thread count and load average:
 
     python scripts/bench_attribution.py --short --fire-fraction 0.02 --lengths 8 16 32 --repeat 5 \
         --ct-batch-sizes 8 16 32 64 128
@@ -100,6 +102,14 @@ def _timed(run, args) -> tuple:
                    "growth_mb": peak - base}  # fmt: skip
 
 
+def _addmm_flops(self_shape, a_shape, b_shape, *args, **kwargs) -> int:
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
+def _baddbmm_flops(self_shape, a_shape, b_shape, *args, **kwargs) -> int:
+    return 2 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[2]
+
+
 def worker_ours(args) -> dict:
     import torch
     from safetensors.torch import save_file
@@ -113,7 +123,9 @@ def worker_ours(args) -> dict:
     tokens = prompt_tokens(model, args.length)
     prompt = model.tokenizer.decode(tokens[1:].tolist())
     graph, timing = _timed(lambda: attribute(prompt, model, clt, batch_size=args.batch_size, progress=False), args)
-    with FlopCounterMode(display=False) as counter:
+    # FlopCounterMode counts out-of-place products only; ours add many in place (the one walk's edges)
+    in_place = {torch.ops.aten.addmm_: _addmm_flops, torch.ops.aten.baddbmm_: _baddbmm_flops}
+    with FlopCounterMode(display=False, custom_mapping=in_place) as counter:
         attribute(prompt, model, clt, batch_size=args.batch_size, progress=False)
     save_file({"adjacency": graph.adjacency, "features": graph.features}, args.out)
     return {
@@ -602,8 +614,8 @@ def bench_short(args) -> None:
     common = ["--transcoder", str(args.transcoder), "--threads", str(args.threads)]
     print(f"threads={args.threads}, best of {args.repeat} warm runs, circuit-tracer batch sizes {args.ct_batch_sizes}")
     print("| tokens | active features | ours | circuit-tracer best (batch) | ratio | CPU time: ours / circuit-tracer "
-          "| ratio | edge diff | load average |")  # fmt: skip
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+          "| ratio | ours: GFLOP, GFLOP/s of CPU time | threads | edge diff | load average |")  # fmt: skip
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for n in args.lengths:
         ours, ours_path = _run(sys.executable, "ours", common + ["--length", str(n)], env)
         ct_args = common + ["--tokens", json.dumps(ours["tokens"]), "--model-dir", str(DEMO_MODEL_DIR),
@@ -617,7 +629,9 @@ def bench_short(args) -> None:
         print(f"| {n} | {ours['n_features']:,} | {ours['seconds'] * 1e3:.1f} ms "
               f"| {ct['seconds'] * 1e3:.0f} ms ({best}) "
               f"| {ct['seconds'] / ours['seconds']:.1f}x | {ours['cpu_seconds'] * 1e3:.1f} / {cpu_best * 1e3:.0f} ms "
-              f"| {cpu_best / ours['cpu_seconds']:.1f}x | {diff:.1e} | {load} |", flush=True)  # fmt: skip
+              f"| {cpu_best / ours['cpu_seconds']:.1f}x "
+              f"| {ours['flops'] / 1e9:.2f}, {ours['flops'] / ours['cpu_seconds'] / 1e9:.0f} "
+              f"| {args.threads} | {diff:.1e} | {load} |", flush=True)  # fmt: skip
 
 
 def main() -> None:

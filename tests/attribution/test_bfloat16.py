@@ -10,8 +10,15 @@ FLAGSHIP = "Fact: Dallas is in the state whose capital is"
 
 def test_untouched_zeros_in_every_float_width():
     for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
-        zeros = untouched_zeros(3, 5, dtype=dtype)
-        assert zeros.dtype == dtype and zeros.shape == (3, 5) and not zeros.any()
+        for huge_pages in (False, True):
+            zeros = untouched_zeros(3, 5, dtype=dtype, huge_pages=huge_pages)
+            assert zeros.dtype == dtype and zeros.shape == (3, 5) and not zeros.any()
+
+
+def test_untouched_zeros_in_huge_pages_hold_what_is_written_and_nothing_else():
+    a, b = (untouched_zeros(700, 1024, dtype=torch.float32, huge_pages=True) for _ in range(2))  # 2.8 MB each
+    a[:600] = torch.arange(1024.0)
+    assert a[:600].equal(torch.arange(1024.0).expand(600, -1)) and not a[600:].any() and not b.any()
 
 
 def test_a_bfloat16_graph_on_the_cpu_is_the_float32_graph_rounded(demo_model, demo_clt):
