@@ -79,9 +79,12 @@ class Sources:
         return self._by_position(self.rep) if self.merged else []
 
     def _by_layer(self, rep: Replacement) -> list[LayerBlocks]:
-        """[s] -> the features of source layer s cut into blocks of one position (`LayerBlocks`)."""
+        """[s] -> the features of source layer s cut into blocks of one position (`LayerBlocks`). The
+        replacement's writes are dropped a layer at a time as the blocks take them (1 GB on 4,096
+        tokens): only one layer's are held twice."""
         pos, out, start = rep.features[:, 1], [], 0
-        for writes in rep.writes:
+        for _ in range(self.L):
+            writes = rep.writes.pop(0)
             out.append(LayerBlocks.of(writes, pos[start : start + len(writes)], start, self.P))
             start += len(writes)
         return out
@@ -263,7 +266,9 @@ def node_inputs_and_bias(rep: Replacement, W_U: torch.Tensor, b_U: torch.Tensor,
     weights = torch.stack([t.weights for t in targets])  # [T, V]
     mid0, final0 = rep.linear_forward(with_sources=False)
     in0 = torch.stack([rep.clt_input(l, mid0[l]) for l in range(rep.n_layers)])  # [L, P, d] the inputs' constants
-    feat_bias = (W_enc[layer, feature] * in0[layer, pos]).sum(-1) + b_enc[layer, feature]
+    feat_bias = torch.cat([  # by 8,192 features: their encoder rows and inputs [8192, d] are temporaries
+        (W_enc[l, f] * in0[l, p]).sum(-1) for l, p, f in (part.T for part in rep.features.split(8192))
+    ]) + b_enc[layer, feature]  # fmt: skip
     logit_bias = weights @ (rep.ln_final.forward(final0)[-1] @ W_U + b_U)
     return torch.cat([rep.pre_activations, weights @ rep.logits]), torch.cat([feat_bias, logit_bias])
 
@@ -309,8 +314,6 @@ def attribute(
     vectors, last = logit_vectors(rep, W_U, logit_targets), torch.full((T,), P - 1, device=device)
     sparse = sparse_graph(cap, T, sources.n, cfg)
     one_pass = not sparse and cap == n and cfg.batch_size is None
-    if not one_pass and sources.by_layer:
-        rep.writes = []  # the sources hold them in blocks from here on (1 GB on 4,096 tokens)
     if sparse:
         log.info("sparse graph: each feature row keeps its %d largest edges (edges_per_row)", cfg.edges_per_row)
         store: DenseRows | SparseRows = SparseRows(sources, cfg.edges_per_row, cap)
@@ -479,10 +482,10 @@ class SparseRows:
 
     def influence(self, direct: torch.Tensor) -> torch.Tensor:
         """`DenseRows.influence` on the kept edges, each normalised by its row's whole input."""
-        n, edges = len(direct), slice(0, self.filled * self.keep)
+        n, r = len(direct), self.filled
         weights = torch.cat([direct, direct.new_zeros(self.sources.n - n)])  # edges reach every source column
-        rows = self.ids[: self.filled].repeat_interleave(self.keep)
-        return direct + edge_influence(rows, self.cols[edges], self.shares[edges], weights)[:n]
+        cols, shares = self.cols[: r * self.keep].view(r, self.keep), self.shares[: r * self.keep].view(r, self.keep)
+        return direct + edge_influence(self.ids[:r], cols, shares, weights)[:n]
 
     def graph_adjacency(self, selected: torch.Tensor, logit_rows: torch.Tensor) -> torch.Tensor:
         """The sparse adjacency of the graph over the selected features and every other node: the
@@ -494,17 +497,7 @@ class SparseRows:
         position = torch.full((n_sources,), -1, dtype=torch.long, device=selected.device)
         position[selected] = torch.arange(k, device=selected.device)
         position[n:] = torch.arange(k, k + n_sources - n, device=selected.device)
-        # in the order of a coalesced matrix, by target then source (no copy to sort them afterwards)
-        r = self.filled
-        cols, order = position[self.cols[: r * self.keep].view(r, self.keep)].sort(dim=1)  # [r, keep] -1: dropped
-        values = self.values[: r * self.keep].view(r, self.keep).gather(1, order)
-        del order
-        rows = position[self.ids[:r]]  # every computed row is a selected feature
-        by_target = rows.argsort()
-        rows, cols, values = rows[by_target], cols[by_target], values[by_target]
-        keep = (cols >= 0) & (values != 0)
-        targets, sources, values = rows[:, None].expand_as(cols)[keep], cols[keep], values[keep]
-        del cols, keep
+        targets, sources, values = self._kept_edges(position)
         logit_targets, logit_sources = logit_rows.nonzero(as_tuple=True)  # by target then source
         logit_values, logit_sources = logit_rows[logit_targets, logit_sources], position[logit_sources]
         logit_keep = (logit_sources >= 0) & (logit_values != 0)
@@ -516,6 +509,23 @@ class SparseRows:
             N,
             ordered=True,
         )
+
+    def _kept_edges(self, position: torch.Tensor, chunk: int = 2**20) -> tuple[torch.Tensor, ...]:
+        """The kept edges between nodes of the graph, `position` [sources]: each source's node in the
+        graph (-1: dropped), as (targets, sources, values) in the order of a coalesced matrix, by
+        target then source (no copy to sort them afterwards); rows of about `chunk` edges at a time,
+        so that the temporaries are of that size, not of all kept edges (most go to dropped features)."""
+        r, keep = self.filled, self.keep
+        rows = position[self.ids[:r]]  # every computed row is a selected feature
+        rows, by_target = rows.sort()
+        cols_kept, values_kept = self.cols[: r * keep].view(r, keep), self.values[: r * keep].view(r, keep)
+        parts = []
+        for at, ids in zip(rows.split(max(1, chunk // keep)), by_target.split(max(1, chunk // keep)), strict=True):
+            cols, order = position[cols_kept[ids]].sort(dim=1)  # [rows, keep] -1: dropped
+            values = values_kept[ids].gather(1, order)
+            kept = (cols >= 0) & (values != 0)
+            parts.append((at[:, None].expand_as(cols)[kept], cols[kept], values[kept]))
+        return tuple(torch.cat(part) for part in zip(*parts, strict=True))
 
 
 def _feature_rows(
