@@ -144,34 +144,54 @@ def estimate(
     T, S = cfg.max_targets, n + (L + 1) * P
     sparse = sparse_graph(k, T, S, cfg)
     written = [L - s if c.cross_layer else 1 for s in range(L)]  # the layers each source layer writes to
+    below = [L - 1 - s if c.cross_layer else int(s < L - 1) for s in range(L)]  # ... below the last one
     writes = sum(int(counts[s].sum()) * written[s] for s in range(L)) * d
     merged = n < cfg.merge_below * L * P and n * L * d <= cfg.dense_floats
     widths, padded = zip(*(block_width(counts[s]) for s in range(L)), strict=True)
-    layout = n * L * d if merged else sum(p * w for p, w in zip(padded, written, strict=True)) * d
+    if merged:  # the writes and their copy per position over every layer, held from the layout on
+        laying_out = sources = writes + n * L * d
+    else:
+        laying_out, sources = _block_floats(counts, padded, written, below, d)
     held = 16 * L * P * d + (P * P * d if has_embedding_images(cfg, P, d) else 0)
     patterns = 2 * L * H * P * P  # and their transposed copy, from the end of the freeze on
-    sources = layout + (writes if merged else 0)  # held from the layout on
     freeze = max(patterns, (L + 2) * H * P * P, L * H * P * P + 3 * P * L * F)
     B = rows_per_pass(cfg, P, d, L - 1)
     backward = B * P * (L + 1) * d + B * S * (2 if sparse else 1)
     if not merged:  # the blocks' products, and the gradients gathered for them (at most work_floats)
         backward += max(
-            p * B + min(cfg.work_floats, p // w * B * t * d) for p, w, t in zip(padded, widths, written, strict=True)
+            p * B + min(cfg.work_floats, p // w * B * t * d) for p, w, t in zip(padded, widths, below, strict=True)
         )
     E = k * min(cfg.edges_per_row, S)
-    if sparse:
-        rows, assemble = 3 * E, 17 * E
+    if sparse:  # the kept edges (column, value); the graph's share of them in parts, then as COO arrays
+        graph_edges = E * min(1.0, (k + (L + 1) * P + T) / S)
+        rows, assemble = 2 * E, 2 * E + int(8 * graph_edges) + 6 * 2**18
     else:
         N_kept = k + (L + 1) * P + T
         rows = (k + T) * S + (k * n if k < n else 0)
         assemble = rows + (N_kept**2 + k * (S + N_kept) if k < n else 0)
     assemble += backward if cfg.inhibited else 0  # the inhibited features' backward passes come after it
     floats = held + max(
-        freeze, patterns + writes + layout, patterns + sources + backward + rows, patterns + sources + assemble
+        freeze, patterns + laying_out, patterns + sources + backward + rows, patterns + sources + assemble
     )
     size = torch.empty(0, dtype=getattr(torch, cfg.dtype)).element_size()
     work = Work(counts, d, H, dh, m.d_mlp, F, c.cross_layer, k, T, sparse, cfg)
     return Estimate(P, n, k, sparse, int(floats * size), resident_bytes(), work.seconds(flops_per_second()))
+
+
+def _block_floats(
+    counts: torch.Tensor, padded: tuple[int, ...], written: list[int], below: list[int], d: int
+) -> tuple[int, int]:
+    """The blocks of the features (`attribute.LayerBlocks`), `padded` rows of each source layer that
+    writes to `written` layers, as floats: (their peak while laid out, what they hold from the logit
+    rows on). Each layer's blocks are made from the decoder, 4,096 features at a time, once that
+    layer's writes are dropped: the blocks of the layers up to it are held with the writes of those
+    above. After the logit rows the blocks keep only the `below` layers under the last one."""
+    n_s = [int(c.sum()) for c in counts]
+    writes = [n * w * d for n, w in zip(n_s, written, strict=True)]
+    blocks = [p * w * d for p, w in zip(padded, written, strict=True)]
+    chunk = [min(4096, n) * w * d for n, w in zip(n_s, written, strict=True)]
+    peak = max(sum(blocks[: s + 1]) + sum(writes[s + 1 :]) + chunk[s] for s in range(len(n_s)))
+    return peak, sum(p * b * d for p, b in zip(padded, below, strict=True))
 
 
 SECONDS_PER = {
