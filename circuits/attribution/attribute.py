@@ -354,6 +354,8 @@ def attribute(
     else:
         sources.drop_last_layer_writes()  # the logit rows are done
         selected = _feature_rows(sources, store, logit_rows, logit_targets, cap, cfg, progress)
+        if not cfg.inhibited:  # no more rows: the blocks go before the graph is assembled
+            del sources.by_layer  # (laid out again they would fail: the writes are gone)
     adjacency = store.graph_adjacency(selected, logit_rows)
     inputs, bias = node_inputs_and_bias(rep, W_U, b_U, logit_targets)
     return Graph(

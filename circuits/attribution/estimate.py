@@ -11,14 +11,17 @@ throughout (the embedding images P^2 d when built, ~16 L P d of activations):
   3 P L F; from here on the patterns and their transposed copy 2 L H P^2 are held;
 - laying out the sources: the features' decoder writes (n times the layers each writes to, times
   d) and their copy, per position over every layer (n L d, thin features on short prompts) or in
-  zero-padded blocks of one position (`block_width`; the writes are then dropped);
+  zero-padded blocks of one position (`block_width`), made from the decoder a layer at a time as
+  that layer's writes are dropped (`_block_floats`); after the logit rows the blocks keep only what
+  is written below the last layer;
 - the rows, one backward pass at a time: its gradients B P (L - 1) d at the transcoder outputs and
   ~2 B P d while walking down, the rows B S (twice on the sparse path), the blocks' products and
   the gradients gathered for them; and the rows kept: dense, the touched rows (k + T) S and the
-  normalised estimate k n; sparse, E edges of 3 numbers;
-- assembling the graph: dense, its kept part (k + L P + P + T)^2 and the rows of the kept features
-  k (S + k + L P + P); sparse, about 17 numbers an edge (the edges sorted by target and source,
-  masks, the index arrays of the COO matrix); then, with `inhibited`, one more backward pass.
+  normalised estimate k n; sparse, E edges of 2 numbers (column, value);
+- assembling the graph, the blocks dropped unless `inhibited` needs them: dense, its kept part
+  (k + L P + P + T)^2 and the rows of the kept features k (S + k + L P + P); sparse, the E kept
+  edges and those of them between the graph's nodes (E times the share of sources kept), 8 numbers
+  each in parts and in the COO matrix's arrays; then, with `inhibited`, one more backward pass.
 
 The time (`Work`) follows the same choices phase by phase: the multiply-adds of the freeze, of each
 backward pass's walk (terms or dense attention, as `attention_backward_cost` decides) and of its
@@ -170,8 +173,9 @@ def estimate(
         rows = (k + T) * S + (k * n if k < n else 0)
         assemble = rows + (N_kept**2 + k * (S + N_kept) if k < n else 0)
     assemble += backward if cfg.inhibited else 0  # the inhibited features' backward passes come after it
+    assembling = sources if merged or cfg.inhibited else 0  # the blocks are dropped before the assembly
     floats = held + max(
-        freeze, patterns + laying_out, patterns + sources + backward + rows, patterns + sources + assemble
+        freeze, patterns + laying_out, patterns + sources + backward + rows, patterns + assembling + assemble
     )
     size = torch.empty(0, dtype=getattr(torch, cfg.dtype)).element_size()
     work = Work(counts, d, H, dh, m.d_mlp, F, c.cross_layer, k, T, sparse, cfg)
