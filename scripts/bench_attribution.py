@@ -42,11 +42,15 @@ d_model 256, 4 heads, n_ctx 4,096, written once into --long-dir with a CLT of 4 
 whose thresholds let about 20 fire per layer and position), random words of --long-lengths tokens,
 `max_feature_nodes` --long-features for both tools. Each run is a subprocess under a hard address-space
 cap (--memory-cap GB, RLIMIT_AS) and a time limit: a failure is reported as "out of memory at N GB"
-instead of taking the machine down. Prints tokens, active features, time and peak RSS of each tool,
-what our `--estimate` predicted for both (in the same process, before the attribution), and the edge
-agreement on the nodes both graphs kept:
+instead of taking the machine down. Prints tokens, active features, for each tool the time, the peak RSS,
+the RSS after imports and loading the model and transcoder (the baseline) and the growth of peak RSS over it
+during the attribution (the peak is reset to the baseline through /proc/self/clear_refs), circuit-tracer's
+peak and growth as multiples of ours, what our `--estimate` predicted (in the same process, before the
+attribution), and the edge agreement on the nodes both graphs kept. circuit-tracer takes minutes where we
+take seconds: with `--ct-cache DIR` its results are kept there and reused at the same settings:
 
-    python scripts/bench_attribution.py --long --threads 2 --long-lengths 512 1024 2048 4096
+    python scripts/bench_attribution.py --long --threads 1 --long-lengths 64 128 256 --ct-cache /tmp/ct_long
+    python scripts/bench_attribution.py --long --threads 1 --long-lengths 512 1024 2048 4096 --ct-python ''
 """
 
 from __future__ import annotations
