@@ -40,6 +40,7 @@ from circuits.attribution.config import (
     rows_per_pass,
     rows_per_renewal,
     sparse_graph,
+    written_below_last,
 )
 from circuits.attribution.graph import Graph, compute_influence, edge_influence, normalize_matrix
 from circuits.attribution.replacement import Replacement, build_replacement
@@ -122,7 +123,7 @@ class Sources:
         writes with 2). A layer at a time is copied; `rows` into the logits fails from here on."""
         d, cross = self.rep.embed.shape[-1], self.rep.clt.cfg.cross_layer
         for s, blocks in enumerate(self.by_layer):
-            below = self.L - 1 - s if cross else int(s < self.L - 1)  # the layers it writes to below the last
+            below = written_below_last(self.L, s, cross)
             self.by_layer[s] = blocks._replace(writes=blocks.writes[:, :, : below * d].contiguous())
 
     def rows(self, layer: int, pos: torch.Tensor, vec: torch.Tensor, out: torch.Tensor | None = None):

@@ -46,6 +46,7 @@ from circuits.attribution.config import (
     rows_per_pass,
     rows_per_renewal,
     sparse_graph,
+    written_below_last,
 )
 from circuits.attribution.replacement import attention_backward_cost, record_forward
 from circuits.errors import CircuitsError
@@ -147,7 +148,7 @@ def estimate(
     T, S = cfg.max_targets, n + (L + 1) * P
     sparse = sparse_graph(k, T, S, cfg)
     written = [L - s if c.cross_layer else 1 for s in range(L)]  # the layers each source layer writes to
-    below = [L - 1 - s if c.cross_layer else int(s < L - 1) for s in range(L)]  # ... below the last one
+    below = [written_below_last(L, s, c.cross_layer) for s in range(L)]  # ... below the last one
     writes = sum(int(counts[s].sum()) * written[s] for s in range(L)) * d
     merged = n < cfg.merge_below * L * P and n * L * d <= cfg.dense_floats
     widths, padded = zip(*(block_width(counts[s]) for s in range(L)), strict=True)
