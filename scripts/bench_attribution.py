@@ -44,11 +44,15 @@ d_model 256, 4 heads, n_ctx 4,096, written once into --long-dir with a CLT of 4 
 whose thresholds let about 20 fire per layer and position), random words of --long-lengths tokens,
 `max_feature_nodes` --long-features for both tools. Each run is a subprocess under a hard address-space
 cap (--memory-cap GB, RLIMIT_AS) and a time limit: a failure is reported as "out of memory at N GB"
-instead of taking the machine down. Prints tokens, active features, time and peak RSS of each tool,
-what our `--estimate` predicted for both (in the same process, before the attribution), and the edge
-agreement on the nodes both graphs kept:
+instead of taking the machine down. Prints tokens, active features, for each tool the time, the peak RSS,
+the RSS after imports and loading the model and transcoder (the baseline) and the growth of peak RSS over it
+during the attribution (the peak is reset to the baseline through /proc/self/clear_refs), circuit-tracer's
+peak and growth as multiples of ours, what our `--estimate` predicted (in the same process, before the
+attribution), and the edge agreement on the nodes both graphs kept. circuit-tracer takes minutes where we
+take seconds: with `--ct-cache DIR` its results are kept there and reused at the same settings:
 
-    python scripts/bench_attribution.py --long --threads 2 --long-lengths 512 1024 2048 4096
+    python scripts/bench_attribution.py --long --threads 1 --long-lengths 64 128 256 --ct-cache /tmp/ct_long
+    python scripts/bench_attribution.py --long --threads 1 --long-lengths 512 1024 2048 4096 --ct-python ''
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -399,8 +404,6 @@ def write_long_pair(directory: Path, fire: int = 20) -> tuple[Path, Path]:
     """A random model directory (our layout, which circuit-tracer's worker reads too) and a random
     CLT (circuit-tracer's layout) whose per-feature thresholds let about `fire` features fire per
     layer and position on random words; written once."""
-    import shutil
-
     import torch
     from safetensors.torch import save_file
     from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -460,6 +463,18 @@ def _save_edges(path: str, features, rows, n_nodes: int) -> None:
                "n_nodes": torch.tensor([n_nodes])}, path)  # fmt: skip
 
 
+def _long_attribution(run) -> tuple:
+    """(run(), its time, the process's peak RSS, its RSS just before (imports done, model and transcoder
+    loaded) and the growth of peak RSS over that baseline): the peak is reset to the baseline through
+    /proc/self/clear_refs, so that what loading took does not count as the attribution's."""
+    before = _status_mb("VmHWM")
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    base, t0 = _status_mb("VmRSS"), time.perf_counter()
+    result = run()
+    seconds, peak = time.perf_counter() - t0, _status_mb("VmHWM")
+    return result, {"seconds": seconds, "peak_mb": max(before, peak), "baseline_mb": base, "growth_mb": peak - base}
+
+
 def worker_long_ours(args) -> dict:
     import torch
 
@@ -473,13 +488,12 @@ def worker_long_ours(args) -> dict:
     prompt = model.tokenizer.decode(tokens[1:].tolist())
     assert torch.equal(model.to_tokens(prompt)[0], tokens)
     predicted = estimate(prompt, model, clt, max_feature_nodes=args.long_features)  # its forward pass: small
-    t0 = time.perf_counter()
-    graph = attribute(prompt, model, clt, max_feature_nodes=args.long_features, progress=False)
-    seconds = time.perf_counter() - t0
+    graph, memory = _long_attribution(
+        lambda: attribute(prompt, model, clt, max_feature_nodes=args.long_features, progress=False)
+    )
     _save_edges(args.out, graph.features, graph.edges(), graph.n_nodes)
-    return {"seconds": seconds, "peak_mb": _rss_mb(), "n_active": graph.config["n_active_features"],
-            "sparse": graph.adjacency.is_sparse, "estimate_seconds": predicted.seconds,
-            "estimate_mb": predicted.peak_bytes / 1e6}  # fmt: skip
+    return {**memory, "n_active": graph.config["n_active_features"], "sparse": graph.adjacency.is_sparse,
+            "estimate_seconds": predicted.seconds, "estimate_mb": predicted.peak_bytes / 1e6}  # fmt: skip
 
 
 def worker_long_ct(args) -> dict:
@@ -488,16 +502,16 @@ def worker_long_ct(args) -> dict:
 
     model = ct_model(args)
     tokens = torch.tensor(json.loads(args.tokens))
-    t0 = time.perf_counter()
-    graph = attribute(tokens, model, batch_size=args.ct_batch_size, max_feature_nodes=args.long_features)
-    seconds = time.perf_counter() - t0
+    graph, memory = _long_attribution(
+        lambda: attribute(tokens, model, batch_size=args.ct_batch_size, max_feature_nodes=args.long_features)
+    )
     A = graph.adjacency_matrix
     k = len(graph.selected_features)
     rows = torch.cat([torch.arange(k), torch.arange(len(A) - len(graph.logit_targets), len(A))])
     sub = A[rows]
     t, src = sub.nonzero(as_tuple=True)
     _save_edges(args.out, graph.active_features[graph.selected_features], (rows[t], src, sub[t, src]), len(A))
-    return {"seconds": seconds, "peak_mb": _rss_mb(), "n_active": len(graph.active_features)}
+    return {**memory, "n_active": len(graph.active_features)}
 
 
 def _run_capped(python: str, worker: str, extra: list[str], env: dict, cap_gb: float, timeout: float):
@@ -570,8 +584,9 @@ def bench_long(args) -> None:
           f"each run capped at {args.memory_cap:g} GB (RLIMIT_AS) and {args.long_timeout / 60:.0f} min; "
           f"circuit-tracer batch {args.ct_long_batch}")  # fmt: skip
     print(
-        "| tokens | active features | ours: time / peak RSS | `--estimate`: time / peak | circuit-tracer: time / peak "
-        "RSS | memory ratio | edge diff (ct's edges / ours stored) | load average |"
+        "| tokens | active features | ours: time / peak RSS / baseline / growth | `--estimate`: time / peak "
+        "| circuit-tracer: time / peak RSS / baseline / growth | memory ratio: peak / growth "
+        "| edge diff (ct's edges / ours stored) | load average (ours / ct) |"
     )
     print("|---:|---:|---:|---:|---:|---:|---:|---|")
     for n in args.long_lengths:
@@ -579,24 +594,50 @@ def bench_long(args) -> None:
         common = ["--model-dir", str(model_dir), "--transcoder-dir", str(clt_dir), "--tokens", tokens,
                   "--threads", str(args.threads), "--long-features", str(args.long_features)]  # fmt: skip
         ours, ours_path = _run_capped(sys.executable, "long-ours", common, env, args.memory_cap, args.long_timeout)
+        ours_load = " ".join(f"{x:.2f}" for x in os.getloadavg())
         ct, ct_path = (None, None)
         if args.ct_python:
             ct_args = common + ["--ct-batch-size", str(args.ct_long_batch)]
-            ct, ct_path = _run_capped(args.ct_python, "long-ct", ct_args, ct_env, args.memory_cap, args.long_timeout)
+            ct, ct_path = _long_ct(args, n, ct_args, ct_env)
         features = next((r["n_active"] for r in (ours, ct) if isinstance(r, dict)), "-")
-        cell = {k: f"{r['seconds']:.1f} s / {r['peak_mb'] / 1e3:.2f} GB" if isinstance(r, dict) else (r or "-")
-                for k, r in (("ours", ours), ("ct", ct))}  # fmt: skip
+        cell = {k: _long_cell(r) for k, r in (("ours", ours), ("ct", ct))}
         ratio, agreement = "-", "-"
         if isinstance(ours, dict) and isinstance(ct, dict):
-            ratio = f"{ct['peak_mb'] / ours['peak_mb']:.1f}x"
+            ratio = f"{ct['peak_mb'] / ours['peak_mb']:.1f}x / {ct['growth_mb'] / ours['growth_mb']:.1f}x"
             everywhere, stored, k = long_agreement(ours_path, ct_path, LONG_SHAPE["n_layers"], n)
             agreement = f"{everywhere:.1e} / {stored:.1e} ({k} common features)"
         predicted = "-"
         if isinstance(ours, dict):
             predicted = f"{ours['estimate_seconds']:.0f} s / {ours['estimate_mb'] / 1e3:.2f} GB"
-        load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+        ct_load = ct.get("load", "-") if isinstance(ct, dict) else "-"
         print(f"| {n:,} | {features:,} | {cell['ours']} | {predicted} | {cell['ct']} | {ratio} | {agreement} "
-              f"| {load} |", flush=True)  # fmt: skip
+              f"| {ours_load} / {ct_load} |", flush=True)  # fmt: skip
+
+
+def _long_cell(result: dict | str | None) -> str:
+    """A --long run as 'time / peak RSS / baseline / growth', or its failure."""
+    if not isinstance(result, dict):
+        return result or "-"
+    gb = {k: result[k] / 1e3 for k in ("peak_mb", "baseline_mb", "growth_mb")}
+    return f"{result['seconds']:.1f} s / {gb['peak_mb']:.2f} / {gb['baseline_mb']:.2f} / +{gb['growth_mb']:.2f} GB"
+
+
+def _long_ct(args, n: int, ct_args: list[str], env: dict) -> tuple[dict | str, Path | None]:
+    """circuit-tracer's --long run on n tokens, or its result kept in --ct-cache by an earlier run at
+    the same settings (its edges beside it; a failure is not kept). It takes minutes where ours takes
+    seconds: keeping it lets ours be measured again alone."""
+    key = f"ct-{n}-tokens-{args.long_features}-features-batch-{args.ct_long_batch}-{args.threads}-threads"
+    cached = Path(args.ct_cache) / key if args.ct_cache else None
+    if cached and cached.with_suffix(".json").exists():
+        return json.loads(cached.with_suffix(".json").read_text()), cached.with_suffix(".safetensors")
+    ct, path = _run_capped(args.ct_python, "long-ct", ct_args, env, args.memory_cap, args.long_timeout)
+    if isinstance(ct, dict):
+        ct["load"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+        if cached:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            path = Path(shutil.copy(path, cached.with_suffix(".safetensors")))
+            cached.with_suffix(".json").write_text(json.dumps(ct))
+    return ct, path
 
 
 def bench_short(args) -> None:
@@ -671,6 +712,7 @@ def main() -> None:
     parser.add_argument("--memory-cap", type=float, default=10.0, help="GB of address space per --long run")
     parser.add_argument("--long-timeout", type=float, default=1800.0, help="seconds per --long run")
     parser.add_argument("--ct-long-batch", type=int, default=64, help="circuit-tracer's batch size in --long")
+    parser.add_argument("--ct-cache", default=None, help="--long: keep circuit-tracer's results here, reuse them")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--ct-batch-size", type=int, default=512, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)

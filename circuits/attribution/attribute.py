@@ -40,8 +40,9 @@ from circuits.attribution.config import (
     rows_per_pass,
     rows_per_renewal,
     sparse_graph,
+    written_below_last,
 )
-from circuits.attribution.graph import Graph, compute_influence, edge_influence, normalize_matrix, sparse_adjacency
+from circuits.attribution.graph import Graph, compute_influence, edge_influence, normalize_matrix
 from circuits.attribution.replacement import Replacement, build_replacement
 from circuits.attribution.single_pass import every_row
 from circuits.attribution.targets import LogitTarget, resolve_targets
@@ -79,11 +80,16 @@ class Sources:
         return self._by_position(self.rep) if self.merged else []
 
     def _by_layer(self, rep: Replacement) -> list[LayerBlocks]:
-        """[s] -> the features of source layer s cut into blocks of one position (`LayerBlocks`)."""
-        pos, out, start = rep.features[:, 1], [], 0
-        for writes in rep.writes:
-            out.append(LayerBlocks.of(writes, pos[start : start + len(writes)], start, self.P))
-            start += len(writes)
+        """[s] -> the features of source layer s cut into blocks of one position (`LayerBlocks`). The
+        replacement's writes are dropped a layer at a time, each before its blocks are made again
+        from the decoder (1 GB on 4,096 tokens): they are never held twice."""
+        layer, pos, feature = rep.features.T
+        bounds = torch.searchsorted(layer, torch.arange(self.L + 1, device=layer.device)).tolist()  # sorted by layer
+        out = []
+        for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+            rep.writes.pop(0)
+            W_dec, acts = rep.clt.W_dec[s].detach(), rep.activations[a:b]
+            out.append(LayerBlocks.of(W_dec, feature[a:b], acts, pos[a:b], a, self.P))
         return out
 
     def _by_position(self, rep: Replacement) -> list[tuple[torch.Tensor, list[int], list[tuple[int, int, int]]]]:
@@ -110,6 +116,15 @@ class Sources:
             runs = [(nodes[below[s]], below[s], below[s + 1]) for s in range(L) if below[s + 1] > below[s]]
             out.append((slots[a:b], below, runs))
         return out
+
+    def drop_last_layer_writes(self) -> None:
+        """Drop from the blocks what the features write to the last layer, once the logit rows are
+        computed: no other row reads it (a quarter of the blocks with 4 layers, a third of their
+        writes with 2). A layer at a time is copied; `rows` into the logits fails from here on."""
+        d, cross = self.rep.embed.shape[-1], self.rep.clt.cfg.cross_layer
+        for s, blocks in enumerate(self.by_layer):
+            below = written_below_last(self.L, s, cross)
+            self.by_layer[s] = blocks._replace(writes=blocks.writes[:, :, : below * d].contiguous())
 
     def rows(self, layer: int, pos: torch.Tensor, vec: torch.Tensor, out: torch.Tensor | None = None):
         """Edges from every source into a batch of targets of one layer: `vec` [B, d] injected at
@@ -201,9 +216,20 @@ class LayerBlocks(NamedTuple):
     slot: torch.Tensor  # [n_s] each feature's row in writes.view(n_blocks * width, -1)
 
     @classmethod
-    def of(cls, writes: torch.Tensor, positions: torch.Tensor, start: int, P: int) -> LayerBlocks:
-        """Blocks of the features with writes [n_s, T_s, d] at positions [n_s] (ascending), nodes from
-        `start` on, `block_width` wide."""
+    def of(
+        cls,
+        W_dec: torch.Tensor,
+        features: torch.Tensor,
+        acts: torch.Tensor,
+        positions: torch.Tensor,
+        start: int,
+        P: int,
+        chunk: int = 4096,
+    ) -> LayerBlocks:
+        """Blocks of the features [n_s] of one source layer, with activations acts [n_s] at positions
+        [n_s] (ascending), nodes from `start` on, `block_width` wide: their writes, decoder rows W_dec
+        [F, T_s, d] times activation (as `replacement.feature_writes`), made `chunk` features at a time
+        (the blocks are the only full copy)."""
         counts = torch.bincount(positions, minlength=P)  # [P]
         width, _ = block_width(counts)
         rank = torch.arange(len(positions), device=positions.device) - (counts.cumsum(0) - counts)[positions]
@@ -211,8 +237,10 @@ class LayerBlocks(NamedTuple):
         block = (per_position.cumsum(0) - per_position)[positions] + rank // width
         n_blocks = int(per_position.sum())
         slot = block * width + rank % width
-        padded = writes.new_zeros(n_blocks * width, writes.shape[1] * writes.shape[2])
-        padded[slot] = writes.flatten(1)
+        padded = W_dec.new_zeros(n_blocks * width, W_dec.shape[1] * W_dec.shape[2])
+        for c in range(0, len(features), chunk):
+            writes = W_dec.index_select(0, features[c : c + chunk]).mul_(acts[c : c + chunk, None, None])
+            padded[slot[c : c + chunk]] = writes.flatten(1)
         block_pos = torch.repeat_interleave(torch.arange(P, device=positions.device), per_position)
         return cls(start, positions, block_pos, padded.view(n_blocks, width, -1), slot)
 
@@ -273,7 +301,9 @@ def node_inputs_and_bias(rep: Replacement, W_U: torch.Tensor, b_U: torch.Tensor,
     weights = torch.stack([t.weights for t in targets])  # [T, V]
     mid0, final0 = rep.linear_forward(with_sources=False)
     in0 = torch.stack([rep.clt_input(l, mid0[l]) for l in range(rep.n_layers)])  # [L, P, d] the inputs' constants
-    feat_bias = (W_enc[layer, feature] * in0[layer, pos]).sum(-1) + b_enc[layer, feature]
+    feat_bias = torch.cat([  # by 8,192 features: their encoder rows and inputs [8192, d] are temporaries
+        (W_enc[l, f] * in0[l, p]).sum(-1) for l, p, f in (part.T for part in rep.features.split(8192))
+    ]) + b_enc[layer, feature]  # fmt: skip
     logit_bias = weights @ (rep.ln_final.forward(final0)[-1] @ W_U + b_U)
     return torch.cat([rep.pre_activations, weights @ rep.logits]), torch.cat([feat_bias, logit_bias])
 
@@ -319,8 +349,6 @@ def attribute(
     vectors, last = logit_vectors(rep, W_U, logit_targets), torch.full((T,), P - 1, device=device)
     sparse = sparse_graph(cap, T, sources.n, cfg)
     one_pass = not sparse and cap == n and cfg.batch_size is None
-    if not one_pass and sources.by_layer:
-        rep.writes = []  # the sources hold them in blocks from here on (1 GB on 4,096 tokens)
     if sparse:
         log.info("sparse graph: each feature row keeps its %d largest edges (edges_per_row)", cfg.edges_per_row)
         store: DenseRows | SparseRows = SparseRows(sources, cfg.edges_per_row, cap)
@@ -336,7 +364,10 @@ def attribute(
         every_row(rep, vectors, rows, sources.embed_images, cfg.backward_terms, cfg.work_floats, cfg.single_pass_span)
         selected = torch.arange(n, device=device)
     else:
+        sources.drop_last_layer_writes()  # the logit rows are done
         selected = _feature_rows(sources, store, logit_rows, logit_targets, cap, cfg, progress)
+        if not cfg.inhibited:  # no more rows: the blocks go before the graph is assembled
+            del sources.by_layer  # (laid out again they would fail: the writes are gone)
     adjacency = store.graph_adjacency(selected, logit_rows)
     inputs, bias = node_inputs_and_bias(rep, W_U, b_U, logit_targets)
     return Graph(
@@ -469,7 +500,7 @@ class SparseRows:
         self.ids = torch.empty(capacity, dtype=torch.long, device=device)  # the rows' feature nodes
         self.cols = torch.empty(size, dtype=torch.int32, device=device)  # each edge's source column
         self.values = torch.empty(size, dtype=sources.rep.embed.dtype, device=device)
-        self.shares = torch.empty_like(self.values)  # |value| / the row's total; 0 from non-features
+        self.totals = torch.empty(capacity, dtype=self.values.dtype, device=device)  # each row's |input|
         self.filled = 0  # rows
         self.kept_mass: list[torch.Tensor] = []  # [k] per batch: the share of |row| kept
 
@@ -481,19 +512,20 @@ class SparseRows:
         top = magnitude.topk(self.keep, dim=1)  # [k, keep]
         totals = magnitude.sum(1, keepdim=True).clamp(min=1e-10)  # as normalize_matrix
         self.ids[self.filled : self.filled + len(ids)] = ids
+        self.totals[self.filled : self.filled + len(ids)] = totals[:, 0]
         span = slice(self.filled * self.keep, (self.filled + len(ids)) * self.keep)
         self.filled += len(ids)
         self.cols[span] = top.indices.flatten()
         self.values[span] = rows.gather(1, top.indices).flatten()
-        self.shares[span] = (top.values / totals * (top.indices < self.sources.n_features)).flatten()
         self.kept_mass.append(top.values.sum(1) / totals[:, 0])
 
     def influence(self, direct: torch.Tensor) -> torch.Tensor:
-        """`DenseRows.influence` on the kept edges, each normalised by its row's whole input."""
-        n, edges = len(direct), slice(0, self.filled * self.keep)
+        """`DenseRows.influence` on the kept edges, each normalised by its row's whole input as it is
+        read (the influence that reaches errors and tokens goes no further: it is dropped)."""
+        n, r = len(direct), self.filled
         weights = torch.cat([direct, direct.new_zeros(self.sources.n - n)])  # edges reach every source column
-        rows = self.ids[: self.filled].repeat_interleave(self.keep)
-        return direct + edge_influence(rows, self.cols[edges], self.shares[edges], weights)[:n]
+        cols, values = self.cols[: r * self.keep].view(r, self.keep), self.values[: r * self.keep].view(r, self.keep)
+        return direct + edge_influence(self.ids[:r], cols, values, weights, self.totals[:r])[:n]
 
     def graph_adjacency(self, selected: torch.Tensor, logit_rows: torch.Tensor) -> torch.Tensor:
         """The sparse adjacency of the graph over the selected features and every other node: the
@@ -502,31 +534,50 @@ class SparseRows:
         kept_mass = torch.cat(self.kept_mass)
         log.info("feature rows keep %.1f%% of their absolute input on average (least %.1f%%)",
                  100 * kept_mass.mean().item(), 100 * kept_mass.min().item())  # fmt: skip
-        position = torch.full((n_sources,), -1, dtype=torch.long, device=selected.device)
-        position[selected] = torch.arange(k, device=selected.device)
-        position[n:] = torch.arange(k, k + n_sources - n, device=selected.device)
-        # in the order of a coalesced matrix, by target then source (no copy to sort them afterwards)
-        r = self.filled
-        cols, order = position[self.cols[: r * self.keep].view(r, self.keep)].sort(dim=1)  # [r, keep] -1: dropped
-        values = self.values[: r * self.keep].view(r, self.keep).gather(1, order)
-        del order
-        rows = position[self.ids[:r]]  # every computed row is a selected feature
-        by_target = rows.argsort()
-        rows, cols, values = rows[by_target], cols[by_target], values[by_target]
-        keep = (cols >= 0) & (values != 0)
-        targets, sources, values = rows[:, None].expand_as(cols)[keep], cols[keep], values[keep]
-        del cols, keep
+        position = torch.full((n_sources,), -1, dtype=torch.int32, device=selected.device)
+        position[selected] = torch.arange(k, dtype=torch.int32, device=selected.device)
+        position[n:] = torch.arange(k, k + n_sources - n, dtype=torch.int32, device=selected.device)
+        parts = self._kept_edges(position)
         logit_targets, logit_sources = logit_rows.nonzero(as_tuple=True)  # by target then source
         logit_values, logit_sources = logit_rows[logit_targets, logit_sources], position[logit_sources]
         logit_keep = (logit_sources >= 0) & (logit_values != 0)
-        N = k + n_sources - n + len(logit_rows)
-        return sparse_adjacency(
-            torch.cat([targets, k + n_sources - n + logit_targets[logit_keep]]).cpu(),
-            torch.cat([sources, logit_sources[logit_keep]]).cpu(),
-            torch.cat([values, logit_values[logit_keep]]).cpu(),
-            N,
-            ordered=True,
-        )
+        first_logit = k + n_sources - n
+        parts.append((first_logit + logit_targets[logit_keep], logit_sources[logit_keep], logit_values[logit_keep]))
+        indices, values = _stacked(parts)
+        N = first_logit + len(logit_rows)
+        return torch.sparse_coo_tensor(indices.cpu(), values.cpu(), (N, N), check_invariants=False, is_coalesced=True)
+
+    def _kept_edges(self, position: torch.Tensor, chunk: int = 2**18) -> list[tuple[torch.Tensor, ...]]:
+        """The kept edges between nodes of the graph, `position` [sources]: each source's node in the
+        graph (-1: dropped), as parts (targets, sources, values) in the order of a coalesced matrix,
+        by target then source (no copy to sort them afterwards); rows of about `chunk` edges at a
+        time, so that the temporaries are of that size, not of all kept edges (most go to dropped
+        features)."""
+        r, keep = self.filled, self.keep
+        rows = position[self.ids[:r]]  # every computed row is a selected feature
+        rows, by_target = rows.sort()
+        cols_kept, values_kept = self.cols[: r * keep].view(r, keep), self.values[: r * keep].view(r, keep)
+        parts = []
+        for at, ids in zip(rows.split(max(1, chunk // keep)), by_target.split(max(1, chunk // keep)), strict=True):
+            cols, order = position[cols_kept[ids]].sort(dim=1)  # [rows, keep] -1: dropped
+            values = values_kept[ids].gather(1, order)
+            kept = (cols >= 0) & (values != 0)
+            parts.append((at[:, None].expand_as(cols)[kept], cols[kept], values[kept]))
+        return parts
+
+
+def _stacked(parts: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Edges in parts (targets, sources, values) -> (indices [2, nnz] long, values [nnz]) of a COO
+    matrix, each part dropped once copied: the edges are held twice at most, not three times."""
+    nnz, like = sum(len(part[2]) for part in parts), parts[0][2]
+    indices = torch.empty(2, nnz, dtype=torch.long, device=like.device)
+    values, at = like.new_empty(nnz), 0
+    while parts:
+        targets, sources, part = parts.pop(0)
+        span = slice(at, at + len(part))
+        indices[0, span], indices[1, span], values[span] = targets, sources, part
+        at = span.stop
+    return indices, values
 
 
 def _feature_rows(

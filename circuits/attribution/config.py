@@ -82,6 +82,13 @@ def has_embedding_images(cfg: AttributionConfig, n_pos: int, d_model: int) -> bo
     return n_pos * n_pos * d_model <= cfg.embedding_image_floats
 
 
+def written_below_last(n_layers: int, layer: int, cross_layer: bool) -> int:
+    """How many layers below the last one the features of source `layer` write to: what the blocks
+    of the contraction keep once the logit rows, the only readers of the last layer's writes, are
+    done."""
+    return n_layers - 1 - layer if cross_layer else int(layer < n_layers - 1)
+
+
 def sparse_graph(kept: int, n_targets: int, n_sources: int, cfg: AttributionConfig) -> bool:
     """Whether the graph is built sparse: when the rows it computes, (kept + targets) x sources, hold
     more than `cfg.dense_floats` numbers, or its N x N matrix (reserved, touched where written) more

@@ -11,14 +11,17 @@ throughout (the embedding images P^2 d when built, ~16 L P d of activations):
   3 P L F; from here on the patterns and their transposed copy 2 L H P^2 are held;
 - laying out the sources: the features' decoder writes (n times the layers each writes to, times
   d) and their copy, per position over every layer (n L d, thin features on short prompts) or in
-  zero-padded blocks of one position (`block_width`; the writes are then dropped);
+  zero-padded blocks of one position (`block_width`), made from the decoder a layer at a time as
+  that layer's writes are dropped (`_block_floats`); after the logit rows the blocks keep only what
+  is written below the last layer;
 - the rows, one backward pass at a time: its gradients B P (L - 1) d at the transcoder outputs and
   ~2 B P d while walking down, the rows B S (twice on the sparse path), the blocks' products and
   the gradients gathered for them; and the rows kept: dense, the touched rows (k + T) S and the
-  normalised estimate k n; sparse, E edges of 3 numbers;
-- assembling the graph: dense, its kept part (k + L P + P + T)^2 and the rows of the kept features
-  k (S + k + L P + P); sparse, about 17 numbers an edge (the edges sorted by target and source,
-  masks, the index arrays of the COO matrix); then, with `inhibited`, one more backward pass.
+  normalised estimate k n; sparse, E edges of 2 numbers (column, value);
+- assembling the graph, the blocks dropped unless `inhibited` needs them: dense, its kept part
+  (k + L P + P + T)^2 and the rows of the kept features k (S + k + L P + P); sparse, the E kept
+  edges and those of them between the graph's nodes (E times the share of sources kept), 8 numbers
+  each in parts and in the COO matrix's arrays; then, with `inhibited`, one more backward pass.
 
 The time (`Work`) follows the same choices phase by phase: the multiply-adds of the freeze, of each
 backward pass's walk (terms or dense attention, as `attention_backward_cost` decides) and of its
@@ -43,6 +46,7 @@ from circuits.attribution.config import (
     rows_per_pass,
     rows_per_renewal,
     sparse_graph,
+    written_below_last,
 )
 from circuits.attribution.replacement import attention_backward_cost, record_forward
 from circuits.errors import CircuitsError
@@ -144,34 +148,55 @@ def estimate(
     T, S = cfg.max_targets, n + (L + 1) * P
     sparse = sparse_graph(k, T, S, cfg)
     written = [L - s if c.cross_layer else 1 for s in range(L)]  # the layers each source layer writes to
+    below = [written_below_last(L, s, c.cross_layer) for s in range(L)]  # ... below the last one
     writes = sum(int(counts[s].sum()) * written[s] for s in range(L)) * d
     merged = n < cfg.merge_below * L * P and n * L * d <= cfg.dense_floats
     widths, padded = zip(*(block_width(counts[s]) for s in range(L)), strict=True)
-    layout = n * L * d if merged else sum(p * w for p, w in zip(padded, written, strict=True)) * d
+    if merged:  # the writes and their copy per position over every layer, held from the layout on
+        laying_out = sources = writes + n * L * d
+    else:
+        laying_out, sources = _block_floats(counts, padded, written, below, d)
     held = 16 * L * P * d + (P * P * d if has_embedding_images(cfg, P, d) else 0)
     patterns = 2 * L * H * P * P  # and their transposed copy, from the end of the freeze on
-    sources = layout + (writes if merged else 0)  # held from the layout on
     freeze = max(patterns, (L + 2) * H * P * P, L * H * P * P + 3 * P * L * F)
     B = rows_per_pass(cfg, P, d, L - 1)
     backward = B * P * (L + 1) * d + B * S * (2 if sparse else 1)
     if not merged:  # the blocks' products, and the gradients gathered for them (at most work_floats)
         backward += max(
-            p * B + min(cfg.work_floats, p // w * B * t * d) for p, w, t in zip(padded, widths, written, strict=True)
+            p * B + min(cfg.work_floats, p // w * B * t * d) for p, w, t in zip(padded, widths, below, strict=True)
         )
     E = k * min(cfg.edges_per_row, S)
-    if sparse:
-        rows, assemble = 3 * E, 17 * E
+    if sparse:  # the kept edges (column, value); the graph's share of them in parts, then as COO arrays
+        graph_edges = E * min(1.0, (k + (L + 1) * P + T) / S)
+        rows, assemble = 2 * E, 2 * E + int(8 * graph_edges) + 6 * 2**18
     else:
         N_kept = k + (L + 1) * P + T
         rows = (k + T) * S + (k * n if k < n else 0)
         assemble = rows + (N_kept**2 + k * (S + N_kept) if k < n else 0)
     assemble += backward if cfg.inhibited else 0  # the inhibited features' backward passes come after it
+    assembling = sources if merged or cfg.inhibited else 0  # the blocks are dropped before the assembly
     floats = held + max(
-        freeze, patterns + writes + layout, patterns + sources + backward + rows, patterns + sources + assemble
+        freeze, patterns + laying_out, patterns + sources + backward + rows, patterns + assembling + assemble
     )
     size = torch.empty(0, dtype=getattr(torch, cfg.dtype)).element_size()
     work = Work(counts, d, H, dh, m.d_mlp, F, c.cross_layer, k, T, sparse, cfg)
     return Estimate(P, n, k, sparse, int(floats * size), resident_bytes(), work.seconds(flops_per_second()))
+
+
+def _block_floats(
+    counts: torch.Tensor, padded: tuple[int, ...], written: list[int], below: list[int], d: int
+) -> tuple[int, int]:
+    """The blocks of the features (`attribute.LayerBlocks`), `padded` rows of each source layer that
+    writes to `written` layers, as floats: (their peak while laid out, what they hold from the logit
+    rows on). Each layer's blocks are made from the decoder, 4,096 features at a time, once that
+    layer's writes are dropped: the blocks of the layers up to it are held with the writes of those
+    above. After the logit rows the blocks keep only the `below` layers under the last one."""
+    n_s = [int(c.sum()) for c in counts]
+    writes = [n * w * d for n, w in zip(n_s, written, strict=True)]
+    blocks = [p * w * d for p, w in zip(padded, written, strict=True)]
+    chunk = [min(4096, n) * w * d for n, w in zip(n_s, written, strict=True)]
+    peak = max(sum(blocks[: s + 1]) + sum(writes[s + 1 :]) + chunk[s] for s in range(len(n_s)))
+    return peak, sum(p * b * d for p, b in zip(padded, below, strict=True))
 
 
 SECONDS_PER = {

@@ -69,12 +69,29 @@ def normalize_edges(targets: torch.Tensor, values: torch.Tensor, N: int) -> torc
     return values.abs() / totals.clamp(min=1e-10)[targets]
 
 
-def edge_influence(targets: torch.Tensor, sources: torch.Tensor, A: torch.Tensor, weights: torch.Tensor):
+def edge_influence(
+    targets: torch.Tensor,
+    sources: torch.Tensor,
+    A: torch.Tensor,
+    weights: torch.Tensor,
+    totals: torch.Tensor | None = None,
+    chunk: int = 2**20,
+) -> torch.Tensor:
     """`compute_influence` on edges: weights [N] @ (A + A^2 + ...) for the normalised edge values A
-    [nnz] of a DAG, in O(nnz) per term: [N]."""
+    [nnz] of a DAG, in O(nnz) per term: [N]. Edges grouped by target may come as targets [R] with
+    sources and A [R, K]; then with `totals` [R], A holds their values, each normalised as it is read
+    (|value| / its target's total, as `normalize_matrix`). Each term runs over about `chunk` edges at
+    a time: its temporaries are of that size, not of the edges'."""
+    R, K = len(targets), A.numel() // max(1, len(targets))  # K = 1 for edges one by one
+    A, sources, step = A.view(R, K), sources.view(R, K), max(1, chunk // max(1, K))
     term, influence = weights, torch.zeros_like(weights)
     for _ in range(len(weights)):
-        term = torch.zeros_like(weights).index_add_(0, sources, A * term[targets])
+        passed = torch.zeros_like(weights)
+        for a in range(0, R, step):
+            shares = A[a : a + step] if totals is None else A[a : a + step].abs() / totals[a : a + step, None]
+            edges = shares * term[targets[a : a + step], None]  # [step, K]
+            passed.index_add_(0, sources[a : a + step].flatten(), edges.flatten())
+        term = passed
         if not term.any():
             return influence
         influence += term

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from circuits.attribution.attribute import attribute
-from circuits.attribution.graph import Graph, aggregate, compute_influence, normalize_matrix
+from circuits.attribution.graph import Graph, aggregate, compute_influence, edge_influence, normalize_matrix
 from circuits.cli import main
 from circuits.errors import CircuitsError
 
@@ -26,6 +26,24 @@ def test_influence_is_the_neumann_series(graph):
     expected = w @ (torch.linalg.inv(torch.eye(N, dtype=A.dtype) - A) - torch.eye(N, dtype=A.dtype))
     assert torch.allclose(compute_influence(A, w), expected, atol=1e-9)
     assert torch.allclose(normalize_matrix(graph.adjacency)[: graph.n_features].sum(1), torch.ones(graph.n_features))
+
+
+def test_influence_over_edges_grouped_by_target_row(graph):
+    """The sparse path's form: each row's K largest edges as raw values [R, K] with the row's whole
+    total, normalised as read, in chunks of a few rows, against the Neumann series of those edges."""
+    A = graph.adjacency.double()
+    N, K = len(A), 16
+    rows = torch.arange(N)[A.abs().sum(1) > 0]  # [R] the rows with edges
+    top = A[rows].abs().topk(K, dim=1).indices  # [R, K]
+    values, totals = A[rows].gather(1, top), A[rows].abs().sum(1)
+    kept = torch.zeros_like(A)
+    kept[rows[:, None], top] = values.abs() / totals[:, None]
+    w = graph.target_weights().double()
+    expected = w @ (torch.linalg.inv(torch.eye(N, dtype=A.dtype) - kept) - torch.eye(N, dtype=A.dtype))
+    got = edge_influence(rows, top, values, w, totals, chunk=5 * K)
+    assert torch.allclose(got, expected, atol=1e-9)
+    targets, sources = rows[:, None].expand_as(top).flatten(), top.flatten()
+    assert torch.allclose(edge_influence(targets, sources, kept[targets, sources], w, chunk=7), expected, atol=1e-9)
 
 
 def test_pruning_invariants(graph):
