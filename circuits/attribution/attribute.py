@@ -43,7 +43,7 @@ from circuits.attribution.config import (
     written_below_last,
 )
 from circuits.attribution.graph import Graph, compute_influence, edge_influence, normalize_matrix
-from circuits.attribution.replacement import Replacement, build_replacement
+from circuits.attribution.replacement import Replacement, build_replacement, layer_writes
 from circuits.attribution.single_pass import every_row
 from circuits.attribution.targets import LogitTarget, resolve_targets
 from circuits.errors import CircuitsError
@@ -88,8 +88,7 @@ class Sources:
         out = []
         for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
             rep.writes.pop(0)
-            W_dec, acts = rep.clt.W_dec[s].detach(), rep.activations[a:b]
-            out.append(LayerBlocks.of(W_dec, feature[a:b], acts, pos[a:b], a, self.P))
+            out.append(LayerBlocks.of(rep.clt.W_dec[s], feature[a:b], rep.activations[a:b], pos[a:b], a, self.P))
         return out
 
     def _by_position(self, rep: Replacement) -> list[tuple[torch.Tensor, list[int], list[tuple[int, int, int]]]]:
@@ -228,7 +227,7 @@ class LayerBlocks(NamedTuple):
     ) -> LayerBlocks:
         """Blocks of the features [n_s] of one source layer, with activations acts [n_s] at positions
         [n_s] (ascending), nodes from `start` on, `block_width` wide: their writes, decoder rows W_dec
-        [F, T_s, d] times activation (as `replacement.feature_writes`), made `chunk` features at a time
+        [F, T_s, d] times activation (`replacement.layer_writes`), made `chunk` features at a time
         (the blocks are the only full copy)."""
         counts = torch.bincount(positions, minlength=P)  # [P]
         width, _ = block_width(counts)
@@ -239,8 +238,7 @@ class LayerBlocks(NamedTuple):
         slot = block * width + rank % width
         padded = W_dec.new_zeros(n_blocks * width, W_dec.shape[1] * W_dec.shape[2])
         for c in range(0, len(features), chunk):
-            writes = W_dec.index_select(0, features[c : c + chunk]).mul_(acts[c : c + chunk, None, None])
-            padded[slot[c : c + chunk]] = writes.flatten(1)
+            padded[slot[c : c + chunk]] = layer_writes(W_dec, features[c : c + chunk], acts[c : c + chunk]).flatten(1)
         block_pos = torch.repeat_interleave(torch.arange(P, device=positions.device), per_position)
         return cls(start, positions, block_pos, padded.view(n_blocks, width, -1), slot)
 

@@ -245,12 +245,18 @@ def _rows_matmul(x: torch.Tensor, W: torch.Tensor, rows: torch.Tensor | None) ->
 
 def feature_writes(clt: CrossLayerTranscoder, features: torch.Tensor, acts: torch.Tensor) -> list[torch.Tensor]:
     """What the active features (features [n, 3] sorted, acts [n]) write: per source layer s, their
-    decoder rows times activation [n_s, T_s, d] (T_s: the layers s writes to), touching only their rows."""
+    `layer_writes` [n_s, T_s, d] (T_s: the layers s writes to)."""
     counts = torch.bincount(features[:, 0], minlength=clt.cfg.n_layers).tolist()  # sorted: one run per layer
     return [
-        W.detach().index_select(0, f).mul_(a[:, None, None])
+        layer_writes(W, f, a)
         for W, f, a in zip(clt.W_dec, features[:, 2].split(counts), acts.split(counts), strict=True)
     ]
+
+
+def layer_writes(W_dec: torch.Tensor, features: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
+    """The decoder rows of one source layer's `features` [n] (W_dec [F, T, d]) times their
+    activations [n]: [n, T, d], touching only their rows."""
+    return W_dec.detach().index_select(0, features).mul_(acts[:, None, None])
 
 
 def sum_writes(writes: list[torch.Tensor], pos: torch.Tensor, P: int) -> torch.Tensor:
