@@ -30,6 +30,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from circuits.transcoders.clt import JumpReLU
@@ -53,8 +54,12 @@ class Support:
 
     @classmethod
     def of(cls, supported: torch.Tensor) -> Support:
-        """The pairs of a boolean [F, n]."""
-        return cls.of_pairs(*supported.nonzero(as_tuple=True), *supported.shape)
+        """The pairs of a boolean [F, n]. On a CPU by numpy's nonzero: 9 instead of torch's 27 ms at
+        [8,192, 1,024] with 3.6% set (one thread, 2026-12)."""
+        if supported.device.type != "cpu":
+            return cls.of_pairs(*supported.nonzero(as_tuple=True), *supported.shape)
+        feature, token = np.divmod(np.flatnonzero(supported.numpy()), supported.shape[1])
+        return cls.of_pairs(torch.from_numpy(feature), torch.from_numpy(token), *supported.shape)
 
     @classmethod
     def of_pairs(cls, feature: torch.Tensor, token: torch.Tensor, n_features: int, n_tokens: int) -> Support:
@@ -237,10 +242,30 @@ def _support(clt, pre: torch.Tensor, layer: int, dense_above: float) -> Support 
         order = (top * n + token).argsort()
         return Support.of_pairs(top[order], token[order], F, n)
     low = 0.0 if cfg.activation == "relu" else _at_most(clt.threshold[layer].detach() - cfg.bandwidth / 2, pre.dtype)
-    sample = pre[:, :: max(1, n // 128)] > low  # the density from 128 tokens: a dense layer skips the full pass
+    sample = _above(pre[:, :: max(1, n // 128)], low)  # the density from 128 tokens: a dense layer skips the full pass
     if sample.count_nonzero().item() > dense_above * sample.numel():
         return None
-    return Support.of(pre > low)
+    return Support.of(_above(pre, low))
+
+
+_BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+"""A float dtype -> the integer dtype of its bits."""
+
+
+def _above(pre: torch.Tensor, low: torch.Tensor | float) -> torch.Tensor:
+    """pre [F, n] > low [F, 1] (or a scalar), both in one float dtype: bool [F, n]. On a CPU numpy
+    compares the floats' bits as integers, which order the non-negative floats as their values (rows
+    with a negative bound are compared as floats): 3 instead of torch's 13 ms at [8,192, 1,024] in
+    bfloat16 (one thread, 2026-12)."""
+    if pre.device.type != "cpu":
+        return pre > low
+    low = torch.as_tensor(low, dtype=pre.dtype).expand(len(pre), 1)
+    bits = _BITS[pre.dtype]
+    above = torch.from_numpy(pre.view(bits).numpy() > low.view(bits).numpy())
+    negative = torch.signbit(low[:, 0]).nonzero()[:, 0]  # their bits order the other way
+    if len(negative):
+        above[negative] = pre[negative] > low[negative]
+    return above
 
 
 def _at_most(bound: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -116,6 +116,25 @@ def test_a_bfloat16_bound_compares_as_the_float32_one():
     assert kernels._at_most(bound, torch.bfloat16).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_the_support_is_torchs_comparison_and_nonzero(dtype):
+    """On a CPU the support is found by comparing the floats' bits as integers (numpy): the same pairs as
+    torch's comparison and nonzero, with negative, zero and negative-zero bounds and values."""
+    torch.manual_seed(0)
+    bound = torch.randn(300) * 0.3
+    bound[:4], bound[4] = 0.0, -0.0
+    pre = (bound[:, None] + torch.randn(300, 200) * 0.05).to(dtype)  # [F, n]
+    pre[:8, :3], pre[:8, 3:6] = 0.0, -0.0
+    low = kernels._at_most(bound, dtype)
+    assert (low < 0).sum() > 50 and (low > 0).sum() > 50
+    for p in (pre, pre[:, ::3]):  # the layer, the sample of its density
+        assert torch.equal(kernels._above(p, low), p > low)
+        assert torch.equal(kernels._above(p, 0.0), p > 0)
+    support, (feature, token) = kernels.Support.of(pre > low), (pre > low).nonzero(as_tuple=True)
+    assert torch.equal(support.feature, feature) and torch.equal(support.token, token)
+    assert torch.equal(support.crow[1:], (pre > low).sum(1).cumsum(0))
+
+
 def test_decoder_norms_have_autograds_gradient():
     torch.manual_seed(0)
     clt = CrossLayerTranscoder(CLTConfig(n_layers=3, d_model=8, n_features=16)).double()
