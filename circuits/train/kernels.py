@@ -242,13 +242,13 @@ def _support(clt, pre: torch.Tensor, layer: int, dense_above: float) -> Support 
         order = (top * n + token).argsort()
         return Support.of_pairs(top[order], token[order], F, n)
     low = 0.0 if cfg.activation == "relu" else _at_most(clt.threshold[layer].detach() - cfg.bandwidth / 2, pre.dtype)
-    sample = _above(pre[:, :: max(1, n // 128)], low)  # the density from 128 tokens: a dense layer skips the full pass
+    sample = _above(pre[:, :: max(1, n // 128)], low)  # the density from 128 tokens: a dense layer skips the rest
     if sample.count_nonzero().item() > dense_above * sample.numel():
         return None
     return Support.of(_above(pre, low))
 
 
-_BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+_BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.half: torch.int16}
 """A float dtype -> the integer dtype of its bits."""
 
 
