@@ -157,7 +157,7 @@ def losses(
     if coef is None:
         coef = torch.full((clt.cfg.n_layers,), cfg.sparsity_coef * sparsity_factor(step, cfg))
     coef = coef.to(x.device)
-    n_global, L = len(x) * comm.world, clt.cfg.n_layers
+    n_global = len(x) * comm.world
     norms = decoder_norms(clt)  # [L, F]
     if sparse:
         x_enc = comm.gather_rows(x)  # the tokens this rank's features encode
@@ -174,16 +174,25 @@ def losses(
         sparsity = torch.tanh(cfg.sparsity_c * dense * norms).sum((0, 2))  # [L]
         fired, l0 = (dense > 0).any(0), (dense > 0).sum((0, 2)) / len(x)
     mse = (recon - y).square().sum()
-    preact = x.new_zeros(())
-    if clt.cfg.activation == "jumprelu":
-        for l in range(L):
-            idx = dead[l].nonzero()[:, 0]
-            pre = x_enc[:, l] @ clt.W_enc[l, idx].T + clt.b_enc[l, idx]  # [n, n_dead]
-            preact = preact + torch.relu(clt.threshold[l, idx].detach() - pre).sum()  # raise pre, not lower θ
+    preact = _preact(clt, x_enc, dead) if clt.cfg.activation == "jumprelu" and dead.any() else x.new_zeros(())
     total = (mse + (coef * sparsity).sum() + cfg.preact_coef * preact) / n_global
     n_enc = len(x_enc)
     parts = {"mse": mse.item() / len(x), "sparsity": sparsity.sum().item() / n_enc, "preact": preact.item() / n_enc}
     return StepLoss(total, parts, fired, l0, dead)
+
+
+def _preact(clt: CrossLayerTranscoder, x: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+    """sum over tokens and the `dead` [L, F] features of relu(threshold - pre) on x [n, L, d], which
+    raises pre, not lowers the threshold. The dead encoders are gathered once for all layers: a gather
+    per layer wrote a zero gradient [L, F, d] per layer in the backward (~7% of a step at F 8,192)."""
+    layer, feature = dead.nonzero(as_tuple=True)  # [n_dead], by layer
+    W, b, threshold = clt.W_enc[layer, feature], clt.b_enc[layer, feature], clt.threshold.detach()[layer, feature]
+    ends = torch.bincount(layer, minlength=clt.cfg.n_layers).cumsum(0).tolist()
+    total = x.new_zeros(())
+    for l, (a, e) in enumerate(zip([0, *ends[:-1]], ends, strict=True)):
+        pre = x[:, l] @ W[a:e].T + b[a:e]  # [n, n_dead in layer l]
+        total = total + torch.relu(threshold[a:e] - pre).sum()
+    return total
 
 
 class Objective(torch.nn.Module):
