@@ -85,7 +85,7 @@ def _quality(recon: torch.Tensor, y: torch.Tensor, l0: float) -> dict:
 
 def ours(args, batches, held) -> dict:
     from circuits.train.config import TrainConfig, TranscoderConfig
-    from circuits.train.loop import optimiser
+    from circuits.train.loop import keep_freed_memory, optimiser
     from circuits.train.objective import SparsityControl, initialise, losses
     from circuits.train.store import ActivationStore
     from circuits.transcoders.clt import CrossLayerTranscoder
@@ -100,6 +100,7 @@ def ours(args, batches, held) -> dict:
             transcoder=transcoder, target_fire_fraction=l0 / F, lr=args.lr, target_l0=l0, steps=args.steps
         )
     cfg = dataclasses.replace(cfg, precision=args.precision[0])
+    keep_freed_memory()  # as `circuits train` on a CPU
     clt = CrossLayerTranscoder(ActivationStore(args.store).clt_config(cfg.transcoder))
     initialise(clt, batches[0][0], cfg)
     opt, sparsity = optimiser(clt, cfg), SparsityControl.start(clt.cfg.n_layers)
@@ -239,7 +240,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100, help="optimiser steps of 1,024 tokens per run")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--eval-tokens", type=int, default=2048, help="held-out tokens for NMSE and L0")
-    parser.add_argument("--peer-python", default="/work/peer-train-venv/bin/python", help="a venv with the peers")
+    parser.add_argument(
+        "--peer-python", default="/work/peer-train-venv/bin/python", help="a venv with the peers ('': ours only)"
+    )
     parser.add_argument(
         "--peer-lambda", type=float, nargs="+", default=[1e-6, 0.0], help="decode-clt's sparsity_lambda per --l0"
     )
@@ -261,7 +264,7 @@ def main() -> None:
         batches, held = _batches(args.store, args.steps), _held_out(args.store, args.eval_tokens)
         print(json.dumps(SYSTEMS[args.one](args, batches, held)))
         return
-    peer = Path(args.peer_python).exists()
+    peer = bool(args.peer_python) and Path(args.peer_python).exists()  # "": ours only
     print(f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print(f"{args.steps} steps of {BATCH} tokens, lr {args.lr}; NMSE, L0/layer: {args.eval_tokens} held-out tokens")
     cells = f"{'tok/s':>7} {'cpu':>7} {'NMSE':>6} {'L0':>6}"

@@ -13,11 +13,14 @@ checkpoints the current step and raises `Interrupted`.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
 import functools
 import json
 import logging
 import math
+import platform
 import signal
 import threading
 import time
@@ -215,6 +218,8 @@ def _setup(cfg: TrainConfig, out: Path, resume: bool, model: HookedTransformer |
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     check_device(cfg.device)
+    if cfg.device == "cpu":
+        keep_freed_memory()
     if cfg.target_l0 and cfg.transcoder.activation == "topk":
         raise CircuitsError("a TopK transcoder's L0 is its topk: set transcoder.topk instead of target_l0")
     comm = Comm.from_env(cfg.parallel, cfg.device)
@@ -256,6 +261,18 @@ def optimiser(clt: CrossLayerTranscoder, cfg: TrainConfig) -> torch.optim.Adam:
     """Adam over the CLT's parameters; fused (one pass over each tensor, ~5x faster than the
     per-tensor loop on one CPU thread at F 8,192), the same update up to rounding."""
     return torch.optim.Adam(clt.parameters(), lr=cfg.lr, betas=(0.9, 0.999), fused=True)
+
+
+def keep_freed_memory() -> None:
+    """Have glibc keep the memory this process frees for its next allocations (no mmap of large
+    blocks, no trimming) instead of returning it to the kernel: a step at F 8,192 frees and
+    allocates again hundreds of MB, whose pages the kernel would otherwise zero and fault in again
+    every step (1.3M instead of 0.4M page faults in 17 steps, ~10% of a step on one CPU thread;
+    peak memory ~7% higher, and kept). Nothing on other C libraries."""
+    if platform.libc_ver()[0] == "glibc":
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc.mallopt(-4, 0)  # M_MMAP_MAX
+        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD
 
 
 def _step(run: _Run, step: int, x: torch.Tensor, y: torch.Tensor) -> StepLoss:
