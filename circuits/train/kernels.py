@@ -5,7 +5,8 @@ exact), and in the matmul dtype of the run's precision (float32, or bfloat16 wit
 
 - `encode`: one layer's pre-activations [F, n] by one dense matmul (every feature's is needed to
   know which are supported), then either the whole layer dense, or only its supported (feature,
-  token) pairs, feature-major (`Support`), whose encoder gradient is one sparse [F, n] x [n, d]
+  token) pairs, feature-major (`Support`; found on a CPU by numpy, `_above` and `Support.of`: 12
+  instead of 40 ms a layer at F 8,192), whose encoder gradient is one sparse [F, n] x [n, d]
   product;
 - a dense JumpReLU layer (`DenseJumpReLU`) computes its activations, penalty, decoding [n, F] x
   [F, T * d] and their gradients in one function on feature-major [F, n] tensors (`_DenseJumpReLU`);
@@ -20,7 +21,12 @@ the backward. Operands are passed to torch.sparse detached: it takes a ~3x slowe
 that require grad, even under no_grad. Where the dense and sparse steps cross (whole steps with
 either path forced, one CPU thread, `scripts/bench_train.py`'s shapes, 2026-12): at 11-13% support
 (F 1,024, L0 90) dense was 1.07x faster in float32 and 1.65x in bf16-mixed; at 2.7% (F 8,192, L0
-200) sparse was 1.9x and 1.6x faster: hence DENSE_ABOVE and DENSE_ABOVE_BF16. The support of a
+200) sparse was 1.9x and 1.6x faster: hence DENSE_ABOVE and DENSE_ABOVE_BF16 (measured before the
+support was found by numpy, which made sparse layers faster still: the crossing may now lie higher).
+Tried at F 8,192 L0 200 in bf16-mixed and left out: a sparse layer's decoder as dense bfloat16 products
+over the features supported in the batch (5,156 of 8,192 in layer 0; 1.2x faster than the torch.sparse
+products alone, slower in whole steps), CSR [n, F] or CSR [F, n] transposed for the forward (2-2.4x
+slower than the COO product), COO for the decoder's gradient (1.3-1.7x slower than CSR). The support of a
 JumpReLU layer includes the threshold's straight-through window (5-15% more pairs than L0 once
 `target_l0` has settled the thresholds).
 """
