@@ -661,6 +661,13 @@ def bench_short(args) -> None:
         ours, ours_path = _run(sys.executable, "ours", common + ["--length", str(n)], env)
         ct_args = common + ["--tokens", json.dumps(ours["tokens"]), "--model-dir", str(DEMO_MODEL_DIR),
                             "--transcoder-dir", str(transcoder_dir)]  # fmt: skip
+        load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+        if not args.ct_python:  # ours only (while iterating: circuit-tracer's times change little)
+            print(f"| {n} | {ours['n_features']:,} | {ours['seconds'] * 1e3:.1f} ms | - | - "
+                  f"| {ours['cpu_seconds'] * 1e3:.1f} ms | - "
+                  f"| {ours['flops'] / 1e9:.2f}, {ours['flops'] / ours['cpu_seconds'] / 1e9:.0f} "
+                  f"| {args.threads} | - | {load} |", flush=True)  # fmt: skip
+            continue
         runs = {b: _run(args.ct_python, "ct", [*ct_args, "--ct-batch-size", str(b)], ct_env)
                 for b in args.ct_batch_sizes}  # fmt: skip
         best = min(runs, key=lambda b: runs[b][0]["seconds"])

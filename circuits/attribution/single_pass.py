@@ -142,40 +142,39 @@ def _walk(
     start = torch.searchsorted(layers, torch.arange(L + 2, device=layers.device)).tolist()  # t: start[t]:start[t + 1]
     below = sources.starts[Pp]  # the cells of the sources below Pp; then the tokens, a zero cell
     cells = vectors.new_zeros(R, below + Pp + 1)  # the edges in cell layout
-    g = vectors.new_zeros(Pp, R, d)  # the gradient at the residual stream, walking down, by position
+    g = vectors.new_zeros(R, Pp, d)  # the gradient at the residual stream, walking down
     terms: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # rows of layer t -> their gradient as terms
     for l in range(L, -1, -1):
         if l < L and start[l + 1] < R:  # slot l: the rows with t > l meet the sources writing to mlp_out[l]
-            above = g[:, start[l + 1] :].transpose(0, 1)  # [R', P', d] (a view)
+            above = g[start[l + 1] :]  # [R', P', d] (a view)
             at_out = above if rep.mlp_post is None else rep.mlp_post[l].backward(above)
-            _contract(sources.writes[l][:Pp], at_out.transpose(0, 1), cells[start[l + 1] :])
+            _contract(sources.writes[l][:Pp], at_out, cells[start[l + 1] :])
             if rep.clt.W_skip is not None:
                 above += rep.skip_backward(l, above)
                 terms = {t: _skip_terms(rep, l, *tw) for t, tw in terms.items()}
         if start[l + 1] > start[l]:
             fresh = slice(start[l], start[l + 1])
-            g[pos[fresh], rows[fresh]] = vectors[fresh]
+            g[rows[fresh], pos[fresh]] = vectors[fresh]
             weights = vectors.new_zeros(1, start[l + 1] - start[l], Pp)
             weights[0, rows[fresh] - start[l], pos[fresh]] = 1.0
             terms[l] = (vectors[None, fresh], weights)
         if l == L or (l == 0 and embed_images is not None):
             continue
         _attention(rep, l, g, terms, start, backward_terms)
-    tokens = cells[:, below : below + Pp]
+    tokens = cells[:, below : below + Pp]  # zeros
     if embed_images is None:
-        tokens.copy_(torch.linalg.vecdot(g, rep.embed[:Pp, None]).T)
+        tokens.copy_(torch.linalg.vecdot(g, rep.embed[:Pp]))
     else:  # the images of the tokens k < Pp at resid_mid[0] of the positions q < Pp
-        images = embed_images[:Pp, : Pp * d].view(Pp, Pp, d).permute(1, 2, 0)  # [P'(query), d, P'(key)]
-        torch.sum(torch.bmm(g, images), 0, out=tokens)
+        tokens.addmm_(g.view(R, Pp * d), embed_images[:Pp, : Pp * d].T)
     return cells
 
 
 def _contract(writes: list[tuple[int, int, torch.Tensor]], g: torch.Tensor, cells: torch.Tensor) -> None:
     """Add the edges from the sources writing to one slot into the cells [R', n_cells] of rows whose
-    gradient there is g [P', R', d]: one product per position p, g[p] @ W_p, added in place
+    gradient there is g [R', P', d]: one product per position p, g[:, p] @ W_p, added in place
     (`SlotSources.writes`)."""
     for p, (a, b, W) in enumerate(writes):
-        cells[:, a:b].addmm_(g[p], W)
+        cells[:, a:b].addmm_(g[:, p], W)
 
 
 def _attention(
@@ -186,37 +185,37 @@ def _attention(
     start: list[int],
     backward_terms: bool,
 ) -> None:
-    """Add to g [P', R, d] (the gradient at resid_mid[l] of the rows from start[l] on) what passes back
+    """Add to g [R, P', d] (the gradient at resid_mid[l] of the rows from start[l] on) what passes back
     through the frozen attention of layer l: as terms for the groups in `terms` (rows of layer t,
     lowest t first) while that is cheaper than the dense pass, updating or dropping their terms;
     densely for the rest."""
-    Pp, dense = g.shape[0], start[l]  # the rows from `dense` on pass densely
+    Pp, dense = g.shape[1], start[l]  # the rows from `dense` on pass densely
     for t in sorted(terms):
         rows, J = slice(start[t], start[t + 1]), len(terms[t][0])
         if backward_terms and dense == start[t] and rep.terms_are_cheaper(J, Pp):
             images, mixed = _terms_backward(rep, l, *terms[t])
-            g[:, rows] += torch.bmm(mixed.permute(1, 2, 0), images.transpose(0, 1)).transpose(0, 1)
+            g[rows].baddbmm_(mixed.permute(1, 2, 0), images.transpose(0, 1))
             dense = start[t + 1]
             if rep.terms_are_cheaper(J + len(images), Pp):
                 terms[t] = (torch.cat([terms[t][0], images]), torch.cat([terms[t][1], mixed]))
                 continue
         del terms[t]
-    if dense < g.shape[1]:
-        _dense_backward(rep, l, g[:, dense:])
+    if dense < len(g):
+        _dense_backward(rep, l, g[dense:])
 
 
 def _dense_backward(rep: Replacement, l: int, g: torch.Tensor) -> None:
-    """Add to g [P', R', d] (by position, a view of rows R' of a larger gradient) what passes back
-    through the frozen attention of layer l: the projection onto every head as one product, the
-    mixing over positions per head at d_head (H times fewer multiply-adds than at d), the value
-    projection summing the heads (45 against 22 ms at 32 positions and 600 rows on one thread)."""
-    Pp, R, d = g.shape
+    """Add to g [R', P', d] (the last rows of a larger gradient) what passes back through the frozen
+    attention of layer l: the projection onto every head as one product, the mixing over positions
+    per head at d_head (H times fewer multiply-adds than at d), the value projection summing the
+    heads, added in place (45 against 22 ms at 32 positions and 600 rows on one thread)."""
+    R, Pp, d = g.shape
     H, dh = rep.W_O.shape[1], rep.W_O.shape[2]
-    u = (g.reshape(Pp * R, d) @ rep.back_O[l]).view(Pp, R, H, dh)  # [P'(query), R', H, d_head]
-    u = u.permute(2, 0, 1, 3).reshape(H, Pp, R * dh)
+    u = (g.view(R * Pp, d) @ rep.back_O[l]).view(R, Pp, H, dh)
+    u = u.permute(2, 1, 0, 3).reshape(H, Pp, R * dh)  # [H, P'(query), R' * d_head]
     mixed = torch.bmm(rep.back_mix[l, :, :Pp, :Pp], u)  # [H, P'(key), R' * d_head]
-    mixed = mixed.view(H, Pp, R, dh).permute(1, 2, 0, 3).reshape(Pp * R, H * dh)
-    g += (mixed @ rep.back_V[l]).view(Pp, R, d)
+    mixed = mixed.view(H, Pp, R, dh).permute(2, 1, 0, 3).reshape(R * Pp, H * dh)
+    g.view(R * Pp, d).addmm_(mixed, rep.back_V[l])
 
 
 def _terms_backward(
