@@ -149,7 +149,10 @@ def _walk(
         if l < L and start[l + 1] < R:  # slot l: the rows with t > l meet the sources writing to mlp_out[l]
             above = g[start[l + 1] :]  # [R', P', d] (a view)
             at_out = above if rep.mlp_post is None else rep.mlp_post[l].backward(above)
-            _contract(sources.writes[l][:Pp], at_out, cells[start[l + 1] :])
+            first = next(t for t in range(l + 1, L + 1) if start[t + 1] > start[t])  # the lowest layer among them
+            # their first rows at or after each position: those before see none of it (the lowest layer's only)
+            seeing = torch.searchsorted(pos[start[first] : start[first + 1]], torch.arange(Pp, device=pos.device))
+            _contract(sources.writes[l][:Pp], at_out, cells[start[l + 1] :], seeing.tolist())
             if rep.clt.W_skip is not None:
                 above += rep.skip_backward(l, above)
                 terms = {t: _skip_terms(rep, l, *tw) for t, tw in terms.items()}
@@ -175,12 +178,18 @@ def _walk(
     return cells
 
 
-def _contract(writes: list[tuple[int, int, torch.Tensor]], g: torch.Tensor, cells: torch.Tensor) -> None:
+def _contract(
+    writes: list[tuple[int, int, torch.Tensor]], g: torch.Tensor, cells: torch.Tensor, seeing: list[int]
+) -> None:
     """Add the edges from the sources writing to one slot into the cells [R', n_cells] of rows whose
-    gradient there is g [R', P', d]: one product per position p, g[:, p] @ W_p, added in place
-    (`SlotSources.writes`)."""
-    for p, (a, b, W) in enumerate(writes):
-        cells[:, a:b].addmm_(g[:, p], W)
+    gradient there is g [R', P', d]: one product per position p, g[r:, p] @ W_p, added in place
+    (`SlotSources.writes`), from the row r = seeing[p] on (the rows before, at positions < p, have a
+    zero gradient there: their cells stay zero)."""
+    for p, ((a, b, W), r) in enumerate(zip(writes, seeing, strict=True)):
+        if r:
+            cells[r:, a:b].addmm_(g[r:, p], W)
+        else:
+            cells[:, a:b].addmm_(g[:, p], W)
 
 
 def _attention(
