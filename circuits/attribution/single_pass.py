@@ -120,9 +120,8 @@ def feature_vectors(rep: Replacement) -> torch.Tensor:
     counts = torch.bincount(rep.features[:, 0], minlength=rep.n_layers).tolist()  # sorted: one run per layer
     pos, feature = rep.features[:, 1].split(counts), rep.features[:, 2].split(counts)
     W_enc = rep.clt.W_enc.detach()  # a layer's rows at a time: 3x faster than indexing [layer, feature]
-    return torch.cat([
-        rep.encoder_vectors(l, p, W_enc[l].index_select(0, f)) for l, (p, f) in enumerate(zip(pos, feature, strict=True))
-    ])  # fmt: skip
+    rows = [W_enc[l].index_select(0, f) for l, f in enumerate(feature)]
+    return torch.cat([rep.encoder_vectors(l, p, W) for l, (p, W) in enumerate(zip(pos, rows, strict=True))])
 
 
 def _walk(
