@@ -39,6 +39,8 @@ the rest is fixed costs and memory traffic), with the thread count and load aver
     python scripts/bench_attribution.py --short --fire-fraction 0.02 --lengths 8 16 32 --repeat 5 \
         --ct-batch-sizes 8 16 32 64 128
 
+(with `--ct-python ''` ours alone: the rows leave circuit-tracer's columns empty).
+
 `--long` instead attributes long prompts on a random model sized for a CPU machine (4 layers,
 d_model 256, 4 heads, n_ctx 4,096, written once into --long-dir with a CLT of 4 x 4,096 features
 whose thresholds let about 20 fire per layer and position), random words of --long-lengths tokens,
@@ -659,20 +661,23 @@ def bench_short(args) -> None:
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for n in args.lengths:
         ours, ours_path = _run(sys.executable, "ours", common + ["--length", str(n)], env)
-        ct_args = common + ["--tokens", json.dumps(ours["tokens"]), "--model-dir", str(DEMO_MODEL_DIR),
-                            "--transcoder-dir", str(transcoder_dir)]  # fmt: skip
-        runs = {b: _run(args.ct_python, "ct", [*ct_args, "--ct-batch-size", str(b)], ct_env)
-                for b in args.ct_batch_sizes}  # fmt: skip
-        best = min(runs, key=lambda b: runs[b][0]["seconds"])
-        ct, diff = runs[best][0], compare(ours_path, runs[best][1], ours["n_layers"], n)
-        cpu_best = min(r["cpu_seconds"] for r, _ in runs.values())
+        ct_time, ratio, ct_cpu, cpu_ratio, diff = "-", "-", "", "-", "-"  # with `--ct-python ''`: ours alone
+        if args.ct_python:
+            ct_args = common + ["--tokens", json.dumps(ours["tokens"]), "--model-dir", str(DEMO_MODEL_DIR),
+                                "--transcoder-dir", str(transcoder_dir)]  # fmt: skip
+            runs = {b: _run(args.ct_python, "ct", [*ct_args, "--ct-batch-size", str(b)], ct_env)
+                    for b in args.ct_batch_sizes}  # fmt: skip
+            best = min(runs, key=lambda b: runs[b][0]["seconds"])
+            ct = runs[best][0]
+            cpu_best = min(r["cpu_seconds"] for r, _ in runs.values())
+            ct_time, ratio = f"{ct['seconds'] * 1e3:.0f} ms ({best})", f"{ct['seconds'] / ours['seconds']:.1f}x"
+            ct_cpu, cpu_ratio = f" / {cpu_best * 1e3:.0f}", f"{cpu_best / ours['cpu_seconds']:.1f}x"
+            diff = f"{compare(ours_path, runs[best][1], ours['n_layers'], n):.1e}"
         load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-        print(f"| {n} | {ours['n_features']:,} | {ours['seconds'] * 1e3:.1f} ms "
-              f"| {ct['seconds'] * 1e3:.0f} ms ({best}) "
-              f"| {ct['seconds'] / ours['seconds']:.1f}x | {ours['cpu_seconds'] * 1e3:.1f} / {cpu_best * 1e3:.0f} ms "
-              f"| {cpu_best / ours['cpu_seconds']:.1f}x "
+        print(f"| {n} | {ours['n_features']:,} | {ours['seconds'] * 1e3:.1f} ms | {ct_time} | {ratio} "
+              f"| {ours['cpu_seconds'] * 1e3:.1f}{ct_cpu} ms | {cpu_ratio} "
               f"| {ours['flops'] / 1e9:.2f}, {ours['flops'] / ours['cpu_seconds'] / 1e9:.0f} "
-              f"| {args.threads} | {diff:.1e} | {load} |", flush=True)  # fmt: skip
+              f"| {args.threads} | {diff} | {load} |", flush=True)  # fmt: skip
 
 
 def main() -> None:

@@ -299,9 +299,12 @@ def node_inputs_and_bias(rep: Replacement, W_U: torch.Tensor, b_U: torch.Tensor,
     weights = torch.stack([t.weights for t in targets])  # [T, V]
     mid0, final0 = rep.linear_forward(with_sources=False)
     in0 = torch.stack([rep.clt_input(l, mid0[l]) for l in range(rep.n_layers)])  # [L, P, d] the inputs' constants
-    feat_bias = torch.cat([  # by 8,192 features: their encoder rows and inputs [8192, d] are temporaries
-        (W_enc[l, f] * in0[l, p]).sum(-1) for l, p, f in (part.T for part in rep.features.split(8192))
-    ]) + b_enc[layer, feature]  # fmt: skip
+    counts = torch.bincount(layer, minlength=rep.n_layers).tolist()  # sorted: one run per layer
+    feat_bias = torch.cat([  # a layer's rows at a time (3x faster than indexing [layer, feature]), by 8,192
+        torch.linalg.vecdot(W_enc[l].index_select(0, f), in0[l].index_select(0, p)) + b_enc[l].index_select(0, f)
+        for l, (ps, fs) in enumerate(zip(pos.split(counts), feature.split(counts), strict=True))
+        for p, f in zip(ps.split(8192), fs.split(8192), strict=True)
+    ])  # fmt: skip
     logit_bias = weights @ (rep.ln_final.forward(final0)[-1] @ W_U + b_U)
     return torch.cat([rep.pre_activations, weights @ rep.logits]), torch.cat([feat_bias, logit_bias])
 
