@@ -156,11 +156,12 @@ class _DenseJumpReLU(torch.autograd.Function):
         values = pre * active  # exact in pre's dtype
         low, high = threshold.double() - bandwidth / 2, threshold.double() + bandwidth / 2  # float64: exact for p
         window = torch.gt(pre, _at_most(low, mm), out=torch.empty_like(pre))  # |pre - threshold| < bandwidth / 2
-        window.mul_(torch.lt(pre, _at_least(high, mm), out=torch.empty_like(pre)))
+        upper = torch.lt(pre, _at_least(high, mm), out=torch.empty_like(pre))
+        window.mul_(upper)
         counts = _count_rows(active)
         scale = (c * norms.detach())[:, None]  # [F, 1]
         a = values.to(W.dtype)
-        t = torch.mul(a, scale).tanh_()
+        t = torch.mul(a, scale, out=upper if upper.dtype == a.dtype else None).tanh_()  # into upper once spent
         penalty = t.sum()
         sech2 = torch.addcmul(t.new_ones(()), t, t, value=-1, out=t)  # 1 - tanh^2
         penalty_norms = (a.mul_(sech2) if a is not values else a * sech2).sum(1)  # [F]: d penalty / d norm, over c
@@ -175,7 +176,7 @@ class _DenseJumpReLU(torch.autograd.Function):
         threshold, values, active, window, sech2, scale, penalty_norms, W_mm = ctx.saved_tensors
         g = grad_out.reshape(grad_out.shape[0], -1).to(W_mm.dtype)  # [n, T * d]
         grad_W = (values @ g).to(grad_out.dtype).view(ctx.shape)
-        grad_values = W_mm @ g.T  # [F, n]
+        grad_values = torch.mm(W_mm, g.T, out=values)  # [F, n], into the spent activations
         grad_values.addcmul_(sech2, (scale * grad_penalty).to(sech2.dtype))
         grad_threshold = window.mul_(grad_values).sum(1).to(threshold.dtype) * (-threshold / ctx.bandwidth)
         grad_norms = grad_penalty * ctx.c * penalty_norms
@@ -183,10 +184,13 @@ class _DenseJumpReLU(torch.autograd.Function):
 
 
 def _count_rows(mask: torch.Tensor) -> torch.Tensor:
-    """The ones in each row of a 0/1 [F, n], exactly, as float32 [F]: bfloat16 sums of at most 256
-    (integers up to 256 are exact there; a float32 sum of a bfloat16 tensor takes 3x as long)."""
-    whole = mask.shape[1] // 256 * 256
-    blocks = mask[:, :whole].unflatten(1, (-1, 256)).sum(2).float().sum(1)
+    """The ones in each row of a 0/1 [F, n], exactly, as float32 [F]: sums of at most as many ones as
+    are exact in mask's dtype (256 in bfloat16; a float32 sum of a bfloat16 tensor takes 3x as long)."""
+    exact = round(2 / torch.finfo(mask.dtype).eps)  # 2 ** (mantissa bits + 1)
+    if mask.shape[1] <= exact:
+        return mask.sum(1).float()
+    whole = mask.shape[1] // exact * exact
+    blocks = mask[:, :whole].unflatten(1, (-1, exact)).sum(2).float().sum(1)
     return blocks + mask[:, whole:].sum(1).float()
 
 
