@@ -1,10 +1,13 @@
 """The two contractions of a training step, each layer done dense or sparse by the density of its
 support on the batch (picked per layer and step from the pre-activations alone, so resume stays
 exact), and in the matmul dtype of the run's precision (float32, or bfloat16 with `precision =
-"bf16-mixed"`; activations, penalty, loss and gradients stay in the parameters' dtype):
+"bf16-mixed"`; the penalty, loss and parameter gradients stay in the parameters' dtype, and so do
+the activations except a dense JumpReLU layer's, exact in the matmul dtype):
 
-- `encode`: one layer's pre-activations [F, n] by one dense matmul (every feature's is needed to
-  know which are supported), then either the whole layer dense, or only its supported (feature,
+- `encode`: every layer's pre-activations [F, n] by one batched dense matmul, the bias as the
+  weight of an input of 1 (every feature's is needed to know which are supported; rounded once, as
+  addmm does, which took 2.5x as long as the product alone in bfloat16), then per layer either the
+  whole layer dense, or only its supported (feature,
   token) pairs, feature-major (`Support`), whose encoder gradient is one sparse [F, n] x [n, d]
   product;
 - a dense JumpReLU layer (`DenseJumpReLU`) computes its activations, penalty, decoding [n, F] x
@@ -136,17 +139,21 @@ class _DenseJumpReLU(torch.autograd.Function):
     straight-through threshold gradient, the two products in pre's dtype (the matmul dtype).
 
     Written out as one function on feature-major [F, n] tensors (pre's layout, and the decoder
-    gradient's when computed as W @ grad.T), every operation within one dtype and with the masks as
-    0/1 numbers written by the comparisons themselves: on one CPU thread an operation that reads or
-    writes a bool tensor or mixes two dtypes takes 4-10x as long as a plain one (a * mask 5.2 ms, a *
-    float_mask 0.8 ms, torch.where 7 ms at [1,024, 1,024]). Whatever is exact in the matmul dtype runs
-    there: the masks (pre against the bounds rounded as `_at_most` / `_at_least` do), the activations
-    pre * active, which the decoder product reads as they are, and the whole backward (the decoder's
-    gradient plus the penalty's, masked and summed), which in bf16-mixed rounds to bfloat16 once more
-    than the float32 sum did, as the encoder's bfloat16 product then reads it anyway; only the penalty
-    (tanh and its derivative) needs the parameters' dtype, in the forward. In bf16-mixed that halves the
-    bytes of 11 of the 17 passes over [F, n] and needs no cast of the gradient (1.15x faster fwd+bwd
-    of the 4 dense layers at F 1,024, L0 200 than the float32 passes with casts)."""
+    gradient's when computed as W @ grad.T), every operation within one dtype, with the masks as 0/1
+    numbers written by the comparisons themselves: on one CPU thread an operation that reads or writes
+    a bool tensor or mixes two dtypes takes 4-10x as long as a plain one (a * mask 5.2 ms, a *
+    float_mask 0.8 ms, torch.where 7 ms, bfloat16 * float32 5 ms at [1,024, 1,024]). What is exact in
+    the matmul dtype runs there: the masks (pre against its bounds rounded as `_at_most` and `_at_least`
+    do; the window's bounds computed in float64, where threshold -+ bandwidth / 2 rounds no bfloat16
+    or float32 pre across them), the activations pre * active, which the decoder product reads as they
+    are, and the whole backward: the decoder's gradient plus the penalty's, masked and summed, which in
+    bf16-mixed rounds the penalty's derivative to bfloat16 before the sum that the encoder's bfloat16
+    product then reads (the float32 sum was rounded there anyway). Only the penalty (tanh, its
+    derivative and its sum against the activations, for the norms' gradient) runs in the parameters'
+    dtype, in the forward. In bf16-mixed that makes 10 of the 16 passes over [F, n] bfloat16 ones and
+    drops the casts of pre, of the activations and of the gradient: the 4 dense layers' forward and
+    backward at F 1,024, L0 200 took 59 instead of 68 ms (median, load 1.4), a whole step ~10% less
+    (in-process A/B against the float32 passes, alternating steps, load 2.7-4)."""
 
     @staticmethod
     def forward(ctx, pre, threshold, norms, W, c: float, bandwidth: float):
@@ -154,7 +161,7 @@ class _DenseJumpReLU(torch.autograd.Function):
         W_mm = W.detach().flatten(1).to(mm)  # [F, T * d]
         active = torch.gt(pre, _at_most(threshold, mm), out=torch.empty_like(pre))  # [F, n] 0/1
         values = pre * active  # exact in pre's dtype
-        low, high = threshold.double() - bandwidth / 2, threshold.double() + bandwidth / 2  # float64: exact for p
+        low, high = threshold.double() - bandwidth / 2, threshold.double() + bandwidth / 2  # float64: see above
         window = torch.gt(pre, _at_most(low, mm), out=torch.empty_like(pre))  # |pre - threshold| < bandwidth / 2
         upper = torch.lt(pre, _at_least(high, mm), out=torch.empty_like(pre))
         window.mul_(upper)
@@ -231,8 +238,9 @@ def encode(clt, x: torch.Tensor, dtype: torch.dtype | None = None) -> list[Layer
     encoder's matmuls run in `dtype` (default: the parameters'), the activations in the parameters'."""
     dtype = dtype or clt.W_enc.dtype
     with torch.no_grad():
-        x_mm, W_mm, b_mm = x.to(dtype), clt.W_enc.to(dtype), clt.b_enc.to(dtype)
-        pre = [torch.addmm(b_mm[l, :, None], W_mm[l], x_mm[:, l].T) for l in range(x.shape[1])]  # [F, n]
+        W_mm = torch.cat([clt.W_enc, clt.b_enc[..., None]], -1).to(dtype)  # [L, F, d + 1]: the bias, an input of 1
+        x_mm = torch.cat([x, x.new_ones(*x.shape[:2], 1)], -1).to(dtype).permute(1, 2, 0).contiguous()  # [L, d + 1, n]
+        pre = torch.bmm(W_mm, x_mm).unbind(0)  # [F, n] each, rounded once as addmm's (1.5x as fast in bfloat16)
         supports = [_support(clt, p, l, dense_above(dtype)) for l, p in enumerate(pre)]
     values = _Encode.apply(clt.W_enc, clt.b_enc, x, pre, supports)
     return [_activate(clt, l, v, s) for l, (v, s) in enumerate(zip(values, supports, strict=True))]
