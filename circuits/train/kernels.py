@@ -1,12 +1,15 @@
 """The two contractions of a training step, each layer done dense or sparse by the density of its
 support on the batch (picked per layer and step from the pre-activations alone, so resume stays
 exact), and in the matmul dtype of the run's precision (float32, or bfloat16 with `precision =
-"bf16-mixed"`; activations, penalty, loss and gradients stay in the parameters' dtype):
+"bf16-mixed"`; the penalty, loss and parameter gradients stay in the parameters' dtype, and so do
+the activations except a dense JumpReLU layer's, exact in the matmul dtype):
 
-- `encode`: one layer's pre-activations [F, n] by one dense matmul (every feature's is needed to
-  know which are supported), then either the whole layer dense, or only its supported (feature,
-  token) pairs, feature-major (`Support`; found on a CPU by numpy, `_above` and `Support.of`: 12
-  instead of 40 ms a layer at F 8,192), whose encoder gradient is one sparse [F, n] x [n, d]
+- `encode`: every layer's pre-activations [F, n] by one batched dense matmul, the bias as the
+  weight of an input of 1 (every feature's is needed to know which are supported; rounded once, as
+  addmm does, which took 2.5x as long as the product alone in bfloat16), then per layer either the
+  whole layer dense, or only its supported (feature, token) pairs, feature-major (`Support`; found
+  on a CPU by numpy, `_above` and `Support.of`: 12 instead of 40 ms a layer at F 8,192), whose
+  encoder gradient is one sparse [F, n] x [n, d]
   product;
 - a dense JumpReLU layer (`DenseJumpReLU`) computes its activations, penalty, decoding [n, F] x
   [F, T * d] and their gradients in one function on feature-major [F, n] tensors (`_DenseJumpReLU`);
@@ -144,46 +147,69 @@ class DenseJumpReLU:
 class _DenseJumpReLU(torch.autograd.Function):
     """pre [F, n], threshold [F], decoder norms [F], decoders W [F, T, d] -> (the contribution [n, T, d],
     the penalty sum tanh(c * a * norm), [F] active tokens per feature) with a = JumpReLU(pre) and its
-    straight-through threshold gradient, the two products in pre's dtype, the rest in W's.
+    straight-through threshold gradient, the two products in pre's dtype (the matmul dtype).
 
     Written out as one function on feature-major [F, n] tensors (pre's layout, and the decoder
-    gradient's when computed as W @ grad.T), with the masks as 0/1 floats written by the comparisons
-    themselves: on one CPU thread an operation that reads a bool tensor or mixes two dtypes takes
-    4-10x as long as a float one (a * mask 5.2 ms, a * float_mask 0.8 ms, torch.where 7 ms at
-    [1,024, 1,024]). Autograd through JumpReLU, the penalty and `any` made about as many passes over
-    [n, F] (~20 a layer) but half of them of those slow kinds, on [n, F] views of [F, n] data; this
-    makes 17 plain float ones (four more, casts, in bf16-mixed) and reuses spent buffers."""
+    gradient's when computed as W @ grad.T), every operation within one dtype, with the masks as 0/1
+    numbers written by the comparisons themselves: on one CPU thread an operation that reads or writes
+    a bool tensor or mixes two dtypes takes 4-10x as long as a plain one (a * mask 5.2 ms, a *
+    float_mask 0.8 ms, torch.where 7 ms, bfloat16 * float32 5 ms at [1,024, 1,024]). What is exact in
+    the matmul dtype runs there: the masks (pre against its bounds rounded as `_at_most` and `_at_least`
+    do; the window's bounds computed in float64, where threshold -+ bandwidth / 2 rounds no bfloat16
+    or float32 pre across them), the activations pre * active, which the decoder product reads as they
+    are, and the whole backward: the decoder's gradient plus the penalty's, masked and summed, which in
+    bf16-mixed rounds the penalty's derivative to bfloat16 before the sum that the encoder's bfloat16
+    product then reads (the float32 sum was rounded there anyway). Only the penalty (tanh, its
+    derivative and its sum against the activations, for the norms' gradient) runs in the parameters'
+    dtype, in the forward. In bf16-mixed that makes 10 of the 16 passes over [F, n] bfloat16 ones and
+    drops the casts of pre, of the activations and of the gradient: the 4 dense layers' forward and
+    backward at F 1,024, L0 200 took 59 instead of 68 ms (median, load 1.4), a whole step ~10% less
+    (in-process A/B against the float32 passes, alternating steps, load 2.7-4)."""
 
     @staticmethod
     def forward(ctx, pre, threshold, norms, W, c: float, bandwidth: float):
-        W_mm, mm_pre = W.detach().flatten(1).to(pre.dtype), pre  # [F, T * d]
-        pre, threshold = pre.to(W.dtype), threshold.detach()[:, None]
-        window = torch.sub(pre, threshold).abs_()
-        torch.lt(window, bandwidth / 2, out=window)  # [F, n] 0/1: the threshold's straight-through window
-        active = torch.gt(pre, threshold, out=torch.empty_like(pre))  # [F, n] 0/1
-        values = pre * active if pre is mm_pre else pre.mul_(active)  # in place into the cast's copy, not the input
-        values_mm = values.to(W_mm.dtype)  # exactly: pre came from the matmul dtype
+        mm, threshold = pre.dtype, threshold.detach()
+        W_mm = W.detach().flatten(1).to(mm)  # [F, T * d]
+        active = torch.gt(pre, _at_most(threshold, mm), out=torch.empty_like(pre))  # [F, n] 0/1
+        values = pre * active  # exact in pre's dtype
+        low, high = threshold.double() - bandwidth / 2, threshold.double() + bandwidth / 2  # float64: see above
+        window = torch.gt(pre, _at_most(low, mm), out=torch.empty_like(pre))  # |pre - threshold| < bandwidth / 2
+        upper = torch.lt(pre, _at_least(high, mm), out=torch.empty_like(pre))
+        window.mul_(upper)
+        counts = _count_rows(active)
         scale = (c * norms.detach())[:, None]  # [F, 1]
-        t = torch.mul(values, scale).tanh_()
-        ctx.save_for_backward(threshold, values, values_mm, active, window, t, W_mm, scale)
+        a = values.to(W.dtype)
+        t = torch.mul(a, scale, out=upper if upper.dtype == a.dtype else None).tanh_()  # into upper once spent
+        penalty = t.sum()
+        sech2 = torch.addcmul(t.new_ones(()), t, t, value=-1, out=t)  # 1 - tanh^2
+        penalty_norms = (a.mul_(sech2) if a is not values else a * sech2).sum(1)  # [F]: d penalty / d norm, over c
+        ctx.save_for_backward(threshold, values, active, window, sech2.to(mm), scale, penalty_norms, W_mm)
         ctx.c, ctx.bandwidth, ctx.shape = c, bandwidth, W.shape
-        out = (values_mm.T @ W_mm).to(W.dtype).view(pre.shape[1], *W.shape[1:])
-        counts = active.sum(1)
+        out = (values.T @ W_mm).to(W.dtype).view(pre.shape[1], *W.shape[1:])
         ctx.mark_non_differentiable(counts)
-        return out, t.sum(), counts
+        return out, penalty, counts
 
     @staticmethod
     def backward(ctx, grad_out, grad_penalty, _):
-        threshold, values, values_mm, active, window, t, W_mm, scale = ctx.saved_tensors
+        threshold, values, active, window, sech2, scale, penalty_norms, W_mm = ctx.saved_tensors
         g = grad_out.reshape(grad_out.shape[0], -1).to(W_mm.dtype)  # [n, T * d]
-        grad_W = (values_mm @ g).to(grad_out.dtype).view(ctx.shape)
-        # in place wherever a buffer is spent: a fresh [F, n] costs its page faults, ~1 ms at F 1,024
-        sech2 = torch.addcmul(t.new_ones(()), t, t, value=-1, out=t)  # 1 - tanh^2
-        grad_norms = grad_penalty * ctx.c * values.mul_(sech2).sum(1)
-        grad_values = values.copy_(torch.mm(W_mm, g.T, out=values_mm))  # [F, n]
-        grad_values.addcmul_(sech2, scale * grad_penalty)
-        grad_threshold = window.mul_(grad_values).sum(1) * (-threshold[:, 0] / ctx.bandwidth)
+        grad_W = (values @ g).to(grad_out.dtype).view(ctx.shape)
+        grad_values = torch.mm(W_mm, g.T, out=values)  # [F, n], into the spent activations
+        grad_values.addcmul_(sech2, (scale * grad_penalty).to(sech2.dtype))
+        grad_threshold = window.mul_(grad_values).sum(1).to(threshold.dtype) * (-threshold / ctx.bandwidth)
+        grad_norms = grad_penalty * ctx.c * penalty_norms
         return grad_values.mul_(active), grad_threshold, grad_norms, grad_W, None, None
+
+
+def _count_rows(mask: torch.Tensor) -> torch.Tensor:
+    """The ones in each row of a 0/1 [F, n], exactly, as float32 [F]: sums of at most as many ones as
+    are exact in mask's dtype (256 in bfloat16; a float32 sum of a bfloat16 tensor takes 3x as long)."""
+    exact = round(2 / torch.finfo(mask.dtype).eps)  # 2 ** (mantissa bits + 1)
+    if mask.shape[1] <= exact:
+        return mask.sum(1).float()
+    whole = mask.shape[1] // exact * exact
+    blocks = mask[:, :whole].unflatten(1, (-1, exact)).sum(2).float().sum(1)
+    return blocks + mask[:, whole:].sum(1).float()
 
 
 class _Encode(torch.autograd.Function):
@@ -223,8 +249,9 @@ def encode(clt, x: torch.Tensor, dtype: torch.dtype | None = None) -> list[Layer
     encoder's matmuls run in `dtype` (default: the parameters'), the activations in the parameters'."""
     dtype = dtype or clt.W_enc.dtype
     with torch.no_grad():
-        x_mm, W_mm, b_mm = x.to(dtype), clt.W_enc.to(dtype), clt.b_enc.to(dtype)
-        pre = [torch.addmm(b_mm[l, :, None], W_mm[l], x_mm[:, l].T) for l in range(x.shape[1])]  # [F, n]
+        W_mm = torch.cat([clt.W_enc, clt.b_enc[..., None]], -1).to(dtype)  # [L, F, d + 1]: the bias, an input of 1
+        x_mm = torch.cat([x, x.new_ones(*x.shape[:2], 1)], -1).to(dtype).permute(1, 2, 0).contiguous()  # [L, d + 1, n]
+        pre = torch.bmm(W_mm, x_mm).unbind(0)  # [F, n] each, rounded once as addmm's (1.5x as fast in bfloat16)
         supports = [_support(clt, p, l, dense_above(dtype)) for l, p in enumerate(pre)]
     values = _Encode.apply(clt.W_enc, clt.b_enc, x, pre, supports)
     return [_activate(clt, l, v, s) for l, (v, s) in enumerate(zip(values, supports, strict=True))]
@@ -280,6 +307,14 @@ def _at_most(bound: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     rounded = bound.to(dtype)
     below = torch.nextafter(rounded, torch.full_like(rounded, -torch.inf))
     return torch.where(rounded.to(bound.dtype) > bound, below, rounded)[:, None]
+
+
+def _at_least(bound: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The smallest values of `dtype` >= bound [F], as [F, 1]: for p in `dtype`, p < bound exactly where
+    p < this."""
+    rounded = bound.to(dtype)
+    above = torch.nextafter(rounded, torch.full_like(rounded, torch.inf))
+    return torch.where(rounded.to(bound.dtype) < bound, above, rounded)[:, None]
 
 
 def _activate(clt, layer: int, pre: torch.Tensor, support: Support | None) -> LayerActs | DenseJumpReLU:

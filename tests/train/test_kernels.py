@@ -135,6 +135,22 @@ def test_the_support_is_torchs_comparison_and_nonzero(dtype):
     assert torch.equal(support.crow[1:], (pre > low).sum(1).cumsum(0))
 
 
+def test_a_bfloat16_upper_bound_compares_as_the_float64_one():
+    """The dense layer's window |pre - threshold| < bandwidth / 2 is pre against bounds computed in
+    float64 and rounded up (this one) or down to bfloat16."""
+    torch.manual_seed(0)
+    bound = torch.randn(200, dtype=torch.float64) * 0.3
+    pre = (bound[:, None] + torch.randn(200, 300, dtype=torch.float64) * 0.01).bfloat16()  # [F, n]
+    assert torch.equal(pre < kernels._at_least(bound, torch.bfloat16), pre.double() < bound[:, None])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n", [200, 256, 1_000])
+def test_active_tokens_are_counted_exactly(dtype, n):
+    mask = torch.rand(64, n) < 0.95  # rows of up to 1,000 ones: above 256, bfloat16 sums round
+    assert torch.equal(kernels._count_rows(mask.to(dtype)), mask.sum(1).float())
+
+
 def test_decoder_norms_have_autograds_gradient():
     torch.manual_seed(0)
     clt = CrossLayerTranscoder(CLTConfig(n_layers=3, d_model=8, n_features=16)).double()
