@@ -159,12 +159,12 @@ class _DenseJumpReLU(torch.autograd.Function):
     or float32 pre across them), the activations pre * active, which the decoder product reads as they
     are, and the whole backward: the decoder's gradient plus the penalty's, masked and summed, which in
     bf16-mixed rounds the penalty's derivative to bfloat16 before the sum that the encoder's bfloat16
-    product then reads (the float32 sum was rounded there anyway). Only the penalty (tanh, its
-    derivative and its sum against the activations, for the norms' gradient) runs in the parameters'
-    dtype, in the forward. In bf16-mixed that makes 10 of the 16 passes over [F, n] bfloat16 ones and
-    drops the casts of pre, of the activations and of the gradient: the 4 dense layers' forward and
-    backward at F 1,024, L0 200 took 59 instead of 68 ms (median, load 1.4), a whole step ~10% less
-    (in-process A/B against the float32 passes, alternating steps, load 2.7-4)."""
+    product then reads (the float32 sum was rounded there anyway), and the penalty's sum against the
+    activations for the norms' gradient (a bfloat16 sum: ~0.4% of that term). Only tanh and its
+    derivative run in the parameters' dtype, in the forward. In bf16-mixed 12 of the 16 passes over
+    [F, n] are bfloat16 ones, with 2 casts instead of 4: the 4 dense layers' forward and backward at
+    F 1,024, L0 200 took 59 instead of 68 ms (median, load 1.4), a whole step ~10% less (in-process A/B
+    against the float32 passes, alternating steps, load 1-7)."""
 
     @staticmethod
     def forward(ctx, pre, threshold, norms, W, c: float, bandwidth: float):
@@ -182,8 +182,7 @@ class _DenseJumpReLU(torch.autograd.Function):
         t = torch.mul(a, scale, out=upper if upper.dtype == a.dtype else None).tanh_()  # into upper once spent
         penalty = t.sum()
         sech2 = torch.addcmul(t.new_ones(()), t, t, value=-1, out=t)  # 1 - tanh^2
-        penalty_norms = (a.mul_(sech2) if a is not values else a * sech2).sum(1)  # [F]: d penalty / d norm, over c
-        ctx.save_for_backward(threshold, values, active, window, sech2.to(mm), scale, penalty_norms, W_mm)
+        ctx.save_for_backward(threshold, values, active, window, sech2.to(mm), scale, W_mm)
         ctx.c, ctx.bandwidth, ctx.shape = c, bandwidth, W.shape
         out = (values.T @ W_mm).to(W.dtype).view(pre.shape[1], *W.shape[1:])
         ctx.mark_non_differentiable(counts)
@@ -191,13 +190,13 @@ class _DenseJumpReLU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_penalty, _):
-        threshold, values, active, window, sech2, scale, penalty_norms, W_mm = ctx.saved_tensors
+        threshold, values, active, window, sech2, scale, W_mm = ctx.saved_tensors
         g = grad_out.reshape(grad_out.shape[0], -1).to(W_mm.dtype)  # [n, T * d]
         grad_W = (values @ g).to(grad_out.dtype).view(ctx.shape)
+        grad_norms = grad_penalty * ctx.c * values.mul_(sech2).sum(1).to(grad_out.dtype)  # in the spent activations
         grad_values = torch.mm(W_mm, g.T, out=values)  # [F, n], into the spent activations
         grad_values.addcmul_(sech2, (scale * grad_penalty).to(sech2.dtype))
         grad_threshold = window.mul_(grad_values).sum(1).to(threshold.dtype) * (-threshold / ctx.bandwidth)
-        grad_norms = grad_penalty * ctx.c * penalty_norms
         return grad_values.mul_(active), grad_threshold, grad_norms, grad_W, None, None
 
 
