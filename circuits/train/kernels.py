@@ -310,10 +310,8 @@ def _at_most(bound: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _at_least(bound: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The smallest values of `dtype` >= bound [F], as [F, 1]: for p in `dtype`, p < bound exactly where
-    p < this."""
-    rounded = bound.to(dtype)
-    above = torch.nextafter(rounded, torch.full_like(rounded, torch.inf))
-    return torch.where(rounded.to(bound.dtype) < bound, above, rounded)[:, None]
+    p < this: `_at_most` mirrored (negation and rounding to nearest are exact mirror images)."""
+    return -_at_most(-bound, dtype)
 
 
 def _activate(clt, layer: int, pre: torch.Tensor, support: Support | None) -> LayerActs | DenseJumpReLU:
