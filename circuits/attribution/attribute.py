@@ -34,6 +34,8 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from circuits.attribution.config import (
+    DECODER_ROWS_AT_ONCE,
+    EDGES_AT_ONCE,
     AttributionConfig,
     block_width,
     has_embedding_images,
@@ -223,7 +225,7 @@ class LayerBlocks(NamedTuple):
         positions: torch.Tensor,
         start: int,
         P: int,
-        chunk: int = 4096,
+        chunk: int = DECODER_ROWS_AT_ONCE,
     ) -> LayerBlocks:
         """Blocks of the features [n_s] of one source layer, with activations acts [n_s] at positions
         [n_s] (ascending), nodes from `start` on, `block_width` wide: their writes, decoder rows W_dec
@@ -294,12 +296,12 @@ def logit_vectors(rep: Replacement, W_U: torch.Tensor, targets: list[LogitTarget
 def node_inputs_and_bias(rep: Replacement, W_U: torch.Tensor, b_U: torch.Tensor, targets: list[LogitTarget]):
     """Inputs of the target nodes (feature pre-activations, then target logits) and their constant
     terms (from the linear model with every source zeroed): ([n + T], [n + T])."""
-    layer, pos, feature = rep.features.T
+    _, pos, feature = rep.features.T
     W_enc, b_enc = rep.clt.W_enc.detach(), rep.clt.b_enc.detach()
     weights = torch.stack([t.weights for t in targets])  # [T, V]
     mid0, final0 = rep.linear_forward(with_sources=False)
     in0 = torch.stack([rep.clt_input(l, mid0[l]) for l in range(rep.n_layers)])  # [L, P, d] the inputs' constants
-    counts = torch.bincount(layer, minlength=rep.n_layers).tolist()  # sorted: one run per layer
+    counts = rep.layer_counts()
     feat_bias = torch.cat([  # a layer's rows at a time (3x faster than indexing [layer, feature]), by 8,192
         torch.linalg.vecdot(W_enc[l].index_select(0, f), in0[l].index_select(0, p)) + b_enc[l].index_select(0, f)
         for l, (ps, fs) in enumerate(zip(pos.split(counts), feature.split(counts), strict=True))
@@ -548,7 +550,7 @@ class SparseRows:
         N = first_logit + len(logit_rows)
         return torch.sparse_coo_tensor(indices.cpu(), values.cpu(), (N, N), check_invariants=False, is_coalesced=True)
 
-    def _kept_edges(self, position: torch.Tensor, chunk: int = 2**18) -> list[tuple[torch.Tensor, ...]]:
+    def _kept_edges(self, position: torch.Tensor, chunk: int = EDGES_AT_ONCE) -> list[tuple[torch.Tensor, ...]]:
         """The kept edges between nodes of the graph, `position` [sources]: each source's node in the
         graph (-1: dropped), as parts (targets, sources, values) in the order of a coalesced matrix,
         by target then source (no copy to sort them afterwards); rows of about `chunk` edges at a

@@ -7,6 +7,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+DECODER_ROWS_AT_ONCE = 4096
+"""Features whose writes the contraction's blocks are made of at a time (`attribute.LayerBlocks.of`;
+`estimate` counts that temporary)."""
+EDGES_AT_ONCE = 2**18
+"""Kept edges a sparse graph is assembled from at a time (`attribute.SparseRows`; `estimate` counts
+those temporaries)."""
+
 
 @dataclass
 class AttributionConfig:

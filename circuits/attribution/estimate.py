@@ -40,6 +40,8 @@ import torch
 from transformer_lens import HookedTransformer
 
 from circuits.attribution.config import (
+    DECODER_ROWS_AT_ONCE,
+    EDGES_AT_ONCE,
     AttributionConfig,
     block_width,
     has_embedding_images,
@@ -168,7 +170,7 @@ def estimate(
     E = k * min(cfg.edges_per_row, S)
     if sparse:  # the kept edges (column, value); the graph's share of them in parts, then as COO arrays
         graph_edges = E * min(1.0, (k + (L + 1) * P + T) / S)
-        rows, assemble = 2 * E, 2 * E + int(8 * graph_edges) + 6 * 2**18
+        rows, assemble = 2 * E, 2 * E + int(8 * graph_edges) + 6 * EDGES_AT_ONCE
     else:
         N_kept = k + (L + 1) * P + T
         rows = (k + T) * S + (k * n if k < n else 0)
@@ -188,13 +190,13 @@ def _block_floats(
 ) -> tuple[int, int]:
     """The blocks of the features (`attribute.LayerBlocks`), `padded` rows of each source layer that
     writes to `written` layers, as floats: (their peak while laid out, what they hold from the logit
-    rows on). Each layer's blocks are made from the decoder, 4,096 features at a time, once that
+    rows on). Each layer's blocks are made from the decoder, DECODER_ROWS_AT_ONCE features at a time, once that
     layer's writes are dropped: the blocks of the layers up to it are held with the writes of those
     above. After the logit rows the blocks keep only the `below` layers under the last one."""
     n_s = [int(c.sum()) for c in counts]
     writes = [n * w * d for n, w in zip(n_s, written, strict=True)]
     blocks = [p * w * d for p, w in zip(padded, written, strict=True)]
-    chunk = [min(4096, n) * w * d for n, w in zip(n_s, written, strict=True)]
+    chunk = [min(DECODER_ROWS_AT_ONCE, n) * w * d for n, w in zip(n_s, written, strict=True)]
     peak = max(sum(blocks[: s + 1]) + sum(writes[s + 1 :]) + chunk[s] for s in range(len(n_s)))
     return peak, sum(p * b * d for p, b in zip(padded, below, strict=True))
 

@@ -76,6 +76,10 @@ class Replacement:
     def n_pos(self) -> int:
         return self.patterns.shape[-1]
 
+    def layer_counts(self) -> list[int]:
+        """The active features of each layer (`layer_counts`)."""
+        return layer_counts(self.features, self.n_layers)
+
     def attention_forward(self, layer: int, resid: torch.Tensor) -> torch.Tensor:
         """The frozen attention of `layer`: resid_pre [P, d] -> attention output [P, d] (biases included)."""
         x = self.ln1[layer].forward(resid)
@@ -246,11 +250,18 @@ def _rows_matmul(x: torch.Tensor, W: torch.Tensor, rows: torch.Tensor | None) ->
 def feature_writes(clt: CrossLayerTranscoder, features: torch.Tensor, acts: torch.Tensor) -> list[torch.Tensor]:
     """What the active features (features [n, 3] sorted, acts [n]) write: per source layer s, their
     `layer_writes` [n_s, T_s, d] (T_s: the layers s writes to)."""
-    counts = torch.bincount(features[:, 0], minlength=clt.cfg.n_layers).tolist()  # sorted: one run per layer
+    counts = layer_counts(features, clt.cfg.n_layers)
     return [
         layer_writes(W, f, a)
         for W, f, a in zip(clt.W_dec, features[:, 2].split(counts), acts.split(counts), strict=True)
     ]
+
+
+def layer_counts(features: torch.Tensor, n_layers: int) -> list[int]:
+    """The active features (features [n, 3] (layer, pos, feature), sorted) of each layer: the lengths
+    of their runs, to split them a layer at a time (indexing a layer's rows is ~3x faster than
+    indexing [layer, feature])."""
+    return torch.bincount(features[:, 0], minlength=n_layers).tolist()
 
 
 def layer_writes(W_dec: torch.Tensor, features: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:

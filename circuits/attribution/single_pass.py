@@ -117,7 +117,7 @@ def _write(out: list[torch.Tensor], n: int, rows: torch.Tensor, cells: torch.Ten
 def feature_vectors(rep: Replacement) -> torch.Tensor:
     """Each active feature's encoder row as a gradient at resid_mid of its layer [n, d] (folded
     through the frozen input norm where the transcoder reads after it)."""
-    counts = torch.bincount(rep.features[:, 0], minlength=rep.n_layers).tolist()  # sorted: one run per layer
+    counts = rep.layer_counts()
     pos, feature = rep.features[:, 1].split(counts), rep.features[:, 2].split(counts)
     W_enc = rep.clt.W_enc.detach()  # a layer's rows at a time: 3x faster than indexing [layer, feature]
     rows = [W_enc[l].index_select(0, f) for l, f in enumerate(feature)]
@@ -185,10 +185,7 @@ def _contract(
     (`SlotSources.writes`), from the row r = seeing[p] on (the rows before, at positions < p, have a
     zero gradient there: their cells stay zero)."""
     for p, ((a, b, W), r) in enumerate(zip(writes, seeing, strict=True)):
-        if r:
-            cells[r:, a:b].addmm_(g[r:, p], W)
-        else:
-            cells[:, a:b].addmm_(g[:, p], W)
+        cells[r:, a:b].addmm_(g[r:, p], W)
 
 
 def _attention(
