@@ -41,7 +41,16 @@ def atomic_directory(directory: Path) -> Iterator[Path]:
         directory.rename(old)
     tmp.rename(directory)
     for stale in directory.parent.glob(f".{glob.escape(directory.name)}.old.*"):  # ours, and any a killed swap left
-        shutil.rmtree(stale)
+        _remove_out_of_sight(stale, directory)
+
+
+def _remove_out_of_sight(stale: Path, directory: Path) -> None:
+    """Delete `stale` after renaming it to a temporary name (`.{name}.XXXXXXXX/old`): a process
+    killed while deleting leaves a half-deleted tree there, never under the `.old.*` name that
+    `surviving_directory` would resume from."""
+    trash = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    stale.rename(trash / "old")
+    shutil.rmtree(trash)
 
 
 def surviving_directory(directory: Path) -> Path:

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from circuits.demo.corpus import TWO_HOP_PROMPT
 from circuits.errors import CircuitsError
-from circuits.fileio import surviving_directory
+from circuits.fileio import atomic_directory, surviving_directory
 from circuits.text import TextSource, token_mask
 from circuits.train.activations import ActivationStream
 from circuits.train.config import TrainConfig, TranscoderConfig, load_recipe
@@ -213,6 +213,31 @@ def test_resume_after_sigkill_reaches_the_same_weights(tmp_path, precision):
     steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [10, 20, 30, 40]
     assert not list((tmp_path / "killed").glob(".checkpoint.old.*"))  # the next save removed it
+
+
+def test_a_kill_while_removing_the_previous_checkpoint_leaves_nothing_to_resume_from_by_mistake(tmp_path, monkeypatch):
+    """CI caught this: SIGKILL landed while a save deleted `.checkpoint.old.PID`; the half-deleted
+    tree, newer than any other, was what `surviving_directory` chose once the checkpoint was gone."""
+    directory = tmp_path / "checkpoint"
+
+    def save(step: int) -> None:
+        with atomic_directory(directory) as tmp:
+            (tmp / "state.json").write_text(json.dumps({"step": step}))
+            (tmp / "weights").write_bytes(b"x" * 100)
+
+    def killed(path, *args, **kwargs):  # deletes one file, then the process dies
+        next(p for p in Path(path).rglob("*") if p.is_file()).unlink()
+        raise KeyboardInterrupt
+
+    save(5)
+    save(10)
+    monkeypatch.setattr("circuits.fileio.shutil.rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save(15)
+    monkeypatch.undo()
+    directory.rename(directory.with_name(".checkpoint.old.1"))  # a later kill between the two renames of a save
+    survivor = surviving_directory(directory)
+    assert json.loads((survivor / "state.json").read_text())["step"] == 15
 
 
 @pytest.mark.slow
