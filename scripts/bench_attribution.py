@@ -717,7 +717,7 @@ def main() -> None:
     )
     parser.add_argument("--repeat", type=int, default=2, help="best of this many runs (both implementations)")
     parser.add_argument("--ours-repeat", type=int, default=30,
-                        help="--short: ours runs this many times at least (it is cheap; the VM's speed drifts)")  # fmt: skip
+                        help="--short: ours runs this many times at least (cheap; the VM's speed drifts)")  # fmt: skip
     parser.add_argument("--sample", type=int, default=8, help="rows checked against autograd per length")
     parser.add_argument("--load", action="store_true", help="benchmark loading a transcoder instead (see above)")
     parser.add_argument("--load-dir", default=None, help="where the --load stand-in CLT is (written if absent)")

@@ -336,43 +336,52 @@ def attribute(
     if model.W_U.device != torch.device(device):
         model, transcoder = model.to(device, print_details=False), transcoder.to(device)
     tokens = prompt_tokens(model, prompt)[0]  # [pos]
-    rep = build_replacement(model, transcoder, tokens, torch_dtype)
-    W_U, b_U = model.W_U.detach().to(torch_dtype), model.b_U.detach().to(torch_dtype)
-    cap = model.cfg.output_logits_soft_cap  # the targets are the logits before it, their probabilities after
-    logits = rep.logits if cap <= 0 else cap * torch.tanh(rep.logits / cap)
-    logit_targets = resolve_targets(model, logits, cfg.targets, cfg.target_probability, cfg.max_targets)
-    sources = Sources(rep, cfg)
-    n, L, P = sources.n_features, rep.n_layers, rep.n_pos
-    log.info("%d tokens, %d active features, %d targets", P, n, len(logit_targets))
+    # no version counters or view records: a short prompt is thousands of small operations (6-8% of
+    # its time); the graph is assembled after, so that every tensor it holds is a normal one
+    with torch.inference_mode():
+        rep = build_replacement(model, transcoder, tokens, torch_dtype)
+        W_U, b_U = model.W_U.detach().to(torch_dtype), model.b_U.detach().to(torch_dtype)
+        cap = model.cfg.output_logits_soft_cap  # the targets are the logits before it, their probabilities after
+        logits = rep.logits if cap <= 0 else cap * torch.tanh(rep.logits / cap)
+        logit_targets = resolve_targets(model, logits, cfg.targets, cfg.target_probability, cfg.max_targets)
+        sources = Sources(rep, cfg)
+        n, L, P = sources.n_features, rep.n_layers, rep.n_pos
+        log.info("%d tokens, %d active features, %d targets", P, n, len(logit_targets))
 
-    T, N = len(logit_targets), sources.n + len(logit_targets)
-    cap = n if cfg.max_feature_nodes is None else min(cfg.max_feature_nodes, n)
-    if cap < n:
-        log.info("keeping the %d most influential of %d active features (max_feature_nodes)", cap, n)
-    vectors, last = logit_vectors(rep, W_U, logit_targets), torch.full((T,), P - 1, device=device)
-    sparse = sparse_graph(cap, T, sources.n, cfg)
-    one_pass = not sparse and cap == n and cfg.batch_size is None
-    if sparse:
-        log.info("sparse graph: each feature row keeps its %d largest edges (edges_per_row)", cfg.edges_per_row)
-        store: DenseRows | SparseRows = SparseRows(sources, cfg.edges_per_row, cap)
-        logit_rows = sources.rows(L, last, vectors)  # [T, sources]
-    else:
-        adjacency = untouched_zeros(N, N, dtype=torch_dtype, device=device, huge_pages=one_pass)  # one pass: every row
-        store = DenseRows(adjacency, sources, cap)
-        logit_rows = store.adjacency[sources.n :, : sources.n]
-        if not one_pass:
-            sources.rows(L, last, vectors, out=logit_rows)
-    if one_pass:  # every row in one walk (fewer, larger operations)
-        rows = [store.adjacency[:n], store.adjacency[sources.n :]]  # whole rows: contiguous
-        every_row(rep, vectors, rows, sources.embed_images, cfg.backward_terms, cfg.work_floats, cfg.single_pass_span)
-        selected = torch.arange(n, device=device)
-    else:
-        sources.drop_last_layer_writes()  # the logit rows are done
-        selected = _feature_rows(sources, store, logit_rows, logit_targets, cap, cfg, progress)
-        if not cfg.inhibited:  # no more rows: the blocks go before the graph is assembled
-            del sources.by_layer  # (laid out again they would fail: the writes are gone)
+        T, N = len(logit_targets), sources.n + len(logit_targets)
+        cap = n if cfg.max_feature_nodes is None else min(cfg.max_feature_nodes, n)
+        if cap < n:
+            log.info("keeping the %d most influential of %d active features (max_feature_nodes)", cap, n)
+        vectors, last = logit_vectors(rep, W_U, logit_targets), torch.full((T,), P - 1, device=device)
+        sparse = sparse_graph(cap, T, sources.n, cfg)
+        one_pass = not sparse and cap == n and cfg.batch_size is None
+        if sparse:
+            log.info("sparse graph: each feature row keeps its %d largest edges (edges_per_row)", cfg.edges_per_row)
+            store: DenseRows | SparseRows = SparseRows(sources, cfg.edges_per_row, cap)
+            logit_rows = sources.rows(L, last, vectors)  # [T, sources]
+        else:
+            with torch.inference_mode(False):  # a normal tensor, the graph's own, written in place below
+                # in huge pages for one pass, which writes every row
+                adjacency = untouched_zeros(N, N, dtype=torch_dtype, device=device, huge_pages=one_pass)
+            store = DenseRows(adjacency, sources, cap)
+            logit_rows = store.adjacency[sources.n :, : sources.n]
+            if not one_pass:
+                sources.rows(L, last, vectors, out=logit_rows)
+        if one_pass:  # every row in one walk (fewer, larger operations)
+            rows = [store.adjacency[:n], store.adjacency[sources.n :]]  # whole rows: contiguous
+            every_row(rep, vectors, rows, sources.embed_images, cfg.backward_terms, cfg.work_floats,
+                      cfg.single_pass_span)  # fmt: skip
+            selected = torch.arange(n, device=device)
+        else:
+            sources.drop_last_layer_writes()  # the logit rows are done
+            selected = _feature_rows(sources, store, logit_rows, logit_targets, cap, cfg, progress)
+            if not cfg.inhibited:  # no more rows: the blocks go before the graph is assembled
+                del sources.by_layer  # (laid out again they would fail: the writes are gone)
+        inputs, bias = node_inputs_and_bias(rep, W_U, b_U, logit_targets)
+        inhibited = []
+        if cfg.inhibited:
+            inhibited = inhibited_features(sources, selected, cfg.inhibited, batch_size(sources, cfg, L))
     adjacency = store.graph_adjacency(selected, logit_rows)
-    inputs, bias = node_inputs_and_bias(rep, W_U, b_U, logit_targets)
     return Graph(
         prompt=prompt,
         tokens=tokens.cpu(),
@@ -393,9 +402,7 @@ def attribute(
             "model_processing": weight_processing(model),
             "transcoder": _transcoder_record(transcoder.cfg),
         },  # fmt: skip
-        inhibited=inhibited_features(sources, selected, cfg.inhibited, batch_size(sources, cfg, L))
-        if cfg.inhibited
-        else [],
+        inhibited=inhibited,
     )
 
 
