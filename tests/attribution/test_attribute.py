@@ -298,6 +298,26 @@ def test_every_way_through_the_backward_pass_gives_the_same_graph(demo_model, de
     assert _identity_error(same(backward_terms=False, embedding_image_floats=0)).max() <= 1e-5
 
 
+@pytest.mark.parametrize(
+    "overrides", [{}, {"batch_size": 16}, {"max_feature_nodes": 40}, {"dense_floats": 1000}, {"inhibited": 2}]
+)
+def test_a_graph_holds_normal_tensors(demo_model, demo_clt, overrides):
+    """The attribution runs in inference mode; the graph it returns holds normal tensors (one pass,
+    batched, capped, sparse), which can be changed in place and take part in autograd."""
+    graph = attribute(FLAGSHIP, demo_model, demo_clt, progress=False, **overrides)
+    tensors = {k: v for k, v in vars(graph).items() if isinstance(v, torch.Tensor)}
+    assert {"adjacency", "features", "activations", "inputs", "bias", "tokens"} <= tensors.keys()
+    for name, t in tensors.items():
+        parts = [t._indices(), t._values()] if t.is_sparse else [t]
+        assert not any(part.is_inference() for part in parts), name
+    values = graph.adjacency._values() if graph.adjacency.is_sparse else graph.adjacency
+    values.mul_(1.0)
+    weight = torch.ones((), requires_grad=True)
+    (graph.activations * weight).sum().backward()
+    assert weight.grad == graph.activations.sum()
+    assert not demo_clt.W_enc.is_inference() and not demo_model.W_U.is_inference()
+
+
 def test_named_and_difference_targets(demo_model, demo_clt):
     graph = attribute(
         FLAGSHIP, demo_model, demo_clt, targets=["Austin", "Springfield", "Austin-Springfield"], progress=False
