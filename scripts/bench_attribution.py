@@ -35,9 +35,9 @@ best time and the peak RSS growth over the process's baseline after imports (the
 time (on a shared machine the CPU time leaves out the waits for a core), best of --repeat warm runs for
 circuit-tracer and of --ours-repeat (default 30) for ours, which is cheap (this VM's speed drifts by up to 2x
 within seconds even when it is idle: a best of few runs of ours lands in a slow spell), the median CPU times
-beside them, our FLOPs (torch's FlopCounterMode:
-the products) and their rate over our CPU time (far below the ~90 GFLOP/s one core reaches on large products:
-the rest is fixed costs and memory traffic), with the thread count and load average:
+beside them, our FLOPs (torch's FlopCounterMode: the products) and their rate over our CPU time (far below the
+~90 GFLOP/s one core reaches on large products: the rest is fixed costs and memory traffic), with the thread
+count and load average:
 
     python scripts/bench_attribution.py --short --fire-fraction 0.02 --lengths 8 16 32 --repeat 5 \
         --ct-batch-sizes 8 16 32 64 128
