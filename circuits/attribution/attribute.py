@@ -336,8 +336,8 @@ def attribute(
     if model.W_U.device != torch.device(device):
         model, transcoder = model.to(device, print_details=False), transcoder.to(device)
     tokens = prompt_tokens(model, prompt)[0]  # [pos]
-    # no version counters or view records: a short prompt is thousands of small operations (6-8% of
-    # its time); the graph is assembled after, so that every tensor it holds is a normal one
+    # no version counters or view records: a short prompt is thousands of small operations (4 to 10%
+    # of its time); the graph is assembled after, so that every tensor it holds is a normal one
     with torch.inference_mode():
         rep = build_replacement(model, transcoder, tokens, torch_dtype)
         W_U, b_U = model.W_U.detach().to(torch_dtype), model.b_U.detach().to(torch_dtype)
