@@ -762,7 +762,7 @@ def main() -> None:
         args.transcoder = str(with_fire_fraction(args.transcoder, args.fire_fraction))
     transcoder_dir = DEMO_CLT_DIR if args.transcoder == "demo" else Path(args.transcoder).resolve()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "HF_HUB_OFFLINE": "1"}
-    common = ["--transcoder", str(args.transcoder), "--threads", str(args.threads)]
+    common = ["--transcoder", str(args.transcoder), "--threads", str(args.threads), "--repeat", str(args.repeat)]
     ours_args = common + (["--batch-size", str(args.batch_size)] if args.batch_size else [])
     print(f"threads={args.threads} transcoder={transcoder_dir} batch size: ours {args.batch_size or 'automatic'}, "
           f"circuit-tracer {args.ct_batch_sizes}")  # fmt: skip

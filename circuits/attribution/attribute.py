@@ -345,38 +345,10 @@ def attribute(
         logits = rep.logits if cap <= 0 else cap * torch.tanh(rep.logits / cap)
         logit_targets = resolve_targets(model, logits, cfg.targets, cfg.target_probability, cfg.max_targets)
         sources = Sources(rep, cfg)
-        n, L, P = sources.n_features, rep.n_layers, rep.n_pos
-        log.info("%d tokens, %d active features, %d targets", P, n, len(logit_targets))
-
-        T, N = len(logit_targets), sources.n + len(logit_targets)
-        cap = n if cfg.max_feature_nodes is None else min(cfg.max_feature_nodes, n)
-        if cap < n:
-            log.info("keeping the %d most influential of %d active features (max_feature_nodes)", cap, n)
-        vectors, last = logit_vectors(rep, W_U, logit_targets), torch.full((T,), P - 1, device=device)
-        sparse = sparse_graph(cap, T, sources.n, cfg)
-        one_pass = not sparse and cap == n and cfg.batch_size is None
-        if sparse:
-            log.info("sparse graph: each feature row keeps its %d largest edges (edges_per_row)", cfg.edges_per_row)
-            store: DenseRows | SparseRows = SparseRows(sources, cfg.edges_per_row, cap)
-            logit_rows = sources.rows(L, last, vectors)  # [T, sources]
-        else:
-            with torch.inference_mode(False):  # a normal tensor, the graph's own, written in place below
-                # in huge pages for one pass, which writes every row
-                adjacency = untouched_zeros(N, N, dtype=torch_dtype, device=device, huge_pages=one_pass)
-            store = DenseRows(adjacency, sources, cap)
-            logit_rows = store.adjacency[sources.n :, : sources.n]
-            if not one_pass:
-                sources.rows(L, last, vectors, out=logit_rows)
-        if one_pass:  # every row in one walk (fewer, larger operations)
-            rows = [store.adjacency[:n], store.adjacency[sources.n :]]  # whole rows: contiguous
-            every_row(rep, vectors, rows, sources.embed_images, cfg.backward_terms, cfg.work_floats,
-                      cfg.single_pass_span)  # fmt: skip
-            selected = torch.arange(n, device=device)
-        else:
-            sources.drop_last_layer_writes()  # the logit rows are done
-            selected = _feature_rows(sources, store, logit_rows, logit_targets, cap, cfg, progress)
-            if not cfg.inhibited:  # no more rows: the blocks go before the graph is assembled
-                del sources.by_layer  # (laid out again they would fail: the writes are gone)
+        n, L = sources.n_features, rep.n_layers
+        log.info("%d tokens, %d active features, %d targets", rep.n_pos, n, len(logit_targets))
+        vectors = logit_vectors(rep, W_U, logit_targets)  # [T, d]
+        store, logit_rows, selected = _rows(rep, sources, vectors, logit_targets, cfg, progress)
         inputs, bias = node_inputs_and_bias(rep, W_U, b_U, logit_targets)
         inhibited = []
         if cfg.inhibited:
@@ -404,6 +376,47 @@ def attribute(
         },  # fmt: skip
         inhibited=inhibited,
     )
+
+
+def _rows(
+    rep: Replacement,
+    sources: Sources,
+    vectors: torch.Tensor,
+    logit_targets: list[LogitTarget],
+    cfg: AttributionConfig,
+    progress: bool,
+) -> tuple[DenseRows | SparseRows, torch.Tensor, torch.Tensor]:
+    """The graph's rows (the store holding them, the logit rows [T, sources], the selected features):
+    a small dense graph with every feature kept in one walk, the others by batches of rows."""
+    n, L, P, device = sources.n_features, rep.n_layers, rep.n_pos, vectors.device
+    T, N = len(logit_targets), sources.n + len(logit_targets)
+    cap = n if cfg.max_feature_nodes is None else min(cfg.max_feature_nodes, n)
+    if cap < n:
+        log.info("keeping the %d most influential of %d active features (max_feature_nodes)", cap, n)
+    last = torch.full((T,), P - 1, device=device)
+    sparse = sparse_graph(cap, T, sources.n, cfg)
+    one_pass = not sparse and cap == n and cfg.batch_size is None
+    if sparse:
+        log.info("sparse graph: each feature row keeps its %d largest edges (edges_per_row)", cfg.edges_per_row)
+        store: DenseRows | SparseRows = SparseRows(sources, cfg.edges_per_row, cap)
+        logit_rows = sources.rows(L, last, vectors)  # [T, sources]
+    else:
+        with torch.inference_mode(False):  # a normal tensor, the graph's own, written in place below
+            # in huge pages for one pass, which writes every row
+            adjacency = untouched_zeros(N, N, dtype=vectors.dtype, device=device, huge_pages=one_pass)
+        store = DenseRows(adjacency, sources, cap)
+        logit_rows = store.adjacency[sources.n :, : sources.n]
+        if not one_pass:
+            sources.rows(L, last, vectors, out=logit_rows)
+    if one_pass:  # every row in one walk (fewer, larger operations)
+        rows = [store.adjacency[:n], store.adjacency[sources.n :]]  # whole rows: contiguous
+        every_row(rep, vectors, rows, sources.embed_images, cfg.backward_terms, cfg.work_floats, cfg.single_pass_span)
+        return store, logit_rows, torch.arange(n, device=device)
+    sources.drop_last_layer_writes()  # the logit rows are done
+    selected = _feature_rows(sources, store, logit_rows, logit_targets, cap, cfg, progress)
+    if not cfg.inhibited:  # no more rows: the blocks go before the graph is assembled
+        del sources.by_layer  # (laid out again they would fail: the writes are gone)
+    return store, logit_rows, selected
 
 
 def _transcoder_record(cfg: CLTConfig) -> dict:
