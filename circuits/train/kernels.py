@@ -36,13 +36,13 @@ JumpReLU layer includes the threshold's straight-through window (5-15% more pair
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-
-from circuits.transcoders.clt import JumpReLU
+from torch.nn.functional import embedding_bag
 
 DENSE_ABOVE = 0.08
 """Supported fraction of [n, F] above which a layer's contractions are dense matmuls (float32)."""
@@ -77,17 +77,69 @@ class Support:
         crow[1:] = torch.bincount(feature, minlength=n_features).cumsum(0)
         return cls(feature, token, crow, n_tokens)
 
+    def gather(self, dense: torch.Tensor) -> torch.Tensor:
+        """The entries of a [F, n] tensor at the pairs: [nnz]."""
+        return dense.reshape(-1).index_select(0, self.feature * self.n_tokens + self.token)
+
+    def split(self, keep: torch.Tensor) -> tuple[Support, Support, torch.Tensor]:
+        """(the pairs where `keep` [nnz] bool is set, the others, the kept ones' places [nnz_kept])."""
+        kept = _nonzero(keep)
+        return self._at(kept), self._at(_nonzero(~keep)), kept
+
+    def _at(self, places: torch.Tensor) -> Support:
+        feature, token = self.feature.index_select(0, places), self.token.index_select(0, places)
+        return Support.of_pairs(feature, token, len(self.crow) - 1, self.n_tokens)
+
+    @functools.cached_property
+    def by_token(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The pairs sorted by token, then feature: (the order [nnz], their features [nnz], where each
+        token's run starts [n]). On a CPU by numpy's stable argsort of 16-bit tokens (a radix sort)."""
+        if self.token.device.type == "cpu":
+            small = np.int16 if self.n_tokens <= 2**15 else np.int64
+            order = torch.from_numpy(np.argsort(self.token.numpy().astype(small), kind="stable"))
+        else:
+            order = torch.sort(self.token, stable=True).indices
+        starts = self.token.new_zeros(self.n_tokens)
+        starts[1:] = torch.bincount(self.token, minlength=self.n_tokens)[:-1].cumsum(0)
+        return order, self.feature.index_select(0, order), starts
+
     def csr(self, values: torch.Tensor) -> torch.Tensor:
         """The sparse CSR [F, n] matrix with `values` [nnz] at the pairs."""
         shape = (len(self.crow) - 1, self.n_tokens)
-        with warnings.catch_warnings():  # "sparse CSR support is in beta": the three products used here are not
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": the sampled product used here is not
             warnings.simplefilter("ignore")
             return torch.sparse_csr_tensor(self.crow, self.token, values, shape, check_invariants=False)
 
-    def rows(self, values: torch.Tensor) -> torch.Tensor:
-        """The sparse COO [n, F] matrix with `values` [nnz] at the pairs."""
-        indices = torch.stack([self.token, self.feature])
-        return torch.sparse_coo_tensor(indices, values, (self.n_tokens, len(self.crow) - 1), check_invariants=False)
+    def spread(self, values: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+        """sum over the pairs of values [nnz] * W[feature] [F, D] in each pair's token row: [n, D]. An
+        embedding bag over the pairs in token order (the product [n, F] x [F, D] at the pairs)."""
+        order, feature, starts = self.by_token
+        return embedding_bag(feature, W, starts, mode="sum", per_sample_weights=values.index_select(0, order))
+
+    def collect(self, values: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """sum over the pairs of values [nnz] * g[token] [n, D] in each pair's feature row: [F, D]. An
+        embedding bag over the pairs in feature order (the product [F, n] x [n, D] at the pairs)."""
+        return embedding_bag(self.token, g, self.crow[:-1], mode="sum", per_sample_weights=values)
+
+    def sampled(self, W: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """W[feature] . g[token] at the pairs, from W [F, D] and g [n, D]: [nnz] (the product [F, D] x
+        [D, n] at the pairs only)."""
+        pattern = self.csr(W.new_zeros(len(self.feature)))
+        return torch.sparse.sampled_addmm(pattern, W, g.T, beta=0).values()
+
+
+@dataclass
+class Pairs:
+    """A sparse layer's pairs on a batch: `values` [nnz], the pre-activations (in the parameters' dtype)
+    at `support`, where its activations and the encoder's gradient live. For JumpReLU, `support` holds
+    the active pairs only; `window` the inactive ones inside the threshold's straight-through window
+    (activation 0: only the threshold's gradient reads them) and `near` [nnz] bool the active ones
+    inside it (their places in `support`)."""
+
+    values: torch.Tensor
+    support: Support
+    window: Support | None = None
+    near: torch.Tensor | None = None  # [k] long
 
 
 @dataclass
@@ -102,9 +154,8 @@ class LayerTerms:
 
 @dataclass
 class LayerActs:
-    """One source layer's activations on a batch of n tokens: dense `values` [n, F] (support None),
-    or `values` [nnz] at `support`: every active feature plus, for JumpReLU, the inactive ones inside
-    the threshold's straight-through window (activation 0, the threshold's gradient is read there)."""
+    """One ReLU or TopK layer's activations on a batch of n tokens: dense `values` [n, F] (support
+    None), or `values` [nnz] at `support` (ReLU: pre > 0; TopK: each token's top k)."""
 
     values: torch.Tensor
     support: Support | None
@@ -211,27 +262,79 @@ def _count_rows(mask: torch.Tensor) -> torch.Tensor:
     return blocks + mask[:, whole:].sum(1).float()
 
 
+@dataclass
+class SparseJumpReLU:
+    """A sparse JumpReLU layer: its active pre-activations (`Pairs.values`, which are its activations)
+    and the pairs, whose penalty and decoding `_SparseJumpReLU` computes in one function."""
+
+    values: torch.Tensor  # [nnz] at pairs.support
+    pairs: Pairs
+    threshold: torch.Tensor  # [F]
+    bandwidth: float
+
+    def terms(self, W: torch.Tensor, norms: torch.Tensor, c: float, dtype: torch.dtype) -> LayerTerms:
+        """Its terms with decoders W [F, T, d] of norms [F], the decoder's products in `dtype`."""
+        s, args = self.pairs.support, (self.threshold, norms, W, c, self.bandwidth, self.pairs, dtype)
+        out, penalty = _SparseJumpReLU.apply(self.values, *args)
+        return LayerTerms(out, penalty, s.crow.diff() > 0, torch.tensor(len(s.feature)))
+
+
+class _SparseJumpReLU(torch.autograd.Function):
+    """values a [nnz] at the active pairs, threshold [F], decoder norms [F], decoders W [F, T, d] -> (the
+    contribution [n, T, d], the penalty sum tanh(c * a * norm)), with the straight-through threshold
+    gradient read at the active pairs inside the window and at the inactive ones there (`Pairs.window`).
+    The decoder's products (`Support.spread`, `Support.collect`) run in `dtype`, over the active pairs
+    only; the activations' gradient (`Support.sampled`) in W's dtype, at the active and window pairs."""
+
+    @staticmethod
+    def forward(ctx, values, threshold, norms, W, c: float, bandwidth: float, pairs: Pairs, dtype: torch.dtype):
+        s, values, norms, W_flat = pairs.support, values.detach(), norms.detach(), W.detach().flatten(1)
+        W_mm = W_flat.to(dtype)
+        out = s.spread(values.to(dtype), W_mm).to(W.dtype).view(s.n_tokens, *W.shape[1:])
+        scale = c * norms.index_select(0, s.feature)  # [nnz]
+        t = torch.tanh(values * scale)
+        sech2 = 1 - t * t
+        ctx.save_for_backward(values, threshold.detach(), norms, scale, sech2, W_flat, W_mm)
+        ctx.c, ctx.bandwidth, ctx.pairs, ctx.shape = c, bandwidth, pairs, W.shape
+        return out, t.sum()
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_penalty):
+        values, threshold, norms, scale, sech2, W_flat, W_mm = ctx.saved_tensors
+        s, window, near = ctx.pairs.support, ctx.pairs.window, ctx.pairs.near
+        g = grad_out.reshape(grad_out.shape[0], -1)  # [n, T * d]
+        grad_W = s.collect(values.to(W_mm.dtype), g.to(W_mm.dtype)).to(g.dtype).view(ctx.shape)
+        grad_norms = norms.new_zeros(len(norms)).index_add_(0, s.feature, values * sech2) * (ctx.c * grad_penalty)
+        grad_values = s.sampled(W_flat, g) + grad_penalty * scale * sech2
+        grad_window = window.sampled(W_flat, g) + grad_penalty * ctx.c * norms.index_select(0, window.feature)
+        near_features, near_grads = s.feature.index_select(0, near), grad_values.index_select(0, near)
+        in_window = norms.new_zeros(len(norms)).index_add_(0, near_features, near_grads)
+        grad_threshold = in_window.index_add_(0, window.feature, grad_window) * (-threshold / ctx.bandwidth)
+        return grad_values, grad_threshold, grad_norms, grad_W, None, None, None, None
+
+
 class _Encode(torch.autograd.Function):
     """Every layer's pre-activations pre[l] [F, n] (computed without autograd, in the matmul dtype)
     as a function of the encoders W [L, F, d] and b [L, F] on inputs x [n, L, d]: per layer all of
-    them as they are (support None), or those at its support [nnz] in W's dtype. One function for
-    all layers, so that the backward writes each layer's slice of the gradients (a slice per layer
-    would allocate [L, F, d] per layer). A dense layer's gradient product runs in the matmul dtype;
-    a sparse layer's in W's (torch.sparse's bfloat16 products are slower or missing on CPU)."""
+    them as they are (pairs None), or those at its pairs (`Pairs.values`, in W's dtype). One function
+    for all layers, so that the backward writes each layer's slice of the gradients (a slice per layer
+    would allocate [L, F, d] per layer). A dense layer's gradient product runs in the matmul dtype; a
+    sparse layer's in W's (`Support.collect`)."""
 
     @staticmethod
-    def forward(ctx, W, b, x, pre: list[torch.Tensor], supports: list[Support | None]):
+    def forward(ctx, W, b, x, pre: list[torch.Tensor], pairs: list[Pairs | None]):
         ctx.save_for_backward(x)
-        ctx.supports, ctx.shape, ctx.mm_dtype = supports, W.shape, pre[0].dtype
-        return tuple(p if s is None else p[s.feature, s.token].to(W.dtype) for p, s in zip(pre, supports, strict=True))
+        ctx.pairs, ctx.shape, ctx.mm_dtype = pairs, W.shape, pre[0].dtype
+        return tuple(p if s is None else s.values for p, s in zip(pre, pairs, strict=True))
 
     @staticmethod
     def backward(ctx, *grads):
         (x,) = ctx.saved_tensors
         grad_W, grad_b = x.new_empty(ctx.shape), x.new_zeros(ctx.shape[:2])
-        for l, (grad, s) in enumerate(zip(grads, ctx.supports, strict=True)):
-            if s is not None:
-                grad_W[l] = s.csr(grad) @ x[:, l]
+        for l, (grad, pairs) in enumerate(zip(grads, ctx.pairs, strict=True)):
+            if pairs is not None:
+                s = pairs.support
+                grad_W[l] = s.collect(grad, x[:, l].contiguous())
                 grad_b[l].index_add_(0, s.feature, grad)
                 continue
             grad_b[l] = grad.sum(1)  # grad [F, n]
@@ -242,7 +345,7 @@ class _Encode(torch.autograd.Function):
         return grad_W, grad_b, None, None, None
 
 
-def encode(clt, x: torch.Tensor, dtype: torch.dtype | None = None) -> list[LayerActs | DenseJumpReLU]:
+def encode(clt, x: torch.Tensor, dtype: torch.dtype | None = None) -> list[LayerActs | DenseJumpReLU | SparseJumpReLU]:
     """Every layer's inputs x [n, L, d] -> its activations, dense or at their support, with the
     values and gradients of the dense `CrossLayerTranscoder.encode_layer` at those features. The
     encoder's matmuls run in `dtype` (default: the parameters'), the activations in the parameters'."""
@@ -251,9 +354,9 @@ def encode(clt, x: torch.Tensor, dtype: torch.dtype | None = None) -> list[Layer
         W_mm = torch.cat([clt.W_enc, clt.b_enc[..., None]], -1).to(dtype)  # [L, F, d + 1]: the bias, an input of 1
         x_mm = torch.cat([x, x.new_ones(*x.shape[:2], 1)], -1).to(dtype).permute(1, 2, 0).contiguous()  # [L, d + 1, n]
         pre = torch.bmm(W_mm, x_mm).unbind(0)  # [F, n] each, rounded once as addmm's (1.5x as fast in bfloat16)
-        supports = [_support(clt, p, l, dense_above(dtype)) for l, p in enumerate(pre)]
-    values = _Encode.apply(clt.W_enc, clt.b_enc, x, pre, supports)
-    return [_activate(clt, l, v, s) for l, (v, s) in enumerate(zip(values, supports, strict=True))]
+        pairs = [_pairs(clt, p, l, dense_above(dtype)) for l, p in enumerate(pre)]
+    values = _Encode.apply(clt.W_enc, clt.b_enc, x, pre, pairs)
+    return [_activate(clt, l, v, s) for l, (v, s) in enumerate(zip(values, pairs, strict=True))]
 
 
 def dense_above(dtype: torch.dtype) -> float:
@@ -261,23 +364,43 @@ def dense_above(dtype: torch.dtype) -> float:
     return DENSE_ABOVE_BF16 if dtype == torch.bfloat16 else DENSE_ABOVE
 
 
-def _support(clt, pre: torch.Tensor, layer: int, dense_above: float) -> Support | None:
-    """The supported pairs of one layer's pre-activations [F, n]: each token's top k (TopK), pre > 0
-    (ReLU), or pre inside or above the JumpReLU threshold's straight-through window; None where they
-    are over `dense_above` of [F, n] (the layer is then dense)."""
-    cfg, (F, n) = clt.cfg, pre.shape
+def _pairs(clt, pre: torch.Tensor, layer: int, dense_above: float) -> Pairs | None:
+    """The pairs of one layer's pre-activations [F, n]: each token's top k (TopK), pre > 0 (ReLU), or pre
+    inside or above the JumpReLU threshold's straight-through window; None where they are over
+    `dense_above` of [F, n] (the layer is then dense)."""
+    cfg, (F, n), param = clt.cfg, pre.shape, clt.W_enc.dtype
     if cfg.activation == "topk":
         if cfg.topk > dense_above * F:
             return None
         top = pre.T.contiguous().topk(cfg.topk, dim=1).indices.flatten()  # [n * k] (contiguous: ~10x faster)
         token = torch.arange(n, device=pre.device).repeat_interleave(cfg.topk)
         order = (top * n + token).argsort()
-        return Support.of_pairs(top[order], token[order], F, n)
-    low = 0.0 if cfg.activation == "relu" else _at_most(clt.threshold[layer].detach() - cfg.bandwidth / 2, pre.dtype)
+        s = Support.of_pairs(top[order], token[order], F, n)
+        return Pairs(s.gather(pre).to(param), s)
+    if cfg.activation == "relu":
+        low = 0.0
+    else:
+        threshold = clt.threshold[layer].detach()
+        low = _at_most(threshold.double() - cfg.bandwidth / 2, pre.dtype)  # the window's bounds as the dense layer's
     sample = _above(pre[:, :: max(1, n // 128)], low)  # the density from 128 tokens: a dense layer skips the rest
     if sample.count_nonzero().item() > dense_above * sample.numel():
         return None
-    return Support.of(_above(pre, low))
+    s = Support.of(_above(pre, low))
+    values = s.gather(pre)  # [nnz] in the matmul dtype
+    if cfg.activation == "relu":
+        return Pairs(values.to(param), s)
+    active = values > _at_most(threshold, pre.dtype)[:, 0].index_select(0, s.feature)  # as JumpReLU's pre > threshold
+    on, window, places = s.split(active)
+    values = values.index_select(0, places)
+    high = _at_least(threshold.double() + cfg.bandwidth / 2, pre.dtype)[:, 0].index_select(0, on.feature)
+    return Pairs(values.to(param), on, window, _nonzero(values < high))
+
+
+def _nonzero(mask: torch.Tensor) -> torch.Tensor:
+    """The places [k] where a bool [nnz] is set; on a CPU by numpy (torch's nonzero: ~65 ns a pair)."""
+    if mask.device.type != "cpu":
+        return mask.nonzero()[:, 0]
+    return torch.from_numpy(np.flatnonzero(mask.numpy()))
 
 
 _BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.half: torch.int16}
@@ -314,50 +437,49 @@ def _at_least(bound: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return -_at_most(-bound, dtype)
 
 
-def _activate(clt, layer: int, pre: torch.Tensor, support: Support | None) -> LayerActs | DenseJumpReLU:
-    """The activations of one layer's pre-activations: [F, n] in the matmul dtype (support None) or
-    [nnz] at the support."""
+def _activate(clt, layer: int, pre: torch.Tensor, pairs: Pairs | None) -> LayerActs | DenseJumpReLU | SparseJumpReLU:
+    """The activations of one layer's pre-activations: [F, n] in the matmul dtype (pairs None) or
+    [nnz] at the pairs."""
     cfg, F = clt.cfg, clt.W_enc.shape[1]
-    if cfg.activation == "jumprelu" and support is None:
-        return DenseJumpReLU(pre, clt.threshold[layer], cfg.bandwidth)
-    if support is None:
+    if cfg.activation == "jumprelu":
+        if pairs is None:
+            return DenseJumpReLU(pre, clt.threshold[layer], cfg.bandwidth)
+        return SparseJumpReLU(pre, pairs, clt.threshold[layer], cfg.bandwidth)
+    if pairs is None:
         pre = pre.T.to(clt.W_enc.dtype)  # [n, F]
-    if cfg.activation == "topk":
-        values = torch.relu(pre)
-        if support is None:
-            top = pre.detach().topk(cfg.topk, dim=1).indices  # [n, k]
-            values = values * torch.zeros_like(pre, dtype=torch.bool).scatter_(1, top, True)
-    elif cfg.activation == "relu":
-        values = torch.relu(pre)
-    else:
-        values = JumpReLU.apply(pre, clt.threshold[layer][support.feature], cfg.bandwidth)
-    return LayerActs(values, support, F)
+    values = torch.relu(pre)
+    if cfg.activation == "topk" and pairs is None:
+        top = pre.detach().topk(cfg.topk, dim=1).indices  # [n, k]
+        values = values * torch.zeros_like(pre, dtype=torch.bool).scatter_(1, top, True)
+    return LayerActs(values, None if pairs is None else pairs.support, F)
 
 
 class _SparseDecode(torch.autograd.Function):
-    """values [nnz] at a support, decoders W [F, T, d] -> the contribution [n, T, d]."""
+    """values [nnz] at a support, decoders W [F, T, d] -> the contribution [n, T, d]; the decoder's
+    products in `dtype`, the activations' gradient in W's."""
 
     @staticmethod
-    def forward(ctx, values, W, support: Support):
-        ctx.save_for_backward(values, W)
-        ctx.support = support
-        out = torch.sparse.mm(support.rows(values.detach()), W.detach().flatten(1))
+    def forward(ctx, values, W, support: Support, dtype: torch.dtype):
+        W_flat = W.detach().flatten(1)
+        ctx.save_for_backward(values, W_flat)
+        ctx.support, ctx.shape, ctx.dtype = support, W.shape, dtype
+        out = support.spread(values.detach().to(dtype), W_flat.to(dtype)).to(W.dtype)
         return out.view(support.n_tokens, *W.shape[1:])
 
     @staticmethod
     def backward(ctx, grad):
-        values, W = ctx.saved_tensors
-        s, flat = ctx.support, grad.reshape(grad.shape[0], -1)  # [n, T * d]
-        pattern = s.csr(values)
-        grad_values = torch.sparse.sampled_addmm(pattern, W.detach().flatten(1), flat.T, beta=0).values()
-        return grad_values, (pattern @ flat).view_as(W), None
+        values, W_flat = ctx.saved_tensors
+        s, g = ctx.support, grad.reshape(grad.shape[0], -1)  # [n, T * d]
+        grad_W = s.collect(values.detach().to(ctx.dtype), g.to(ctx.dtype)).to(g.dtype)
+        return s.sampled(W_flat, g), grad_W.view(ctx.shape), None, None
 
 
 def decode(acts: LayerActs, W: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """One source layer's decoders W [F, T, d] applied to its activations: [n, T, d] in W's dtype. A
-    dense layer's products (forward and backward) run in `dtype` (default W's); a sparse layer's in
-    W's (torch.sparse's bfloat16 products are 3-5x slower than its float32 ones on CPU, or missing)."""
+    """One source layer's decoders W [F, T, d] applied to its activations: [n, T, d] in W's dtype, the
+    products (forward and backward) in `dtype` (default W's), but for a sparse layer's activations'
+    gradient (in W's: torch.sparse's sampled product has no faster bfloat16 one on CPU)."""
+    dtype = dtype or W.dtype
     if acts.support is None:
-        out = acts.values.to(dtype or W.dtype) @ W.flatten(1).to(dtype or W.dtype)
+        out = acts.values.to(dtype) @ W.flatten(1).to(dtype)
         return out.to(W.dtype).view(len(acts.values), *W.shape[1:])
-    return _SparseDecode.apply(acts.values, W, acts.support)
+    return _SparseDecode.apply(acts.values, W, acts.support, dtype)
