@@ -9,29 +9,39 @@ the activations except a dense JumpReLU layer's, exact in the matmul dtype):
   addmm does, which took 2.5x as long as the product alone in bfloat16), then per layer either the
   whole layer dense, or only its supported (feature, token) pairs, feature-major (`Support`; found
   on a CPU by numpy, `_above` and `Support.of`: 12 instead of 40 ms a layer at F 8,192), whose
-  encoder gradient is one sparse [F, n] x [n, d]
-  product;
-- a dense JumpReLU layer (`DenseJumpReLU`) computes its activations, penalty, decoding [n, F] x
-  [F, T * d] and their gradients in one function on feature-major [F, n] tensors (`_DenseJumpReLU`);
-  other dense layers decode through autograd;
-- `_SparseDecode` touches only the supported pairs: the forward a sparse [n, F] x [F, T * d]
-  product, the backward a sampled dense-dense product (the activations' gradient, at the support
-  only) and a sparse [F, n] x [n, T * d] product (the decoder's gradient). torch.sparse stays in
-  float32: its bfloat16 products are 3-5x slower on CPU, or missing (sampled_addmm, CSR @ dense).
+  encoder gradient is an embedding bag over the pairs (`Support.collect`);
+- a JumpReLU layer computes its activations, penalty, decoding and their gradients in one function:
+  dense (`_DenseJumpReLU`) on feature-major [F, n] tensors, or sparse (`_SparseJumpReLU`) over its
+  active pairs; the window of its threshold's straight-through gradient holds inactive pairs too
+  (activation 0: 15-20% as many pairs again as the active ones once `target_l0` has settled the
+  thresholds, 50-140% in the first steps),
+  which only the threshold's gradient reads: the sampled product at them (`Pairs.window`). The
+  decoder norms' gradient is added to the decoder's in place (`_add_norms_gradient`);
+- ReLU and TopK layers decode through autograd, a sparse one by `_SparseDecode`;
+- a sparse layer's decoder products are embedding bags in the matmul dtype (fbgemm's, which sum
+  bfloat16 rows in float32): the forward [n, F] x [F, T * d] over the pairs in token order
+  (`Support.spread`: a radix argsort of the tokens), the decoder's gradient [F, n] x [n, T * d]
+  over them in feature order (`Support.collect`), so each reads its [F, T * d] or [n, T * d]
+  operand's rows once per pair and writes its output row by row. The activations' gradient at the
+  pairs is a sampled product (torch.sparse, float32: no faster bfloat16 one on CPU), or in bf16-mixed,
+  above SAMPLED_BELOW_BF16, one dense bfloat16 [F, T * d] x [T * d, n] product read at them.
 
-Feature-major pairs keep a feature's decoder row and the batch's [n, T * d] gradient in cache in
-the backward. Operands are passed to torch.sparse detached: it takes a ~3x slower path for tensors
-that require grad, even under no_grad. Where the dense and sparse steps cross (whole steps with
-either path forced, one CPU thread, `scripts/bench_train.py`'s shapes, 2026-12): at 11-13% support
-(F 1,024, L0 90) dense was 1.07x faster in float32 and 1.65x in bf16-mixed; at 2.7% (F 8,192, L0
-200) sparse was 1.9x and 1.6x faster: hence DENSE_ABOVE and DENSE_ABOVE_BF16 (measured before the
-support was found by numpy, which made sparse layers faster still: the crossing may now lie higher).
-Tried at F 8,192 L0 200 in bf16-mixed and left out: a sparse layer's decoder as dense bfloat16 products
-over the features supported in the batch (5,156 of 8,192 in layer 0; 1.2x faster than the torch.sparse
-products alone, slower in whole steps), CSR [n, F] or CSR [F, n] transposed for the forward (2-2.4x
-slower than the COO product), COO for the decoder's gradient (1.3-1.7x slower than CSR). The support of a
-JumpReLU layer includes the threshold's straight-through window (5-15% more pairs than L0 once
-`target_l0` has settled the thresholds).
+Measured at F 8,192 L0 200 (one CPU thread, layer 0: 2.8% of [F, n] supported, 2.5% active, T * d
+512, 2026-12): the forward 56 ms as a torch.sparse COO product over the active pairs, 15 as a
+bfloat16 embedding bag (32 in float32), the decoder's gradient 30 ms as CSR @ dense over the support,
+12 as a bfloat16 embedding bag over the active pairs (16 in float32), the encoder's 6 and 2.7 ms; the
+sampled product 23 ms, the dense bfloat16 one read at the pairs 25 (at 7.5% supported: 59 and 24). A
+whole forward and backward then took 430-480 instead of 940-1050 ms dense in bf16-mixed at 2.8%,
+800 against 920 at 7.3%, 1,020-1,140 against 940-1,080 at 9.8%, hence DENSE_ABOVE_BF16 9%; in fp32
+(sparse then in float32 throughout) sparse was faster up to 16% (1,770 against 2,020 ms), and at F
+1,024 L0 90 (11.7%) 180 against 221 ms (bf16-mixed: 172 against 159 dense), at L0 200 (24%) 318
+against 236: hence DENSE_ABOVE 15% (loads 1.2-2; before these products the crossings were 5% and 8%).
+Operands are passed to torch.sparse detached: it takes a ~3x slower path for tensors that require
+grad, even under no_grad. Tried and left out: torch.sparse COO, CSR and CSR-transposed products for the
+forward (1.3-3.7x the embedding bag's time), an embedding bag over the pairs in token order in float32
+(2x the bfloat16 one: W's rows are read at random), a sparse layer's decoder as dense bfloat16
+products over the features supported in the batch, finding the support by the nonzero 64-bit words
+first (slower: numpy's nonzero costs ~40 ns a set element on this CPU either way).
 """
 
 from __future__ import annotations
@@ -44,11 +54,17 @@ import numpy as np
 import torch
 from torch.nn.functional import embedding_bag
 
-DENSE_ABOVE = 0.08
+DENSE_ABOVE = 0.15
 """Supported fraction of [n, F] above which a layer's contractions are dense matmuls (float32)."""
-DENSE_ABOVE_BF16 = 0.05
+DENSE_ABOVE_BF16 = 0.09
 """The same with the dense matmuls in bfloat16 (`precision = "bf16-mixed"`): 3-4x faster than float32
-ones on CPUs with AMX, while torch.sparse has no faster bfloat16 products."""
+ones on CPUs with AMX, while the sparse layer's embedding bags gain less (~2x) and its sampled product
+nothing."""
+
+SAMPLED_BELOW_BF16 = 0.04
+"""With bfloat16 matmuls: the share of [F, n] (active and window pairs) below which a sparse JumpReLU
+layer's activations' gradient is a sampled float32 product at its pairs, above which one dense bfloat16
+product read at them."""
 
 
 @dataclass
@@ -161,9 +177,9 @@ class LayerActs:
     support: Support | None
     n_features: int
 
-    def terms(self, W: torch.Tensor, norms: torch.Tensor, c: float, dtype: torch.dtype) -> LayerTerms:
-        """Its terms with decoders W [F, T, d] of norms [F], dense products in `dtype`."""
-        return LayerTerms(decode(self, W, dtype), self.penalty(norms, c), *self.activity())
+    def terms(self, W: torch.Tensor, c: float, dtype: torch.dtype) -> LayerTerms:
+        """Its terms with decoders W [F, T, d], dense products in `dtype`."""
+        return LayerTerms(decode(self, W, dtype), self.penalty(decoder_norm(W), c), *self.activity())
 
     def penalty(self, norms: torch.Tensor, c: float) -> torch.Tensor:
         """sum over tokens and features of tanh(c * a * ||W_dec||), given the norms [F]."""
@@ -189,16 +205,17 @@ class DenseJumpReLU:
     threshold: torch.Tensor  # [F]
     bandwidth: float
 
-    def terms(self, W: torch.Tensor, norms: torch.Tensor, c: float, dtype: torch.dtype) -> LayerTerms:
-        """Its terms with decoders W [F, T, d] of norms [F], the products in `dtype`."""
-        out, penalty, counts = _DenseJumpReLU.apply(self.pre, self.threshold, norms, W, c, self.bandwidth)
+    def terms(self, W: torch.Tensor, c: float, dtype: torch.dtype) -> LayerTerms:
+        """Its terms with decoders W [F, T, d], the products in `dtype`."""
+        out, penalty, counts = _DenseJumpReLU.apply(self.pre, self.threshold, W, c, self.bandwidth)
         return LayerTerms(out, penalty, counts > 0, counts.sum().long())
 
 
 class _DenseJumpReLU(torch.autograd.Function):
-    """pre [F, n], threshold [F], decoder norms [F], decoders W [F, T, d] -> (the contribution [n, T, d],
-    the penalty sum tanh(c * a * norm), [F] active tokens per feature) with a = JumpReLU(pre) and its
-    straight-through threshold gradient, the two products in pre's dtype (the matmul dtype).
+    """pre [F, n], threshold [F], decoders W [F, T, d] -> (the contribution [n, T, d], the penalty sum
+    tanh(c * a * ||W_f||), [F] active tokens per feature) with a = JumpReLU(pre) and its straight-through
+    threshold gradient, the two products in pre's dtype (the matmul dtype); the norms' gradient is added
+    to the decoder's in place (`_add_norms_gradient`).
 
     Written out as one function on feature-major [F, n] tensors (pre's layout, and the decoder
     gradient's when computed as W @ grad.T), every operation within one dtype, with the masks as 0/1
@@ -218,8 +235,8 @@ class _DenseJumpReLU(torch.autograd.Function):
     against the float32 passes, alternating steps, load 1-7)."""
 
     @staticmethod
-    def forward(ctx, pre, threshold, norms, W, c: float, bandwidth: float):
-        mm, threshold = pre.dtype, threshold.detach()
+    def forward(ctx, pre, threshold, W, c: float, bandwidth: float):
+        mm, threshold, W, norms = pre.dtype, threshold.detach(), W.detach(), torch.linalg.vector_norm(W, dim=(1, 2))
         W_mm = W.detach().flatten(1).to(mm)  # [F, T * d]
         active = torch.gt(pre, _at_most(threshold, mm), out=torch.empty_like(pre))  # [F, n] 0/1
         values = pre * active  # exact in pre's dtype
@@ -228,12 +245,12 @@ class _DenseJumpReLU(torch.autograd.Function):
         upper = torch.lt(pre, _at_least(high, mm), out=torch.empty_like(pre))
         window.mul_(upper)
         counts = _count_rows(active)
-        scale = (c * norms.detach())[:, None]  # [F, 1]
+        scale = (c * norms)[:, None]  # [F, 1]
         a = values.to(W.dtype)
         t = torch.mul(a, scale, out=upper if upper.dtype == a.dtype else None).tanh_()  # into upper once spent
         penalty = t.sum()
         sech2 = torch.addcmul(t.new_ones(()), t, t, value=-1, out=t)  # 1 - tanh^2
-        ctx.save_for_backward(threshold, values, active, window, sech2.to(mm), scale, W_mm)
+        ctx.save_for_backward(threshold, values, active, window, sech2.to(mm), scale, W_mm, W, norms)
         ctx.c, ctx.bandwidth, ctx.shape = c, bandwidth, W.shape
         out = (values.T @ W_mm).to(W.dtype).view(pre.shape[1], *W.shape[1:])
         ctx.mark_non_differentiable(counts)
@@ -241,14 +258,43 @@ class _DenseJumpReLU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_penalty, _):
-        threshold, values, active, window, sech2, scale, W_mm = ctx.saved_tensors
+        threshold, values, active, window, sech2, scale, W_mm, W, norms = ctx.saved_tensors
         g = grad_out.reshape(grad_out.shape[0], -1).to(W_mm.dtype)  # [n, T * d]
         grad_W = (values @ g).to(grad_out.dtype).view(ctx.shape)
         grad_norms = grad_penalty * ctx.c * values.mul_(sech2).sum(1).to(grad_out.dtype)  # in the spent activations
+        _add_norms_gradient(grad_W, W, norms, grad_norms)
         grad_values = torch.mm(W_mm, g.T, out=values)  # [F, n], into the spent activations
         grad_values.addcmul_(sech2, (scale * grad_penalty).to(sech2.dtype))
         grad_threshold = window.mul_(grad_values).sum(1).to(threshold.dtype) * (-threshold / ctx.bandwidth)
-        return grad_values.mul_(active), grad_threshold, grad_norms, grad_W, None, None
+        return grad_values.mul_(active), grad_threshold, grad_W, None, None
+
+
+def decoder_norm(W: torch.Tensor) -> torch.Tensor:
+    """||W_f|| over each feature's decoders W [F, T, d]: [F]."""
+    return _Norms.apply(W)
+
+
+class _Norms(torch.autograd.Function):
+    """W [F, T, d] -> ||W_f|| [F]; the backward is W * (grad / norm) in one pass over W (autograd's
+    vector_norm backward makes three and a masked fill: ~7% of a step at F 8,192)."""
+
+    @staticmethod
+    def forward(ctx, W: torch.Tensor) -> torch.Tensor:
+        norms = torch.linalg.vector_norm(W, dim=(1, 2))
+        ctx.save_for_backward(W, norms)
+        return norms
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        W, norms = ctx.saved_tensors
+        return _add_norms_gradient(torch.zeros_like(W), W, norms, grad)
+
+
+def _add_norms_gradient(grad_W: torch.Tensor, W: torch.Tensor, norms: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """grad_W [F, T, d] plus, in place, the gradient W * grad / norms that grad [F] on the norms ||W_f|| [F]
+    gives W (a zero row's: 0). Within a layer's function: one pass over W instead of autograd's product
+    and sum of two [F, T, d] tensors."""
+    return grad_W.addcmul_(W, torch.where(norms > 0, grad / norms, 0.0)[:, None, None])
 
 
 def _count_rows(mask: torch.Tensor) -> torch.Tensor:
@@ -272,23 +318,24 @@ class SparseJumpReLU:
     threshold: torch.Tensor  # [F]
     bandwidth: float
 
-    def terms(self, W: torch.Tensor, norms: torch.Tensor, c: float, dtype: torch.dtype) -> LayerTerms:
-        """Its terms with decoders W [F, T, d] of norms [F], the decoder's products in `dtype`."""
-        s, args = self.pairs.support, (self.threshold, norms, W, c, self.bandwidth, self.pairs, dtype)
+    def terms(self, W: torch.Tensor, c: float, dtype: torch.dtype) -> LayerTerms:
+        """Its terms with decoders W [F, T, d], the decoder's products in `dtype`."""
+        s, args = self.pairs.support, (self.threshold, W, c, self.bandwidth, self.pairs, dtype)
         out, penalty = _SparseJumpReLU.apply(self.values, *args)
         return LayerTerms(out, penalty, s.crow.diff() > 0, torch.tensor(len(s.feature)))
 
 
 class _SparseJumpReLU(torch.autograd.Function):
-    """values a [nnz] at the active pairs, threshold [F], decoder norms [F], decoders W [F, T, d] -> (the
-    contribution [n, T, d], the penalty sum tanh(c * a * norm)), with the straight-through threshold
+    """values a [nnz] at the active pairs, threshold [F], decoders W [F, T, d] -> (the contribution
+    [n, T, d], the penalty sum tanh(c * a * ||W_f||)), with the straight-through threshold
     gradient read at the active pairs inside the window and at the inactive ones there (`Pairs.window`).
     The decoder's products (`Support.spread`, `Support.collect`) run in `dtype`, over the active pairs
     only; the activations' gradient (`Support.sampled`) in W's dtype, at the active and window pairs."""
 
     @staticmethod
-    def forward(ctx, values, threshold, norms, W, c: float, bandwidth: float, pairs: Pairs, dtype: torch.dtype):
-        s, values, norms, W_flat = pairs.support, values.detach(), norms.detach(), W.detach().flatten(1)
+    def forward(ctx, values, threshold, W, c: float, bandwidth: float, pairs: Pairs, dtype: torch.dtype):
+        s, values, W = pairs.support, values.detach(), W.detach()
+        W_flat, norms = W.flatten(1), torch.linalg.vector_norm(W, dim=(1, 2))
         W_mm = W_flat.to(dtype)
         out = s.spread(values.to(dtype), W_mm).to(W.dtype).view(s.n_tokens, *W.shape[1:])
         scale = c * norms.index_select(0, s.feature)  # [nnz]
@@ -305,12 +352,25 @@ class _SparseJumpReLU(torch.autograd.Function):
         g = grad_out.reshape(grad_out.shape[0], -1)  # [n, T * d]
         grad_W = s.collect(values.to(W_mm.dtype), g.to(W_mm.dtype)).to(g.dtype).view(ctx.shape)
         grad_norms = norms.new_zeros(len(norms)).index_add_(0, s.feature, values * sech2) * (ctx.c * grad_penalty)
-        grad_values = s.sampled(W_flat, g) + grad_penalty * scale * sech2
-        grad_window = window.sampled(W_flat, g) + grad_penalty * ctx.c * norms.index_select(0, window.feature)
+        _add_norms_gradient(grad_W, W_flat.view(ctx.shape), norms, grad_norms)
+        grad_values, grad_window = _decoded_at([s, window], W_flat, W_mm, g)
+        grad_values += grad_penalty * scale * sech2
+        grad_window += grad_penalty * ctx.c * norms.index_select(0, window.feature)
         near_features, near_grads = s.feature.index_select(0, near), grad_values.index_select(0, near)
         in_window = norms.new_zeros(len(norms)).index_add_(0, near_features, near_grads)
         grad_threshold = in_window.index_add_(0, window.feature, grad_window) * (-threshold / ctx.bandwidth)
-        return grad_values, grad_threshold, grad_norms, grad_W, None, None, None, None
+        return grad_values, grad_threshold, grad_W, None, None, None, None
+
+
+def _decoded_at(supports: list[Support], W: torch.Tensor, W_mm: torch.Tensor, g: torch.Tensor) -> list[torch.Tensor]:
+    """W[feature] . g[token] at each support's pairs ([nnz] each, in W's dtype) for decoders W [F, D] and
+    gradients g [n, D]: sampled products in W's dtype, or, where W_mm (W in the matmul dtype) is bfloat16
+    and the pairs cover over SAMPLED_BELOW_BF16 of [F, n], one dense product W_mm @ g.T read at them."""
+    F, n = W.shape[0], g.shape[0]
+    if W_mm.dtype != torch.bfloat16 or sum(len(s.feature) for s in supports) <= SAMPLED_BELOW_BF16 * F * n:
+        return [s.sampled(W, g) for s in supports]
+    full = W_mm @ g.to(W_mm.dtype).T  # [F, n]
+    return [s.gather(full).to(W.dtype) for s in supports]
 
 
 class _Encode(torch.autograd.Function):

@@ -23,6 +23,7 @@ def test_either_contraction_equals_the_dense_reference(activation, dense_above, 
     initialise(clt, x, TrainConfig(target_fire_fraction=0.1))
     with torch.no_grad():
         clt.b_enc[1] += 1.0  # layer 1 fires on most tokens
+        clt.W_dec[0][3] = clt.W_dec[1][5] = 0.0  # zero rows: norm 0, its gradient 0
     if dense_above == 0.3:
         dense = [_is_dense(a) for a in kernels.encode(clt, x)]
         assert dense == ([False, False, False] if activation == "topk" else [False, True, False])
@@ -86,9 +87,12 @@ def _bf16_mixed_emulated(clt, x, y, coef: float, c: float) -> torch.Tensor:
     return (((recon - y.double()) ** 2).sum() + coef * sparsity) / len(x)
 
 
-@pytest.mark.parametrize("dense_above", [0.0, 1.0])  # every layer dense; every layer sparse
-def test_bf16_mixed_is_the_objective_with_its_products_rounded_to_bfloat16(dense_above, monkeypatch):
+@pytest.mark.parametrize(
+    ("dense_above", "sampled_below"), [(0.0, 0.0), (1.0, 0.0), (1.0, 1.0)]
+)  # every layer dense; every layer sparse, its activations' gradient a dense bfloat16 product, or sampled
+def test_bf16_mixed_is_the_objective_with_its_products_rounded_to_bfloat16(dense_above, sampled_below, monkeypatch):
     monkeypatch.setattr(kernels, "DENSE_ABOVE_BF16", dense_above)
+    monkeypatch.setattr(kernels, "SAMPLED_BELOW_BF16", sampled_below)
     torch.manual_seed(0)
     clt = CrossLayerTranscoder(CLTConfig(n_layers=3, d_model=16, n_features=64))
     x = torch.randn(50, 3, 16)
