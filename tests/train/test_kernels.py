@@ -25,8 +25,11 @@ def test_either_contraction_equals_the_dense_reference(activation, dense_above, 
         clt.b_enc[1] += 1.0  # layer 1 fires on most tokens
         clt.W_dec[0][3] = clt.W_dec[1][5] = 0.0  # zero rows: norm 0, its gradient 0
     if dense_above == 0.3:
-        dense = [_is_dense(a) for a in kernels.encode(clt, x)]
-        assert dense == ([False, False, False] if activation == "topk" else [False, True, False])
+        acts = kernels.encode(clt, x)
+        assert [_is_dense(a) for a in acts] == ([False, False, False] if activation == "topk" else [False, True, False])
+    if activation == "jumprelu" and dense_above == 1.0:  # the window's inactive pairs and active ones in it
+        pairs = [a.pairs for a in kernels.encode(clt, x)]
+        assert all(len(p.window.feature) > 5 and len(p.near) > 5 for p in pairs)
     cfg, dead = TrainConfig(sparsity_coef=0.1, preact_coef=0.01), torch.rand(3, 64) < 0.3
     results = []
     for sparse in (True, False):
