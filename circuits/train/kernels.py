@@ -9,46 +9,63 @@ the activations except a dense JumpReLU layer's, exact in the matmul dtype):
   addmm does, which took 2.5x as long as the product alone in bfloat16), then per layer either the
   whole layer dense, or only its supported (feature, token) pairs, feature-major (`Support`; found
   on a CPU by numpy, `_above` and `Support.of`: 12 instead of 40 ms a layer at F 8,192), whose
-  encoder gradient is one sparse [F, n] x [n, d]
-  product;
-- a dense JumpReLU layer (`DenseJumpReLU`) computes its activations, penalty, decoding [n, F] x
-  [F, T * d] and their gradients in one function on feature-major [F, n] tensors (`_DenseJumpReLU`);
-  other dense layers decode through autograd;
-- `_SparseDecode` touches only the supported pairs: the forward a sparse [n, F] x [F, T * d]
-  product, the backward a sampled dense-dense product (the activations' gradient, at the support
-  only) and a sparse [F, n] x [n, T * d] product (the decoder's gradient). torch.sparse stays in
-  float32: its bfloat16 products are 3-5x slower on CPU, or missing (sampled_addmm, CSR @ dense).
+  encoder gradient is an embedding bag over the pairs (`Support.collect`);
+- a JumpReLU layer computes its activations, penalty, decoding and their gradients in one function:
+  dense (`_DenseJumpReLU`) on feature-major [F, n] tensors, or sparse (`_SparseJumpReLU`) over its
+  active pairs; the window of its threshold's straight-through gradient holds inactive pairs too
+  (activation 0: 15-20% as many pairs again as the active ones once `target_l0` has settled the
+  thresholds, 50-140% in the first steps),
+  which only the threshold's gradient reads: the sampled product at them (`Pairs.window`). The
+  decoder norms' gradient is added to the decoder's in place (`_add_norms_gradient`);
+- ReLU and TopK layers decode through autograd, a sparse one by `_SparseDecode` (in the parameters'
+  dtype);
+- a sparse layer's decoder products are embedding bags, a JumpReLU layer's in the matmul dtype
+  (fbgemm's, which sum bfloat16 rows in float32): the forward [n, F] x [F, T * d] over the pairs in token order
+  (`Support.spread`: a radix argsort of the tokens), the decoder's gradient [F, n] x [n, T * d]
+  over them in feature order (`Support.collect`), so each reads its [F, T * d] or [n, T * d]
+  operand's rows once per pair and writes its output row by row. The activations' gradient at the
+  pairs is a sampled product (torch.sparse, float32: no faster bfloat16 one on CPU), or in bf16-mixed,
+  above SAMPLED_BELOW_BF16, one dense bfloat16 [F, T * d] x [T * d, n] product read at them.
 
-Feature-major pairs keep a feature's decoder row and the batch's [n, T * d] gradient in cache in
-the backward. Operands are passed to torch.sparse detached: it takes a ~3x slower path for tensors
-that require grad, even under no_grad. Where the dense and sparse steps cross (whole steps with
-either path forced, one CPU thread, `scripts/bench_train.py`'s shapes, 2026-12): at 11-13% support
-(F 1,024, L0 90) dense was 1.07x faster in float32 and 1.65x in bf16-mixed; at 2.7% (F 8,192, L0
-200) sparse was 1.9x and 1.6x faster: hence DENSE_ABOVE and DENSE_ABOVE_BF16 (measured before the
-support was found by numpy, which made sparse layers faster still: the crossing may now lie higher).
-Tried at F 8,192 L0 200 in bf16-mixed and left out: a sparse layer's decoder as dense bfloat16 products
-over the features supported in the batch (5,156 of 8,192 in layer 0; 1.2x faster than the torch.sparse
-products alone, slower in whole steps), CSR [n, F] or CSR [F, n] transposed for the forward (2-2.4x
-slower than the COO product), COO for the decoder's gradient (1.3-1.7x slower than CSR). The support of a
-JumpReLU layer includes the threshold's straight-through window (5-15% more pairs than L0 once
-`target_l0` has settled the thresholds).
+Measured at F 8,192 L0 200 (one CPU thread, layer 0: 2.8% of [F, n] supported, 2.5% active, T * d
+512, 2026-12): the forward 56 ms as a torch.sparse COO product over the active pairs, 15 as a
+bfloat16 embedding bag (32 in float32), the decoder's gradient 30 ms as CSR @ dense over the support,
+12 as a bfloat16 embedding bag over the active pairs (16 in float32), the encoder's 6 and 2.7 ms; the
+sampled product 23 ms, the dense bfloat16 one read at the pairs 25 (at 7.5% supported: 59 and 24). A
+whole forward and backward then took 430-480 instead of 940-1050 ms dense in bf16-mixed at 2.8%,
+800 against 920 at 7.3%, 1,020-1,140 against 940-1,080 at 9.8%, hence DENSE_ABOVE_BF16 9%; in fp32
+(sparse then in float32 throughout) sparse was faster up to 16% (1,770 against 2,020 ms), and at F
+1,024 L0 90 (11.7%) 180 against 221 ms (bf16-mixed: 172 against 159 dense), at L0 200 (24%) 318
+against 236: hence DENSE_ABOVE 15% (loads 1.2-2; before these products the crossings were 5% and 8%).
+Operands are passed to torch.sparse detached: it takes a ~3x slower path for tensors that require
+grad, even under no_grad. Tried and left out: torch.sparse COO, CSR and CSR-transposed products for the
+forward (1.3-3.7x the embedding bag's time), an embedding bag over the pairs in token order in float32
+(2x the bfloat16 one: W's rows are read at random), a sparse layer's decoder as dense bfloat16
+products over the features supported in the batch, finding the support by the nonzero 64-bit words
+first (slower: numpy's nonzero costs ~40 ns a set element on this CPU either way).
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.nn.functional import embedding_bag
 
-from circuits.transcoders.clt import JumpReLU
-
-DENSE_ABOVE = 0.08
+DENSE_ABOVE = 0.15
 """Supported fraction of [n, F] above which a layer's contractions are dense matmuls (float32)."""
-DENSE_ABOVE_BF16 = 0.05
+DENSE_ABOVE_BF16 = 0.09
 """The same with the dense matmuls in bfloat16 (`precision = "bf16-mixed"`): 3-4x faster than float32
-ones on CPUs with AMX, while torch.sparse has no faster bfloat16 products."""
+ones on CPUs with AMX, while the sparse layer's embedding bags gain less (~2x) and its sampled product
+nothing."""
+
+SAMPLED_BELOW_BF16 = 0.04
+"""With bfloat16 matmuls: the share of [F, n] (active and window pairs) below which a sparse JumpReLU
+layer's activations' gradient is a sampled float32 product at its pairs, above which one dense bfloat16
+product read at them."""
 
 
 @dataclass
@@ -77,17 +94,69 @@ class Support:
         crow[1:] = torch.bincount(feature, minlength=n_features).cumsum(0)
         return cls(feature, token, crow, n_tokens)
 
+    def gather(self, dense: torch.Tensor) -> torch.Tensor:
+        """The entries of a [F, n] tensor at the pairs: [nnz]."""
+        return dense.reshape(-1).index_select(0, self.feature * self.n_tokens + self.token)
+
+    def split(self, keep: torch.Tensor) -> tuple[Support, Support, torch.Tensor]:
+        """(the pairs where `keep` [nnz] bool is set, the others, the kept ones' places [nnz_kept])."""
+        kept = _nonzero(keep)
+        return self._at(kept), self._at(_nonzero(~keep)), kept
+
+    def _at(self, places: torch.Tensor) -> Support:
+        feature, token = self.feature.index_select(0, places), self.token.index_select(0, places)
+        return Support.of_pairs(feature, token, len(self.crow) - 1, self.n_tokens)
+
+    @functools.cached_property
+    def by_token(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The pairs sorted by token, then feature: (the order [nnz], their features [nnz], where each
+        token's run starts [n]). On a CPU by numpy's stable argsort of 16-bit tokens (a radix sort)."""
+        if self.token.device.type == "cpu":
+            small = np.int16 if self.n_tokens <= 2**15 else np.int64
+            order = torch.from_numpy(np.argsort(self.token.numpy().astype(small), kind="stable"))
+        else:
+            order = torch.sort(self.token, stable=True).indices
+        starts = self.token.new_zeros(self.n_tokens)
+        starts[1:] = torch.bincount(self.token, minlength=self.n_tokens)[:-1].cumsum(0)
+        return order, self.feature.index_select(0, order), starts
+
     def csr(self, values: torch.Tensor) -> torch.Tensor:
         """The sparse CSR [F, n] matrix with `values` [nnz] at the pairs."""
         shape = (len(self.crow) - 1, self.n_tokens)
-        with warnings.catch_warnings():  # "sparse CSR support is in beta": the three products used here are not
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": the sampled product used here is not
             warnings.simplefilter("ignore")
             return torch.sparse_csr_tensor(self.crow, self.token, values, shape, check_invariants=False)
 
-    def rows(self, values: torch.Tensor) -> torch.Tensor:
-        """The sparse COO [n, F] matrix with `values` [nnz] at the pairs."""
-        indices = torch.stack([self.token, self.feature])
-        return torch.sparse_coo_tensor(indices, values, (self.n_tokens, len(self.crow) - 1), check_invariants=False)
+    def spread(self, values: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+        """sum over the pairs of values [nnz] * W[feature] [F, D] in each pair's token row: [n, D]. An
+        embedding bag over the pairs in token order (the product [n, F] x [F, D] at the pairs)."""
+        order, feature, starts = self.by_token
+        return embedding_bag(feature, W, starts, mode="sum", per_sample_weights=values.index_select(0, order))
+
+    def collect(self, values: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """sum over the pairs of values [nnz] * g[token] [n, D] in each pair's feature row: [F, D]. An
+        embedding bag over the pairs in feature order (the product [F, n] x [n, D] at the pairs)."""
+        return embedding_bag(self.token, g, self.crow[:-1], mode="sum", per_sample_weights=values)
+
+    def sampled(self, W: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """W[feature] . g[token] at the pairs, from W [F, D] and g [n, D]: [nnz] (the product [F, D] x
+        [D, n] at the pairs only)."""
+        pattern = self.csr(W.new_zeros(len(self.feature)))
+        return torch.sparse.sampled_addmm(pattern, W, g.T, beta=0).values()
+
+
+@dataclass
+class Pairs:
+    """A sparse layer's pairs on a batch: `values` [nnz], the pre-activations (in the parameters' dtype)
+    at `support`, where its activations and the encoder's gradient live. For JumpReLU, `support` holds
+    the active pairs only; `window` the inactive ones inside the threshold's straight-through window
+    (activation 0: only the threshold's gradient reads them) and `near` [nnz] bool the active ones
+    inside it (their places in `support`)."""
+
+    values: torch.Tensor
+    support: Support
+    window: Support | None = None
+    near: torch.Tensor | None = None  # [k] long
 
 
 @dataclass
@@ -102,17 +171,16 @@ class LayerTerms:
 
 @dataclass
 class LayerActs:
-    """One source layer's activations on a batch of n tokens: dense `values` [n, F] (support None),
-    or `values` [nnz] at `support`: every active feature plus, for JumpReLU, the inactive ones inside
-    the threshold's straight-through window (activation 0, the threshold's gradient is read there)."""
+    """One ReLU or TopK layer's activations on a batch of n tokens: dense `values` [n, F] (support
+    None), or `values` [nnz] at `support` (ReLU: pre > 0; TopK: each token's top k)."""
 
     values: torch.Tensor
     support: Support | None
     n_features: int
 
-    def terms(self, W: torch.Tensor, norms: torch.Tensor, c: float, dtype: torch.dtype) -> LayerTerms:
-        """Its terms with decoders W [F, T, d] of norms [F], dense products in `dtype`."""
-        return LayerTerms(decode(self, W, dtype), self.penalty(norms, c), *self.activity())
+    def terms(self, W: torch.Tensor, c: float, dtype: torch.dtype) -> LayerTerms:
+        """Its terms with decoders W [F, T, d], dense products in `dtype`."""
+        return LayerTerms(decode(self, W, dtype), self.penalty(decoder_norm(W), c), *self.activity())
 
     def penalty(self, norms: torch.Tensor, c: float) -> torch.Tensor:
         """sum over tokens and features of tanh(c * a * ||W_dec||), given the norms [F]."""
@@ -138,16 +206,17 @@ class DenseJumpReLU:
     threshold: torch.Tensor  # [F]
     bandwidth: float
 
-    def terms(self, W: torch.Tensor, norms: torch.Tensor, c: float, dtype: torch.dtype) -> LayerTerms:
-        """Its terms with decoders W [F, T, d] of norms [F], the products in `dtype`."""
-        out, penalty, counts = _DenseJumpReLU.apply(self.pre, self.threshold, norms, W, c, self.bandwidth)
+    def terms(self, W: torch.Tensor, c: float, dtype: torch.dtype) -> LayerTerms:
+        """Its terms with decoders W [F, T, d], the products in `dtype`."""
+        out, penalty, counts = _DenseJumpReLU.apply(self.pre, self.threshold, W, c, self.bandwidth)
         return LayerTerms(out, penalty, counts > 0, counts.sum().long())
 
 
 class _DenseJumpReLU(torch.autograd.Function):
-    """pre [F, n], threshold [F], decoder norms [F], decoders W [F, T, d] -> (the contribution [n, T, d],
-    the penalty sum tanh(c * a * norm), [F] active tokens per feature) with a = JumpReLU(pre) and its
-    straight-through threshold gradient, the two products in pre's dtype (the matmul dtype).
+    """pre [F, n], threshold [F], decoders W [F, T, d] -> (the contribution [n, T, d], the penalty sum
+    tanh(c * a * ||W_f||), [F] active tokens per feature) with a = JumpReLU(pre) and its straight-through
+    threshold gradient, the two products in pre's dtype (the matmul dtype); the norms' gradient is added
+    to the decoder's in place (`_add_norms_gradient`).
 
     Written out as one function on feature-major [F, n] tensors (pre's layout, and the decoder
     gradient's when computed as W @ grad.T), every operation within one dtype, with the masks as 0/1
@@ -167,8 +236,8 @@ class _DenseJumpReLU(torch.autograd.Function):
     against the float32 passes, alternating steps, load 1-7)."""
 
     @staticmethod
-    def forward(ctx, pre, threshold, norms, W, c: float, bandwidth: float):
-        mm, threshold = pre.dtype, threshold.detach()
+    def forward(ctx, pre, threshold, W, c: float, bandwidth: float):
+        mm, threshold, W, norms = pre.dtype, threshold.detach(), W.detach(), torch.linalg.vector_norm(W, dim=(1, 2))
         W_mm = W.detach().flatten(1).to(mm)  # [F, T * d]
         active = torch.gt(pre, _at_most(threshold, mm), out=torch.empty_like(pre))  # [F, n] 0/1
         values = pre * active  # exact in pre's dtype
@@ -177,12 +246,12 @@ class _DenseJumpReLU(torch.autograd.Function):
         upper = torch.lt(pre, _at_least(high, mm), out=torch.empty_like(pre))
         window.mul_(upper)
         counts = _count_rows(active)
-        scale = (c * norms.detach())[:, None]  # [F, 1]
+        scale = (c * norms)[:, None]  # [F, 1]
         a = values.to(W.dtype)
         t = torch.mul(a, scale, out=upper if upper.dtype == a.dtype else None).tanh_()  # into upper once spent
         penalty = t.sum()
         sech2 = torch.addcmul(t.new_ones(()), t, t, value=-1, out=t)  # 1 - tanh^2
-        ctx.save_for_backward(threshold, values, active, window, sech2.to(mm), scale, W_mm)
+        ctx.save_for_backward(threshold, values, active, window, sech2.to(mm), scale, W_mm, W, norms)
         ctx.c, ctx.bandwidth, ctx.shape = c, bandwidth, W.shape
         out = (values.T @ W_mm).to(W.dtype).view(pre.shape[1], *W.shape[1:])
         ctx.mark_non_differentiable(counts)
@@ -190,14 +259,43 @@ class _DenseJumpReLU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_penalty, _):
-        threshold, values, active, window, sech2, scale, W_mm = ctx.saved_tensors
+        threshold, values, active, window, sech2, scale, W_mm, W, norms = ctx.saved_tensors
         g = grad_out.reshape(grad_out.shape[0], -1).to(W_mm.dtype)  # [n, T * d]
         grad_W = (values @ g).to(grad_out.dtype).view(ctx.shape)
         grad_norms = grad_penalty * ctx.c * values.mul_(sech2).sum(1).to(grad_out.dtype)  # in the spent activations
+        _add_norms_gradient(grad_W, W, norms, grad_norms)
         grad_values = torch.mm(W_mm, g.T, out=values)  # [F, n], into the spent activations
         grad_values.addcmul_(sech2, (scale * grad_penalty).to(sech2.dtype))
         grad_threshold = window.mul_(grad_values).sum(1).to(threshold.dtype) * (-threshold / ctx.bandwidth)
-        return grad_values.mul_(active), grad_threshold, grad_norms, grad_W, None, None
+        return grad_values.mul_(active), grad_threshold, grad_W, None, None
+
+
+def decoder_norm(W: torch.Tensor) -> torch.Tensor:
+    """||W_f|| over each feature's decoders W [F, T, d]: [F]."""
+    return _Norms.apply(W)
+
+
+class _Norms(torch.autograd.Function):
+    """W [F, T, d] -> ||W_f|| [F]; the backward is W * (grad / norm) in one pass over W (autograd's
+    vector_norm backward makes three and a masked fill: ~7% of a step at F 8,192)."""
+
+    @staticmethod
+    def forward(ctx, W: torch.Tensor) -> torch.Tensor:
+        norms = torch.linalg.vector_norm(W, dim=(1, 2))
+        ctx.save_for_backward(W, norms)
+        return norms
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        W, norms = ctx.saved_tensors
+        return _add_norms_gradient(torch.zeros_like(W), W, norms, grad)
+
+
+def _add_norms_gradient(grad_W: torch.Tensor, W: torch.Tensor, norms: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """grad_W [F, T, d] plus, in place, the gradient W * grad / norms that grad [F] on the norms ||W_f|| [F]
+    gives W (a zero row's: 0). Within a layer's function: one pass over W instead of autograd's product
+    and sum of two [F, T, d] tensors."""
+    return grad_W.addcmul_(W, torch.where(norms > 0, grad / norms, 0.0)[:, None, None])
 
 
 def _count_rows(mask: torch.Tensor) -> torch.Tensor:
@@ -211,27 +309,93 @@ def _count_rows(mask: torch.Tensor) -> torch.Tensor:
     return blocks + mask[:, whole:].sum(1).float()
 
 
+@dataclass
+class SparseJumpReLU:
+    """A sparse JumpReLU layer: its active pre-activations (`Pairs.values`, which are its activations)
+    and the pairs, whose penalty and decoding `_SparseJumpReLU` computes in one function."""
+
+    values: torch.Tensor  # [nnz] at pairs.support
+    pairs: Pairs
+    threshold: torch.Tensor  # [F]
+    bandwidth: float
+
+    def terms(self, W: torch.Tensor, c: float, dtype: torch.dtype) -> LayerTerms:
+        """Its terms with decoders W [F, T, d], the decoder's products in `dtype`."""
+        s, args = self.pairs.support, (self.threshold, W, c, self.bandwidth, self.pairs, dtype)
+        out, penalty = _SparseJumpReLU.apply(self.values, *args)
+        return LayerTerms(out, penalty, s.crow.diff() > 0, torch.tensor(len(s.feature)))
+
+
+class _SparseJumpReLU(torch.autograd.Function):
+    """values a [nnz] at the active pairs, threshold [F], decoders W [F, T, d] -> (the contribution
+    [n, T, d], the penalty sum tanh(c * a * ||W_f||)), with the straight-through threshold
+    gradient read at the active pairs inside the window and at the inactive ones there (`Pairs.window`).
+    The decoder's products (`Support.spread`, `Support.collect`) run in `dtype`, over the active pairs
+    only; the activations' gradient (`Support.sampled`) in W's dtype, at the active and window pairs."""
+
+    @staticmethod
+    def forward(ctx, values, threshold, W, c: float, bandwidth: float, pairs: Pairs, dtype: torch.dtype):
+        s, values, W = pairs.support, values.detach(), W.detach()
+        W_flat, norms = W.flatten(1), torch.linalg.vector_norm(W, dim=(1, 2))
+        W_mm = W_flat.to(dtype)
+        out = s.spread(values.to(dtype), W_mm).to(W.dtype).view(s.n_tokens, *W.shape[1:])
+        scale = c * norms.index_select(0, s.feature)  # [nnz]
+        t = torch.tanh(values * scale)
+        sech2 = 1 - t * t
+        ctx.save_for_backward(values, threshold.detach(), norms, scale, sech2, W_flat, W_mm)
+        ctx.c, ctx.bandwidth, ctx.pairs, ctx.shape = c, bandwidth, pairs, W.shape
+        return out, t.sum()
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_penalty):
+        values, threshold, norms, scale, sech2, W_flat, W_mm = ctx.saved_tensors
+        s, window, near = ctx.pairs.support, ctx.pairs.window, ctx.pairs.near
+        g = grad_out.reshape(grad_out.shape[0], -1)  # [n, T * d]
+        grad_W = s.collect(values.to(W_mm.dtype), g.to(W_mm.dtype)).to(g.dtype).view(ctx.shape)
+        grad_norms = norms.new_zeros(len(norms)).index_add_(0, s.feature, values * sech2) * (ctx.c * grad_penalty)
+        _add_norms_gradient(grad_W, W_flat.view(ctx.shape), norms, grad_norms)
+        grad_values, grad_window = _decoded_at([s, window], W_flat, W_mm, g)
+        grad_values += grad_penalty * scale * sech2
+        grad_window += grad_penalty * ctx.c * norms.index_select(0, window.feature)
+        near_features, near_grads = s.feature.index_select(0, near), grad_values.index_select(0, near)
+        in_window = norms.new_zeros(len(norms)).index_add_(0, near_features, near_grads)
+        grad_threshold = in_window.index_add_(0, window.feature, grad_window) * (-threshold / ctx.bandwidth)
+        return grad_values, grad_threshold, grad_W, None, None, None, None
+
+
+def _decoded_at(supports: list[Support], W: torch.Tensor, W_mm: torch.Tensor, g: torch.Tensor) -> list[torch.Tensor]:
+    """W[feature] . g[token] at each support's pairs ([nnz] each, in W's dtype) for decoders W [F, D] and
+    gradients g [n, D]: sampled products in W's dtype, or, where W_mm (W in the matmul dtype) is bfloat16
+    and the pairs cover over SAMPLED_BELOW_BF16 of [F, n], one dense product W_mm @ g.T read at them."""
+    F, n = W.shape[0], g.shape[0]
+    if W_mm.dtype != torch.bfloat16 or sum(len(s.feature) for s in supports) <= SAMPLED_BELOW_BF16 * F * n:
+        return [s.sampled(W, g) for s in supports]
+    full = W_mm @ g.to(W_mm.dtype).T  # [F, n]
+    return [s.gather(full).to(W.dtype) for s in supports]
+
+
 class _Encode(torch.autograd.Function):
     """Every layer's pre-activations pre[l] [F, n] (computed without autograd, in the matmul dtype)
     as a function of the encoders W [L, F, d] and b [L, F] on inputs x [n, L, d]: per layer all of
-    them as they are (support None), or those at its support [nnz] in W's dtype. One function for
-    all layers, so that the backward writes each layer's slice of the gradients (a slice per layer
-    would allocate [L, F, d] per layer). A dense layer's gradient product runs in the matmul dtype;
-    a sparse layer's in W's (torch.sparse's bfloat16 products are slower or missing on CPU)."""
+    them as they are (pairs None), or those at its pairs (`Pairs.values`, in W's dtype). One function
+    for all layers, so that the backward writes each layer's slice of the gradients (a slice per layer
+    would allocate [L, F, d] per layer). A dense layer's gradient product runs in the matmul dtype; a
+    sparse layer's in W's (`Support.collect`)."""
 
     @staticmethod
-    def forward(ctx, W, b, x, pre: list[torch.Tensor], supports: list[Support | None]):
+    def forward(ctx, W, b, x, pre: list[torch.Tensor], pairs: list[Pairs | None]):
         ctx.save_for_backward(x)
-        ctx.supports, ctx.shape, ctx.mm_dtype = supports, W.shape, pre[0].dtype
-        return tuple(p if s is None else p[s.feature, s.token].to(W.dtype) for p, s in zip(pre, supports, strict=True))
+        ctx.pairs, ctx.shape, ctx.mm_dtype = pairs, W.shape, pre[0].dtype
+        return tuple(p if s is None else s.values for p, s in zip(pre, pairs, strict=True))
 
     @staticmethod
     def backward(ctx, *grads):
         (x,) = ctx.saved_tensors
         grad_W, grad_b = x.new_empty(ctx.shape), x.new_zeros(ctx.shape[:2])
-        for l, (grad, s) in enumerate(zip(grads, ctx.supports, strict=True)):
-            if s is not None:
-                grad_W[l] = s.csr(grad) @ x[:, l]
+        for l, (grad, pairs) in enumerate(zip(grads, ctx.pairs, strict=True)):
+            if pairs is not None:
+                s = pairs.support
+                grad_W[l] = s.collect(grad, x[:, l].contiguous())
                 grad_b[l].index_add_(0, s.feature, grad)
                 continue
             grad_b[l] = grad.sum(1)  # grad [F, n]
@@ -242,7 +406,7 @@ class _Encode(torch.autograd.Function):
         return grad_W, grad_b, None, None, None
 
 
-def encode(clt, x: torch.Tensor, dtype: torch.dtype | None = None) -> list[LayerActs | DenseJumpReLU]:
+def encode(clt, x: torch.Tensor, dtype: torch.dtype | None = None) -> list[LayerActs | DenseJumpReLU | SparseJumpReLU]:
     """Every layer's inputs x [n, L, d] -> its activations, dense or at their support, with the
     values and gradients of the dense `CrossLayerTranscoder.encode_layer` at those features. The
     encoder's matmuls run in `dtype` (default: the parameters'), the activations in the parameters'."""
@@ -251,9 +415,9 @@ def encode(clt, x: torch.Tensor, dtype: torch.dtype | None = None) -> list[Layer
         W_mm = torch.cat([clt.W_enc, clt.b_enc[..., None]], -1).to(dtype)  # [L, F, d + 1]: the bias, an input of 1
         x_mm = torch.cat([x, x.new_ones(*x.shape[:2], 1)], -1).to(dtype).permute(1, 2, 0).contiguous()  # [L, d + 1, n]
         pre = torch.bmm(W_mm, x_mm).unbind(0)  # [F, n] each, rounded once as addmm's (1.5x as fast in bfloat16)
-        supports = [_support(clt, p, l, dense_above(dtype)) for l, p in enumerate(pre)]
-    values = _Encode.apply(clt.W_enc, clt.b_enc, x, pre, supports)
-    return [_activate(clt, l, v, s) for l, (v, s) in enumerate(zip(values, supports, strict=True))]
+        pairs = [_pairs(clt, p, l, dense_above(dtype)) for l, p in enumerate(pre)]
+    values = _Encode.apply(clt.W_enc, clt.b_enc, x, pre, pairs)
+    return [_activate(clt, l, v, s) for l, (v, s) in enumerate(zip(values, pairs, strict=True))]
 
 
 def dense_above(dtype: torch.dtype) -> float:
@@ -261,23 +425,43 @@ def dense_above(dtype: torch.dtype) -> float:
     return DENSE_ABOVE_BF16 if dtype == torch.bfloat16 else DENSE_ABOVE
 
 
-def _support(clt, pre: torch.Tensor, layer: int, dense_above: float) -> Support | None:
-    """The supported pairs of one layer's pre-activations [F, n]: each token's top k (TopK), pre > 0
-    (ReLU), or pre inside or above the JumpReLU threshold's straight-through window; None where they
-    are over `dense_above` of [F, n] (the layer is then dense)."""
-    cfg, (F, n) = clt.cfg, pre.shape
+def _pairs(clt, pre: torch.Tensor, layer: int, dense_above: float) -> Pairs | None:
+    """The pairs of one layer's pre-activations [F, n]: each token's top k (TopK), pre > 0 (ReLU), or pre
+    inside or above the JumpReLU threshold's straight-through window; None where they are over
+    `dense_above` of [F, n] (the layer is then dense)."""
+    cfg, (F, n), param = clt.cfg, pre.shape, clt.W_enc.dtype
     if cfg.activation == "topk":
         if cfg.topk > dense_above * F:
             return None
         top = pre.T.contiguous().topk(cfg.topk, dim=1).indices.flatten()  # [n * k] (contiguous: ~10x faster)
         token = torch.arange(n, device=pre.device).repeat_interleave(cfg.topk)
         order = (top * n + token).argsort()
-        return Support.of_pairs(top[order], token[order], F, n)
-    low = 0.0 if cfg.activation == "relu" else _at_most(clt.threshold[layer].detach() - cfg.bandwidth / 2, pre.dtype)
+        s = Support.of_pairs(top[order], token[order], F, n)
+        return Pairs(s.gather(pre).to(param), s)
+    if cfg.activation == "relu":
+        low = 0.0
+    else:
+        threshold = clt.threshold[layer].detach()
+        low = _at_most(threshold.double() - cfg.bandwidth / 2, pre.dtype)  # the window's bounds as the dense layer's
     sample = _above(pre[:, :: max(1, n // 128)], low)  # the density from 128 tokens: a dense layer skips the rest
     if sample.count_nonzero().item() > dense_above * sample.numel():
         return None
-    return Support.of(_above(pre, low))
+    s = Support.of(_above(pre, low))
+    values = s.gather(pre)  # [nnz] in the matmul dtype
+    if cfg.activation == "relu":
+        return Pairs(values.to(param), s)
+    active = values > _at_most(threshold, pre.dtype)[:, 0].index_select(0, s.feature)  # as JumpReLU's pre > threshold
+    on, window, places = s.split(active)
+    values = values.index_select(0, places)
+    high = _at_least(threshold.double() + cfg.bandwidth / 2, pre.dtype)[:, 0].index_select(0, on.feature)
+    return Pairs(values.to(param), on, window, _nonzero(values < high))
+
+
+def _nonzero(mask: torch.Tensor) -> torch.Tensor:
+    """The places [k] where a bool [nnz] is set; on a CPU by numpy (torch's nonzero: ~65 ns a pair)."""
+    if mask.device.type != "cpu":
+        return mask.nonzero()[:, 0]
+    return torch.from_numpy(np.flatnonzero(mask.numpy()))
 
 
 _BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.half: torch.int16}
@@ -314,50 +498,47 @@ def _at_least(bound: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return -_at_most(-bound, dtype)
 
 
-def _activate(clt, layer: int, pre: torch.Tensor, support: Support | None) -> LayerActs | DenseJumpReLU:
-    """The activations of one layer's pre-activations: [F, n] in the matmul dtype (support None) or
-    [nnz] at the support."""
+def _activate(clt, layer: int, pre: torch.Tensor, pairs: Pairs | None) -> LayerActs | DenseJumpReLU | SparseJumpReLU:
+    """The activations of one layer's pre-activations: [F, n] in the matmul dtype (pairs None) or
+    [nnz] at the pairs."""
     cfg, F = clt.cfg, clt.W_enc.shape[1]
-    if cfg.activation == "jumprelu" and support is None:
-        return DenseJumpReLU(pre, clt.threshold[layer], cfg.bandwidth)
-    if support is None:
+    if cfg.activation == "jumprelu":
+        if pairs is None:
+            return DenseJumpReLU(pre, clt.threshold[layer], cfg.bandwidth)
+        return SparseJumpReLU(pre, pairs, clt.threshold[layer], cfg.bandwidth)
+    if pairs is None:
         pre = pre.T.to(clt.W_enc.dtype)  # [n, F]
-    if cfg.activation == "topk":
-        values = torch.relu(pre)
-        if support is None:
-            top = pre.detach().topk(cfg.topk, dim=1).indices  # [n, k]
-            values = values * torch.zeros_like(pre, dtype=torch.bool).scatter_(1, top, True)
-    elif cfg.activation == "relu":
-        values = torch.relu(pre)
-    else:
-        values = JumpReLU.apply(pre, clt.threshold[layer][support.feature], cfg.bandwidth)
-    return LayerActs(values, support, F)
+    values = torch.relu(pre)
+    if cfg.activation == "topk" and pairs is None:
+        top = pre.detach().topk(cfg.topk, dim=1).indices  # [n, k]
+        values = values * torch.zeros_like(pre, dtype=torch.bool).scatter_(1, top, True)
+    return LayerActs(values, None if pairs is None else pairs.support, F)
 
 
 class _SparseDecode(torch.autograd.Function):
-    """values [nnz] at a support, decoders W [F, T, d] -> the contribution [n, T, d]."""
+    """values [nnz] at a support, decoders W [F, T, d] -> the contribution [n, T, d], every product in
+    W's dtype (a ReLU or TopK layer: TopK 32 of 8,192 is 0.4% of [F, n], where bfloat16 embedding bags
+    gained less than casting W and its gradient cost: 5-15% slower whole steps)."""
 
     @staticmethod
     def forward(ctx, values, W, support: Support):
-        ctx.save_for_backward(values, W)
-        ctx.support = support
-        out = torch.sparse.mm(support.rows(values.detach()), W.detach().flatten(1))
-        return out.view(support.n_tokens, *W.shape[1:])
+        W_flat = W.detach().flatten(1)
+        ctx.save_for_backward(values, W_flat)
+        ctx.support, ctx.shape = support, W.shape
+        return support.spread(values.detach(), W_flat).view(support.n_tokens, *W.shape[1:])
 
     @staticmethod
     def backward(ctx, grad):
-        values, W = ctx.saved_tensors
-        s, flat = ctx.support, grad.reshape(grad.shape[0], -1)  # [n, T * d]
-        pattern = s.csr(values)
-        grad_values = torch.sparse.sampled_addmm(pattern, W.detach().flatten(1), flat.T, beta=0).values()
-        return grad_values, (pattern @ flat).view_as(W), None
+        values, W_flat = ctx.saved_tensors
+        s, g = ctx.support, grad.reshape(grad.shape[0], -1)  # [n, T * d]
+        return s.sampled(W_flat, g), s.collect(values.detach(), g).view(ctx.shape), None
 
 
 def decode(acts: LayerActs, W: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """One source layer's decoders W [F, T, d] applied to its activations: [n, T, d] in W's dtype. A
-    dense layer's products (forward and backward) run in `dtype` (default W's); a sparse layer's in
-    W's (torch.sparse's bfloat16 products are 3-5x slower than its float32 ones on CPU, or missing)."""
+    """One source layer's decoders W [F, T, d] applied to its activations: [n, T, d] in W's dtype, a
+    dense layer's products (forward and backward) in `dtype` (default W's), a sparse one's in W's."""
     if acts.support is None:
-        out = acts.values.to(dtype or W.dtype) @ W.flatten(1).to(dtype or W.dtype)
+        dtype = dtype or W.dtype
+        out = acts.values.to(dtype) @ W.flatten(1).to(dtype)
         return out.to(W.dtype).view(len(acts.values), *W.shape[1:])
     return _SparseDecode.apply(acts.values, W, acts.support)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from circuits.train.kernels import LayerTerms, encode
+from circuits.train.kernels import LayerTerms, decoder_norm, encode
 from circuits.train.parallel import Comm
 from circuits.transcoders.clt import CrossLayerTranscoder
 
@@ -113,23 +113,7 @@ def initialise(clt: CrossLayerTranscoder, x: torch.Tensor, cfg: TrainConfig) -> 
 
 def decoder_norms(clt: CrossLayerTranscoder) -> torch.Tensor:
     """||W_dec_f|| over each feature's concatenated decoders: [L, F]."""
-    return torch.stack([_Norms.apply(w) for w in clt.W_dec])
-
-
-class _Norms(torch.autograd.Function):
-    """W [F, T, d] -> ||W_f|| [F]; the backward is W * (grad / norm) in one pass over W (autograd's
-    vector_norm backward makes three and a masked fill: ~7% of a step at F 8,192)."""
-
-    @staticmethod
-    def forward(ctx, W: torch.Tensor) -> torch.Tensor:
-        norms = torch.linalg.vector_norm(W, dim=(1, 2))
-        ctx.save_for_backward(W, norms)
-        return norms
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        W, norms = ctx.saved_tensors
-        return W * torch.where(norms > 0, grad / norms, 0.0)[:, None, None]  # a zero row's norm: gradient 0
+    return torch.stack([decoder_norm(w) for w in clt.W_dec])
 
 
 @dataclass
@@ -158,12 +142,11 @@ def losses(
         coef = torch.full((clt.cfg.n_layers,), cfg.sparsity_coef * sparsity_factor(step, cfg))
     coef = coef.to(x.device)
     n_global = len(x) * comm.world
-    norms = decoder_norms(clt)  # [L, F]
     if sparse:
         x_enc = comm.gather_rows(x)  # the tokens this rank's features encode
         dtype = MATMUL_DTYPES[cfg.precision] or clt.W_enc.dtype
         acts = encode(clt, x_enc, dtype)
-        terms = [a.terms(clt.W_dec[l], norms[l], cfg.sparsity_c, dtype) for l, a in enumerate(acts)]
+        terms = [a.terms(clt.W_dec[l], cfg.sparsity_c, dtype) for l, a in enumerate(acts)]
         recon = comm.reduce_rows(_reconstruction(clt, terms, len(x_enc))) + clt.b_dec + clt.skip_out(x)
         sparsity = torch.stack([t.penalty for t in terms])  # [L]
         fired, l0 = torch.stack([t.fired for t in terms]), torch.stack([t.active for t in terms]) / len(x_enc)
@@ -171,7 +154,7 @@ def losses(
         x_enc = x
         dense = clt.encode(x)  # [n, L, F]
         recon = clt.decode(dense) + clt.skip_out(x)
-        sparsity = torch.tanh(cfg.sparsity_c * dense * norms).sum((0, 2))  # [L]
+        sparsity = torch.tanh(cfg.sparsity_c * dense * decoder_norms(clt)).sum((0, 2))  # [L]
         fired, l0 = (dense > 0).any(0), (dense > 0).sum((0, 2)) / len(x)
     mse = (recon - y).square().sum()
     preact = _preact(clt, x_enc, dead) if clt.cfg.activation == "jumprelu" and dead.any() else x.new_zeros(())

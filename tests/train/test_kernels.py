@@ -23,9 +23,13 @@ def test_either_contraction_equals_the_dense_reference(activation, dense_above, 
     initialise(clt, x, TrainConfig(target_fire_fraction=0.1))
     with torch.no_grad():
         clt.b_enc[1] += 1.0  # layer 1 fires on most tokens
+        clt.W_dec[0][3] = clt.W_dec[1][5] = 0.0  # zero rows: norm 0, its gradient 0
     if dense_above == 0.3:
-        dense = [getattr(a, "support", None) is None for a in kernels.encode(clt, x)]  # DenseJumpReLU: dense
-        assert dense == ([False, False, False] if activation == "topk" else [False, True, False])
+        acts = kernels.encode(clt, x)
+        assert [_is_dense(a) for a in acts] == ([False, False, False] if activation == "topk" else [False, True, False])
+    if activation == "jumprelu" and dense_above == 1.0:  # the window's inactive pairs and active ones in it
+        pairs = [a.pairs for a in kernels.encode(clt, x)]
+        assert all(len(p.window.feature) > 5 and len(p.near) > 5 for p in pairs)
     cfg, dead = TrainConfig(sparsity_coef=0.1, preact_coef=0.01), torch.rand(3, 64) < 0.3
     results = []
     for sparse in (True, False):
@@ -39,6 +43,10 @@ def test_either_contraction_equals_the_dense_reference(activation, dense_above, 
     for k in gs:
         torch.testing.assert_close(gs[k], gd[k], rtol=1e-10, atol=1e-12, msg=k)
     assert torch.equal(rs.fired, rd.fired) and 0 < rs.l0.mean() < 64
+
+
+def _is_dense(acts) -> bool:
+    return isinstance(acts, kernels.DenseJumpReLU) or (isinstance(acts, kernels.LayerActs) and acts.support is None)
 
 
 @pytest.mark.parametrize("shape", [(40, 64), (30, 3, 64)])  # a layer's [n, F]; the reference's [n, L, F] with [L, F]
@@ -68,25 +76,26 @@ def _rounded(t: torch.Tensor) -> torch.Tensor:
     return t + (t.detach().bfloat16().double() - t.detach())
 
 
-def _bf16_mixed_emulated(clt, x, y, coef: float, c: float, dense: bool) -> torch.Tensor:
+def _bf16_mixed_emulated(clt, x, y, coef: float, c: float) -> torch.Tensor:
     """The bf16-mixed objective in float64 with explicit roundings where its products round: operands
-    and outputs of the encoder matmul, and of each source layer's decoder product when the layer is
-    dense (a sparse layer's decoder runs in float32)."""
+    and outputs of the encoder matmul and of each source layer's decoder product (dense or sparse)."""
     pre = _rounded(torch.einsum("nld,lfd->nlf", _rounded(x), _rounded(clt.W_enc)) + _rounded(clt.b_enc))
     acts = JumpReLU.apply(pre, clt.threshold.double(), clt.cfg.bandwidth)  # [n, L, F]
     recon = clt.b_dec.double().expand(len(x), -1, -1).clone()
     for s, W in enumerate(clt.W_dec):
-        W = _rounded(W) if dense else W.double()
-        out = (_rounded(acts[:, s]) if dense else acts[:, s]) @ W.flatten(1)  # [n, T * d]
-        recon[:, s:] = recon[:, s:] + (_rounded(out) if dense else out).view(len(x), -1, W.shape[-1])
+        out = _rounded(acts[:, s]) @ _rounded(W).flatten(1)  # [n, T * d]
+        recon[:, s:] = recon[:, s:] + _rounded(out).view(len(x), -1, W.shape[-1])
     norms = torch.stack([torch.linalg.vector_norm(w.double(), dim=(1, 2)) for w in clt.W_dec])  # [L, F]
     sparsity = torch.tanh(c * acts * norms).sum()
     return (((recon - y.double()) ** 2).sum() + coef * sparsity) / len(x)
 
 
-@pytest.mark.parametrize("dense_above", [0.0, 1.0])  # every layer dense (bfloat16 products); sparse (float32)
-def test_bf16_mixed_is_the_objective_with_its_products_rounded_to_bfloat16(dense_above, monkeypatch):
+@pytest.mark.parametrize(
+    ("dense_above", "sampled_below"), [(0.0, 0.0), (1.0, 0.0), (1.0, 1.0)]
+)  # every layer dense; every layer sparse, its activations' gradient a dense bfloat16 product, or sampled
+def test_bf16_mixed_is_the_objective_with_its_products_rounded_to_bfloat16(dense_above, sampled_below, monkeypatch):
     monkeypatch.setattr(kernels, "DENSE_ABOVE_BF16", dense_above)
+    monkeypatch.setattr(kernels, "SAMPLED_BELOW_BF16", sampled_below)
     torch.manual_seed(0)
     clt = CrossLayerTranscoder(CLTConfig(n_layers=3, d_model=16, n_features=64))
     x = torch.randn(50, 3, 16)
@@ -97,7 +106,7 @@ def test_bf16_mixed_is_the_objective_with_its_products_rounded_to_bfloat16(dense
     r.total.backward()
     ours = {k: p.grad.clone() for k, p in clt.named_parameters()}
     clt.zero_grad()
-    reference = _bf16_mixed_emulated(clt, x, y, cfg.sparsity_coef, cfg.sparsity_c, dense=dense_above == 0.0)
+    reference = _bf16_mixed_emulated(clt, x, y, cfg.sparsity_coef, cfg.sparsity_c)
     reference.backward()
     torch.testing.assert_close(r.total.double(), reference.detach(), rtol=1e-5, atol=0)
     fp32 = losses(clt, x, y, step=cfg.steps - 1, cfg=dataclasses.replace(cfg, precision="fp32"), dead=dead).total
