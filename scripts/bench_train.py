@@ -256,8 +256,6 @@ def main() -> None:
     parser.add_argument("--one", choices=SYSTEMS, help=argparse.SUPPRESS)  # internal: one run in this process
     parser.add_argument("--one-topk", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if len(args.peer_lambda) != len(args.l0) and not args.one:
-        parser.error(f"--peer-lambda needs one value per --l0 ({len(args.l0)})")
     if args.one:
         torch.set_num_threads(1)
         torch.manual_seed(0)
@@ -265,11 +263,13 @@ def main() -> None:
         print(json.dumps(SYSTEMS[args.one](args, batches, held)))
         return
     peer = bool(args.peer_python) and Path(args.peer_python).exists()  # "": ours only
+    if peer and args.l0 and len(args.peer_lambda) != len(args.l0):
+        parser.error(f"--peer-lambda needs one value per --l0 ({len(args.l0)})")
     print(f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print(f"{args.steps} steps of {BATCH} tokens, lr {args.lr}; NMSE, L0/layer: {args.eval_tokens} held-out tokens")
     cells = f"{'tok/s':>7} {'cpu':>7} {'NMSE':>6} {'L0':>6}"
     print(f"{'F':>6} {'L0':>5} {'precision':>10} | ours: {cells} | {'peer':>16}: {cells} | ratio (tok/s, cpu)")
-    lambdas = dict(zip(args.l0, args.peer_lambda, strict=True))
+    lambdas = dict(zip(args.l0, args.peer_lambda))  # read by decode-clt's runs only
     rows = [(F, l0, False, "decode-clt", lambdas[l0]) for F in args.features for l0 in args.l0]
     rows += [(F, k, True, "sparsify", 0.0) for F in args.features for k in args.topk]
     for F, l0, topk, peer_name, peer_lambda in rows:
