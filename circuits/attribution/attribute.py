@@ -22,11 +22,9 @@ input is exactly the sum of its incoming edges plus its bias (the constant terms
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import math
 import mmap
-import sys
 from dataclasses import asdict, replace
 from functools import cached_property
 from typing import NamedTuple
@@ -38,7 +36,6 @@ from transformer_lens import HookedTransformer
 from circuits.attribution.config import (
     DECODER_ROWS_AT_ONCE,
     EDGES_AT_ONCE,
-    GATHERED_AT_ONCE,
     AttributionConfig,
     block_width,
     has_embedding_images,
@@ -57,9 +54,6 @@ from circuits.processing import transcoder_processing, weight_processing
 from circuits.transcoders.clt import CLTConfig, CrossLayerTranscoder, check_fits
 
 log = logging.getLogger(__name__)
-
-# glibc's malloc_trim (None elsewhere: musl, macOS, Windows), see `release_freed_heap`
-_MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None) if sys.platform.startswith("linux") else None
 
 
 class Sources:
@@ -127,13 +121,11 @@ class Sources:
     def drop_last_layer_writes(self) -> None:
         """Drop from the blocks what the features write to the last layer, once the logit rows are
         computed: no other row reads it (a quarter of the blocks with 4 layers, a third of their
-        writes with 2). A layer at a time is copied (cloned: a layer that keeps nothing would keep its
-        storage as a contiguous view); `rows` into the logits fails from here on."""
+        writes with 2). A layer at a time is copied; `rows` into the logits fails from here on."""
         d, cross = self.rep.embed.shape[-1], self.rep.clt.cfg.cross_layer
         for s, blocks in enumerate(self.by_layer):
             below = written_below_last(self.L, s, cross)
-            kept = blocks.writes[:, :, : below * d].clone(memory_format=torch.contiguous_format)
-            self.by_layer[s] = blocks._replace(writes=kept)
+            self.by_layer[s] = blocks._replace(writes=blocks.writes[:, :, : below * d].contiguous())
 
     def rows(self, layer: int, pos: torch.Tensor, vec: torch.Tensor, out: torch.Tensor | None = None):
         """Edges from every source into a batch of targets of one layer: `vec` [B, d] injected at
@@ -193,7 +185,7 @@ class Sources:
         first = torch.searchsorted(pos, torch.arange(Pp, device=pos.device)).tolist()  # targets from first[p] on see p
         cross = self.rep.clt.cfg.cross_layer
         for s, blocks in enumerate(self.by_layer[:t]):
-            blocks.contract(g_post[:, :, s : t if cross else s + 1], out)
+            blocks.contract(g_post[:, :, s : t if cross else s + 1], self.work_floats, out)
         for p, (writes, below, runs) in enumerate(self.by_position[:Pp]):
             f, n = first[p], below[t]  # the features at p below layer t: the first n
             if n and f < B:
@@ -219,9 +211,10 @@ class LayerBlocks(NamedTuple):
     on long prompts)."""
 
     start: int  # the layer's first feature node
+    positions: torch.Tensor  # [n_s] each feature's position, ascending
     block_pos: torch.Tensor  # [n_blocks] each block's position, ascending
     writes: torch.Tensor  # [n_blocks, width, T_s * d] the features' writes, zero rows as padding
-    slot: torch.Tensor  # [n_s] each feature's row in writes.view(n_blocks * width, -1), ascending
+    slot: torch.Tensor  # [n_s] each feature's row in writes.view(n_blocks * width, -1)
 
     @classmethod
     def of(
@@ -249,25 +242,24 @@ class LayerBlocks(NamedTuple):
         for c in range(0, len(features), chunk):
             padded[slot[c : c + chunk]] = layer_writes(W_dec, features[c : c + chunk], acts[c : c + chunk]).flatten(1)
         block_pos = torch.repeat_interleave(torch.arange(P, device=positions.device), per_position)
-        return cls(start, block_pos, padded.view(n_blocks, width, -1), slot)
+        return cls(start, positions, block_pos, padded.view(n_blocks, width, -1), slot)
 
-    def contract(self, g: torch.Tensor, out: torch.Tensor, chunk: int = GATHERED_AT_ONCE) -> None:
+    def contract(self, g: torch.Tensor, work_floats: int, out: torch.Tensor) -> None:
         """The edges from these features into a batch of targets, from the targets' gradients g
         [B, P', T, d] at the T layers they write to below the targets: into out[:, their nodes]. Rows
-        of targets before a feature's position get its exact zero (g is zero after a target). One
-        product per run of blocks whose gradients, gathered, hold about `chunk` numbers, its edges
-        written out before the next (the temporaries stay small beside the blocks)."""
+        of targets before a feature's position get its exact zero (g is zero after a target)."""
         B, Pp, T, d = g.shape
-        n_blocks = int(torch.searchsorted(self.block_pos, Pp))  # the blocks the batch sees
+        n = int(torch.searchsorted(self.positions, Pp))  # the features the batch sees
+        n_blocks = int(torch.searchsorted(self.block_pos, Pp))
         width = self.writes.shape[1]
+        edges = g.new_empty(n_blocks, width, B)
         by_position = g.transpose(0, 1)  # [P', B, T, d]
-        step = max(1, chunk // (B * T * d))  # blocks per product
-        starts = list(range(0, n_blocks, step)) + [n_blocks]
-        firsts = torch.searchsorted(self.slot, torch.tensor(starts, device=self.slot.device) * width).tolist()
-        for a, b, f, f_end in zip(starts[:-1], starts[1:], firsts[:-1], firsts[1:], strict=True):
+        step = max(1, work_floats // (B * T * d))  # blocks per product: their gradients gathered
+        for a in range(0, n_blocks, step):
+            b = min(a + step, n_blocks)
             gathered = by_position[self.block_pos[a:b]].flatten(2)  # [k, B, T * d]
-            edges = torch.bmm(self.writes[a:b, :, : T * d], gathered.transpose(1, 2)).view(-1, B)  # [k * width, B]
-            out[:, self.start + f : self.start + f_end] = edges[self.slot[f:f_end] - a * width].T
+            torch.bmm(self.writes[a:b, :, : T * d], gathered.transpose(1, 2), out=edges[a:b])
+        out[:, self.start : self.start + n] = edges.view(n_blocks * width, B)[self.slot[:n]].T
 
 
 def untouched_zeros(
@@ -636,7 +628,6 @@ def _feature_rows(
                 vec = rep.encoder_vectors(l, pos[at], W_enc[l, feature[at]])  # [k, d] at resid_mid
                 out = store.out(start, stop) if stop - start == len(at) else None  # a contiguous run: in place
                 store.add(at, sources.rows(l, pos[at], vec, out=out))
-                release_freed_heap()
                 bar.update(len(at))
 
     bar = tqdm(total=cap, desc="attribution", unit="feature", disable=not progress)
@@ -660,16 +651,6 @@ def _feature_rows(
         done = torch.cat([done, batch])
     bar.close()
     return done.sort().values
-
-
-def release_freed_heap() -> None:
-    """Give the C heap's free pages back to the OS (glibc's malloc_trim; nothing elsewhere). Each
-    backward pass's temporaries (gradients, rows, products) change size with its rows and positions,
-    and glibc keeps the holes they leave in its heap: after every pass of the feature rows, where the
-    peak of a long prompt is, that was 30 to 50 MB of the 0.31 to 0.54 GB a 64- to 256-token prompt
-    grew by (`bench_attribution.py --long`), for about 1.5 ms a pass."""
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
 
 
 def _feature_influence(direct: torch.Tensor, normalized: torch.Tensor, done: torch.Tensor) -> torch.Tensor:

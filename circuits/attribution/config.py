@@ -10,10 +10,6 @@ import torch
 DECODER_ROWS_AT_ONCE = 4096
 """Features whose writes the contraction's blocks are made of at a time (`attribute.LayerBlocks.of`;
 `estimate` counts that temporary)."""
-GATHERED_AT_ONCE = 2**20
-"""Gradient numbers the contraction gathers for one product over blocks of features (`attribute.
-LayerBlocks.contract`; 4 MB): the products' temporaries stay small beside the blocks and the kept
-rows, on which the peak memory of a long prompt sits (`estimate` counts them)."""
 EDGES_AT_ONCE = 2**18
 """Kept edges a sparse graph is assembled from at a time (`attribute.SparseRows`; `estimate` counts
 those temporaries)."""

@@ -16,9 +16,8 @@ throughout (the embedding images P^2 d when built, ~16 L P d of activations):
   is written below the last layer;
 - the rows, one backward pass at a time: its gradients B P (L - 1) d at the transcoder outputs and
   ~2 B P d while walking down, the rows B S (twice on the sparse path), the blocks' products and
-  the gradients gathered for them, one product at a time (`GATHERED_AT_ONCE`); and the rows kept:
-  dense, the touched rows (k + T) S and the normalised estimate k n; sparse, E edges of 2 numbers
-  (column, value);
+  the gradients gathered for them; and the rows kept: dense, the touched rows (k + T) S and the
+  normalised estimate k n; sparse, E edges of 2 numbers (column, value);
 - assembling the graph, the blocks dropped unless `inhibited` needs them: dense, its kept part
   (k + L P + P + T)^2 and the rows of the kept features k (S + k + L P + P); sparse, the E kept
   edges and those of them between the graph's nodes (E times the share of sources kept), 8 numbers
@@ -43,7 +42,6 @@ from transformer_lens import HookedTransformer
 from circuits.attribution.config import (
     DECODER_ROWS_AT_ONCE,
     EDGES_AT_ONCE,
-    GATHERED_AT_ONCE,
     AttributionConfig,
     block_width,
     has_embedding_images,
@@ -165,11 +163,9 @@ def estimate(
     freeze = max(patterns, (L + 2) * H * P * P, L * H * P * P + 3 * P * L * F)
     B = rows_per_pass(cfg, P, d, L - 1)
     backward = B * P * (L + 1) * d + B * S * (2 if sparse else 1)
-    if not merged:  # one product over blocks at a time: the gradients gathered for it, its edges twice
-        blocks = [(p // w, w, B * t * d) for p, w, t in zip(padded, widths, below, strict=True) if t]
-        backward += max(  # (blocks, width, gradient floats per block)
-            (min(GATHERED_AT_ONCE, n * g) + 2 * min(n, max(1, GATHERED_AT_ONCE // g)) * w * B for n, w, g in blocks),
-            default=0,
+    if not merged:  # the blocks' products, and the gradients gathered for them (at most work_floats)
+        backward += max(
+            p * B + min(cfg.work_floats, p // w * B * t * d) for p, w, t in zip(padded, widths, below, strict=True)
         )
     E = k * min(cfg.edges_per_row, S)
     if sparse:  # the kept edges (column, value); the graph's share of them in parts, then as COO arrays
