@@ -150,8 +150,8 @@ class Pairs:
     """A sparse layer's pairs on a batch: `values` [nnz], the pre-activations (in the parameters' dtype)
     at `support`, where its activations and the encoder's gradient live. For JumpReLU, `support` holds
     the active pairs only; `window` the inactive ones inside the threshold's straight-through window
-    (activation 0: only the threshold's gradient reads them) and `near` [nnz] bool the active ones
-    inside it (their places in `support`)."""
+    (activation 0: only the threshold's gradient reads them) and `near` [k] the places in `support` of
+    the active ones inside it."""
 
     values: torch.Tensor
     support: Support
@@ -238,7 +238,7 @@ class _DenseJumpReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pre, threshold, W, c: float, bandwidth: float):
         mm, threshold, W, norms = pre.dtype, threshold.detach(), W.detach(), torch.linalg.vector_norm(W, dim=(1, 2))
-        W_mm = W.detach().flatten(1).to(mm)  # [F, T * d]
+        W_mm = W.flatten(1).to(mm)  # [F, T * d]
         active = torch.gt(pre, _at_most(threshold, mm), out=torch.empty_like(pre))  # [F, n] 0/1
         values = pre * active  # exact in pre's dtype
         low, high = threshold.double() - bandwidth / 2, threshold.double() + bandwidth / 2  # float64: see above
