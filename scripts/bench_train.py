@@ -269,7 +269,7 @@ def main() -> None:
     print(f"{args.steps} steps of {BATCH} tokens, lr {args.lr}; NMSE, L0/layer: {args.eval_tokens} held-out tokens")
     cells = f"{'tok/s':>7} {'cpu':>7} {'NMSE':>6} {'L0':>6}"
     print(f"{'F':>6} {'L0':>5} {'precision':>10} | ours: {cells} | {'peer':>16}: {cells} | ratio (tok/s, cpu)")
-    lambdas = dict(zip(args.l0, args.peer_lambda))  # read by decode-clt's runs only
+    lambdas = dict(zip(args.l0, args.peer_lambda, strict=False))  # decode-clt runs only: lengths checked above
     rows = [(F, l0, False, "decode-clt", lambdas[l0]) for F in args.features for l0 in args.l0]
     rows += [(F, k, True, "sparsify", 0.0) for F in args.features for k in args.topk]
     for F, l0, topk, peer_name, peer_lambda in rows:

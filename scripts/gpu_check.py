@@ -68,14 +68,15 @@ class Shape:
     lengths: tuple[int, ...]  # prompt lengths of the attribution benchmark, BOS included
     l0: float  # features firing per layer and position (training: per token)
     attribution_batch: int  # targets per backward pass (0: the library's automatic choice)
+    dense_floats: int  # the attribution's dense-graph limit (0: the library's); the dry run's makes both layouts
     batch_tokens: int  # tokens per training step
     docs_per_chunk: int  # documents per forward pass of the activation stream
     warmup_steps: int
     train_steps: int  # timed, after the warm-up
 
 
-GEMMA_SLICE = Shape(4, 2304, 8, 256, 4, 9216, 16384, (64, 256), 64, 128, 4096, 512, 5, 40)
-DRY = Shape(2, 64, 2, 32, 1, 128, 256, (6, 10), 8, 0, 256, 64, 1, 3)
+GEMMA_SLICE = Shape(4, 2304, 8, 256, 4, 9216, 16384, (64, 256), 64, 128, 0, 4096, 512, 5, 40)
+DRY = Shape(2, 64, 2, 32, 1, 128, 256, (6, 10), 8, 0, 100_000, 256, 64, 1, 3)  # 6 tokens dense, 10 sparse
 PARTS = ["tests", "training", "attribution"]
 
 
@@ -161,11 +162,19 @@ def held_bytes(device: str) -> int | None:
     return torch.cuda.memory_allocated() if device.startswith("cuda") else None
 
 
+def finite(adjacency: torch.Tensor) -> bool:
+    """Whether every stored edge is finite (the sparse layout of long prompts: its values)."""
+    values = adjacency.coalesce().values() if adjacency.is_sparse else adjacency
+    return bool(values.isfinite().all())
+
+
 def attribution_run(model, clt, prompt: str, dtype: str, shape: Shape, repeat: int, device: str) -> dict:
     """One prompt in one dtype: a counted cold run, then `repeat` timed runs."""
     options = {"dtype": dtype, "device": device, "progress": False}
     if shape.attribution_batch:
         options["batch_size"] = shape.attribution_batch
+    if shape.dense_floats:
+        options["dense_floats"] = shape.dense_floats
     held = held_bytes(device)
     graph, flops = counted(lambda: attribute(prompt, model, clt, **options))
     runs = []
@@ -179,7 +188,8 @@ def attribution_run(model, clt, prompt: str, dtype: str, shape: Shape, repeat: i
         "dtype": dtype, "tokens": len(graph.tokens), "active_features": graph.config["n_active_features"],
         "feature_nodes": graph.n_features, "nodes": len(graph.adjacency), "targets": len(graph.target_tokens),
         "seconds": best, "seconds_all": [s for s, _ in runs], "flops": flops, "tflops_per_s": flops / best / 1e12,
-        "peak_memory_bytes": peak, "held_memory_bytes": held, "edges_finite": bool(graph.adjacency.isfinite().all()),
+        "peak_memory_bytes": peak, "held_memory_bytes": held, "edges_finite": finite(graph.adjacency),
+        "layout": "sparse" if graph.adjacency.is_sparse else "dense",
         "attribution_config": graph.config["attribution"],
     }  # fmt: skip
 

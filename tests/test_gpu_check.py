@@ -81,6 +81,7 @@ def test_the_dry_run_measures_attribution_in_both_dtypes(dry_run):
         on_gpu = record["environment"]["device"] == "cuda"
         assert (r["peak_memory_bytes"] is not None) == on_gpu and (r["held_memory_bytes"] is not None) == on_gpu
     assert record["transcoder"]["parameters"] > 0 and record["model"]["parameters"] > 0
+    assert [r["layout"] for r in rows] == ["dense", "sparse"] * 2  # the long prompts' sparse graphs too
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: the check would run in full")

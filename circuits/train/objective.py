@@ -202,7 +202,7 @@ def _reconstruction(clt: CrossLayerTranscoder, terms: list[LayerTerms], n: int) 
 @torch.no_grad()
 def fold_scales(clt: CrossLayerTranscoder, scales: Scales) -> CrossLayerTranscoder:
     """A copy of `clt` that takes raw activations and writes raw MLP outputs."""
-    folded = CrossLayerTranscoder(clt.cfg)
+    folded = CrossLayerTranscoder(clt.cfg).to(clt.W_enc.device, clt.W_enc.dtype)
     folded.load_state_dict(clt.state_dict())
     folded.W_enc.mul_(scales.inp[:, None, None])
     for s, w in enumerate(folded.W_dec):

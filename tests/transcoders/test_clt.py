@@ -61,13 +61,18 @@ def test_sparse_path_equals_dense_reference(kw):
 
 
 def test_fold_scales_takes_raw_activations():
+    """In the CLT's own dtype (float64 here, so to 1e-10) and on its own device."""
     clt = _random_clt(skip=True)
     x, y = torch.randn(20, 3, 16, dtype=torch.float64) * 7, torch.randn(20, 3, 16, dtype=torch.float64) * 3
     scales = Scales.estimate(x, y)
     recon_norm, acts_norm = clt(x * scales.inp[:, None])
-    recon_raw, acts_raw = fold_scales(clt.float(), scales)(x.float())
-    torch.testing.assert_close(acts_raw.double(), acts_norm, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(recon_raw.double(), recon_norm / scales.out[:, None], rtol=1e-4, atol=1e-4)
+    folded = fold_scales(clt, scales)
+    assert folded.W_enc.dtype == torch.float64
+    recon_raw, acts_raw = folded(x)
+    torch.testing.assert_close(acts_raw, acts_norm, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(recon_raw, recon_norm / scales.out[:, None], rtol=1e-10, atol=1e-10)
+    on_meta = fold_scales(clt.to("meta"), Scales(scales.inp.to("meta"), scales.out.to("meta")))
+    assert on_meta.W_enc.device.type == "meta"  # the device of a CUDA run's CLT, not the CPU (found on an H200)
 
 
 @pytest.mark.parametrize("cross_layer", [True, False])
