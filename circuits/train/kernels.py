@@ -1,7 +1,8 @@
 """The two contractions of a training step, each layer done dense or sparse by the density of its
 support on the batch (picked per layer and step from the pre-activations alone, so resume stays
-exact), and in the matmul dtype of the run's precision (float32, or bfloat16 with `precision =
-"bf16-mixed"`; the penalty, loss and parameter gradients stay in the parameters' dtype, and so do
+exact; on a GPU bfloat16 layers are always dense, float32 ones above 2%: `DENSE_ABOVE_CUDA`), and
+in the matmul dtype of the run's precision (float32, or bfloat16 with `precision = "bf16-mixed"`;
+the penalty, loss and parameter gradients stay in the parameters' dtype, and so do
 the activations except a dense JumpReLU layer's, exact in the matmul dtype):
 
 - `encode`: every layer's pre-activations [F, n] by one batched dense matmul, the bias as the
@@ -61,6 +62,15 @@ DENSE_ABOVE_BF16 = 0.09
 """The same with the dense matmuls in bfloat16 (`precision = "bf16-mixed"`): 3-4x faster than float32
 ones on CPUs with AMX, while the sparse layer's embedding bags gain less (~2x) and its sampled product
 nothing."""
+
+DENSE_ABOVE_CUDA = 0.02
+"""On a GPU (float32 matmuls, TF32 off): there dense products are fast and a sparse layer's many small
+kernels, host synchronisations and sorts are not. Measured on an H200 (scripts/gpu_check.py's slice, F
+16,384 x 4 layers, d 2,304, 4,096 tokens a step, 2026-12-04), ms a step sparse / dense: L0 16 78 / 260,
+L0 64 104 / 259, L0 256 (1.6%) 217 / 260, L0 1,024 (6.2%) 662 / 260."""
+DENSE_ABOVE_BF16_CUDA = 0.0
+"""On a GPU in bfloat16 every layer is dense: 55 ms a step at every L0 of the same runs, against sparse
+65 (L0 16, 0.1%), 88 (64), 196 (256) and 575 (1,024)."""
 
 SAMPLED_BELOW_BF16 = 0.04
 """With bfloat16 matmuls: the share of [F, n] (active and window pairs) below which a sparse JumpReLU
@@ -323,7 +333,7 @@ class SparseJumpReLU:
         """Its terms with decoders W [F, T, d], the decoder's products in `dtype`."""
         s, args = self.pairs.support, (self.threshold, W, c, self.bandwidth, self.pairs, dtype)
         out, penalty = _SparseJumpReLU.apply(self.values, *args)
-        return LayerTerms(out, penalty, s.crow.diff() > 0, torch.tensor(len(s.feature)))
+        return LayerTerms(out, penalty, s.crow.diff() > 0, torch.tensor(len(s.feature), device=s.feature.device))
 
 
 class _SparseJumpReLU(torch.autograd.Function):
@@ -415,13 +425,15 @@ def encode(clt, x: torch.Tensor, dtype: torch.dtype | None = None) -> list[Layer
         W_mm = torch.cat([clt.W_enc, clt.b_enc[..., None]], -1).to(dtype)  # [L, F, d + 1]: the bias, an input of 1
         x_mm = torch.cat([x, x.new_ones(*x.shape[:2], 1)], -1).to(dtype).permute(1, 2, 0).contiguous()  # [L, d + 1, n]
         pre = torch.bmm(W_mm, x_mm).unbind(0)  # [F, n] each, rounded once as addmm's (1.5x as fast in bfloat16)
-        pairs = [_pairs(clt, p, l, dense_above(dtype)) for l, p in enumerate(pre)]
+        pairs = [_pairs(clt, p, l, dense_above(dtype, x.device)) for l, p in enumerate(pre)]
     values = _Encode.apply(clt.W_enc, clt.b_enc, x, pre, pairs)
     return [_activate(clt, l, v, s) for l, (v, s) in enumerate(zip(values, pairs, strict=True))]
 
 
-def dense_above(dtype: torch.dtype) -> float:
-    """The supported fraction of [n, F] above which a layer is dense, for matmuls in `dtype`."""
+def dense_above(dtype: torch.dtype, device: torch.device) -> float:
+    """The supported fraction of [n, F] above which a layer is dense, for matmuls in `dtype` on `device`."""
+    if device.type == "cuda":
+        return DENSE_ABOVE_BF16_CUDA if dtype == torch.bfloat16 else DENSE_ABOVE_CUDA
     return DENSE_ABOVE_BF16 if dtype == torch.bfloat16 else DENSE_ABOVE
 
 
