@@ -390,21 +390,25 @@ class _Encode(torch.autograd.Function):
     them as they are (pairs None), or those at its pairs (`Pairs.values`, in W's dtype). One function
     for all layers, so that the backward writes each layer's slice of the gradients (a slice per layer
     would allocate [L, F, d] per layer). A dense layer's gradient product runs in the matmul dtype; a
-    sparse layer's in W's (`Support.collect`)."""
+    sparse layer's in W's (`Support.collect`).
+
+    The context keeps the supports, not the `Pairs`: their values are this function's outputs, whose
+    node would then hold them in a cycle through the context that Python's garbage collector cannot
+    see (each step's pairs stayed in memory: +33 MB a step at F 8,192, L0 200)."""
 
     @staticmethod
     def forward(ctx, W, b, x, pre: list[torch.Tensor], pairs: list[Pairs | None]):
         ctx.save_for_backward(x)
-        ctx.pairs, ctx.shape, ctx.mm_dtype = pairs, W.shape, pre[0].dtype
+        ctx.supports = [None if p is None else p.support for p in pairs]
+        ctx.shape, ctx.mm_dtype = W.shape, pre[0].dtype
         return tuple(p if s is None else s.values for p, s in zip(pre, pairs, strict=True))
 
     @staticmethod
     def backward(ctx, *grads):
         (x,) = ctx.saved_tensors
         grad_W, grad_b = x.new_empty(ctx.shape), x.new_zeros(ctx.shape[:2])
-        for l, (grad, pairs) in enumerate(zip(grads, ctx.pairs, strict=True)):
-            if pairs is not None:
-                s = pairs.support
+        for l, (grad, s) in enumerate(zip(grads, ctx.supports, strict=True)):
+            if s is not None:
                 grad_W[l] = s.collect(grad, x[:, l].contiguous())
                 grad_b[l].index_add_(0, s.feature, grad)
                 continue
@@ -455,10 +459,10 @@ def _pairs(clt, pre: torch.Tensor, layer: int, dense_above: float) -> Pairs | No
     else:
         threshold = clt.threshold[layer].detach()
         low = _at_most(threshold.double() - cfg.bandwidth / 2, pre.dtype)  # the window's bounds as the dense layer's
-    sample = _above(pre[:, :: max(1, n // 128)], low)  # the density from 128 tokens: a dense layer skips the rest
-    if sample.count_nonzero().item() > dense_above * sample.numel():
+    supported = _above(pre, low)  # [F, n] bool
+    if _count(supported) > dense_above * supported.numel():
         return None
-    s = Support.of(_above(pre, low))
+    s = Support.of(supported)
     values = s.gather(pre)  # [nnz] in the matmul dtype
     if cfg.activation == "relu":
         return Pairs(values.to(param), s)
@@ -467,6 +471,14 @@ def _pairs(clt, pre: torch.Tensor, layer: int, dense_above: float) -> Pairs | No
     values = values.index_select(0, places)
     high = _at_least(threshold.double() + cfg.bandwidth / 2, pre.dtype)[:, 0].index_select(0, on.feature)
     return Pairs(values.to(param), on, window, _nonzero(values < high))
+
+
+def _count(mask: torch.Tensor) -> int:
+    """The set elements of a bool tensor; on a CPU by numpy (torch's count_nonzero: 5.2 instead of 0.4 ms
+    at [8,192, 1,024], one thread, 2026-12)."""
+    if mask.device.type != "cpu":
+        return int(mask.count_nonzero())
+    return int(np.count_nonzero(mask.numpy()))
 
 
 def _nonzero(mask: torch.Tensor) -> torch.Tensor:

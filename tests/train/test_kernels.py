@@ -2,6 +2,7 @@
 `circuits.train.kernels` picks for them (sparse products below DENSE_ABOVE, dense matmuls above)."""
 
 import dataclasses
+import weakref
 
 import pytest
 import torch
@@ -43,6 +44,23 @@ def test_either_contraction_equals_the_dense_reference(activation, dense_above, 
     for k in gs:
         torch.testing.assert_close(gs[k], gd[k], rtol=1e-10, atol=1e-12, msg=k)
     assert torch.equal(rs.fired, rd.fired) and 0 < rs.l0.mean() < 64
+
+
+@pytest.mark.parametrize("activation", ["jumprelu", "relu", "topk"])
+def test_a_steps_pairs_are_freed_after_its_backward(activation, monkeypatch):
+    """Nothing of a step outlives it: the sparse layers' pairs are freed with the loss and its graph,
+    without Python's cycle collector (which cannot see a cycle through an autograd node)."""
+    monkeypatch.setattr(kernels, "DENSE_ABOVE", 1.0)
+    torch.manual_seed(0)
+    clt = CrossLayerTranscoder(CLTConfig(n_layers=2, d_model=8, n_features=32, activation=activation, topk=3))
+    x = torch.randn(20, 2, 8)
+    initialise(clt, x, TrainConfig(target_fire_fraction=0.1))
+    acts = kernels.encode(clt, x)
+    supports = [weakref.ref(a.pairs.support if activation == "jumprelu" else a.support) for a in acts]
+    loss = sum(a.terms(clt.W_dec[l], 1.0, torch.float32).out.square().sum() for l, a in enumerate(acts))
+    loss.backward()
+    del acts, loss
+    assert [s() for s in supports] == [None, None]
 
 
 def _is_dense(acts) -> bool:
@@ -136,9 +154,10 @@ def test_the_support_is_torchs_comparison_and_nonzero(dtype):
     pre[:8, :3], pre[:8, 3:6] = 0.0, -0.0
     low = kernels._at_most(bound, dtype)
     assert (low < 0).sum() > 50 and (low > 0).sum() > 50
-    for p in (pre, pre[:, ::3]):  # the layer, the sample of its density
+    for p in (pre, pre[:, ::3]):  # a layer, a strided view
         assert torch.equal(kernels._above(p, low), p > low)
         assert torch.equal(kernels._above(p, 0.0), p > 0)
+        assert kernels._count(p > low) == (p > low).sum().item()
     support, (feature, token) = kernels.Support.of(pre > low), (pre > low).nonzero(as_tuple=True)
     assert torch.equal(support.feature, feature) and torch.equal(support.token, token)
     assert torch.equal(support.crow[1:], (pre > low).sum(1).cumsum(0))
