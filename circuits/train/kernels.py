@@ -426,7 +426,7 @@ def encode(clt, x: torch.Tensor, dtype: torch.dtype | None = None) -> list[Layer
     encoder's matmuls run in `dtype` (default: the parameters'), the activations in the parameters'."""
     dtype = dtype or clt.W_enc.dtype
     with torch.no_grad():
-        W_mm = torch.cat([clt.W_enc, clt.b_enc[..., None]], -1).to(dtype)  # [L, F, d + 1]: the bias, an input of 1
+        W_mm = torch.cat([clt.W_enc.to(dtype), clt.b_enc[..., None].to(dtype)], -1)  # [L, F, d + 1]: b, an input of 1
         x_mm = torch.cat([x, x.new_ones(*x.shape[:2], 1)], -1).to(dtype).permute(1, 2, 0).contiguous()  # [L, d + 1, n]
         pre = torch.bmm(W_mm, x_mm).unbind(0)  # [F, n] each, rounded once as addmm's (1.5x as fast in bfloat16)
         pairs = [_pairs(clt, p, l, dense_above(dtype, x.device)) for l, p in enumerate(pre)]
