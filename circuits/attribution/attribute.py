@@ -521,7 +521,7 @@ class SparseRows:
         self.sources, self.keep = sources, min(keep, sources.n)
         size, device = capacity * self.keep, sources.rep.embed.device
         self.ids = torch.empty(capacity, dtype=torch.long, device=device)  # the rows' feature nodes
-        self.cols = torch.empty(size, dtype=torch.int32, device=device)  # each edge's source column
+        self.cols = Columns(capacity, self.keep, sources.n, device)  # each edge's source column, ascending
         self.values = torch.empty(size, dtype=sources.rep.embed.dtype, device=device)
         self.totals = torch.empty(capacity, dtype=self.values.dtype, device=device)  # each row's |input|
         self.filled = 0  # rows
@@ -534,12 +534,12 @@ class SparseRows:
         magnitude = rows.abs()
         top = magnitude.topk(self.keep, dim=1)  # [k, keep]
         totals = magnitude.sum(1, keepdim=True).clamp(min=1e-10)  # as normalize_matrix
-        self.ids[self.filled : self.filled + len(ids)] = ids
-        self.totals[self.filled : self.filled + len(ids)] = totals[:, 0]
-        span = slice(self.filled * self.keep, (self.filled + len(ids)) * self.keep)
-        self.filled += len(ids)
-        self.cols[span] = top.indices.flatten()
-        self.values[span] = rows.gather(1, top.indices).flatten()
+        cols = top.indices.sort(dim=1).values  # [k, keep] in column order
+        span = slice(self.filled, self.filled + len(ids))
+        self.ids[span], self.totals[span] = ids, totals[:, 0]
+        self.cols.put(span, cols)
+        self.values[span.start * self.keep : span.stop * self.keep] = rows.gather(1, cols).flatten()
+        self.filled = span.stop
         self.kept_mass.append(top.values.sum(1) / totals[:, 0])
 
     def influence(self, direct: torch.Tensor) -> torch.Tensor:
@@ -547,8 +547,8 @@ class SparseRows:
         read (the influence that reaches errors and tokens goes no further: it is dropped)."""
         n, r = len(direct), self.filled
         weights = torch.cat([direct, direct.new_zeros(self.sources.n - n)])  # edges reach every source column
-        cols, values = self.cols[: r * self.keep].view(r, self.keep), self.values[: r * self.keep].view(r, self.keep)
-        return direct + edge_influence(self.ids[:r], cols, values, weights, self.totals[:r])[:n]
+        values = self.values[: r * self.keep].view(r, self.keep)
+        return direct + edge_influence(self.ids[:r], self.cols.get, values, weights, self.totals[:r])[:n]
 
     def graph_adjacency(self, selected: torch.Tensor, logit_rows: torch.Tensor) -> torch.Tensor:
         """The sparse adjacency of the graph over the selected features and every other node: the
@@ -579,14 +579,40 @@ class SparseRows:
         r, keep = self.filled, self.keep
         rows = position[self.ids[:r]]  # every computed row is a selected feature
         rows, by_target = rows.sort()
-        cols_kept, values_kept = self.cols[: r * keep].view(r, keep), self.values[: r * keep].view(r, keep)
+        values_kept = self.values[: r * keep].view(r, keep)
         parts = []
         for at, ids in zip(rows.split(max(1, chunk // keep)), by_target.split(max(1, chunk // keep)), strict=True):
-            cols, order = position[cols_kept[ids]].sort(dim=1)  # [rows, keep] -1: dropped
-            values = values_kept[ids].gather(1, order)
+            cols = position[self.cols.get(ids)]  # [rows, keep] -1: dropped; ascending where kept (as the columns)
+            values = values_kept[ids]
             kept = (cols >= 0) & (values != 0)
             parts.append((at[:, None].expand_as(cols)[kept], cols[kept], values[kept]))
         return parts
+
+
+class Columns:
+    """The source columns of the sparse rows' kept edges, `keep` per row in ascending order, in 2
+    bytes each (int32 would take 4): a column's offset in its run of 2^16 columns (int16, from
+    -2^15), and per row the first edge in each later run ([rows, runs - 1] int32; no runs on prompts
+    of fewer than 65,536 sources)."""
+
+    def __init__(self, capacity: int, keep: int, n_sources: int, device: str | torch.device):
+        self.keep = keep
+        self.low = torch.empty(capacity, keep, dtype=torch.int16, device=device)
+        self.runs = torch.empty(capacity, (n_sources - 1) >> 16, dtype=torch.int32, device=device)
+        self.starts = torch.arange(1, self.runs.shape[1] + 1, device=device) << 16  # [runs - 1] their first columns
+
+    def put(self, rows: slice, cols: torch.Tensor) -> None:
+        """Store the columns cols [k, keep] (ascending in each row) of `rows`."""
+        self.low[rows] = (cols & 0xFFFF) - 2**15
+        self.runs[rows] = torch.searchsorted(cols, self.starts.expand(len(cols), -1).contiguous())
+
+    def get(self, rows: slice | torch.Tensor) -> torch.Tensor:
+        """The columns of `rows` (a slice or row indices): [rows, keep] int32."""
+        cols = self.low[rows].int() + 2**15
+        edge = torch.arange(self.keep, device=cols.device)  # [keep]
+        for first in self.runs[rows].T:  # [rows] each row's first edge in the next run
+            cols.add_(edge >= first[:, None], alpha=2**16)
+        return cols
 
 
 def _stacked(parts: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,7 +17,7 @@ throughout (the embedding images P^2 d when built, ~16 L P d of activations):
 - the rows, one backward pass at a time: its gradients B P (L - 1) d at the transcoder outputs and
   ~2 B P d while walking down, the rows B S (twice on the sparse path), the blocks' products and
   the gradients gathered for them; and the rows kept: dense, the touched rows (k + T) S and the
-  normalised estimate k n; sparse, E edges of 2 numbers (column, value);
+  normalised estimate k n; sparse, E edges of a value and a 2-byte column (1.5 numbers);
 - assembling the graph, the blocks dropped unless `inhibited` needs them: dense, its kept part
   (k + L P + P + T)^2 and the rows of the kept features k (S + k + L P + P); sparse, the E kept
   edges and those of them between the graph's nodes (E times the share of sources kept), 8 numbers
@@ -168,9 +168,10 @@ def estimate(
             p * B + min(cfg.work_floats, p // w * B * t * d) for p, w, t in zip(padded, widths, below, strict=True)
         )
     E = k * min(cfg.edges_per_row, S)
-    if sparse:  # the kept edges (column, value); the graph's share of them in parts, then as COO arrays
+    if sparse:  # the kept edges (value, 2-byte column); the graph's share of them in parts, then as COO arrays
         graph_edges = E * min(1.0, (k + (L + 1) * P + T) / S)
-        rows, assemble = 2 * E, 2 * E + int(8 * graph_edges) + 6 * EDGES_AT_ONCE
+        rows = E + E // 2
+        assemble = rows + int(8 * graph_edges) + 6 * EDGES_AT_ONCE
     else:
         N_kept = k + (L + 1) * P + T
         rows = (k + T) * S + (k * n if k < n else 0)
