@@ -22,6 +22,7 @@ input is exactly the sum of its incoming edges plus its bias (the constant terms
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import mmap
@@ -54,6 +55,16 @@ from circuits.processing import transcoder_processing, weight_processing
 from circuits.transcoders.clt import CLTConfig, CrossLayerTranscoder, check_fits
 
 log = logging.getLogger(__name__)
+_malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc's; None elsewhere
+
+
+def release_heap() -> None:
+    """Hand the C heap's free pages back to the OS (glibc's `malloc_trim`; elsewhere nothing). A
+    backward pass's temporaries come from the heap once glibc's adaptive mmap threshold has risen past
+    their size, and the holes they leave between live blocks stay resident: 40 to 80 MB of the peak
+    on the 64-token prompt of `scripts/bench_attribution.py --long`."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
 
 
 class Sources:
@@ -87,10 +98,11 @@ class Sources:
         from the decoder (1 GB on 4,096 tokens): they are never held twice."""
         layer, pos, feature = rep.features.T
         bounds = torch.searchsorted(layer, torch.arange(self.L + 1, device=layer.device)).tolist()  # sorted by layer
-        out = []
+        out, cross = [], rep.clt.cfg.cross_layer
         for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
             rep.writes.pop(0)
-            out.append(LayerBlocks.of(rep.clt.W_dec[s], feature[a:b], rep.activations[a:b], pos[a:b], a, self.P))
+            below = written_below_last(self.L, s, cross)
+            out.append(LayerBlocks.of(rep.clt.W_dec[s], feature[a:b], rep.activations[a:b], pos[a:b], a, self.P, below))
         return out
 
     def _by_position(self, rep: Replacement) -> list[tuple[torch.Tensor, list[int], list[tuple[int, int, int]]]]:
@@ -121,11 +133,9 @@ class Sources:
     def drop_last_layer_writes(self) -> None:
         """Drop from the blocks what the features write to the last layer, once the logit rows are
         computed: no other row reads it (a quarter of the blocks with 4 layers, a third of their
-        writes with 2). A layer at a time is copied; `rows` into the logits fails from here on."""
-        d, cross = self.rep.embed.shape[-1], self.rep.clt.cfg.cross_layer
+        writes with 2). Nothing is copied; `rows` into the logits fails from here on."""
         for s, blocks in enumerate(self.by_layer):
-            below = written_below_last(self.L, s, cross)
-            self.by_layer[s] = blocks._replace(writes=blocks.writes[:, :, : below * d].contiguous())
+            self.by_layer[s] = blocks._replace(last=None)
 
     def rows(self, layer: int, pos: torch.Tensor, vec: torch.Tensor, out: torch.Tensor | None = None):
         """Edges from every source into a batch of targets of one layer: `vec` [B, d] injected at
@@ -213,7 +223,8 @@ class LayerBlocks(NamedTuple):
     start: int  # the layer's first feature node
     positions: torch.Tensor  # [n_s] each feature's position, ascending
     block_pos: torch.Tensor  # [n_blocks] each block's position, ascending
-    writes: torch.Tensor  # [n_blocks, width, T_s * d] the features' writes, zero rows as padding
+    writes: torch.Tensor  # [n_blocks, width, below * d] the features' writes below the last layer, zero rows as padding
+    last: torch.Tensor | None  # [n_blocks, width, (T_s - below) * d] and to the last layer (None once dropped)
     slot: torch.Tensor  # [n_s] each feature's row in writes.view(n_blocks * width, -1)
 
     @classmethod
@@ -225,12 +236,14 @@ class LayerBlocks(NamedTuple):
         positions: torch.Tensor,
         start: int,
         P: int,
+        below: int,
         chunk: int = DECODER_ROWS_AT_ONCE,
     ) -> LayerBlocks:
         """Blocks of the features [n_s] of one source layer, with activations acts [n_s] at positions
         [n_s] (ascending), nodes from `start` on, `block_width` wide: their writes, decoder rows W_dec
         [F, T_s, d] times activation (`replacement.layer_writes`), made `chunk` features at a time
-        (the blocks are the only full copy)."""
+        (the blocks are the only full copy); those to the `below` layers under the last one apart from
+        those to the last one, which only the logit rows read (dropped after them without a copy)."""
         counts = torch.bincount(positions, minlength=P)  # [P]
         width, _ = block_width(counts)
         rank = torch.arange(len(positions), device=positions.device) - (counts.cumsum(0) - counts)[positions]
@@ -238,27 +251,33 @@ class LayerBlocks(NamedTuple):
         block = (per_position.cumsum(0) - per_position)[positions] + rank // width
         n_blocks = int(per_position.sum())
         slot = block * width + rank % width
-        padded = W_dec.new_zeros(n_blocks * width, W_dec.shape[1] * W_dec.shape[2])
+        d = W_dec.shape[2]
+        padded = W_dec.new_zeros(n_blocks * width, below * d)
+        last = W_dec.new_zeros(n_blocks * width, (W_dec.shape[1] - below) * d)
         for c in range(0, len(features), chunk):
-            padded[slot[c : c + chunk]] = layer_writes(W_dec, features[c : c + chunk], acts[c : c + chunk]).flatten(1)
+            writes = layer_writes(W_dec, features[c : c + chunk], acts[c : c + chunk]).flatten(1)
+            padded[slot[c : c + chunk]], last[slot[c : c + chunk]] = writes[:, : below * d], writes[:, below * d :]
         block_pos = torch.repeat_interleave(torch.arange(P, device=positions.device), per_position)
-        return cls(start, positions, block_pos, padded.view(n_blocks, width, -1), slot)
+        return cls(start, positions, block_pos, padded.view(n_blocks, width, -1), last.view(n_blocks, width, -1), slot)
 
     def contract(self, g: torch.Tensor, work_floats: int, out: torch.Tensor) -> None:
         """The edges from these features into a batch of targets, from the targets' gradients g
         [B, P', T, d] at the T layers they write to below the targets: into out[:, their nodes]. Rows
-        of targets before a feature's position get its exact zero (g is zero after a target)."""
+        of targets before a feature's position get its exact zero (g is zero after a target); the
+        logit rows' T reaches the last layer (`last`)."""
         B, Pp, T, d = g.shape
         n = int(torch.searchsorted(self.positions, Pp))  # the features the batch sees
         n_blocks = int(torch.searchsorted(self.block_pos, Pp))
-        width = self.writes.shape[1]
+        width, below = self.writes.shape[1], self.writes.shape[2] // d
         edges = g.new_empty(n_blocks, width, B)
         by_position = g.transpose(0, 1)  # [P', B, T, d]
         step = max(1, work_floats // (B * T * d))  # blocks per product: their gradients gathered
         for a in range(0, n_blocks, step):
             b = min(a + step, n_blocks)
-            gathered = by_position[self.block_pos[a:b]].flatten(2)  # [k, B, T * d]
-            torch.bmm(self.writes[a:b, :, : T * d], gathered.transpose(1, 2), out=edges[a:b])
+            gathered = by_position[self.block_pos[a:b]].flatten(2).transpose(1, 2)  # [k, T * d, B]
+            torch.bmm(self.writes[a:b, :, : T * d], gathered[:, : below * d], out=edges[a:b])
+            if T > below:
+                edges[a:b].baddbmm_(self.last[a:b], gathered[:, below * d :])
         out[:, self.start : self.start + n] = edges.view(n_blocks * width, B)[self.slot[:n]].T
 
 
@@ -654,6 +673,7 @@ def _feature_rows(
                 vec = rep.encoder_vectors(l, pos[at], W_enc[l, feature[at]])  # [k, d] at resid_mid
                 out = store.out(start, stop) if stop - start == len(at) else None  # a contiguous run: in place
                 store.add(at, sources.rows(l, pos[at], vec, out=out))
+                release_heap()
                 bar.update(len(at))
 
     bar = tqdm(total=cap, desc="attribution", unit="feature", disable=not progress)
