@@ -551,7 +551,7 @@ class SparseRows:
 
     def add(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
         magnitude = rows.abs()
-        top = magnitude.topk(self.keep, dim=1)  # [k, keep]
+        top = magnitude.topk(self.keep, dim=1, sorted=False)  # [k, keep]
         totals = magnitude.sum(1, keepdim=True).clamp(min=1e-10)  # as normalize_matrix
         cols = top.indices.sort(dim=1).values  # [k, keep] in column order
         span = slice(self.filled, self.filled + len(ids))
@@ -627,7 +627,7 @@ class Columns:
 
     def get(self, rows: slice | torch.Tensor) -> torch.Tensor:
         """The columns of `rows` (a slice or row indices): [rows, keep] int32."""
-        cols = self.low[rows].int() + 2**15
+        cols = self.low[rows].int().add_(2**15)
         edge = torch.arange(self.keep, device=cols.device)  # [keep]
         for first in self.runs[rows].T:  # [rows] each row's first edge in the next run
             cols.add_(edge >= first[:, None], alpha=2**16)
