@@ -21,7 +21,8 @@ throughout (the embedding images P^2 d when built, ~16 L P d of activations):
 - assembling the graph, the blocks dropped unless `inhibited` needs them: dense, its kept part
   (k + L P + P + T)^2 and the rows of the kept features k (S + k + L P + P); sparse, the E kept
   edges and those of them between the graph's nodes (E times the share of sources kept), 8 numbers
-  each in parts and in the COO matrix's arrays; then, with `inhibited`, one more backward pass.
+  each in parts and in the COO matrix's arrays; with `inhibited`, or one more backward pass over the
+  rows held, before the assembly (whichever is larger).
 
 The time (`Work`) follows the same choices phase by phase: the multiply-adds of the freeze, of each
 backward pass's walk (terms or dense attention, as `attention_backward_cost` decides) and of its
@@ -176,7 +177,8 @@ def estimate(
         N_kept = k + (L + 1) * P + T
         rows = (k + T) * S + (k * n if k < n else 0)
         assemble = rows + (N_kept**2 + k * (S + N_kept) if k < n else 0)
-    assemble += backward if cfg.inhibited else 0  # the inhibited features' backward passes come after it
+    if cfg.inhibited:  # the inhibited features' backward passes come before it, the rows held
+        assemble = max(assemble, rows + backward)
     assembling = sources if merged or cfg.inhibited else 0  # the blocks are dropped before the assembly
     floats = held + max(
         freeze, patterns + laying_out, patterns + sources + backward + rows, patterns + assembling + assemble

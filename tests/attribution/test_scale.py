@@ -119,7 +119,7 @@ from pathlib import Path
 import torch
 sys.path.insert(0, {tests!r})
 from test_scale import long_pair, prompt_of, random_tokens
-from circuits.attribution.attribute import Columns, attribute
+from circuits.attribution.attribute import attribute
 from circuits.attribution.estimate import estimate
 torch.set_num_threads(1)
 model, clt = long_pair({n}, n_features=64)
