@@ -50,8 +50,9 @@ whose thresholds let about 20 fire per layer and position), random words of --lo
 `max_feature_nodes` --long-features for both tools. Each run is a subprocess under a hard address-space
 cap (--memory-cap GB, RLIMIT_AS) and a time limit: a failure is reported as "out of memory at N GB"
 instead of taking the machine down. Prints tokens, active features, for each tool the time, the peak RSS,
-the RSS after imports and loading the model and transcoder (the baseline) and the growth of peak RSS over it
-during the attribution (the peak is reset to the baseline through /proc/self/clear_refs), circuit-tracer's
+the RSS after imports and loading the model and transcoder, every weight read once and the C heap trimmed (the
+baseline, taken alike for both) and the growth of peak RSS over it during the attribution (the peak is reset to
+the baseline through /proc/self/clear_refs), circuit-tracer's
 peak and growth as multiples of ours, what our `--estimate` predicted (in the same process, before the
 attribution), and the edge agreement on the nodes both graphs kept. circuit-tracer takes minutes where we
 take seconds: with `--ct-cache DIR` its results are kept there and reused at the same settings:
