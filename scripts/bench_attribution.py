@@ -50,8 +50,9 @@ whose thresholds let about 20 fire per layer and position), random words of --lo
 `max_feature_nodes` --long-features for both tools. Each run is a subprocess under a hard address-space
 cap (--memory-cap GB, RLIMIT_AS) and a time limit: a failure is reported as "out of memory at N GB"
 instead of taking the machine down. Prints tokens, active features, for each tool the time, the peak RSS,
-the RSS after imports and loading the model and transcoder (the baseline) and the growth of peak RSS over it
-during the attribution (the peak is reset to the baseline through /proc/self/clear_refs), circuit-tracer's
+the RSS after imports and loading the model and transcoder, every weight read once and the C heap trimmed (the
+baseline, taken alike for both) and the growth of peak RSS over it during the attribution (the peak is reset to
+the baseline through /proc/self/clear_refs), circuit-tracer's
 peak and growth as multiples of ours, what our `--estimate` predicted (in the same process, before the
 attribution), and the edge agreement on the nodes both graphs kept. circuit-tracer takes minutes where we
 take seconds: with `--ct-cache DIR` its results are kept there and reused at the same settings:
@@ -63,6 +64,7 @@ take seconds: with `--ct-cache DIR` its results are kept there and reused at the
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import resource
@@ -469,10 +471,19 @@ def _save_edges(path: str, features, rows, n_nodes: int) -> None:
                "n_nodes": torch.tensor([n_nodes])}, path)  # fmt: skip
 
 
-def _long_attribution(run) -> tuple:
+def _long_attribution(run, modules: list) -> tuple:
     """(run(), its time, the process's peak RSS, its RSS just before (imports done, model and transcoder
     loaded) and the growth of peak RSS over that baseline): the peak is reset to the baseline through
-    /proc/self/clear_refs, so that what loading took does not count as the attribution's."""
+    /proc/self/clear_refs, so that what loading took does not count as the attribution's. Every
+    parameter and buffer of `modules` is read first, so that both tools hold all of their weights in
+    the baseline (ours maps the decoder from its file and would read its pages in during the
+    attribution; circuit-tracer's `load_clt(lazy_decoder=False)` copies it into memory), and the C
+    heap's free pages are handed back (glibc's malloc_trim), so that the baseline holds none of the
+    holes that loading left (ours trims the heap after each backward pass, which would release them)."""
+    for module in modules:
+        for tensor in [*module.parameters(), *module.buffers()]:
+            tensor.detach().sum()
+    ctypes.CDLL(None).malloc_trim(0)
     before = _status_mb("VmHWM")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     base, t0 = _status_mb("VmRSS"), time.perf_counter()
@@ -495,7 +506,7 @@ def worker_long_ours(args) -> dict:
     assert torch.equal(model.to_tokens(prompt)[0], tokens)
     predicted = estimate(prompt, model, clt, max_feature_nodes=args.long_features)  # its forward pass: small
     graph, memory = _long_attribution(
-        lambda: attribute(prompt, model, clt, max_feature_nodes=args.long_features, progress=False)
+        lambda: attribute(prompt, model, clt, max_feature_nodes=args.long_features, progress=False), [model, clt]
     )
     _save_edges(args.out, graph.features, graph.edges(), graph.n_nodes)
     return {**memory, "n_active": graph.config["n_active_features"], "sparse": graph.adjacency.is_sparse,
@@ -509,7 +520,8 @@ def worker_long_ct(args) -> dict:
     model = ct_model(args)
     tokens = torch.tensor(json.loads(args.tokens))
     graph, memory = _long_attribution(
-        lambda: attribute(tokens, model, batch_size=args.ct_batch_size, max_feature_nodes=args.long_features)
+        lambda: attribute(tokens, model, batch_size=args.ct_batch_size, max_feature_nodes=args.long_features),
+        [model],
     )
     A = graph.adjacency_matrix
     k = len(graph.selected_features)

@@ -22,6 +22,7 @@ input is exactly the sum of its incoming edges plus its bias (the constant terms
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import mmap
@@ -54,6 +55,16 @@ from circuits.processing import transcoder_processing, weight_processing
 from circuits.transcoders.clt import CLTConfig, CrossLayerTranscoder, check_fits
 
 log = logging.getLogger(__name__)
+_malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc's; None elsewhere
+
+
+def release_heap() -> None:
+    """Hand the C heap's free pages back to the OS (glibc's `malloc_trim`; elsewhere nothing). A
+    backward pass's temporaries come from the heap once glibc's adaptive mmap threshold has risen past
+    their size, and the holes they leave between live blocks stay resident: 40 to 80 MB of the peak
+    on the 64-token prompt of `scripts/bench_attribution.py --long`."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
 
 
 class Sources:
@@ -87,10 +98,11 @@ class Sources:
         from the decoder (1 GB on 4,096 tokens): they are never held twice."""
         layer, pos, feature = rep.features.T
         bounds = torch.searchsorted(layer, torch.arange(self.L + 1, device=layer.device)).tolist()  # sorted by layer
-        out = []
+        out, cross = [], rep.clt.cfg.cross_layer
         for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
             rep.writes.pop(0)
-            out.append(LayerBlocks.of(rep.clt.W_dec[s], feature[a:b], rep.activations[a:b], pos[a:b], a, self.P))
+            below = written_below_last(self.L, s, cross)
+            out.append(LayerBlocks.of(rep.clt.W_dec[s], feature[a:b], rep.activations[a:b], pos[a:b], a, self.P, below))
         return out
 
     def _by_position(self, rep: Replacement) -> list[tuple[torch.Tensor, list[int], list[tuple[int, int, int]]]]:
@@ -121,11 +133,9 @@ class Sources:
     def drop_last_layer_writes(self) -> None:
         """Drop from the blocks what the features write to the last layer, once the logit rows are
         computed: no other row reads it (a quarter of the blocks with 4 layers, a third of their
-        writes with 2). A layer at a time is copied; `rows` into the logits fails from here on."""
-        d, cross = self.rep.embed.shape[-1], self.rep.clt.cfg.cross_layer
+        writes with 2). Nothing is copied; `rows` into the logits fails from here on."""
         for s, blocks in enumerate(self.by_layer):
-            below = written_below_last(self.L, s, cross)
-            self.by_layer[s] = blocks._replace(writes=blocks.writes[:, :, : below * d].contiguous())
+            self.by_layer[s] = blocks._replace(last=None)
 
     def rows(self, layer: int, pos: torch.Tensor, vec: torch.Tensor, out: torch.Tensor | None = None):
         """Edges from every source into a batch of targets of one layer: `vec` [B, d] injected at
@@ -213,7 +223,8 @@ class LayerBlocks(NamedTuple):
     start: int  # the layer's first feature node
     positions: torch.Tensor  # [n_s] each feature's position, ascending
     block_pos: torch.Tensor  # [n_blocks] each block's position, ascending
-    writes: torch.Tensor  # [n_blocks, width, T_s * d] the features' writes, zero rows as padding
+    writes: torch.Tensor  # [n_blocks, width, below * d] the features' writes below the last layer, zero rows as padding
+    last: torch.Tensor | None  # [n_blocks, width, (T_s - below) * d] and to the last layer (None once dropped)
     slot: torch.Tensor  # [n_s] each feature's row in writes.view(n_blocks * width, -1)
 
     @classmethod
@@ -225,12 +236,14 @@ class LayerBlocks(NamedTuple):
         positions: torch.Tensor,
         start: int,
         P: int,
+        below: int,
         chunk: int = DECODER_ROWS_AT_ONCE,
     ) -> LayerBlocks:
         """Blocks of the features [n_s] of one source layer, with activations acts [n_s] at positions
         [n_s] (ascending), nodes from `start` on, `block_width` wide: their writes, decoder rows W_dec
         [F, T_s, d] times activation (`replacement.layer_writes`), made `chunk` features at a time
-        (the blocks are the only full copy)."""
+        (the blocks are the only full copy); those to the `below` layers under the last one apart from
+        those to the last one, which only the logit rows read (dropped after them without a copy)."""
         counts = torch.bincount(positions, minlength=P)  # [P]
         width, _ = block_width(counts)
         rank = torch.arange(len(positions), device=positions.device) - (counts.cumsum(0) - counts)[positions]
@@ -238,27 +251,33 @@ class LayerBlocks(NamedTuple):
         block = (per_position.cumsum(0) - per_position)[positions] + rank // width
         n_blocks = int(per_position.sum())
         slot = block * width + rank % width
-        padded = W_dec.new_zeros(n_blocks * width, W_dec.shape[1] * W_dec.shape[2])
+        d = W_dec.shape[2]
+        padded = W_dec.new_zeros(n_blocks * width, below * d)
+        last = W_dec.new_zeros(n_blocks * width, (W_dec.shape[1] - below) * d)
         for c in range(0, len(features), chunk):
-            padded[slot[c : c + chunk]] = layer_writes(W_dec, features[c : c + chunk], acts[c : c + chunk]).flatten(1)
+            writes = layer_writes(W_dec, features[c : c + chunk], acts[c : c + chunk]).flatten(1)
+            padded[slot[c : c + chunk]], last[slot[c : c + chunk]] = writes[:, : below * d], writes[:, below * d :]
         block_pos = torch.repeat_interleave(torch.arange(P, device=positions.device), per_position)
-        return cls(start, positions, block_pos, padded.view(n_blocks, width, -1), slot)
+        return cls(start, positions, block_pos, padded.view(n_blocks, width, -1), last.view(n_blocks, width, -1), slot)
 
     def contract(self, g: torch.Tensor, work_floats: int, out: torch.Tensor) -> None:
         """The edges from these features into a batch of targets, from the targets' gradients g
         [B, P', T, d] at the T layers they write to below the targets: into out[:, their nodes]. Rows
-        of targets before a feature's position get its exact zero (g is zero after a target)."""
+        of targets before a feature's position get its exact zero (g is zero after a target); the
+        logit rows' T reaches the last layer (`last`)."""
         B, Pp, T, d = g.shape
         n = int(torch.searchsorted(self.positions, Pp))  # the features the batch sees
         n_blocks = int(torch.searchsorted(self.block_pos, Pp))
-        width = self.writes.shape[1]
+        width, below = self.writes.shape[1], self.writes.shape[2] // d
         edges = g.new_empty(n_blocks, width, B)
         by_position = g.transpose(0, 1)  # [P', B, T, d]
         step = max(1, work_floats // (B * T * d))  # blocks per product: their gradients gathered
         for a in range(0, n_blocks, step):
             b = min(a + step, n_blocks)
-            gathered = by_position[self.block_pos[a:b]].flatten(2)  # [k, B, T * d]
-            torch.bmm(self.writes[a:b, :, : T * d], gathered.transpose(1, 2), out=edges[a:b])
+            gathered = by_position[self.block_pos[a:b]].flatten(2).transpose(1, 2)  # [k, T * d, B]
+            torch.bmm(self.writes[a:b, :, : T * d], gathered[:, : below * d], out=edges[a:b])
+            if T > below:
+                edges[a:b].baddbmm_(self.last[a:b], gathered[:, below * d :])
         out[:, self.start : self.start + n] = edges.view(n_blocks * width, B)[self.slot[:n]].T
 
 
@@ -521,7 +540,7 @@ class SparseRows:
         self.sources, self.keep = sources, min(keep, sources.n)
         size, device = capacity * self.keep, sources.rep.embed.device
         self.ids = torch.empty(capacity, dtype=torch.long, device=device)  # the rows' feature nodes
-        self.cols = torch.empty(size, dtype=torch.int32, device=device)  # each edge's source column
+        self.cols = Columns(capacity, self.keep, sources.n, device)  # each edge's source column, ascending
         self.values = torch.empty(size, dtype=sources.rep.embed.dtype, device=device)
         self.totals = torch.empty(capacity, dtype=self.values.dtype, device=device)  # each row's |input|
         self.filled = 0  # rows
@@ -532,14 +551,14 @@ class SparseRows:
 
     def add(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
         magnitude = rows.abs()
-        top = magnitude.topk(self.keep, dim=1)  # [k, keep]
+        top = magnitude.topk(self.keep, dim=1, sorted=False)  # [k, keep]
         totals = magnitude.sum(1, keepdim=True).clamp(min=1e-10)  # as normalize_matrix
-        self.ids[self.filled : self.filled + len(ids)] = ids
-        self.totals[self.filled : self.filled + len(ids)] = totals[:, 0]
-        span = slice(self.filled * self.keep, (self.filled + len(ids)) * self.keep)
-        self.filled += len(ids)
-        self.cols[span] = top.indices.flatten()
-        self.values[span] = rows.gather(1, top.indices).flatten()
+        cols = top.indices.sort(dim=1).values  # [k, keep] in column order
+        span = slice(self.filled, self.filled + len(ids))
+        self.ids[span], self.totals[span] = ids, totals[:, 0]
+        self.cols.put(span, cols)
+        self.values[span.start * self.keep : span.stop * self.keep] = rows.gather(1, cols).flatten()
+        self.filled = span.stop
         self.kept_mass.append(top.values.sum(1) / totals[:, 0])
 
     def influence(self, direct: torch.Tensor) -> torch.Tensor:
@@ -547,8 +566,8 @@ class SparseRows:
         read (the influence that reaches errors and tokens goes no further: it is dropped)."""
         n, r = len(direct), self.filled
         weights = torch.cat([direct, direct.new_zeros(self.sources.n - n)])  # edges reach every source column
-        cols, values = self.cols[: r * self.keep].view(r, self.keep), self.values[: r * self.keep].view(r, self.keep)
-        return direct + edge_influence(self.ids[:r], cols, values, weights, self.totals[:r])[:n]
+        values = self.values[: r * self.keep].view(r, self.keep)
+        return direct + edge_influence(self.ids[:r], self.cols.get, values, weights, self.totals[:r])[:n]
 
     def graph_adjacency(self, selected: torch.Tensor, logit_rows: torch.Tensor) -> torch.Tensor:
         """The sparse adjacency of the graph over the selected features and every other node: the
@@ -579,14 +598,40 @@ class SparseRows:
         r, keep = self.filled, self.keep
         rows = position[self.ids[:r]]  # every computed row is a selected feature
         rows, by_target = rows.sort()
-        cols_kept, values_kept = self.cols[: r * keep].view(r, keep), self.values[: r * keep].view(r, keep)
+        values_kept = self.values[: r * keep].view(r, keep)
         parts = []
         for at, ids in zip(rows.split(max(1, chunk // keep)), by_target.split(max(1, chunk // keep)), strict=True):
-            cols, order = position[cols_kept[ids]].sort(dim=1)  # [rows, keep] -1: dropped
-            values = values_kept[ids].gather(1, order)
+            cols = position[self.cols.get(ids)]  # [rows, keep] -1: dropped; ascending where kept (as the columns)
+            values = values_kept[ids]
             kept = (cols >= 0) & (values != 0)
             parts.append((at[:, None].expand_as(cols)[kept], cols[kept], values[kept]))
         return parts
+
+
+class Columns:
+    """The source columns of the sparse rows' kept edges, `keep` per row in ascending order, in 2
+    bytes each (int32 would take 4): a column's offset in its run of 2^16 columns (int16, from
+    -2^15), and per row the first edge in each later run ([rows, runs - 1] int32; no runs on prompts
+    of fewer than 65,536 sources)."""
+
+    def __init__(self, capacity: int, keep: int, n_sources: int, device: str | torch.device):
+        self.keep = keep
+        self.low = torch.empty(capacity, keep, dtype=torch.int16, device=device)
+        self.runs = torch.empty(capacity, (n_sources - 1) >> 16, dtype=torch.int32, device=device)
+        self.starts = torch.arange(1, self.runs.shape[1] + 1, device=device) << 16  # [runs - 1] their first columns
+
+    def put(self, rows: slice, cols: torch.Tensor) -> None:
+        """Store the columns cols [k, keep] (ascending in each row) of `rows`."""
+        self.low[rows] = (cols & 0xFFFF) - 2**15
+        self.runs[rows] = torch.searchsorted(cols, self.starts.expand(len(cols), -1).contiguous())
+
+    def get(self, rows: slice | torch.Tensor) -> torch.Tensor:
+        """The columns of `rows` (a slice or row indices): [rows, keep] int32."""
+        cols = self.low[rows].int().add_(2**15)
+        edge = torch.arange(self.keep, device=cols.device)  # [keep]
+        for first in self.runs[rows].T:  # [rows] each row's first edge in the next run
+            cols.add_(edge >= first[:, None], alpha=2**16)
+        return cols
 
 
 def _stacked(parts: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -628,6 +673,7 @@ def _feature_rows(
                 vec = rep.encoder_vectors(l, pos[at], W_enc[l, feature[at]])  # [k, d] at resid_mid
                 out = store.out(start, stop) if stop - start == len(at) else None  # a contiguous run: in place
                 store.add(at, sources.rows(l, pos[at], vec, out=out))
+                release_heap()
                 bar.update(len(at))
 
     bar = tqdm(total=cap, desc="attribution", unit="feature", disable=not progress)

@@ -17,11 +17,12 @@ throughout (the embedding images P^2 d when built, ~16 L P d of activations):
 - the rows, one backward pass at a time: its gradients B P (L - 1) d at the transcoder outputs and
   ~2 B P d while walking down, the rows B S (twice on the sparse path), the blocks' products and
   the gradients gathered for them; and the rows kept: dense, the touched rows (k + T) S and the
-  normalised estimate k n; sparse, E edges of 2 numbers (column, value);
+  normalised estimate k n; sparse, E edges of a value and a 2-byte column (1.5 numbers);
 - assembling the graph, the blocks dropped unless `inhibited` needs them: dense, its kept part
   (k + L P + P + T)^2 and the rows of the kept features k (S + k + L P + P); sparse, the E kept
   edges and those of them between the graph's nodes (E times the share of sources kept), 8 numbers
-  each in parts and in the COO matrix's arrays; then, with `inhibited`, one more backward pass.
+  each in parts and in the COO matrix's arrays; with `inhibited`, or one more backward pass over the
+  rows held, before the assembly (whichever is larger).
 
 The time (`Work`) follows the same choices phase by phase: the multiply-adds of the freeze, of each
 backward pass's walk (terms or dense attention, as `attention_backward_cost` decides) and of its
@@ -168,14 +169,16 @@ def estimate(
             p * B + min(cfg.work_floats, p // w * B * t * d) for p, w, t in zip(padded, widths, below, strict=True)
         )
     E = k * min(cfg.edges_per_row, S)
-    if sparse:  # the kept edges (column, value); the graph's share of them in parts, then as COO arrays
+    if sparse:  # the kept edges (value, 2-byte column); the graph's share of them in parts, then as COO arrays
         graph_edges = E * min(1.0, (k + (L + 1) * P + T) / S)
-        rows, assemble = 2 * E, 2 * E + int(8 * graph_edges) + 6 * EDGES_AT_ONCE
+        rows = E + E // 2
+        assemble = rows + int(8 * graph_edges) + 6 * EDGES_AT_ONCE
     else:
         N_kept = k + (L + 1) * P + T
         rows = (k + T) * S + (k * n if k < n else 0)
         assemble = rows + (N_kept**2 + k * (S + N_kept) if k < n else 0)
-    assemble += backward if cfg.inhibited else 0  # the inhibited features' backward passes come after it
+    if cfg.inhibited:  # the inhibited features' backward passes come before it, the rows held
+        assemble = max(assemble, rows + backward)
     assembling = sources if merged or cfg.inhibited else 0  # the blocks are dropped before the assembly
     floats = held + max(
         freeze, patterns + laying_out, patterns + sources + backward + rows, patterns + assembling + assemble

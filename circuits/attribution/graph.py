@@ -11,6 +11,7 @@ matrix would be large); influence, pruning, scores and the files work on either 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -71,7 +72,7 @@ def normalize_edges(targets: torch.Tensor, values: torch.Tensor, N: int) -> torc
 
 def edge_influence(
     targets: torch.Tensor,
-    sources: torch.Tensor,
+    sources: torch.Tensor | Callable[[slice], torch.Tensor],
     A: torch.Tensor,
     weights: torch.Tensor,
     totals: torch.Tensor | None = None,
@@ -79,18 +80,20 @@ def edge_influence(
 ) -> torch.Tensor:
     """`compute_influence` on edges: weights [N] @ (A + A^2 + ...) for the normalised edge values A
     [nnz] of a DAG, in O(nnz) per term: [N]. Edges grouped by target may come as targets [R] with
-    sources and A [R, K]; then with `totals` [R], A holds their values, each normalised as it is read
-    (|value| / its target's total, as `normalize_matrix`). Each term runs over about `chunk` edges at
-    a time: its temporaries are of that size, not of the edges'."""
+    sources and A [R, K] (`sources` may be a function of a slice of the rows that gives their sources
+    [rows, K], for sources stored packed); then with `totals` [R], A holds their values, each
+    normalised as it is read (|value| / its target's total, as `normalize_matrix`). Each term runs
+    over about `chunk` edges at a time: its temporaries are of that size, not of the edges'."""
     R, K = len(targets), A.numel() // max(1, len(targets))  # K = 1 for edges one by one
-    A, sources, step = A.view(R, K), sources.view(R, K), max(1, chunk // max(1, K))
+    A, step = A.view(R, K), max(1, chunk // max(1, K))
+    sources_of = sources if callable(sources) else sources.view(R, K).__getitem__
     term, influence = weights, torch.zeros_like(weights)
     for _ in range(len(weights)):
         passed = torch.zeros_like(weights)
         for a in range(0, R, step):
             shares = A[a : a + step] if totals is None else A[a : a + step].abs() / totals[a : a + step, None]
             edges = shares * term[targets[a : a + step], None]  # [step, K]
-            passed.index_add_(0, sources[a : a + step].flatten(), edges.flatten())
+            passed.index_add_(0, sources_of(slice(a, min(a + step, R))).flatten(), edges.flatten())
         term = passed
         if not term.any():
             return influence

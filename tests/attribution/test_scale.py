@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from circuits.attribution.attribute import attribute
+from circuits.attribution.attribute import Columns, attribute
 from circuits.attribution.graph import Graph
 from circuits.models import DEMO_MODEL_DIR
 from circuits.transcoders.clt import CLTConfig, CrossLayerTranscoder
@@ -90,6 +90,19 @@ def test_sparse_rows_keep_their_largest_edges(demo_model, demo_clt):
     expected = torch.zeros_like(rows).scatter_(1, rows.abs().topk(50, dim=1).indices, 1.0) * rows
     assert torch.allclose(cut.dense_adjacency()[: full.n_features], expected, atol=1e-6)
     assert torch.allclose(cut.dense_adjacency()[full.target_slice], full.adjacency[full.target_slice], atol=1e-6)
+
+
+@pytest.mark.parametrize("n_sources", [300, 2**16, 2**16 + 1, 300_000])
+def test_the_kept_columns_come_back_as_stored(n_sources):
+    """The sparse rows' columns in 2 bytes each: whatever the rows and their runs of 2^16 columns
+    (the last column in one of them, long runs without any in others)."""
+    keep, gen = min(1000, n_sources), torch.Generator().manual_seed(0)
+    cols = torch.stack([torch.randperm(n_sources, generator=gen)[:keep].sort().values for _ in range(5)])  # [5, keep]
+    cols[0, -1], cols[1] = n_sources - 1, torch.arange(n_sources - keep, n_sources)
+    store = Columns(7, keep, n_sources, "cpu")
+    store.put(slice(1, 6), cols)
+    assert torch.equal(store.get(slice(1, 6)), cols.int())
+    assert torch.equal(store.get(torch.tensor([5, 1, 3])), cols[[4, 0, 2]].int())
 
 
 def test_the_sparse_layout_round_trips(demo_model, demo_clt, tmp_path):
