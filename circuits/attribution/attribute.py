@@ -673,7 +673,8 @@ def _feature_rows(
                 vec = rep.encoder_vectors(l, pos[at], W_enc[l, feature[at]])  # [k, d] at resid_mid
                 out = store.out(start, stop) if stop - start == len(at) else None  # a contiguous run: in place
                 store.add(at, sources.rows(l, pos[at], vec, out=out))
-                release_heap()
+                if isinstance(store, SparseRows):  # long prompts, where memory binds (short ones: time)
+                    release_heap()
                 bar.update(len(at))
 
     bar = tqdm(total=cap, desc="attribution", unit="feature", disable=not progress)
