@@ -12,9 +12,9 @@ the activations except a dense JumpReLU layer's, exact in the matmul dtype):
   on a CPU by numpy, `_above` and `Support.of`: 12 instead of 40 ms a layer at F 8,192), whose
   encoder gradient is an embedding bag over the pairs (`Support.collect`). With float32 (or
   float64) matmuls on a CPU the batched matmul is a bfloat16 one with a margin that bounds its
-  rounding (`_screened`: the candidates, ~10-20% more pairs than the supported ones), and the
-  candidates' exact pre-activations are sampled products: at F 8,192, L0 200 ~12 + 4 x 5 ms
-  instead of ~72 for the float32 matmul (one thread);
+  rounding (`_screened`: candidates 13-31% more than the supported pairs at F 8,192, L0 200), and
+  the candidates' exact pre-activations are sampled products: ~12 ms for the bfloat16 product and
+  5-7 a layer for the sampled ones instead of ~72 for the float32 matmul (one thread);
 - a JumpReLU layer computes its activations, penalty, decoding and their gradients in one function:
   dense (`_DenseJumpReLU`) on feature-major [F, n] tensors, or sparse (`_SparseJumpReLU`) over its
   active pairs; the window of its threshold's straight-through gradient holds inactive pairs too
