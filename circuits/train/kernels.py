@@ -14,7 +14,11 @@ the activations except a dense JumpReLU layer's, exact in the matmul dtype):
   float64) matmuls on a CPU the batched matmul is a bfloat16 one with a margin that bounds its
   rounding (`_screened`: candidates 13-31% more than the supported pairs at F 8,192, L0 200), and
   the candidates' exact pre-activations are sampled products: ~12 ms for the bfloat16 product and
-  5-7 a layer for the sampled ones instead of ~72 for the float32 matmul (one thread);
+  5-7 a layer for the sampled ones instead of ~72 for the float32 matmul (one thread). The whole
+  encode (in-process A/B, load 2-3): 144 instead of 174 ms in a steady step (3% supported), 281
+  against 257 at 7% (step 2), at F 1,024 L0 90 (10%) 41 against 39; the sampled products cost about
+  as much as the whole product from ~8% on, and taking the whole product above 5% candidates was
+  slower still (303, 45: the bfloat16 product then spent for nothing);
 - a JumpReLU layer computes its activations, penalty, decoding and their gradients in one function:
   dense (`_DenseJumpReLU`) on feature-major [F, n] tensors, or sparse (`_SparseJumpReLU`) over its
   active pairs; the window of its threshold's straight-through gradient holds inactive pairs too
@@ -42,6 +46,10 @@ whole forward and backward then took 430-480 instead of 940-1050 ms dense in bf1
 (sparse then in float32 throughout) sparse was faster up to 16% (1,770 against 2,020 ms), and at F
 1,024 L0 90 (11.7%) 180 against 221 ms (bf16-mixed: 172 against 159 dense), at L0 200 (24%) 318
 against 236: hence DENSE_ABOVE 15% (loads 1.2-2; before these products the crossings were 5% and 8%).
+Re-measured in fp32 after the leak fix (406806b) and with `_screened` (load 2.8-3, forward and
+backward): F 1,024 L0 90 (9-10% supported) sparse 104 against dense 147 ms, L0 200 (20-23%) 217
+against 153, F 8,192 L0 200 at 6-7.6% 616 against 1,045 and at 2.7% 332 against 1,058: the crossing
+stays near 15%.
 Operands are passed to torch.sparse detached: it takes a ~3x slower path for tensors that require
 grad, even under no_grad. Tried and left out: torch.sparse COO, CSR and CSR-transposed products for the
 forward (1.3-3.7x the embedding bag's time), an embedding bag over the pairs in token order in float32
