@@ -470,11 +470,11 @@ def _screened(
     """Every layer's pairs from encoders W_mm [L, F, d + 1] on inputs x_mm [L, d + 1, n] (float32 or
     float64, the bias as the weight of an input of 1) without their whole product: a bfloat16 one, with
     SCREEN_MARGIN * ||w_f|| * ||x_n|| added as one more term, is above the pairs' bound wherever the
-    exact product is (`_candidates`); the candidates' exact values are then sampled products (`Support.
-    sampled`) and compared as `_pairs` compares them. A dense layer (candidates over `dense_above` of
-    [F, n]) gets its whole product. At F 8,192 (T * d 129, one thread, 2026-12): the bfloat16 product
-    takes ~12 ms, the float32 one ~72. Returns (pre [F, n] of the dense layers, else None; the pairs of
-    the sparse layers, else None)."""
+    exact product is (there are the candidates); the candidates' exact values are then sampled products
+    (`Support.sampled`) and compared as `_pairs` compares them. A dense layer (candidates over
+    `dense_above` of [F, n]) gets its whole product. At F 8,192 (4 layers, d + 1 = 129, 1,024 tokens,
+    one thread, 2026-12): the bfloat16 product takes ~12 ms, the float32 one ~72. Returns (pre [F, n]
+    of the dense layers, else None; the pairs of the sparse layers, else None)."""
     norms_w, norms_x = torch.linalg.vector_norm(W_mm, dim=2), torch.linalg.vector_norm(x_mm, dim=1)  # [L, F], [L, n]
     W_screen = torch.cat([W_mm, (SCREEN_MARGIN * norms_w)[..., None]], -1).bfloat16()  # [L, F, d + 2]
     x_screen = torch.cat([x_mm, norms_x[:, None]], 1).bfloat16()  # [L, d + 2, n]
