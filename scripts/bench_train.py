@@ -21,7 +21,10 @@ per layer, averaged over layers) and L0 per layer.
   with its own loss (sparsity lambda ramped over the run, as its trainer does), so its L0 drifts:
   its default lambda (1e-3) takes it to ~1 feature per token here, so --peer-lambda gives one per
   L0, picked so that its L0 ends near the asked one at F 1,024 (its step is dense: its speed does
-  not depend on its L0).
+  not depend on its L0). Its lambda ramps over --steps, so its L0 at the end depends on both: at F
+  8,192 and L0 200, lambda 0 leaves it at ~590 after 20 steps and ~510 after 100; for NMSE at matched
+  L0 there, `--steps 100 --peer-lambda 1e-6` ends it at L0 ~190 (a sweep of lambda 1e-7 to 5e-5 over
+  60 and 100 steps, 2026-12).
 - TopK rows (F x k, with --topk): per-layer transcoders, ours (`cross_layer = false`, `activation =
   "topk"`) against sparsify 1.3.3 (`transcode=True`, Adam at the same lr, decoder kept at unit norm
   as its trainer does; no AuxK loss).
@@ -222,7 +225,7 @@ def _run(
 
 def _cells(result: dict) -> str:
     return (
-        f"{result['tokens_per_s']:>7.0f} {result['cpu_tokens_per_s']:>7.0f} {result['nmse']:>6.3f} {result['l0']:>6.1f}"
+        f"{result['tokens_per_s']:>7.0f} {result['cpu_tokens_per_s']:>7.0f} {result['nmse']:>6.4f} {result['l0']:>6.1f}"
     )
 
 

@@ -10,7 +10,15 @@ the activations except a dense JumpReLU layer's, exact in the matmul dtype):
   addmm does, which took 2.5x as long as the product alone in bfloat16), then per layer either the
   whole layer dense, or only its supported (feature, token) pairs, feature-major (`Support`; found
   on a CPU by numpy, `_above` and `Support.of`: 12 instead of 40 ms a layer at F 8,192), whose
-  encoder gradient is an embedding bag over the pairs (`Support.collect`);
+  encoder gradient is an embedding bag over the pairs (`Support.collect`). With float32 (or
+  float64) matmuls on a CPU the batched matmul is a bfloat16 one with a margin that bounds its
+  rounding (`_screened`: candidates 13-31% more than the supported pairs at F 8,192, L0 200), and
+  the candidates' exact pre-activations are sampled products: ~12 ms for the bfloat16 product and
+  5-7 a layer for the sampled ones instead of ~72 for the float32 matmul (one thread). The whole
+  encode (in-process A/B, load 2-3): 144 instead of 174 ms in a steady step (3% supported), 281
+  against 257 at 7% (step 2), at F 1,024 L0 90 (10%) 41 against 39; the sampled products cost about
+  as much as the whole product from ~8% on, and taking the whole product above 5% candidates was
+  slower still (303, 45: the bfloat16 product then spent for nothing);
 - a JumpReLU layer computes its activations, penalty, decoding and their gradients in one function:
   dense (`_DenseJumpReLU`) on feature-major [F, n] tensors, or sparse (`_SparseJumpReLU`) over its
   active pairs; the window of its threshold's straight-through gradient holds inactive pairs too
@@ -38,6 +46,10 @@ whole forward and backward then took 430-480 instead of 940-1050 ms dense in bf1
 (sparse then in float32 throughout) sparse was faster up to 16% (1,770 against 2,020 ms), and at F
 1,024 L0 90 (11.7%) 180 against 221 ms (bf16-mixed: 172 against 159 dense), at L0 200 (24%) 318
 against 236: hence DENSE_ABOVE 15% (loads 1.2-2; before these products the crossings were 5% and 8%).
+Re-measured in fp32 after the leak fix (406806b) and with `_screened` (load 2.8-3, forward and
+backward): F 1,024 L0 90 (9-10% supported) sparse 104 against dense 147 ms, L0 200 (20-23%) 217
+against 153, F 8,192 L0 200 at 6-7.6% 616 against 1,045 and at 2.7% 332 against 1,058: the crossing
+stays near 15%.
 Operands are passed to torch.sparse detached: it takes a ~3x slower path for tensors that require
 grad, even under no_grad. Tried and left out: torch.sparse COO, CSR and CSR-transposed products for the
 forward (1.3-3.7x the embedding bag's time), an embedding bag over the pairs in token order in float32
@@ -387,7 +399,8 @@ def _decoded_at(supports: list[Support], W: torch.Tensor, W_mm: torch.Tensor, g:
 class _Encode(torch.autograd.Function):
     """Every layer's pre-activations pre[l] [F, n] (computed without autograd, in the matmul dtype)
     as a function of the encoders W [L, F, d] and b [L, F] on inputs x [n, L, d]: per layer all of
-    them as they are (pairs None), or those at its pairs (`Pairs.values`, in W's dtype). One function
+    them as they are (pairs None), or those at its pairs (`Pairs.values`, in W's dtype; its pre may
+    then be None). One function
     for all layers, so that the backward writes each layer's slice of the gradients (a slice per layer
     would allocate [L, F, d] per layer). A dense layer's gradient product runs in the matmul dtype; a
     sparse layer's in W's (`Support.collect`).
@@ -397,10 +410,10 @@ class _Encode(torch.autograd.Function):
     see (each step's pairs stayed in memory: +33 MB a step at F 8,192, L0 200)."""
 
     @staticmethod
-    def forward(ctx, W, b, x, pre: list[torch.Tensor], pairs: list[Pairs | None]):
+    def forward(ctx, W, b, x, pre: list[torch.Tensor | None], pairs: list[Pairs | None], mm_dtype: torch.dtype):
         ctx.save_for_backward(x)
         ctx.supports = [None if p is None else p.support for p in pairs]
-        ctx.shape, ctx.mm_dtype = W.shape, pre[0].dtype
+        ctx.shape, ctx.mm_dtype = W.shape, mm_dtype
         return tuple(p if s is None else s.values for p, s in zip(pre, pairs, strict=True))
 
     @staticmethod
@@ -417,7 +430,7 @@ class _Encode(torch.autograd.Function):
                 torch.mm(grad, x[:, l], out=grad_W[l])
             else:
                 grad_W[l] = grad.to(ctx.mm_dtype) @ x[:, l].to(ctx.mm_dtype)
-        return grad_W, grad_b, None, None, None
+        return grad_W, grad_b, None, None, None, None
 
 
 def encode(clt, x: torch.Tensor, dtype: torch.dtype | None = None) -> list[LayerActs | DenseJumpReLU | SparseJumpReLU]:
@@ -428,10 +441,58 @@ def encode(clt, x: torch.Tensor, dtype: torch.dtype | None = None) -> list[Layer
     with torch.no_grad():
         W_mm = torch.cat([clt.W_enc.to(dtype), clt.b_enc[..., None].to(dtype)], -1)  # [L, F, d + 1]: b, an input of 1
         x_mm = torch.cat([x, x.new_ones(*x.shape[:2], 1)], -1).to(dtype).permute(1, 2, 0).contiguous()  # [L, d + 1, n]
-        pre = torch.bmm(W_mm, x_mm).unbind(0)  # [F, n] each, rounded once as addmm's (1.5x as fast in bfloat16)
-        pairs = [_pairs(clt, p, l, dense_above(dtype, x.device)) for l, p in enumerate(pre)]
-    values = _Encode.apply(clt.W_enc, clt.b_enc, x, pre, pairs)
+        if _screens(clt, dtype, x.device):
+            pre, pairs = _screened(clt, W_mm, x_mm, dense_above(dtype, x.device))
+        else:
+            pre = torch.bmm(W_mm, x_mm).unbind(0)  # [F, n] each, rounded once as addmm's (1.5x as fast in bfloat16)
+            pairs = [_pairs(clt, p, l, dense_above(dtype, x.device)) for l, p in enumerate(pre)]
+    values = _Encode.apply(clt.W_enc, clt.b_enc, x, pre, pairs, dtype)
     return [_activate(clt, l, v, s) for l, (v, s) in enumerate(zip(values, pairs, strict=True))]
+
+
+def _screens(clt, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a step's pairs are screened by a bfloat16 product (`_screened`): JumpReLU and ReLU layers
+    with float32 or float64 matmuls on a CPU."""
+    return device.type == "cpu" and dtype in (torch.float32, torch.float64) and clt.cfg.activation != "topk"
+
+
+SCREEN_MARGIN = 2.0**-6
+"""`_screened`'s margin, in units of S = ||(w_f, b_f)|| * ||(x_n, 1)|| >= sum_i |w_i x_i|: a bfloat16 product
+(unit roundoff u = 2^-8; its operands rounded, the products summed in float32, the sum rounded once, as
+oneDNN's bfloat16 matmuls do) is within (2u + u^2) S + 130 * 2^-24 S + u (S + margin) < 3.1 u S of the
+exact one, and the margin, itself a bfloat16 product, is at least 4 (1 - u)^2 u S > 3.9 u S. Seen on
+random operands: at most 1.16 * 2^-9 S between a bfloat16 product and that of its rounded operands."""
+
+
+def _screened(
+    clt, W_mm: torch.Tensor, x_mm: torch.Tensor, dense_above: float
+) -> tuple[list[torch.Tensor | None], list[Pairs | None]]:
+    """Every layer's pairs from encoders W_mm [L, F, d + 1] on inputs x_mm [L, d + 1, n] (float32 or
+    float64, the bias as the weight of an input of 1) without their whole product: a bfloat16 one, with
+    SCREEN_MARGIN * ||w_f|| * ||x_n|| added as one more term, is above the pairs' bound wherever the
+    exact product is (there are the candidates); the candidates' exact values are then sampled products
+    (`Support.sampled`) and compared as `_pairs` compares them. A dense layer (candidates over
+    `dense_above` of [F, n]) gets its whole product. At F 8,192 (4 layers, d + 1 = 129, 1,024 tokens,
+    one thread, 2026-12): the bfloat16 product takes ~12 ms, the float32 one ~72. Returns (pre [F, n]
+    of the dense layers, else None; the pairs of the sparse layers, else None)."""
+    norms_w, norms_x = torch.linalg.vector_norm(W_mm, dim=2), torch.linalg.vector_norm(x_mm, dim=1)  # [L, F], [L, n]
+    W_screen = torch.cat([W_mm, (SCREEN_MARGIN * norms_w)[..., None]], -1).bfloat16()  # [L, F, d + 2]
+    x_screen = torch.cat([x_mm, norms_x[:, None]], 1).bfloat16()  # [L, d + 2, n]
+    rough = torch.bmm(W_screen, x_screen).unbind(0)  # [F, n] each, bfloat16
+    pre, pairs = [], []
+    for l, r in enumerate(rough):
+        candidates = _above(r, _low(clt, l, torch.bfloat16))  # [F, n] bool
+        if _count(candidates) > dense_above * candidates.numel():
+            pre.append(W_mm[l] @ x_mm[l])
+            pairs.append(None)
+            continue
+        s = Support.of(candidates)
+        values = s.sampled(W_mm[l], x_mm[l].T)  # [nnz], the exact pre-activations
+        low = _low(clt, l, values.dtype)
+        kept = _nonzero(values > (low if isinstance(low, float) else low[:, 0].index_select(0, s.feature)))
+        pre.append(None)
+        pairs.append(_split(clt, l, s._at(kept), values.index_select(0, kept)))
+    return pre, pairs
 
 
 def dense_above(dtype: torch.dtype, device: torch.device) -> float:
@@ -454,22 +515,32 @@ def _pairs(clt, pre: torch.Tensor, layer: int, dense_above: float) -> Pairs | No
         order = (top * n + token).argsort()
         s = Support.of_pairs(top[order], token[order], F, n)
         return Pairs(s.gather(pre).to(param), s)
-    if cfg.activation == "relu":
-        low = 0.0
-    else:
-        threshold = clt.threshold[layer].detach()
-        low = _at_most(threshold.double() - cfg.bandwidth / 2, pre.dtype)  # the window's bounds as the dense layer's
-    supported = _above(pre, low)  # [F, n] bool
+    supported = _above(pre, _low(clt, layer, pre.dtype))  # [F, n] bool
     if _count(supported) > dense_above * supported.numel():
         return None
     s = Support.of(supported)
-    values = s.gather(pre)  # [nnz] in the matmul dtype
-    if cfg.activation == "relu":
+    return _split(clt, layer, s, s.gather(pre))
+
+
+def _low(clt, layer: int, dtype: torch.dtype) -> torch.Tensor | float:
+    """The bound above which a pre-activation in `dtype` is supported: 0 (ReLU), or the largest value of
+    `dtype` at most the lower bound of the JumpReLU threshold's straight-through window [F, 1]."""
+    if clt.cfg.activation == "relu":
+        return 0.0
+    return _at_most(clt.threshold[layer].detach().double() - clt.cfg.bandwidth / 2, dtype)
+
+
+def _split(clt, layer: int, s: Support, values: torch.Tensor) -> Pairs:
+    """A layer's pairs from its supported pairs `s` and their pre-activations [nnz] in the matmul dtype:
+    JumpReLU's split into the active ones and the window's inactive ones."""
+    param, dtype = clt.W_enc.dtype, values.dtype
+    if clt.cfg.activation == "relu":
         return Pairs(values.to(param), s)
-    active = values > _at_most(threshold, pre.dtype)[:, 0].index_select(0, s.feature)  # as JumpReLU's pre > threshold
+    threshold = clt.threshold[layer].detach()
+    active = values > _at_most(threshold, dtype)[:, 0].index_select(0, s.feature)  # as JumpReLU's pre > threshold
     on, window, places = s.split(active)
     values = values.index_select(0, places)
-    high = _at_least(threshold.double() + cfg.bandwidth / 2, pre.dtype)[:, 0].index_select(0, on.feature)
+    high = _at_least(threshold.double() + clt.cfg.bandwidth / 2, dtype)[:, 0].index_select(0, on.feature)
     return Pairs(values.to(param), on, window, _nonzero(values < high))
 
 

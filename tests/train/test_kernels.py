@@ -192,3 +192,40 @@ def test_decoder_norms_have_autograds_gradient():
     for a, b in zip(ours, grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
     assert torch.equal(ours[1][3], torch.zeros_like(ours[1][3]))
+
+
+@pytest.mark.parametrize("activation", ["jumprelu", "relu"])
+def test_a_screened_layer_has_the_pairs_of_its_whole_product(activation, monkeypatch):
+    """float32 pairs found by the bfloat16 product with its margin (`_screened`) are those of the whole
+    float32 product, with thousands of pre-activations nearer their bound than the bfloat16 product's
+    rounding (which alone misplaces some), none within float32 rounding of it."""
+    monkeypatch.setattr(kernels, "DENSE_ABOVE", 1.0)
+    torch.manual_seed(0)
+    cfg = CLTConfig(n_layers=2, d_model=128, n_features=256, activation=activation, bandwidth=1e-4)
+    clt = CrossLayerTranscoder(cfg)
+    x = torch.randn(400, 2, 128)
+    with torch.no_grad():
+        pre = torch.einsum("nld,lfd->lfn", x.double(), clt.W_enc.double()) + clt.b_enc.double()[..., None]
+        ordered = pre.sort(-1).values  # [L, F, n]
+        low = ordered[..., 200] - 2**-10 * pre.abs().amax()  # [L, F]: within bfloat16's rounding of a median
+        close = (pre - low[..., None]).abs().amin(-1) < 2**-13 * pre.abs().amax()  # [L, F]: within float32's
+        low = torch.where(close, ordered[..., 0] - 1.0, low)  # those features on every token instead
+        if activation == "relu":
+            clt.b_enc -= low.float()
+            low = torch.zeros_like(low)
+            pre = torch.einsum("nld,lfd->lfn", x.double(), clt.W_enc.double()) + clt.b_enc.double()[..., None]
+        else:
+            clt.threshold.copy_(low + clt.cfg.bandwidth / 2)
+            low = kernels._at_most(clt.threshold.double().flatten() - clt.cfg.bandwidth / 2, torch.float32).view(2, -1)
+    gap = (pre - low.double()[..., None]).abs()
+    rough = torch.einsum("nld,lfd->lfn", x.bfloat16(), clt.W_enc.bfloat16()) + clt.b_enc.bfloat16()[..., None]
+    assert gap.min() > 2**-15 * pre.abs().amax() and (gap < 2**-8 * pre.abs().amax()).sum() > 1000
+    assert ((rough > low[..., None]) != (pre > low.double()[..., None])).sum() > 10  # bfloat16 alone misplaces some
+    with torch.no_grad():
+        screened = kernels.encode(clt, x)
+        monkeypatch.setattr(kernels, "_screens", lambda *args: False)
+        whole = kernels.encode(clt, x)
+    for s, w in zip(screened, whole, strict=True):
+        a, b = (s.pairs.support, w.pairs.support) if activation == "jumprelu" else (s.support, w.support)
+        assert torch.equal(a.feature, b.feature) and torch.equal(a.token, b.token)
+        torch.testing.assert_close(s.values, w.values, rtol=1e-5, atol=1e-5)
