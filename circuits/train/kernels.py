@@ -452,16 +452,21 @@ def encode(clt, x: torch.Tensor, dtype: torch.dtype | None = None) -> list[Layer
 
 def _screens(clt, dtype: torch.dtype, device: torch.device) -> bool:
     """Whether a step's pairs are screened by a bfloat16 product (`_screened`): JumpReLU and ReLU layers
-    with float32 or float64 matmuls on a CPU."""
-    return device.type == "cpu" and dtype in (torch.float32, torch.float64) and clt.cfg.activation != "topk"
+    with float32 or float64 matmuls on a CPU with bfloat16 dot products (AVX512-BF16 or AMX; elsewhere
+    bfloat16 matmuls are emulated, slower than the float32 product they would save), of d_model below
+    SCREEN_MARGIN's bound."""
+    screened = dtype in (torch.float32, torch.float64) and clt.cfg.activation != "topk" and clt.cfg.d_model < 28_000
+    return screened and device.type == "cpu" and torch.cpu._is_avx512_bf16_supported()
 
 
 SCREEN_MARGIN = 2.0**-6
 """`_screened`'s margin, in units of S = ||(w_f, b_f)|| * ||(x_n, 1)|| >= sum_i |w_i x_i|: a bfloat16 product
 (unit roundoff u = 2^-8; its operands rounded, the products summed in float32, the sum rounded once, as
-oneDNN's bfloat16 matmuls do) is within (2u + u^2) S + 130 * 2^-24 S + u (S + margin) < 3.1 u S of the
-exact one, and the margin, itself a bfloat16 product, is at least 4 (1 - u)^2 u S > 3.9 u S. Seen on
-random operands: at most 1.16 * 2^-9 S between a bfloat16 product and that of its rounded operands."""
+oneDNN's bfloat16 matmuls do) is within (2u + u^2) S + (d + 2) 2^-24 S + u (S + margin) of the exact one,
+and the float32 product (d + 1) 2^-24 S of it; the margin, itself a bfloat16 product, is at least
+4 (1 - u)^2 u S > 3.9 u S, which exceeds the sum of both (3.02 u S + (2d + 3) 2^-24 S) for every d below
+28,000 (3.09 u S at d 2,304). Seen on random operands: at most 1.16 * 2^-9 S between a bfloat16
+product and that of its rounded operands."""
 
 
 def _screened(
