@@ -158,7 +158,7 @@ def _walk(
         fresh = slice(start[l], start[l + 1])
         passes = l < L and not (l == 0 and embed_images is not None)  # the rows here pass attention l
         overwrites = passes and backward_terms and rep.terms_are_cheaper(1, Pp)  # as terms, first of all
-        if start[l + 1] > start[l]:
+        if start[l + 1] > start[l] and (passes or l == L):  # (layer 0 with images: `_one_position_tokens`)
             weights = vectors.new_zeros(1, start[l + 1] - start[l], Pp)
             weights[0, rows[fresh] - start[l], pos[fresh]] = 1.0
             terms[l] = (vectors[None, fresh], weights)
@@ -173,8 +173,22 @@ def _walk(
     if embed_images is None:
         tokens.copy_(torch.linalg.vecdot(g, rep.embed[:Pp]))
     else:  # the images of the tokens k < Pp at resid_mid[0] of the positions q < Pp
-        tokens.addmm_(g.view(R, Pp * d), embed_images[:Pp, : Pp * d].T)
+        _one_position_tokens(vectors[: start[1]], pos[: start[1]], embed_images, tokens[: start[1]])
+        tokens[start[1] :].addmm_(g[start[1] :].view(R - start[1], Pp * d), embed_images[:Pp, : Pp * d].T)
     return cells
+
+
+def _one_position_tokens(vectors: torch.Tensor, pos: torch.Tensor, images: torch.Tensor, out: torch.Tensor) -> None:
+    """The embedding edges out [n, P'] of the rows of layer 0, whose gradient at resid_mid[0] is their
+    vector [n, d] at their position pos [n] (ascending) alone: one product per position with the
+    tokens' images there (`Replacement.embedding_images` [P, P * d]), not one over every position of a
+    gradient that is zero but at one."""
+    Pp, d = out.shape[1], vectors.shape[1]
+    at_query = images[:Pp].view(Pp, -1, d)  # [P'(key), P(query), d]
+    bounds = torch.searchsorted(pos, torch.arange(Pp + 1, device=pos.device)).tolist()
+    for q, (i, j) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        if j > i:
+            torch.mm(vectors[i:j], at_query[:, q].T, out=out[i:j])
 
 
 def _contract(
