@@ -66,7 +66,9 @@ def keep_heap() -> None:
     elsewhere nothing). Left adaptive they follow whatever the process freed last: a short prompt's
     thousands of temporaries (35 MB at 16 tokens, 50 at 32) went back to the OS at the end of each
     call and were faulted in again, a 4 kB page at a time, by the next (5,800 and 12,500 faults per
-    call, 2-5 us each on this VM: a fifth to a third of the CPU time)."""
+    call, 2-5 us each on this VM: a fifth to a third of the CPU time). Bounded, unlike training's
+    `train.loop.keep_freed_memory` (no mmap, no trimming): long prompts' GB-sized blocks are still
+    mapped apart and given back when freed."""
     if _mallopt is not None:
         _mallopt(_M_MMAP_THRESHOLD, 32 << 20)
         _mallopt(_M_TRIM_THRESHOLD, 64 << 20)
