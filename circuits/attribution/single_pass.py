@@ -85,7 +85,8 @@ def every_row(
     the final residual stream (last position); written into out[0] [n, N] (the features') and out[1]
     [T, N] (the logits'), in the graph's column order (features, errors, tokens, then N - n_sources
     columns that are no source, written zero; whole rows of a row-major matrix are written straight
-    from the walk's cells, with no copy between). A run holds the rows at positions [a, a + span), in
+    from the walk's cells, with no copy between; out must start zeroed: with embedding images, the rows
+    of layer 0 get their token columns alone). A run holds the rows at positions [a, a + span), in
     pieces whose gradients hold about `work_floats` numbers."""
     L, P, d = rep.n_layers, rep.n_pos, rep.embed.shape[-1]
     n, T, device = len(rep.features), len(logit_vectors), logit_vectors.device
@@ -93,25 +94,39 @@ def every_row(
     layers = torch.cat([rep.features[:, 0], torch.full((T,), L, device=device)])
     pos = torch.cat([rep.features[:, 1], torch.full((T,), P - 1, device=device)])
     sources = SlotSources(rep)
+    tokens_only = rep.layer_counts()[0] if embed_images is not None else 0  # the nodes whose edges are tokens' only
     for a in range(0, P, span):
         Pp = min(a + span, P)
         rows = ((pos >= a) & (pos < Pp)).nonzero()[:, 0]  # in (layer, position) order
         columns = sources.columns(Pp, out[0].shape[1])
+        tokens = (n + L * P, sources.starts[Pp], Pp)  # their first column, their first cell, how many
         for piece in rows.split(max(1, work_floats // (Pp * d))):
             cells = _walk(rep, sources, vectors[piece], layers[piece], pos[piece], Pp, embed_images, backward_terms)
-            _write(out, n, piece, cells, columns)
+            _write(out, (n, tokens_only), piece, cells, (columns, tokens))
 
 
-def _write(out: list[torch.Tensor], n: int, rows: torch.Tensor, cells: torch.Tensor, columns: torch.Tensor) -> None:
+def _write(
+    out: list[torch.Tensor],
+    nodes: tuple[int, int],
+    rows: torch.Tensor,
+    cells: torch.Tensor,
+    layout: tuple[torch.Tensor, tuple[int, int, int]],
+) -> None:
     """Gather the edges of rows [k] (ascending; < n: features, out[0], then logits, out[1]) from
-    their cells [k, n_cells] into place, `columns` (`SlotSources.columns`), a run of consecutive rows
-    at a time (into contiguous rows: gathering into a strided view is 6x slower)."""
-    breaks = ((rows.diff() != 1) | (rows[1:] == n)).nonzero()[:, 0] + 1
+    their cells [k, n_cells] into place, a run of consecutive rows at a time (into contiguous rows:
+    gathering into a strided view is 6x slower). nodes = (n, m): rows < m hold token edges alone, and
+    only those are copied (their other entries in out stay zero). layout = (columns, tokens): the
+    cell of each column (`SlotSources.columns`), and the tokens' first column, first cell and count."""
+    (n, m), (columns, (column, cell, Pp)) = nodes, layout
+    breaks = ((rows.diff() != 1) | (rows[1:] == n) | (rows[1:] == m)).nonzero()[:, 0] + 1
     bounds = [0] + breaks.tolist() + [len(rows)]
     for i, j in zip(bounds[:-1], bounds[1:], strict=True):
-        first = int(rows[i])
-        dest, first = (out[0], first) if first < n else (out[1], first - n)
-        torch.index_select(cells[i:j], 1, columns, out=dest[first : first + j - i])
+        node = int(rows[i])
+        dest, first = (out[0], node) if node < n else (out[1], node - n)
+        if node < m:
+            dest[first : first + j - i, column : column + Pp] = cells[i:j, cell : cell + Pp]
+        else:
+            torch.index_select(cells[i:j], 1, columns, out=dest[first : first + j - i])
 
 
 def feature_vectors(rep: Replacement) -> torch.Tensor:
@@ -141,7 +156,8 @@ def _walk(
     R, rows = len(vectors), torch.arange(len(vectors), device=vectors.device)
     start = torch.searchsorted(layers, torch.arange(L + 2, device=layers.device)).tolist()  # t: start[t]:start[t + 1]
     below = sources.starts[Pp]  # the cells of the sources below Pp; then the tokens, a zero cell
-    cells = vectors.new_zeros(R, below + Pp + 1)  # the edges in cell layout
+    cells = vectors.new_empty(R, below + Pp + 1)  # the edges in cell layout (of layer 0 with images: tokens only)
+    cells[start[1] if embed_images is not None else 0 :].zero_()
     g = vectors.new_empty(R, Pp, d)  # the gradient at the residual stream, walking down; rows set as they start
     terms: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # rows of layer t -> their gradient as terms
     for l in range(L, -1, -1):
@@ -158,7 +174,7 @@ def _walk(
         fresh = slice(start[l], start[l + 1])
         passes = l < L and not (l == 0 and embed_images is not None)  # the rows here pass attention l
         overwrites = passes and backward_terms and rep.terms_are_cheaper(1, Pp)  # as terms, first of all
-        if start[l + 1] > start[l]:
+        if start[l + 1] > start[l] and (passes or l == L):  # (layer 0 with images: `_one_position_tokens`)
             weights = vectors.new_zeros(1, start[l + 1] - start[l], Pp)
             weights[0, rows[fresh] - start[l], pos[fresh]] = 1.0
             terms[l] = (vectors[None, fresh], weights)
@@ -173,8 +189,22 @@ def _walk(
     if embed_images is None:
         tokens.copy_(torch.linalg.vecdot(g, rep.embed[:Pp]))
     else:  # the images of the tokens k < Pp at resid_mid[0] of the positions q < Pp
-        tokens.addmm_(g.view(R, Pp * d), embed_images[:Pp, : Pp * d].T)
+        _one_position_tokens(vectors[: start[1]], pos[: start[1]], embed_images, tokens[: start[1]])
+        tokens[start[1] :].addmm_(g[start[1] :].view(R - start[1], Pp * d), embed_images[:Pp, : Pp * d].T)
     return cells
+
+
+def _one_position_tokens(vectors: torch.Tensor, pos: torch.Tensor, images: torch.Tensor, out: torch.Tensor) -> None:
+    """The embedding edges out [n, P'] of the rows of layer 0, whose gradient at resid_mid[0] is their
+    vector [n, d] at their position pos [n] (ascending) alone: one product per position with the
+    tokens' images there (`Replacement.embedding_images` [P, P * d]), not one over every position of a
+    gradient that is zero but at one."""
+    Pp, d = out.shape[1], vectors.shape[1]
+    at_query = images[:Pp].view(Pp, -1, d)  # [P'(key), P(query), d]
+    bounds = torch.searchsorted(pos, torch.arange(Pp + 1, device=pos.device)).tolist()
+    for q, (i, j) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        if j > i:
+            torch.mm(vectors[i:j], at_query[:, q].T, out=out[i:j])
 
 
 def _contract(
