@@ -483,7 +483,7 @@ def _long_attribution(run, modules: list) -> tuple:
     for module in modules:
         for tensor in [*module.parameters(), *module.buffers()]:
             tensor.detach().sum()
-    ctypes.CDLL(None).malloc_trim(0)  # attribute.release_heap's call, without importing ours into the peer's process
+    ctypes.CDLL(None).malloc_trim(0)  # heap.release_heap's call, without importing ours into the peer's process
     before = _status_mb("VmHWM")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     base, t0 = _status_mb("VmRSS"), time.perf_counter()

@@ -87,8 +87,9 @@ def _quality(recon: torch.Tensor, y: torch.Tensor, l0: float) -> dict:
 
 
 def ours(args, batches, held) -> dict:
+    from circuits.heap import keep_freed_memory
     from circuits.train.config import TrainConfig, TranscoderConfig
-    from circuits.train.loop import keep_freed_memory, optimiser
+    from circuits.train.loop import optimiser
     from circuits.train.objective import SparsityControl, initialise, losses
     from circuits.train.store import ActivationStore
     from circuits.transcoders.clt import CrossLayerTranscoder

@@ -22,7 +22,6 @@ input is exactly the sum of its incoming edges plus its bias (the constant terms
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import math
 import mmap
@@ -50,37 +49,12 @@ from circuits.attribution.replacement import Replacement, build_replacement, lay
 from circuits.attribution.single_pass import every_row
 from circuits.attribution.targets import LogitTarget, resolve_targets
 from circuits.errors import CircuitsError
+from circuits.heap import pin_heap_thresholds, release_heap
 from circuits.models import prompt_tokens, token_strings
 from circuits.processing import transcoder_processing, weight_processing
 from circuits.transcoders.clt import CLTConfig, CrossLayerTranscoder, check_fits
 
 log = logging.getLogger(__name__)
-_libc = ctypes.CDLL(None)
-_malloc_trim, _mallopt = getattr(_libc, "malloc_trim", None), getattr(_libc, "mallopt", None)  # glibc's; None elsewhere
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (malloc.h)
-
-
-def keep_heap() -> None:
-    """Pin glibc's adaptive heap thresholds at the ceilings they rise to (blocks under 32 MB from the
-    heap, which is given back to the OS once 64 MB of it are free at its top; glibc's `mallopt`,
-    elsewhere nothing). Left adaptive they follow whatever the process freed last: a short prompt's
-    thousands of temporaries (35 MB at 16 tokens, 50 at 32) went back to the OS at the end of each
-    call and were faulted in again, a 4 kB page at a time, by the next (5,800 and 12,500 faults per
-    call, 2-5 us each on this VM: a fifth to a third of the CPU time). Bounded, unlike training's
-    `train.loop.keep_freed_memory` (no mmap, no trimming): long prompts' GB-sized blocks are still
-    mapped apart and given back when freed."""
-    if _mallopt is not None:
-        _mallopt(_M_MMAP_THRESHOLD, 32 << 20)
-        _mallopt(_M_TRIM_THRESHOLD, 64 << 20)
-
-
-def release_heap() -> None:
-    """Hand the C heap's free pages back to the OS (glibc's `malloc_trim`; elsewhere nothing). A
-    backward pass's temporaries come from the heap once glibc's adaptive mmap threshold has risen past
-    their size, and the holes they leave between live blocks stay resident: 40 to 80 MB of the peak
-    on the 64-token prompt of `scripts/bench_attribution.py --long`."""
-    if _malloc_trim is not None:
-        _malloc_trim(0)
 
 
 class Sources:
@@ -366,7 +340,7 @@ def attribute(
         if value is not None and value < 1:
             raise CircuitsError(f"{name} is {value}: pass a positive number, or none for the default")
     check_fits(transcoder.cfg, model)
-    keep_heap()
+    pin_heap_thresholds()
     device, dtype = cfg.device, cfg.dtype
     torch_dtype = getattr(torch, dtype)
     if model.W_U.device != torch.device(device):

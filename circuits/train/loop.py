@@ -13,14 +13,11 @@ checkpoints the current step and raises `Interrupted`.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import dataclasses
 import functools
 import json
 import logging
 import math
-import platform
 import signal
 import threading
 import time
@@ -36,6 +33,7 @@ from transformer_lens import HookedTransformer
 
 from circuits.errors import CircuitsError
 from circuits.fileio import write_json
+from circuits.heap import keep_freed_memory
 from circuits.models import check_device, load_model
 from circuits.text import TextSource
 from circuits.train.activations import ActivationStream, held_out, held_out_tokens
@@ -261,18 +259,6 @@ def optimiser(clt: CrossLayerTranscoder, cfg: TrainConfig) -> torch.optim.Adam:
     """Adam over the CLT's parameters; fused (one pass over each tensor, ~5x faster than the
     per-tensor loop on one CPU thread at F 8,192), the same update up to rounding."""
     return torch.optim.Adam(clt.parameters(), lr=cfg.lr, betas=(0.9, 0.999), fused=True)
-
-
-def keep_freed_memory() -> None:
-    """Have glibc keep the memory this process frees for its next allocations (no mmap of large
-    blocks, no trimming) instead of returning it to the kernel: a step at F 8,192 frees and
-    allocates again hundreds of MB, whose pages the kernel would otherwise zero and fault in again
-    every step (F 8,192, L0 200, bf16-mixed: 330k page faults in steps 1-17 instead of 7, each ~1-2 us;
-    memory after 18 steps 1,182 MB instead of 1,041, and kept; 2026-12-04). Nothing on other C libraries."""
-    if platform.libc_ver()[0] == "glibc":
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        libc.mallopt(-4, 0)  # M_MMAP_MAX
-        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD
 
 
 def _step(run: _Run, step: int, x: torch.Tensor, y: torch.Tensor) -> StepLoss:
