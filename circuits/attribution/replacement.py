@@ -399,7 +399,8 @@ def record_forward(model: HookedTransformer, tokens: torch.Tensor) -> ForwardRec
     post_norms = cfg.use_normalization_before_and_after
     attention, mlp = (_attention, _mlp) if computes_from_weights(model) else (_components_attention, _components_mlp)
     embed = model.embed(x)[0]  # [P, d]
-    pos_embed = model.pos_embed(x)[0] if cfg.positional_embedding_type == "standard" else torch.zeros_like(embed)
+    learned = cfg.positional_embedding_type == "standard"  # its rows, as PosEmbed without a mask or cache
+    pos_embed = model.pos_embed.W_pos[: len(tokens)].clone() if learned else torch.zeros_like(embed)
     resid = embed + pos_embed
     keep: dict[str, list[torch.Tensor]] = {}
     for block in model.blocks:
@@ -429,7 +430,7 @@ def record_forward(model: HookedTransformer, tokens: torch.Tensor) -> ForwardRec
         **stacked,
         resid_final=resid,
         final_scale=final_scale,
-        logits=model.unembed(normed[-1:])[0],
+        logits=torch.addmm(model.unembed.b_U, normed[-1:], model.unembed.W_U)[0],  # no [d, d_vocab] copy (Unembed's)
     )
 
 
