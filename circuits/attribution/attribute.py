@@ -22,10 +22,11 @@ input is exactly the sum of its incoming edges plus its bias (the constant terms
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import mmap
-from dataclasses import asdict, replace
+from dataclasses import fields, replace
 from functools import cached_property
 from typing import NamedTuple
 
@@ -387,7 +388,7 @@ def attribute(
         bias=torch.cat([bias[selected], bias[n:]]).cpu(),
         n_layers=L,
         config={
-            "attribution": asdict(cfg),
+            "attribution": {f.name: copy.copy(getattr(cfg, f.name)) for f in fields(cfg)},  # asdict: 0.1 ms
             "model": model.cfg.model_name,
             "n_active_features": n,
             "model_processing": weight_processing(model),
