@@ -361,7 +361,8 @@ def _attention(attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     cap = attn.cfg.attn_scores_soft_cap
     if cap > 0:
         scores = cap * torch.tanh(scores / cap)
-    pattern = attn.apply_causal_mask(scores[None])[0].softmax(-1).to(v.dtype)  # its mask: causal, or a window
+    P = len(scores[0])  # its mask (causal, or a window) as its apply_causal_mask indexes it
+    pattern = torch.where(attn.mask[-P:, -P:], scores, attn.IGNORE).softmax(-1).to(v.dtype)
     z = (pattern @ v).transpose(0, 1).flatten(1)  # [P, H * d_head]
     return pattern, torch.addmm(attn.b_O, z, attn.W_O.flatten(0, 1))
 
