@@ -54,24 +54,22 @@ def frozen_norm(module, scale: torch.Tensor, d: int, dtype) -> FrozenNorm:
     )
 
 
-def normalise(module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A TransformerLens LayerNorm/RMSNorm (with or without weights) applied to x [..., d], and its
-    scale [..., 1] (what its hook_scale sees)."""
-    if _native(module, x):  # one operation with the weights folded in (LayerNorm, float32/64)
-        out, _, rstd = torch.native_layer_norm(x, x.shape[-1:], getattr(module, "w", None), getattr(module, "b", None),
-                                               module.eps)  # fmt: skip
-        return out, rstd.reciprocal()
+def normalise(module, x: torch.Tensor, weights: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """A TransformerLens LayerNorm/RMSNorm applied to x [..., d], with its weight and bias (each if
+    it has it) or without (its hook_normalized), and the inverse of its scale [..., 1] (1 / what its
+    hook_scale sees): a LayerNorm in float32/64 is one operation, torch's own (the scales of a whole
+    forward pass are inverted at once)."""
+    if _native(module, x):
+        w, b = (getattr(module, "w", None), getattr(module, "b", None)) if weights else (None, None)
+        out, _, rstd = torch.native_layer_norm(x, x.shape[-1:], w, b, module.eps)
+        return out, rstd
     normalized, scale = hook_normalized(module, x)
-    return norm_weights(module, normalized), scale
+    return norm_weights(module, normalized) if weights else normalized, scale.reciprocal()
 
 
 def hook_normalized(module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """What a TransformerLens LayerNorm/RMSNorm's hook_normalized [..., d] and hook_scale [..., 1]
-    see for x [..., d]: the same operations (in float32 for half-precision models; a LayerNorm in
-    float32/64 as torch's own, one operation instead of eight, equal within rounding)."""
-    if _native(module, x):
-        out, _, rstd = torch.native_layer_norm(x, x.shape[-1:], None, None, module.eps)
-        return out, rstd.reciprocal()
+    see for x [..., d]: the same operations (in float32 for half-precision models)."""
     if module.cfg.dtype not in (torch.float32, torch.float64):
         x = x.to(torch.float32)
     if module.__class__.__name__.startswith("LayerNorm"):

@@ -28,7 +28,7 @@ import torch
 from transformer_lens import HookedTransformer
 from transformer_lens.components import MLP, Attention, GatedMLP, GroupedQueryAttention
 
-from circuits.attribution.norms import FrozenNorm, frozen_norm, has_post_norm, hook_normalized, norm_weights, normalise
+from circuits.attribution.norms import FrozenNorm, frozen_norm, has_post_norm, normalise
 from circuits.errors import CircuitsError
 from circuits.transcoders.clt import CLTConfig, CrossLayerTranscoder, check_fits
 
@@ -404,25 +404,29 @@ def record_forward(model: HookedTransformer, tokens: torch.Tensor) -> ForwardRec
     pos_embed = model.pos_embed.W_pos[: len(tokens)].clone() if learned else torch.zeros_like(embed)
     resid = embed + pos_embed
     keep: dict[str, list[torch.Tensor]] = {}
-    for block in model.blocks:
-        normed, scale = normalise(block.ln1, resid)
+    for block in model.blocks:  # the norms' inverse scales, inverted at the end
+        normed, inverse = normalise(block.ln1, resid)
         pattern, attn_out = attention(block.attn, normed)
-        step = {"patterns": pattern, "ln1_scales": scale}
+        step = {"patterns": pattern, "ln1_scales": inverse}
         if post_norms:
             attn_out, step["attn_post_scales"] = normalise(block.ln1_post, attn_out)
         mid = resid + attn_out
-        normalized, step["ln2_scales"] = hook_normalized(block.ln2, mid)
-        mlp_in = norm_weights(block.ln2, normalized)
+        mlp_in, step["ln2_scales"] = normalise(block.ln2, mid)
         raw = mlp(block.mlp, mlp_in)
         out = raw
         if post_norms:
             out, step["mlp_post_scales"] = normalise(block.ln2_post, raw)
         resid = mid + out
-        step.update(resid_mid=mid, mlp_normalized=normalized, mlp_in=mlp_in, mlp_raw=raw, mlp_out=out)
+        step.update(resid_mid=mid, mlp_in=mlp_in, mlp_raw=raw, mlp_out=out)
         for name, value in step.items():
             keep.setdefault(name, []).append(value)
-    normed, final_scale = normalise(model.ln_final, resid)
+    normed, final_inverse = normalise(model.ln_final, resid)
     stacked = {name: torch.stack(values) for name, values in keep.items()}
+    for name in ("ln1_scales", "ln2_scales", "attn_post_scales", "mlp_post_scales"):
+        if name in stacked:
+            stacked[name] = stacked[name].reciprocal()
+    # every layer's hook_normalized at once (their ln2 differ only in weights, which it leaves out)
+    stacked["mlp_normalized"] = normalise(model.blocks[0].ln2, stacked["resid_mid"], weights=False)[0]
     return ForwardRecord(
         embed=embed,
         pos_embed=pos_embed,
@@ -430,7 +434,7 @@ def record_forward(model: HookedTransformer, tokens: torch.Tensor) -> ForwardRec
         mlp_post_scales=stacked.pop("mlp_post_scales", None),
         **stacked,
         resid_final=resid,
-        final_scale=final_scale,
+        final_scale=final_inverse.reciprocal(),
         logits=torch.addmm(model.unembed.b_U, normed[-1:], model.unembed.W_U)[0],  # no [d, d_vocab] copy (Unembed's)
     )
 
