@@ -150,10 +150,11 @@ class Replacement:
         H, dh = self.W_O.shape[1], self.W_O.shape[2]
         L, d = self.n_layers, self.embed.shape[-1]
         self.back_O = self.W_O.permute(0, 3, 1, 2).reshape(L, d, H * dh)  # [L, d, H * d_head]
-        back_V = self.W_V.permute(0, 1, 3, 2).reshape(L, H * dh, d) * torch.stack([n.w for n in self.ln1])[:, None]
+        w = torch.stack([n.w for n in self.ln1])[:, None, None]  # [L, 1, 1, d]
+        back_V = torch.mul(self.W_V.transpose(2, 3), w, out=self.W_V.new_empty(L, H, dh, d))  # one pass, in layout
         if self.ln1[0].centre:
-            back_V = back_V - back_V.mean(-1, keepdim=True)
-        self.back_V = back_V  # [L, H * d_head, d]
+            back_V -= back_V.mean(-1, keepdim=True)
+        self.back_V = back_V.view(L, H * dh, d)
         scales = torch.stack([n.scale[:, 0] for n in self.ln1])  # [L, P]
         self.back_mix = self.patterns.transpose(-1, -2) / scales[:, None, :, None]  # [L, H, P(key), P(query)]
         if self.ln1_post is not None:
