@@ -296,11 +296,8 @@ def untouched_zeros(
 
 def logit_vectors(rep: Replacement, W_U: torch.Tensor, targets: list[LogitTarget]) -> torch.Tensor:
     """Each target's gradient at the final residual stream of the last position: [n_targets, d]."""
-    P = rep.n_pos
     directions = torch.stack([t.weights for t in targets]) @ W_U.T  # [T, d]
-    g = directions.new_zeros(len(targets), P, directions.shape[-1])
-    g[:, P - 1] = directions
-    return rep.ln_final.backward(g)[:, P - 1]
+    return rep.ln_final.backward_at(directions, torch.full((len(targets),), rep.n_pos - 1, device=W_U.device))
 
 
 def node_inputs_and_bias(rep: Replacement, W_U: torch.Tensor, b_U: torch.Tensor, targets: list[LogitTarget]):

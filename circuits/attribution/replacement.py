@@ -137,8 +137,7 @@ class Replacement:
         if self.ln1_post is not None:  # the norm after attention, but its scale (in back_mix)
             written = self.ln1_post[0].linear(written)
         images = torch.einsum("hkq,khd->kqd", self.back_mix[0], written)  # [P(key), P(query), d]
-        diagonal = torch.arange(P, device=images.device)
-        images[diagonal, diagonal] += self.embed
+        images.diagonal().add_(self.embed.T)  # [d, P] a view of images[k, k]
         return images.reshape(P, P * d)
 
     def _backward_operators(self) -> None:
