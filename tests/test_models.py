@@ -99,16 +99,20 @@ PROMPTS = ["Fact: Dallas is in the state whose capital is", "  two  spaces\n\nan
 def test_prompt_tokens_are_transformer_lens_own(kind, demo_model, snapshot):
     """`prompt_tokens` against `to_tokens`: straight from the Rust tokenizer where that is all
     transformers does (the demo model's adds BOS itself), through `to_tokens` where TransformerLens
-    adds BOS (the tiny GPT-2's) or truncation is set on the backend."""
+    adds BOS (the tiny GPT-2's) or truncation or padding to a length or multiple is set on the backend."""
     model = demo_model if kind == "demo" else load_model(str(snapshot(kind)))
     fast = type(model.tokenizer) is PreTrainedTokenizerFast
     assert fast and (model.cfg.default_prepend_bos == model.cfg.tokenizer_prepends_bos) == (kind == "demo")
     for prompt in PROMPTS:
         assert torch.equal(prompt_tokens(model, prompt), model.to_tokens(prompt, truncate=False)), prompt
-    model.tokenizer.backend_tokenizer.enable_truncation(2)
-    tokens = prompt_tokens(model, PROMPTS[0])  # to_tokens itself: it turns the truncation off
-    assert model.tokenizer.backend_tokenizer.truncation is None
-    assert torch.equal(tokens, model.to_tokens(PROMPTS[0], truncate=False)) and tokens.shape[1] > 2
+    backend = model.tokenizer.backend_tokenizer
+    for setting in ("truncation", "length", "multiple"):  # each turned off by to_tokens itself
+        if setting == "truncation":
+            backend.enable_truncation(2)
+        else:
+            backend.enable_padding(**{"length": 40} if setting == "length" else {"pad_to_multiple_of": 64})
+        tokens = prompt_tokens(model, PROMPTS[0])
+        assert torch.equal(tokens, model.to_tokens(PROMPTS[0], truncate=False)) and 2 < tokens.shape[1] < 40, setting
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "gemma2"])
