@@ -62,15 +62,14 @@ class SlotSources:
         s + T_s - 1 (`Replacement.writes`), the error of layer s to slot s, and zero to the later ones
         (within the cells a slot reads, those of the errors of earlier layers); the other entries are
         never read and not set."""
-        L, P, d = self.L, self.P, rep.embed.shape[-1]
-        W = rep.embed.new_empty(self.starts[-1], L, d)
+        L, P = self.L, self.P
+        W = rep.embed.new_empty(self.starts[-1], L, rep.embed.shape[-1])
         start = torch.tensor([0] + [len(w) for w in rep.writes]).cumsum(0).tolist()
         for s, w in enumerate(rep.writes):
             W[:, s : s + w.shape[1]].index_copy_(0, self.feature_cell[start[s] : start[s + 1]], w)
-        errors = rep.errors.new_zeros(L, P, L, d)
-        layer = torch.arange(L, device=errors.device)
-        errors[layer, :, layer] = rep.errors
-        return W.index_copy_(0, self.error_cell, errors.view(L * P, L, d))
+        W.index_fill_(0, self.error_cell, 0)
+        W[self.error_cell.view(L, P), torch.arange(L, device=W.device)[:, None]] = rep.errors
+        return W
 
     def columns(self, Pp: int, width: int) -> torch.Tensor:
         """The cell of each of the graph's columns in rows `width` wide (features, errors [L, P],
