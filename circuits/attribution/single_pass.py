@@ -36,7 +36,7 @@ class SlotSources:
     cells below position P' are the first `starts[P']`."""
 
     def __init__(self, rep: Replacement):
-        L, P, d = rep.n_layers, rep.n_pos, rep.embed.shape[-1]
+        L, P = rep.n_layers, rep.n_pos
         self.L, self.P = L, P
         self.layer, self.pos = rep.features[:, 0], rep.features[:, 1]
         counts = torch.bincount(self.pos * L + self.layer, minlength=P * L).view(P, L)  # features per (p, s)
@@ -49,16 +49,27 @@ class SlotSources:
         self.feature_cell = first[self.pos * L + self.layer] + rank  # [n]
         self.error_cell = (first[:-1] + counts.flatten()).view(P, L).T.flatten()  # [L * P] as the error nodes
         first = first[:-1].view(P, L)
+        W = self._slot_writes(rep)  # [n_cells, L, d]
         self.writes: list[list[tuple[int, int, torch.Tensor]]] = []
-        start = torch.tensor([0] + [len(w) for w in rep.writes]).cumsum(0).tolist()
         for l in range(L):
             writing = [s for s in range(l + 1) if l - s < rep.writes[s].shape[1]]  # per-layer: s == l only
-            W = rep.embed.new_zeros(self.starts[-1], d)
-            for s in writing:
-                W[self.feature_cell[start[s] : start[s + 1]]] = rep.writes[s][:, l - s]
-            W[self.error_cell[l * P : (l + 1) * P]] = rep.errors[l]
             a, b = first[:, writing[0]].tolist(), (first[:, l] + counts[:, l] + 1).tolist()
-            self.writes.append([(a[p], b[p], W[a[p] : b[p]].T) for p in range(P)])
+            to_l = W[:, l].T  # [d, n_cells]
+            self.writes.append([(a[p], b[p], to_l[:, a[p] : b[p]]) for p in range(P)])
+
+    def _slot_writes(self, rep: Replacement) -> torch.Tensor:
+        """What each cell writes to each slot [n_cells, L, d]: a feature of layer s to the slots s to
+        s + T_s - 1 (`Replacement.writes`), the error of layer s to slot s, and zero to the later ones
+        (within the cells a slot reads, those of the errors of earlier layers); the other entries are
+        never read and not set."""
+        L, P = self.L, self.P
+        W = rep.embed.new_empty(self.starts[-1], L, rep.embed.shape[-1])
+        start = torch.tensor([0] + [len(w) for w in rep.writes]).cumsum(0).tolist()
+        for s, w in enumerate(rep.writes):
+            W[:, s : s + w.shape[1]].index_copy_(0, self.feature_cell[start[s] : start[s + 1]], w)
+        W.index_fill_(0, self.error_cell, 0)
+        W[self.error_cell.view(L, P), torch.arange(L, device=W.device)[:, None]] = rep.errors
+        return W
 
     def columns(self, Pp: int, width: int) -> torch.Tensor:
         """The cell of each of the graph's columns in rows `width` wide (features, errors [L, P],
