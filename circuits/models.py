@@ -561,12 +561,33 @@ def prompt_tokens(model: HookedTransformer, prompt: str) -> torch.Tensor:
     check_text("the prompt", prompt)
     if not prompt.strip():
         raise CircuitsError("the prompt is empty: pass some text, e.g. 'Fact: Dallas is in the state whose capital is'")
-    tokens = model.to_tokens(prompt, truncate=False)
+    tokens = _to_tokens(model, prompt)
     if tokens.shape[1] > model.cfg.n_ctx:
         raise CircuitsError(
             f"the prompt has {tokens.shape[1]} tokens but the model's context is {model.cfg.n_ctx}: shorten it"
         )
     return tokens
+
+
+def _to_tokens(model: HookedTransformer, prompt: str) -> torch.Tensor:
+    """`model.to_tokens(prompt, truncate=False)` [1, pos]: straight from a plain fast tokenizer's
+    Rust backend where transformers' own call does only that (BOS added by the tokenizer itself or by
+    neither; no truncation and no padding to a length or multiple set, which its call would turn off;
+    special tokens as configured): the same ids without its Python (0.3 ms of a 10 ms attribution on
+    8 tokens)."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok, cfg = model.tokenizer, model.cfg
+    backend = getattr(tok, "backend_tokenizer", None)
+    padding = getattr(backend, "padding", None) or {}
+    plain = (
+        type(tok) is PreTrainedTokenizerFast and cfg.default_prepend_bos == cfg.tokenizer_prepends_bos
+        and backend.truncation is None and padding.get("length") is None and padding.get("pad_to_multiple_of") is None
+        and backend.encode_special_tokens == tok.split_special_tokens
+    )  # fmt: skip
+    if not plain:
+        return model.to_tokens(prompt, truncate=False)
+    return torch.tensor([backend.encode(prompt).ids], device=cfg.device)
 
 
 def save_model_dir(model: HookedTransformer, directory: Path) -> None:

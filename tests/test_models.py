@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 import transformer_lens.loading_from_pretrained as tl_loading
-from transformers import Gemma2Config, Gemma3TextConfig, LlamaConfig
+from transformers import Gemma2Config, Gemma3TextConfig, LlamaConfig, PreTrainedTokenizerFast
 
 from circuits.cli import main
 from circuits.errors import CircuitsError
-from circuits.models import ARCHITECTURES, hooked_config, load_model, save_model_dir, token_strings
+from circuits.models import ARCHITECTURES, hooked_config, load_model, prompt_tokens, save_model_dir, token_strings
 from circuits.processing import weight_processing
 from tests.hf_models import (
     PROMPT,
@@ -90,6 +90,29 @@ def test_token_strings_are_each_tokens_own_decode(clean_up):
     texts = token_strings(tokenizer, ids)
     assert texts == [tokenizer.decode([t]) for t in ids]
     assert (" ." in texts) != clean_up
+
+
+PROMPTS = ["Fact: Dallas is in the state whose capital is", "  two  spaces\n\nand héllo", "<bos>a<pad> b", "x"]
+
+
+@pytest.mark.parametrize("kind", ["demo", "gpt2"])
+def test_prompt_tokens_are_transformer_lens_own(kind, demo_model, snapshot):
+    """`prompt_tokens` against `to_tokens`: straight from the Rust tokenizer where that is all
+    transformers does (the demo model's adds BOS itself), through `to_tokens` where TransformerLens
+    adds BOS (the tiny GPT-2's) or truncation or padding to a length or multiple is set on the backend."""
+    model = demo_model if kind == "demo" else load_model(str(snapshot(kind)))
+    fast = type(model.tokenizer) is PreTrainedTokenizerFast
+    assert fast and (model.cfg.default_prepend_bos == model.cfg.tokenizer_prepends_bos) == (kind == "demo")
+    for prompt in PROMPTS:
+        assert torch.equal(prompt_tokens(model, prompt), model.to_tokens(prompt, truncate=False)), prompt
+    backend = model.tokenizer.backend_tokenizer
+    for setting in ("truncation", "length", "multiple"):  # each turned off by to_tokens itself
+        if setting == "truncation":
+            backend.enable_truncation(2)
+        else:
+            backend.enable_padding(**{"length": 40} if setting == "length" else {"pad_to_multiple_of": 64})
+        tokens = prompt_tokens(model, PROMPTS[0])
+        assert torch.equal(tokens, model.to_tokens(PROMPTS[0], truncate=False)) and 2 < tokens.shape[1] < 40, setting
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "gemma2"])

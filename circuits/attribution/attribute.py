@@ -22,10 +22,11 @@ input is exactly the sum of its incoming edges plus its bias (the constant terms
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import mmap
-from dataclasses import asdict, replace
+from dataclasses import fields, replace
 from functools import cached_property
 from typing import NamedTuple
 
@@ -295,28 +296,34 @@ def untouched_zeros(
 
 def logit_vectors(rep: Replacement, W_U: torch.Tensor, targets: list[LogitTarget]) -> torch.Tensor:
     """Each target's gradient at the final residual stream of the last position: [n_targets, d]."""
-    P = rep.n_pos
     directions = torch.stack([t.weights for t in targets]) @ W_U.T  # [T, d]
-    g = directions.new_zeros(len(targets), P, directions.shape[-1])
-    g[:, P - 1] = directions
-    return rep.ln_final.backward(g)[:, P - 1]
+    return rep.ln_final.backward_at(directions, torch.full((len(targets),), rep.n_pos - 1, device=W_U.device))
 
 
 def node_inputs_and_bias(rep: Replacement, W_U: torch.Tensor, b_U: torch.Tensor, targets: list[LogitTarget]):
     """Inputs of the target nodes (feature pre-activations, then target logits) and their constant
     terms (from the linear model with every source zeroed): ([n + T], [n + T])."""
-    _, pos, feature = rep.features.T
+    layer, pos, feature = rep.features.T
     W_enc, b_enc = rep.clt.W_enc.detach(), rep.clt.b_enc.detach()
+    (L, F, d), P = W_enc.shape, rep.n_pos
     weights = torch.stack([t.weights for t in targets])  # [T, V]
     mid0, final0 = rep.linear_forward(with_sources=False)
-    in0 = torch.stack([rep.clt_input(l, mid0[l]) for l in range(rep.n_layers)])  # [L, P, d] the inputs' constants
-    counts = rep.layer_counts()
-    feat_bias = torch.cat([  # a layer's rows at a time (3x faster than indexing [layer, feature]), by 8,192
-        torch.linalg.vecdot(W_enc[l].index_select(0, f), in0[l].index_select(0, p)) + b_enc[l].index_select(0, f)
-        for l, (ps, fs) in enumerate(zip(pos.split(counts), feature.split(counts), strict=True))
-        for p, f in zip(ps.split(8192), fs.split(8192), strict=True)
-    ])  # fmt: skip
-    logit_bias = weights @ (rep.ln_final.forward(final0)[-1] @ W_U + b_U)
+    in0 = mid0 if rep.mlp_in is None else torch.stack([rep.clt_input(l, mid0[l]) for l in range(L)])
+    W_enc, in0, b_enc = (
+        W_enc.reshape(L * F, d),
+        in0.reshape(L * P, d),
+        b_enc.reshape(L * F),
+    )  # in0: the inputs' constants
+    rows, cells = layer * F + feature, layer * P + pos  # each feature's encoder row, and its input's (layer, position)
+    feat_bias = torch.cat(
+        [  # by 8,192 features: the gathered rows stay small on long prompts
+            torch.linalg.vecdot(W_enc.index_select(0, r), in0.index_select(0, c)) + b_enc.index_select(0, r)
+            for r, c in zip(rows.split(8192), cells.split(8192), strict=True)
+        ]
+    )
+    norm = rep.ln_final  # at the last position only
+    final = norm.linear(final0[-1]) / norm.scale[-1] + norm.b  # [d]
+    logit_bias = weights @ (final @ W_U + b_U)
     return torch.cat([rep.pre_activations, weights @ rep.logits]), torch.cat([feat_bias, logit_bias])
 
 
@@ -378,7 +385,7 @@ def attribute(
         bias=torch.cat([bias[selected], bias[n:]]).cpu(),
         n_layers=L,
         config={
-            "attribution": asdict(cfg),
+            "attribution": {f.name: copy.copy(getattr(cfg, f.name)) for f in fields(cfg)},  # asdict: 0.1 ms
             "model": model.cfg.model_name,
             "n_active_features": n,
             "model_processing": weight_processing(model),

@@ -54,11 +54,17 @@ def frozen_norm(module, scale: torch.Tensor, d: int, dtype) -> FrozenNorm:
     )
 
 
-def normalise(module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A TransformerLens LayerNorm/RMSNorm (with or without weights) applied to x [..., d], and its
-    scale [..., 1] (what its hook_scale sees)."""
+def normalise(module, x: torch.Tensor, weights: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """A TransformerLens LayerNorm/RMSNorm applied to x [..., d], with its weight and bias (each if
+    it has it) or without (its hook_normalized), and the inverse of its scale [..., 1] (1 / what its
+    hook_scale sees): a LayerNorm in float32/64 is one operation, torch's own (the scales of a whole
+    forward pass are inverted at once)."""
+    if _native(module, x):
+        w, b = (getattr(module, "w", None), getattr(module, "b", None)) if weights else (None, None)
+        out, _, rstd = torch.native_layer_norm(x, x.shape[-1:], w, b, module.eps)
+        return out, rstd
     normalized, scale = hook_normalized(module, x)
-    return norm_weights(module, normalized), scale
+    return norm_weights(module, normalized) if weights else normalized, scale.reciprocal()
 
 
 def hook_normalized(module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,6 +76,16 @@ def hook_normalized(module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
         x = x - x.mean(-1, keepdim=True)
     scale = (x.pow(2).mean(-1, keepdim=True) + module.eps).sqrt()
     return (x / scale).to(module.cfg.dtype), scale
+
+
+def _native(module, x: torch.Tensor) -> bool:
+    """Whether `torch.native_layer_norm` computes this norm: a LayerNorm, x in the model's dtype, float32/64."""
+    dtype = module.cfg.dtype
+    return (
+        dtype in (torch.float32, torch.float64)
+        and x.dtype == dtype
+        and module.__class__.__name__.startswith("LayerNorm")
+    )
 
 
 def norm_weights(module, x: torch.Tensor) -> torch.Tensor:

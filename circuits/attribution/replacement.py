@@ -28,7 +28,7 @@ import torch
 from transformer_lens import HookedTransformer
 from transformer_lens.components import MLP, Attention, GatedMLP, GroupedQueryAttention
 
-from circuits.attribution.norms import FrozenNorm, frozen_norm, has_post_norm, hook_normalized, norm_weights, normalise
+from circuits.attribution.norms import FrozenNorm, frozen_norm, has_post_norm, normalise
 from circuits.errors import CircuitsError
 from circuits.transcoders.clt import CLTConfig, CrossLayerTranscoder, check_fits
 
@@ -137,8 +137,7 @@ class Replacement:
         if self.ln1_post is not None:  # the norm after attention, but its scale (in back_mix)
             written = self.ln1_post[0].linear(written)
         images = torch.einsum("hkq,khd->kqd", self.back_mix[0], written)  # [P(key), P(query), d]
-        diagonal = torch.arange(P, device=images.device)
-        images[diagonal, diagonal] += self.embed
+        images.diagonal().add_(self.embed.T)  # [d, P] a view of images[k, k]
         return images.reshape(P, P * d)
 
     def _backward_operators(self) -> None:
@@ -150,10 +149,11 @@ class Replacement:
         H, dh = self.W_O.shape[1], self.W_O.shape[2]
         L, d = self.n_layers, self.embed.shape[-1]
         self.back_O = self.W_O.permute(0, 3, 1, 2).reshape(L, d, H * dh)  # [L, d, H * d_head]
-        back_V = self.W_V.permute(0, 1, 3, 2).reshape(L, H * dh, d) * torch.stack([n.w for n in self.ln1])[:, None]
+        w = torch.stack([n.w for n in self.ln1])[:, None, None]  # [L, 1, 1, d]
+        back_V = torch.mul(self.W_V.transpose(2, 3), w, out=self.W_V.new_empty(L, H, dh, d))  # one pass, in layout
         if self.ln1[0].centre:
-            back_V = back_V - back_V.mean(-1, keepdim=True)
-        self.back_V = back_V  # [L, H * d_head, d]
+            back_V -= back_V.mean(-1, keepdim=True)
+        self.back_V = back_V.view(L, H * dh, d)
         scales = torch.stack([n.scale[:, 0] for n in self.ln1])  # [L, P]
         self.back_mix = self.patterns.transpose(-1, -2) / scales[:, None, :, None]  # [L, H, P(key), P(query)]
         if self.ln1_post is not None:
@@ -361,7 +361,8 @@ def _attention(attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     cap = attn.cfg.attn_scores_soft_cap
     if cap > 0:
         scores = cap * torch.tanh(scores / cap)
-    pattern = attn.apply_causal_mask(scores[None])[0].softmax(-1).to(v.dtype)  # its mask: causal, or a window
+    P = len(scores[0])  # its mask (causal, or a window) as its apply_causal_mask indexes it
+    pattern = torch.where(attn.mask[-P:, -P:], scores, attn.IGNORE).softmax(-1).to(v.dtype)
     z = (pattern @ v).transpose(0, 1).flatten(1)  # [P, H * d_head]
     return pattern, torch.addmm(attn.b_O, z, attn.W_O.flatten(0, 1))
 
@@ -399,28 +400,33 @@ def record_forward(model: HookedTransformer, tokens: torch.Tensor) -> ForwardRec
     post_norms = cfg.use_normalization_before_and_after
     attention, mlp = (_attention, _mlp) if computes_from_weights(model) else (_components_attention, _components_mlp)
     embed = model.embed(x)[0]  # [P, d]
-    pos_embed = model.pos_embed(x)[0] if cfg.positional_embedding_type == "standard" else torch.zeros_like(embed)
+    learned = cfg.positional_embedding_type == "standard"  # its rows, as PosEmbed without a mask or cache
+    pos_embed = model.pos_embed.W_pos[: len(tokens)].clone() if learned else torch.zeros_like(embed)
     resid = embed + pos_embed
     keep: dict[str, list[torch.Tensor]] = {}
-    for block in model.blocks:
-        normed, scale = normalise(block.ln1, resid)
+    for block in model.blocks:  # the norms' inverse scales, inverted at the end
+        normed, inverse = normalise(block.ln1, resid)
         pattern, attn_out = attention(block.attn, normed)
-        step = {"patterns": pattern, "ln1_scales": scale}
+        step = {"patterns": pattern, "ln1_scales": inverse}
         if post_norms:
             attn_out, step["attn_post_scales"] = normalise(block.ln1_post, attn_out)
         mid = resid + attn_out
-        normalized, step["ln2_scales"] = hook_normalized(block.ln2, mid)
-        mlp_in = norm_weights(block.ln2, normalized)
+        mlp_in, step["ln2_scales"] = normalise(block.ln2, mid)
         raw = mlp(block.mlp, mlp_in)
         out = raw
         if post_norms:
             out, step["mlp_post_scales"] = normalise(block.ln2_post, raw)
         resid = mid + out
-        step.update(resid_mid=mid, mlp_normalized=normalized, mlp_in=mlp_in, mlp_raw=raw, mlp_out=out)
+        step.update(resid_mid=mid, mlp_in=mlp_in, mlp_raw=raw, mlp_out=out)
         for name, value in step.items():
             keep.setdefault(name, []).append(value)
-    normed, final_scale = normalise(model.ln_final, resid)
+    normed, final_inverse = normalise(model.ln_final, resid)
     stacked = {name: torch.stack(values) for name, values in keep.items()}
+    for name in ("ln1_scales", "ln2_scales", "attn_post_scales", "mlp_post_scales"):
+        if name in stacked:
+            stacked[name] = stacked[name].reciprocal()
+    # every layer's hook_normalized at once (their ln2 differ only in weights, which it leaves out)
+    stacked["mlp_normalized"] = normalise(model.blocks[0].ln2, stacked["resid_mid"], weights=False)[0]
     return ForwardRecord(
         embed=embed,
         pos_embed=pos_embed,
@@ -428,8 +434,8 @@ def record_forward(model: HookedTransformer, tokens: torch.Tensor) -> ForwardRec
         mlp_post_scales=stacked.pop("mlp_post_scales", None),
         **stacked,
         resid_final=resid,
-        final_scale=final_scale,
-        logits=model.unembed(normed[-1:])[0],
+        final_scale=final_inverse.reciprocal(),
+        logits=torch.addmm(model.unembed.b_U, normed[-1:], model.unembed.W_U)[0],  # no [d, d_vocab] copy (Unembed's)
     )
 
 

@@ -149,6 +149,32 @@ def test_edges_match_autograd_with_norms_after_attention_and_mlp(post_norm):
     assert torch.allclose(dense.adjacency, graph.adjacency, atol=1e-5)
 
 
+@pytest.mark.parametrize("how", ["in place", "through .data", "a new tensor"])
+def test_a_weight_changed_between_two_calls_is_the_second_graphs(how):
+    """Nothing derived from the weights outlives a call. A cache keyed on each parameter's data_ptr
+    and version would serve a write through `.data` stale (it bumps no version): W_V of layer 1
+    changed between two attributions, and the second graph against autograd on the changed model."""
+    model = _random_model()
+    clt = _random_clt(model)
+    prompt = "Fact : Dallas is in the state"
+    first = attribute(prompt, model, clt, progress=False)
+    attn = model.blocks[1].attn
+    version = attn.W_V._version
+    with torch.no_grad():
+        if how == "in place":
+            attn.W_V.mul_(1.5)
+        elif how == "through .data":
+            attn.W_V.data.mul_(1.5)
+        else:
+            attn.W_V = torch.nn.Parameter(attn.W_V * 1.5)
+    assert (attn.W_V._version == version) == (how == "through .data")  # (a new tensor: a new counter)
+    second = attribute(prompt, model, clt, progress=False)
+    assert not torch.allclose(first.inputs[-1], second.inputs[-1])
+    rows = (second.features[:, 0] == 2).nonzero()[:4, 0].tolist()
+    ours, reference = rows_against_autograd(second, model, clt, rows)
+    assert len(rows) == 4 and ((ours - reference).abs() / reference.abs().amax(1, keepdim=True)).max() <= 1e-4
+
+
 def test_edges_match_autograd_on_a_long_prompt(demo_model, demo_clt):
     """40 tokens: late targets' gradients stay sums of terms through three attention layers (25
     terms); their rows against autograd, and the whole graph against the dense backward."""

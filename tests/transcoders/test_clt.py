@@ -60,6 +60,23 @@ def test_sparse_path_equals_dense_reference(kw):
     assert torch.equal(rs.fired, rd.fired) and 0 < rs.l0.mean() < 64
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_jumprelu_without_gradients_is_its_forward(dtype):
+    """Without gradients the activation skips the autograd Function (a float mask, not a bool one):
+    the same values, NaN and infinities included, at and around the threshold, in bfloat16 too."""
+    clt = CrossLayerTranscoder(CLTConfig(n_layers=2, d_model=4, n_features=6))
+    with torch.no_grad():
+        clt.threshold.copy_(torch.tensor([[0.5, -0.5, 0.0, 0.5, float("inf"), 0.5]] * 2))
+    special = torch.tensor([0.5, -0.5, 0.0, float("nan"), float("inf"), -float("inf")])
+    pre = torch.cat([torch.randn(5, 2, 6, generator=torch.Generator().manual_seed(0)), special.expand(1, 2, 6)])
+    pre = pre.to(dtype)
+    expected = pre * (pre > clt.threshold)
+    with torch.no_grad():
+        acts = clt.activation(pre)
+    assert acts.dtype == dtype and torch.equal(acts.isnan(), expected.isnan())
+    assert torch.equal(acts.nan_to_num(), expected.nan_to_num()) and (acts[-1] != 0).sum() > 0
+
+
 def test_fold_scales_takes_raw_activations():
     """In the CLT's own dtype (float64 here, so to 1e-10) and on its own device."""
     clt = _random_clt(skip=True)
