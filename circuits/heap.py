@@ -1,8 +1,7 @@
 """The C heap's policy where the C library is glibc (elsewhere each function does nothing): what the
 process keeps of the memory it frees, and handing free pages back to the OS. Training keeps
 everything it frees (`keep_freed_memory`), attribution pins the adaptive thresholds
-(`pin_heap_thresholds`) on short prompts, maps large blocks apart on long ones (`map_large_blocks`) and
-hands the heap back after long prompts' passes (`release_heap`)."""
+(`pin_heap_thresholds`) and hands the heap back after long prompts' passes (`release_heap`)."""
 
 from __future__ import annotations
 
@@ -35,19 +34,6 @@ def pin_heap_thresholds() -> None:
     prompts' GB-sized blocks are still mapped apart and given back when freed."""
     if _glibc is not None:
         _glibc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
-        _glibc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
-
-
-def map_large_blocks() -> None:
-    """Serve blocks of 1 MB and more by their own mappings, given back to the OS when freed (the heap
-    given back once 64 MB of it are free at its top, as `pin_heap_thresholds`), for long prompts:
-    from the heap, with the thresholds pinned, the holes that the freeze's and the passes' temporaries
-    leave between live blocks added 10 to 60% to the peak, by where the heap happened to lay them out
-    (2026-12-04, the prompts of 768 to 1,536 tokens of `tests/attribution/test_scale.py`, ten runs
-    each: 57-76, 67-84 and 221-338 MiB; mapped apart 56-63, 57-65 and 211-235 MiB, at the same CPU
-    time)."""
-    if _glibc is not None:
-        _glibc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
         _glibc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
 
 

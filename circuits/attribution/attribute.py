@@ -37,7 +37,6 @@ from transformer_lens import HookedTransformer
 from circuits.attribution.config import (
     DECODER_ROWS_AT_ONCE,
     EDGES_AT_ONCE,
-    SHORT_PROMPT,
     AttributionConfig,
     block_width,
     has_embedding_images,
@@ -51,7 +50,7 @@ from circuits.attribution.replacement import Replacement, build_replacement, lay
 from circuits.attribution.single_pass import every_row
 from circuits.attribution.targets import LogitTarget, resolve_targets
 from circuits.errors import CircuitsError
-from circuits.heap import map_large_blocks, pin_heap_thresholds, release_heap
+from circuits.heap import pin_heap_thresholds, release_heap
 from circuits.models import prompt_tokens, token_strings
 from circuits.processing import transcoder_processing, weight_processing
 from circuits.transcoders.clt import CLTConfig, CrossLayerTranscoder, check_fits
@@ -348,15 +347,12 @@ def attribute(
         if value is not None and value < 1:
             raise CircuitsError(f"{name} is {value}: pass a positive number, or none for the default")
     check_fits(transcoder.cfg, model)
+    pin_heap_thresholds()
     device, dtype = cfg.device, cfg.dtype
     torch_dtype = getattr(torch, dtype)
     if model.W_U.device != torch.device(device):
         model, transcoder = model.to(device, print_details=False), transcoder.to(device)
     tokens = prompt_tokens(model, prompt)[0]  # [pos]
-    if len(tokens) < SHORT_PROMPT:
-        pin_heap_thresholds()
-    else:
-        map_large_blocks()
     # no version counters or view records: a short prompt is thousands of small operations (4 to 10%
     # of its time); the graph is assembled after, so that every tensor it holds is a normal one
     with torch.inference_mode():

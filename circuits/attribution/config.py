@@ -14,12 +14,6 @@ EDGES_AT_ONCE = 2**18
 """Kept edges a sparse graph is assembled from at a time (`attribute.SparseRows`; `estimate` counts
 those temporaries)."""
 
-SHORT_PROMPT = 128
-"""Prompts shorter than this keep the blocks they free in the C heap for the next call
-(`heap.pin_heap_thresholds`: their thousands of temporaries are faulted in again otherwise, a fifth to
-a third of their time); longer ones map blocks of 1 MB and more apart (`heap.map_large_blocks`: the
-heap's holes would add 10 to 60% to their peak)."""
-
 
 @dataclass
 class AttributionConfig:
