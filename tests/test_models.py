@@ -106,13 +106,21 @@ def test_prompt_tokens_are_transformer_lens_own(kind, demo_model, snapshot):
     for prompt in PROMPTS:
         assert torch.equal(prompt_tokens(model, prompt), model.to_tokens(prompt, truncate=False)), prompt
     backend = model.tokenizer.backend_tokenizer
-    for setting in ("truncation", "length", "multiple"):  # each turned off by to_tokens itself
-        if setting == "truncation":
-            backend.enable_truncation(2)
-        else:
-            backend.enable_padding(**{"length": 40} if setting == "length" else {"pad_to_multiple_of": 64})
-        tokens = prompt_tokens(model, PROMPTS[0])
-        assert torch.equal(tokens, model.to_tokens(PROMPTS[0], truncate=False)) and 2 < tokens.shape[1] < 40, setting
+    padding = backend.padding
+    assert backend.truncation is None and padding["length"] is None and padding["pad_to_multiple_of"] is None
+    try:  # the demo model is the session's: its tokenizer is set back as it was, whatever happens
+        for setting in ("truncation", "length", "multiple"):  # each turned off by to_tokens itself
+            if setting == "truncation":
+                backend.enable_truncation(2)
+            else:
+                backend.enable_padding(**{"length": 40} if setting == "length" else {"pad_to_multiple_of": 64})
+            tokens = prompt_tokens(model, PROMPTS[0])
+            assert torch.equal(tokens, model.to_tokens(PROMPTS[0], truncate=False)), setting
+            assert 2 < tokens.shape[1] < 40, setting
+    finally:
+        backend.no_truncation()
+        backend.enable_padding(**padding)
+    assert backend.truncation is None and backend.padding == padding
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "gemma2"])
