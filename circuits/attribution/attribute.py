@@ -321,9 +321,8 @@ def node_inputs_and_bias(rep: Replacement, W_U: torch.Tensor, b_U: torch.Tensor,
             for r, c in zip(rows.split(8192), cells.split(8192), strict=True)
         ]
     )
-    norm = rep.ln_final  # at the last position only
-    final = norm.linear(final0[-1]) / norm.scale[-1] + norm.b  # [d]
-    logit_bias = weights @ (final @ W_U + b_U)
+    final = rep.ln_final.forward_at(final0[-1:], torch.tensor([P - 1], device=W_U.device))  # [1, d] the last position
+    logit_bias = weights @ (final[0] @ W_U + b_U)
     return torch.cat([rep.pre_activations, weights @ rep.logits]), torch.cat([feat_bias, logit_bias])
 
 

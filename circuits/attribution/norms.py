@@ -23,6 +23,10 @@ class FrozenNorm:
         """x [..., pos, d] -> normalised [..., pos, d] (the bias included)."""
         return self.linear(x) / self.scale[: x.shape[-2]] + self.b
 
+    def forward_at(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """`forward` for vectors x [B, d] at positions pos [B]."""
+        return self.linear(x) / self.scale[pos] + self.b
+
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """The part that acts on each vector x [..., d] alike, the scale aside: centre(x) * w."""
         return (x - x.mean(-1, keepdim=True) if self.centre else x) * self.w

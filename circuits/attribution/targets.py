@@ -53,13 +53,8 @@ def resolve_targets(
     if not names:
         top = probs.topk(min(max_targets, V))
         n = int((top.values.cumsum(0) < target_probability).sum()) + 1
-        ids = top.indices[: min(n, max_targets)]
-        weights = torch.full((len(ids), V), -1.0 / V, dtype=logits.dtype, device=logits.device)  # as one_hot's, at once
-        weights[torch.arange(len(ids), device=ids.device), ids] += 1.0
-        rows = zip(
-            token_strings(model.tokenizer, ids.tolist()), ids.tolist(), weights, probs[ids].tolist(), strict=True
-        )
-        return [LogitTarget(*row) for row in rows]
+        ids = top.indices[: min(n, max_targets)].tolist()
+        return [single(t, name) for t, name in zip(ids, token_strings(model.tokenizer, ids), strict=True)]
     targets = []
     for name in names:
         if "-" in name.strip("-") and not _is_token(model, name):
