@@ -36,8 +36,10 @@ time (on a shared machine the CPU time leaves out the waits for a core), best of
 circuit-tracer and of --ours-repeat (default 30) for ours, which is cheap (this VM's speed drifts by up to 2x
 within seconds even when it is idle: a best of few runs of ours lands in a slow spell), the median CPU times
 beside them, our FLOPs (torch's FlopCounterMode: the products) and their rate over our CPU time (far below the
-~90 GFLOP/s one core reaches on large products: the rest is fixed costs and memory traffic), with the thread
-count and load average:
+peak rate of large products: the rest is fixed costs and memory traffic), a floor for our algorithm on this CPU
+(the forward pass that freezes the prompt, `record_forward` alone, plus our FLOPs at the peak rate of one
+[512, 512] x [512, 512] product at this thread count, with nothing else) beside the budget for 30x
+(circuit-tracer's best / 30), with the thread count and load average:
 
     python scripts/bench_attribution.py --short --fire-fraction 0.02 --lengths 8 16 32 --repeat 5 \
         --ct-batch-sizes 8 16 32 64 128
@@ -142,10 +144,36 @@ def worker_ours(args) -> dict:
         attribute(prompt, model, clt, batch_size=args.batch_size, progress=False)
     save_file({"adjacency": graph.adjacency, "features": graph.features}, args.out)
     return {
-        **timing, "flops": counter.get_total_flops(),
+        **timing, "flops": counter.get_total_flops(), **_floor(model, tokens, args),
         "n_features": graph.n_features, "n_layers": graph.n_layers, "targets": graph.target_tokens.tolist(),
         "tokens": tokens.tolist(),
     }  # fmt: skip
+
+
+def _floor(model, tokens, args) -> dict:
+    """What no exact attribution of this prompt goes below on this CPU: the forward pass that freezes
+    it (our `record_forward`, best of --ours-repeat) and the peak rate of one large fp32 product
+    ([512, 512] x [512, 512], best of 100) at this thread count, at which its FLOPs would run."""
+    import torch
+
+    from circuits.attribution.replacement import record_forward
+
+    a, b = torch.randn(512, 512), torch.randn(512, 512)
+    with torch.inference_mode():
+        forward = _best(lambda: record_forward(model, tokens), max(args.repeat, args.ours_repeat))
+        product = _best(lambda: a @ b, 100)
+    return {"forward_seconds": forward, "peak_flops": 2 * 512**3 / product}
+
+
+def _best(run, repeat: int) -> float:
+    """The least wall time of `run()` over `repeat` calls after one warm-up."""
+    run()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return min(times)
 
 
 def worker_autograd(args) -> dict:
@@ -677,12 +705,12 @@ def bench_short(args) -> None:
           f"circuit-tracer batch sizes {args.ct_batch_sizes}")  # fmt: skip
     print("| tokens | active features | ours | circuit-tracer best (batch) | ratio | CPU time: ours / circuit-tracer "
           "| ratio | median CPU time: ours / circuit-tracer | ratio | ours: GFLOP, GFLOP/s of CPU time | threads "
-          "| edge diff | load average |")  # fmt: skip
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+          "| floor: forward + products at peak | budget for 30x | edge diff | load average |")  # fmt: skip
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for n in args.lengths:
         ours, ours_path = _run(sys.executable, "ours", common + ["--length", str(n), "--repeat", str(ours_repeat)], env)
         ct_time, ratio, ct_cpu, cpu_ratio, diff = "-", "-", "", "-", "-"  # with `--ct-python ''`: ours alone
-        ct_median, median_ratio = "", "-"
+        ct_median, median_ratio, budget = "", "-", "-"
         if args.ct_python:
             ct_args = common + ["--tokens", json.dumps(ours["tokens"]), "--model-dir", str(DEMO_MODEL_DIR),
                                 "--transcoder-dir", str(transcoder_dir)]  # fmt: skip
@@ -697,12 +725,19 @@ def bench_short(args) -> None:
             ct_median = f" / {median_best * 1e3:.0f}"
             median_ratio = f"{median_best / ours['median_cpu_seconds']:.1f}x"
             diff = f"{compare(ours_path, runs[best][1], ours['n_layers'], n):.1e}"
+            budget = f"{ct['seconds'] / 30 * 1e3:.1f} ms"
         load = " ".join(f"{x:.2f}" for x in os.getloadavg())
         print(f"| {n} | {ours['n_features']:,} | {ours['seconds'] * 1e3:.1f} ms | {ct_time} | {ratio} "
               f"| {ours['cpu_seconds'] * 1e3:.1f}{ct_cpu} ms | {cpu_ratio} "
               f"| {ours['median_cpu_seconds'] * 1e3:.1f}{ct_median} ms | {median_ratio} "
               f"| {ours['flops'] / 1e9:.2f}, {ours['flops'] / ours['cpu_seconds'] / 1e9:.0f} "
-              f"| {args.threads} | {diff} | {load} |", flush=True)  # fmt: skip
+              f"| {args.threads} | {_floor_text(ours)} | {budget} | {diff} | {load} |", flush=True)  # fmt: skip
+
+
+def _floor_text(ours: dict) -> str:
+    """`_floor` as 'forward + FLOPs at the peak rate = sum (the peak rate)', in ms."""
+    forward, products = ours["forward_seconds"] * 1e3, ours["flops"] / ours["peak_flops"] * 1e3
+    return f"{forward:.2f} + {products:.2f} = {forward + products:.2f} ms ({ours['peak_flops'] / 1e9:.0f} GFLOP/s)"
 
 
 def main() -> None:
