@@ -76,6 +76,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import timeit
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.reference: the autograd reference
@@ -151,29 +152,18 @@ def worker_ours(args) -> dict:
 
 
 def _floor(model, tokens, args) -> dict:
-    """What no exact attribution of this prompt goes below on this CPU: the forward pass that freezes
-    it (our `record_forward`, best of --ours-repeat) and the peak rate of one large fp32 product
+    """The floor of our attribution of this prompt on this CPU: the forward pass that freezes it
+    (`record_forward` alone, best of --ours-repeat) and the peak rate of one large fp32 product
     ([512, 512] x [512, 512], best of 100) at this thread count, at which its FLOPs would run."""
     import torch
 
     from circuits.attribution.replacement import record_forward
 
     a, b = torch.randn(512, 512), torch.randn(512, 512)
-    with torch.inference_mode():
-        forward = _best(lambda: record_forward(model, tokens), max(args.repeat, args.ours_repeat))
-        product = _best(lambda: a @ b, 100)
+    with torch.inference_mode():  # the first call of each warms up
+        forward = min(timeit.repeat(lambda: record_forward(model, tokens), number=1, repeat=1 + args.ours_repeat))
+        product = min(timeit.repeat(lambda: a @ b, number=1, repeat=101))
     return {"forward_seconds": forward, "peak_flops": 2 * 512**3 / product}
-
-
-def _best(run, repeat: int) -> float:
-    """The least wall time of `run()` over `repeat` calls after one warm-up."""
-    run()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def worker_autograd(args) -> dict:
