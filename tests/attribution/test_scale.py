@@ -122,9 +122,9 @@ from test_scale import long_pair, prompt_of, random_tokens
 import circuits.attribution.attribute as attribution
 from circuits.attribution.attribute import attribute
 from circuits.attribution.estimate import estimate
+from circuits.heap import pin_heap_thresholds
 torch.set_num_threads(1)
-libc = ctypes.CDLL("libc.so.6")
-attribution.pin_heap_thresholds = lambda: (libc.mallopt(-3, 1 << 20), libc.mallopt(-1, 64 << 20))  # see the test
+attribution.pin_heap_thresholds = lambda: pin_heap_thresholds(mmap_above=1 << 20)  # see the test
 model, clt = long_pair({n}, n_features=64)
 prompt = prompt_of(model, random_tokens(model, {n}))
 kwargs = dict(max_feature_nodes={cap}, inhibited=2, **{extra})
