@@ -27,12 +27,12 @@ def keep_freed_memory() -> None:
 def pin_heap_thresholds(mmap_above: int = 32 << 20, trim_above: int = 64 << 20) -> None:
     """Pin glibc's adaptive heap thresholds, by default at the ceilings they rise to (blocks under
     `mmap_above` bytes, 32 MB, from the heap, which is given back to the OS once `trim_above`, 64 MB,
-    of it are free at its top). Left adaptive they
-    follow whatever the process freed last: a short prompt's thousands of temporaries (35 MB at 16
-    tokens, 50 at 32) went back to the OS at the end of each call and were faulted in again, a 4 kB
-    page at a time, by the next (5,800 and 12,500 faults per call, 2-5 us each on this VM: a fifth to
-    a third of the CPU time). Bounded, unlike `keep_freed_memory` (no mmap, no trimming): long
-    prompts' GB-sized blocks are still mapped apart and given back when freed."""
+    of it are free at its top). Left adaptive they follow whatever the process freed last: a short
+    prompt's thousands of temporaries (35 MB at 16 tokens, 50 at 32) went back to the OS at the end
+    of each call and were faulted in again, a 4 kB page at a time, by the next (5,800 and 12,500
+    faults per call, 2-5 us each on this VM: a fifth to a third of the CPU time). Bounded, unlike
+    `keep_freed_memory` (no mmap, no trimming): long prompts' GB-sized blocks are still mapped apart
+    and given back when freed."""
     if _glibc is not None:
         _glibc.mallopt(_M_MMAP_THRESHOLD, mmap_above)
         _glibc.mallopt(_M_TRIM_THRESHOLD, trim_above)

@@ -114,7 +114,7 @@ def test_the_sparse_layout_round_trips(demo_model, demo_clt, tmp_path):
 
 
 MEASURE = """
-import ctypes, json, sys
+import json, sys
 from pathlib import Path
 import torch
 sys.path.insert(0, {tests!r})
@@ -122,7 +122,7 @@ from test_scale import long_pair, prompt_of, random_tokens
 import circuits.attribution.attribute as attribution
 from circuits.attribution.attribute import attribute
 from circuits.attribution.estimate import estimate
-from circuits.heap import pin_heap_thresholds
+from circuits.heap import pin_heap_thresholds, release_heap
 torch.set_num_threads(1)
 attribution.pin_heap_thresholds = lambda: pin_heap_thresholds(mmap_above=1 << 20)  # see the test
 model, clt = long_pair({n}, n_features=64)
@@ -134,7 +134,7 @@ def status(field):
     return next(int(line.split()[1]) * 1024 for line in lines if line.startswith(field))
 
 attribute(prompt, model, clt, progress=False, **kwargs)  # the libraries' code is resident from here on
-ctypes.CDLL("libc.so.6").malloc_trim(0)  # and what was freed goes back: it would be reused unseen
+release_heap()  # and what was freed goes back: it would be reused unseen
 Path("/proc/self/clear_refs").write_text("5")  # the peak from here on
 before = status("VmRSS")
 graph = attribute(prompt, model, clt, progress=False, **kwargs)
