@@ -159,7 +159,14 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, model: HookedTransf
     (rank 0 writes). Under `torchrun`, trains across processes per `cfg.parallel`. Returns the
     last metrics (empty on ranks other than 0). Ctrl-C or SIGTERM checkpoints the current step and
     raises `Interrupted`."""
-    run = _setup(cfg, out, resume, model)
+    _check(cfg)
+    with Comm.opened(cfg.parallel, cfg.device) as comm:
+        return _loop(_setup(cfg, comm, out, resume, model))
+
+
+def _loop(run: _Run) -> dict:
+    """Steps from `run.start` to the last, then the final transcoder (rank 0 writes)."""
+    cfg, out = run.cfg, run.out
     metrics: dict = {}
     bar = tqdm(total=cfg.steps, initial=run.start, desc="CLT", unit="step", disable=not run.comm.is_main)
     with _stop_requests() as stop:
@@ -210,9 +217,8 @@ def _stop_requests() -> Iterator[list[int]]:
             signal.signal(s, h)
 
 
-def _setup(cfg: TrainConfig, out: Path, resume: bool, model: HookedTransformer | None) -> _Run:
-    """The run at its first step: from scratch (every rank draws the same initial CLT and keeps
-    its part), or from out/checkpoint with `resume`. Rank 0 writes out/train_config.json."""
+def _check(cfg: TrainConfig) -> None:
+    """Refuse a recipe this machine cannot run; set the thread count and the CPU heap."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     check_device(cfg.device)
@@ -220,7 +226,11 @@ def _setup(cfg: TrainConfig, out: Path, resume: bool, model: HookedTransformer |
         keep_freed_memory()
     if cfg.target_l0 and cfg.transcoder.activation == "topk":
         raise CircuitsError("a TopK transcoder's L0 is its topk: set transcoder.topk instead of target_l0")
-    comm = Comm.from_env(cfg.parallel, cfg.device)
+
+
+def _setup(cfg: TrainConfig, comm: Comm, out: Path, resume: bool, model: HookedTransformer | None) -> _Run:
+    """The run at its first step: from scratch (every rank draws the same initial CLT and keeps
+    its part), or from out/checkpoint with `resume`. Rank 0 writes out/train_config.json."""
     torch.manual_seed(cfg.seed)
     data = _Data.from_store(cfg, model) if cfg.activations else _Data.from_model(cfg, comm, model)
     full = CrossLayerTranscoder(data.clt_cfg).to(cfg.device)

@@ -22,6 +22,8 @@ Both give the single-process run's weights (up to float summation order). A sing
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -70,16 +72,26 @@ class Comm:
     world: int = 1
 
     @classmethod
-    def from_env(cls, parallel: str, device: str) -> Comm:
-        """The run's communicator: from torchrun's environment, else a single process."""
+    @contextmanager
+    def opened(cls, parallel: str, device: str) -> Iterator[Comm]:
+        """The run's communicator for the length of a with-block: from torchrun's environment, else
+        a single process. A process group it starts is destroyed at the end: a gloo group left to
+        the interpreter's exit can abort the process ("terminate called without an active
+        exception", SIGABRT) after the work is done."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world == 1:
-            return cls()
+            yield cls()
+            return
         if parallel not in ("data", "feature"):
             raise CircuitsError(f"unknown parallel mode {parallel!r}: use 'data' or 'feature'")
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-        return cls(parallel, dist.get_rank(), world)
+        if dist.is_initialized():
+            yield cls(parallel, dist.get_rank(), world)
+            return
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        try:
+            yield cls(parallel, dist.get_rank(), world)
+        finally:
+            dist.destroy_process_group()
 
     @property
     def is_main(self) -> bool:

@@ -42,8 +42,12 @@ def write_store(
     if (out / "manifest.json").exists():
         raise CircuitsError(f"{out} already holds an activation store: write to another directory")
     check_device(cfg.device)
-    comm = Comm.from_env("data", cfg.device)
-    model = model or load_model(cfg.model, device=cfg.device)
+    with Comm.opened("data", cfg.device) as comm:
+        return _write(cfg, comm, out, tokens, dtype, model or load_model(cfg.model, device=cfg.device))
+
+
+def _write(cfg: TrainConfig, comm: Comm, out: Path, tokens: int, dtype: str, model: HookedTransformer) -> Path:
+    """This rank's shards, rank 0's held-out documents, then (rank 0) the manifest."""
     clt_cfg = cfg.clt_config(model)  # refuses hooks that do not fit the model, before any work
     source = TextSource(cfg.text, seed=cfg.seed, max_tokens_per_doc=cfg.max_tokens_per_doc)
     n_chunks = _chunks_for(model, source, cfg.docs_per_chunk, tokens)
