@@ -84,14 +84,14 @@ class Comm:
             return
         if parallel not in ("data", "feature"):
             raise CircuitsError(f"unknown parallel mode {parallel!r}: use 'data' or 'feature'")
-        if dist.is_initialized():
-            yield cls(parallel, dist.get_rank(), world)
-            return
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        started = not dist.is_initialized()
+        if started:
+            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
         try:
             yield cls(parallel, dist.get_rank(), world)
         finally:
-            dist.destroy_process_group()
+            if started:
+                dist.destroy_process_group()
 
     @property
     def is_main(self) -> bool:
